@@ -1,0 +1,182 @@
+//! The `Link` trait: a session's connection to the messaging network.
+//!
+//! A `Link` is a factory shared by all sessions (the real WhatsApp link, or the simulated
+//! one). `connect` returns quickly with a `Connection` handle and reports progress
+//! afterwards as `LinkEvent`s through an `EventSink`; the session actor turns those into
+//! state changes. The supervisor never sees a concrete link type.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use crate::record::PairingCode;
+
+/// A boxed, sendable future (keeps the traits object-safe).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Who a connection is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSpec {
+    /// The session's id.
+    pub user_id: String,
+    /// The phone number to pair with (digits only).
+    pub phone_number: String,
+}
+
+/// What a link reports about its connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// A (new) pairing code for the phone to enter.
+    PairingCode(PairingCode),
+    /// Paired (or already paired); connecting to the network.
+    Connecting,
+    /// Connected; `name` is the account's push name when known.
+    Online {
+        /// The account's push name.
+        name: Option<String>,
+    },
+    /// The connection dropped; the link reconnects by itself.
+    Disconnected {
+        /// Why it dropped.
+        reason: String,
+    },
+    /// The link cannot go on: the supervisor restarts the session under its policy.
+    Crashed {
+        /// What went wrong.
+        error: String,
+    },
+    /// The device was unlinked (on the phone): terminal, credentials must be wiped.
+    LoggedOut {
+        /// What the network said.
+        reason: String,
+    },
+    /// The same account connected elsewhere: stop, do not restart in a loop.
+    Replaced {
+        /// What the network said.
+        reason: String,
+    },
+    /// The account is banned (temporarily or not): the session fails.
+    Banned {
+        /// What the network said, with the ban's expiry when known.
+        reason: String,
+    },
+    /// The network refused to issue a pairing code (e.g. throttled).
+    PairingRejected {
+        /// A clear message, with a retry hint when there is one.
+        message: String,
+    },
+}
+
+/// Where a link sends its events (to its session actor).
+#[derive(Clone)]
+pub struct EventSink(Arc<dyn Fn(LinkEvent) + Send + Sync>);
+
+impl EventSink {
+    /// Wraps a callback.
+    pub fn new(f: impl Fn(LinkEvent) + Send + Sync + 'static) -> EventSink {
+        EventSink(Arc::new(f))
+    }
+
+    /// Reports an event; never blocks.
+    pub fn emit(&self, event: LinkEvent) {
+        (self.0)(event)
+    }
+}
+
+impl fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EventSink")
+    }
+}
+
+/// An injected fault (simulated link only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Panic inside the session actor.
+    Panic,
+    /// Drop the link with an error.
+    Disconnect,
+    /// Behave as if the phone unlinked the device.
+    Logout,
+    /// Stop answering messages.
+    Hang,
+}
+
+impl Fault {
+    /// Parses the API's `kind`.
+    pub fn parse(s: &str) -> Option<Fault> {
+        match s {
+            "panic" => Some(Fault::Panic),
+            "disconnect" => Some(Fault::Disconnect),
+            "logout" => Some(Fault::Logout),
+            "hang" => Some(Fault::Hang),
+            _ => None,
+        }
+    }
+}
+
+/// What the session actor must do itself after a link accepted a fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultEffect {
+    /// The link handled it (it will report events).
+    Handled,
+    /// Panic in the actor's message handler.
+    Panic,
+    /// Block the actor's message handler forever.
+    Hang,
+}
+
+/// A link failure, as text for the API's `lastError`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkError(pub String);
+
+impl LinkError {
+    /// Builds an error from anything printable.
+    pub fn new(msg: impl Into<String>) -> LinkError {
+        LinkError(msg.into())
+    }
+}
+
+impl fmt::Display for LinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LinkError {}
+
+/// A kind of network connection, shared by all sessions.
+pub trait Link: Send + Sync + 'static {
+    /// A short name for logs and the API (`whatsapp`, `sim`).
+    fn name(&self) -> &'static str;
+
+    /// Opens the session's connection. Must return promptly (seconds at most): slow work
+    /// (network round trips) runs in the background and reports through `events`.
+    fn connect(
+        &self,
+        spec: SessionSpec,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Box<dyn Connection>, LinkError>>;
+
+    /// Removes everything the link stored for a session (credentials). Idempotent.
+    fn remove_data(&self, user_id: &str) -> Result<(), LinkError>;
+}
+
+/// One session's live connection. Dropping it must release everything (abort tasks,
+/// close sockets): a panicking or killed actor never gets to call `close`.
+pub trait Connection: Send + 'static {
+    /// Unlinks the device from the account (the network forgets it).
+    fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>>;
+
+    /// Closes the connection cleanly.
+    fn close(&mut self) -> BoxFuture<'_, ()>;
+
+    /// Injects a fault; only the simulated link accepts them.
+    fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {
+        let _ = fault;
+        Err(LinkError::new(
+            "fault injection is only available with the simulated link",
+        ))
+    }
+}

@@ -1,0 +1,196 @@
+//! `SessionActor`: one per session. Owns the session's `Connection`, turns link events
+//! into reports to the supervisor, and fails (so the supervisor restarts it) when the
+//! link crashes.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::link::{Connection, EventSink, Fault, FaultEffect, Link, LinkEvent, SessionSpec};
+use crate::supervisor::{CmdError, SupervisorMsg};
+
+/// Why a session actor stopped by itself; read by the supervisor when the child exits.
+/// (Supervision events overtake ordinary messages in ractor, so the reason travels
+/// beside the exit rather than as a message before it.)
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChildExit {
+    /// The phone unlinked the device.
+    LoggedOut(String),
+    /// The account connected elsewhere.
+    Replaced(String),
+    /// The account is banned.
+    Banned(String),
+    /// An API logout finished; `Some` carries a warning when the network did not confirm.
+    LogoutDone(Option<String>),
+}
+
+/// Shared slot for a child's exit reason.
+pub type ExitSlot = Arc<Mutex<Option<ChildExit>>>;
+
+/// Messages a session actor handles.
+pub enum SessionMsg {
+    /// An event from the session's link.
+    Link(LinkEvent),
+    /// Liveness check from the supervisor's watchdog.
+    Ping(RpcReplyPort<()>),
+    /// Inject a fault (simulated link only).
+    Fault(Fault, RpcReplyPort<Result<(), CmdError>>),
+    /// Unlink the device, then stop.
+    Logout,
+}
+
+/// Everything a session actor is started with.
+pub struct SessionArgs {
+    /// Who the session is.
+    pub spec: SessionSpec,
+    /// Which incarnation of the session this actor is (events carry it).
+    pub incarnation: u64,
+    /// The network.
+    pub link: Arc<dyn Link>,
+    /// Where to report.
+    pub supervisor: ActorRef<SupervisorMsg>,
+    /// Where to leave the exit reason.
+    pub exit: ExitSlot,
+    /// Bound on closing and logging out.
+    pub shutdown_timeout: Duration,
+}
+
+/// The session actor (stateless; its state is `SessionActorState`).
+pub struct SessionActor;
+
+/// A session actor's state.
+pub struct SessionActorState {
+    args: SessionArgs,
+    conn: Option<Box<dyn Connection>>,
+}
+
+impl SessionActorState {
+    fn report(&self, event: LinkEvent) {
+        let _ = self.args.supervisor.cast(SupervisorMsg::Child {
+            user_id: self.args.spec.user_id.clone(),
+            incarnation: self.args.incarnation,
+            event,
+        });
+    }
+
+    fn exit_with(&self, myself: &ActorRef<SessionMsg>, exit: ChildExit) {
+        if let Ok(mut slot) = self.args.exit.lock() {
+            *slot = Some(exit);
+        }
+        myself.stop(None);
+    }
+}
+
+impl Actor for SessionActor {
+    type Msg = SessionMsg;
+    type State = SessionActorState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        args: SessionArgs,
+    ) -> Result<SessionActorState, ActorProcessingErr> {
+        // Kept trivial: a failure here would reach the spawner, not the supervision tree.
+        Ok(SessionActorState { args, conn: None })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        state: &mut SessionActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let me = myself.clone();
+        let sink = EventSink::new(move |ev| {
+            let _ = me.cast(SessionMsg::Link(ev));
+        });
+        let conn = state
+            .args
+            .link
+            .connect(state.args.spec.clone(), sink)
+            .await?;
+        state.conn = Some(conn);
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SessionMsg>,
+        msg: SessionMsg,
+        state: &mut SessionActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SessionMsg::Ping(reply) => {
+                let _ = reply.send(());
+            }
+            SessionMsg::Link(event) => match event {
+                LinkEvent::Crashed { error } => return Err(error.into()),
+                LinkEvent::LoggedOut { reason } => {
+                    state.exit_with(&myself, ChildExit::LoggedOut(reason))
+                }
+                LinkEvent::Replaced { reason } => {
+                    state.exit_with(&myself, ChildExit::Replaced(reason))
+                }
+                LinkEvent::Banned { reason } => state.exit_with(&myself, ChildExit::Banned(reason)),
+                other => state.report(other),
+            },
+            SessionMsg::Fault(fault, reply) => {
+                let effect = match state.conn.as_mut() {
+                    Some(conn) => conn.inject(fault),
+                    None => Err(crate::link::LinkError::new("the link is not connected")),
+                };
+                match effect {
+                    Err(e) => {
+                        let _ = reply.send(Err(CmdError::Conflict(e.0)));
+                    }
+                    Ok(FaultEffect::Handled) => {
+                        let _ = reply.send(Ok(()));
+                    }
+                    Ok(FaultEffect::Panic) => {
+                        let _ = reply.send(Ok(()));
+                        panic!(
+                            "injected fault: panic in session {}",
+                            state.args.spec.user_id
+                        );
+                    }
+                    Ok(FaultEffect::Hang) => {
+                        let _ = reply.send(Ok(()));
+                        tracing::warn!(user_id = %state.args.spec.user_id, "injected fault: session hangs");
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+            SessionMsg::Logout => {
+                let warning = match state.conn.as_mut() {
+                    Some(conn) => {
+                        match tokio::time::timeout(state.args.shutdown_timeout, conn.logout()).await
+                        {
+                            Ok(Ok(())) => None,
+                            Ok(Err(e)) => {
+                                Some(format!("the network did not confirm the logout: {e}"))
+                            }
+                            Err(_) => {
+                                Some("the network did not confirm the logout in time".to_string())
+                            }
+                        }
+                    }
+                    None => Some("the session was not connected".to_string()),
+                };
+                state.exit_with(&myself, ChildExit::LogoutDone(warning));
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SessionMsg>,
+        state: &mut SessionActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(mut conn) = state.conn.take() {
+            let _ = tokio::time::timeout(state.args.shutdown_timeout, conn.close()).await;
+        }
+        Ok(())
+    }
+}

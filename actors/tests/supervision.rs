@@ -1,0 +1,347 @@
+//! Drives the real Supervisor and SessionActors with a scripted in-memory link.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use botvisor_actors::*;
+use ractor::{Actor, ActorRef};
+
+/// Records what the supervisor persisted.
+#[derive(Default)]
+struct MemStore {
+    rows: Mutex<HashMap<String, SessionRecord>>,
+}
+
+impl Persistence for MemStore {
+    fn insert(&self, rec: &SessionRecord) -> Result<(), String> {
+        let mut rows = self.rows.lock().unwrap();
+        if rows.contains_key(&rec.user_id) {
+            return Err("exists".into());
+        }
+        rows.insert(rec.user_id.clone(), rec.clone());
+        Ok(())
+    }
+    fn save(&self, rec: &SessionRecord) -> Result<(), String> {
+        self.rows
+            .lock()
+            .unwrap()
+            .insert(rec.user_id.clone(), rec.clone());
+        Ok(())
+    }
+    fn delete(&self, user_id: &str) -> Result<(), String> {
+        self.rows.lock().unwrap().remove(user_id);
+        Ok(())
+    }
+}
+
+/// A link that pairs at once on connect (code, then online), and takes faults.
+#[derive(Default)]
+struct TestLink {
+    connects: AtomicUsize,
+    removed: Mutex<Vec<String>>,
+    /// Sessions whose connect emits no pairing code (a network that never answers).
+    silent: Mutex<Vec<String>>,
+}
+
+struct TestConn {
+    sink: EventSink,
+}
+
+impl Connection for TestConn {
+    fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+    fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {
+        Ok(match fault {
+            Fault::Panic => FaultEffect::Panic,
+            Fault::Hang => FaultEffect::Hang,
+            Fault::Disconnect => {
+                self.sink.emit(LinkEvent::Crashed {
+                    error: "link dropped".into(),
+                });
+                FaultEffect::Handled
+            }
+            Fault::Logout => {
+                self.sink.emit(LinkEvent::LoggedOut {
+                    reason: "device removed".into(),
+                });
+                FaultEffect::Handled
+            }
+        })
+    }
+}
+
+impl Link for TestLink {
+    fn name(&self) -> &'static str {
+        "test"
+    }
+    fn connect(
+        &self,
+        spec: SessionSpec,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Box<dyn Connection>, LinkError>> {
+        self.connects.fetch_add(1, Ordering::SeqCst);
+        let silent = self.silent.lock().unwrap().contains(&spec.user_id);
+        Box::pin(async move {
+            if !silent {
+                events.emit(LinkEvent::PairingCode(PairingCode {
+                    code: "ABCD-1234".into(),
+                    expires_at_ms: now_ms() + 180_000,
+                }));
+                events.emit(LinkEvent::Online {
+                    name: Some(format!("bot {}", spec.user_id)),
+                });
+            }
+            Ok(Box::new(TestConn { sink: events }) as Box<dyn Connection>)
+        })
+    }
+    fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
+        self.removed.lock().unwrap().push(user_id.to_string());
+        Ok(())
+    }
+}
+
+struct Harness {
+    sup: ActorRef<SupervisorMsg>,
+    link: Arc<TestLink>,
+    store: Arc<MemStore>,
+}
+
+fn config() -> SupervisorConfig {
+    SupervisorConfig {
+        policy: RestartPolicy {
+            max_restarts: 2,
+            window: Duration::from_secs(60),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(100),
+            backoff_multiplier: 2.0,
+            backoff_jitter: 0.0,
+            backoff_reset_after: Duration::from_secs(60),
+        },
+        shutdown_timeout: Duration::from_millis(300),
+        call_timeout: Duration::from_millis(200),
+        watchdog_interval: Duration::from_millis(100),
+        create_timeout: Duration::from_millis(500),
+        boot_batch: 2,
+        boot_interval: Duration::from_millis(10),
+        jitter_seed: Some(1),
+    }
+}
+
+async fn start(boot: Vec<SessionRecord>) -> Harness {
+    let link = Arc::new(TestLink::default());
+    let store = Arc::new(MemStore::default());
+    let (sup, _) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            config: config(),
+            link: link.clone(),
+            persistence: store.clone(),
+            boot,
+        },
+    )
+    .await
+    .unwrap();
+    Harness { sup, link, store }
+}
+
+impl Harness {
+    async fn create(&self, id: &str) -> Result<SessionRecord, CmdError> {
+        let id = id.to_string();
+        ractor::call!(self.sup, |reply| SupervisorMsg::Create {
+            user_id: id,
+            phone_number: "15550001111".into(),
+            reply
+        })
+        .unwrap()
+    }
+    async fn get(&self, id: &str) -> Result<SessionRecord, CmdError> {
+        let id = id.to_string();
+        ractor::call!(self.sup, |reply| SupervisorMsg::Get { user_id: id, reply }).unwrap()
+    }
+    async fn fault(&self, id: &str, fault: Fault) -> Result<(), CmdError> {
+        let id = id.to_string();
+        ractor::call!(self.sup, |reply| SupervisorMsg::Fault {
+            user_id: id,
+            fault,
+            reply
+        })
+        .unwrap()
+    }
+    async fn wait_state(&self, id: &str, state: SessionState) -> SessionRecord {
+        for _ in 0..300 {
+            if let Ok(rec) = self.get(id).await {
+                if rec.state == state {
+                    return rec;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{id} never reached {state}: {:?}", self.get(id).await);
+    }
+}
+
+#[tokio::test]
+async fn create_answers_with_the_first_pairing_code_and_goes_online() {
+    let h = start(vec![]).await;
+    let rec = h.create("a").await.unwrap();
+    assert_eq!(rec.pairing.unwrap().code, "ABCD-1234");
+    let rec = h.wait_state("a", SessionState::Online).await;
+    assert_eq!(rec.name.as_deref(), Some("bot a"));
+    assert_eq!(h.create("a").await, Err(CmdError::Exists));
+    assert_eq!(
+        h.store.rows.lock().unwrap()["a"].state,
+        SessionState::Online
+    );
+}
+
+#[tokio::test]
+async fn panicking_child_is_restarted_with_backoff() {
+    let h = start(vec![]).await;
+    h.create("p").await.unwrap();
+    h.wait_state("p", SessionState::Online).await;
+    h.fault("p", Fault::Panic).await.unwrap();
+    let rec = h.wait_state("p", SessionState::Online).await;
+    assert_eq!(rec.restarts, 1);
+    assert!(rec.last_error.unwrap().contains("injected fault"));
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
+    let h = start(vec![]).await;
+    h.create("bad").await.unwrap();
+    h.create("good").await.unwrap();
+    h.wait_state("good", SessionState::Online).await;
+    for _ in 0..2 {
+        h.wait_state("bad", SessionState::Online).await;
+        h.fault("bad", Fault::Disconnect).await.unwrap();
+    }
+    h.wait_state("bad", SessionState::Online).await;
+    h.fault("bad", Fault::Panic).await.unwrap();
+    let rec = h.wait_state("bad", SessionState::Failed).await;
+    assert!(rec.last_error.unwrap().contains("gave up after 2 restarts"));
+    // Not restarted by itself.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.get("bad").await.unwrap().state, SessionState::Failed);
+    assert_eq!(h.get("good").await.unwrap().state, SessionState::Online);
+    // A user's start gives it a fresh budget.
+    let id = "bad".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Start { user_id: id, reply })
+        .unwrap()
+        .unwrap();
+    let rec = h.wait_state("bad", SessionState::Online).await;
+    assert_eq!(rec.restarts, 0);
+}
+
+#[tokio::test]
+async fn logout_from_the_phone_is_terminal_and_wipes_credentials() {
+    let h = start(vec![]).await;
+    h.create("l").await.unwrap();
+    h.wait_state("l", SessionState::Online).await;
+    h.fault("l", Fault::Logout).await.unwrap();
+    h.wait_state("l", SessionState::LoggedOut).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(h.get("l").await.unwrap().state, SessionState::LoggedOut);
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
+    assert_eq!(*h.link.removed.lock().unwrap(), vec!["l".to_string()]);
+}
+
+#[tokio::test]
+async fn hung_session_is_killed_by_the_watchdog_and_restarted() {
+    let h = start(vec![]).await;
+    h.create("h").await.unwrap();
+    h.wait_state("h", SessionState::Online).await;
+    h.fault("h", Fault::Hang).await.unwrap();
+    // The supervisor keeps answering while the child hangs.
+    assert!(h.get("h").await.is_ok());
+    let rec = h.wait_state("h", SessionState::Restarting).await;
+    assert!(rec.last_error.unwrap().contains("did not answer"));
+    h.wait_state("h", SessionState::Online).await;
+}
+
+#[tokio::test]
+async fn stop_and_delete_are_answered_after_the_child_is_gone() {
+    let h = start(vec![]).await;
+    h.create("s").await.unwrap();
+    h.wait_state("s", SessionState::Online).await;
+    let id = "s".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Stop { user_id: id, reply })
+        .unwrap()
+        .unwrap();
+    let rec = h.get("s").await.unwrap();
+    assert_eq!(
+        (rec.state, rec.desired),
+        (SessionState::Stopped, Desired::Stopped)
+    );
+    assert!(matches!(
+        h.fault("s", Fault::Panic).await,
+        Err(CmdError::Conflict(_))
+    ));
+    let id = "s".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Delete { user_id: id, reply })
+        .unwrap()
+        .unwrap();
+    assert!(matches!(h.get("s").await, Err(CmdError::NotFound(_))));
+    assert!(h.store.rows.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn stop_of_a_hung_session_kills_it_after_the_shutdown_timeout() {
+    let h = start(vec![]).await;
+    h.create("hs").await.unwrap();
+    h.wait_state("hs", SessionState::Online).await;
+    h.fault("hs", Fault::Hang).await.unwrap();
+    let id = "hs".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Stop { user_id: id, reply })
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.get("hs").await.unwrap().state, SessionState::Stopped);
+}
+
+#[tokio::test]
+async fn create_that_gets_no_code_in_time_leaves_nothing_behind() {
+    let h = start(vec![]).await;
+    h.link.silent.lock().unwrap().push("slow".into());
+    let err = h.create("slow").await.unwrap_err();
+    assert!(matches!(err, CmdError::Unavailable(_)), "{err:?}");
+    assert!(matches!(h.get("slow").await, Err(CmdError::NotFound(_))));
+    assert!(h.store.rows.lock().unwrap().is_empty());
+    assert_eq!(*h.link.removed.lock().unwrap(), vec!["slow".to_string()]);
+}
+
+#[tokio::test]
+async fn boot_resumes_running_sessions_but_not_failed_or_stopped_ones() {
+    let mut run = SessionRecord::new("run".into(), "15550001111".into());
+    run.state = SessionState::Online;
+    let mut failed = SessionRecord::new("failed".into(), "15550001111".into());
+    failed.state = SessionState::Failed;
+    let mut stopped = SessionRecord::new("stopped".into(), "15550001111".into());
+    stopped.desired = Desired::Stopped;
+    let h = start(vec![run, failed, stopped]).await;
+    h.wait_state("run", SessionState::Online).await;
+    assert_eq!(h.get("failed").await.unwrap().state, SessionState::Failed);
+    assert_eq!(h.get("stopped").await.unwrap().state, SessionState::Stopped);
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn shutdown_stops_every_child_and_keeps_desired_states() {
+    let h = start(vec![]).await;
+    for id in ["x", "y", "z"] {
+        h.create(id).await.unwrap();
+    }
+    h.wait_state("z", SessionState::Online).await;
+    ractor::call!(h.sup, SupervisorMsg::Shutdown).unwrap();
+    for id in ["x", "y", "z"] {
+        let rec = h.store.rows.lock().unwrap()[id].clone();
+        assert_eq!(rec.desired, Desired::Running);
+    }
+    assert!(matches!(h.create("w").await, Err(CmdError::Unavailable(_))));
+}
