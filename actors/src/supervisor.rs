@@ -738,12 +738,12 @@ impl SupervisorState {
                 };
                 match &entry.child {
                     Some(child) => {
-                        if let Err(e) = child.actor.cast(SessionMsg::Fault(fault, reply)) {
-                            if let ractor::MessagingErr::SendErr(SessionMsg::Fault(_, reply)) = e {
-                                let _ = reply.send(Err(CmdError::Conflict(format!(
-                                    "Session {user_id} is not running"
-                                ))));
-                            }
+                        if let Err(ractor::MessagingErr::SendErr(SessionMsg::Fault(_, reply))) =
+                            child.actor.cast(SessionMsg::Fault(fault, reply))
+                        {
+                            let _ = reply.send(Err(CmdError::Conflict(format!(
+                                "Session {user_id} is not running"
+                            ))));
                         }
                     }
                     None => {
@@ -837,7 +837,9 @@ impl SupervisorState {
                 tracing::warn!(%user_id, "create timed out; rolling back");
                 if entry.child.is_some() {
                     entry.intent = Some(Intent::CreateAbort(err));
-                    entry.child.as_ref().map(|c| c.actor.kill());
+                    if let Some(c) = &entry.child {
+                        c.actor.kill();
+                    }
                 } else {
                     let waiters = std::mem::take(&mut entry.create_waiters);
                     let _ = self.remove_session(&user_id);

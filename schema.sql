@@ -1,0 +1,27 @@
+-- botvisor's one SQL schema (embedded with include_str!).
+-- Version 1; the version lives in PRAGMA user_version and migrations are applied in order.
+-- Times are milliseconds since the Unix epoch (UTC).
+
+CREATE TABLE IF NOT EXISTS sessions (
+    user_id      TEXT PRIMARY KEY NOT NULL,
+    phone_number TEXT NOT NULL,
+    name         TEXT,
+    desired      TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+    state        TEXT NOT NULL,
+    restarts     INTEGER NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    created_at   INTEGER NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    last_seen_at INTEGER
+) STRICT;
+
+-- State transitions, newest kept per session (older ones are pruned).
+CREATE TABLE IF NOT EXISTS events (
+    id      INTEGER PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    at      INTEGER NOT NULL,
+    state   TEXT NOT NULL,
+    detail  TEXT
+) STRICT;
+
+CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);

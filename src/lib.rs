@@ -1,0 +1,100 @@
+//! # botvisor
+//!
+//! Runs many WhatsApp bot sessions, one per user, under a supervisor, behind the LD7
+//! multi-user HTTP API.
+//!
+//! # Layout
+//! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`]).
+//! - [`config`]: flags, environment and TOML file merged into a `Config`.
+//! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
+//! - [`store`]: SQLite persistence, the read view, events and backups.
+//! - [`link`]: the networks sessions connect through (`sim`; the real one plugs in here).
+//! - [`paths`]: where files live under the data directory.
+//! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
+//!   `botvisor-actors` crate in `actors/`.
+
+pub mod config;
+pub mod http;
+pub mod link;
+pub mod paths;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use ractor::Actor;
+use tokio::net::TcpListener;
+
+use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
+
+use config::{Config, LinkKind};
+use store::backup::Backups;
+use store::Store;
+
+/// Builds the link the configuration asks for.
+fn make_link(config: &Config) -> Result<Arc<dyn Link>, String> {
+    match config.link {
+        LinkKind::Sim => Ok(Arc::new(link::sim::SimLink::new(
+            config.data_dir.clone(),
+            config.sim.clone(),
+        ))),
+        LinkKind::Whatsapp => Err(
+            "the real WhatsApp link (--link whatsapp) is not part of this build yet; \
+             run with --link sim for the simulated network"
+                .into(),
+        ),
+    }
+}
+
+/// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
+/// (desired states untouched, so the next boot resumes them) and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
+    for dir in [
+        config.data_dir.clone(),
+        paths::sessions_dir(&config.data_dir),
+        paths::backups_dir(&config.data_dir),
+    ] {
+        paths::create_private_dir(&dir)
+            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let link = make_link(&config)?;
+    let store = Arc::new(Store::open(&config.database)?);
+    let boot = store.load_all()?;
+    tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
+    let (sup, sup_task) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            config: config.supervisor.clone(),
+            link: link.clone(),
+            persistence: store.clone(),
+            boot,
+        },
+    )
+    .await
+    .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let app = Arc::new(http::App {
+        sup: sup.clone(),
+        store,
+        backups: Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep),
+        api_key: config.api_key.clone(),
+        cors: http::cors::Cors::new(config.cors_origins.clone()),
+        link_name: link.name(),
+        data_dir: config.data_dir.clone(),
+        timeouts: config.supervisor.clone(),
+    });
+    http::serve(listener, app, shutdown).await;
+    tracing::info!("shutting down: stopping every session");
+    let wait = config.supervisor.shutdown_timeout * 2;
+    match ractor::call_t!(sup, SupervisorMsg::Shutdown, wait.as_millis() as u64) {
+        Ok(()) => tracing::info!("all sessions stopped"),
+        Err(e) => tracing::warn!(error = %e, "sessions did not all stop in time"),
+    }
+    sup.stop(None);
+    let _ = sup_task.await;
+    Ok(())
+}

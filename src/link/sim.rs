@@ -1,0 +1,234 @@
+//! `SimLink`: a simulated network for tests, demos and benchmarks. Not WhatsApp.
+//!
+//! It keeps each session's "credentials" in a real SQLite file (the same place the real
+//! link keeps its store), issues pairing codes in WhatsApp's `XXXX-XXXX` format,
+//! "pairs" after `--sim-pair-delay`, and takes injected faults.
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::task::JoinHandle;
+
+use botvisor_actors::{
+    now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, Link,
+    LinkError, LinkEvent, PairingCode, SessionSpec,
+};
+
+use crate::config::SimSettings;
+use crate::paths;
+
+/// The simulated link.
+pub struct SimLink {
+    data_dir: PathBuf,
+    settings: SimSettings,
+}
+
+impl SimLink {
+    /// A simulated network storing its files under `data_dir`.
+    pub fn new(data_dir: PathBuf, settings: SimSettings) -> SimLink {
+        SimLink { data_dir, settings }
+    }
+}
+
+/// A random `XXXX-XXXX` code from A-Z and 0-9.
+pub fn pairing_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    let mut out = String::with_capacity(9);
+    let mut bits = random_u64();
+    for i in 0..8 {
+        if i == 4 {
+            out.push('-');
+            bits = random_u64();
+        }
+        out.push(ALPHABET[(bits % ALPHABET.len() as u64) as usize] as char);
+        bits /= ALPHABET.len() as u64;
+    }
+    out
+}
+
+fn random_u64() -> u64 {
+    // RandomState is seeded per instance from the OS; good enough for a simulator.
+    let mut h = RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.finish()
+}
+
+/// The simulated credential file.
+struct Creds {
+    conn: Connection,
+}
+
+impl Creds {
+    fn open(path: &Path) -> Result<Creds, String> {
+        crate::store::create_private_file(path)?;
+        let conn = Connection::open(path).map_err(|e| crate::store::sqlite_hint(&e))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
+             CREATE TABLE IF NOT EXISTS sim_credentials (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);",
+        )
+        .map_err(|e| e.to_string())?;
+        conn.execute(
+            "INSERT OR IGNORE INTO sim_credentials (key, value) VALUES ('identity', ?1)",
+            params![format!("{:016x}{:016x}", random_u64(), random_u64())],
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(Creds { conn })
+    }
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.conn
+            .query_row(
+                "SELECT value FROM sim_credentials WHERE key = ?1",
+                [key],
+                |r| r.get(0),
+            )
+            .optional()
+            .ok()
+            .flatten()
+    }
+
+    fn set(&self, key: &str, value: &str) -> Result<(), String> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO sim_credentials (key, value) VALUES (?1, ?2)",
+                params![key, value],
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// A simulated session's live connection.
+pub struct SimConnection {
+    task: JoinHandle<()>,
+    events: EventSink,
+}
+
+impl Drop for SimConnection {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl LinkConnection for SimConnection {
+    fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        self.task.abort();
+        Box::pin(async {})
+    }
+
+    fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {
+        match fault {
+            Fault::Panic => Ok(FaultEffect::Panic),
+            Fault::Hang => Ok(FaultEffect::Hang),
+            Fault::Disconnect => {
+                self.task.abort();
+                self.events.emit(LinkEvent::Crashed {
+                    error: "sim: connection dropped (injected disconnect)".into(),
+                });
+                Ok(FaultEffect::Handled)
+            }
+            Fault::Logout => {
+                self.task.abort();
+                self.events.emit(LinkEvent::LoggedOut {
+                    reason: "sim: the phone removed this device (injected)".into(),
+                });
+                Ok(FaultEffect::Handled)
+            }
+        }
+    }
+}
+
+impl Link for SimLink {
+    fn name(&self) -> &'static str {
+        "sim"
+    }
+
+    fn connect(
+        &self,
+        spec: SessionSpec,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
+        let path = paths::credentials(&self.data_dir, &spec.user_id);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let creds = tokio::task::spawn_blocking(move || Creds::open(&path))
+                .await
+                .map_err(|e| LinkError::new(format!("sim: {e}")))?
+                .map_err(|e| LinkError::new(format!("sim: cannot open credentials: {e}")))?;
+            let creds = Arc::new(Mutex::new(creds));
+            let sink = events.clone();
+            let task = tokio::spawn(run(spec, settings, creds, sink));
+            Ok(Box::new(SimConnection { task, events }) as Box<dyn LinkConnection>)
+        })
+    }
+
+    fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
+        paths::remove_sqlite_files(&paths::credentials(&self.data_dir, user_id))
+            .map_err(|e| LinkError::new(format!("cannot remove credentials: {e}")))
+    }
+}
+
+async fn run(spec: SessionSpec, s: SimSettings, creds: Arc<Mutex<Creds>>, events: EventSink) {
+    tokio::time::sleep(s.connect_delay).await;
+    let paired = creds.lock().ok().and_then(|c| c.get("paired")).is_some();
+    if !paired {
+        let mut remaining = s.pair_delay;
+        loop {
+            events.emit(LinkEvent::PairingCode(PairingCode {
+                code: pairing_code(),
+                expires_at_ms: now_ms() + s.code_ttl.as_millis() as u64,
+            }));
+            if remaining <= s.code_ttl {
+                tokio::time::sleep(remaining).await;
+                break;
+            }
+            // The code expires before the phone enters it: issue a fresh one.
+            tokio::time::sleep(s.code_ttl).await;
+            remaining -= s.code_ttl;
+        }
+        let name = format!("Sim {}", spec.phone_number);
+        let saved = creds.lock().map_err(|e| e.to_string()).and_then(|c| {
+            c.set("paired", &now_ms().to_string())?;
+            c.set("name", &name)
+        });
+        if let Err(e) = saved {
+            events.emit(LinkEvent::Crashed {
+                error: format!("sim: cannot store credentials: {e}"),
+            });
+            return;
+        }
+    }
+    events.emit(LinkEvent::Connecting);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let name = creds.lock().ok().and_then(|c| c.get("name"));
+    events.emit(LinkEvent::Online { name });
+    // Keep the credential file open while "connected", as a real client does.
+    std::future::pending::<()>().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_whatsapps_format() {
+        for _ in 0..200 {
+            let c = pairing_code();
+            assert_eq!(c.len(), 9);
+            assert_eq!(&c[4..5], "-");
+            assert!(c
+                .chars()
+                .enumerate()
+                .all(|(i, ch)| i == 4 || ch.is_ascii_uppercase() || ch.is_ascii_digit()));
+        }
+        assert_ne!(pairing_code(), pairing_code());
+    }
+}

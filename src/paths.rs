@@ -1,0 +1,47 @@
+//! Where botvisor keeps its files under the data directory, in one place.
+//!
+//! ```text
+//! <data-dir>/botvisor.db                  sessions (unless --database-url says otherwise)
+//! <data-dir>/sessions/<userId>.db         one session's credentials (0600, WAL)
+//! <data-dir>/backups/<userId>/<id>.db     backups (0600)
+//! ```
+
+use std::path::{Path, PathBuf};
+
+/// The directory of credential files.
+pub fn sessions_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("sessions")
+}
+
+/// A session's credential file. `user_id` is validated (`[A-Za-z0-9_-]`) before it gets here.
+pub fn credentials(data_dir: &Path, user_id: &str) -> PathBuf {
+    sessions_dir(data_dir).join(format!("{user_id}.db"))
+}
+
+/// The directory of backups.
+pub fn backups_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("backups")
+}
+
+/// Removes an SQLite file with its `-wal` and `-shm` companions; missing files are fine.
+pub fn remove_sqlite_files(db: &Path) -> std::io::Result<()> {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        match std::fs::remove_file(PathBuf::from(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Creates a directory (and parents) readable by its owner only.
+pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}

@@ -1,0 +1,562 @@
+//! Every endpoint of the LD7 contract, and every error, over real HTTP.
+
+mod common;
+
+use common::Server;
+use serde_json::Value;
+
+const EXISTS: &str =
+    "Session already exists for this user. Delete it first or use a different userId.";
+const BAD_ID: &str = "userId must be alphanumeric (a-z, 0-9, _, -)";
+
+fn is_code(v: &Value) -> bool {
+    let s = v.as_str().unwrap_or("");
+    s.len() == 9
+        && s.chars().enumerate().all(|(i, c)| {
+            if i == 4 {
+                c == '-'
+            } else {
+                c.is_ascii_uppercase() || c.is_ascii_digit()
+            }
+        })
+}
+
+#[test]
+fn create_answers_201_with_a_pairing_code_in_the_spec_shape() {
+    let s = Server::start(&[]);
+    let r = s.create("bot_1234567890", "1234567890");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["success"], true);
+    assert_eq!(
+        v["message"],
+        "Session created. Use the pairing code to connect."
+    );
+    assert_eq!(v["userId"], "bot_1234567890");
+    assert!(is_code(&v["pairingCode"]), "{v}");
+    assert!(v["expiresAt"].as_str().unwrap().ends_with('Z'));
+
+    // The pairing endpoint shows the same live code.
+    let p = s.get("/api/sessions/bot_1234567890/pairing").json();
+    assert_eq!(p["success"], true);
+    assert_eq!(p["pairingCode"], v["pairingCode"]);
+    let expires = p["expiresAt"].as_str().unwrap();
+    assert_eq!(expires.len(), "2024-01-15T12:30:00.000Z".len(), "{expires}");
+
+    // Once paired it goes online, and there is no code any more.
+    let info = s.wait_state("bot_1234567890", "online");
+    assert_eq!(info["status"], "online");
+    assert_eq!(info["name"], "Sim 1234567890");
+    assert_eq!(info["phoneNumber"], "1234567890");
+    let msg = s.get("/api/sessions/bot_1234567890/pairing").error(404);
+    assert!(msg.contains("No pairing code"), "{msg}");
+
+    assert_eq!(s.create("bot_1234567890", "1234567890").error(409), EXISTS);
+}
+
+#[test]
+fn list_info_and_stats_follow_the_spec() {
+    let s = Server::start(&[]);
+    assert_eq!(s.create("a1", "1234567890").status, 201);
+    assert_eq!(s.create("a2", "9876543210").status, 201);
+    s.wait_state("a1", "online");
+    s.wait_state("a2", "online");
+    assert_eq!(s.post("/api/sessions/a2/stop", None).status, 200);
+
+    let list = s.get("/api/sessions").json();
+    assert_eq!(list["success"], true);
+    assert_eq!(list["count"], 2);
+    let sessions = list["sessions"].as_array().unwrap();
+    assert_eq!(sessions[0]["userId"], "a1");
+    assert_eq!(sessions[0]["status"], "online");
+    assert_eq!(sessions[1]["status"], "offline");
+    assert_eq!(sessions[1]["state"], "stopped");
+    assert_eq!(sessions[1]["desired"], "stopped");
+    for key in [
+        "userId",
+        "phoneNumber",
+        "status",
+        "name",
+        "state",
+        "desired",
+        "restarts",
+        "lastError",
+        "createdAt",
+        "updatedAt",
+    ] {
+        assert!(sessions[0].get(key).is_some(), "missing {key}");
+    }
+
+    let info = s.get("/api/sessions/a1").json();
+    assert_eq!(info["success"], true);
+    assert_eq!(info["userId"], "a1");
+
+    let stats = s.get("/api/stats").json();
+    assert_eq!(stats["success"], true);
+    assert_eq!(stats["activeSessions"], 1);
+    assert_eq!(stats["totalUsers"], 2);
+    assert_eq!(stats["onlineSessions"], 1);
+
+    assert_eq!(
+        s.get("/api/sessions/nobody").error(404),
+        "Session nobody not found"
+    );
+}
+
+#[test]
+fn start_stop_delete_and_logout_answer_with_the_spec_messages() {
+    let s = Server::start(&[]);
+    s.create("bot_1", "1234567890");
+    s.wait_state("bot_1", "online");
+
+    let r = s.post("/api/sessions/bot_1/stop", None).json();
+    assert_eq!(r["message"], "Session bot_1 stopped");
+    assert_eq!(s.session("bot_1")["state"], "stopped");
+
+    let r = s.post("/api/sessions/bot_1/start", None).json();
+    assert_eq!(r["success"], true);
+    assert_eq!(r["message"], "Session started successfully");
+    assert_eq!(r["userId"], "bot_1");
+    // Credentials were kept: it comes back online without a new pairing.
+    let v = s.wait_state("bot_1", "online");
+    assert_eq!(v["restarts"], 0);
+
+    let r = s.req("DELETE", "/api/sessions/bot_1", None, &[]).json();
+    assert_eq!(r["message"], "Session bot_1 deleted");
+    assert_eq!(s.get("/api/sessions/bot_1").status, 404);
+    assert!(!s.data_dir.join("sessions/bot_1.db").exists());
+
+    s.create("bot_2", "1234567890");
+    s.wait_state("bot_2", "online");
+    let r = s.post("/api/sessions/bot_2/logout", None).json();
+    assert_eq!(r["message"], "Session bot_2 logged out and deleted");
+    assert_eq!(s.get("/api/sessions/bot_2").status, 404);
+    assert!(!s.data_dir.join("sessions/bot_2.db").exists());
+
+    for action in ["start", "stop", "logout", "backup", "restore"] {
+        assert_eq!(
+            s.post(&format!("/api/sessions/ghost/{action}"), None)
+                .status,
+            404,
+            "{action}"
+        );
+    }
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/ghost", None, &[]).status,
+        404
+    );
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_creates_nothing() {
+    let s = Server::start(&[]);
+    for bad in [
+        r#"{"userId":"../etc","phoneNumber":"1234567890"}"#,
+        r#"{"userId":"bot ü","phoneNumber":"1234567890"}"#,
+        r#"{"userId":"","phoneNumber":"1234567890"}"#,
+        r#"{"userId":42,"phoneNumber":"1234567890"}"#,
+    ] {
+        assert_eq!(
+            s.post("/api/sessions", Some(bad)).error(400),
+            BAD_ID,
+            "{bad}"
+        );
+    }
+    let long = format!(
+        r#"{{"userId":"{}","phoneNumber":"1234567890"}}"#,
+        "x".repeat(65)
+    );
+    assert_eq!(s.post("/api/sessions", Some(&long)).error(400), BAD_ID);
+    for phone in [
+        "+1234567890",
+        "123",
+        "12 34 56 78",
+        "1234567890123456",
+        "١٢٣٤٥٦٧٨٩",
+    ] {
+        let body = format!(r#"{{"userId":"ok","phoneNumber":"{phone}"}}"#);
+        assert!(
+            s.post("/api/sessions", Some(&body))
+                .error(400)
+                .contains("phoneNumber"),
+            "{phone}"
+        );
+    }
+    assert!(s
+        .post("/api/sessions", Some(r#"{"phoneNumber":"1234567890"}"#))
+        .error(400)
+        .contains("userId is required"));
+    assert!(s
+        .post("/api/sessions", Some(r#"{"userId":"ok"}"#))
+        .error(400)
+        .contains("phoneNumber is required"));
+    assert!(s
+        .post("/api/sessions", Some("{not json"))
+        .error(400)
+        .contains("not valid JSON"));
+    assert!(s
+        .post("/api/sessions", Some("[1,2]"))
+        .error(400)
+        .contains("JSON object"));
+    assert!(s
+        .post("/api/sessions", Some(""))
+        .error(400)
+        .contains("empty"));
+
+    // Wrong content type.
+    let r = s.req(
+        "POST",
+        "/api/sessions",
+        Some(r#"{"userId":"ok","phoneNumber":"1234567890"}"#),
+        &[("Content-Type", "text/plain")],
+    );
+    assert!(r.error(415).contains("application/json"));
+    // JSON with a charset parameter is fine.
+    let r = s.req(
+        "POST",
+        "/api/sessions",
+        Some(r#"{"userId":"cs","phoneNumber":"1234567890"}"#),
+        &[("Content-Type", "application/json; charset=utf-8")],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // Oversized bodies: by declared length, and by actual bytes (chunked).
+    let big = format!(
+        r#"{{"userId":"big","phoneNumber":"1234567890","pad":"{}"}}"#,
+        "x".repeat(70 * 1024)
+    );
+    assert!(s
+        .post("/api/sessions", Some(&big))
+        .error(413)
+        .contains("64 KiB"));
+    let mut chunked = String::from("POST /api/sessions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n");
+    for _ in 0..80 {
+        chunked.push_str(&format!("400\r\n{}\r\n", "x".repeat(1024)));
+    }
+    chunked.push_str("0\r\n\r\n");
+    assert_eq!(
+        s.raw(chunked.as_bytes()).error(413),
+        "Request body too large (limit 64 KiB)"
+    );
+
+    // Ids in paths: traversal and odd characters never reach the disk.
+    for path in [
+        "/api/sessions/..%2F..%2Fetc/start",
+        "/api/sessions/a.b",
+        "/api/sessions/%C3%BC/pairing",
+    ] {
+        let method = if path.ends_with("start") {
+            "POST"
+        } else {
+            "GET"
+        };
+        assert_eq!(s.req(method, path, None, &[]).error(400), BAD_ID, "{path}");
+    }
+    // Nothing half-created.
+    let list = s.get("/api/sessions").json();
+    assert_eq!(list["count"], 1, "{list}");
+    assert_eq!(
+        std::fs::read_dir(s.data_dir.join("sessions"))
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".db")
+            })
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn unknown_routes_and_methods_answer_in_the_spec_shape() {
+    let s = Server::start(&[]);
+    assert!(s.get("/nope").error(404).contains("Not found"));
+    assert!(s
+        .get("/api/sessions/a/b/c")
+        .error(404)
+        .contains("Not found"));
+    assert!(s
+        .post("/api/sessions/a/explode", None)
+        .error(404)
+        .contains("Not found"));
+    let r = s.req("PUT", "/api/sessions", Some("{}"), &[]);
+    r.error(405);
+    assert_eq!(r.header("allow"), Some("GET, POST"));
+    assert_eq!(
+        s.post("/api/stats", None).error(405),
+        "Method POST is not allowed on /api/stats; use GET"
+    );
+}
+
+#[test]
+fn concurrent_creates_of_one_id_make_exactly_one_session() {
+    let s = Server::start(&[]);
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| scope.spawn(|| s.create("race", "1234567890").status))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(
+        statuses.iter().filter(|&&c| c == 201).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|&&c| c == 409).count(),
+        7,
+        "{statuses:?}"
+    );
+    assert_eq!(s.get("/api/sessions").json()["count"], 1);
+}
+
+#[test]
+fn api_key_guards_writes_and_leaves_reads_open() {
+    let s = Server::start(&["--api-key", "k3y-for-tests-0123456789abcdef"]);
+    let body = r#"{"userId":"guarded","phoneNumber":"1234567890"}"#;
+    assert!(s
+        .post("/api/sessions", Some(body))
+        .error(401)
+        .contains("X-API-Key"));
+    assert_eq!(
+        s.req(
+            "POST",
+            "/api/sessions",
+            Some(body),
+            &[("X-API-Key", "wrong")]
+        )
+        .error(401),
+        "Invalid API key"
+    );
+    let ok = [("X-API-Key", "k3y-for-tests-0123456789abcdef")];
+    assert_eq!(s.req("POST", "/api/sessions", Some(body), &ok).status, 201);
+    // Reads the spec leaves open.
+    for path in [
+        "/",
+        "/api/stats",
+        "/api/sessions",
+        "/api/sessions/guarded",
+        "/api/sessions/guarded/events",
+    ] {
+        assert_eq!(s.get(path).status, 200, "{path}");
+    }
+    // The pairing code is a secret: guarded too.
+    assert_eq!(s.get("/api/sessions/guarded/pairing").status, 401);
+    assert_eq!(
+        s.req("GET", "/api/sessions/guarded/pairing", None, &ok)
+            .status,
+        200
+    );
+    for action in ["start", "stop", "backup", "restore", "logout"] {
+        assert_eq!(
+            s.post(&format!("/api/sessions/guarded/{action}"), None)
+                .status,
+            401,
+            "{action}"
+        );
+    }
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/guarded", None, &[]).status,
+        401
+    );
+    assert_eq!(s.fault("guarded", "panic").status, 401);
+    // Nothing above changed the session.
+    assert_eq!(s.get("/api/sessions").json()["count"], 1);
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/guarded", None, &ok).status,
+        200
+    );
+}
+
+#[test]
+fn cors_allows_any_origin_by_default_and_answers_preflight() {
+    let s = Server::start(&[]);
+    let r = s.req(
+        "GET",
+        "/api/stats",
+        None,
+        &[("Origin", "https://example.com")],
+    );
+    assert_eq!(r.header("access-control-allow-origin"), Some("*"));
+    let r = s.req(
+        "OPTIONS",
+        "/api/sessions",
+        None,
+        &[
+            ("Origin", "https://example.com"),
+            ("Access-Control-Request-Method", "POST"),
+            ("Access-Control-Request-Headers", "content-type,x-api-key"),
+        ],
+    );
+    assert_eq!(r.status, 204);
+    assert!(r
+        .header("access-control-allow-methods")
+        .unwrap()
+        .contains("POST"));
+    assert!(r
+        .header("access-control-allow-headers")
+        .unwrap()
+        .contains("X-API-Key"));
+}
+
+#[test]
+fn cors_origin_flag_restricts_origins() {
+    let s = Server::start(&[
+        "--cors-origin",
+        "https://ok.example",
+        "--cors-origin",
+        "https://also.example",
+    ]);
+    let r = s.req(
+        "GET",
+        "/api/stats",
+        None,
+        &[("Origin", "https://ok.example")],
+    );
+    assert_eq!(
+        r.header("access-control-allow-origin"),
+        Some("https://ok.example")
+    );
+    assert_eq!(r.header("vary"), Some("Origin"));
+    let r = s.req(
+        "GET",
+        "/api/stats",
+        None,
+        &[("Origin", "https://evil.example")],
+    );
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let r = s.req(
+        "OPTIONS",
+        "/api/sessions",
+        None,
+        &[
+            ("Origin", "https://evil.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+    );
+    assert_eq!(r.error(403), "Origin not allowed");
+    let r = s.req(
+        "OPTIONS",
+        "/api/sessions",
+        None,
+        &[
+            ("Origin", "https://also.example"),
+            ("Access-Control-Request-Method", "POST"),
+        ],
+    );
+    assert_eq!(r.status, 204);
+}
+
+#[test]
+fn dashboard_lists_sessions_with_escaped_text() {
+    let s = Server::start(&[]);
+    s.create("dash_1", "1234567890");
+    let r = s.get("/");
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/html"));
+    assert!(r.body.contains("dash_1"), "{}", r.body);
+    assert!(r.body.contains("1 sessions"));
+}
+
+#[test]
+fn backup_and_restore_bring_back_the_credentials() {
+    let s = Server::start(&["--backup-keep", "2"]);
+    s.create("bk", "1234567890");
+    s.wait_state("bk", "online");
+    let b1 = s.post("/api/sessions/bk/backup", None).json();
+    assert_eq!(b1["success"], true);
+    let id1 = b1["backupId"].as_str().unwrap().to_string();
+    assert!(b1["createdAt"].as_str().unwrap().ends_with('Z'));
+    let file = s.data_dir.join(format!("backups/bk/{id1}.db"));
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+
+    // Lose the credentials (as a broken disk would): the session must pair again...
+    assert_eq!(s.post("/api/sessions/bk/stop", None).status, 200);
+    std::fs::remove_file(s.data_dir.join("sessions/bk.db")).unwrap();
+    assert_eq!(s.post("/api/sessions/bk/start", None).status, 200);
+    s.wait_state("bk", "pairing");
+    // ...until the backup is restored (latest by default): straight back online.
+    let r = s.post("/api/sessions/bk/restore", None).json();
+    assert_eq!(r["success"], true, "{r}");
+    assert_eq!(r["backupId"], id1);
+    let v = s.wait_state("bk", "online");
+    assert_eq!(v["name"], "Sim 1234567890");
+
+    // Explicit id, unknown id, bad id; retention keeps the newest two.
+    let id2 = s.post("/api/sessions/bk/backup", None).json()["backupId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let id3 = s.post("/api/sessions/bk/backup", None).json()["backupId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let list = s.get("/api/sessions/bk/backups").json();
+    assert_eq!(list["backups"], serde_json::json!([id3, id2]));
+    let r = s
+        .post(
+            "/api/sessions/bk/restore",
+            Some(&format!(r#"{{"backupId":"{id2}"}}"#)),
+        )
+        .json();
+    assert_eq!(r["backupId"], id2.as_str());
+    assert!(s
+        .post(
+            "/api/sessions/bk/restore",
+            Some(r#"{"backupId":"20990101T000000000Z"}"#)
+        )
+        .error(404)
+        .contains("not found"));
+    s.post(
+        "/api/sessions/bk/restore",
+        Some(r#"{"backupId":"../../botvisor"}"#),
+    )
+    .error(400);
+    s.wait_state("bk", "online");
+
+    // Delete removes the backups with the session ("all its data").
+    assert_eq!(s.req("DELETE", "/api/sessions/bk", None, &[]).status, 200);
+    assert!(!s.data_dir.join("backups/bk").exists());
+}
+
+#[test]
+fn events_record_state_changes() {
+    let s = Server::start(&[]);
+    s.create("ev", "1234567890");
+    s.wait_state("ev", "online");
+    let v = s.get("/api/sessions/ev/events").json();
+    let states: Vec<&str> = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states.first(), Some(&"online"));
+    assert!(
+        states.contains(&"pairing") && states.contains(&"starting"),
+        "{states:?}"
+    );
+}
+
+#[test]
+fn credential_and_database_files_are_private() {
+    let s = Server::start(&[]);
+    s.create("perm", "1234567890");
+    s.wait_state("perm", "online");
+    use std::os::unix::fs::PermissionsExt;
+    for f in ["sessions/perm.db", "botvisor.db"] {
+        let mode = std::fs::metadata(s.data_dir.join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "{f}");
+    }
+}

@@ -1,0 +1,279 @@
+//! Test harness: starts the real `botvisor` binary on 127.0.0.1 with a temp data dir and
+//! talks HTTP/1.1 to it over real sockets (a tiny client, so tests can also send
+//! malformed requests).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// A running server process.
+pub struct Server {
+    pub child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// An HTTP answer.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    /// Asserts the spec's error shape and returns the message.
+    pub fn error(&self, status: u16) -> String {
+        assert_eq!(self.status, status, "{}", self.body);
+        let v = self.json();
+        assert_eq!(v["success"], Value::Bool(false), "{}", self.body);
+        v["message"].as_str().expect("message").to_string()
+    }
+}
+
+/// Flags that keep the simulated link fast in tests.
+pub const FAST: &[&str] = &[
+    "--link",
+    "sim",
+    "--sim-pair-delay",
+    "300ms",
+    "--backoff-initial",
+    "50ms",
+    "--backoff-max",
+    "200ms",
+    "--shutdown-timeout",
+    "1s",
+    "--call-timeout",
+    "1s",
+    "--watchdog-interval",
+    "300ms",
+];
+
+impl Server {
+    /// Starts a server on a fresh temp data dir with `FAST` plus `extra` flags.
+    pub fn start(extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Server::start_in(&dir, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on an existing data dir (for restarts).
+    pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = vec!["serve", "--bind", "127.0.0.1", "--port", "0", "--data-dir"];
+        let dir_s = dir.to_str().unwrap().to_string();
+        args.push(&dir_s);
+        // `extra` overrides the fast defaults (clap refuses a flag given twice).
+        for pair in FAST.chunks(2) {
+            if !extra.contains(&pair[0]) {
+                args.extend_from_slice(pair);
+            }
+        }
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_botvisor"))
+            .args(&args)
+            .env_remove("API_KEY")
+            .env_remove("PORT")
+            .env_remove("DATABASE_URL")
+            .env_remove("BOTVISOR_LINK")
+            .env("RUST_LOG", "warn")
+            .env("RUST_BACKTRACE", "0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn botvisor");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("botvisor listening on http://") {
+                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("server did not report its address");
+        Server {
+            child,
+            addr,
+            data_dir: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    /// Sends raw bytes and reads the answer (the connection is closed after one request).
+    pub fn raw(&self, request: &[u8]) -> Resp {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = s.write_all(request);
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        parse_response(&buf)
+    }
+
+    /// A request with optional JSON body and extra headers.
+    pub fn req(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Resp {
+        let mut r = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n",
+            self.addr
+        );
+        for (k, v) in headers {
+            r.push_str(&format!("{k}: {v}\r\n"));
+        }
+        match body {
+            Some(b) => {
+                if !headers
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                {
+                    r.push_str("Content-Type: application/json\r\n");
+                }
+                r.push_str(&format!("Content-Length: {}\r\n\r\n{b}", b.len()));
+            }
+            None => r.push_str("\r\n"),
+        }
+        self.raw(r.as_bytes())
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        self.req("GET", path, None, &[])
+    }
+
+    pub fn post(&self, path: &str, body: Option<&str>) -> Resp {
+        self.req("POST", path, body, &[])
+    }
+
+    pub fn create(&self, user_id: &str, phone: &str) -> Resp {
+        self.post(
+            "/api/sessions",
+            Some(&format!(
+                r#"{{"userId":"{user_id}","phoneNumber":"{phone}"}}"#
+            )),
+        )
+    }
+
+    pub fn fault(&self, user_id: &str, kind: &str) -> Resp {
+        self.post(
+            &format!("/api/sim/{user_id}/fault"),
+            Some(&format!(r#"{{"kind":"{kind}"}}"#)),
+        )
+    }
+
+    pub fn session(&self, user_id: &str) -> Value {
+        self.get(&format!("/api/sessions/{user_id}")).json()
+    }
+
+    /// Polls a session until `pred` holds (panics with the last answer after `secs`).
+    pub fn wait_for(&self, user_id: &str, secs: u64, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let v = self.session(user_id);
+            if pred(&v) {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("condition never held for {user_id}: {v}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn wait_state(&self, user_id: &str, state: &str) -> Value {
+        self.wait_for(user_id, 20, |v| v["state"] == state)
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                panic!("server did not exit after SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn parse_response(buf: &[u8]) -> Resp {
+    let text = String::from_utf8_lossy(buf).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    let chunked = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    Resp {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = &rest[n + 2..];
+    }
+    out
+}

@@ -1,0 +1,315 @@
+//! Supervision seen from outside: injected faults, hung sessions, real process kills,
+//! graceful shutdown and startup errors.
+
+mod common;
+
+use std::process::Command;
+
+use common::Server;
+
+#[test]
+fn panic_in_a_session_brings_it_back_online() {
+    let s = Server::start(&[]);
+    s.create("p1", "1234567890");
+    s.wait_state("p1", "online");
+    let r = s.fault("p1", "panic");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json(), serde_json::json!({"success": true}));
+    let v = s.wait_for("p1", 20, |v| v["state"] == "online" && v["restarts"] == 1);
+    assert!(
+        v["lastError"].as_str().unwrap().contains("injected fault"),
+        "{v}"
+    );
+}
+
+#[test]
+fn too_many_crashes_fail_one_session_while_the_others_stay_online() {
+    let s = Server::start(&["--restart-max", "2", "--restart-window", "1m"]);
+    s.create("bad", "1234567890");
+    s.create("good", "1234567891");
+    s.wait_state("good", "online");
+    for (i, kind) in ["panic", "disconnect"].iter().enumerate() {
+        s.wait_for("bad", 20, |v| v["state"] == "online" && v["restarts"] == i);
+        assert_eq!(s.fault("bad", kind).status, 200);
+    }
+    s.wait_for("bad", 20, |v| v["state"] == "online" && v["restarts"] == 2);
+    assert_eq!(s.fault("bad", "panic").status, 200);
+    let v = s.wait_state("bad", "failed");
+    assert!(
+        v["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 2 restarts"),
+        "{v}"
+    );
+    assert_eq!(v["desired"], "running");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        s.session("bad")["state"],
+        "failed",
+        "a failed session must not restart by itself"
+    );
+    assert_eq!(s.session("good")["state"], "online");
+    assert_eq!(s.session("good")["restarts"], 0);
+    // A fault into a session that is not running: 409.
+    assert!(s.fault("bad", "panic").error(409).contains("not running"));
+    // start gives it a fresh budget.
+    assert_eq!(s.post("/api/sessions/bad/start", None).status, 200);
+    let v = s.wait_state("bad", "online");
+    assert_eq!(v["restarts"], 0);
+}
+
+#[test]
+fn logout_from_the_phone_is_terminal() {
+    let s = Server::start(&[]);
+    s.create("lo", "1234567890");
+    s.wait_state("lo", "online");
+    assert_eq!(s.fault("lo", "logout").status, 200);
+    let v = s.wait_state("lo", "logged_out");
+    assert!(v["lastError"]
+        .as_str()
+        .unwrap()
+        .contains("logged out from the phone"));
+    assert!(
+        !s.data_dir.join("sessions/lo.db").exists(),
+        "credentials must be wiped"
+    );
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    assert_eq!(s.session("lo")["state"], "logged_out");
+    // start pairs it afresh.
+    assert_eq!(s.post("/api/sessions/lo/start", None).status, 200);
+    s.wait_state("lo", "pairing");
+}
+
+#[test]
+fn a_hung_session_does_not_hang_the_api_and_is_restarted() {
+    let s = Server::start(&[]);
+    s.create("hang", "1234567890");
+    s.create("other", "1234567891");
+    s.wait_state("hang", "online");
+    assert_eq!(s.fault("hang", "hang").status, 200);
+    // The API keeps answering, including calls that need the hung session.
+    assert_eq!(s.get("/api/sessions").status, 200);
+    assert_eq!(s.get("/api/stats").status, 200);
+    let v = s.wait_for("hang", 20, |v| v["restarts"] == 1);
+    assert!(
+        v["lastError"].as_str().unwrap().contains("did not answer"),
+        "{v}"
+    );
+    s.wait_state("hang", "online");
+    s.wait_state("other", "online");
+}
+
+#[test]
+fn a_call_into_a_hung_session_answers_503() {
+    // A long watchdog interval so the API call, not the watchdog, finds the hang.
+    let s = Server::start(&["--watchdog-interval", "1h"]);
+    s.create("h503", "1234567890");
+    s.wait_state("h503", "online");
+    assert_eq!(s.fault("h503", "hang").status, 200);
+    assert!(s
+        .fault("h503", "panic")
+        .error(503)
+        .contains("did not answer in time"));
+    s.wait_for("h503", 20, |v| v["state"] == "online" && v["restarts"] == 1);
+}
+
+#[test]
+fn stop_of_a_hung_session_kills_it_and_answers_200() {
+    let s = Server::start(&["--watchdog-interval", "1h"]);
+    s.create("hs", "1234567890");
+    s.wait_state("hs", "online");
+    assert_eq!(s.fault("hs", "hang").status, 200);
+    assert_eq!(
+        s.post("/api/sessions/hs/stop", None).json()["message"],
+        "Session hs stopped"
+    );
+    assert_eq!(s.session("hs")["state"], "stopped");
+}
+
+#[test]
+fn fault_injection_errors() {
+    let s = Server::start(&[]);
+    s.create("f", "1234567890");
+    assert!(s
+        .post("/api/sim/f/fault", Some(r#"{"kind":"meteor"}"#))
+        .error(400)
+        .contains("panic, disconnect, logout, hang"));
+    assert_eq!(
+        s.fault("nobody", "panic").error(404),
+        "Session nobody not found"
+    );
+}
+
+#[test]
+fn kill_9_loses_no_session_and_the_next_boot_resumes_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    for id in ["k1", "k2", "k3"] {
+        assert_eq!(s.create(id, "1234567890").status, 201);
+    }
+    for id in ["k1", "k2", "k3"] {
+        s.wait_state(id, "online");
+    }
+    assert_eq!(s.post("/api/sessions/k3/stop", None).status, 200);
+    s.kill9();
+
+    let s = Server::start_in(tmp.path(), &[]);
+    // Running ones come back online with their credentials (no new pairing).
+    for id in ["k1", "k2"] {
+        let v = s.wait_state(id, "online");
+        assert_eq!(v["desired"], "running");
+    }
+    let v = s.session("k3");
+    assert_eq!(
+        (v["state"].as_str(), v["desired"].as_str()),
+        (Some("stopped"), Some("stopped"))
+    );
+    assert_eq!(s.get("/api/stats").json()["totalUsers"], 3);
+}
+
+#[test]
+fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(tmp.path(), &["--restart-max", "0"]);
+    s.create("fx", "1234567890");
+    s.create("lx", "1234567891");
+    s.wait_state("fx", "online");
+    s.wait_state("lx", "online");
+    s.fault("fx", "panic");
+    s.fault("lx", "logout");
+    s.wait_state("fx", "failed");
+    s.wait_state("lx", "logged_out");
+    s.kill9();
+    let s = Server::start_in(tmp.path(), &[]);
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(s.session("fx")["state"], "failed");
+    assert_eq!(s.session("lx")["state"], "logged_out");
+}
+
+#[test]
+fn sigterm_stops_sessions_exits_0_and_the_next_boot_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    s.create("t1", "1234567890");
+    s.wait_state("t1", "online");
+    assert_eq!(s.terminate(), Some(0));
+    let s = Server::start_in(tmp.path(), &[]);
+    s.wait_state("t1", "online");
+}
+
+#[test]
+fn a_create_that_gets_no_code_in_time_answers_503_and_leaves_nothing() {
+    let s = Server::start(&["--sim-connect-delay", "5s", "--create-timeout", "500ms"]);
+    let msg = s.create("slow", "1234567890").error(503);
+    assert!(msg.contains("not created"), "{msg}");
+    assert_eq!(s.get("/api/sessions/slow").status, 404);
+    assert_eq!(s.get("/api/stats").json()["totalUsers"], 0);
+    assert!(!s.data_dir.join("sessions/slow.db").exists());
+}
+
+#[test]
+fn expired_pairing_codes_are_replaced() {
+    let s = Server::start(&["--sim-code-ttl", "300ms", "--sim-pair-delay", "1m"]);
+    let first = s.create("ttl", "1234567890").json()["pairingCode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v = s.wait_for("ttl", 10, |_| {
+        let p = s.get("/api/sessions/ttl/pairing");
+        p.status == 200 && p.json()["pairingCode"] != first.as_str()
+    });
+    assert_eq!(v["state"], "pairing");
+}
+
+fn botvisor(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_botvisor"))
+        .args(args)
+        .env_remove("API_KEY")
+        .env_remove("DATABASE_URL")
+        .env_remove("BOTVISOR_LINK")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+#[test]
+fn invalid_settings_are_refused_at_startup_naming_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let cases: [(&[&str], &str); 5] = [
+        (&["--restart-window", "soon"], "--restart-window"),
+        (&["--backoff-jitter", "2"], "--backoff-jitter"),
+        (&["--backoff-multiplier", "0.5"], "--backoff-multiplier"),
+        (
+            &["--database-url", "postgres://u@h/db"],
+            "'postgres' is not supported",
+        ),
+        (&["--link", "carrier-pigeon"], "--link"),
+    ];
+    for (flags, expect) in cases {
+        let mut args = vec!["serve", "--port", "0", "--data-dir", dir, "--link", "sim"];
+        args.extend_from_slice(flags);
+        let (code, err) = botvisor(&args);
+        assert_ne!(code, 0, "{flags:?}");
+        assert!(err.contains(expect), "{flags:?}: {err}");
+    }
+    let (code, err) = botvisor(&[
+        "serve",
+        "--port",
+        "0",
+        "--bind",
+        "127.0.0.1",
+        "--data-dir",
+        dir,
+        "--link",
+        "whatsapp",
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--link sim"), "{err}");
+}
+
+#[test]
+fn help_documents_every_flag() {
+    let out = Command::new(env!("CARGO_BIN_EXE_botvisor"))
+        .args(["serve", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--port",
+        "--bind",
+        "--data-dir",
+        "--database-url",
+        "--api-key",
+        "--cors-origin",
+        "--link",
+        "--restart-max",
+        "--restart-window",
+        "--backoff-initial",
+        "--backoff-max",
+        "--backoff-multiplier",
+        "--backoff-jitter",
+        "--backoff-reset-after",
+        "--shutdown-timeout",
+        "--config",
+        "--sim-code-ttl",
+        "--sim-pair-delay",
+        "--call-timeout",
+        "--watchdog-interval",
+        "--create-timeout",
+        "--backup-keep",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}
+
+#[test]
+fn memory_database_works() {
+    let s = Server::start(&["--database-url", "sqlite::memory:"]);
+    assert_eq!(s.create("mem", "1234567890").status, 201);
+    s.wait_state("mem", "online");
+}
