@@ -9,6 +9,8 @@ use serde::Deserialize;
 
 use botvisor_actors::{RestartPolicy, SupervisorConfig};
 
+use crate::link::whatsapp::{parse_version, WhatsAppSettings};
+
 /// botvisor: runs many WhatsApp bot sessions under a supervisor, behind an HTTP API.
 #[derive(Debug, Parser)]
 #[command(name = "botvisor", version, about, long_about = None)]
@@ -98,6 +100,15 @@ pub struct ServeArgs {
     /// Backups kept per session; older ones are deleted [default: 10].
     #[arg(long, env = "BOTVISOR_BACKUP_KEEP", value_name = "N")]
     pub backup_keep: Option<usize>,
+    /// WhatsApp Web version the client announces, so nothing is fetched at start [default: 2.3000.1042742319].
+    #[arg(long, env = "BOTVISOR_WA_VERSION", value_name = "A.B.C")]
+    pub wa_version: Option<String>,
+    /// WebSocket URL of the WhatsApp server [default: WhatsApp's own, wss://web.whatsapp.com/ws/chat].
+    #[arg(long, env = "BOTVISOR_WA_URL", value_name = "URL")]
+    pub wa_url: Option<String>,
+    /// Turn off the built-in bot commands (`!ping` answers `pong` with the uptime).
+    #[arg(long)]
+    pub no_builtin_commands: bool,
     /// Simulated link: how long a pairing code is valid [default: 3m].
     #[arg(long, env = "BOTVISOR_SIM_CODE_TTL", value_name = "DURATION", value_parser = parse_duration)]
     pub sim_code_ttl: Option<Duration>,
@@ -108,6 +119,9 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_SIM_CONNECT_DELAY", value_name = "DURATION", value_parser = parse_duration)]
     pub sim_connect_delay: Option<Duration>,
 }
+
+/// The WhatsApp Web version whatsapp-rust 0.7 itself uses for new devices.
+pub const DEFAULT_WA_VERSION: &str = "2.3000.1042742319";
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
@@ -137,6 +151,9 @@ struct FileConfig {
     watchdog_interval: Option<String>,
     create_timeout: Option<String>,
     backup_keep: Option<usize>,
+    wa_version: Option<String>,
+    wa_url: Option<String>,
+    builtin_commands: Option<bool>,
     sim_code_ttl: Option<String>,
     sim_pair_delay: Option<String>,
     sim_connect_delay: Option<String>,
@@ -185,6 +202,8 @@ pub struct Config {
     pub backup_keep: usize,
     /// Simulated link settings.
     pub sim: SimSettings,
+    /// Real link settings.
+    pub whatsapp: WhatsAppSettings,
 }
 
 impl Config {
@@ -312,6 +331,18 @@ impl Config {
                     "--sim-connect-delay",
                     "0s",
                 )?,
+            },
+            whatsapp: WhatsAppSettings {
+                version: parse_version(
+                    args.wa_version
+                        .as_deref()
+                        .or(file.wa_version.as_deref())
+                        .unwrap_or(DEFAULT_WA_VERSION),
+                )
+                .map_err(|e| format!("invalid value for '--wa-version': {e}"))?,
+                url: args.wa_url.clone().or(file.wa_url),
+                builtin_commands: !args.no_builtin_commands
+                    && file.builtin_commands.unwrap_or(true),
             },
         };
         config.validate()?;

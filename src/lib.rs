@@ -31,18 +31,33 @@ use config::{Config, LinkKind};
 use store::backup::Backups;
 use store::Store;
 
+/// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
+/// unless the operator names them in `RUST_LOG` explicitly.
+const SECRET_LOG_TARGETS: [&str; 2] = ["Client/PairCode", "Bot/PairCode"];
+
+/// The log filter: `RUST_LOG` (default `info`) with the secret-bearing targets capped.
+pub fn log_filter(rust_log: Option<&str>) -> String {
+    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut filter = base.to_string();
+    for target in SECRET_LOG_TARGETS {
+        if !base.contains(target) {
+            filter.push_str(&format!(",{target}=warn"));
+        }
+    }
+    filter
+}
+
 /// Builds the link the configuration asks for.
-fn make_link(config: &Config) -> Result<Arc<dyn Link>, String> {
+fn make_link(config: &Config) -> Arc<dyn Link> {
     match config.link {
-        LinkKind::Sim => Ok(Arc::new(link::sim::SimLink::new(
+        LinkKind::Sim => Arc::new(link::sim::SimLink::new(
             config.data_dir.clone(),
             config.sim.clone(),
-        ))),
-        LinkKind::Whatsapp => Err(
-            "the real WhatsApp link (--link whatsapp) is not part of this build yet; \
-             run with --link sim for the simulated network"
-                .into(),
-        ),
+        )),
+        LinkKind::Whatsapp => Arc::new(link::whatsapp::WhatsAppLink::new(
+            config.data_dir.clone(),
+            config.whatsapp.clone(),
+        )),
     }
 }
 
@@ -61,7 +76,7 @@ pub async fn run(
         paths::create_private_dir(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
-    let link = make_link(&config)?;
+    let link = make_link(&config);
     let store = Arc::new(Store::open(&config.database)?);
     let boot = store.load_all()?;
     tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
@@ -97,4 +112,21 @@ pub async fn run(
     sup.stop(None);
     let _ = sup_task.await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing_subscriber::EnvFilter;
+
+    #[test]
+    fn pairing_code_targets_are_capped_at_warn() {
+        let f = log_filter(None);
+        assert_eq!(f, "info,Client/PairCode=warn,Bot/PairCode=warn");
+        EnvFilter::try_new(&f).expect("valid filter");
+        assert_eq!(
+            log_filter(Some("debug,Client/PairCode=debug")),
+            "debug,Client/PairCode=debug,Bot/PairCode=warn"
+        );
+    }
 }

@@ -1,5 +1,12 @@
 //! The `botvisor` binary: parses flags and runs the server.
 
+// The test-peer feature turns off WhatsApp's certificate-chain check so the client accepts
+// the loopback test peer. It must never reach a release build.
+#[cfg(all(feature = "test-peer", not(debug_assertions)))]
+compile_error!(
+    "the `test-peer` feature disables WhatsApp certificate checks: never build it in release mode"
+);
+
 use clap::Parser;
 use tokio::net::TcpListener;
 
@@ -16,10 +23,9 @@ fn main() {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::new(botvisor::log_filter(
+            std::env::var("RUST_LOG").ok().as_deref(),
+        )))
         .with_writer(std::io::stderr)
         .init();
     raise_open_files_limit();
@@ -44,6 +50,9 @@ async fn serve(config: Config) -> Result<(), String> {
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     // One plain line on stdout that scripts and tests can wait for.
     println!("botvisor listening on http://{local}");
+    if cfg!(feature = "test-peer") {
+        tracing::warn!("TEST BUILD (feature test-peer): WhatsApp certificate checks are OFF");
+    }
     tracing::info!(%local, link = ?config.link, auth = config.api_key.is_some(), "listening");
     botvisor::run(config, listener, shutdown_signal()).await
 }

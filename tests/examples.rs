@@ -37,7 +37,8 @@ fn run_example(s: &Server, program: &str, script: &str, user_id: &str) -> String
         .env("BOT_USER_ID", user_id)
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{script}: {text}");
     text
 }
@@ -51,7 +52,11 @@ fn pairing_line(text: &str) -> &str {
 
 #[test]
 fn python_requests_example_gets_a_pairing_code() {
-    if !available("python3", &["-c", "import requests"], "pip install requests") {
+    if !available(
+        "python3",
+        &["-c", "import requests"],
+        "pip install requests",
+    ) {
         return;
     }
     let s = Server::start(&["--api-key", KEY]);
@@ -61,12 +66,19 @@ fn python_requests_example_gets_a_pairing_code() {
     assert_eq!(s.get("/api/sessions/bot_py").json()["userId"], "bot_py");
     // Its error branch prints the spec's message.
     let again = run_example(&s, "python3", "examples/create_bot.py", "bot_py");
-    assert!(again.contains("Error: Session already exists for this user."), "{again}");
+    assert!(
+        again.contains("Error: Session already exists for this user."),
+        "{again}"
+    );
 }
 
 #[test]
 fn node_axios_example_gets_a_pairing_code() {
-    if !available("node", &["-e", "require('./examples/node_modules/axios')"], "npm install --prefix examples") {
+    if !available(
+        "node",
+        &["-e", "require('./examples/node_modules/axios')"],
+        "npm install --prefix examples",
+    ) {
         return;
     }
     let s = Server::start(&["--api-key", KEY]);

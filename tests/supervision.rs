@@ -261,15 +261,13 @@ fn invalid_settings_are_refused_at_startup_naming_the_flag() {
         "serve",
         "--port",
         "0",
-        "--bind",
-        "127.0.0.1",
         "--data-dir",
         dir,
-        "--link",
-        "whatsapp",
+        "--wa-version",
+        "2.x",
     ]);
     assert_ne!(code, 0);
-    assert!(err.contains("--link sim"), "{err}");
+    assert!(err.contains("--wa-version"), "{err}");
 }
 
 #[test]
@@ -302,6 +300,9 @@ fn help_documents_every_flag() {
         "--watchdog-interval",
         "--create-timeout",
         "--backup-keep",
+        "--wa-version",
+        "--wa-url",
+        "--no-builtin-commands",
     ] {
         assert!(help.contains(flag), "--help lacks {flag}");
     }

@@ -65,6 +65,8 @@ pub enum LinkEvent {
     PairingRejected {
         /// A clear message, with a retry hint when there is one.
         message: String,
+        /// True when the refusal is rate limiting (retry later), not a hard no.
+        throttled: bool,
     },
 }
 

@@ -944,10 +944,15 @@ impl SupervisorState {
                 entry.rec.last_error = Some(reason);
                 self.set_state(user_id, SessionState::Disconnected);
             }
-            LinkEvent::PairingRejected { message } => {
+            LinkEvent::PairingRejected { message, throttled } => {
                 entry.rec.last_error = Some(message.clone());
                 if !entry.create_waiters.is_empty() {
-                    entry.intent = Some(Intent::CreateAbort(CmdError::Rejected(message)));
+                    let err = if throttled {
+                        CmdError::Rejected(message)
+                    } else {
+                        CmdError::Unavailable(message)
+                    };
+                    entry.intent = Some(Intent::CreateAbort(err));
                     if let Some(c) = &entry.child {
                         c.actor.stop(None);
                     }

@@ -1,4 +1,6 @@
-//! The links sessions connect through: `sim` (simulated) now; the real WhatsApp link
-//! plugs into the same `botvisor_actors::Link` trait.
+//! The links sessions connect through: `whatsapp` (the real network, on whatsapp-rust)
+//! and `sim` (a simulated network for tests and demos). Both implement
+//! `botvisor_actors::Link`; the supervisor never sees which one runs.
 
 pub mod sim;
+pub mod whatsapp;

@@ -77,6 +77,19 @@ impl Server {
 
     /// Starts a server on an existing data dir (for restarts).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
+        Server::launch(Path::new(env!("CARGO_BIN_EXE_botvisor")), dir, extra)
+    }
+
+    /// Starts another build of botvisor (e.g. the release binary) on a fresh temp dir.
+    pub fn start_with_binary(bin: &Path, extra: &[&str]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Server::launch(bin, &dir, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    fn launch(bin: &Path, dir: &Path, extra: &[&str]) -> Server {
         let mut args: Vec<&str> = vec!["serve", "--bind", "127.0.0.1", "--port", "0", "--data-dir"];
         let dir_s = dir.to_str().unwrap().to_string();
         args.push(&dir_s);
@@ -87,7 +100,7 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
-        let mut child = Command::new(env!("CARGO_BIN_EXE_botvisor"))
+        let mut child = Command::new(bin)
             .args(&args)
             .env_remove("API_KEY")
             .env_remove("PORT")

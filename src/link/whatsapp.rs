@@ -1,0 +1,466 @@
+//! `WhatsAppLink`: the real network, on the `whatsapp-rust` crate.
+//!
+//! One `Bot` per session over its own `SqliteStore` file (`<data-dir>/sessions/<id>.db`).
+//! The client's events become `LinkEvent`s; a small pairing manager keeps a live pairing
+//! code while the session is unpaired (a code lives 180 s, is void after a reconnect, and
+//! WhatsApp may ask for a refresh); a watcher reports the client's run loop ending
+//! unexpectedly as a crash.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use whatsapp_rust::pair_code::{PairCodeOptions, PairCodeRejection};
+use whatsapp_rust::prelude::*;
+use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+
+use botvisor_actors::{
+    now_ms, BoxFuture, Connection as LinkConnection, EventSink, Link, LinkError, LinkEvent,
+    PairingCode, SessionSpec,
+};
+
+use crate::paths;
+
+/// WhatsApp's pairing code validity.
+pub const CODE_VALIDITY: Duration = Duration::from_secs(180);
+/// Ask for a fresh code this long before the old one expires.
+const REFRESH_MARGIN: Duration = Duration::from_secs(5);
+/// How long to wait for the client's socket before trying again.
+const SOCKET_WAIT: Duration = Duration::from_secs(30);
+/// Retry delay after a throttled pairing request when WhatsApp gives none.
+const THROTTLE_RETRY: Duration = Duration::from_secs(60);
+
+/// How the WhatsApp link is set up.
+#[derive(Debug, Clone)]
+pub struct WhatsAppSettings {
+    /// The WhatsApp Web version to announce (no HTTP fetch at start).
+    pub version: (u32, u32, u32),
+    /// WebSocket URL; `None` is WhatsApp's own server.
+    pub url: Option<String>,
+    /// Answer `!ping` with `pong` and the uptime.
+    pub builtin_commands: bool,
+}
+
+/// Parses `2.3000.1042742319`.
+pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
+    let parts: Vec<&str> = s.trim().split('.').collect();
+    match parts.as_slice() {
+        [a, b, c] => match (a.parse(), b.parse(), c.parse()) {
+            (Ok(a), Ok(b), Ok(c)) => Ok((a, b, c)),
+            _ => Err(format!("'{s}' is not a version such as 2.3000.1042742319")),
+        },
+        _ => Err(format!("'{s}' is not a version such as 2.3000.1042742319")),
+    }
+}
+
+/// The real WhatsApp link.
+pub struct WhatsAppLink {
+    data_dir: PathBuf,
+    settings: WhatsAppSettings,
+}
+
+impl WhatsAppLink {
+    /// A link storing credentials under `data_dir`.
+    pub fn new(data_dir: PathBuf, settings: WhatsAppSettings) -> WhatsAppLink {
+        WhatsAppLink { data_dir, settings }
+    }
+}
+
+/// `ABCD1234` → `ABCD-1234` (as WhatsApp shows it and the LD7 API documents it).
+pub fn format_code(code: &str) -> String {
+    if code.len() == 8 && code.is_ascii() {
+        format!("{}-{}", &code[..4], &code[4..])
+    } else {
+        code.to_string()
+    }
+}
+
+/// What the event handler, the pairing manager and the watcher share.
+struct Shared {
+    user_id: String,
+    events: EventSink,
+    builtin_commands: bool,
+    started: Instant,
+    /// Paired (pair-success seen, or the store already had an account).
+    paired: AtomicBool,
+    /// A terminal event was reported: the run loop's end is expected.
+    terminal: AtomicBool,
+    /// We are closing or logging out: events and the run loop's end are expected.
+    closing: AtomicBool,
+    /// Wakes the pairing manager (refresh requested, reconnect, paired).
+    refresh: Notify,
+}
+
+impl Shared {
+    fn emit_terminal(&self, event: LinkEvent) {
+        if self.closing.load(Ordering::SeqCst) || self.terminal.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.events.emit(event);
+    }
+
+    fn on_event(self: &Arc<Self>, event: &Event, client: &Arc<Client>) {
+        match event {
+            Event::Connected(_) => {
+                self.paired.store(true, Ordering::SeqCst);
+                self.refresh.notify_one();
+                let name = Some(client.push_name()).filter(|n| !n.is_empty());
+                self.events.emit(LinkEvent::Online { name });
+            }
+            Event::PairSuccess(_) => {
+                tracing::info!(user_id = %self.user_id, "paired with the phone");
+                self.paired.store(true, Ordering::SeqCst);
+                self.refresh.notify_one();
+                self.events.emit(LinkEvent::Connecting);
+            }
+            Event::PairError(e) => {
+                tracing::warn!(user_id = %self.user_id, error = %e.error, "pairing failed");
+            }
+            Event::Disconnected(d) => {
+                if !self.closing.load(Ordering::SeqCst) {
+                    self.events.emit(LinkEvent::Disconnected {
+                        reason: format!("disconnected from WhatsApp: {}", d.reason),
+                    });
+                }
+                // A pairing code does not survive a reconnect: the manager asks again.
+                self.refresh.notify_one();
+            }
+            Event::PairingCodeRefresh(_) => self.refresh.notify_one(),
+            Event::LoggedOut(lo) => self.emit_terminal(LinkEvent::LoggedOut {
+                reason: format!("{:?}", lo.reason),
+            }),
+            Event::StreamReplaced(_) => self.emit_terminal(LinkEvent::Replaced {
+                reason: "WhatsApp replaced this connection (stream conflict)".into(),
+            }),
+            Event::TemporaryBan(ban) => {
+                let secs = ban.expire.num_seconds().max(0) as u64;
+                let until = crate::http::routes::iso(now_ms() + secs * 1000);
+                self.emit_terminal(LinkEvent::Banned {
+                    reason: format!("temporary ban ({}) for {secs} s, until {until}", ban.code),
+                })
+            }
+            Event::ClientOutdated(_) => self.emit_terminal(LinkEvent::Crashed {
+                error: "WhatsApp says this client version is outdated; set a newer --wa-version"
+                    .into(),
+            }),
+            Event::ConnectFailure(f) if !f.reason.should_reconnect() => {
+                self.emit_terminal(LinkEvent::Crashed {
+                    error: format!(
+                        "WhatsApp refused the connection: {:?}{}",
+                        f.reason,
+                        f.message
+                            .as_deref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    ),
+                })
+            }
+            Event::ConnectFailure(f) => self.events.emit(LinkEvent::Disconnected {
+                reason: format!("WhatsApp is unavailable ({:?}); reconnecting", f.reason),
+            }),
+            Event::SelfPushNameUpdated(u) if client.is_connected() => {
+                self.events.emit(LinkEvent::Online {
+                    name: Some(u.new_name.clone()).filter(|n| !n.is_empty()),
+                })
+            }
+            Event::Messages(batch) => {
+                for m in batch.iter() {
+                    // Never the text at info level: only that something arrived.
+                    tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
+                    if !self.builtin_commands || m.info.source.is_from_me {
+                        continue;
+                    }
+                    let is_ping = m
+                        .message
+                        .text_content()
+                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("!ping"));
+                    if is_ping {
+                        let reply = format!("pong (up {})", uptime(self.started.elapsed()));
+                        let chat = m.info.source.chat.clone();
+                        let client = client.clone();
+                        let user_id = self.user_id.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) =
+                                client.send_message(chat, wa::Message::text(reply)).await
+                            {
+                                tracing::warn!(%user_id, error = %e, "could not answer !ping");
+                            }
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs inline on the client's dispatch path, so a terminal event is recorded before the
+/// client's run loop can end (the watcher then knows the end was expected). It only flips
+/// flags and casts to the session actor; slow work (replies) goes to its own task.
+struct InlineHandler {
+    shared: Arc<Shared>,
+    client: Arc<OnceLock<Weak<Client>>>,
+}
+
+impl EventHandler for InlineHandler {
+    fn handle_event(&self, event: Arc<Event>) {
+        if let Some(client) = self.client.get().and_then(Weak::upgrade) {
+            self.shared.on_event(&event, &client);
+        }
+    }
+}
+
+/// `1h 2m 3s`.
+pub fn uptime(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s / 60) % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m {sec}s"),
+        (h, m, sec) => format!("{h}h {m}m {sec}s"),
+    }
+}
+
+/// Keeps a live pairing code while the session is unpaired.
+async fn pairing_manager(client: Arc<Client>, shared: Arc<Shared>, phone_number: String) {
+    loop {
+        if shared.paired.load(Ordering::SeqCst) {
+            return;
+        }
+        if client.wait_for_socket(SOCKET_WAIT).await.is_err() {
+            continue; // the client keeps reconnecting by itself
+        }
+        if shared.paired.load(Ordering::SeqCst) || client.is_logged_in() {
+            return;
+        }
+        client.cancel_pair_code().await;
+        let options = PairCodeOptions {
+            phone_number: phone_number.clone(),
+            // Shown on the phone as "Chrome (Linux)"; WhatsApp rejects unknown OS names.
+            display_os: Some("Linux".into()),
+            ..Default::default()
+        };
+        let wait = match client.pair_with_code(options).await {
+            Ok(code) => {
+                shared.events.emit(LinkEvent::PairingCode(PairingCode {
+                    code: format_code(&code),
+                    expires_at_ms: now_ms() + CODE_VALIDITY.as_millis() as u64,
+                }));
+                CODE_VALIDITY.saturating_sub(REFRESH_MARGIN)
+            }
+            Err(e) => {
+                let throttled = e.rejection().is_some_and(PairCodeRejection::is_throttled);
+                let retry = e.backoff().unwrap_or(if throttled {
+                    THROTTLE_RETRY
+                } else {
+                    Duration::from_secs(5)
+                });
+                if let Some(rejection) = e.rejection() {
+                    let message = if throttled {
+                        format!(
+                            "WhatsApp is rate-limiting pairing codes for this number ({}); retry in {} s",
+                            rejection.text().unwrap_or("throttled"),
+                            retry.as_secs()
+                        )
+                    } else {
+                        format!(
+                            "WhatsApp refused to issue a pairing code: {}",
+                            rejection.text().unwrap_or("refused")
+                        )
+                    };
+                    shared
+                        .events
+                        .emit(LinkEvent::PairingRejected { message, throttled });
+                } else {
+                    tracing::warn!(user_id = %shared.user_id, error = %e, "pairing code request failed");
+                }
+                retry
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.refresh.notified() => {}
+        }
+    }
+}
+
+/// One session's live WhatsApp client.
+pub struct WhatsAppConnection {
+    client: Arc<Client>,
+    shared: Arc<Shared>,
+    watcher: JoinHandle<()>,
+    manager: Option<JoinHandle<()>>,
+}
+
+impl Drop for WhatsAppConnection {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        if let Some(m) = &self.manager {
+            m.abort();
+        }
+        // The watcher owns the BotHandle: aborting it drops the handle, which aborts the bot.
+        self.watcher.abort();
+    }
+}
+
+impl LinkConnection for WhatsAppConnection {
+    fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
+        Box::pin(async move {
+            self.shared.closing.store(true, Ordering::SeqCst);
+            if !self.shared.paired.load(Ordering::SeqCst) {
+                self.client.disconnect().await;
+                return Err(LinkError::new(
+                    "the session was never paired, so there was no linked device to remove",
+                ));
+            }
+            if !self.client.is_connected() {
+                return Err(LinkError::new(
+                    "not connected to WhatsApp, so the device could not be unlinked; \
+                     remove it under Linked Devices on the phone",
+                ));
+            }
+            self.client.logout().await;
+            Ok(())
+        })
+    }
+
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.shared.closing.store(true, Ordering::SeqCst);
+            if let Some(m) = self.manager.take() {
+                m.abort();
+            }
+            self.client.disconnect().await;
+        })
+    }
+}
+
+/// Opens (creating, 0600) a session's credential store.
+async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
+    crate::store::create_private_file(path).map_err(LinkError::new)?;
+    let url = path
+        .to_str()
+        .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
+    SqliteStore::new(url).await.map_err(|e| {
+        let text = e.to_string();
+        if text.contains("unable to open database file")
+            && std::io::Error::last_os_error().raw_os_error() == Some(24)
+        {
+            LinkError::new("cannot open the credential store: too many open files")
+        } else {
+            LinkError::new(format!("cannot open the credential store: {text}"))
+        }
+    })
+}
+
+impl Link for WhatsAppLink {
+    fn name(&self) -> &'static str {
+        "whatsapp"
+    }
+
+    fn connect(
+        &self,
+        spec: SessionSpec,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
+        let path = paths::credentials(&self.data_dir, &spec.user_id);
+        let settings = self.settings.clone();
+        Box::pin(async move {
+            let store = open_store(&path).await?;
+            let shared = Arc::new(Shared {
+                user_id: spec.user_id.clone(),
+                events,
+                builtin_commands: settings.builtin_commands,
+                started: Instant::now(),
+                paired: AtomicBool::new(false),
+                terminal: AtomicBool::new(false),
+                closing: AtomicBool::new(false),
+                refresh: Notify::new(),
+            });
+            let transport = match &settings.url {
+                Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
+                None => TokioWebSocketTransportFactory::new(),
+            };
+            let handler = InlineHandler {
+                shared: shared.clone(),
+                client: Arc::new(OnceLock::new()),
+            };
+            let client_slot = handler.client.clone();
+            let bot = Bot::builder()
+                .with_backend(store)
+                .with_transport_factory(transport)
+                .with_version(settings.version)
+                .with_event_handler(handler)
+                .build()
+                .await
+                .map_err(|e| LinkError::new(format!("cannot build the WhatsApp client: {e}")))?;
+            let client = bot.client();
+            let _ = client_slot.set(Arc::downgrade(&client));
+            let paired = client.pn().is_some();
+            shared.paired.store(paired, Ordering::SeqCst);
+            let handle = bot.spawn();
+            if paired {
+                shared.events.emit(LinkEvent::Connecting);
+            }
+            let manager = (!paired).then(|| {
+                tokio::spawn(pairing_manager(
+                    client.clone(),
+                    shared.clone(),
+                    spec.phone_number.clone(),
+                ))
+            });
+            let watched = shared.clone();
+            let watcher = tokio::spawn(async move {
+                handle.await;
+                if !watched.closing.load(Ordering::SeqCst)
+                    && !watched.terminal.load(Ordering::SeqCst)
+                {
+                    watched.events.emit(LinkEvent::Crashed {
+                        error: "the WhatsApp client stopped unexpectedly".into(),
+                    });
+                }
+            });
+            Ok(Box::new(WhatsAppConnection {
+                client,
+                shared,
+                watcher,
+                manager,
+            }) as Box<dyn LinkConnection>)
+        })
+    }
+
+    fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
+        paths::remove_sqlite_files(&paths::credentials(&self.data_dir, user_id))
+            .map_err(|e| LinkError::new(format!("cannot remove credentials: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_shown_with_a_dash() {
+        assert_eq!(format_code("ABCD1234"), "ABCD-1234");
+        assert_eq!(format_code("odd"), "odd");
+    }
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(
+            parse_version("2.3000.1042742319"),
+            Ok((2, 3000, 1042742319))
+        );
+        assert!(parse_version("2.3000").is_err());
+        assert!(parse_version("a.b.c").is_err());
+    }
+
+    #[test]
+    fn uptime_reads_well() {
+        assert_eq!(uptime(Duration::from_secs(5)), "5s");
+        assert_eq!(uptime(Duration::from_secs(125)), "2m 5s");
+        assert_eq!(uptime(Duration::from_secs(3725)), "1h 2m 5s");
+    }
+}

@@ -1,0 +1,410 @@
+//! A loopback WhatsApp peer for botvisor's tests. Test-only: its certificate chain is
+//! fake, so only a client built with `danger-skip-cert-chain-verify` accepts it.
+//!
+//! It accepts the client's WebSocket on 127.0.0.1, completes the Noise XX handshake,
+//! decodes the binary nodes, answers the `link_code_companion_reg` companion_hello IQ
+//! with a pairing ref (or a rate-limit error), answers pings and other IQs with an empty
+//! result, and on command closes the sockets, sends a `<failure>` or a `<stream:error>`,
+//! or asks for a pairing-code refresh.
+//!
+//! It stops before pair-success: it never plays the phone's side (`primary_hello`,
+//! `companion_finish`, the ADV-signed `pair-success`), so a session paired against it
+//! does not exist; paired-session tests use the simulated link.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast;
+use tokio_websockets::{Message, ServerBuilder, WebSocketStream};
+use whatsapp_rust::buffa::Message as _;
+use whatsapp_rust::wacore::framing::{encode_frame, FrameDecoder};
+use whatsapp_rust::wacore::handshake::{NoiseCipher, NoiseHandshake};
+use whatsapp_rust::wacore::libsignal::protocol::KeyPair;
+use whatsapp_rust::wacore_binary::builder::NodeBuilder;
+use whatsapp_rust::wacore_binary::consts::{NOISE_PATTERN_XX, WA_CONN_HEADER};
+use whatsapp_rust::wacore_binary::marshal::{marshal, unmarshal_ref};
+use whatsapp_rust::wacore_binary::util::unpack;
+use whatsapp_rust::wacore_binary::Node;
+use whatsapp_rust::waproto::whatsapp as wap;
+
+/// What the peer does to every live connection on command.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Command {
+    /// Close the TCP connection without a word.
+    Close,
+    /// `<failure reason="401"/>`: the device was logged out.
+    LoggedOut,
+    /// `<stream:error><conflict type="replaced"/></stream:error>`.
+    StreamReplaced,
+    /// `<failure reason="402" code=".." expire=".."/>`: a temporary ban.
+    TemporaryBan {
+        /// Ban reason code (101..106).
+        code: u32,
+        /// Seconds until the ban ends.
+        expire_secs: u64,
+    },
+    /// `<notification type="link_code_companion_reg">` with stage `refresh_code`.
+    RefreshCode,
+}
+
+/// How the peer answers a companion_hello.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PairReply {
+    /// A pairing ref: the client then shows a code.
+    Ref,
+    /// `<error code="429" text="rate-overlimit" backoff=".."/>`.
+    RateLimited {
+        /// Seconds the client should wait.
+        backoff_secs: u64,
+    },
+}
+
+/// What the peer has seen.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    /// WebSocket connections accepted.
+    pub connections: usize,
+    /// Noise handshakes completed (client finish decrypted).
+    pub handshakes: usize,
+    /// Connections that ended before the handshake completed.
+    pub failed_handshakes: usize,
+    /// Phone numbers of the companion_hello IQs, in order.
+    pub companion_hellos: Vec<String>,
+    /// Other IQs answered (pings and the like).
+    pub other_iqs: usize,
+    /// Tags of the nodes the peer sent on command.
+    pub commands_sent: Vec<String>,
+}
+
+struct Inner {
+    stats: Mutex<Stats>,
+    reply: Mutex<PairReply>,
+    commands: broadcast::Sender<Command>,
+}
+
+/// A running peer; stops when dropped.
+pub struct Peer {
+    addr: SocketAddr,
+    inner: Arc<Inner>,
+    runtime: Option<tokio::runtime::Runtime>,
+}
+
+impl Peer {
+    /// Starts a peer on 127.0.0.1 with its own runtime.
+    pub fn start() -> Peer {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("peer runtime");
+        let (commands, _) = broadcast::channel(64);
+        let inner = Arc::new(Inner {
+            stats: Mutex::new(Stats::default()),
+            reply: Mutex::new(PairReply::Ref),
+            commands,
+        });
+        let listener = runtime
+            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .expect("peer bind");
+        let addr = listener.local_addr().expect("peer addr");
+        let accept_inner = inner.clone();
+        runtime.spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let inner = accept_inner.clone();
+                tokio::spawn(async move { serve(tcp, inner).await });
+            }
+        });
+        Peer {
+            addr,
+            inner,
+            runtime: Some(runtime),
+        }
+    }
+
+    /// The URL to give the client (`--wa-url`).
+    pub fn url(&self) -> String {
+        format!("ws://{}/ws/chat", self.addr)
+    }
+
+    /// A snapshot of what the peer has seen.
+    pub fn stats(&self) -> Stats {
+        self.inner
+            .stats
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sets how companion_hello is answered from now on.
+    pub fn set_pair_reply(&self, reply: PairReply) {
+        if let Ok(mut r) = self.inner.reply.lock() {
+            *r = reply;
+        }
+    }
+
+    /// Sends a command to every live connection.
+    pub fn command(&self, command: Command) {
+        let _ = self.inner.commands.send(command);
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+type Ws = WebSocketStream<TcpStream>;
+
+/// Reads one Noise frame from the WebSocket (the first message carries the WA header).
+async fn next_frame(ws: &mut Ws, dec: &mut FrameDecoder, first: &mut bool) -> Option<Vec<u8>> {
+    loop {
+        if let Some(frame) = dec.decode_frame() {
+            return Some(frame.to_vec());
+        }
+        let msg = ws.next().await?.ok()?;
+        if !msg.is_binary() {
+            if msg.is_close() {
+                return None;
+            }
+            continue;
+        }
+        let mut chunk = msg.as_payload().to_vec();
+        if *first {
+            *first = false;
+            if !chunk.starts_with(&WA_CONN_HEADER) {
+                return None;
+            }
+            chunk.drain(..WA_CONN_HEADER.len());
+        }
+        dec.feed(&chunk);
+    }
+}
+
+struct Session {
+    ws: Ws,
+    dec: FrameDecoder,
+    first: bool,
+    read_cipher: NoiseCipher,
+    write_cipher: NoiseCipher,
+    read_counter: u32,
+    write_counter: u32,
+    pairing_ref: Vec<u8>,
+}
+
+impl Session {
+    async fn send(&mut self, node: &Node) -> bool {
+        let Ok(plain) = marshal(node) else {
+            return false;
+        };
+        let Ok(ct) = self
+            .write_cipher
+            .encrypt_with_counter(self.write_counter, &plain)
+        else {
+            return false;
+        };
+        self.write_counter += 1;
+        let Ok(frame) = encode_frame(&ct, None) else {
+            return false;
+        };
+        self.ws.send(Message::binary(frame)).await.is_ok()
+    }
+}
+
+async fn handshake(mut ws: Ws) -> Option<Session> {
+    let mut dec = FrameDecoder::new();
+    let mut first = true;
+    let server_static = KeyPair::generate(&mut rand::rng());
+    let static_pub: [u8; 32] = server_static
+        .public_key
+        .public_key_bytes()
+        .try_into()
+        .ok()?;
+    let cert_chain = wacore_noise::test_util::build_cert_chain_bytes(&static_pub);
+
+    let hello = next_frame(&mut ws, &mut dec, &mut first).await?;
+    let msg = wap::HandshakeMessage::decode_from_slice(&hello).ok()?;
+    let client_eph: [u8; 32] = msg.client_hello.into_option()?.ephemeral?.try_into().ok()?;
+    let mut noise = NoiseHandshake::new(NOISE_PATTERN_XX, &WA_CONN_HEADER).ok()?;
+    noise.authenticate(&client_eph);
+    let eph = KeyPair::generate(&mut rand::rng());
+    let eph_pub: [u8; 32] = eph.public_key.public_key_bytes().try_into().ok()?;
+    noise.authenticate(&eph_pub);
+    noise
+        .mix_shared_secret(eph.private_key.serialize(), &client_eph)
+        .ok()?;
+    let enc_static = noise.encrypt(&static_pub).ok()?;
+    noise
+        .mix_shared_secret(server_static.private_key.serialize(), &client_eph)
+        .ok()?;
+    let enc_cert = noise.encrypt(&cert_chain).ok()?;
+    let server_hello = wap::HandshakeMessage {
+        server_hello: whatsapp_rust::buffa::MessageField::some(
+            wap::handshake_message::ServerHello {
+                ephemeral: Some(eph_pub.to_vec()),
+                r#static: Some(enc_static),
+                payload: Some(enc_cert),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let frame = encode_frame(&server_hello.encode_to_vec(), None).ok()?;
+    ws.send(Message::binary(frame)).await.ok()?;
+
+    // A client that rejects our certificate closes here.
+    let finish = next_frame(&mut ws, &mut dec, &mut first).await?;
+    let cf = wap::HandshakeMessage::decode_from_slice(&finish)
+        .ok()?
+        .client_finish
+        .into_option()?;
+    let client_static: [u8; 32] = noise.decrypt(&cf.r#static?).ok()?.try_into().ok()?;
+    noise
+        .mix_shared_secret(eph.private_key.serialize(), &client_static)
+        .ok()?;
+    let payload = noise.decrypt(&cf.payload?).ok()?;
+    wap::ClientPayload::decode_from_slice(&payload).ok()?;
+    // On the responder the first cipher is the client's write key.
+    let (read_cipher, write_cipher) = noise.finish().ok()?;
+    let mut pairing_ref = b"botvisor-peer-ref-".to_vec();
+    pairing_ref.extend_from_slice(&rand::random::<u64>().to_be_bytes());
+    Some(Session {
+        ws,
+        dec,
+        first,
+        read_cipher,
+        write_cipher,
+        read_counter: 0,
+        write_counter: 0,
+        pairing_ref,
+    })
+}
+
+fn record(inner: &Inner, f: impl FnOnce(&mut Stats)) {
+    if let Ok(mut s) = inner.stats.lock() {
+        f(&mut s);
+    }
+}
+
+fn command_node(command: &Command, pairing_ref: &[u8]) -> Option<Node> {
+    Some(match command {
+        Command::Close => return None,
+        Command::LoggedOut => NodeBuilder::new("failure").attr("reason", "401").build(),
+        Command::StreamReplaced => NodeBuilder::new("stream:error")
+            .children([NodeBuilder::new("conflict")
+                .attr("type", "replaced")
+                .build()])
+            .build(),
+        Command::TemporaryBan { code, expire_secs } => NodeBuilder::new("failure")
+            .attr("reason", "402")
+            .attr("code", code.to_string())
+            .attr("expire", expire_secs.to_string())
+            .build(),
+        Command::RefreshCode => NodeBuilder::new("notification")
+            .attr("type", "link_code_companion_reg")
+            .attr("id", "peer-refresh")
+            .attr("from", "s.whatsapp.net")
+            .children([NodeBuilder::new("link_code_companion_reg")
+                .attr("stage", "refresh_code")
+                .attr("force_manual_refresh", "true")
+                .children([NodeBuilder::new("link_code_pairing_ref")
+                    .bytes(pairing_ref.to_vec())
+                    .build()])
+                .build()])
+            .build(),
+    })
+}
+
+async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
+    let Ok((_request, ws)) = ServerBuilder::new().accept(tcp).await else {
+        return;
+    };
+    record(&inner, |s| s.connections += 1);
+    let mut commands = inner.commands.subscribe();
+    let Some(mut session) = tokio::time::timeout(Duration::from_secs(20), handshake(ws))
+        .await
+        .ok()
+        .flatten()
+    else {
+        record(&inner, |s| s.failed_handshakes += 1);
+        return;
+    };
+    record(&inner, |s| s.handshakes += 1);
+    loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Ok(command) = command else { return };
+                match command_node(&command, &session.pairing_ref) {
+                    None => return, // Close: drop the socket
+                    Some(node) => {
+                        record(&inner, |s| s.commands_sent.push(node.tag.to_string()));
+                        if !session.send(&node).await {
+                            return;
+                        }
+                    }
+                }
+            }
+            frame = next_frame(&mut session.ws, &mut session.dec, &mut session.first) => {
+                let Some(mut buf) = frame else { return };
+                if session.read_cipher.decrypt_in_place_with_counter(session.read_counter, &mut buf).is_err() {
+                    return;
+                }
+                session.read_counter += 1;
+                let Ok(plain) = unpack(&buf) else { return };
+                let Ok(node) = unmarshal_ref(&plain) else { return };
+                if node.tag.as_ref() != "iq" {
+                    continue;
+                }
+                let id = node.get_attr("id").map(|v| v.as_str().to_string()).unwrap_or_default();
+                let reply = match node.get_optional_child_by_tag(&["link_code_companion_reg"]) {
+                    Some(reg) => {
+                        let phone = reg
+                            .get_attr("jid")
+                            .map(|v| v.as_str().split('@').next().unwrap_or("").to_string())
+                            .unwrap_or_default();
+                        record(&inner, |s| s.companion_hellos.push(phone));
+                        let answer = inner.reply.lock().map(|r| r.clone()).unwrap_or(PairReply::Ref);
+                        match answer {
+                            PairReply::Ref => NodeBuilder::new("iq")
+                                .attr("type", "result")
+                                .attr("id", id)
+                                .attr("from", "s.whatsapp.net")
+                                .children([NodeBuilder::new("link_code_companion_reg")
+                                    .children([NodeBuilder::new("link_code_pairing_ref")
+                                        .bytes(session.pairing_ref.clone())
+                                        .build()])
+                                    .build()])
+                                .build(),
+                            PairReply::RateLimited { backoff_secs } => NodeBuilder::new("iq")
+                                .attr("type", "error")
+                                .attr("id", id)
+                                .attr("from", "s.whatsapp.net")
+                                .children([NodeBuilder::new("error")
+                                    .attr("code", "429")
+                                    .attr("text", "rate-overlimit")
+                                    .attr("backoff", backoff_secs.to_string())
+                                    .build()])
+                                .build(),
+                        }
+                    }
+                    None => {
+                        record(&inner, |s| s.other_iqs += 1);
+                        NodeBuilder::new("iq")
+                            .attr("type", "result")
+                            .attr("id", id)
+                            .attr("from", "s.whatsapp.net")
+                            .build()
+                    }
+                };
+                if !session.send(&reply).await {
+                    return;
+                }
+            }
+        }
+    }
+}

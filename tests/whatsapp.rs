@@ -1,0 +1,331 @@
+//! The real `WhatsAppLink` (whatsapp-rust client, real credential store) against the
+//! loopback WhatsApp peer, through the public HTTP API of the real binary.
+//! Needs `--features test-peer` (the peer's certificate chain is fake).
+#![cfg(feature = "test-peer")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use botvisor_wa_peer::{Command, PairReply, Peer};
+use common::Server;
+
+fn start(peer: &Peer, extra: &[&str]) -> Server {
+    let url = peer.url();
+    let mut args = vec![
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        url.as_str(),
+        "--create-timeout",
+        "20s",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args)
+}
+
+fn wait_until(secs: u64, what: &str, pred: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !pred() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn is_code(code: &str) -> bool {
+    code.len() == 9
+        && code.as_bytes()[4] == b'-'
+        && code
+            .chars()
+            .filter(|c| *c != '-')
+            .all(|c| c.is_ascii_alphanumeric())
+}
+
+fn code_of(s: &Server, id: &str) -> Option<String> {
+    let r = s.get(&format!("/api/sessions/{id}/pairing"));
+    (r.status == 200).then(|| r.json()["pairingCode"].as_str().unwrap().to_string())
+}
+
+#[test]
+fn create_returns_a_real_pair_code_from_the_real_client() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    let r = s.create("wa_1", "15551234567");
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    assert_eq!(
+        v["message"],
+        "Session created. Use the pairing code to connect."
+    );
+    let code = v["pairingCode"].as_str().unwrap().to_string();
+    assert!(is_code(&code), "{code}");
+    assert_eq!(v["state"], "pairing");
+    assert_eq!(v["name"], serde_json::Value::Null);
+    // The client asked WhatsApp (the peer) for a code for this phone number.
+    assert_eq!(
+        peer.stats().companion_hellos,
+        vec!["15551234567".to_string()]
+    );
+    assert_eq!(peer.stats().handshakes, 1);
+    // GET .../pairing shows it, expiring ~180 s from now.
+    let p = s.get("/api/sessions/wa_1/pairing").json();
+    assert_eq!(p["pairingCode"], code.as_str());
+    assert!(p["expiresAt"].as_str().unwrap().ends_with('Z'));
+    // The credential store is a real SQLite file, private, in WAL mode.
+    let db = s.data_dir.join("sessions/wa_1.db");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&db).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(s.data_dir.join("sessions/wa_1.db-wal").exists());
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type='table'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(
+        tables > 5,
+        "whatsapp-rust's schema should be there ({tables} tables)"
+    );
+}
+
+#[test]
+fn a_dropped_connection_shows_disconnected_then_reconnects_with_a_fresh_code() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    let first = s.create("wa_drop", "15551234567").json()["pairingCode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    peer.command(Command::Close);
+    let v = s.wait_for("wa_drop", 20, |v| v["state"] == "disconnected");
+    assert!(
+        v["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("disconnected from WhatsApp"),
+        "{v}"
+    );
+    // The client reconnects by itself; the old code is void, so a new one is requested.
+    wait_until(30, "a fresh code after the reconnect", || {
+        code_of(&s, "wa_drop").is_some_and(|c| c != first)
+    });
+    let stats = peer.stats();
+    assert!(stats.handshakes >= 2, "{stats:?}");
+    assert!(stats.companion_hellos.len() >= 2, "{stats:?}");
+    // A reconnect is the client's own business, not a supervisor restart.
+    assert_eq!(s.session("wa_drop")["restarts"], 0);
+}
+
+#[test]
+fn a_refresh_request_from_whatsapp_gets_a_new_code() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    let first = s.create("wa_ref", "15551234567").json()["pairingCode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    peer.command(Command::RefreshCode);
+    wait_until(20, "a refreshed code", || {
+        code_of(&s, "wa_ref").is_some_and(|c| c != first)
+    });
+    assert_eq!(peer.stats().handshakes, 1, "a refresh needs no reconnect");
+}
+
+#[test]
+fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    assert_eq!(s.create("wa_lo", "15551234567").status, 201);
+    assert!(s.data_dir.join("sessions/wa_lo.db").exists());
+    peer.command(Command::LoggedOut);
+    let v = s.wait_state("wa_lo", "logged_out");
+    assert!(
+        v["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("logged out from the phone"),
+        "{v}"
+    );
+    wait_until(10, "credentials wiped", || {
+        ["", "-wal", "-shm"]
+            .iter()
+            .all(|sfx| !s.data_dir.join(format!("sessions/wa_lo.db{sfx}")).exists())
+    });
+    let before = peer.stats().connections;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(s.session("wa_lo")["state"], "logged_out");
+    assert_eq!(
+        peer.stats().connections,
+        before,
+        "a logged-out session must not reconnect"
+    );
+}
+
+#[test]
+fn a_replaced_stream_stops_the_session_without_a_restart_loop() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_rep", "15551234567");
+    peer.command(Command::StreamReplaced);
+    let v = s.wait_state("wa_rep", "stopped");
+    assert_eq!(v["desired"], "stopped");
+    assert!(v["lastError"].as_str().unwrap().contains("replaced"), "{v}");
+    let before = peer.stats().connections;
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(peer.stats().connections, before);
+}
+
+#[test]
+fn a_temporary_ban_fails_the_session_with_its_expiry() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_ban", "15551234567");
+    peer.command(Command::TemporaryBan {
+        code: 101,
+        expire_secs: 3600,
+    });
+    let v = s.wait_state("wa_ban", "failed");
+    let err = v["lastError"].as_str().unwrap();
+    assert!(
+        err.contains("banned") && err.contains("3600 s") && err.contains("until 20"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_throttled_pair_code_request_is_a_429_with_a_retry_hint_and_leaves_nothing() {
+    let peer = Peer::start();
+    peer.set_pair_reply(PairReply::RateLimited { backoff_secs: 30 });
+    let s = start(&peer, &[]);
+    let r = s.create("wa_429", "15551234567");
+    let msg = r.error(429);
+    assert!(
+        msg.contains("rate-limiting") && msg.contains("retry in 30 s"),
+        "{msg}"
+    );
+    assert_eq!(s.get("/api/sessions/wa_429").status, 404);
+    assert!(!s.data_dir.join("sessions/wa_429.db").exists());
+    assert_eq!(peer.stats().companion_hellos.len(), 1, "no retry storm");
+}
+
+#[test]
+fn stop_start_backup_restore_and_delete_on_a_real_credential_file() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_ops", "15551234567");
+    let db = s.data_dir.join("sessions/wa_ops.db");
+    let identity = |path: &std::path::Path| -> Vec<u8> {
+        let c = rusqlite::Connection::open(path).unwrap();
+        // whatsapp-rust keeps the device's noise key in its device table.
+        c.query_row("SELECT noise_key FROM device LIMIT 1", [], |r| r.get(0))
+            .unwrap()
+    };
+
+    let b = s.post("/api/sessions/wa_ops/backup", None).json();
+    let backup_id = b["backupId"].as_str().unwrap().to_string();
+    let original = identity(&s.data_dir.join(format!("backups/wa_ops/{backup_id}.db")));
+    assert_eq!(
+        s.post("/api/sessions/wa_ops/stop", None).json()["message"],
+        "Session wa_ops stopped"
+    );
+    assert_eq!(
+        identity(&db),
+        original,
+        "the backup holds the live store's identity"
+    );
+
+    // Replace the store by a fresh one (a new device identity)...
+    std::fs::remove_file(&db).unwrap();
+    assert_eq!(s.post("/api/sessions/wa_ops/start", None).status, 200);
+    s.wait_state("wa_ops", "pairing");
+    assert_ne!(identity(&db), original);
+    // ...and restore: the old identity is back and the session runs again.
+    let r = s.post("/api/sessions/wa_ops/restore", None).json();
+    assert_eq!(r["backupId"], backup_id.as_str());
+    s.wait_state("wa_ops", "pairing");
+    assert_eq!(identity(&db), original);
+
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/wa_ops", None, &[]).status,
+        200
+    );
+    for sfx in ["", "-wal", "-shm"] {
+        assert!(
+            !s.data_dir.join(format!("sessions/wa_ops.db{sfx}")).exists(),
+            "{sfx}"
+        );
+    }
+}
+
+#[test]
+fn kill_9_while_pairing_resumes_and_asks_for_a_new_code() {
+    let peer = Peer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let url = peer.url();
+    let args = ["--link", "whatsapp", "--wa-url", url.as_str()];
+    let mut s = Server::start_in(tmp.path(), &args);
+    assert_eq!(s.create("wa_k9", "15551234567").status, 201);
+    s.kill9();
+    let s = Server::start_in(tmp.path(), &args);
+    s.wait_state("wa_k9", "pairing");
+    assert!(code_of(&s, "wa_k9").is_some());
+    assert!(peer.stats().companion_hellos.len() >= 2);
+}
+
+#[test]
+fn api_logout_unlinks_and_deletes() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_out", "15551234567");
+    let v = s.post("/api/sessions/wa_out/logout", None).json();
+    assert_eq!(v["message"], "Session wa_out logged out and deleted");
+    // Never paired, so nothing to unlink: said, not hidden.
+    assert!(v["warning"].as_str().is_some(), "{v}");
+    assert_eq!(s.get("/api/sessions/wa_out").status, 404);
+    assert!(!s.data_dir.join("sessions/wa_out.db").exists());
+}
+
+/// The release binary (built without `test-peer`) must refuse the peer's fake
+/// certificate. `.ci/run` builds it and sets BOTVISOR_RELEASE_BIN.
+#[test]
+fn the_release_binary_refuses_a_fake_server() {
+    let Ok(bin) = std::env::var("BOTVISOR_RELEASE_BIN") else {
+        assert!(
+            std::env::var("BOTVISOR_REQUIRE_EXAMPLES").is_err(),
+            "BOTVISOR_RELEASE_BIN is not set"
+        );
+        eprintln!("SKIPPED: set BOTVISOR_RELEASE_BIN to a release build of botvisor");
+        return;
+    };
+    let peer = Peer::start();
+    let url = peer.url();
+    let s = Server::start_with_binary(
+        std::path::Path::new(&bin),
+        &[
+            "--link",
+            "whatsapp",
+            "--wa-url",
+            url.as_str(),
+            "--create-timeout",
+            "4s",
+        ],
+    );
+    let msg = s.create("wa_rel", "15551234567").error(503);
+    assert!(msg.contains("not created"), "{msg}");
+    let stats = peer.stats();
+    assert!(stats.connections >= 1, "{stats:?}");
+    assert_eq!(
+        stats.handshakes, 0,
+        "the client must not complete a handshake with a fake certificate: {stats:?}"
+    );
+    assert!(stats.companion_hellos.is_empty());
+}
