@@ -329,3 +329,65 @@ fn the_release_binary_refuses_a_fake_server() {
     );
     assert!(stats.companion_hellos.is_empty());
 }
+
+/// Makes a session's store look paired (as after pair-success): its device row gets the
+/// account's phone number and push name. The peer cannot play the phone's side of
+/// pairing, so this is how the paired paths are reached.
+fn seed_paired(s: &Server, id: &str, name: &str) {
+    let db = s.data_dir.join(format!("sessions/{id}.db"));
+    let c = rusqlite::Connection::open(db).unwrap();
+    let n = c
+        .execute(
+            "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
+            [name],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the store has one device row");
+}
+
+#[test]
+fn a_paired_session_logs_in_straight_to_online_with_its_name() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_on", "15551234567");
+    assert_eq!(s.post("/api/sessions/wa_on/stop", None).status, 200);
+    seed_paired(&s, "wa_on", "Peer Bot ✓");
+    let hellos = peer.stats().companion_hellos.len();
+    assert_eq!(s.post("/api/sessions/wa_on/start", None).status, 200);
+    let v = s.wait_state("wa_on", "online");
+    assert_eq!(v["status"], "online");
+    assert_eq!(v["name"], "Peer Bot ✓");
+    assert!(v["lastSeenAt"].as_str().is_some());
+    assert_eq!(peer.stats().logins, 1);
+    assert_eq!(
+        peer.stats().companion_hellos.len(),
+        hellos,
+        "no pairing code for a paired session"
+    );
+    assert_eq!(s.get("/api/sessions/wa_on/pairing").status, 404);
+    let states: Vec<String> = s.get("/api/sessions/wa_on/events").json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["state"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        &states[..3],
+        ["online", "connecting", "starting"],
+        "{states:?}"
+    );
+
+    // The connection drops: disconnected, then the client's own reconnect logs in again.
+    peer.command(Command::Close);
+    s.wait_state("wa_on", "disconnected");
+    s.wait_state("wa_on", "online");
+    assert_eq!(peer.stats().logins, 2);
+    assert_eq!(s.session("wa_on")["restarts"], 0);
+
+    // Logout through the API unlinks the device (remove-companion-device IQ), then deletes.
+    let v = s.post("/api/sessions/wa_on/logout", None).json();
+    assert_eq!(v["message"], "Session wa_on logged out and deleted");
+    assert!(v.get("warning").is_none(), "{v}");
+    assert_eq!(peer.stats().unlinks, 1);
+    assert!(!s.data_dir.join("sessions/wa_on.db").exists());
+}

@@ -7,9 +7,11 @@
 //! result, and on command closes the sockets, sends a `<failure>` or a `<stream:error>`,
 //! or asks for a pairing-code refresh.
 //!
-//! It stops before pair-success: it never plays the phone's side (`primary_hello`,
-//! `companion_finish`, the ADV-signed `pair-success`), so a session paired against it
-//! does not exist; paired-session tests use the simulated link.
+//! A client whose store says it is registered (a phone number in its device row) logs
+//! in: the peer answers `<success>` and an empty offline batch, so the client reaches
+//! `Connected`. The peer stops before pair-success: it never plays the phone's side of
+//! pairing (`primary_hello`, `companion_finish`, the ADV-signed `pair-success`), so tests
+//! of a paired session seed the store's device row instead of pairing.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -73,6 +75,10 @@ pub struct Stats {
     pub failed_handshakes: usize,
     /// Phone numbers of the companion_hello IQs, in order.
     pub companion_hellos: Vec<String>,
+    /// Logins (a registered client's handshake) answered with `<success>`.
+    pub logins: usize,
+    /// `remove-companion-device` IQs (a logout unlinking the device).
+    pub unlinks: usize,
     /// Other IQs answered (pings and the like).
     pub other_iqs: usize,
     /// Tags of the nodes the peer sent on command.
@@ -195,6 +201,7 @@ struct Session {
     read_counter: u32,
     write_counter: u32,
     pairing_ref: Vec<u8>,
+    login: bool,
 }
 
 impl Session {
@@ -225,7 +232,7 @@ async fn handshake(mut ws: Ws) -> Option<Session> {
         .public_key_bytes()
         .try_into()
         .ok()?;
-    let cert_chain = wacore_noise::test_util::build_cert_chain_bytes(&static_pub);
+    let cert_chain = cert_chain_bytes(&static_pub);
 
     let hello = next_frame(&mut ws, &mut dec, &mut first).await?;
     let msg = wap::HandshakeMessage::decode_from_slice(&hello).ok()?;
@@ -268,7 +275,9 @@ async fn handshake(mut ws: Ws) -> Option<Session> {
         .mix_shared_secret(eph.private_key.serialize(), &client_static)
         .ok()?;
     let payload = noise.decrypt(&cf.payload?).ok()?;
-    wap::ClientPayload::decode_from_slice(&payload).ok()?;
+    let client_payload = wap::ClientPayload::decode_from_slice(&payload).ok()?;
+    // A registered device logs in with its phone number as `username`.
+    let login = client_payload.username.is_some();
     // On the responder the first cipher is the client's write key.
     let (read_cipher, write_cipher) = noise.finish().ok()?;
     let mut pairing_ref = b"botvisor-peer-ref-".to_vec();
@@ -282,7 +291,38 @@ async fn handshake(mut ws: Ws) -> Option<Session> {
         read_counter: 0,
         write_counter: 0,
         pairing_ref,
+        login,
     })
+}
+
+/// A certificate chain whose leaf is our static key, with zero signatures (accepted only
+/// with `danger-skip-cert-chain-verify`). Its validity ended in 2023: the client checks
+/// dates only to decide whether to resume with Noise IK on reconnect, so an expired chain
+/// keeps every connection on XX, which is all this peer speaks.
+fn cert_chain_bytes(server_static_pub: &[u8; 32]) -> Vec<u8> {
+    use wap::cert_chain::{noise_certificate::Details, NoiseCertificate};
+    use whatsapp_rust::buffa::MessageField;
+    let cert = |details: Details| NoiseCertificate {
+        details: Some(details.encode_to_vec()),
+        signature: Some(vec![0u8; 64]),
+    };
+    wap::CertChain {
+        intermediate: MessageField::some(cert(Details {
+            serial: Some(1),
+            issuer_serial: Some(0),
+            key: Some(vec![0xCC; 32]),
+            not_before: Some(1_600_000_000),
+            not_after: Some(1_700_000_000),
+        })),
+        leaf: MessageField::some(cert(Details {
+            serial: Some(2),
+            issuer_serial: Some(1),
+            key: Some(server_static_pub.to_vec()),
+            not_before: Some(1_600_000_500),
+            not_after: Some(1_699_999_500),
+        })),
+    }
+    .encode_to_vec()
 }
 
 fn record(inner: &Inner, f: impl FnOnce(&mut Stats)) {
@@ -335,6 +375,22 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
         return;
     };
     record(&inner, |s| s.handshakes += 1);
+    if session.login {
+        record(&inner, |s| s.logins += 1);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let success = NodeBuilder::new("success")
+            .attr("t", now.to_string())
+            .build();
+        let offline = NodeBuilder::new("ib")
+            .children([NodeBuilder::new("offline").attr("count", "0").build()])
+            .build();
+        if !session.send(&success).await || !session.send(&offline).await {
+            return;
+        }
+    }
     loop {
         tokio::select! {
             command = commands.recv() => {
@@ -391,6 +447,14 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                                     .build()])
                                 .build(),
                         }
+                    }
+                    None if node.get_optional_child_by_tag(&["remove-companion-device"]).is_some() => {
+                        record(&inner, |s| s.unlinks += 1);
+                        NodeBuilder::new("iq")
+                            .attr("type", "result")
+                            .attr("id", id)
+                            .attr("from", "s.whatsapp.net")
+                            .build()
                     }
                     None => {
                         record(&inner, |s| s.other_iqs += 1);
