@@ -9,6 +9,7 @@ CREATE TABLE IF NOT EXISTS sessions (
     desired      TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
     state        TEXT NOT NULL,
     restarts     INTEGER NOT NULL DEFAULT 0,
+    disconnects  INTEGER NOT NULL DEFAULT 0,
     last_error   TEXT,
     created_at   INTEGER NOT NULL,
     updated_at   INTEGER NOT NULL,

@@ -10,11 +10,13 @@
 //! - [`store`]: SQLite persistence, the read view, events and backups.
 //! - [`link`]: the networks sessions connect through (`sim`; the real one plugs in here).
 //! - [`paths`]: where files live under the data directory.
+//! - [`limits`]: open-file limits (raised at start, checked before new sessions).
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod link;
 pub mod paths;
 pub mod store;

@@ -28,7 +28,10 @@ fn main() {
         )))
         .with_writer(std::io::stderr)
         .init();
-    raise_open_files_limit();
+    match botvisor::limits::raise_open_files_limit() {
+        Some(limit) => tracing::info!(open_files_limit = limit, "open-files limit"),
+        None => tracing::warn!("could not read the open-files limit"),
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -74,22 +77,4 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("signal received");
-}
-
-/// Each session holds a few file descriptors: lift the soft limit to the hard one.
-fn raise_open_files_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
-            lim.rlim_cur = lim.rlim_max;
-            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            tracing::info!(open_files_limit = lim.rlim_cur, "open-files limit");
-        }
-    }
 }

@@ -136,6 +136,8 @@ pub struct SessionRecord {
     pub desired: Desired,
     /// Automatic restarts since the last user `start` (or create).
     pub restarts: u32,
+    /// Connection drops the link recovered from by itself (lifetime count).
+    pub disconnects: u32,
     /// Why the session last crashed, failed or stopped by itself.
     pub last_error: Option<String>,
     /// Milliseconds since the Unix epoch.
@@ -159,6 +161,7 @@ impl SessionRecord {
             state: SessionState::Starting,
             desired: Desired::Running,
             restarts: 0,
+            disconnects: 0,
             last_error: None,
             created_at_ms: now,
             updated_at_ms: now,

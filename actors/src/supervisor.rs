@@ -942,6 +942,7 @@ impl SupervisorState {
             }
             LinkEvent::Disconnected { reason } => {
                 entry.rec.last_error = Some(reason);
+                entry.rec.disconnects = entry.rec.disconnects.saturating_add(1);
                 self.set_state(user_id, SessionState::Disconnected);
             }
             LinkEvent::PairingRejected { message, throttled } => {

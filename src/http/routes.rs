@@ -108,6 +108,7 @@ pub fn session_json(rec: &SessionRecord) -> Map<String, Value> {
         "state": rec.state.as_str(),
         "desired": rec.desired.as_str(),
         "restarts": rec.restarts,
+        "disconnects": rec.disconnects,
         "lastError": rec.last_error,
         "createdAt": iso(rec.created_at_ms),
         "updatedAt": iso(rec.updated_at_ms),
@@ -332,6 +333,7 @@ async fn create(req: Request<Incoming>, app: &Arc<App>) -> Result<Response<Body>
             "phoneNumber must be 7 to 15 digits with the country code, no spaces or special characters (e.g. 1234567890)",
         ));
     }
+    crate::limits::check_headroom().map_err(ApiError::unavailable)?;
     let t = app.timeouts.create_timeout + app.timeouts.call_timeout;
     let uid = user_id.clone();
     let rec = ask(app, t, |reply| SupervisorMsg::Create {

@@ -63,10 +63,9 @@ impl Store {
     pub fn load_all(&self) -> Result<Vec<SessionRecord>, String> {
         let conn = self.lock();
         let mut stmt = conn
-            .prepare(
-                "SELECT user_id, phone_number, name, desired, state, restarts, last_error, \
-                 created_at, updated_at, last_seen_at FROM sessions ORDER BY created_at",
-            )
+            .prepare(&format!(
+                "SELECT {COLUMNS} FROM sessions ORDER BY created_at"
+            ))
             .map_err(|e| e.to_string())?;
         let rows = stmt
             .query_map([], |r| {
@@ -78,10 +77,11 @@ impl Store {
                     state: SessionState::parse(&r.get::<_, String>(4)?)
                         .unwrap_or(SessionState::Stopped),
                     restarts: r.get(5)?,
-                    last_error: r.get(6)?,
-                    created_at_ms: r.get::<_, i64>(7)? as u64,
-                    updated_at_ms: r.get::<_, i64>(8)? as u64,
-                    last_seen_at_ms: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                    disconnects: r.get(6)?,
+                    last_error: r.get(7)?,
+                    created_at_ms: r.get::<_, i64>(8)? as u64,
+                    updated_at_ms: r.get::<_, i64>(9)? as u64,
+                    last_seen_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                     pairing: None,
                 })
             })
@@ -131,6 +131,35 @@ impl Store {
     }
 }
 
+/// The sessions table's columns, in the order `write_row` binds them.
+const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
+                       last_error, created_at, updated_at, last_seen_at";
+const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11";
+const UPDATE_SQL: &str =
+    "UPDATE sessions SET phone_number = ?2, name = ?3, desired = ?4, state = ?5, \
+     restarts = ?6, disconnects = ?7, last_error = ?8, created_at = ?9, updated_at = ?10, \
+     last_seen_at = ?11 WHERE user_id = ?1";
+
+/// Runs `sql` with a record bound to ?1..?11 in `COLUMNS` order.
+fn write_row(conn: &Connection, sql: &str, rec: &SessionRecord) -> rusqlite::Result<usize> {
+    conn.execute(
+        sql,
+        params![
+            rec.user_id,
+            rec.phone_number,
+            rec.name,
+            rec.desired.as_str(),
+            rec.state.as_str(),
+            rec.restarts,
+            rec.disconnects,
+            rec.last_error,
+            rec.created_at_ms as i64,
+            rec.updated_at_ms as i64,
+            rec.last_seen_at_ms.map(|v| v as i64),
+        ],
+    )
+}
+
 fn record_event(conn: &Connection, rec: &SessionRecord) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO events (user_id, at, state, detail) VALUES (?1, ?2, ?3, ?4)",
@@ -153,21 +182,10 @@ impl Persistence for Store {
     fn insert(&self, rec: &SessionRecord) -> Result<(), String> {
         let conn = self.lock();
         let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-        tx.execute(
-            "INSERT INTO sessions (user_id, phone_number, name, desired, state, restarts, last_error, \
-             created_at, updated_at, last_seen_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                rec.user_id,
-                rec.phone_number,
-                rec.name,
-                rec.desired.as_str(),
-                rec.state.as_str(),
-                rec.restarts,
-                rec.last_error,
-                rec.created_at_ms as i64,
-                rec.updated_at_ms as i64,
-                rec.last_seen_at_ms.map(|v| v as i64),
-            ],
+        write_row(
+            &tx,
+            &format!("INSERT INTO sessions ({COLUMNS}) VALUES ({PLACEHOLDERS})"),
+            rec,
         )
         .map_err(|e| sqlite_hint(&e))?;
         record_event(&tx, rec).map_err(|e| e.to_string())?;
@@ -186,22 +204,7 @@ impl Persistence for Store {
         self.view.insert(rec.user_id.clone(), rec.clone());
         let conn = self.lock();
         let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-        tx.execute(
-            "UPDATE sessions SET phone_number = ?2, name = ?3, desired = ?4, state = ?5, restarts = ?6, \
-             last_error = ?7, updated_at = ?8, last_seen_at = ?9 WHERE user_id = ?1",
-            params![
-                rec.user_id,
-                rec.phone_number,
-                rec.name,
-                rec.desired.as_str(),
-                rec.state.as_str(),
-                rec.restarts,
-                rec.last_error,
-                rec.updated_at_ms as i64,
-                rec.last_seen_at_ms.map(|v| v as i64),
-            ],
-        )
-        .map_err(|e| sqlite_hint(&e))?;
+        write_row(&tx, UPDATE_SQL, rec).map_err(|e| sqlite_hint(&e))?;
         if changed_state {
             record_event(&tx, rec).map_err(|e| e.to_string())?;
         }

@@ -1,0 +1,44 @@
+//! Open-file limits. Each session holds a few descriptors (its credential store's
+//! `.db`, `-wal`, `-shm`, and a socket once connected); running out makes SQLite fail with
+//! a vague "unable to open database file", so botvisor raises the limit at start and
+//! refuses new sessions clearly before it runs out.
+
+/// Descriptors kept free for HTTP connections and the sessions already running.
+pub const RESERVE: u64 = 32;
+
+fn soft_limit() -> Option<libc::rlimit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct we pass.
+    (unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0).then_some(lim)
+}
+
+/// Lifts the soft open-files limit to the hard one; returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    let mut lim = soft_limit()?;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: setrlimit only reads the struct we pass.
+        let _ = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+    }
+    soft_limit().map(|l| l.rlim_cur)
+}
+
+/// (descriptors in use, soft limit), where the platform tells.
+pub fn open_files() -> Option<(u64, u64)> {
+    let used = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+    Some((used, soft_limit()?.rlim_cur))
+}
+
+/// `Err` with a clear message when too few descriptors are left for another session.
+pub fn check_headroom() -> Result<(), String> {
+    match open_files() {
+        Some((used, limit)) if used + RESERVE > limit => Err(format!(
+            "Too many open files: {used} of {limit} in use; raise the open-files limit \
+             (ulimit -n) before adding sessions"
+        )),
+        _ => Ok(()),
+    }
+}
