@@ -18,6 +18,16 @@ pub fn credentials(data_dir: &Path, user_id: &str) -> PathBuf {
     sessions_dir(data_dir).join(format!("{user_id}.db"))
 }
 
+/// Removes a session's credential file with its companions (every link keeps its
+/// credentials in the same place, so this is the one way they are wiped).
+pub fn remove_credentials(
+    data_dir: &Path,
+    user_id: &str,
+) -> Result<(), botvisor_actors::LinkError> {
+    remove_sqlite_files(&credentials(data_dir, user_id))
+        .map_err(|e| botvisor_actors::LinkError::new(format!("cannot remove credentials: {e}")))
+}
+
 /// The directory of backups.
 pub fn backups_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("backups")

@@ -432,8 +432,7 @@ impl Link for WhatsAppLink {
     }
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
-        paths::remove_sqlite_files(&paths::credentials(&self.data_dir, user_id))
-            .map_err(|e| LinkError::new(format!("cannot remove credentials: {e}")))
+        paths::remove_credentials(&self.data_dir, user_id)
     }
 }
 
