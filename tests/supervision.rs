@@ -154,7 +154,14 @@ fn kill_9_loses_no_session_and_the_next_boot_resumes_them() {
     assert_eq!(s.post("/api/sessions/k3/stop", None).status, 200);
     s.kill9();
 
-    let s = Server::start_in(tmp.path(), &[]);
+    // A slow network on the way back, so the moment before resume can be observed.
+    let s = Server::start_in(tmp.path(), &["--sim-connect-delay", "1s"]);
+    let v = s.session("k1");
+    assert_eq!(
+        (v["state"].as_str(), v["status"].as_str()),
+        (Some("starting"), Some("offline")),
+        "the state stored before the kill is stale and must not be shown: {v}"
+    );
     // Running ones come back online with their credentials (no new pairing).
     for id in ["k1", "k2"] {
         let v = s.wait_state(id, "online");

@@ -1028,13 +1028,20 @@ impl Actor for Supervisor {
             rec.pairing = None;
             let resume = rec.desired == Desired::Running
                 && !matches!(rec.state, SessionState::Failed | SessionState::LoggedOut);
+            let was = rec.state;
             if resume {
                 rec.state = SessionState::Starting;
                 state.boot_queue.push_back(rec.user_id.clone());
             } else if rec.desired == Desired::Stopped {
                 rec.state = SessionState::Stopped;
             }
-            state.sessions.insert(rec.user_id.clone(), Entry::new(rec));
+            let user_id = rec.user_id.clone();
+            state.sessions.insert(user_id.clone(), Entry::new(rec));
+            // What was stored is the state before the process died (often `online`):
+            // publish what is true now, before any reader sees the old one.
+            if was != state.sessions[&user_id].rec.state {
+                state.set_state(&user_id, state.sessions[&user_id].rec.state);
+            }
         }
         if !state.boot_queue.is_empty() {
             tracing::info!(

@@ -332,6 +332,46 @@ async fn boot_resumes_running_sessions_but_not_failed_or_stopped_ones() {
 }
 
 #[tokio::test]
+async fn boot_publishes_the_true_state_not_the_stale_stored_one() {
+    let link = Arc::new(TestLink::default());
+    let store = Arc::new(MemStore::default());
+    let boot: Vec<SessionRecord> = ["first", "queued"]
+        .iter()
+        .map(|id| {
+            let mut rec = SessionRecord::new(id.to_string(), "15550001111".into());
+            rec.state = SessionState::Online;
+            store.save(&rec).unwrap();
+            rec
+        })
+        .collect();
+    // One session per boot batch, and a long pause: "queued" waits for its turn.
+    let config = SupervisorConfig {
+        boot_batch: 1,
+        boot_interval: Duration::from_secs(60),
+        ..config()
+    };
+    let (_sup, _) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            config,
+            link: link.clone(),
+            persistence: store.clone(),
+            boot,
+        },
+    )
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // It is not running yet, so nobody may read the `online` stored before the crash.
+    assert_eq!(
+        store.rows.lock().unwrap()["queued"].state,
+        SessionState::Starting
+    );
+    assert_eq!(link.connects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn shutdown_stops_every_child_and_keeps_desired_states() {
     let h = start(vec![]).await;
     for id in ["x", "y", "z"] {
