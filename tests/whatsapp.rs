@@ -393,3 +393,27 @@ fn a_paired_session_logs_in_straight_to_online_with_its_name() {
     assert_eq!(peer.stats().unlinks, 1);
     assert!(!s.data_dir.join("sessions/wa_on.db").exists());
 }
+
+#[test]
+fn an_outdated_client_is_a_crash_under_the_restart_policy() {
+    let peer = Peer::start();
+    let s = start(&peer, &["--restart-max", "1"]);
+    s.create("wa_old", "15551234567");
+    peer.command(Command::ClientOutdated);
+    // Restarted once (a new client, a new connection, a new code)...
+    let v = s.wait_for("wa_old", 20, |v| {
+        v["restarts"] == 1 && v["state"] == "pairing"
+    });
+    assert!(v["lastError"].as_str().unwrap().contains("outdated"), "{v}");
+    assert!(peer.stats().connections >= 2);
+    // ...and past the budget it fails instead of looping.
+    peer.command(Command::ClientOutdated);
+    let v = s.wait_state("wa_old", "failed");
+    assert!(
+        v["lastError"]
+            .as_str()
+            .unwrap()
+            .contains("gave up after 1 restarts"),
+        "{v}"
+    );
+}

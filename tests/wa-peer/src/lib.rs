@@ -39,6 +39,8 @@ pub enum Command {
     Close,
     /// `<failure reason="401"/>`: the device was logged out.
     LoggedOut,
+    /// `<failure reason="405"/>`: this client version is outdated.
+    ClientOutdated,
     /// `<stream:error><conflict type="replaced"/></stream:error>`.
     StreamReplaced,
     /// `<failure reason="402" code=".." expire=".."/>`: a temporary ban.
@@ -335,6 +337,7 @@ fn command_node(command: &Command, pairing_ref: &[u8]) -> Option<Node> {
     Some(match command {
         Command::Close => return None,
         Command::LoggedOut => NodeBuilder::new("failure").attr("reason", "401").build(),
+        Command::ClientOutdated => NodeBuilder::new("failure").attr("reason", "405").build(),
         Command::StreamReplaced => NodeBuilder::new("stream:error")
             .children([NodeBuilder::new("conflict")
                 .attr("type", "replaced")
