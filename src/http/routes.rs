@@ -17,7 +17,7 @@ use botvisor_actors::{now_ms, CmdError, Fault, Reply, SessionRecord, SessionStat
 use super::errors::{ApiError, INVALID_USER_ID};
 use super::{auth, dashboard, App};
 use crate::paths;
-use crate::store::backup::{restore_into, BackupError};
+use crate::store::backup::{restore_into, verify, BackupError};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -501,9 +501,12 @@ async fn restore(
         return Err(ApiError::no_session(id));
     }
     let (backup_id, path) = app.backups.find(id, wanted.as_deref())?;
+    // Refused before the session is stopped: a wrong backup must not cost a restart.
+    verify(&path, id, app.link_name)?;
     let cred = paths::credentials(&app.data_dir, id);
+    let link = app.link_name;
     let apply: botvisor_actors::RestoreFn =
-        Box::new(move |rec| restore_into(&path, &cred, rec).map_err(backup_message));
+        Box::new(move |rec| restore_into(&path, &cred, link, rec).map_err(backup_message));
     let uid = id.to_string();
     let rec = ask(app, lifecycle_timeout(app, 2), |reply| {
         SupervisorMsg::Restore {

@@ -212,33 +212,56 @@ impl Backups {
     }
 }
 
+/// Reads one key of a backup's `botvisor_backup` table.
+fn meta(src: &Connection, key: &str) -> Result<Option<String>, BackupError> {
+    src.query_row(
+        &format!("SELECT value FROM {META_TABLE} WHERE key = ?1"),
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
+    .map(Option::flatten)
+    .map_err(|e| BackupError::Invalid(format!("not a botvisor backup: {e}")))
+}
+
+fn open_backup(backup: &Path) -> Result<Connection, BackupError> {
+    Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io)
+}
+
+fn check_meta(src: &Connection, user_id: &str, link: &str) -> Result<(), BackupError> {
+    if meta(src, "format")?.as_deref() != Some(FORMAT) {
+        return Err(BackupError::Invalid("unsupported backup format".into()));
+    }
+    if meta(src, "user_id")?.as_deref() != Some(user_id) {
+        return Err(BackupError::Invalid(
+            "the backup belongs to another session".into(),
+        ));
+    }
+    let made_with = meta(src, "link")?.unwrap_or_default();
+    if made_with != link {
+        return Err(BackupError::Invalid(format!(
+            "the backup was made with the {made_with} link; this server runs the {link} link"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that a backup can be restored into a session (before the session is stopped).
+pub fn verify(backup: &Path, user_id: &str, link: &str) -> Result<(), BackupError> {
+    check_meta(&open_backup(backup)?, user_id, link)
+}
+
 /// Swaps a backup's credentials into place (the session must be stopped) and applies its
 /// record fields. The old file stays until the new one is complete; the swap is a rename.
 pub fn restore_into(
     backup: &Path,
     credentials: &Path,
+    link: &str,
     rec: &mut SessionRecord,
 ) -> Result<(), BackupError> {
-    let src = Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(io)?;
-    let meta = |key: &str| -> Result<Option<String>, BackupError> {
-        src.query_row(
-            &format!("SELECT value FROM {META_TABLE} WHERE key = ?1"),
-            [key],
-            |r| r.get(0),
-        )
-        .optional()
-        .map(Option::flatten)
-        .map_err(|e| BackupError::Invalid(format!("not a botvisor backup: {e}")))
-    };
-    if meta("format")?.as_deref() != Some(FORMAT) {
-        return Err(BackupError::Invalid("unsupported backup format".into()));
-    }
-    if meta("user_id")?.as_deref() != Some(rec.user_id.as_str()) {
-        return Err(BackupError::Invalid(
-            "the backup belongs to another session".into(),
-        ));
-    }
+    let src = open_backup(backup)?;
+    check_meta(&src, &rec.user_id, link)?;
+    let meta = |key: &str| meta(&src, key);
     let has_credentials = meta("has_credentials")?.as_deref() == Some("1");
     let phone = meta("phone_number")?;
     let name = meta("name")?;
@@ -324,14 +347,20 @@ mod tests {
         );
         cred_db(&cred, "second");
         rec.name = None;
-        restore_into(&path, &cred, &mut rec).unwrap();
+        restore_into(&path, &cred, "sim", &mut rec).unwrap();
         assert_eq!(read(&cred), "first");
         assert_eq!(rec.name.as_deref(), Some("Bot ü"));
         let other = &mut SessionRecord::new("v".into(), "1555".into());
         assert!(matches!(
-            restore_into(&path, &cred, other),
+            restore_into(&path, &cred, "sim", other),
             Err(BackupError::Invalid(_))
         ));
+        let err = verify(&path, "u", "whatsapp").unwrap_err();
+        assert!(
+            matches!(&err, BackupError::Invalid(m) if m.contains("made with the sim link")),
+            "{err:?}"
+        );
+        assert_eq!(verify(&path, "u", "sim"), Ok(()));
     }
 
     #[test]
