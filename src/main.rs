@@ -28,6 +28,25 @@ fn main() {
         )))
         .with_writer(std::io::stderr)
         .init();
+    // Panics (a session's, caught and restarted by the supervisor) go to the log as one
+    // line; the backtrace only when RUST_BACKTRACE asks for it.
+    std::panic::set_hook(Box::new(|info| {
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        let backtrace = std::backtrace::Backtrace::capture();
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(%message, %at, %backtrace, "panic")
+            }
+            _ => tracing::error!(%message, %at, "panic"),
+        }
+    }));
+    if config.api_key.is_none() {
+        tracing::warn!(
+            "no API key is set (--api-key / API_KEY): the write endpoints are open to anyone \
+             who can reach this port"
+        );
+    }
     match botvisor::limits::raise_open_files_limit() {
         Some(limit) => tracing::info!(open_files_limit = limit, "open-files limit"),
         None => tracing::warn!("could not read the open-files limit"),
