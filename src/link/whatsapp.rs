@@ -344,14 +344,10 @@ async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
     SqliteStore::new(url).await.map_err(|e| {
-        let text = e.to_string();
-        if text.contains("unable to open database file")
-            && std::io::Error::last_os_error().raw_os_error() == Some(24)
-        {
-            LinkError::new("cannot open the credential store: too many open files")
-        } else {
-            LinkError::new(format!("cannot open the credential store: {text}"))
-        }
+        LinkError::new(format!(
+            "cannot open the credential store: {}",
+            crate::store::open_error_hint(e.to_string())
+        ))
     })
 }
 

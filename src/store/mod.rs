@@ -265,16 +265,24 @@ pub fn create_private_file(path: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot create {}: {e}", path.display()))
 }
 
-/// SQLite says "unable to open database file" when it runs out of descriptors: say so.
-pub fn sqlite_hint(e: &rusqlite::Error) -> String {
-    let text = e.to_string();
+/// SQLite says only "unable to open database file" when the process is out of file
+/// descriptors: say so. (errno is no use here: the open may run on another thread.)
+pub fn open_error_hint(text: String) -> String {
     if text.contains("unable to open database file") {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(24) {
-            return "too many open files (raise the open-files limit, ulimit -n)".to_string();
+        if let Some((used, limit)) = crate::limits::open_files() {
+            if used + 8 >= limit {
+                return format!(
+                    "too many open files ({used} of {limit} in use; raise the open-files limit, ulimit -n)"
+                );
+            }
         }
     }
     text
+}
+
+/// A rusqlite error as text, with the open-files hint.
+pub fn sqlite_hint(e: &rusqlite::Error) -> String {
+    open_error_hint(e.to_string())
 }
 
 #[cfg(test)]
