@@ -7,7 +7,8 @@ use hyper::Response;
 
 use botvisor_actors::{SessionRecord, SessionState};
 
-use super::routes::{iso, Body};
+use super::routes::Body;
+use crate::iso;
 
 /// Escapes text for HTML element and attribute content.
 pub fn escape(s: &str) -> String {

@@ -2,7 +2,7 @@
 //! store view) and its reply becomes JSON.
 
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -16,8 +16,8 @@ use botvisor_actors::{now_ms, CmdError, Fault, Reply, SessionRecord, SessionStat
 
 use super::errors::{ApiError, INVALID_USER_ID};
 use super::{auth, dashboard, App};
-use crate::paths;
 use crate::store::backup::{restore_into, verify, BackupError};
+use crate::{iso, paths};
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
@@ -63,11 +63,6 @@ pub fn valid_user_id(id: &str) -> bool {
 /// Digits only, 7 to 15 of them (E.164 without `+`).
 pub fn valid_phone(p: &str) -> bool {
     (7..=15).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// ISO 8601, UTC, milliseconds, `Z`.
-pub fn iso(ms: u64) -> String {
-    humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
 /// A JSON response.
@@ -594,10 +589,5 @@ mod tests {
         ] {
             assert!(!valid_phone(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn times_are_iso_utc_with_millis() {
-        assert_eq!(iso(1_705_321_800_000), "2024-01-15T12:30:00.000Z");
     }
 }

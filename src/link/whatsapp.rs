@@ -137,7 +137,7 @@ impl Shared {
             }),
             Event::TemporaryBan(ban) => {
                 let secs = ban.expire.num_seconds().max(0) as u64;
-                let until = crate::http::routes::iso(now_ms() + secs * 1000);
+                let until = crate::iso(now_ms() + secs * 1000);
                 self.emit_terminal(LinkEvent::Banned {
                     reason: format!("temporary ban ({}) for {secs} s, until {until}", ban.code),
                 })
