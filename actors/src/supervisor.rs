@@ -1028,19 +1028,23 @@ impl Actor for Supervisor {
             rec.pairing = None;
             let resume = rec.desired == Desired::Running
                 && !matches!(rec.state, SessionState::Failed | SessionState::LoggedOut);
-            let was = rec.state;
-            if resume {
-                rec.state = SessionState::Starting;
-                state.boot_queue.push_back(rec.user_id.clone());
+            let now = if resume {
+                SessionState::Starting
             } else if rec.desired == Desired::Stopped {
-                rec.state = SessionState::Stopped;
-            }
+                SessionState::Stopped
+            } else {
+                rec.state
+            };
             let user_id = rec.user_id.clone();
+            if resume {
+                state.boot_queue.push_back(user_id.clone());
+            }
+            let stale = rec.state != now;
             state.sessions.insert(user_id.clone(), Entry::new(rec));
             // What was stored is the state before the process died (often `online`):
             // publish what is true now, before any reader sees the old one.
-            if was != state.sessions[&user_id].rec.state {
-                state.set_state(&user_id, state.sessions[&user_id].rec.state);
+            if stale {
+                state.set_state(&user_id, now);
             }
         }
         if !state.boot_queue.is_empty() {
