@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 use botvisor_actors::{RestartPolicy, SupervisorConfig};
 
+use crate::link::sim::SimSettings;
 use crate::link::whatsapp::{parse_version, WhatsAppSettings};
+use crate::store::Database;
 
 /// botvisor: runs many WhatsApp bot sessions under a supervisor, behind an HTTP API.
 #[derive(Debug, Parser)]
@@ -157,26 +159,6 @@ struct FileConfig {
     sim_code_ttl: Option<String>,
     sim_pair_delay: Option<String>,
     sim_connect_delay: Option<String>,
-}
-
-/// Where the session database lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Database {
-    /// A file.
-    File(PathBuf),
-    /// In memory (lost at exit; for experiments).
-    Memory,
-}
-
-/// Settings of the simulated link.
-#[derive(Debug, Clone)]
-pub struct SimSettings {
-    /// Pairing code validity.
-    pub code_ttl: Duration,
-    /// Time from code to "paired".
-    pub pair_delay: Duration,
-    /// Latency before the first code or connect.
-    pub connect_delay: Duration,
 }
 
 /// The resolved configuration.
@@ -331,6 +313,7 @@ impl Config {
                     "--sim-connect-delay",
                     "0s",
                 )?,
+                login_delay: std::time::Duration::from_millis(20),
             },
             whatsapp: WhatsAppSettings {
                 version: parse_version(

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod link;
 pub mod paths;
 pub mod store;
+pub mod timefmt;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,12 +33,6 @@ use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
 use config::{Config, LinkKind};
 use store::backup::Backups;
 use store::Store;
-
-/// A time (ms since the epoch) as the API shows it: ISO 8601, UTC, milliseconds, `Z`.
-pub fn iso(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
-}
 
 /// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
 /// unless the operator names them in `RUST_LOG` explicitly.
@@ -124,13 +119,8 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::{iso, log_filter};
+    use super::log_filter;
     use tracing_subscriber::EnvFilter;
-
-    #[test]
-    fn times_are_iso_utc_with_millis() {
-        assert_eq!(iso(1_705_321_800_000), "2024-01-15T12:30:00.000Z");
-    }
 
     #[test]
     fn pairing_code_targets_are_capped_at_warn() {

@@ -42,3 +42,18 @@ pub fn check_headroom() -> Result<(), String> {
         _ => Ok(()),
     }
 }
+
+/// SQLite says only "unable to open database file" when the process is out of file
+/// descriptors: say so. (errno is no use here: the open may run on another thread.)
+pub fn open_error_hint(text: String) -> String {
+    if text.contains("unable to open database file") {
+        if let Some((used, limit)) = open_files() {
+            if used + 8 >= limit {
+                return format!(
+                    "too many open files ({used} of {limit} in use; raise the open-files limit, ulimit -n)"
+                );
+            }
+        }
+    }
+    text
+}

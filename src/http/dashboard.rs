@@ -7,8 +7,8 @@ use hyper::Response;
 
 use botvisor_actors::{SessionRecord, SessionState};
 
-use super::routes::Body;
-use crate::iso;
+use super::response::Body;
+use crate::timefmt::iso;
 
 /// Escapes text for HTML element and attribute content.
 pub fn escape(s: &str) -> String {

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod cors;
 pub mod dashboard;
 pub mod errors;
+pub mod response;
 pub mod routes;
 
 use std::convert::Infallible;
@@ -29,7 +30,8 @@ use crate::store::backup::Backups;
 use crate::store::Store;
 use cors::Cors;
 use errors::ApiError;
-use routes::{error_response, Body};
+use response::Body;
+use routes::error_response;
 
 /// Open connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 4096;

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,15 +14,14 @@ use serde_json::{json, Map, Value};
 use botvisor_actors::{now_ms, CmdError, Fault, Reply, SessionRecord, SessionState, SupervisorMsg};
 
 use super::errors::{ApiError, INVALID_USER_ID};
+use super::response::{json_response, Body};
 use super::{auth, dashboard, App};
+use crate::paths;
 use crate::store::backup::{restore_into, verify, BackupError};
-use crate::{iso, paths};
+use crate::timefmt::iso;
 
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
-
-/// A response body.
-pub type Body = Full<Bytes>;
 
 enum Route<'a> {
     Dashboard,
@@ -63,17 +61,6 @@ pub fn valid_user_id(id: &str) -> bool {
 /// Digits only, 7 to 15 of them (E.164 without `+`).
 pub fn valid_phone(p: &str) -> bool {
     (7..=15).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// A JSON response.
-pub fn json_response(status: StatusCode, body: Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    resp
 }
 
 /// The spec's error shape.

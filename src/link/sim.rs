@@ -18,8 +18,20 @@ use botvisor_actors::{
     LinkError, LinkEvent, PairingCode, SessionSpec,
 };
 
-use crate::config::SimSettings;
 use crate::paths;
+
+/// Settings of the simulated link.
+#[derive(Debug, Clone)]
+pub struct SimSettings {
+    /// Pairing code validity.
+    pub code_ttl: Duration,
+    /// Time from code to "paired".
+    pub pair_delay: Duration,
+    /// Latency before the first code or connect.
+    pub connect_delay: Duration,
+    /// Time from "connecting" to "online" (the simulated login).
+    pub login_delay: Duration,
+}
 
 /// The simulated link.
 pub struct SimLink {
@@ -64,8 +76,9 @@ struct Creds {
 
 impl Creds {
     fn open(path: &Path) -> Result<Creds, String> {
-        crate::store::create_private_file(path)?;
-        let conn = Connection::open(path).map_err(|e| crate::store::sqlite_hint(&e))?;
+        paths::create_private_file(path)?;
+        let conn =
+            Connection::open(path).map_err(|e| crate::limits::open_error_hint(e.to_string()))?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
              CREATE TABLE IF NOT EXISTS sim_credentials (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);",
@@ -206,7 +219,7 @@ async fn run(spec: SessionSpec, s: SimSettings, creds: Arc<Mutex<Creds>>, events
         }
     }
     events.emit(LinkEvent::Connecting);
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    tokio::time::sleep(s.login_delay).await;
     let name = creds.lock().ok().and_then(|c| c.get("name"));
     events.emit(LinkEvent::Online { name });
     // Keep the credential file open while "connected", as a real client does.

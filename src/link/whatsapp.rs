@@ -137,7 +137,7 @@ impl Shared {
             }),
             Event::TemporaryBan(ban) => {
                 let secs = ban.expire.num_seconds().max(0) as u64;
-                let until = crate::iso(now_ms() + secs * 1000);
+                let until = crate::timefmt::iso(now_ms() + secs * 1000);
                 self.emit_terminal(LinkEvent::Banned {
                     reason: format!("temporary ban ({}) for {secs} s, until {until}", ban.code),
                 })
@@ -339,14 +339,14 @@ impl LinkConnection for WhatsAppConnection {
 
 /// Opens (creating, 0600) a session's credential store.
 async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
-    crate::store::create_private_file(path).map_err(LinkError::new)?;
+    paths::create_private_file(path).map_err(LinkError::new)?;
     let url = path
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
     SqliteStore::new(url).await.map_err(|e| {
         LinkError::new(format!(
             "cannot open the credential store: {}",
-            crate::store::open_error_hint(e.to_string())
+            crate::limits::open_error_hint(e.to_string())
         ))
     })
 }

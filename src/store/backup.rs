@@ -111,7 +111,7 @@ impl Backups {
         tmp: &Path,
         created_at_ms: u64,
     ) -> Result<(), BackupError> {
-        crate::store::create_private_file(tmp).map_err(BackupError::Io)?;
+        paths::create_private_file(tmp).map_err(BackupError::Io)?;
         let has_credentials = credentials.exists();
         if has_credentials {
             let src = Connection::open_with_flags(
@@ -268,7 +268,7 @@ pub fn restore_into(
     if has_credentials {
         let tmp = credentials.with_extension("db.restoring");
         paths::remove_sqlite_files(&tmp).map_err(io)?;
-        crate::store::create_private_file(&tmp).map_err(BackupError::Io)?;
+        paths::create_private_file(&tmp).map_err(BackupError::Io)?;
         let copy = (|| -> rusqlite::Result<()> {
             src.backup("main", &tmp, None)?;
             let dst = Connection::open(&tmp)?;

@@ -3,9 +3,7 @@
 
 pub mod backup;
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::Mutex;
 
 use dashmap::DashMap;
@@ -13,12 +11,19 @@ use rusqlite::{params, Connection, OptionalExtension};
 
 use botvisor_actors::{Desired, Persistence, SessionRecord, SessionState};
 
-use crate::config::Database;
-
 const SCHEMA: &str = include_str!("../../schema.sql");
 const SCHEMA_VERSION: i64 = 1;
 /// Events kept per session.
 const EVENTS_KEPT: i64 = 100;
+
+/// Where the session database lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    /// A file.
+    File(PathBuf),
+    /// In memory (lost at exit; for experiments).
+    Memory,
+}
 
 /// One recorded state change.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,7 +48,7 @@ impl Store {
         let conn = match db {
             Database::Memory => Connection::open_in_memory(),
             Database::File(path) => {
-                create_private_file(path)?;
+                crate::paths::create_private_file(path)?;
                 Connection::open(path)
             }
         }
@@ -250,39 +255,9 @@ fn migrate(conn: &Connection) -> Result<(), String> {
     Ok(())
 }
 
-/// Creates an empty file readable by its owner only (0600), if it does not exist.
-pub fn create_private_file(path: &Path) -> Result<(), String> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
-    }
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .map(|_| ())
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))
-}
-
-/// SQLite says only "unable to open database file" when the process is out of file
-/// descriptors: say so. (errno is no use here: the open may run on another thread.)
-pub fn open_error_hint(text: String) -> String {
-    if text.contains("unable to open database file") {
-        if let Some((used, limit)) = crate::limits::open_files() {
-            if used + 8 >= limit {
-                return format!(
-                    "too many open files ({used} of {limit} in use; raise the open-files limit, ulimit -n)"
-                );
-            }
-        }
-    }
-    text
-}
-
 /// A rusqlite error as text, with the open-files hint.
 pub fn sqlite_hint(e: &rusqlite::Error) -> String {
-    open_error_hint(e.to_string())
+    crate::limits::open_error_hint(e.to_string())
 }
 
 #[cfg(test)]
