@@ -7,9 +7,14 @@
 //! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`]).
 //! - [`config`]: flags, environment and TOML file merged into a `Config`.
 //! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
-//! - [`store`]: SQLite persistence, the read view, events and backups.
-//! - [`link`]: the networks sessions connect through (`sim`; the real one plugs in here).
-//! - [`paths`]: where files live under the data directory.
+//! - [`store`]: SQLite on its own writer thread (group commit), the read view with
+//!   counters, events and backups.
+//! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
+//! - [`paths`]: where files live under the data directory (a leaf, like [`timefmt`]
+//!   and [`limits`]).
+//!
+//! Imports point down: `http` → supervisor (`botvisor-actors`) → `link` → `store` →
+//! `paths`/`limits`/`timefmt`. Only `lib.rs` and `config` wire the layers together.
 //! - [`limits`]: open-file limits (raised at start, checked before new sessions).
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
@@ -31,8 +36,7 @@ use tokio::net::TcpListener;
 use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
 
 use config::{Config, LinkKind};
-use store::backup::Backups;
-use store::Store;
+use store::{Store, StoreConfig};
 
 /// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
 /// unless the operator names them in `RUST_LOG` explicitly.
@@ -64,6 +68,29 @@ fn make_link(config: &Config) -> Arc<dyn Link> {
     }
 }
 
+/// Says how many sessions the open-files limit allows for this link.
+fn log_capacity(link: &dyn Link) {
+    let Some((used, limit)) = limits::open_files() else {
+        return;
+    };
+    match link.files_per_session() {
+        0 => tracing::info!(
+            open_files_limit = limit,
+            "open files: sessions on the {} link hold none while idle",
+            link.name()
+        ),
+        per => {
+            let sessions = limit.saturating_sub(used + limits::RESERVE) / u64::from(per);
+            tracing::info!(
+                open_files_limit = limit,
+                files_per_session = per,
+                sessions,
+                "open files allow about {sessions} sessions; raise the limit (LimitNOFILE= in systemd, ulimit -n) for more"
+            );
+        }
+    }
+}
+
 /// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
 /// (desired states untouched, so the next boot resumes them) and returns.
 pub async fn run(
@@ -80,9 +107,19 @@ pub async fn run(
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     }
     let link = make_link(&config);
-    let store = Arc::new(Store::open(&config.database)?);
-    let boot = store.load_all()?;
+    let store_config = StoreConfig {
+        database: config.database.clone(),
+        data_dir: config.data_dir.clone(),
+        backup_keep: config.backup_keep,
+        link: link.name(),
+    };
+    let open = tokio::task::spawn_blocking(move || Store::open(store_config))
+        .await
+        .map_err(|e| format!("cannot open the database: {e}"))?;
+    let (store, boot) = open.map_err(|e| format!("cannot open the database: {e}"))?;
+    let store = Arc::new(store);
     tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
+    log_capacity(link.as_ref());
     let (sup, sup_task) = Actor::spawn(
         None,
         Supervisor,
@@ -97,14 +134,16 @@ pub async fn run(
     .map_err(|e| format!("cannot start the supervisor: {e}"))?;
     let app = Arc::new(http::App {
         sup: sup.clone(),
-        store,
-        backups: Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep),
+        store: store.clone(),
         api_key: config.api_key.clone(),
         cors: http::cors::Cors::new(config.cors_origins.clone()),
-        link_name: link.name(),
-        data_dir: config.data_dir.clone(),
-        timeouts: config.supervisor.clone(),
+        faults: link.accepts_faults(),
+        supervisor: config.supervisor.clone(),
     });
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    // One plain line on stdout that scripts and tests can wait for: the API answers now.
+    println!("botvisor listening on http://{local}");
+    tracing::info!(%local, link = link.name(), auth = config.api_key.is_some(), "listening");
     http::serve(listener, app, shutdown).await;
     tracing::info!("shutting down: stopping every session");
     let wait = config.supervisor.shutdown_timeout * 2;
@@ -114,6 +153,7 @@ pub async fn run(
     }
     sup.stop(None);
     let _ = sup_task.await;
+    store.close().await;
     Ok(())
 }
 

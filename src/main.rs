@@ -69,13 +69,9 @@ async fn serve(config: Config) -> Result<(), String> {
     let listener = TcpListener::bind(&addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
-    // One plain line on stdout that scripts and tests can wait for.
-    println!("botvisor listening on http://{local}");
     if cfg!(feature = "test-peer") {
         tracing::warn!("TEST BUILD (feature test-peer): WhatsApp certificate checks are OFF");
     }
-    tracing::info!(%local, link = ?config.link, auth = config.api_key.is_some(), "listening");
     botvisor::run(config, listener, shutdown_signal()).await
 }
 

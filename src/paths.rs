@@ -59,10 +59,9 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Creates an empty file readable by its owner only (0600), if it does not exist.
-pub fn create_private_file(path: &Path) -> Result<(), String> {
+pub fn create_private_file(path: &Path) -> std::io::Result<()> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        std::fs::create_dir_all(parent)?;
     }
     OpenOptions::new()
         .create(true)
@@ -70,5 +69,4 @@ pub fn create_private_file(path: &Path) -> Result<(), String> {
         .mode(0o600)
         .open(path)
         .map(|_| ())
-        .map_err(|e| format!("cannot create {}: {e}", path.display()))
 }

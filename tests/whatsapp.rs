@@ -47,6 +47,46 @@ fn code_of(s: &Server, id: &str) -> Option<String> {
 }
 
 #[test]
+fn running_out_of_file_descriptors_refuses_new_sessions_with_a_clear_503() {
+    // Each WhatsApp session holds its store (3 descriptors) and a socket: under a hard
+    // limit of 64 open files a create is refused cleanly before the process runs out.
+    let peer = Peer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let wrapper = common::limited_binary(tmp.path(), 64);
+    let url = peer.url();
+    let s = Server::start_with_binary(
+        &wrapper,
+        &[
+            "--link",
+            "whatsapp",
+            "--wa-url",
+            url.as_str(),
+            "--create-timeout",
+            "20s",
+        ],
+    );
+    let mut created = 0;
+    let refusal = loop {
+        let r = s.create(&format!("fd{created}"), "15551234567");
+        if r.status != 201 {
+            break r;
+        }
+        created += 1;
+        assert!(created < 30, "never refused with a 64-descriptor limit");
+    };
+    assert!(created >= 1, "the first session must fit");
+    assert!(
+        refusal.error(503).contains("Too many open files"),
+        "{}",
+        refusal.body
+    );
+    // Nothing half-created; the sessions that fit keep waiting to be paired.
+    assert_eq!(s.get("/api/stats").json()["totalUsers"], created);
+    assert!(!s.data_dir.join(format!("sessions/fd{created}.db")).exists());
+    assert_eq!(s.session("fd0")["state"], "pairing");
+}
+
+#[test]
 fn create_returns_a_real_pair_code_from_the_real_client() {
     let peer = Peer::start();
     let s = start(&peer, &[]);

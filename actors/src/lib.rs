@@ -6,21 +6,26 @@
 //! - [`link`]: the `Link` trait every network connection implements (real or simulated).
 //! - [`session`]: `SessionActor`, one per session, owning its `Connection`.
 //! - [`supervisor`]: the root `Supervisor`, owning all sessions and their restarts.
+//! - [`persistence`]: the `Persistence` trait the store implements (never blocks).
 //! - [`record`]: `SessionRecord`, the state the API shows (desired vs actual).
+//! - [`error`]: `CmdError` and `StorageError`, the kinds of refusal.
 
+pub mod error;
 pub mod link;
+pub mod persistence;
 pub mod policy;
 pub mod record;
 pub mod session;
 pub mod supervisor;
 
+pub use error::{CmdError, StorageError};
 pub use link::{
     BoxFuture, Connection, EventSink, Fault, FaultEffect, Link, LinkError, LinkEvent, SessionSpec,
 };
+pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};
 pub use record::{now_ms, Desired, PairingCode, SessionRecord, SessionState};
-pub use session::{ChildExit, SessionActor, SessionMsg};
+pub use session::{ChildExit, Reporter, SessionActor, SessionMsg};
 pub use supervisor::{
-    CmdError, Persistence, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig,
-    SupervisorMsg,
+    Command, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorMsg,
 };

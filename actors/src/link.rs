@@ -163,6 +163,22 @@ pub trait Link: Send + Sync + 'static {
 
     /// Removes everything the link stored for a session (credentials). Idempotent.
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError>;
+
+    /// Whether one more session can be started now (e.g. enough file descriptors for
+    /// its store and socket); `Err` says why not, for the API caller.
+    fn admit(&self) -> Result<(), LinkError> {
+        Ok(())
+    }
+
+    /// File descriptors one idle session holds (for the capacity logged at start).
+    fn files_per_session(&self) -> u32 {
+        0
+    }
+
+    /// Whether sessions on this link take injected faults (`POST /api/sim/:id/fault`).
+    fn accepts_faults(&self) -> bool {
+        false
+    }
 }
 
 /// One session's live connection. Dropping it must release everything (abort tasks,

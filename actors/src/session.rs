@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::error::CmdError;
 use crate::link::{Connection, EventSink, Fault, FaultEffect, Link, LinkEvent, SessionSpec};
-use crate::supervisor::{CmdError, SupervisorMsg};
 
 /// Why a session actor stopped by itself; read by the supervisor when the child exits.
 /// (Supervision events overtake ordinary messages in ractor, so the reason travels
@@ -28,6 +28,10 @@ pub enum ChildExit {
 /// Shared slot for a child's exit reason.
 pub type ExitSlot = Arc<Mutex<Option<ChildExit>>>;
 
+/// Where a session reports its link's events (the supervisor gives each incarnation its
+/// own, so stale reports can be told apart).
+pub type Reporter = Arc<dyn Fn(LinkEvent) + Send + Sync>;
+
 /// Messages a session actor handles.
 pub enum SessionMsg {
     /// An event from the session's link.
@@ -44,12 +48,10 @@ pub enum SessionMsg {
 pub struct SessionArgs {
     /// Who the session is.
     pub spec: SessionSpec,
-    /// Which incarnation of the session this actor is (events carry it).
-    pub incarnation: u64,
     /// The network.
     pub link: Arc<dyn Link>,
     /// Where to report.
-    pub supervisor: ActorRef<SupervisorMsg>,
+    pub report: Reporter,
     /// Where to leave the exit reason.
     pub exit: ExitSlot,
     /// Bound on closing and logging out.
@@ -67,11 +69,7 @@ pub struct SessionActorState {
 
 impl SessionActorState {
     fn report(&self, event: LinkEvent) {
-        let _ = self.args.supervisor.cast(SupervisorMsg::Child {
-            user_id: self.args.spec.user_id.clone(),
-            incarnation: self.args.incarnation,
-            event,
-        });
+        (self.args.report)(event);
     }
 
     fn exit_with(&self, myself: &ActorRef<SessionMsg>, exit: ChildExit) {

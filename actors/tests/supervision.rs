@@ -15,24 +15,23 @@ struct MemStore {
 }
 
 impl Persistence for MemStore {
-    fn insert(&self, rec: &SessionRecord) -> Result<(), String> {
-        let mut rows = self.rows.lock().unwrap();
-        if rows.contains_key(&rec.user_id) {
-            return Err("exists".into());
-        }
-        rows.insert(rec.user_id.clone(), rec.clone());
-        Ok(())
-    }
-    fn save(&self, rec: &SessionRecord) -> Result<(), String> {
+    fn insert(&self, rec: &SessionRecord) {
         self.rows
             .lock()
             .unwrap()
             .insert(rec.user_id.clone(), rec.clone());
-        Ok(())
     }
-    fn delete(&self, user_id: &str) -> Result<(), String> {
+    fn save(&self, rec: &SessionRecord) {
+        self.rows
+            .lock()
+            .unwrap()
+            .insert(rec.user_id.clone(), rec.clone());
+    }
+    fn delete(&self, user_id: &str) {
         self.rows.lock().unwrap().remove(user_id);
-        Ok(())
+    }
+    fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
+        Box::pin(async { Ok(()) })
     }
 }
 
@@ -340,7 +339,7 @@ async fn boot_publishes_the_true_state_not_the_stale_stored_one() {
         .map(|id| {
             let mut rec = SessionRecord::new(id.to_string(), "15550001111".into());
             rec.state = SessionState::Online;
-            store.save(&rec).unwrap();
+            store.save(&rec);
             rec
         })
         .collect();

@@ -1,10 +1,12 @@
 //! The one place where failures become HTTP statuses and the spec's
 //! `{"success": false, "message": ...}` body.
 
-use hyper::StatusCode;
+use hyper::{Response, StatusCode};
+use serde::Serialize;
 
-use botvisor_actors::CmdError;
+use botvisor_actors::{CmdError, StorageError};
 
+use super::response::{json_response, Body};
 use crate::store::backup::BackupError;
 
 /// The spec's message for an existing session.
@@ -20,6 +22,12 @@ pub struct ApiError {
     pub status: StatusCode,
     /// The `message` field.
     pub message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    success: bool,
+    message: &'a str,
 }
 
 impl ApiError {
@@ -42,13 +50,33 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
-    /// 500.
-    pub fn internal(message: impl Into<String>) -> ApiError {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, message)
-    }
     /// 404 for an unknown session.
     pub fn no_session(user_id: &str) -> ApiError {
         ApiError::not_found(format!("Session {user_id} not found"))
+    }
+
+    /// The spec's error shape.
+    pub fn response(&self) -> Response<Body> {
+        json_response(
+            self.status,
+            &ErrorBody {
+                success: false,
+                message: &self.message,
+            },
+        )
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> ApiError {
+        let status = match &e {
+            StorageError::Full(_) => StatusCode::INSUFFICIENT_STORAGE,
+            StorageError::ReadOnly(_) | StorageError::Unavailable(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            StorageError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError::new(status, e.to_string())
     }
 }
 
@@ -57,20 +85,35 @@ impl From<CmdError> for ApiError {
         match e {
             CmdError::NotFound(m) => ApiError::not_found(m),
             CmdError::Exists => ApiError::new(StatusCode::CONFLICT, SESSION_EXISTS),
+            CmdError::Invalid(m) => ApiError::bad_request(m),
             CmdError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             CmdError::Rejected(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             CmdError::Unavailable(m) => ApiError::unavailable(m),
-            CmdError::Internal(m) => ApiError::internal(m),
+            CmdError::Storage(e) => e.into(),
+            CmdError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }
 }
 
 impl From<BackupError> for ApiError {
     fn from(e: BackupError) -> ApiError {
-        match e {
-            BackupError::NotFound(m) => ApiError::not_found(m),
-            BackupError::Invalid(m) => ApiError::bad_request(m),
-            BackupError::Io(m) => ApiError::internal(format!("backup storage failed: {m}")),
-        }
+        CmdError::from(e).into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_failures_say_what_an_operator_can_do() {
+        let full: ApiError = CmdError::Storage(StorageError::Full("x".into())).into();
+        assert_eq!(full.status, StatusCode::INSUFFICIENT_STORAGE);
+        assert!(full.message.contains("disk full"));
+        let ro: ApiError = StorageError::ReadOnly("x".into()).into();
+        assert_eq!(ro.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(ro.message.contains("read-only"));
+        let bad: ApiError = BackupError::Invalid("other session".into()).into();
+        assert_eq!(bad.status, StatusCode::BAD_REQUEST);
     }
 }

@@ -1,16 +1,24 @@
 //! The hyper front end: one task per connection, `service_fn` at the edge, CORS on
 //! every answer, graceful drain on shutdown.
 
+//!
+//! - [`router`]: the route table (method, key, handler) and dispatch;
+//! - [`handlers`]: one file per resource; they only translate;
+//! - [`request`] / [`response`]: bodies in and out, typed with serde;
+//! - [`errors`]: every failure to a status and the spec's JSON shape;
+//! - [`auth`], [`cors`], [`dashboard`].
+
 pub mod auth;
 pub mod cors;
 pub mod dashboard;
 pub mod errors;
+pub mod handlers;
+pub mod request;
 pub mod response;
-pub mod routes;
+pub mod router;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,12 +34,10 @@ use tokio::sync::Semaphore;
 
 use botvisor_actors::{SupervisorConfig, SupervisorMsg};
 
-use crate::store::backup::Backups;
 use crate::store::Store;
 use cors::Cors;
 use errors::ApiError;
 use response::Body;
-use routes::error_response;
 
 /// Open connections served at once; more wait in the kernel's accept queue.
 const MAX_CONNECTIONS: usize = 4096;
@@ -42,20 +48,16 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct App {
     /// The root supervisor.
     pub sup: ActorRef<SupervisorMsg>,
-    /// Session records (reads come from its in-memory view).
+    /// Session records (reads come from its in-memory view) and backups.
     pub store: Arc<Store>,
-    /// Backups.
-    pub backups: Backups,
     /// API key for the write endpoints.
     pub api_key: Option<String>,
     /// CORS policy.
     pub cors: Cors,
-    /// `sim` or `whatsapp`.
-    pub link_name: &'static str,
-    /// Data directory.
-    pub data_dir: PathBuf,
-    /// Timeouts to wait for the supervisor with.
-    pub timeouts: SupervisorConfig,
+    /// Whether the link takes injected faults.
+    pub faults: bool,
+    /// The supervisor's tunables (its reply deadlines).
+    pub supervisor: SupervisorConfig,
 }
 
 /// Answers one request.
@@ -63,26 +65,26 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let origin = req.headers().get(ORIGIN).cloned();
     let preflight = req.method() == Method::OPTIONS;
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let uri = req.uri().clone();
     let mut resp = if preflight {
         if app.cors.permits(origin.as_ref()) {
             let mut r = Response::new(Body::default());
             *r.status_mut() = StatusCode::NO_CONTENT;
             r
         } else {
-            error_response(&ApiError::new(StatusCode::FORBIDDEN, "Origin not allowed"))
+            ApiError::new(StatusCode::FORBIDDEN, "Origin not allowed").response()
         }
     } else {
-        match routes::route(req, &app).await {
+        match router::dispatch(req, app.clone()).await {
             Ok(r) => r,
-            Err(e) => error_response(&e),
+            Err(e) => e.response(),
         }
     };
     let status = resp.status();
     if status.is_server_error() {
-        tracing::warn!(%method, %path, %status, "request failed");
+        tracing::warn!(%method, path = uri.path(), %status, "request failed");
     } else {
-        tracing::debug!(%method, %path, %status, "request");
+        tracing::debug!(%method, path = uri.path(), %status, "request");
     }
     app.cors
         .apply(origin.as_ref(), resp.headers_mut(), preflight);

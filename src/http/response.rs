@@ -1,21 +1,106 @@
-//! The response body type and the JSON response builder every handler uses.
+//! Response bodies: the body type, JSON serialization, and the session as the API shows it.
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
-use serde_json::Value;
+use serde::Serialize;
+
+use botvisor_actors::{now_ms, PairingCode, SessionRecord, SessionState};
+
+use crate::timefmt::iso;
 
 /// A response body.
 pub type Body = Full<Bytes>;
 
 /// A JSON response.
-pub fn json_response(status: StatusCode, body: Value) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
+    // Serializing our own structs cannot fail (no maps with non-string keys).
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
     resp
+}
+
+/// `{"success": true, ...body}` with 200.
+pub fn ok(body: &impl Serialize) -> Response<Body> {
+    json_response(StatusCode::OK, &Success::new(body))
+}
+
+/// `{"success": true, ...}` around any body.
+#[derive(Serialize)]
+pub struct Success<'a, T: Serialize> {
+    success: bool,
+    #[serde(flatten)]
+    body: &'a T,
+}
+
+impl<'a, T: Serialize> Success<'a, T> {
+    /// Wraps `body`.
+    pub fn new(body: &'a T) -> Success<'a, T> {
+        Success {
+            success: true,
+            body,
+        }
+    }
+}
+
+/// `{"message": ...}`.
+#[derive(Serialize)]
+pub struct Message {
+    /// The spec's message.
+    pub message: String,
+}
+
+/// A session as the API shows it: the spec's four fields, then ours.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionView<'a> {
+    user_id: &'a str,
+    phone_number: &'a str,
+    status: &'static str,
+    name: Option<&'a str>,
+    state: &'static str,
+    desired: &'static str,
+    restarts: u32,
+    disconnects: u32,
+    last_error: Option<&'a str>,
+    created_at: String,
+    updated_at: String,
+    last_seen_at: Option<String>,
+}
+
+impl<'a> SessionView<'a> {
+    /// The view of a record.
+    pub fn of(rec: &'a SessionRecord) -> SessionView<'a> {
+        SessionView {
+            user_id: &rec.user_id,
+            phone_number: &rec.phone_number,
+            status: if rec.state == SessionState::Online {
+                "online"
+            } else {
+                "offline"
+            },
+            name: rec.name.as_deref(),
+            state: rec.state.as_str(),
+            desired: rec.desired.as_str(),
+            restarts: rec.restarts,
+            disconnects: rec.disconnects,
+            last_error: rec.last_error.as_deref(),
+            created_at: iso(rec.created_at_ms),
+            updated_at: iso(rec.updated_at_ms),
+            last_seen_at: rec.last_seen_at_ms.map(iso),
+        }
+    }
+}
+
+/// The pairing code a session waits with, if it is still valid.
+pub fn live_pairing(rec: &SessionRecord) -> Option<&PairingCode> {
+    rec.pairing
+        .as_ref()
+        .filter(|p| rec.state == SessionState::Pairing && p.expires_at_ms > now_ms())
 }

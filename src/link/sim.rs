@@ -7,10 +7,9 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection};
 use tokio::task::JoinHandle;
 
 use botvisor_actors::{
@@ -69,50 +68,63 @@ fn random_u64() -> u64 {
     h.finish()
 }
 
-/// The simulated credential file.
+/// What the simulated network remembers of a session. It lives in a small SQLite file
+/// (the same place the real link keeps its store, so backups work alike) that is read
+/// when the session connects and written when it pairs: no file stays open while a
+/// simulated session is idle.
+#[derive(Debug, Clone, Default, PartialEq)]
 struct Creds {
-    conn: Connection,
+    paired: bool,
+    name: Option<String>,
 }
 
-impl Creds {
-    fn open(path: &Path) -> Result<Creds, String> {
-        paths::create_private_file(path)?;
-        let conn =
-            Connection::open(path).map_err(|e| crate::limits::open_error_hint(e.to_string()))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;
-             CREATE TABLE IF NOT EXISTS sim_credentials (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);",
-        )
+fn open_creds(path: &Path) -> Result<Connection, String> {
+    if !path.exists() {
+        paths::create_private_file(path)
+            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+    }
+    let conn = Connection::open(path).map_err(|e| crate::limits::open_error_hint(e.to_string()))?;
+    conn.execute_batch(
+        "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;
+         CREATE TABLE IF NOT EXISTS sim_credentials (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);",
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// Reads a session's credentials (creating the file, with an identity, on first use).
+fn read_creds(path: &Path) -> Result<Creds, String> {
+    let conn = open_creds(path)?;
+    let mut stmt = conn
+        .prepare("SELECT key, value FROM sim_credentials")
         .map_err(|e| e.to_string())?;
+    let rows: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .and_then(|rows| rows.collect())
+        .map_err(|e| e.to_string())?;
+    let value = |key: &str| rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
+    if value("identity").is_none() {
         conn.execute(
             "INSERT OR IGNORE INTO sim_credentials (key, value) VALUES ('identity', ?1)",
             params![format!("{:016x}{:016x}", random_u64(), random_u64())],
         )
         .map_err(|e| e.to_string())?;
-        Ok(Creds { conn })
     }
+    Ok(Creds {
+        paired: value("paired").is_some(),
+        name: value("name"),
+    })
+}
 
-    fn get(&self, key: &str) -> Option<String> {
-        self.conn
-            .query_row(
-                "SELECT value FROM sim_credentials WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
-            .optional()
-            .ok()
-            .flatten()
-    }
-
-    fn set(&self, key: &str, value: &str) -> Result<(), String> {
-        self.conn
-            .execute(
-                "INSERT OR REPLACE INTO sim_credentials (key, value) VALUES (?1, ?2)",
-                params![key, value],
-            )
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
+/// Records that the phone paired.
+fn write_paired(path: &Path, name: &str) -> Result<(), String> {
+    let conn = open_creds(path)?;
+    conn.execute(
+        "INSERT OR REPLACE INTO sim_credentials (key, value) VALUES ('paired', ?1), ('name', ?2)",
+        params![now_ms().to_string(), name],
+    )
+    .map(|_| ())
+    .map_err(|e| e.to_string())
 }
 
 /// A simulated session's live connection.
@@ -172,15 +184,19 @@ impl Link for SimLink {
         let path = paths::credentials(&self.data_dir, &spec.user_id);
         let settings = self.settings.clone();
         Box::pin(async move {
-            let creds = tokio::task::spawn_blocking(move || Creds::open(&path))
+            let read = path.clone();
+            let creds = tokio::task::spawn_blocking(move || read_creds(&read))
                 .await
                 .map_err(|e| LinkError::new(format!("sim: {e}")))?
-                .map_err(|e| LinkError::new(format!("sim: cannot open credentials: {e}")))?;
-            let creds = Arc::new(Mutex::new(creds));
+                .map_err(|e| LinkError::new(format!("sim: cannot read credentials: {e}")))?;
             let sink = events.clone();
-            let task = tokio::spawn(run(spec, settings, creds, sink));
+            let task = tokio::spawn(run(spec, settings, path, creds, sink));
             Ok(Box::new(SimConnection { task, events }) as Box<dyn LinkConnection>)
         })
+    }
+
+    fn accepts_faults(&self) -> bool {
+        true
     }
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
@@ -188,10 +204,10 @@ impl Link for SimLink {
     }
 }
 
-async fn run(spec: SessionSpec, s: SimSettings, creds: Arc<Mutex<Creds>>, events: EventSink) {
+async fn run(spec: SessionSpec, s: SimSettings, path: PathBuf, creds: Creds, events: EventSink) {
     tokio::time::sleep(s.connect_delay).await;
-    let paired = creds.lock().ok().and_then(|c| c.get("paired")).is_some();
-    if !paired {
+    let mut name = creds.name;
+    if !creds.paired {
         let mut remaining = s.pair_delay;
         loop {
             events.emit(LinkEvent::PairingCode(PairingCode {
@@ -206,23 +222,24 @@ async fn run(spec: SessionSpec, s: SimSettings, creds: Arc<Mutex<Creds>>, events
             tokio::time::sleep(s.code_ttl).await;
             remaining -= s.code_ttl;
         }
-        let name = format!("Sim {}", spec.phone_number);
-        let saved = creds.lock().map_err(|e| e.to_string()).and_then(|c| {
-            c.set("paired", &now_ms().to_string())?;
-            c.set("name", &name)
-        });
+        let paired_name = format!("Sim {}", spec.phone_number);
+        let written = paired_name.clone();
+        let saved = tokio::task::spawn_blocking(move || write_paired(&path, &written))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
         if let Err(e) = saved {
             events.emit(LinkEvent::Crashed {
                 error: format!("sim: cannot store credentials: {e}"),
             });
             return;
         }
+        name = Some(paired_name);
     }
     events.emit(LinkEvent::Connecting);
     tokio::time::sleep(s.login_delay).await;
-    let name = creds.lock().ok().and_then(|c| c.get("name"));
     events.emit(LinkEvent::Online { name });
-    // Keep the credential file open while "connected", as a real client does.
+    // "Connected": the simulated network needs nothing more until the session ends.
     std::future::pending::<()>().await;
 }
 
@@ -242,5 +259,34 @@ mod tests {
                 .all(|(i, ch)| i == 4 || ch.is_ascii_uppercase() || ch.is_ascii_digit()));
         }
         assert_ne!(pairing_code(), pairing_code());
+    }
+}
+
+#[cfg(test)]
+mod creds_tests {
+    use super::*;
+
+    /// Descriptors of this process open on `path` (other tests run in parallel).
+    fn open_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t.starts_with(path)))
+            .count()
+    }
+
+    #[test]
+    fn credentials_are_read_and_written_without_keeping_a_file_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u.db");
+        assert_eq!(read_creds(&path).unwrap(), Creds::default());
+        write_paired(&path, "Sim 1555").unwrap();
+        let creds = read_creds(&path).unwrap();
+        assert!(creds.paired);
+        assert_eq!(creds.name.as_deref(), Some("Sim 1555"));
+        assert_eq!(open_on(dir.path()), 0, "no descriptor stays open");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 }

@@ -339,7 +339,8 @@ impl LinkConnection for WhatsAppConnection {
 
 /// Opens (creating, 0600) a session's credential store.
 async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
-    paths::create_private_file(path).map_err(LinkError::new)?;
+    paths::create_private_file(path)
+        .map_err(|e| LinkError::new(format!("cannot create {}: {e}", path.display())))?;
     let url = path
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
@@ -429,6 +430,17 @@ impl Link for WhatsAppLink {
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
         paths::remove_credentials(&self.data_dir, user_id)
+    }
+
+    fn files_per_session(&self) -> u32 {
+        // The store's `.db`, `-wal` and `-shm`, and the socket.
+        4
+    }
+
+    /// Each session holds its store (3 descriptors) and a socket: refuse a new one
+    /// clearly before the process runs out.
+    fn admit(&self) -> Result<(), LinkError> {
+        crate::limits::check_headroom().map_err(LinkError::new)
     }
 }
 

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use botvisor_actors::{now_ms, SessionRecord};
+use botvisor_actors::{now_ms, CmdError, SessionRecord, StorageError};
 
 use crate::paths;
 
@@ -28,14 +28,27 @@ pub struct BackupInfo {
 }
 
 /// Why a backup or restore did not happen.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, PartialEq, thiserror::Error)]
 pub enum BackupError {
     /// No such backup.
+    #[error("{0}")]
     NotFound(String),
-    /// Malformed id or a backup of another session.
+    /// Malformed id or a backup of another session or link.
+    #[error("{0}")]
     Invalid(String),
     /// Disk or SQLite failure.
-    Io(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl From<BackupError> for CmdError {
+    fn from(e: BackupError) -> CmdError {
+        match e {
+            BackupError::NotFound(m) => CmdError::NotFound(m),
+            BackupError::Invalid(m) => CmdError::Invalid(m),
+            BackupError::Storage(e) => CmdError::Storage(e),
+        }
+    }
 }
 
 /// The backups of all sessions.
@@ -50,8 +63,18 @@ pub fn valid_backup_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
-fn io(e: impl std::fmt::Display) -> BackupError {
-    BackupError::Io(e.to_string())
+/// A file-system error, by what an operator can do about it.
+pub fn io(e: std::io::Error) -> BackupError {
+    let text = e.to_string();
+    BackupError::Storage(match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StorageError::Full(text),
+        Some(libc::EROFS) => StorageError::ReadOnly(text),
+        _ => StorageError::Failed(text),
+    })
+}
+
+fn db(e: rusqlite::Error) -> BackupError {
+    BackupError::Storage(super::sql::classify(&e))
 }
 
 fn set_private(path: &Path) -> Result<(), BackupError> {
@@ -111,7 +134,7 @@ impl Backups {
         tmp: &Path,
         created_at_ms: u64,
     ) -> Result<(), BackupError> {
-        paths::create_private_file(tmp).map_err(BackupError::Io)?;
+        paths::create_private_file(tmp).map_err(io)?;
         let has_credentials = credentials.exists();
         if has_credentials {
             let src = Connection::open_with_flags(
@@ -119,17 +142,17 @@ impl Backups {
                 rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
                     | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
-            .map_err(io)?;
-            src.backup("main", tmp, None).map_err(io)?;
+            .map_err(db)?;
+            src.backup("main", tmp, None).map_err(db)?;
         }
-        let dst = Connection::open(tmp).map_err(io)?;
+        let dst = Connection::open(tmp).map_err(db)?;
         // The copy keeps the source's WAL mode; a backup is one self-contained file.
         dst.execute_batch("PRAGMA journal_mode = DELETE;")
-            .map_err(io)?;
+            .map_err(db)?;
         dst.execute_batch(&format!(
             "CREATE TABLE {META_TABLE} (key TEXT PRIMARY KEY NOT NULL, value TEXT)"
         ))
-        .map_err(io)?;
+        .map_err(db)?;
         let rows: [(&str, Option<String>); 8] = [
             ("format", Some(FORMAT.into())),
             ("user_id", Some(rec.user_id.clone())),
@@ -148,7 +171,7 @@ impl Backups {
                 &format!("INSERT INTO {META_TABLE} (key, value) VALUES (?1, ?2)"),
                 params![k, v],
             )
-            .map_err(io)?;
+            .map_err(db)?;
         }
         Ok(())
     }
@@ -225,7 +248,7 @@ fn meta(src: &Connection, key: &str) -> Result<Option<String>, BackupError> {
 }
 
 fn open_backup(backup: &Path) -> Result<Connection, BackupError> {
-    Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(io)
+    Connection::open_with_flags(backup, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db)
 }
 
 fn check_meta(src: &Connection, user_id: &str, link: &str) -> Result<(), BackupError> {
@@ -268,7 +291,7 @@ pub fn restore_into(
     if has_credentials {
         let tmp = credentials.with_extension("db.restoring");
         paths::remove_sqlite_files(&tmp).map_err(io)?;
-        paths::create_private_file(&tmp).map_err(BackupError::Io)?;
+        paths::create_private_file(&tmp).map_err(io)?;
         let copy = (|| -> rusqlite::Result<()> {
             src.backup("main", &tmp, None)?;
             let dst = Connection::open(&tmp)?;
@@ -279,7 +302,7 @@ pub fn restore_into(
         })();
         if let Err(e) = copy {
             let _ = paths::remove_sqlite_files(&tmp);
-            return Err(io(e));
+            return Err(db(e));
         }
         set_private(&tmp)?;
         // Stale -wal/-shm of the old file must not be replayed onto the new one.

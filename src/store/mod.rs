@@ -1,20 +1,36 @@
-//! The session store: SQLite (rusqlite) for durability, plus an in-memory view that the
-//! HTTP reads are served from (reads never wait on an actor or the disk).
+//! The session store: SQLite for durability, owned by one writer thread (group commit),
+//! plus an in-memory view that the HTTP reads are served from (reads never wait on an
+//! actor or the disk). Backups live here too.
+//!
+//! - `view`: records, their order and counts by state;
+//! - `writer`: the queue and the thread that commits it;
+//! - `sql`: schema, rows, events, error kinds;
+//! - [`backup`]: one SQLite file per backup.
+//!
+//! What is durable when: a command's reply (create, start, stop, delete, logout,
+//! restore) is sent after its row is committed (WAL, `synchronous=NORMAL`: it survives a
+//! crash or kill of the process; a power cut may lose the last commits). Plain state
+//! transitions ride the next group commit, usually within a millisecond.
 
 pub mod backup;
+mod sql;
+mod view;
+mod writer;
 
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use dashmap::DashMap;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 
-use botvisor_actors::{Desired, Persistence, SessionRecord, SessionState};
+use botvisor_actors::{BoxFuture, Persistence, RestoreFn, SessionRecord, StorageError};
 
-const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 1;
-/// Events kept per session.
-const EVENTS_KEPT: i64 = 100;
+use crate::paths;
+use backup::{BackupError, BackupInfo, Backups};
+pub use sql::{Event, EVENTS_KEPT};
+pub use view::{Counts, View};
+use writer::Queue;
 
 /// Where the session database lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,271 +41,275 @@ pub enum Database {
     Memory,
 }
 
-/// One recorded state change.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Event {
-    /// Milliseconds since the epoch.
-    pub at_ms: u64,
-    /// The state entered.
-    pub state: String,
-    /// The error or reason at that moment, if any.
-    pub detail: Option<String>,
+/// Where the store keeps its files.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The session database.
+    pub database: Database,
+    /// The data directory (credentials and backups live under it).
+    pub data_dir: PathBuf,
+    /// Backups kept per session.
+    pub backup_keep: usize,
+    /// The link whose credentials the sessions hold (`sim`, `whatsapp`).
+    pub link: &'static str,
 }
 
-/// SQLite plus the read view.
+/// SQLite behind a writer thread, plus the read view.
 pub struct Store {
-    conn: Mutex<Connection>,
-    view: DashMap<String, SessionRecord>,
+    view: Arc<View>,
+    queue: Arc<Queue>,
+    reader: Arc<Mutex<Connection>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    backups: Backups,
+    config: StoreConfig,
 }
 
 impl Store {
-    /// Opens (creating if needed, mode 0600) and migrates the database.
-    pub fn open(db: &Database) -> Result<Store, String> {
-        let conn = match db {
-            Database::Memory => Connection::open_in_memory(),
-            Database::File(path) => {
-                crate::paths::create_private_file(path)?;
-                Connection::open(path)
+    /// Opens (creating if needed, mode 0600) and migrates the database, loads every
+    /// session into the view, and starts the writer. Returns the stored sessions.
+    pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), StorageError> {
+        let (path, uri) = match &config.database {
+            Database::Memory => {
+                // Shared cache, so the reader sees the writer's in-memory database.
+                static NEXT: AtomicU64 = AtomicU64::new(0);
+                let n = NEXT.fetch_add(1, Ordering::Relaxed);
+                let id = std::process::id();
+                (
+                    format!("file:botvisor-mem-{id}-{n}?mode=memory&cache=shared"),
+                    true,
+                )
             }
+            Database::File(path) => {
+                paths::create_private_file(path).map_err(|e| {
+                    StorageError::Failed(format!("cannot create {}: {e}", path.display()))
+                })?;
+                let text = path.to_str().ok_or_else(|| {
+                    StorageError::Failed("the database path is not valid UTF-8".into())
+                })?;
+                (text.to_string(), false)
+            }
+        };
+        let conn = sql::open(&path, uri)?;
+        sql::migrate(&conn)?;
+        let boot = sql::load_all(&conn)?;
+        let reader = sql::open(&path, uri)?;
+        let view = Arc::new(View::default());
+        for rec in &boot {
+            view.put(rec);
         }
-        .map_err(|e| format!("cannot open the database: {}", sqlite_hint(&e)))?;
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
-        )
-        .map_err(|e| format!("cannot configure the database: {e}"))?;
-        migrate(&conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-            view: DashMap::new(),
+        let queue = Arc::new(Queue::default());
+        let backups = Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep);
+        let writer = {
+            let queue = queue.clone();
+            let backups = backups.clone();
+            std::thread::Builder::new()
+                .name("botvisor-store".into())
+                .spawn(move || writer::run(&queue, conn, backups))
+                .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))?
+        };
+        let store = Store {
+            view,
+            queue,
+            reader: Arc::new(Mutex::new(reader)),
+            writer: Mutex::new(Some(writer)),
+            backups,
+            config,
+        };
+        Ok((store, boot))
+    }
+
+    /// The read view.
+    pub fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// The newest state changes of a session, newest first (read off the runtime).
+    pub async fn events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError> {
+        let reader = self.reader.clone();
+        let user_id = user_id.to_string();
+        blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            sql::events(&conn, &user_id, limit)
         })
+        .await?
     }
 
-    /// Reads every session (at boot) and fills the view.
-    pub fn load_all(&self) -> Result<Vec<SessionRecord>, String> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare(&format!(
-                "SELECT {COLUMNS} FROM sessions ORDER BY created_at"
-            ))
-            .map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(SessionRecord {
-                    user_id: r.get(0)?,
-                    phone_number: r.get(1)?,
-                    name: r.get(2)?,
-                    desired: Desired::parse(&r.get::<_, String>(3)?).unwrap_or(Desired::Stopped),
-                    state: SessionState::parse(&r.get::<_, String>(4)?)
-                        .unwrap_or(SessionState::Stopped),
-                    restarts: r.get(5)?,
-                    disconnects: r.get(6)?,
-                    last_error: r.get(7)?,
-                    created_at_ms: r.get::<_, i64>(8)? as u64,
-                    updated_at_ms: r.get::<_, i64>(9)? as u64,
-                    last_seen_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
-                    pairing: None,
+    /// Backs up a session's record and credential file (read off the runtime).
+    pub async fn backup(&self, rec: SessionRecord) -> Result<BackupInfo, BackupError> {
+        let backups = self.backups.clone();
+        let cred = paths::credentials(&self.config.data_dir, &rec.user_id);
+        let link = self.config.link;
+        blocking(move || backups.create(&rec, &cred, link)).await?
+    }
+
+    /// The ids of a session's backups, newest first.
+    pub async fn backups(&self, user_id: &str) -> Result<Vec<String>, StorageError> {
+        let backups = self.backups.clone();
+        let user_id = user_id.to_string();
+        blocking(move || backups.list(&user_id)).await
+    }
+
+    /// Finds and checks a backup (the given id, or the newest) and returns its id with
+    /// the swap that restores it into the stopped session. A backup of another session
+    /// or link is refused here, before anything stops.
+    pub async fn prepare_restore(
+        &self,
+        user_id: &str,
+        wanted: Option<String>,
+    ) -> Result<(String, RestoreFn), BackupError> {
+        let backups = self.backups.clone();
+        let uid = user_id.to_string();
+        let link = self.config.link;
+        let (backup_id, path) = blocking(move || {
+            let (id, path) = backups.find(&uid, wanted.as_deref())?;
+            backup::verify(&path, &uid, link)?;
+            Ok::<_, BackupError>((id, path))
+        })
+        .await??;
+        let cred = paths::credentials(&self.config.data_dir, user_id);
+        let apply: RestoreFn = Box::new(move |mut rec: SessionRecord| {
+            Box::pin(async move {
+                blocking(move || {
+                    backup::restore_into(&path, &cred, link, &mut rec)?;
+                    Ok::<_, BackupError>(rec)
                 })
+                .await?
+                .map_err(Into::into)
             })
-            .map_err(|e| e.to_string())?;
-        let all: Vec<SessionRecord> = rows.collect::<Result<_, _>>().map_err(|e| e.to_string())?;
-        for rec in &all {
-            self.view.insert(rec.user_id.clone(), rec.clone());
+        });
+        Ok((backup_id, apply))
+    }
+
+    /// Commits what is queued and stops the writer (at shutdown).
+    pub async fn close(&self) {
+        self.queue.close();
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        Ok(all)
-    }
-
-    /// One session as the API shows it.
-    pub fn get(&self, user_id: &str) -> Option<SessionRecord> {
-        self.view.get(user_id).map(|r| r.clone())
-    }
-
-    /// All sessions, oldest first.
-    pub fn list(&self) -> Vec<SessionRecord> {
-        let mut all: Vec<SessionRecord> = self.view.iter().map(|r| r.clone()).collect();
-        all.sort_by(|a, b| (a.created_at_ms, &a.user_id).cmp(&(b.created_at_ms, &b.user_id)));
-        all
-    }
-
-    /// The newest state changes of a session, newest first.
-    pub fn events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, String> {
-        let conn = self.lock();
-        let mut stmt = conn
-            .prepare(
-                "SELECT at, state, detail FROM events WHERE user_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )
-            .map_err(|e| e.to_string())?;
-        let rows = stmt
-            .query_map(params![user_id, limit as i64], |r| {
-                Ok(Event {
-                    at_ms: r.get::<_, i64>(0)? as u64,
-                    state: r.get(1)?,
-                    detail: r.get(2)?,
-                })
-            })
-            .map_err(|e| e.to_string())?;
-        rows.collect::<Result<_, _>>().map_err(|e| e.to_string())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        // A panic while holding the lock leaves the connection usable: recover it.
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-/// The sessions table's columns, in the order `write_row` binds them.
-const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
-                       last_error, created_at, updated_at, last_seen_at";
-const PLACEHOLDERS: &str = "?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11";
-const UPDATE_SQL: &str =
-    "UPDATE sessions SET phone_number = ?2, name = ?3, desired = ?4, state = ?5, \
-     restarts = ?6, disconnects = ?7, last_error = ?8, created_at = ?9, updated_at = ?10, \
-     last_seen_at = ?11 WHERE user_id = ?1";
-
-/// Runs `sql` with a record bound to ?1..?11 in `COLUMNS` order.
-fn write_row(conn: &Connection, sql: &str, rec: &SessionRecord) -> rusqlite::Result<usize> {
-    conn.execute(
-        sql,
-        params![
-            rec.user_id,
-            rec.phone_number,
-            rec.name,
-            rec.desired.as_str(),
-            rec.state.as_str(),
-            rec.restarts,
-            rec.disconnects,
-            rec.last_error,
-            rec.created_at_ms as i64,
-            rec.updated_at_ms as i64,
-            rec.last_seen_at_ms.map(|v| v as i64),
-        ],
-    )
-}
-
-fn record_event(conn: &Connection, rec: &SessionRecord) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO events (user_id, at, state, detail) VALUES (?1, ?2, ?3, ?4)",
-        params![
-            rec.user_id,
-            rec.updated_at_ms as i64,
-            rec.state.as_str(),
-            rec.last_error
-        ],
-    )?;
-    conn.execute(
-        "DELETE FROM events WHERE user_id = ?1 AND id <= \
-         (SELECT id FROM events WHERE user_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-        params![rec.user_id, EVENTS_KEPT],
-    )?;
-    Ok(())
+/// Runs blocking file or SQLite work on tokio's blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StorageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StorageError::Failed(format!("storage task failed: {e}")))
 }
 
 impl Persistence for Store {
-    fn insert(&self, rec: &SessionRecord) -> Result<(), String> {
-        let conn = self.lock();
-        let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-        write_row(
-            &tx,
-            &format!("INSERT INTO sessions ({COLUMNS}) VALUES ({PLACEHOLDERS})"),
-            rec,
-        )
-        .map_err(|e| sqlite_hint(&e))?;
-        record_event(&tx, rec).map_err(|e| e.to_string())?;
-        tx.commit().map_err(|e| sqlite_hint(&e))?;
-        self.view.insert(rec.user_id.clone(), rec.clone());
-        Ok(())
+    fn insert(&self, rec: &SessionRecord) {
+        self.view.put(rec);
+        self.queue.insert(rec);
     }
 
-    fn save(&self, rec: &SessionRecord) -> Result<(), String> {
-        let changed_state = self
-            .view
-            .get(&rec.user_id)
-            .map(|old| old.state != rec.state)
-            .unwrap_or(true);
-        // The view goes first: readers must see the live state even if the disk is failing.
-        self.view.insert(rec.user_id.clone(), rec.clone());
-        let conn = self.lock();
-        let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-        write_row(&tx, UPDATE_SQL, rec).map_err(|e| sqlite_hint(&e))?;
-        if changed_state {
-            record_event(&tx, rec).map_err(|e| e.to_string())?;
-        }
-        tx.commit().map_err(|e| sqlite_hint(&e))
+    fn save(&self, rec: &SessionRecord) {
+        // The view goes first: readers see the live state even while the disk is failing.
+        let before = self.view.put(rec);
+        self.queue.save(rec, before != Some(rec.state));
     }
 
-    fn delete(&self, user_id: &str) -> Result<(), String> {
+    fn delete(&self, user_id: &str) {
         self.view.remove(user_id);
-        let conn = self.lock();
-        let tx = conn.unchecked_transaction().map_err(|e| e.to_string())?;
-        tx.execute("DELETE FROM sessions WHERE user_id = ?1", params![user_id])
-            .map_err(|e| sqlite_hint(&e))?;
-        tx.execute("DELETE FROM events WHERE user_id = ?1", params![user_id])
-            .map_err(|e| sqlite_hint(&e))?;
-        tx.commit().map_err(|e| sqlite_hint(&e))
+        self.queue.delete(user_id);
     }
-}
 
-fn migrate(conn: &Connection) -> Result<(), String> {
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if version > SCHEMA_VERSION {
-        return Err(format!(
-            "the database has schema version {version}, newer than this botvisor knows ({SCHEMA_VERSION}); \
-             upgrade botvisor or use another --database-url"
-        ));
+    fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
+        let rx = self.queue.flush();
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StorageError::Unavailable("the store is closed".into())))
+        })
     }
-    if version < 1 {
-        conn.execute_batch(SCHEMA)
-            .and_then(|_| conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")))
-            .map_err(|e| format!("cannot create the schema: {e}"))?;
-    }
-    // Sanity: the table must be there whatever the version said.
-    conn.query_row(
-        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'sessions'",
-        [],
-        |r| r.get::<_, String>(0),
-    )
-    .optional()
-    .map_err(|e| e.to_string())?
-    .ok_or_else(|| "the database has no sessions table".to_string())?;
-    Ok(())
-}
-
-/// A rusqlite error as text, with the open-files hint.
-pub fn sqlite_hint(e: &rusqlite::Error) -> String {
-    crate::limits::open_error_hint(e.to_string())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use botvisor_actors::SessionState;
 
-    #[test]
-    fn records_survive_a_reopen_and_pairing_codes_are_not_persisted() {
+    fn config(dir: &std::path::Path) -> StoreConfig {
+        StoreConfig {
+            database: Database::File(dir.join("b.db")),
+            data_dir: dir.to_path_buf(),
+            backup_keep: 3,
+            link: "sim",
+        }
+    }
+
+    fn rows_on_disk(dir: &std::path::Path) -> Vec<(String, String)> {
+        let conn = Connection::open(dir.join("b.db")).unwrap();
+        let mut stmt = conn
+            .prepare("SELECT user_id, state FROM sessions ORDER BY user_id")
+            .unwrap();
+        let rows = stmt
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        rows
+    }
+
+    #[tokio::test]
+    async fn a_flush_resolves_once_the_rows_are_on_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let db = Database::File(dir.path().join("b.db"));
-        let store = Store::open(&db).unwrap();
+        let (store, boot) = Store::open(config(dir.path())).unwrap();
+        assert!(boot.is_empty());
         let mut rec = SessionRecord::new("u1".into(), "15550001111".into());
-        store.insert(&rec).unwrap();
-        assert!(store.insert(&rec).is_err(), "duplicate insert must fail");
+        store.insert(&rec);
+        for state in [
+            SessionState::Pairing,
+            SessionState::Connecting,
+            SessionState::Online,
+        ] {
+            rec.state = state;
+            store.save(&rec);
+        }
+        store.flush().await.unwrap();
+        // Another connection (another process would see the same) reads the final row.
+        assert_eq!(
+            rows_on_disk(dir.path()),
+            [("u1".to_string(), "online".to_string())]
+        );
+        // Every state change is logged, even when the row writes were merged.
+        let states: Vec<String> = store
+            .events("u1", 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.state)
+            .collect();
+        assert_eq!(states, ["online", "connecting", "pairing", "starting"]);
+        store.delete("u1");
+        store.flush().await.unwrap();
+        assert!(rows_on_disk(dir.path()).is_empty());
+        assert!(store.events("u1", 10).await.unwrap().is_empty());
+        store.close().await;
+        assert!(store.flush().await.is_err(), "a closed store says so");
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_and_pairing_codes_are_not_persisted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(config(dir.path())).unwrap();
+        let mut rec = SessionRecord::new("u1".into(), "15550001111".into());
+        store.insert(&rec);
         rec.state = SessionState::Pairing;
         rec.pairing = Some(botvisor_actors::PairingCode {
             code: "ABCD-1234".into(),
             expires_at_ms: 1,
         });
-        store.save(&rec).unwrap();
-        assert!(store.get("u1").unwrap().pairing.is_some());
+        store.save(&rec);
+        assert!(store.view().get("u1").unwrap().pairing.is_some());
+        store.close().await;
         drop(store);
-        let store = Store::open(&db).unwrap();
-        let all = store.load_all().unwrap();
-        assert_eq!(all.len(), 1);
-        assert_eq!(all[0].state, SessionState::Pairing);
-        assert_eq!(all[0].pairing, None);
-        let events = store.events("u1", 10).unwrap();
-        assert_eq!(
-            events.iter().map(|e| e.state.as_str()).collect::<Vec<_>>(),
-            ["pairing", "starting"]
-        );
+        let (store, boot) = Store::open(config(dir.path())).unwrap();
+        assert_eq!(boot.len(), 1);
+        assert_eq!(boot[0].state, SessionState::Pairing);
+        assert_eq!(boot[0].pairing, None);
+        assert_eq!(store.view().counts().total, 1);
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join("b.db"))
             .unwrap()
@@ -298,31 +318,39 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
     }
 
-    #[test]
-    fn a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.db");
-        Connection::open(&path)
-            .unwrap()
-            .execute_batch("PRAGMA user_version = 99")
-            .unwrap();
-        let err = Store::open(&Database::File(path)).err().unwrap();
-        assert!(err.contains("newer"), "{err}");
-    }
-
-    #[test]
-    fn events_are_pruned_per_session() {
-        let store = Store::open(&Database::Memory).unwrap();
+    #[tokio::test]
+    async fn events_are_pruned_per_session_and_memory_databases_work() {
+        let mut cfg = config(std::path::Path::new("/nonexistent"));
+        cfg.database = Database::Memory;
+        let (store, _) = Store::open(cfg).unwrap();
         let mut rec = SessionRecord::new("u".into(), "15550001111".into());
-        store.insert(&rec).unwrap();
+        store.insert(&rec);
         for i in 0..250 {
             rec.state = if i % 2 == 0 {
                 SessionState::Online
             } else {
                 SessionState::Disconnected
             };
-            store.save(&rec).unwrap();
+            store.save(&rec);
+            if i % 7 == 0 {
+                store.flush().await.unwrap();
+            }
         }
-        assert_eq!(store.events("u", 1000).unwrap().len(), EVENTS_KEPT as usize);
+        store.flush().await.unwrap();
+        assert_eq!(
+            store.events("u", 1000).await.unwrap().len(),
+            EVENTS_KEPT as usize
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Connection::open(dir.path().join("b.db"))
+            .unwrap()
+            .execute_batch("PRAGMA user_version = 99")
+            .unwrap();
+        let err = Store::open(config(dir.path())).err().unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
     }
 }

@@ -243,6 +243,22 @@ impl Server {
     }
 }
 
+/// A script that runs botvisor under a hard open-files limit it cannot raise.
+pub fn limited_binary(dir: &Path, limit: u32) -> PathBuf {
+    let wrapper = dir.join("botvisor-limited");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nulimit -n {limit}\nexec {} \"$@\"\n",
+            env!("CARGO_BIN_EXE_botvisor")
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    wrapper
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();

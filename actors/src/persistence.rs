@@ -1,0 +1,21 @@
+//! Where the supervisor writes session records. Every call returns at once: the store
+//! queues the write and commits it off the runtime (group commit). `flush` is the one way
+//! to wait: it resolves once everything queued before it is durable, so a command's reply
+//! can be held until its row is on disk.
+
+use crate::error::StorageError;
+use crate::link::BoxFuture;
+use crate::record::SessionRecord;
+
+/// A session store that never blocks its caller.
+pub trait Persistence: Send + Sync + 'static {
+    /// Queues a new session (the read view shows it at once).
+    fn insert(&self, rec: &SessionRecord);
+    /// Queues the current record (the pairing code is never persisted). Successive saves
+    /// of one session that are still queued are merged; each state change is logged.
+    fn save(&self, rec: &SessionRecord);
+    /// Queues the removal of a session and everything the store keeps for it.
+    fn delete(&self, user_id: &str);
+    /// Resolves once every write queued before this call is durable (or failed).
+    fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>>;
+}

@@ -1,0 +1,40 @@
+//! Handlers, by resource. Each translates: it reads the request, asks the supervisor (or
+//! reads the store's view) and shapes the answer.
+
+pub mod backups;
+pub mod fleet;
+pub mod lifecycle;
+pub mod sessions;
+pub mod sim;
+
+use ractor::rpc::CallResult;
+
+use botvisor_actors::{Command, Reply, SupervisorMsg};
+
+use super::errors::ApiError;
+use super::App;
+
+/// Sends one message to the supervisor and waits for its answer, as long as the
+/// supervisor's own deadlines for `cmd` allow.
+pub async fn ask<T: Send + 'static>(
+    app: &App,
+    cmd: Command,
+    build: impl FnOnce(Reply<T>) -> SupervisorMsg,
+) -> Result<T, ApiError> {
+    let timeout = app.supervisor.reply_deadline(cmd);
+    match app.sup.call(build, Some(timeout)).await {
+        Ok(CallResult::Success(r)) => r.map_err(ApiError::from),
+        Ok(CallResult::Timeout) => Err(ApiError::unavailable("The request timed out; try again")),
+        Ok(CallResult::SenderError) | Err(_) => Err(ApiError::unavailable(
+            "The supervisor is not available (shutting down?)",
+        )),
+    }
+}
+
+/// 404 unless the session exists.
+pub fn must_exist(app: &App, id: &str) -> Result<(), ApiError> {
+    match app.store.view().read(id, |_| ()) {
+        Some(()) => Ok(()),
+        None => Err(ApiError::no_session(id)),
+    }
+}

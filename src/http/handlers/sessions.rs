@@ -1,0 +1,160 @@
+//! `/api/sessions`: list, create, one session, delete, its pairing code and its events.
+
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use botvisor_actors::{Command, SupervisorMsg};
+
+use super::{ask, must_exist};
+use crate::http::errors::{ApiError, INVALID_USER_ID};
+use crate::http::request::{json_body, valid_phone, valid_user_id};
+use crate::http::response::{json_response, live_pairing, ok, Message, SessionView, Success};
+use crate::http::router::{Answer, Ctx};
+use crate::timefmt::iso;
+
+/// Events shown per session.
+const EVENTS_SHOWN: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateBody {
+    user_id: Option<Value>,
+    phone_number: Option<Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Created<'a> {
+    message: &'static str,
+    pairing_code: Option<&'a str>,
+    expires_at: Option<String>,
+    #[serde(flatten)]
+    session: SessionView<'a>,
+}
+
+#[derive(Serialize)]
+struct List<'a> {
+    count: usize,
+    sessions: Vec<SessionView<'a>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Pairing<'a> {
+    pairing_code: &'a str,
+    expires_at: String,
+    user_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct EventView<'a> {
+    at: String,
+    state: &'a str,
+    detail: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Events<'a> {
+    user_id: &'a str,
+    events: Vec<EventView<'a>>,
+}
+
+pub async fn list(c: Ctx) -> Answer {
+    let all = c.app.store.view().list();
+    let sessions: Vec<SessionView> = all.iter().map(SessionView::of).collect();
+    Ok(ok(&List {
+        count: sessions.len(),
+        sessions,
+    }))
+}
+
+pub async fn get(c: Ctx) -> Answer {
+    c.app
+        .store
+        .view()
+        .read(&c.id, |rec| ok(&SessionView::of(rec)))
+        .ok_or_else(|| ApiError::no_session(&c.id))
+}
+
+pub async fn create(c: Ctx) -> Answer {
+    let body: CreateBody = json_body(c.req, false)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("userId is required"))?;
+    let user_id = match body.user_id {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("userId is required")),
+        Some(Value::String(s)) if valid_user_id(&s) => s,
+        Some(_) => return Err(ApiError::bad_request(INVALID_USER_ID)),
+    };
+    let phone_number = match body.phone_number {
+        None | Some(Value::Null) => return Err(ApiError::bad_request("phoneNumber is required")),
+        Some(Value::String(s)) => s,
+        Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+        Some(_) => String::new(),
+    };
+    if !valid_phone(&phone_number) {
+        return Err(ApiError::bad_request(
+            "phoneNumber must be 7 to 15 digits with the country code, no spaces or special characters (e.g. 1234567890)",
+        ));
+    }
+    let rec = ask(&c.app, Command::Create, |reply| SupervisorMsg::Create {
+        user_id,
+        phone_number,
+        reply,
+    })
+    .await?;
+    let pairing = live_pairing(&rec);
+    let created = Created {
+        message: "Session created. Use the pairing code to connect.",
+        pairing_code: pairing.map(|p| p.code.as_str()),
+        expires_at: pairing.map(|p| iso(p.expires_at_ms)),
+        session: SessionView::of(&rec),
+    };
+    Ok(json_response(StatusCode::CREATED, &Success::new(&created)))
+}
+
+pub async fn delete(c: Ctx) -> Answer {
+    let id = c.id;
+    let user_id = id.clone();
+    ask(&c.app, Command::Stop, |reply| SupervisorMsg::Delete {
+        user_id,
+        reply,
+    })
+    .await?;
+    Ok(ok(&Message {
+        message: format!("Session {id} deleted"),
+    }))
+}
+
+pub async fn pairing(c: Ctx) -> Answer {
+    let found = c.app.store.view().read(&c.id, |rec| match live_pairing(rec) {
+        Some(p) => Ok(ok(&Pairing {
+            pairing_code: &p.code,
+            expires_at: iso(p.expires_at_ms),
+            user_id: &rec.user_id,
+        })),
+        None => Err(ApiError::not_found(format!(
+            "No pairing code is pending for session {} (state: {}); codes exist only while a session waits to be paired",
+            c.id, rec.state
+        ))),
+    });
+    found.unwrap_or_else(|| Err(ApiError::no_session(&c.id)))
+}
+
+pub async fn events(c: Ctx) -> Answer {
+    must_exist(&c.app, &c.id)?;
+    let events = c.app.store.events(&c.id, EVENTS_SHOWN).await?;
+    let events = events
+        .iter()
+        .map(|e| EventView {
+            at: iso(e.at_ms),
+            state: &e.state,
+            detail: e.detail.as_deref(),
+        })
+        .collect();
+    Ok(ok(&Events {
+        user_id: &c.id,
+        events,
+    }))
+}

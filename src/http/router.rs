@@ -1,0 +1,212 @@
+//! The route table: each route carries its method, whether it needs the API key, and
+//! its handler, in one place. Matching: 404 for an unknown path, 405 (with `Allow`) for
+//! a known path with another method, then the key, then the session id.
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW};
+use hyper::{Method, Request, Response, StatusCode};
+
+use botvisor_actors::BoxFuture;
+
+use super::errors::{ApiError, INVALID_USER_ID};
+use super::handlers::{backups, fleet, lifecycle, sessions, sim};
+use super::request::{check_length, valid_user_id};
+use super::response::Body;
+use super::{auth, App};
+
+/// What a handler gets: the app, the request, and the `:id` of its path (or "").
+pub struct Ctx {
+    /// Everything a handler can reach.
+    pub app: Arc<App>,
+    /// The request (its body is read by handlers that take one).
+    pub req: Request<Incoming>,
+    /// The session id from the path, already checked.
+    pub id: String,
+}
+
+/// A handler's answer.
+pub type Answer = Result<Response<Body>, ApiError>;
+type Handler = fn(Ctx) -> BoxFuture<'static, Answer>;
+
+/// One route.
+pub struct Route {
+    /// The method it answers.
+    pub method: Method,
+    /// `/api/sessions/:id/start`: `:id` matches one segment.
+    pub path: &'static str,
+    /// Needs the API key (when one is set).
+    pub key: bool,
+    /// Only on links that take injected faults.
+    pub faults_only: bool,
+    handler: Handler,
+}
+
+const fn route(method: Method, path: &'static str, key: bool, handler: Handler) -> Route {
+    Route {
+        method,
+        path,
+        key,
+        faults_only: false,
+        handler,
+    }
+}
+
+/// Every route the API answers. Reads of the fleet and of one session are open; every
+/// write, and reads of secrets (pairing codes, backups), need the key.
+pub static ROUTES: [Route; 15] = [
+    route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
+    route(Method::GET, "/api/stats", false, |c| {
+        Box::pin(fleet::stats(c))
+    }),
+    route(Method::GET, "/api/sessions", false, |c| {
+        Box::pin(sessions::list(c))
+    }),
+    route(Method::POST, "/api/sessions", true, |c| {
+        Box::pin(sessions::create(c))
+    }),
+    route(Method::GET, "/api/sessions/:id", false, |c| {
+        Box::pin(sessions::get(c))
+    }),
+    route(Method::DELETE, "/api/sessions/:id", true, |c| {
+        Box::pin(sessions::delete(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/pairing", true, |c| {
+        Box::pin(sessions::pairing(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/events", false, |c| {
+        Box::pin(sessions::events(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/start", true, |c| {
+        Box::pin(lifecycle::start(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/stop", true, |c| {
+        Box::pin(lifecycle::stop(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/logout", true, |c| {
+        Box::pin(lifecycle::logout(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/backups", true, |c| {
+        Box::pin(backups::list(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/backup", true, |c| {
+        Box::pin(backups::create(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/restore", true, |c| {
+        Box::pin(backups::restore(c))
+    }),
+    Route {
+        method: Method::POST,
+        path: "/api/sim/:id/fault",
+        key: true,
+        faults_only: true,
+        handler: |c| Box::pin(sim::fault(c)),
+    },
+];
+
+/// Matches `path` against a pattern; `Some(id)` ("" when the pattern has none).
+fn matches<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
+    let mut id = "";
+    let mut want = pattern.split('/');
+    let mut got = path.split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return Some(id),
+            (Some(":id"), Some(seg)) => id = seg,
+            (Some(w), Some(g)) if w == g => {}
+            _ => return None,
+        }
+    }
+}
+
+/// Answers one request (everything but CORS, which the caller adds).
+pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
+    check_length(&req)?;
+    let method = req.method().clone();
+    let raw = req.uri().path();
+    let path = if raw.len() > 1 {
+        raw.strip_suffix('/').unwrap_or(raw)
+    } else {
+        raw
+    };
+    let found: Vec<(&Route, &str)> = ROUTES
+        .iter()
+        .filter_map(|r| matches(r.path, path).map(|id| (r, id)))
+        .collect();
+    let Some((first, _)) = found.first() else {
+        return Err(ApiError::not_found(format!("Not found: {method} {raw}")));
+    };
+    if first.faults_only && !app.faults {
+        return Err(ApiError::not_found(
+            "Fault injection is only available with the simulated link (--link sim)",
+        ));
+    }
+    let Some(&(route, id)) = found.iter().find(|(r, _)| r.method == method) else {
+        let allowed: Vec<&str> = found.iter().map(|(r, _)| r.method.as_str()).collect();
+        let allowed = allowed.join(", ");
+        let mut resp = ApiError::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Method {method} is not allowed on {raw}; use {allowed}"),
+        )
+        .response();
+        if let Ok(v) = HeaderValue::from_str(&allowed) {
+            resp.headers_mut().insert(ALLOW, v);
+        }
+        return Ok(resp);
+    };
+    if route.key {
+        check_key(&req, &app)?;
+    }
+    if route.path.contains(":id") && !valid_user_id(id) {
+        return Err(ApiError::bad_request(INVALID_USER_ID));
+    }
+    let id = id.to_string();
+    (route.handler)(Ctx { app, req, id }).await
+}
+
+fn check_key(req: &Request<Incoming>, app: &App) -> Result<(), ApiError> {
+    let Some(expected) = &app.api_key else {
+        return Ok(());
+    };
+    match req.headers().get("x-api-key") {
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Missing API key: send it in the X-API-Key header",
+        )),
+        Some(given) if auth::keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_capture_one_segment() {
+        assert_eq!(matches("/api/sessions/:id", "/api/sessions/a1"), Some("a1"));
+        assert_eq!(
+            matches("/api/sessions/:id/stop", "/api/sessions/a1/stop"),
+            Some("a1")
+        );
+        assert_eq!(matches("/api/sessions/:id", "/api/sessions/a/b"), None);
+        assert_eq!(matches("/api/stats", "/api/stats"), Some(""));
+        assert_eq!(matches("/", "/"), Some(""));
+        assert_eq!(matches("/api/sessions/:id", "/api/sessions"), None);
+    }
+
+    #[test]
+    fn every_path_and_method_pair_is_listed_once() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            for b in &ROUTES[i + 1..] {
+                assert!(
+                    !(a.path == b.path && a.method == b.method),
+                    "{} {} twice",
+                    a.method,
+                    a.path
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,248 @@
+//! The store's writer: one thread owns the database connection and commits whatever was
+//! queued while the previous commit ran, in one transaction (group commit).
+//!
+//! The queue is bounded by the fleet, not by time: a session's queued record is replaced
+//! by its newer one, so it holds at most one row per session, plus inserts, deletes, and
+//! state-change events (capped; past the cap the oldest are dropped with a warning).
+//! A failed commit (disk full, read-only, locked) is answered to every `flush` waiting on
+//! it and its writes are queued again; the writer retries with a backoff until the disk
+//! recovers, so nothing queued is lost while the process lives.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::Connection;
+use tokio::sync::oneshot;
+
+use botvisor_actors::{SessionRecord, StorageError};
+
+use super::backup::Backups;
+use super::sql::{self, EventRow};
+
+/// State-change events held while the disk is failing; older ones are dropped past this.
+const EVENTS_QUEUED_MAX: usize = 200_000;
+/// Longest pause between retries of a failing commit.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// A write that must keep its order.
+enum Op {
+    /// A new session's row.
+    Insert(SessionRecord),
+    /// A session's row, events and backups.
+    Delete(String),
+    /// Answered once everything before it is committed.
+    Flush(oneshot::Sender<Result<(), StorageError>>),
+}
+
+#[derive(Default)]
+struct Pending {
+    ops: Vec<Op>,
+    /// Latest record per session (applied after `ops`).
+    dirty: HashMap<String, SessionRecord>,
+    events: VecDeque<EventRow>,
+    dropped_events: u64,
+    closing: bool,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.ops.is_empty() && self.dirty.is_empty() && self.events.is_empty()
+    }
+
+    fn push_event(&mut self, row: EventRow) {
+        if self.events.len() >= EVENTS_QUEUED_MAX {
+            self.events.pop_front();
+            self.dropped_events += 1;
+        }
+        self.events.push_back(row);
+    }
+
+    /// A structural change supersedes what is queued for that session.
+    fn forget(&mut self, user_id: &str) {
+        self.dirty.remove(user_id);
+        self.events.retain(|e| e.user_id != user_id);
+    }
+}
+
+/// The queue between the runtime and the writer thread.
+#[derive(Default)]
+pub struct Queue {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues a new session's row and its first event.
+    pub fn insert(&self, rec: &SessionRecord) {
+        let mut p = self.lock();
+        p.forget(&rec.user_id);
+        p.ops.push(Op::Insert(rec.clone()));
+        p.push_event(EventRow::of(rec));
+        drop(p);
+        self.ready.notify_one();
+    }
+
+    /// Queues a record (replacing a queued older one), with an event if the state changed.
+    pub fn save(&self, rec: &SessionRecord, state_changed: bool) {
+        let mut p = self.lock();
+        p.dirty.insert(rec.user_id.clone(), rec.clone());
+        if state_changed {
+            p.push_event(EventRow::of(rec));
+        }
+        drop(p);
+        self.ready.notify_one();
+    }
+
+    /// Queues a session's removal.
+    pub fn delete(&self, user_id: &str) {
+        let mut p = self.lock();
+        p.forget(user_id);
+        p.ops.push(Op::Delete(user_id.to_string()));
+        drop(p);
+        self.ready.notify_one();
+    }
+
+    /// A receiver answered once everything queued so far is committed.
+    pub fn flush(&self) -> oneshot::Receiver<Result<(), StorageError>> {
+        let (tx, rx) = oneshot::channel();
+        let mut p = self.lock();
+        if p.closing {
+            let _ = tx.send(Err(StorageError::Unavailable("the store is closed".into())));
+        } else {
+            p.ops.push(Op::Flush(tx));
+        }
+        drop(p);
+        self.ready.notify_one();
+        rx
+    }
+
+    /// Asks the writer to commit what is queued and stop.
+    pub fn close(&self) {
+        self.lock().closing = true;
+        self.ready.notify_one();
+    }
+
+    /// Waits for work; `None` once closing and drained.
+    fn take(&self) -> Option<Pending> {
+        let mut p = self.lock();
+        while p.is_empty() && !p.closing {
+            p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+        }
+        if p.is_empty() {
+            return None;
+        }
+        let closing = p.closing;
+        let dropped = std::mem::take(&mut p.dropped_events);
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "the event log fell behind a failing disk; oldest state-change events dropped"
+            );
+        }
+        let batch = std::mem::take(&mut *p);
+        p.closing = closing;
+        Some(batch)
+    }
+
+    /// Puts a failed batch's writes back in front of what arrived since.
+    fn requeue(&self, mut batch: Pending) {
+        let mut p = self.lock();
+        let touched: HashSet<String> = p
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::Insert(r) => Some(r.user_id.clone()),
+                Op::Delete(id) => Some(id.clone()),
+                Op::Flush(_) => None,
+            })
+            .collect();
+        batch.ops.retain(|op| !matches!(op, Op::Flush(_)));
+        batch.ops.append(&mut p.ops);
+        p.ops = batch.ops;
+        for (id, rec) in batch.dirty {
+            if !touched.contains(&id) {
+                p.dirty.entry(id).or_insert(rec);
+            }
+        }
+        let mut events: VecDeque<EventRow> = batch
+            .events
+            .into_iter()
+            .filter(|e| !touched.contains(&e.user_id))
+            .collect();
+        events.append(&mut p.events);
+        while events.len() > EVENTS_QUEUED_MAX {
+            events.pop_front();
+            p.dropped_events += 1;
+        }
+        p.events = events;
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for op in &batch.ops {
+        match op {
+            Op::Insert(rec) => {
+                sql::write_row(&tx, rec, true)?;
+            }
+            Op::Delete(id) => sql::delete_session(&tx, id)?,
+            Op::Flush(_) => {}
+        }
+    }
+    for rec in batch.dirty.values() {
+        sql::write_row(&tx, rec, false)?;
+    }
+    let mut logged = HashSet::new();
+    for row in &batch.events {
+        sql::insert_event(&tx, row)?;
+        logged.insert(row.user_id.as_str());
+    }
+    for user_id in logged {
+        sql::prune_events(&tx, user_id)?;
+    }
+    tx.commit()
+}
+
+/// The writer thread's loop: runs until the queue is closed and drained.
+pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
+    let mut retry = Duration::from_millis(50);
+    while let Some(mut batch) = queue.take() {
+        let result = commit(&mut conn, &batch).map_err(|e| sql::classify(&e));
+        let flushes = batch.ops.iter_mut().filter_map(|op| match op {
+            Op::Flush(tx) => Some(std::mem::replace(tx, oneshot::channel().0)),
+            _ => None,
+        });
+        let flushes: Vec<_> = flushes.collect();
+        for tx in flushes {
+            let _ = tx.send(result.clone());
+        }
+        match result {
+            Ok(()) => {
+                retry = Duration::from_millis(50);
+                for op in &batch.ops {
+                    if let Op::Delete(id) = op {
+                        if let Err(e) = backups.remove_all(id) {
+                            tracing::error!(user_id = %id, error = %e, "could not remove the session's backups");
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, retry_in = ?retry, "could not commit session changes; will retry");
+                let closing = queue.lock().closing;
+                queue.requeue(batch);
+                if closing && retry >= RETRY_MAX {
+                    tracing::error!("giving up on the failing database at shutdown");
+                    return;
+                }
+                std::thread::sleep(retry);
+                retry = (retry * 2).min(RETRY_MAX);
+            }
+        }
+    }
+}
