@@ -59,10 +59,6 @@ pub struct HumanDuration(pub Duration);
 
 impl fmt::Display for HumanDuration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0.is_zero() {
-            // humantime renders zero as "0s" too; said here so the default reads the same.
-            return f.write_str("0s");
-        }
         write!(f, "{}", humantime::format_duration(self.0))
     }
 }
