@@ -1,11 +1,25 @@
 //! Command line, environment and TOML file, merged into one `Config`.
 //! Precedence: flag > env > file > default.
+//!
+//! One definition: [`ServeArgs`] (clap) declares every setting once, with its flag, its
+//! environment variable and its default. The defaults come from the types they configure
+//! (`RestartPolicy::default()`, `SupervisorConfig::default()`, `SimSettings::default()`)
+//! or, for settings only this crate has, are written in the attribute. The `--config`
+//! file uses the same names (snake_case, `builtin_commands` for `--no-builtin-commands`):
+//! every file key whose flag was set neither on the command line nor in the environment
+//! is appended to the command line as `--flag=value` and the whole is parsed again, so
+//! clap's own parsers check file values too and name the flag when one is wrong.
 
+use std::ffi::OsString;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
+use clap::error::ErrorKind;
+use clap::parser::ValueSource;
+use clap::{
+    Arg, ArgAction, ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum,
+};
 
 use botvisor_actors::{RestartPolicy, SupervisorConfig};
 
@@ -30,8 +44,7 @@ pub enum Command {
 }
 
 /// Which network the sessions connect to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LinkKind {
     /// The real WhatsApp network (whatsapp-rust).
     Whatsapp,
@@ -39,21 +52,67 @@ pub enum LinkKind {
     Sim,
 }
 
+/// A duration written the human way (`250ms`, `5s`, `2m`), both ways: parsed from flags,
+/// env and file, and rendered for clap's `[default: ...]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+fn parse_duration(s: &str) -> Result<HumanDuration, String> {
+    humantime::parse_duration(s.trim())
+        .map(HumanDuration)
+        .map_err(|e| format!("{e} (use a human duration such as 250ms, 5s or 2m)"))
+}
+
+fn parse_wa_version(s: &str) -> Result<String, String> {
+    parse_version(s).map(|_| s.trim().to_string())
+}
+
+fn policy() -> RestartPolicy {
+    RestartPolicy::default()
+}
+
+fn supervisor() -> SupervisorConfig {
+    SupervisorConfig::default()
+}
+
+fn sim() -> SimSettings {
+    SimSettings::default()
+}
+
+/// The WhatsApp Web version whatsapp-rust 0.7 itself uses for new devices.
+pub const DEFAULT_WA_VERSION: &str = "2.3000.1042742319";
+
 /// Flags of `botvisor serve`. Every one can also be set in the `--config` file.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// TOML file with any of these settings (see config/botvisor.example.toml).
     #[arg(long, env = "BOTVISOR_CONFIG", value_name = "PATH")]
     pub config: Option<PathBuf>,
-    /// TCP port to listen on; 0 picks a free one [default: 8000].
-    #[arg(long, env = "PORT")]
-    pub port: Option<u16>,
-    /// Address to bind [default: 0.0.0.0].
-    #[arg(long, env = "BOTVISOR_BIND", value_name = "ADDR")]
-    pub bind: Option<String>,
-    /// Directory for the database, session credentials and backups [default: ./data].
-    #[arg(long, env = "BOTVISOR_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+    /// TCP port to listen on; 0 picks a free one.
+    #[arg(long, env = "PORT", default_value_t = 8000)]
+    pub port: u16,
+    /// Address to bind.
+    #[arg(
+        long,
+        env = "BOTVISOR_BIND",
+        value_name = "ADDR",
+        default_value = "0.0.0.0"
+    )]
+    pub bind: String,
+    /// Directory for the database, session credentials and backups.
+    #[arg(
+        long,
+        env = "BOTVISOR_DATA_DIR",
+        value_name = "DIR",
+        default_value = "./data"
+    )]
+    pub data_dir: PathBuf,
     /// sqlite://PATH, sqlite::memory: or a plain path [default: <data-dir>/botvisor.db].
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
@@ -63,102 +122,224 @@ pub struct ServeArgs {
     /// Allowed CORS origin; repeatable [default: any origin].
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origin: Vec<String>,
-    /// Network the sessions connect to [default: whatsapp].
-    #[arg(long, env = "BOTVISOR_LINK", value_enum)]
-    pub link: Option<LinkKind>,
-    /// Restarts allowed within --restart-window before a session is failed [default: 5].
-    #[arg(long, env = "BOTVISOR_RESTART_MAX", value_name = "N")]
-    pub restart_max: Option<u32>,
-    /// Window the restart budget is counted over [default: 60s].
-    #[arg(long, env = "BOTVISOR_RESTART_WINDOW", value_name = "DURATION", value_parser = parse_duration)]
-    pub restart_window: Option<Duration>,
-    /// Delay before the first restart [default: 500ms].
-    #[arg(long, env = "BOTVISOR_BACKOFF_INITIAL", value_name = "DURATION", value_parser = parse_duration)]
-    pub backoff_initial: Option<Duration>,
-    /// Longest delay between restarts [default: 30s].
-    #[arg(long, env = "BOTVISOR_BACKOFF_MAX", value_name = "DURATION", value_parser = parse_duration)]
-    pub backoff_max: Option<Duration>,
-    /// Growth of the delay per consecutive restart, >= 1 [default: 2.0].
-    #[arg(long, env = "BOTVISOR_BACKOFF_MULTIPLIER", value_name = "FACTOR")]
-    pub backoff_multiplier: Option<f64>,
-    /// Proportional jitter of each delay, a fraction in [0, 1] [default: 0.2].
-    #[arg(long, env = "BOTVISOR_BACKOFF_JITTER", value_name = "FRACTION")]
-    pub backoff_jitter: Option<f64>,
-    /// Stable uptime after which the backoff starts over [default: 60s].
-    #[arg(long, env = "BOTVISOR_BACKOFF_RESET_AFTER", value_name = "DURATION", value_parser = parse_duration)]
-    pub backoff_reset_after: Option<Duration>,
-    /// Time a session gets to close cleanly before it is killed [default: 10s].
-    #[arg(long, env = "BOTVISOR_SHUTDOWN_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub shutdown_timeout: Option<Duration>,
-    /// Time a session gets to answer a call; past it the API answers 503 and the session is restarted [default: 5s].
-    #[arg(long, env = "BOTVISOR_CALL_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub call_timeout: Option<Duration>,
-    /// How often every session is pinged to find hung ones [default: 10s].
-    #[arg(long, env = "BOTVISOR_WATCHDOG_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
-    pub watchdog_interval: Option<Duration>,
-    /// How long POST /api/sessions waits for the first pairing code [default: 30s].
-    #[arg(long, env = "BOTVISOR_CREATE_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
-    pub create_timeout: Option<Duration>,
-    /// Backups kept per session; older ones are deleted [default: 10].
-    #[arg(long, env = "BOTVISOR_BACKUP_KEEP", value_name = "N")]
-    pub backup_keep: Option<usize>,
-    /// WhatsApp Web version the client announces, so nothing is fetched at start [default: 2.3000.1042742319].
-    #[arg(long, env = "BOTVISOR_WA_VERSION", value_name = "A.B.C")]
-    pub wa_version: Option<String>,
+    /// Network the sessions connect to.
+    #[arg(long, env = "BOTVISOR_LINK", value_enum, default_value_t = LinkKind::Whatsapp)]
+    pub link: LinkKind,
+    /// Restarts allowed within --restart-window before a session is failed.
+    #[arg(long, env = "BOTVISOR_RESTART_MAX", value_name = "N",
+          default_value_t = policy().max_restarts)]
+    pub restart_max: u32,
+    /// Window the restart budget is counted over.
+    #[arg(long, env = "BOTVISOR_RESTART_WINDOW", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(policy().window))]
+    pub restart_window: HumanDuration,
+    /// Delay before the first restart.
+    #[arg(long, env = "BOTVISOR_BACKOFF_INITIAL", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(policy().backoff_initial))]
+    pub backoff_initial: HumanDuration,
+    /// Longest delay between restarts.
+    #[arg(long, env = "BOTVISOR_BACKOFF_MAX", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(policy().backoff_max))]
+    pub backoff_max: HumanDuration,
+    /// Growth of the delay per consecutive restart, >= 1.
+    #[arg(long, env = "BOTVISOR_BACKOFF_MULTIPLIER", value_name = "FACTOR",
+          default_value_t = policy().backoff_multiplier)]
+    pub backoff_multiplier: f64,
+    /// Proportional jitter of each delay, a fraction in [0, 1].
+    #[arg(long, env = "BOTVISOR_BACKOFF_JITTER", value_name = "FRACTION",
+          default_value_t = policy().backoff_jitter)]
+    pub backoff_jitter: f64,
+    /// Stable uptime after which the backoff starts over.
+    #[arg(long, env = "BOTVISOR_BACKOFF_RESET_AFTER", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(policy().backoff_reset_after))]
+    pub backoff_reset_after: HumanDuration,
+    /// Time a session gets to close cleanly before it is killed.
+    #[arg(long, env = "BOTVISOR_SHUTDOWN_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(supervisor().shutdown_timeout))]
+    pub shutdown_timeout: HumanDuration,
+    /// Time a session gets to answer a call; past it the API answers 503 and the session is restarted.
+    #[arg(long, env = "BOTVISOR_CALL_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(supervisor().call_timeout))]
+    pub call_timeout: HumanDuration,
+    /// How often every session is pinged to find hung ones.
+    #[arg(long, env = "BOTVISOR_WATCHDOG_INTERVAL", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(supervisor().watchdog_interval))]
+    pub watchdog_interval: HumanDuration,
+    /// How long POST /api/sessions waits for the first pairing code.
+    #[arg(long, env = "BOTVISOR_CREATE_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(supervisor().create_timeout))]
+    pub create_timeout: HumanDuration,
+    /// Sessions resumed at start are started this many at a time (>= 1), so thousands of
+    /// WhatsApp sessions do not reconnect at once.
+    #[arg(long, env = "BOTVISOR_BOOT_BATCH", value_name = "N",
+          default_value_t = supervisor().boot_batch)]
+    pub boot_batch: usize,
+    /// Pause between those batches of sessions resumed at start, so thousands of WhatsApp
+    /// sessions do not reconnect at once; 0s starts the next batch at once (use it with the
+    /// simulated link).
+    #[arg(long, env = "BOTVISOR_BOOT_INTERVAL", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(supervisor().boot_interval))]
+    pub boot_interval: HumanDuration,
+    /// Backups kept per session; older ones are deleted.
+    #[arg(
+        long,
+        env = "BOTVISOR_BACKUP_KEEP",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub backup_keep: usize,
+    /// WhatsApp Web version the client announces, so nothing is fetched at start.
+    #[arg(long, env = "BOTVISOR_WA_VERSION", value_name = "A.B.C",
+          value_parser = parse_wa_version, default_value = DEFAULT_WA_VERSION)]
+    pub wa_version: String,
     /// WebSocket URL of the WhatsApp server [default: WhatsApp's own, wss://web.whatsapp.com/ws/chat].
     #[arg(long, env = "BOTVISOR_WA_URL", value_name = "URL")]
     pub wa_url: Option<String>,
     /// Turn off the built-in bot commands (`!ping` answers `pong` with the uptime).
+    /// In the file: builtin_commands = false.
     #[arg(long)]
     pub no_builtin_commands: bool,
-    /// Simulated link: how long a pairing code is valid [default: 3m].
-    #[arg(long, env = "BOTVISOR_SIM_CODE_TTL", value_name = "DURATION", value_parser = parse_duration)]
-    pub sim_code_ttl: Option<Duration>,
-    /// Simulated link: how long after the code the phone "pairs" [default: 3s].
-    #[arg(long, env = "BOTVISOR_SIM_PAIR_DELAY", value_name = "DURATION", value_parser = parse_duration)]
-    pub sim_pair_delay: Option<Duration>,
-    /// Simulated link: network latency before the first pairing code or connect [default: 0s].
-    #[arg(long, env = "BOTVISOR_SIM_CONNECT_DELAY", value_name = "DURATION", value_parser = parse_duration)]
-    pub sim_connect_delay: Option<Duration>,
+    /// Simulated link: how long a pairing code is valid.
+    #[arg(long, env = "BOTVISOR_SIM_CODE_TTL", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(sim().code_ttl))]
+    pub sim_code_ttl: HumanDuration,
+    /// Simulated link: how long after the code the phone "pairs".
+    #[arg(long, env = "BOTVISOR_SIM_PAIR_DELAY", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(sim().pair_delay))]
+    pub sim_pair_delay: HumanDuration,
+    /// Simulated link: network latency before the first pairing code or connect.
+    #[arg(long, env = "BOTVISOR_SIM_CONNECT_DELAY", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(sim().connect_delay))]
+    pub sim_connect_delay: HumanDuration,
+    /// Simulated link: time from connecting to online (the simulated login).
+    #[arg(long, env = "BOTVISOR_SIM_LOGIN_DELAY", value_name = "DURATION",
+          value_parser = parse_duration, default_value_t = HumanDuration(sim().login_delay))]
+    pub sim_login_delay: HumanDuration,
 }
 
-/// The WhatsApp Web version whatsapp-rust 0.7 itself uses for new devices.
-pub const DEFAULT_WA_VERSION: &str = "2.3000.1042742319";
+impl Cli {
+    /// Parses the command line and the environment, then the `--config` file under them.
+    /// Exits with clap's message (status 2) on any error, like `Cli::parse`.
+    pub fn parse_layered() -> Cli {
+        Cli::try_parse_layered(std::env::args_os()).unwrap_or_else(|e| e.exit())
+    }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s.trim())
-        .map_err(|e| format!("{e} (use a human duration such as 250ms, 5s or 2m)"))
+    /// [`Cli::parse_layered`] from the given arguments (the first is the program name).
+    pub fn try_parse_layered<I, T>(argv: I) -> Result<Cli, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        layered(Cli::command(), argv.into_iter().map(Into::into).collect())
+    }
 }
 
-/// The `--config` file: the same settings, snake_case, durations as strings.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    port: Option<u16>,
-    bind: Option<String>,
-    data_dir: Option<PathBuf>,
-    database_url: Option<String>,
-    api_key: Option<String>,
-    cors_origin: Option<Vec<String>>,
-    link: Option<LinkKind>,
-    restart_max: Option<u32>,
-    restart_window: Option<String>,
-    backoff_initial: Option<String>,
-    backoff_max: Option<String>,
-    backoff_multiplier: Option<f64>,
-    backoff_jitter: Option<f64>,
-    backoff_reset_after: Option<String>,
-    shutdown_timeout: Option<String>,
-    call_timeout: Option<String>,
-    watchdog_interval: Option<String>,
-    create_timeout: Option<String>,
-    backup_keep: Option<usize>,
-    wa_version: Option<String>,
-    wa_url: Option<String>,
-    builtin_commands: Option<bool>,
-    sim_code_ttl: Option<String>,
-    sim_pair_delay: Option<String>,
-    sim_connect_delay: Option<String>,
+fn layered(mut cmd: clap::Command, mut argv: Vec<OsString>) -> Result<Cli, clap::Error> {
+    let matches = cmd.try_get_matches_from_mut(argv.clone())?;
+    let Some(("serve", serve)) = matches.subcommand() else {
+        return Cli::from_arg_matches(&matches);
+    };
+    let Some(path) = serve.get_one::<PathBuf>("config").cloned() else {
+        return Cli::from_arg_matches(&matches);
+    };
+    let serve_cmd = cmd.find_subcommand("serve").expect("serve is a subcommand");
+    let extra = file_args(&path, serve, serve_cmd)
+        .map_err(|msg| clap::Error::raw(ErrorKind::InvalidValue, format!("{msg}\n")))?;
+    argv.extend(extra);
+    // The first parse succeeded, so an error now comes from a value in the file.
+    let matches = cmd.try_get_matches_from_mut(argv).map_err(|e| {
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or_default();
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        let from = format!("(from --config file {})", path.display());
+        clap::Error::raw(e.kind(), format!("{first} {from}\n"))
+    })?;
+    Cli::from_arg_matches(&matches)
+}
+
+/// The settings of `serve`: every argument but clap's own `--help`.
+pub fn settings(serve: &clap::Command) -> impl Iterator<Item = &Arg> {
+    serve.get_arguments().filter(|a| {
+        !matches!(
+            a.get_action(),
+            ArgAction::Help | ArgAction::HelpShort | ArgAction::HelpLong | ArgAction::Version
+        )
+    })
+}
+
+/// The `--config` file key of a setting (`None`: not settable from the file).
+pub fn file_key(arg: &Arg) -> Option<&str> {
+    match arg.get_id().as_str() {
+        "config" => None,
+        "no_builtin_commands" => Some("builtin_commands"),
+        id => Some(id),
+    }
+}
+
+/// The file's settings as extra command-line arguments, for those keys whose flag was
+/// set neither on the command line nor in the environment.
+fn file_args(
+    path: &Path,
+    set: &ArgMatches,
+    serve: &clap::Command,
+) -> Result<Vec<OsString>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read --config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("invalid --config file {}: {e}", path.display()))?;
+    let mut out: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let Some(arg) = settings(serve).find(|a| file_key(a) == Some(key.as_str())) else {
+            let known: Vec<&str> = settings(serve).filter_map(file_key).collect();
+            return Err(format!(
+                "invalid --config file {}: unknown key `{key}`; the keys are {}",
+                path.display(),
+                known.join(", ")
+            ));
+        };
+        let id = arg.get_id().as_str();
+        if !matches!(set.value_source(id), None | Some(ValueSource::DefaultValue)) {
+            continue; // set on the command line or in the environment
+        }
+        let long = arg.get_long().expect("every setting has a long flag");
+        let bad = |what: &str| {
+            format!(
+                "invalid --config file {}: `{key}` must be {what}",
+                path.display()
+            )
+        };
+        match (arg.get_action(), value) {
+            (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
+                // builtin_commands = false is --no-builtin-commands.
+                if !on {
+                    out.push(format!("--{long}").into());
+                }
+            }
+            (ArgAction::SetTrue, _) => return Err(bad("true or false")),
+            (ArgAction::Append, toml::Value::Array(items)) => {
+                for item in items {
+                    let item = scalar(item).ok_or_else(|| bad("a list of strings"))?;
+                    out.push(format!("--{long}={item}").into());
+                }
+            }
+            (ArgAction::Append, _) => return Err(bad("a list such as [\"a\", \"b\"]")),
+            (_, value) => {
+                let value = scalar(value).ok_or_else(|| bad("a string or a number"))?;
+                out.push(format!("--{long}={value}").into());
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn scalar(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(s) => Some(s.clone()),
+        toml::Value::Integer(i) => Some(i.to_string()),
+        toml::Value::Float(f) => Some(f.to_string()),
+        _ => None,
+    }
 }
 
 /// The resolved configuration.
@@ -189,143 +370,53 @@ pub struct Config {
 }
 
 impl Config {
-    /// Merges flags/env (already in `args`) with the file and the defaults, and checks it.
+    /// Turns the parsed settings (flags, env and file already layered by
+    /// [`Cli::parse_layered`]) into the configuration, and checks it.
     pub fn resolve(args: &ServeArgs) -> Result<Config, String> {
-        let file = match &args.config {
-            Some(path) => load_file(path)?,
-            None => FileConfig::default(),
-        };
-        let dur = |flag: Option<Duration>,
-                   file_val: &Option<String>,
-                   key: &str,
-                   default: &str|
-         -> Result<Duration, String> {
-            if let Some(d) = flag {
-                return Ok(d);
-            }
-            let text = file_val.as_deref().unwrap_or(default);
-            parse_duration(text).map_err(|e| format!("invalid value '{text}' for '{key}': {e}"))
-        };
-        let data_dir = args
-            .data_dir
-            .clone()
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("./data"));
-        let database_url = args.database_url.clone().or(file.database_url);
-        let database = match database_url {
-            None => Database::File(data_dir.join("botvisor.db")),
-            Some(url) => parse_database_url(&url)?,
+        let database = match &args.database_url {
+            None => Database::File(args.data_dir.join("botvisor.db")),
+            Some(url) => parse_database_url(url)?,
         };
         let policy = RestartPolicy {
-            max_restarts: args.restart_max.or(file.restart_max).unwrap_or(5),
-            window: dur(
-                args.restart_window,
-                &file.restart_window,
-                "--restart-window",
-                "60s",
-            )?,
-            backoff_initial: dur(
-                args.backoff_initial,
-                &file.backoff_initial,
-                "--backoff-initial",
-                "500ms",
-            )?,
-            backoff_max: dur(args.backoff_max, &file.backoff_max, "--backoff-max", "30s")?,
-            backoff_multiplier: args
-                .backoff_multiplier
-                .or(file.backoff_multiplier)
-                .unwrap_or(2.0),
-            backoff_jitter: args.backoff_jitter.or(file.backoff_jitter).unwrap_or(0.2),
-            backoff_reset_after: dur(
-                args.backoff_reset_after,
-                &file.backoff_reset_after,
-                "--backoff-reset-after",
-                "60s",
-            )?,
+            max_restarts: args.restart_max,
+            window: args.restart_window.0,
+            backoff_initial: args.backoff_initial.0,
+            backoff_max: args.backoff_max.0,
+            backoff_multiplier: args.backoff_multiplier,
+            backoff_jitter: args.backoff_jitter,
+            backoff_reset_after: args.backoff_reset_after.0,
         };
         let supervisor = SupervisorConfig {
             policy,
-            shutdown_timeout: dur(
-                args.shutdown_timeout,
-                &file.shutdown_timeout,
-                "--shutdown-timeout",
-                "10s",
-            )?,
-            call_timeout: dur(
-                args.call_timeout,
-                &file.call_timeout,
-                "--call-timeout",
-                "5s",
-            )?,
-            watchdog_interval: dur(
-                args.watchdog_interval,
-                &file.watchdog_interval,
-                "--watchdog-interval",
-                "10s",
-            )?,
-            create_timeout: dur(
-                args.create_timeout,
-                &file.create_timeout,
-                "--create-timeout",
-                "30s",
-            )?,
+            shutdown_timeout: args.shutdown_timeout.0,
+            call_timeout: args.call_timeout.0,
+            watchdog_interval: args.watchdog_interval.0,
+            create_timeout: args.create_timeout.0,
+            boot_batch: args.boot_batch,
+            boot_interval: args.boot_interval.0,
             ..SupervisorConfig::default()
         };
-        let cors_origins = if args.cors_origin.is_empty() {
-            file.cors_origin.unwrap_or_default()
-        } else {
-            args.cors_origin.clone()
-        };
         let config = Config {
-            bind: args
-                .bind
-                .clone()
-                .or(file.bind)
-                .unwrap_or_else(|| "0.0.0.0".into()),
-            port: args.port.or(file.port).unwrap_or(8000),
-            data_dir,
+            bind: args.bind.clone(),
+            port: args.port,
+            data_dir: args.data_dir.clone(),
             database,
-            api_key: args
-                .api_key
-                .clone()
-                .or(file.api_key)
-                .filter(|k| !k.is_empty()),
-            cors_origins,
-            link: args.link.or(file.link).unwrap_or(LinkKind::Whatsapp),
+            api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            cors_origins: args.cors_origin.clone(),
+            link: args.link,
             supervisor,
-            backup_keep: args.backup_keep.or(file.backup_keep).unwrap_or(10),
+            backup_keep: args.backup_keep,
             sim: SimSettings {
-                code_ttl: dur(
-                    args.sim_code_ttl,
-                    &file.sim_code_ttl,
-                    "--sim-code-ttl",
-                    "3m",
-                )?,
-                pair_delay: dur(
-                    args.sim_pair_delay,
-                    &file.sim_pair_delay,
-                    "--sim-pair-delay",
-                    "3s",
-                )?,
-                connect_delay: dur(
-                    args.sim_connect_delay,
-                    &file.sim_connect_delay,
-                    "--sim-connect-delay",
-                    "0s",
-                )?,
-                login_delay: std::time::Duration::from_millis(20),
+                code_ttl: args.sim_code_ttl.0,
+                pair_delay: args.sim_pair_delay.0,
+                connect_delay: args.sim_connect_delay.0,
+                login_delay: args.sim_login_delay.0,
             },
             whatsapp: WhatsAppSettings {
-                version: parse_version(
-                    args.wa_version
-                        .as_deref()
-                        .or(file.wa_version.as_deref())
-                        .unwrap_or(DEFAULT_WA_VERSION),
-                )
-                .map_err(|e| format!("invalid value for '--wa-version': {e}"))?,
-                url: args.wa_url.clone().or(file.wa_url),
-                builtin_commands: !args.no_builtin_commands
-                    && file.builtin_commands.unwrap_or(true),
+                version: parse_version(&args.wa_version)
+                    .map_err(|e| format!("invalid value for '--wa-version': {e}"))?,
+                url: args.wa_url.clone(),
+                builtin_commands: !args.no_builtin_commands,
             },
         };
         config.validate()?;
@@ -335,7 +426,7 @@ impl Config {
     fn validate(&self) -> Result<(), String> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 11] = [
+        let checks: [(bool, &str); 12] = [
             (
                 p.window.is_zero(),
                 "--restart-window must be greater than 0",
@@ -368,6 +459,7 @@ impl Config {
                 s.create_timeout.is_zero(),
                 "--create-timeout must be greater than 0",
             ),
+            (s.boot_batch == 0, "--boot-batch must be at least 1"),
             (self.backup_keep == 0, "--backup-keep must be at least 1"),
             (
                 self.sim.code_ttl.is_zero(),
@@ -383,12 +475,6 @@ impl Config {
             None => Ok(()),
         }
     }
-}
-
-fn load_file(path: &Path) -> Result<FileConfig, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read --config file {}: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| format!("invalid --config file {}: {e}", path.display()))
 }
 
 /// `sqlite://PATH`, `sqlite::memory:` or a plain path; anything else is refused.
@@ -436,60 +522,202 @@ mod tests {
         assert!(err.contains("'postgres' is not supported"), "{err}");
     }
 
+    /// `botvisor` with its environment variables renamed by `rename` (`None`: ignored), so a
+    /// test sees neither the developer's environment nor another test's.
+    fn command_with_env(rename: impl Fn(&Arg) -> Option<&'static str>) -> clap::Command {
+        Cli::command().mut_subcommand("serve", |serve| {
+            serve.mut_args(|a| {
+                let env = rename(&a);
+                a.env(env)
+            })
+        })
+    }
+
+    fn resolve_with(cmd: clap::Command, flags: &[&str]) -> Result<Config, String> {
+        let mut argv: Vec<OsString> = vec!["botvisor".into(), "serve".into()];
+        argv.extend(flags.iter().map(OsString::from));
+        let Command::Serve(args) = layered(cmd, argv).map_err(|e| e.to_string())?.command;
+        Config::resolve(&args)
+    }
+
+    /// Flags and `--config` only; no environment.
+    fn resolve(flags: &[&str]) -> Result<Config, String> {
+        resolve_with(command_with_env(|_| None), flags)
+    }
+
+    fn toml_file(dir: &tempfile::TempDir, text: &str) -> String {
+        let file = dir.path().join("b.toml");
+        std::fs::write(&file, text).unwrap();
+        file.to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn defaults_come_from_the_types_they_configure() {
+        let c = resolve(&[]).unwrap();
+        let s = SupervisorConfig::default();
+        assert_eq!(c.supervisor.policy, RestartPolicy::default());
+        assert_eq!(c.supervisor.shutdown_timeout, s.shutdown_timeout);
+        assert_eq!(c.supervisor.call_timeout, s.call_timeout);
+        assert_eq!(c.supervisor.watchdog_interval, s.watchdog_interval);
+        assert_eq!(c.supervisor.create_timeout, s.create_timeout);
+        assert_eq!(c.supervisor.boot_batch, 32);
+        assert_eq!(c.supervisor.boot_interval, Duration::from_millis(200));
+        assert_eq!(
+            format!("{:?}", c.sim),
+            format!("{:?}", SimSettings::default())
+        );
+        assert_eq!(c.sim.login_delay, Duration::from_millis(20));
+        assert_eq!(
+            (c.port, c.bind.as_str(), c.link),
+            (8000, "0.0.0.0", LinkKind::Whatsapp)
+        );
+        assert_eq!(c.database, Database::File("./data/botvisor.db".into()));
+        assert!(c.whatsapp.builtin_commands);
+        assert!(c.cors_origins.is_empty());
+    }
+
     #[test]
     fn flag_beats_file_beats_default() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("b.toml");
-        std::fs::write(
-            &file,
-            "port = 9000\nrestart_window = \"2m\"\nrestart_max = 7\n",
-        )
-        .unwrap();
-        let args = ServeArgs {
-            config: Some(file),
-            port: Some(9100),
-            ..ServeArgs::default()
-        };
-        let c = Config::resolve(&args).unwrap();
+        let file = toml_file(
+            &dir,
+            "port = 9000\nrestart_window = \"2m\"\nrestart_max = 7\nboot_batch = 4\n\
+             boot_interval = \"0s\"\nsim_login_delay = \"5ms\"\nbuiltin_commands = false\n\
+             cors_origin = [\"https://a.example\", \"https://b.example\"]\nbackoff_multiplier = 3\n",
+        );
+        let c = resolve(&["--config", &file, "--port", "9100"]).unwrap();
         assert_eq!(c.port, 9100);
         assert_eq!(c.supervisor.policy.window, Duration::from_secs(120));
         assert_eq!(c.supervisor.policy.max_restarts, 7);
+        assert_eq!(c.supervisor.policy.backoff_multiplier, 3.0);
         assert_eq!(
             c.supervisor.policy.backoff_initial,
             Duration::from_millis(500)
         );
+        assert_eq!(c.supervisor.boot_batch, 4);
+        assert_eq!(c.supervisor.boot_interval, Duration::ZERO);
+        assert_eq!(c.sim.login_delay, Duration::from_millis(5));
+        assert!(!c.whatsapp.builtin_commands);
+        assert_eq!(c.cors_origins, ["https://a.example", "https://b.example"]);
         assert_eq!(c.link, LinkKind::Whatsapp);
+        // A repeated flag replaces the file's list, it does not add to it.
+        let c = resolve(&["--config", &file, "--cors-origin", "https://c.example"]).unwrap();
+        assert_eq!(c.cors_origins, ["https://c.example"]);
+        let c = resolve(&[
+            "--config",
+            &file,
+            "--boot-batch",
+            "8",
+            "--boot-interval",
+            "1s",
+        ])
+        .unwrap();
+        assert_eq!(c.supervisor.boot_batch, 8);
+        assert_eq!(c.supervisor.boot_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn env_sits_between_flag_and_file() {
+        // Names no other test reads, so setting them here races with nothing.
+        let cmd = || {
+            command_with_env(|a| match a.get_id().as_str() {
+                "restart_max" => Some("BOTVISOR_TEST_ENV_LAYER_RESTART_MAX"),
+                "boot_interval" => Some("BOTVISOR_TEST_ENV_LAYER_BOOT_INTERVAL"),
+                "backoff_max" => Some("BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX"),
+                _ => None,
+            })
+        };
+        std::env::set_var("BOTVISOR_TEST_ENV_LAYER_RESTART_MAX", "8");
+        std::env::set_var("BOTVISOR_TEST_ENV_LAYER_BOOT_INTERVAL", "0s");
+        let dir = tempfile::tempdir().unwrap();
+        let file = toml_file(
+            &dir,
+            "restart_max = 7\nboot_interval = \"1s\"\nboot_batch = 3\n",
+        );
+        let c = resolve_with(cmd(), &["--config", &file]).unwrap();
+        assert_eq!(c.supervisor.policy.max_restarts, 8, "env beats file");
+        assert_eq!(c.supervisor.boot_interval, Duration::ZERO, "env beats file");
+        assert_eq!(c.supervisor.boot_batch, 3, "file beats default");
+        let c = resolve_with(cmd(), &["--config", &file, "--restart-max", "9"]).unwrap();
+        assert_eq!(c.supervisor.policy.max_restarts, 9, "flag beats env");
+        // A bad value in the environment names its flag too.
+        std::env::set_var("BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX", "soon");
+        let err = resolve_with(cmd(), &[]).unwrap_err();
+        assert!(
+            err.contains("invalid value 'soon' for '--backoff-max"),
+            "{err}"
+        );
+        for name in ["RESTART_MAX", "BOOT_INTERVAL", "BACKOFF_MAX"] {
+            std::env::remove_var(format!("BOTVISOR_TEST_ENV_LAYER_{name}"));
+        }
     }
 
     #[test]
     fn bad_values_name_their_flag() {
         let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("b.toml");
-        std::fs::write(&file, "backoff_max = \"soon\"\n").unwrap();
-        let args = ServeArgs {
-            config: Some(file.clone()),
-            ..ServeArgs::default()
-        };
-        assert!(Config::resolve(&args)
-            .unwrap_err()
-            .contains("--backoff-max"));
-        std::fs::write(&file, "backoff_jitter = 1.5\n").unwrap();
-        assert!(Config::resolve(&args)
-            .unwrap_err()
-            .contains("--backoff-jitter"));
-        std::fs::write(&file, "no_such_key = 1\n").unwrap();
-        assert!(Config::resolve(&args).unwrap_err().contains("no_such_key"));
+        let cases = [
+            (
+                "backoff_max = \"soon\"\n",
+                "invalid value 'soon' for '--backoff-max",
+            ),
+            ("backoff_jitter = 1.5\n", "--backoff-jitter"),
+            ("port = 70000\n", "'--port"),
+            ("link = \"pigeon\"\n", "'--link"),
+            ("wa_version = \"2.x\"\n", "'--wa-version"),
+            ("boot_batch = 0\n", "--boot-batch must be at least 1"),
+            ("boot_batch = -1\n", "'--boot-batch"),
+            ("no_such_key = 1\n", "unknown key `no_such_key`"),
+            ("config = \"other.toml\"\n", "unknown key `config`"),
+            (
+                "no_builtin_commands = true\n",
+                "unknown key `no_builtin_commands`",
+            ),
+            (
+                "builtin_commands = \"no\"\n",
+                "`builtin_commands` must be true or false",
+            ),
+            (
+                "cors_origin = \"https://a.example\"\n",
+                "`cors_origin` must be a list",
+            ),
+            ("port = [1]\n", "`port` must be a string or a number"),
+            ("port = \n", "invalid --config file"),
+        ];
+        for (text, expect) in cases {
+            let file = toml_file(&dir, text);
+            let err = resolve(&["--config", &file]).unwrap_err();
+            assert!(err.contains(expect), "{text}: {err}");
+        }
+        let err = resolve(&["--boot-interval", "later"]).unwrap_err();
+        assert!(err.contains("'--boot-interval"), "{err}");
+        let err = resolve(&["--config", "/nonexistent/b.toml"]).unwrap_err();
+        assert!(err.contains("cannot read --config file"), "{err}");
     }
 
     #[test]
     fn example_config_file_parses_and_matches_the_defaults() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/botvisor.example.toml");
-        let args = ServeArgs {
-            config: Some(path),
-            ..ServeArgs::default()
-        };
-        let from_file = Config::resolve(&args).unwrap();
-        let defaults = Config::resolve(&ServeArgs::default()).unwrap();
+        let from_file = resolve(&["--config", path.to_str().unwrap()]).unwrap();
+        let defaults = resolve(&[]).unwrap();
         assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+        // Every setting is in it, bar those with no default (commented examples there).
+        let table: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+        let cmd = Cli::command();
+        let serve = cmd.find_subcommand("serve").unwrap();
+        for key in settings(serve).filter_map(file_key) {
+            let commented = ["api_key", "database_url", "wa_url"].contains(&key);
+            assert_eq!(
+                table.contains_key(key),
+                !commented,
+                "config/botvisor.example.toml and the flag of `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn durations_render_the_way_they_parse() {
+        for text in ["0s", "20ms", "200ms", "3s", "1m", "3m", "1h 30m"] {
+            assert_eq!(parse_duration(text).unwrap().to_string(), text);
+        }
     }
 }

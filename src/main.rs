@@ -7,13 +7,12 @@ compile_error!(
     "the `test-peer` feature disables WhatsApp certificate checks: never build it in release mode"
 );
 
-use clap::Parser;
 use tokio::net::TcpListener;
 
 use botvisor::config::{Cli, Command, Config};
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_layered();
     let Command::Serve(args) = cli.command;
     let config = match Config::resolve(&args) {
         Ok(c) => c,

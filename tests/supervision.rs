@@ -278,41 +278,80 @@ fn invalid_settings_are_refused_at_startup_naming_the_flag() {
 }
 
 #[test]
+fn settings_layer_flag_over_env_over_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("b.toml");
+    let run = |file_text: &str, env: Option<&str>, flags: &[&str]| {
+        std::fs::write(&file, file_text).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_botvisor"));
+        cmd.args(["serve", "--link", "sim", "--data-dir"])
+            .arg(tmp.path())
+            .arg("--config")
+            .arg(&file)
+            // The last check made: when it is the error, every other setting passed.
+            .args(["--bind", "not-an-address"])
+            .args(flags)
+            .env_remove("BOTVISOR_BACKOFF_JITTER");
+        if let Some(jitter) = env {
+            cmd.env("BOTVISOR_BACKOFF_JITTER", jitter);
+        }
+        let out = cmd.output().unwrap();
+        assert_ne!(out.status.code(), Some(0));
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    let jitter = "--backoff-jitter must be";
+    let passed = "--bind must be";
+    assert!(run("backoff_jitter = 2\n", None, &[]).contains(jitter));
+    assert!(run("backoff_jitter = 2\n", Some("0.5"), &[]).contains(passed));
+    assert!(run("backoff_jitter = 0.5\n", Some("2"), &[]).contains(jitter));
+    let err = run("", Some("2"), &["--backoff-jitter", "0.5"]);
+    assert!(err.contains(passed), "{err}");
+    let err = run("backoff_max = \"soon\"\n", None, &[]);
+    assert!(
+        err.contains("invalid value 'soon' for '--backoff-max"),
+        "{err}"
+    );
+    assert!(err.contains("from --config file"), "{err}");
+    let err = run("backoff_jiter = 0.5\n", None, &[]);
+    assert!(err.contains("unknown key `backoff_jiter`"), "{err}");
+}
+
+#[test]
 fn help_documents_every_flag() {
+    use clap::CommandFactory;
     let out = Command::new(env!("CARGO_BIN_EXE_botvisor"))
         .args(["serve", "--help"])
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in [
-        "--port",
-        "--bind",
-        "--data-dir",
-        "--database-url",
-        "--api-key",
-        "--cors-origin",
-        "--link",
-        "--restart-max",
-        "--restart-window",
-        "--backoff-initial",
-        "--backoff-max",
-        "--backoff-multiplier",
-        "--backoff-jitter",
-        "--backoff-reset-after",
-        "--shutdown-timeout",
-        "--config",
-        "--sim-code-ttl",
-        "--sim-pair-delay",
-        "--call-timeout",
-        "--watchdog-interval",
-        "--create-timeout",
-        "--backup-keep",
-        "--wa-version",
-        "--wa-url",
-        "--no-builtin-commands",
-    ] {
-        assert!(help.contains(flag), "--help lacks {flag}");
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let cli = botvisor::config::Cli::command();
+    let serve = cli.find_subcommand("serve").unwrap();
+    let mut flags = 0;
+    for arg in botvisor::config::settings(serve) {
+        let flag = format!(
+            "--{}",
+            arg.get_long().expect("every setting has a long flag")
+        );
+        assert!(help.contains(&flag), "--help lacks {flag}");
+        assert!(
+            readme.contains(&format!("| `{flag}`")),
+            "README's flag table lacks {flag}"
+        );
+        if let Some(env) = arg.get_env() {
+            let env = format!("`{}`", env.to_str().unwrap());
+            assert!(
+                readme.contains(&env),
+                "README's flag table lacks {env} ({flag})"
+            );
+        }
+        flags += 1;
     }
+    assert!(
+        flags >= 29,
+        "only {flags} flags: is this the serve subcommand?"
+    );
 }
 
 #[test]

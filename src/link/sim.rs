@@ -32,6 +32,17 @@ pub struct SimSettings {
     pub login_delay: Duration,
 }
 
+impl Default for SimSettings {
+    fn default() -> Self {
+        SimSettings {
+            code_ttl: Duration::from_secs(3 * 60),
+            pair_delay: Duration::from_secs(3),
+            connect_delay: Duration::ZERO,
+            login_delay: Duration::from_millis(20),
+        }
+    }
+}
+
 /// The simulated link.
 pub struct SimLink {
     data_dir: PathBuf,
