@@ -176,6 +176,98 @@ fn kill_9_loses_no_session_and_the_next_boot_resumes_them() {
 }
 
 #[test]
+fn every_answered_change_survives_a_kill_9_right_after_its_answer() {
+    // Replies wait for the store's commit: kill -9 the moment each 2xx arrives.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    assert_eq!(s.create("gc_new", "1234567890").status, 201);
+    s.kill9();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    assert_eq!(
+        s.session("gc_new")["userId"],
+        "gc_new",
+        "a created session is kept"
+    );
+    s.wait_state("gc_new", "online");
+    assert_eq!(s.create("gc_gone", "1234567891").status, 201);
+    assert_eq!(s.post("/api/sessions/gc_new/stop", None).status, 200);
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/gc_gone", None, &[]).status,
+        200
+    );
+    s.kill9();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    let v = s.session("gc_new");
+    assert_eq!(
+        (v["state"].as_str(), v["desired"].as_str()),
+        (Some("stopped"), Some("stopped"))
+    );
+    assert_eq!(
+        s.get("/api/sessions/gc_gone").status,
+        404,
+        "a deleted session stays deleted"
+    );
+    assert_eq!(s.post("/api/sessions/gc_new/start", None).status, 200);
+    s.kill9();
+    let s = Server::start_in(tmp.path(), &[]);
+    assert_eq!(s.session("gc_new")["desired"], "running", "a start is kept");
+    s.wait_state("gc_new", "online");
+}
+
+/// When a session last began to connect, in ms since the epoch.
+fn last_connect_ms(s: &Server, id: &str) -> u64 {
+    let events = s.get(&format!("/api/sessions/{id}/events")).json();
+    let at = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["state"] == "connecting")
+        .unwrap_or_else(|| panic!("no connect of {id}: {events}"))["at"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    humantime::parse_rfc3339(&at)
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn boot_pacing_flags_space_the_resumed_sessions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = ["b1", "b2", "b3"];
+    let mut s = Server::start_in(tmp.path(), &[]);
+    for id in ids {
+        assert_eq!(s.create(id, "1234567890").status, 201);
+    }
+    for id in ids {
+        s.wait_state(id, "online");
+    }
+    s.kill9();
+    // One session per batch, 400 ms apart: the third starts at least 800 ms after the first.
+    let mut s = Server::start_in(
+        tmp.path(),
+        &["--boot-batch", "1", "--boot-interval", "400ms"],
+    );
+    for id in ids {
+        s.wait_state(id, "online");
+    }
+    let mut starts: Vec<u64> = ids.iter().map(|id| last_connect_ms(&s, id)).collect();
+    starts.sort();
+    assert!(
+        starts[2] - starts[0] >= 800 && starts[1] - starts[0] >= 400,
+        "boot batches were not paced: {starts:?}"
+    );
+    s.kill9();
+    // 0s: no pause; every session comes back.
+    let s = Server::start_in(tmp.path(), &["--boot-batch", "1", "--boot-interval", "0s"]);
+    for id in ids {
+        s.wait_state(id, "online");
+    }
+}
+
+#[test]
 fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = Server::start_in(tmp.path(), &["--restart-max", "0"]);
