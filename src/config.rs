@@ -69,7 +69,7 @@ fn parse_duration(s: &str) -> Result<HumanDuration, String> {
         .map_err(|e| format!("{e} (use a human duration such as 250ms, 5s or 2m)"))
 }
 
-fn parse_wa_version(s: &str) -> Result<String, String> {
+fn parse_wa_version(s: &str) -> Result<String, crate::link::whatsapp::VersionError> {
     parse_version(s).map(|_| s.trim().to_string())
 }
 
@@ -342,6 +342,23 @@ fn scalar(value: &toml::Value) -> Option<String> {
     }
 }
 
+/// A setting that cannot be used, with a message that names its flag.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl From<String> for ConfigError {
+    fn from(s: String) -> ConfigError {
+        ConfigError(s)
+    }
+}
+
+impl From<&str> for ConfigError {
+    fn from(s: &str) -> ConfigError {
+        ConfigError(s.to_string())
+    }
+}
+
 /// The resolved configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -372,7 +389,7 @@ pub struct Config {
 impl Config {
     /// Turns the parsed settings (flags, env and file already layered by
     /// [`Cli::parse_layered`]) into the configuration, and checks it.
-    pub fn resolve(args: &ServeArgs) -> Result<Config, String> {
+    pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
         let database = match &args.database_url {
             None => Database::File(args.data_dir.join("botvisor.db")),
             Some(url) => parse_database_url(url)?,
@@ -423,7 +440,7 @@ impl Config {
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
         let checks: [(bool, &str); 12] = [
@@ -471,14 +488,14 @@ impl Config {
             ),
         ];
         match checks.iter().find(|(bad, _)| *bad) {
-            Some((_, msg)) => Err(msg.to_string()),
+            Some((_, msg)) => Err(ConfigError(msg.to_string())),
             None => Ok(()),
         }
     }
 }
 
 /// `sqlite://PATH`, `sqlite::memory:` or a plain path; anything else is refused.
-pub fn parse_database_url(url: &str) -> Result<Database, String> {
+pub fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
     let url = url.trim();
     if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         return Ok(Database::Memory);
@@ -495,7 +512,8 @@ pub fn parse_database_url(url: &str) -> Result<Database, String> {
         return Err(format!(
             "--database-url scheme '{scheme}' is not supported: botvisor keeps its sessions in SQLite; \
              use sqlite://PATH, sqlite::memory: or a plain file path"
-        ));
+        )
+        .into());
     }
     if url.is_empty() {
         return Err("--database-url is empty".into());
@@ -519,7 +537,7 @@ mod tests {
             Ok(Database::File("x/b.db".into()))
         );
         let err = parse_database_url("postgres://u@h/db").unwrap_err();
-        assert!(err.contains("'postgres' is not supported"), "{err}");
+        assert!(err.0.contains("'postgres' is not supported"), "{err}");
     }
 
     /// `botvisor` with its environment variables renamed by `rename` (`None`: ignored), so a
@@ -537,7 +555,7 @@ mod tests {
         let mut argv: Vec<OsString> = vec!["botvisor".into(), "serve".into()];
         argv.extend(flags.iter().map(OsString::from));
         let Command::Serve(args) = layered(cmd, argv).map_err(|e| e.to_string())?.command;
-        Config::resolve(&args)
+        Config::resolve(&args).map_err(|e| e.0)
     }
 
     /// Flags and `--config` only; no environment.

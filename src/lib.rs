@@ -91,20 +91,49 @@ fn log_capacity(link: &dyn Link) {
     }
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The data directory cannot be created or used.
+    #[error("cannot create {path}: {source}")]
+    DataDir {
+        /// Which directory.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The session database cannot be opened.
+    #[error("cannot open the database: {0}")]
+    Database(#[from] botvisor_actors::StorageError),
+    /// The supervisor actor did not start.
+    #[error("cannot start the supervisor: {0}")]
+    Supervisor(String),
+    /// The listening socket is unusable.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 /// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
 /// (desired states untouched, so the next boot resumes them) and returns.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), RunError> {
     for dir in [
         config.data_dir.clone(),
         paths::sessions_dir(&config.data_dir),
         paths::backups_dir(&config.data_dir),
     ] {
-        paths::create_private_dir(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        paths::create_private_dir(&dir).map_err(|source| RunError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
     let link = make_link(&config);
     let store_config = StoreConfig {
@@ -115,8 +144,8 @@ pub async fn run(
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
-        .map_err(|e| format!("cannot open the database: {e}"))?;
-    let (store, boot) = open.map_err(|e| format!("cannot open the database: {e}"))?;
+        .map_err(|e| botvisor_actors::StorageError::Failed(e.to_string()))?;
+    let (store, boot) = open?;
     let store = Arc::new(store);
     tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
     log_capacity(link.as_ref());
@@ -131,7 +160,7 @@ pub async fn run(
         },
     )
     .await
-    .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    .map_err(|e| RunError::Supervisor(e.to_string()))?;
     let app = Arc::new(http::App {
         sup: sup.clone(),
         store: store.clone(),
@@ -140,7 +169,10 @@ pub async fn run(
         faults: link.accepts_faults(),
         supervisor: config.supervisor.clone(),
     });
-    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let local = listener.local_addr().map_err(|source| RunError::Listen {
+        addr: format!("{}:{}", config.bind, config.port),
+        source,
+    })?;
     // One plain line on stdout that scripts and tests can wait for: the API answers now.
     println!("botvisor listening on http://{local}");
     tracing::info!(%local, link = link.name(), auth = config.api_key.is_some(), "listening");

@@ -32,13 +32,23 @@ pub fn open_files() -> Option<(u64, u64)> {
     Some((used, soft_limit()?.rlim_cur))
 }
 
+/// Too few descriptors are left for another session.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "Too many open files: {used} of {limit} in use; raise the open-files limit \
+     (ulimit -n, or LimitNOFILE= in systemd) before adding sessions"
+)]
+pub struct OutOfFiles {
+    /// Descriptors in use.
+    pub used: u64,
+    /// The soft limit.
+    pub limit: u64,
+}
+
 /// `Err` with a clear message when too few descriptors are left for another session.
-pub fn check_headroom() -> Result<(), String> {
+pub fn check_headroom() -> Result<(), OutOfFiles> {
     match open_files() {
-        Some((used, limit)) if used + RESERVE > limit => Err(format!(
-            "Too many open files: {used} of {limit} in use; raise the open-files limit \
-             (ulimit -n) before adding sessions"
-        )),
+        Some((used, limit)) if used + RESERVE > limit => Err(OutOfFiles { used, limit }),
         _ => Ok(()),
     }
 }

@@ -63,11 +63,11 @@ fn main() {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config) -> Result<(), botvisor::RunError> {
     let addr = format!("{}:{}", config.bind, config.port);
     let listener = TcpListener::bind(&addr)
         .await
-        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        .map_err(|source| botvisor::RunError::Listen { addr, source })?;
     if cfg!(feature = "test-peer") {
         tracing::warn!("TEST BUILD (feature test-peer): WhatsApp certificate checks are OFF");
     }

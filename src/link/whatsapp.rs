@@ -44,15 +44,20 @@ pub struct WhatsAppSettings {
     pub builtin_commands: bool,
 }
 
+/// A WhatsApp Web version that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a version such as 2.3000.1042742319")]
+pub struct VersionError(String);
+
 /// Parses `2.3000.1042742319`.
-pub fn parse_version(s: &str) -> Result<(u32, u32, u32), String> {
+pub fn parse_version(s: &str) -> Result<(u32, u32, u32), VersionError> {
     let parts: Vec<&str> = s.trim().split('.').collect();
     match parts.as_slice() {
         [a, b, c] => match (a.parse(), b.parse(), c.parse()) {
             (Ok(a), Ok(b), Ok(c)) => Ok((a, b, c)),
-            _ => Err(format!("'{s}' is not a version such as 2.3000.1042742319")),
+            _ => Err(VersionError(s.to_string())),
         },
-        _ => Err(format!("'{s}' is not a version such as 2.3000.1042742319")),
+        _ => Err(VersionError(s.to_string())),
     }
 }
 
@@ -440,7 +445,7 @@ impl Link for WhatsAppLink {
     /// Each session holds its store (3 descriptors) and a socket: refuse a new one
     /// clearly before the process runs out.
     fn admit(&self) -> Result<(), LinkError> {
-        crate::limits::check_headroom().map_err(LinkError::new)
+        crate::limits::check_headroom().map_err(|e| LinkError::new(e.to_string()))
     }
 }
 
