@@ -1,13 +1,17 @@
 //! Test harness: starts the real `botvisor` binary on 127.0.0.1 with a temp data dir and
 //! talks HTTP/1.1 to it over real sockets (a tiny client, so tests can also send
 //! malformed requests).
+//!
+//! Each server's stderr (its log) goes to `server.log` in its data dir, appended across
+//! restarts on the same dir; it is printed only when the test fails.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -17,8 +21,13 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where this server's stderr goes (shared by every server started on `data_dir`).
+    pub log: PathBuf,
     _tmp: Option<tempfile::TempDir>,
 }
+
+/// The name of the server log in a data dir.
+pub const SERVER_LOG: &str = "server.log";
 
 /// An HTTP answer.
 #[derive(Debug)]
@@ -100,6 +109,13 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
+        let log = dir.join(SERVER_LOG);
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let _ = writeln!(log_file, "==== {} {}", bin.display(), args.join(" "));
         let mut child = Command::new(bin)
             .args(&args)
             .env_remove("API_KEY")
@@ -108,8 +124,9 @@ impl Server {
             .env_remove("BOTVISOR_LINK")
             .env("RUST_LOG", "warn")
             .env("RUST_BACKTRACE", "0")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn botvisor");
         let stdout = child.stdout.take().unwrap();
@@ -121,13 +138,22 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server did not report its address");
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not report its address; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
         Server {
             child,
             addr,
             data_dir: dir.to_path_buf(),
+            log,
             _tmp: None,
         }
     }
@@ -247,7 +273,29 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            dump_log_once(&self.log);
+        }
     }
+}
+
+/// Prints a server log to stderr, once per file (servers restarted on one data dir share
+/// it, and each of their drops would print it).
+fn dump_log_once(log: &Path) {
+    static PRINTED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let mut printed = PRINTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !printed
+        .get_or_insert_with(HashSet::new)
+        .insert(log.to_path_buf())
+    {
+        return;
+    }
+    let text = std::fs::read_to_string(log)
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", log.display()));
+    eprintln!(
+        "---- server log {} ----\n{text}---- end of server log ----",
+        log.display()
+    );
 }
 
 fn parse_response(buf: &[u8]) -> Resp {
