@@ -29,6 +29,30 @@ pub struct Server {
 /// The name of the server log in a data dir.
 pub const SERVER_LOG: &str = "server.log";
 
+/// True when an environment flag is on: set, non-empty, and not `0` or `false`.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    })
+}
+
+/// For a test that cannot run here (a missing tool or build): fails when the run must
+/// not skip anything (`CI` or `BOTVISOR_REQUIRE_EXAMPLES` set, as in CI), otherwise
+/// prints why it is skipped. The caller returns right after.
+pub fn skip_unless_required(test: &str, reason: &str) {
+    let strict: Vec<&str> = ["CI", "BOTVISOR_REQUIRE_EXAMPLES"]
+        .into_iter()
+        .filter(|v| env_flag(v))
+        .collect();
+    assert!(
+        strict.is_empty(),
+        "{test} cannot run: {reason} (not skipped because {} is set)",
+        strict.join(" and ")
+    );
+    eprintln!("SKIPPED {test}: {reason}");
+}
+
 /// An HTTP answer.
 #[derive(Debug)]
 pub struct Resp {
