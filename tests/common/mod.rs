@@ -269,6 +269,55 @@ impl Server {
         self.wait_for(user_id, 20, |v| v["state"] == state)
     }
 
+    /// The session's event log, newest first (`GET /api/sessions/:id/events`).
+    pub fn events(&self, user_id: &str) -> Vec<Value> {
+        let r = self.get(&format!("/api/sessions/{user_id}/events"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["events"].as_array().expect("events").clone()
+    }
+
+    /// The states recorded after the newest event in state `terminal` (oldest first);
+    /// panics if there is none.
+    pub fn states_after(&self, user_id: &str, terminal: &str) -> Vec<String> {
+        let events = self.events(user_id);
+        let newest = events
+            .iter()
+            .position(|e| e["state"] == terminal)
+            .unwrap_or_else(|| panic!("{user_id} has no {terminal} event: {events:?}"));
+        events[..newest]
+            .iter()
+            .rev()
+            .map(|e| e["state"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    /// Proof that the server's timers have run well past `--backoff-max` (200 ms in
+    /// `FAST`), instead of a sleep: creates session `id`, hangs it, and waits until the
+    /// watchdog has restarted it (`restarts == 1`, back `online`). The watchdog's ping
+    /// gives up only after `--call-timeout` (1 s in `FAST`), so by then at least that long
+    /// has passed on the server's clock since this call began, and the supervisor, which
+    /// handles its messages in order, has handled every restart that fell due before.
+    /// Needs the watchdog (`--watchdog-interval`) and a restart budget of at least 1.
+    pub fn timer_probe(&self, id: &str) {
+        let began = Instant::now();
+        assert_eq!(self.create(id, "1234567899").status, 201, "probe {id}");
+        self.wait_state(id, "online");
+        assert_eq!(self.fault(id, "hang").status, 200, "probe {id}");
+        let v = self.wait_for(id, 20, |v| v["state"] == "online" && v["restarts"] == 1);
+        assert!(
+            v["lastError"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("did not answer a watchdog ping"),
+            "the probe must have been restarted by the watchdog: {v}"
+        );
+        assert!(
+            began.elapsed() >= Duration::from_secs(1),
+            "the probe came back too soon to prove anything ({:?})",
+            began.elapsed()
+        );
+    }
+
     /// SIGKILL, no cleanup.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
