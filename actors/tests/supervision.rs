@@ -438,9 +438,21 @@ async fn shutdown_stops_every_child_and_keeps_desired_states() {
     }
     h.wait_state("z", SessionState::Online).await;
     ractor::call!(h.sup, SupervisorMsg::Shutdown).unwrap();
+    // Answered once every child is gone: each is stopped (stored and shown), and still
+    // meant to run at the next boot.
     for id in ["x", "y", "z"] {
         let rec = h.store.rows.lock().unwrap()[id].clone();
-        assert_eq!(rec.desired, Desired::Running);
+        assert_eq!(
+            (rec.state, rec.desired),
+            (SessionState::Stopped, Desired::Running),
+            "{id} as stored"
+        );
+        let rec = h.get(id).await.unwrap();
+        assert_eq!(
+            (rec.state, rec.desired),
+            (SessionState::Stopped, Desired::Running),
+            "{id} as shown"
+        );
     }
     assert!(matches!(h.create("w").await, Err(CmdError::Unavailable(_))));
 }
