@@ -39,7 +39,7 @@ pub fn env_flag(name: &str) -> bool {
 
 /// For a test that cannot run here (a missing tool or build): fails when the run must
 /// not skip anything (`CI` or `BOTVISOR_REQUIRE_EXAMPLES` set, as in CI), otherwise
-/// prints why it is skipped. The caller returns right after.
+/// prints `SKIPPED` and why. The caller returns right after.
 pub fn skip_unless_required(test: &str, reason: &str) {
     let strict: Vec<&str> = ["CI", "BOTVISOR_REQUIRE_EXAMPLES"]
         .into_iter()
@@ -50,7 +50,9 @@ pub fn skip_unless_required(test: &str, reason: &str) {
         "{test} cannot run: {reason} (not skipped because {} is set)",
         strict.join(" and ")
     );
-    eprintln!("SKIPPED {test}: {reason}");
+    // Straight to stderr, not eprintln!: libtest would capture that and show it only
+    // with --nocapture, and a skip should be seen.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// An HTTP answer.
