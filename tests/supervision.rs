@@ -43,10 +43,16 @@ fn too_many_crashes_fail_one_session_while_the_others_stay_online() {
         "{v}"
     );
     assert_eq!(v["desired"], "running");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // Its next backoff would have been at most 240 ms; the probe proves more has passed.
+    s.timer_probe("probe");
     assert_eq!(
         s.session("bad")["state"],
         "failed",
+        "a failed session must not restart by itself"
+    );
+    assert_eq!(
+        s.states_after("bad", "failed"),
+        Vec::<String>::new(),
         "a failed session must not restart by itself"
     );
     assert_eq!(s.session("good")["state"], "online");
@@ -74,8 +80,10 @@ fn logout_from_the_phone_is_terminal() {
         !s.data_dir.join("sessions/lo.db").exists(),
         "credentials must be wiped"
     );
-    std::thread::sleep(std::time::Duration::from_millis(600));
+    // Well past any backoff: it is still logged out and was never started again.
+    s.timer_probe("probe");
     assert_eq!(s.session("lo")["state"], "logged_out");
+    assert_eq!(s.states_after("lo", "logged_out"), Vec::<String>::new());
     // start pairs it afresh.
     assert_eq!(s.post("/api/sessions/lo/start", None).status, 200);
     s.wait_state("lo", "pairing");
@@ -281,9 +289,13 @@ fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
     s.wait_state("lx", "logged_out");
     s.kill9();
     let s = Server::start_in(tmp.path(), &[]);
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The boot batch (sent to the supervisor before it answers any request) and any
+    // backoff that could follow it are over once the probe is back.
+    s.timer_probe("probe");
     assert_eq!(s.session("fx")["state"], "failed");
     assert_eq!(s.session("lx")["state"], "logged_out");
+    assert_eq!(s.states_after("fx", "failed"), Vec::<String>::new());
+    assert_eq!(s.states_after("lx", "logged_out"), Vec::<String>::new());
 }
 
 #[test]

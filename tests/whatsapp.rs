@@ -32,6 +32,40 @@ fn wait_until(secs: u64, what: &str, pred: impl Fn() -> bool) {
     }
 }
 
+/// The phone number of `reconnect_probe`'s session (no other test session uses it).
+const PROBE_PHONE: &str = "15550009999";
+
+/// Proof that no reconnect is still due, instead of a sleep. A reconnect of a client
+/// whose connection ended at `ended` (or before) would reach the peer at most 1.1 s
+/// later (whatsapp-rust's first backoff step is 1 s ± 10 %; a supervisor restart takes at
+/// most 240 ms). The probe creates session `id` (it must be the only live connection, as
+/// `Command::Close` closes them all), then closes its connection and waits until its
+/// client has gone through that same backoff, reconnected and asked for a fresh code (one
+/// more companion_hello for `PROBE_PHONE`), and repeats until it completes a round at
+/// least 1.8 s after `ended` (one round usually does: each takes over 1 s, pairing-code
+/// key derivation included). Returns the connections the probe opened itself.
+fn reconnect_probe(peer: &Peer, s: &Server, id: &str, ended: Instant) -> usize {
+    let hellos = || {
+        peer.stats()
+            .companion_hellos
+            .iter()
+            .filter(|p| *p == PROBE_PHONE)
+            .count()
+    };
+    assert_eq!(s.create(id, PROBE_PHONE).status, 201, "probe {id}");
+    let mut opened = 1;
+    assert_eq!(hellos(), opened);
+    loop {
+        assert!(opened <= 5, "the probe never got 1.8 s past the end");
+        peer.command(Command::Close);
+        wait_until(30, "the probe's reconnect", || hellos() == opened + 1);
+        opened += 1;
+        if ended.elapsed() >= Duration::from_millis(1800) {
+            return opened;
+        }
+    }
+}
+
 fn is_code(code: &str) -> bool {
     code.len() == 9
         && code.as_bytes()[4] == b'-'
@@ -188,8 +222,10 @@ fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
     let s = start(&peer, &[]);
     assert_eq!(s.create("wa_lo", "15551234567").status, 201);
     assert!(s.data_dir.join("sessions/wa_lo.db").exists());
+    let before = peer.stats();
     peer.command(Command::LoggedOut);
     let v = s.wait_state("wa_lo", "logged_out");
+    let ended = Instant::now();
     assert!(
         v["lastError"]
             .as_str()
@@ -202,13 +238,18 @@ fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
             .iter()
             .all(|sfx| !s.data_dir.join(format!("sessions/wa_lo.db{sfx}")).exists())
     });
-    let before = peer.stats().connections;
-    std::thread::sleep(Duration::from_secs(2));
+    let probe = reconnect_probe(&peer, &s, "wa_probe", ended);
     assert_eq!(s.session("wa_lo")["state"], "logged_out");
+    assert_eq!(s.states_after("wa_lo", "logged_out"), Vec::<String>::new());
+    let after = peer.stats();
     assert_eq!(
-        peer.stats().connections,
-        before,
-        "a logged-out session must not reconnect"
+        after.connections,
+        before.connections + probe,
+        "a logged-out session must not reconnect: {after:?}"
+    );
+    assert!(
+        !after.companion_hellos[before.companion_hellos.len()..].contains(&"15551234567".into()),
+        "{after:?}"
     );
 }
 
@@ -217,13 +258,25 @@ fn a_replaced_stream_stops_the_session_without_a_restart_loop() {
     let peer = Peer::start();
     let s = start(&peer, &[]);
     s.create("wa_rep", "15551234567");
+    let before = peer.stats();
     peer.command(Command::StreamReplaced);
     let v = s.wait_state("wa_rep", "stopped");
+    let ended = Instant::now();
     assert_eq!(v["desired"], "stopped");
     assert!(v["lastError"].as_str().unwrap().contains("replaced"), "{v}");
-    let before = peer.stats().connections;
-    std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(peer.stats().connections, before);
+    let probe = reconnect_probe(&peer, &s, "wa_probe", ended);
+    assert_eq!(s.session("wa_rep")["state"], "stopped");
+    assert_eq!(s.states_after("wa_rep", "stopped"), Vec::<String>::new());
+    let after = peer.stats();
+    assert_eq!(
+        after.connections,
+        before.connections + probe,
+        "a replaced session must not reconnect: {after:?}"
+    );
+    assert!(
+        !after.companion_hellos[before.companion_hellos.len()..].contains(&"15551234567".into()),
+        "{after:?}"
+    );
 }
 
 #[test]
@@ -340,12 +393,12 @@ fn api_logout_unlinks_and_deletes() {
 /// certificate. `.ci/run` builds it and sets BOTVISOR_RELEASE_BIN.
 #[test]
 fn the_release_binary_refuses_a_fake_server() {
-    let Ok(bin) = std::env::var("BOTVISOR_RELEASE_BIN") else {
-        assert!(
-            std::env::var("BOTVISOR_REQUIRE_EXAMPLES").is_err(),
-            "BOTVISOR_RELEASE_BIN is not set"
+    let Some(bin) = std::env::var_os("BOTVISOR_RELEASE_BIN").filter(|b| !b.is_empty()) else {
+        common::skip_unless_required(
+            "the_release_binary_refuses_a_fake_server",
+            "BOTVISOR_RELEASE_BIN is not set; point it at a release build of botvisor \
+             (cargo build --release --bin botvisor), as .ci/run does",
         );
-        eprintln!("SKIPPED: set BOTVISOR_RELEASE_BIN to a release build of botvisor");
         return;
     };
     let peer = Peer::start();

@@ -1,4 +1,10 @@
 //! Drives the real Supervisor and SessionActors with a scripted in-memory link.
+//!
+//! Tests that check that something does *not* happen later run on tokio's paused clock
+//! (`start_paused`): the runtime moves the clock only when every task is idle, so
+//! `run_for(d)` returns once every timer due within `d` (ractor's `send_after` sleeps on
+//! tokio's clock: backoffs, deadlines, watchdog rounds) has fired and all it caused has
+//! been handled. That is deterministic, not a race against a real clock.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -12,16 +18,54 @@ use ractor::{Actor, ActorRef};
 #[derive(Default)]
 struct MemStore {
     rows: Mutex<HashMap<String, SessionRecord>>,
+    /// Every state stored (insert or save), in order.
+    log: Mutex<Vec<(String, SessionState)>>,
 }
+
+impl MemStore {
+    fn record(&self, rec: &SessionRecord) {
+        self.log
+            .lock()
+            .unwrap()
+            .push((rec.user_id.clone(), rec.state));
+    }
+    /// A position in the log, for `states_since`.
+    fn mark(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+    /// The states stored for `user_id` since `mark`.
+    fn states_since(&self, mark: usize, user_id: &str) -> Vec<SessionState> {
+        self.log.lock().unwrap()[mark..]
+            .iter()
+            .filter(|(id, _)| id == user_id)
+            .map(|(_, state)| *state)
+            .collect()
+    }
+    fn stored_state(&self, user_id: &str) -> Option<SessionState> {
+        self.rows.lock().unwrap().get(user_id).map(|r| r.state)
+    }
+}
+
+/// Lets (paused) virtual time run `d` ahead; see the module comment.
+async fn run_for(d: Duration) {
+    let before = tokio::time::Instant::now();
+    tokio::time::sleep(d).await;
+    assert!(before.elapsed() >= d);
+}
+
+/// Longer than any backoff (`backoff_max` 100 ms) and many watchdog rounds (100 ms).
+const WELL_PAST_ANY_TIMER: Duration = Duration::from_secs(5);
 
 impl Persistence for MemStore {
     fn insert(&self, rec: &SessionRecord) {
+        self.record(rec);
         self.rows
             .lock()
             .unwrap()
             .insert(rec.user_id.clone(), rec.clone());
     }
     fn save(&self, rec: &SessionRecord) {
+        self.record(rec);
         self.rows
             .lock()
             .unwrap()
@@ -212,7 +256,7 @@ async fn panicking_child_is_restarted_with_backoff() {
     assert_eq!(h.link.connects.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
     let h = start(vec![]).await;
     h.create("bad").await.unwrap();
@@ -226,9 +270,12 @@ async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
     h.fault("bad", Fault::Panic).await.unwrap();
     let rec = h.wait_state("bad", SessionState::Failed).await;
     assert!(rec.last_error.unwrap().contains("gave up after 2 restarts"));
-    // Not restarted by itself.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Not restarted by itself: nothing is stored for it while every timer runs out.
+    let mark = h.store.mark();
+    run_for(WELL_PAST_ANY_TIMER).await;
+    assert_eq!(h.store.states_since(mark, "bad"), []);
     assert_eq!(h.get("bad").await.unwrap().state, SessionState::Failed);
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), 1 + 3);
     assert_eq!(h.get("good").await.unwrap().state, SessionState::Online);
     // A user's start gives it a fresh budget.
     let id = "bad".to_string();
@@ -239,14 +286,16 @@ async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
     assert_eq!(rec.restarts, 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn logout_from_the_phone_is_terminal_and_wipes_credentials() {
     let h = start(vec![]).await;
     h.create("l").await.unwrap();
     h.wait_state("l", SessionState::Online).await;
     h.fault("l", Fault::Logout).await.unwrap();
     h.wait_state("l", SessionState::LoggedOut).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mark = h.store.mark();
+    run_for(WELL_PAST_ANY_TIMER).await;
+    assert_eq!(h.store.states_since(mark, "l"), []);
     assert_eq!(h.get("l").await.unwrap().state, SessionState::LoggedOut);
     assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
     assert_eq!(*h.link.removed.lock().unwrap(), vec!["l".to_string()]);
@@ -330,7 +379,7 @@ async fn boot_resumes_running_sessions_but_not_failed_or_stopped_ones() {
     assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn boot_publishes_the_true_state_not_the_stale_stored_one() {
     let link = Arc::new(TestLink::default());
     let store = Arc::new(MemStore::default());
@@ -361,12 +410,22 @@ async fn boot_publishes_the_true_state_not_the_stale_stored_one() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    // It is not running yet, so nobody may read the `online` stored before the crash.
-    assert_eq!(
-        store.rows.lock().unwrap()["queued"].state,
-        SessionState::Starting
-    );
+    // The first batch has run: "first" was started again and is back online...
+    let restarted = || {
+        let states = store.states_since(0, "first");
+        let started = states.iter().position(|s| *s == SessionState::Starting);
+        started.is_some_and(|i| states[i..].contains(&SessionState::Online))
+    };
+    for _ in 0..300 {
+        if restarted() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(restarted(), "{:?}", store.states_since(0, "first"));
+    // ...while "queued" waits a minute for its turn. It is not running yet, so nobody may
+    // read the `online` stored before the crash.
+    assert_eq!(store.stored_state("queued"), Some(SessionState::Starting));
     assert_eq!(link.connects.load(Ordering::SeqCst), 1);
 }
 
@@ -378,9 +437,21 @@ async fn shutdown_stops_every_child_and_keeps_desired_states() {
     }
     h.wait_state("z", SessionState::Online).await;
     ractor::call!(h.sup, SupervisorMsg::Shutdown).unwrap();
+    // Answered once every child is gone: each is stopped (stored and shown), and still
+    // meant to run at the next boot.
     for id in ["x", "y", "z"] {
         let rec = h.store.rows.lock().unwrap()[id].clone();
-        assert_eq!(rec.desired, Desired::Running);
+        assert_eq!(
+            (rec.state, rec.desired),
+            (SessionState::Stopped, Desired::Running),
+            "{id} as stored"
+        );
+        let rec = h.get(id).await.unwrap();
+        assert_eq!(
+            (rec.state, rec.desired),
+            (SessionState::Stopped, Desired::Running),
+            "{id} as shown"
+        );
     }
     assert!(matches!(h.create("w").await, Err(CmdError::Unavailable(_))));
 }

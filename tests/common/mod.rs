@@ -1,13 +1,17 @@
 //! Test harness: starts the real `botvisor` binary on 127.0.0.1 with a temp data dir and
 //! talks HTTP/1.1 to it over real sockets (a tiny client, so tests can also send
 //! malformed requests).
+//!
+//! Each server's stderr (its log) goes to `server.log` in its data dir, appended across
+//! restarts on the same dir; it is printed only when the test fails.
 #![allow(dead_code)]
 
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -17,7 +21,38 @@ pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub data_dir: PathBuf,
+    /// Where this server's stderr goes (shared by every server started on `data_dir`).
+    pub log: PathBuf,
     _tmp: Option<tempfile::TempDir>,
+}
+
+/// The name of the server log in a data dir.
+pub const SERVER_LOG: &str = "server.log";
+
+/// True when an environment flag is on: set, non-empty, and not `0` or `false`.
+pub fn env_flag(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && v != "0" && !v.eq_ignore_ascii_case("false")
+    })
+}
+
+/// For a test that cannot run here (a missing tool or build): fails when the run must
+/// not skip anything (`CI` or `BOTVISOR_REQUIRE_EXAMPLES` set, as in CI), otherwise
+/// prints `SKIPPED` and why. The caller returns right after.
+pub fn skip_unless_required(test: &str, reason: &str) {
+    let strict: Vec<&str> = ["CI", "BOTVISOR_REQUIRE_EXAMPLES"]
+        .into_iter()
+        .filter(|v| env_flag(v))
+        .collect();
+    assert!(
+        strict.is_empty(),
+        "{test} cannot run: {reason} (not skipped because {} is set)",
+        strict.join(" and ")
+    );
+    // Straight to stderr, not eprintln!: libtest would capture that and show it only
+    // with --nocapture, and a skip should be seen.
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
 /// An HTTP answer.
@@ -100,6 +135,13 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
+        let log = dir.join(SERVER_LOG);
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", log.display()));
+        let _ = writeln!(log_file, "==== {} {}", bin.display(), args.join(" "));
         let mut child = Command::new(bin)
             .args(&args)
             .env_remove("API_KEY")
@@ -108,8 +150,9 @@ impl Server {
             .env_remove("BOTVISOR_LINK")
             .env("RUST_LOG", "warn")
             .env("RUST_BACKTRACE", "0")
+            .env("NO_COLOR", "1")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log_file))
             .spawn()
             .expect("spawn botvisor");
         let stdout = child.stdout.take().unwrap();
@@ -121,13 +164,22 @@ impl Server {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("server did not report its address");
+        let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(addr) => addr,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "server did not report its address; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+        };
         Server {
             child,
             addr,
             data_dir: dir.to_path_buf(),
+            log,
             _tmp: None,
         }
     }
@@ -219,6 +271,55 @@ impl Server {
         self.wait_for(user_id, 20, |v| v["state"] == state)
     }
 
+    /// The session's event log, newest first (`GET /api/sessions/:id/events`).
+    pub fn events(&self, user_id: &str) -> Vec<Value> {
+        let r = self.get(&format!("/api/sessions/{user_id}/events"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["events"].as_array().expect("events").clone()
+    }
+
+    /// The states recorded after the newest event in state `terminal` (oldest first);
+    /// panics if there is none.
+    pub fn states_after(&self, user_id: &str, terminal: &str) -> Vec<String> {
+        let events = self.events(user_id);
+        let newest = events
+            .iter()
+            .position(|e| e["state"] == terminal)
+            .unwrap_or_else(|| panic!("{user_id} has no {terminal} event: {events:?}"));
+        events[..newest]
+            .iter()
+            .rev()
+            .map(|e| e["state"].as_str().unwrap_or("?").to_string())
+            .collect()
+    }
+
+    /// Proof that the server's timers have run well past `--backoff-max` (200 ms in
+    /// `FAST`), instead of a sleep: creates session `id`, hangs it, and waits until the
+    /// watchdog has restarted it (`restarts == 1`, back `online`). The watchdog's ping
+    /// gives up only after `--call-timeout` (1 s in `FAST`), so by then at least that long
+    /// has passed on the server's clock since this call began, and the supervisor, which
+    /// handles its messages in order, has handled every restart that fell due before.
+    /// Needs the watchdog (`--watchdog-interval`) and a restart budget of at least 1.
+    pub fn timer_probe(&self, id: &str) {
+        let began = Instant::now();
+        assert_eq!(self.create(id, "1234567899").status, 201, "probe {id}");
+        self.wait_state(id, "online");
+        assert_eq!(self.fault(id, "hang").status, 200, "probe {id}");
+        let v = self.wait_for(id, 20, |v| v["state"] == "online" && v["restarts"] == 1);
+        assert!(
+            v["lastError"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("did not answer a watchdog ping"),
+            "the probe must have been restarted by the watchdog: {v}"
+        );
+        assert!(
+            began.elapsed() >= Duration::from_secs(1),
+            "the probe came back too soon to prove anything ({:?})",
+            began.elapsed()
+        );
+    }
+
     /// SIGKILL, no cleanup.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
@@ -263,7 +364,29 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            dump_log_once(&self.log);
+        }
     }
+}
+
+/// Prints a server log to stderr, once per file (servers restarted on one data dir share
+/// it, and each of their drops would print it).
+fn dump_log_once(log: &Path) {
+    static PRINTED: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
+    let mut printed = PRINTED.lock().unwrap_or_else(|e| e.into_inner());
+    if !printed
+        .get_or_insert_with(HashSet::new)
+        .insert(log.to_path_buf())
+    {
+        return;
+    }
+    let text = std::fs::read_to_string(log)
+        .unwrap_or_else(|e| format!("(cannot read {}: {e})\n", log.display()));
+    eprintln!(
+        "---- server log {} ----\n{text}---- end of server log ----",
+        log.display()
+    );
 }
 
 fn parse_response(buf: &[u8]) -> Resp {
