@@ -173,32 +173,35 @@ impl Shared {
             }
             Event::Messages(batch) => {
                 for m in batch.iter() {
-                    // Never the text at info level: only that something arrived.
-                    tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
-                    if !self.builtin_commands || m.info.source.is_from_me {
-                        continue;
-                    }
-                    let is_ping = m
-                        .message
-                        .text_content()
-                        .is_some_and(|t| t.trim().eq_ignore_ascii_case("!ping"));
-                    if is_ping {
-                        let reply = format!("pong (up {})", uptime(self.started.elapsed()));
-                        let chat = m.info.source.chat.clone();
-                        let client = client.clone();
-                        let user_id = self.user_id.clone();
-                        tokio::spawn(async move {
-                            if let Err(e) =
-                                client.send_message(chat, wa::Message::text(reply)).await
-                            {
-                                tracing::warn!(%user_id, error = %e, "could not answer !ping");
-                            }
-                        });
-                    }
+                    self.on_message(m, client);
                 }
             }
             _ => {}
         }
+    }
+
+    /// A received message: logged without its text; `!ping` answers `pong`.
+    fn on_message(&self, m: &InboundMessage, client: &Arc<Client>) {
+        tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
+        if !self.builtin_commands || m.info.source.is_from_me {
+            return;
+        }
+        let is_ping = m
+            .message
+            .text_content()
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("!ping"));
+        if !is_ping {
+            return;
+        }
+        let reply = format!("pong (up {})", uptime(self.started.elapsed()));
+        let chat = m.info.source.chat.clone();
+        let client = client.clone();
+        let user_id = self.user_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.send_message(chat, wa::Message::text(reply)).await {
+                tracing::warn!(%user_id, error = %e, "could not answer !ping");
+            }
+        });
     }
 }
 
