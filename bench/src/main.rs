@@ -84,6 +84,55 @@ struct Args {
 // ---------------------------------------------------------------------------------------
 // Child processes.
 
+/// Pids of the children not yet reaped, and the work directory: what the signal thread
+/// cleans up when the bench is interrupted (Drop guards do not run on a signal).
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+static WORK_DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
+        set
+    }
+}
+
+/// Blocks SIGINT/SIGTERM/SIGHUP in every thread (call first in main) and handles them on
+/// one thread: kill the children, remove the work directory, exit 130.
+fn install_signal_thread() {
+    let set = stop_signals();
+    // SAFETY: changes this thread's signal mask; threads spawned later inherit it.
+    unsafe {
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    std::thread::spawn(move || {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: waits for one of the blocked signals.
+        if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+            return;
+        }
+        eprintln!("\n[bench] signal {sig}: stopping every child and leaving");
+        for pid in lock(&CHILDREN).iter() {
+            // SAFETY: the pid is a child of ours not yet reaped (removed when reaped).
+            unsafe {
+                libc::kill(*pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+        if let Some(dir) = lock(&WORK_DIR).as_ref() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        std::process::exit(130);
+    });
+}
+
 /// A child process, killed (SIGKILL) and reaped when dropped unless it already exited.
 struct Proc {
     name: String,
@@ -92,6 +141,21 @@ struct Proc {
 }
 
 impl Proc {
+    fn new(name: impl Into<String>, child: Child) -> Proc {
+        lock(&CHILDREN).push(child.id());
+        Proc {
+            name: name.into(),
+            child,
+            exited: None,
+        }
+    }
+
+    fn reaped(&mut self, status: Option<ExitStatus>) {
+        self.exited = status;
+        let pid = self.child.id();
+        lock(&CHILDREN).retain(|p| *p != pid);
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -113,7 +177,7 @@ impl Proc {
         let deadline = Instant::now() + limit;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                self.exited = Some(status);
+                self.reaped(Some(status));
                 return self.exited;
             }
             if Instant::now() >= deadline {
@@ -126,7 +190,8 @@ impl Proc {
     fn kill9(&mut self) {
         if self.exited.is_none() {
             let _ = self.child.kill();
-            self.exited = self.child.wait().ok();
+            let status = self.child.wait().ok();
+            self.reaped(status);
         }
     }
 }
@@ -138,6 +203,7 @@ impl Drop for Proc {
                 let _ = self.child.kill();
             }
             let _ = self.child.wait();
+            self.reaped(None);
             eprintln!("[bench] stopped {} (pid {})", self.name, self.child.id());
         }
     }
@@ -172,11 +238,14 @@ fn fs_nr_open() -> u64 {
 /// The child dies with the bench (PR_SET_PDEATHSIG), and gets the open-files limit.
 fn prepare(cmd: &mut Command, nofile: Option<Nofile>) {
     let raise_to = fs_nr_open().min(1 << 20);
-    // SAFETY: the closure only makes async-signal-safe syscalls (prctl, getrlimit,
-    // setrlimit) between fork and exec.
+    let signals = stop_signals();
+    // SAFETY: the closure only makes async-signal-safe calls (prctl, pthread_sigmask,
+    // getrlimit, setrlimit) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The bench blocks these for its signal thread; the child must not inherit that.
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &signals, std::ptr::null_mut());
             match nofile {
                 Some(Nofile::Exact(n)) => {
                     let lim = libc::rlimit {
@@ -329,11 +398,7 @@ fn spawn_server(spec: &ServerSpec) -> Result<Server, String> {
     let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", spec.bin.display()))?;
-    let mut proc = Proc {
-        name: "botvisor".into(),
-        child,
-        exited: None,
-    };
+    let mut proc = Proc::new("botvisor", child);
     let parse = |l: &str| l.strip_prefix("botvisor listening on ").map(str::to_string);
     match wait_ready(&mut proc.child, Duration::from_secs(120), parse) {
         Ok(base) => Ok(Server {
@@ -685,11 +750,7 @@ fn run_bounded(
         .stderr(Stdio::piped());
     prepare(&mut cmd, None);
     let child = cmd.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
-    let mut p = Proc {
-        name: name.into(),
-        child,
-        exited: None,
-    };
+    let mut p = Proc::new(name, child);
     let mut out = p.child.stdout.take();
     let mut err = p.child.stderr.take();
     let t_out = std::thread::spawn(move || {
@@ -737,11 +798,7 @@ fn spawn_node(dir: &Path, mode: &str, data: &Path, log: &Path) -> Result<NodeSer
         .stderr(log_file);
     prepare(&mut cmd, None);
     let child = cmd.spawn().map_err(|e| format!("cannot start node: {e}"))?;
-    let mut proc = Proc {
-        name: format!("node {mode}"),
-        child,
-        exited: None,
-    };
+    let mut proc = Proc::new(format!("node {mode}"), child);
     let parse = |l: &str| {
         l.strip_prefix("baseline-node ")
             .and_then(|r| r.split_once(" listening on "))
@@ -904,6 +961,7 @@ impl Report {
 const TARGETS: [&str; 3] = ["botvisor", "Node http", "Express"];
 
 fn main() {
+    install_signal_thread();
     let args = Args::parse();
     let mut report = Report::default();
     let header = header(&args);
@@ -953,6 +1011,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     let work = TempDir(std::env::temp_dir().join(format!("botvisor-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&work.0);
     std::fs::create_dir_all(&work.0).map_err(|e| format!("temp dir: {e}"))?;
+    *lock(&WORK_DIR) = Some(work.0.clone());
     let data = work.0.join("data");
     println!("botvisor-bench: {}", header(args).replace("\n\n", "\n"));
     println!("work dir {}", work.0.display());
