@@ -601,7 +601,7 @@ fn secs(d: Option<Duration>) -> String {
 }
 
 fn kib(v: f64) -> String {
-    if v >= 10240.0 {
+    if v >= 1024.0 {
         format!("{:.1} MiB", v / 1024.0)
     } else {
         format!("{v:.1} KiB")
@@ -1040,7 +1040,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     let mut server = spawn_server(&spec)?;
     let pid = server.proc.pid();
     println!("  server args: {}", server.args.join(" "));
-    println!("  open-files limit: {}", open_files_limit(pid));
+    report.row("open-files limit of the main runs", open_files_limit(pid));
     report.row(
         "start to listening (empty data dir)",
         secs(Some(server.ready_after)),
@@ -1066,7 +1066,9 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     );
     if let Some((i, status, msg)) = &c.refused {
         report.note(format!(
-            "main run: create bench_{i} answered {status} ({msg}); continuing with {held} sessions"
+            "main run: create bench_{i} answered {status} ({msg}); continuing with {held} sessions \
+             (to hold all {n}, raise the hard open-files limit the bench runs under: ulimit -Hn, \
+             which needs CAP_SYS_RESOURCE)"
         ));
     }
     if held == 0 {
