@@ -650,6 +650,8 @@ fn span_after(events: &[Value], from: &str, to: &str) -> Option<f64> {
 
 struct Creates {
     created: usize,
+    /// Indices i of the `bench_i` sessions created, sorted (a refusal can leave a gap).
+    ids: Vec<usize>,
     latencies_ms: Vec<f64>,
     elapsed: Duration,
     /// The first refusal: (session index, status, message).
@@ -663,7 +665,7 @@ fn create_sessions(base: &str, n: usize, clients: usize) -> Creates {
     let stop = AtomicBool::new(false);
     let refused: Mutex<Option<(usize, u16, String)>> = Mutex::new(None);
     let t0 = Instant::now();
-    let mut latencies_ms: Vec<f64> = std::thread::scope(|scope| {
+    let done: Vec<(usize, f64)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..clients)
             .map(|_| {
                 let (next, stop, refused) = (&next, &stop, &refused);
@@ -681,7 +683,7 @@ fn create_sessions(base: &str, n: usize, clients: usize) -> Creates {
                         let answer = post(&a, &format!("{base}/api/sessions"), &body);
                         let took = t.elapsed().as_secs_f64() * 1e3;
                         match answer {
-                            Ok((201, _)) => lat.push(took),
+                            Ok((201, _)) => lat.push((i, took)),
                             other => {
                                 stop.store(true, Ordering::Relaxed);
                                 let (status, msg) = match other {
@@ -706,9 +708,13 @@ fn create_sessions(base: &str, n: usize, clients: usize) -> Creates {
             .collect()
     });
     let elapsed = t0.elapsed();
+    let mut ids: Vec<usize> = done.iter().map(|d| d.0).collect();
+    ids.sort_unstable();
+    let mut latencies_ms: Vec<f64> = done.iter().map(|d| d.1).collect();
     latencies_ms.sort_by(f64::total_cmp);
     Creates {
         created: latencies_ms.len(),
+        ids,
         latencies_ms,
         elapsed,
         refused: refused.into_inner().unwrap_or_else(|p| p.into_inner()),
@@ -1126,7 +1132,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
             args,
             report,
             &server,
-            held,
+            &c.ids,
             &work.0,
             node_ok.then_some(&baseline_dir),
         ) {
@@ -1138,7 +1144,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     println!("\n== crashes");
     let k = args.crashes.min(held);
     let mut faults_failed = 0;
-    for i in 0..k {
+    for &i in &c.ids[..k] {
         match post(
             &a,
             &format!("{}/api/sim/bench_{i}/fault", server.base),
@@ -1159,7 +1165,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         report.note("not every crashed session came back online in time");
     }
     let (mut to_connecting, mut to_online) = (Vec::new(), Vec::new());
-    for i in 0..k {
+    for &i in &c.ids[..k] {
         let Ok(v) = get_json(
             &a,
             &format!("{}/api/sessions/bench_{i}/events", server.base),
@@ -1373,21 +1379,25 @@ fn load(
     args: &Args,
     report: &mut Report,
     server: &Server,
-    held: usize,
+    ids: &[usize],
     work: &Path,
     baseline: Option<&PathBuf>,
 ) -> Result<(), String> {
     let a = agent(Duration::from_secs(60));
+    let held = ids.len();
+    let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     let script = work.join("random-session.lua");
     std::fs::write(
         &script,
         format!(
-            "-- GET /api/sessions/bench_<random> among the {held} sessions\n\
-             local n = {held}\n\
+            "-- GET /api/sessions/bench_<random> among the {held} sessions created\n\
+             local ids = {{{}}}\n\
+             local n = #ids\n\
              local id = 0\n\
              function setup(thread) thread:set(\"id\", id); id = id + 1 end\n\
              function init(args) math.randomseed(os.time() + id * 7919) end\n\
-             function request() return wrk.format(\"GET\", \"/api/sessions/bench_\" .. math.random(0, n - 1)) end\n"
+             function request() return wrk.format(\"GET\", \"/api/sessions/bench_\" .. ids[math.random(1, n)]) end\n",
+            list.join(",")
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -1433,7 +1443,8 @@ fn load(
         }
     }
     // Same bytes? (botvisor is idle, so its answers should equal the snapshot.)
-    let probe = ["/api/sessions/bench_0", "/api/stats", "/api/sessions"];
+    let first = format!("/api/sessions/bench_{}", ids[0]);
+    let probe = [first.as_str(), "/api/stats", "/api/sessions"];
     for (name, node) in &nodes {
         for p in probe {
             let ours = get_raw(&a, &format!("{}{p}", server.base)).map(|r| r.1)?;
