@@ -238,19 +238,7 @@ fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
             .iter()
             .all(|sfx| !s.data_dir.join(format!("sessions/wa_lo.db{sfx}")).exists())
     });
-    let probe = reconnect_probe(&peer, &s, "wa_probe", ended);
-    assert_eq!(s.session("wa_lo")["state"], "logged_out");
-    assert_eq!(s.states_after("wa_lo", "logged_out"), Vec::<String>::new());
-    let after = peer.stats();
-    assert_eq!(
-        after.connections,
-        before.connections + probe,
-        "a logged-out session must not reconnect: {after:?}"
-    );
-    assert!(
-        !after.companion_hellos[before.companion_hellos.len()..].contains(&"15551234567".into()),
-        "{after:?}"
-    );
+    assert_stays(&peer, &s, "wa_lo", "logged_out", &before, ended);
 }
 
 #[test]
@@ -264,14 +252,28 @@ fn a_replaced_stream_stops_the_session_without_a_restart_loop() {
     let ended = Instant::now();
     assert_eq!(v["desired"], "stopped");
     assert!(v["lastError"].as_str().unwrap().contains("replaced"), "{v}");
-    let probe = reconnect_probe(&peer, &s, "wa_probe", ended);
-    assert_eq!(s.session("wa_rep")["state"], "stopped");
-    assert_eq!(s.states_after("wa_rep", "stopped"), Vec::<String>::new());
+    assert_stays(&peer, &s, "wa_rep", "stopped", &before, ended);
+}
+
+/// After a terminal event at `ended`, the session stays in `state`: once a probe shows
+/// that any reconnect would have happened, no connection but the probe's was made and
+/// the session's number asked for no new code.
+fn assert_stays(
+    peer: &Peer,
+    s: &Server,
+    id: &str,
+    state: &str,
+    before: &botvisor_wa_peer::Stats,
+    ended: Instant,
+) {
+    let probe = reconnect_probe(peer, s, "wa_probe", ended);
+    assert_eq!(s.session(id)["state"], state);
+    assert_eq!(s.states_after(id, state), Vec::<String>::new());
     let after = peer.stats();
     assert_eq!(
         after.connections,
         before.connections + probe,
-        "a replaced session must not reconnect: {after:?}"
+        "{id} must not reconnect after {state}: {after:?}"
     );
     assert!(
         !after.companion_hellos[before.companion_hellos.len()..].contains(&"15551234567".into()),
