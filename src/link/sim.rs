@@ -7,9 +7,11 @@
 use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection};
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use botvisor_actors::{
@@ -43,17 +45,39 @@ impl Default for SimSettings {
     }
 }
 
+/// Credential reads and writes running at once. Thousands of sessions connecting together
+/// (a boot with `--boot-interval 0s`) otherwise fan out to hundreds of blocking threads that
+/// mostly wait on SQLite's process-wide locks.
+const FILE_WORK_AT_ONCE: usize = 4;
+
 /// The simulated link.
 pub struct SimLink {
     data_dir: PathBuf,
     settings: SimSettings,
+    file_work: Arc<Semaphore>,
 }
 
 impl SimLink {
     /// A simulated network storing its files under `data_dir`.
     pub fn new(data_dir: PathBuf, settings: SimSettings) -> SimLink {
-        SimLink { data_dir, settings }
+        SimLink {
+            data_dir,
+            settings,
+            file_work: Arc::new(Semaphore::new(FILE_WORK_AT_ONCE)),
+        }
     }
+}
+
+/// Runs credential file work on the blocking pool, a few at a time.
+async fn file_work<T: Send + 'static>(
+    slots: &Semaphore,
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    let _slot = slots.acquire().await.map_err(|e| e.to_string())?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
 }
 
 /// A random `XXXX-XXXX` code from A-Z and 0-9.
@@ -194,14 +218,14 @@ impl Link for SimLink {
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
         let path = paths::credentials(&self.data_dir, &spec.user_id);
         let settings = self.settings.clone();
+        let slots = self.file_work.clone();
         Box::pin(async move {
             let read = path.clone();
-            let creds = tokio::task::spawn_blocking(move || read_creds(&read))
+            let creds = file_work(&slots, move || read_creds(&read))
                 .await
-                .map_err(|e| LinkError::new(format!("sim: {e}")))?
                 .map_err(|e| LinkError::new(format!("sim: cannot read credentials: {e}")))?;
             let sink = events.clone();
-            let task = tokio::spawn(run(spec, settings, path, creds, sink));
+            let task = tokio::spawn(run(spec, settings, path, creds, slots, sink));
             Ok(Box::new(SimConnection { task, events }) as Box<dyn LinkConnection>)
         })
     }
@@ -215,7 +239,14 @@ impl Link for SimLink {
     }
 }
 
-async fn run(spec: SessionSpec, s: SimSettings, path: PathBuf, creds: Creds, events: EventSink) {
+async fn run(
+    spec: SessionSpec,
+    s: SimSettings,
+    path: PathBuf,
+    creds: Creds,
+    slots: Arc<Semaphore>,
+    events: EventSink,
+) {
     tokio::time::sleep(s.connect_delay).await;
     let mut name = creds.name;
     if !creds.paired {
@@ -235,10 +266,7 @@ async fn run(spec: SessionSpec, s: SimSettings, path: PathBuf, creds: Creds, eve
         }
         let paired_name = format!("Sim {}", spec.phone_number);
         let written = paired_name.clone();
-        let saved = tokio::task::spawn_blocking(move || write_paired(&path, &written))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
+        let saved = file_work(&slots, move || write_paired(&path, &written)).await;
         if let Err(e) = saved {
             events.emit(LinkEvent::Crashed {
                 error: format!("sim: cannot store credentials: {e}"),
