@@ -11,8 +11,9 @@
 //   GET /api/stats         {"success":true,"activeSessions":..,"totalUsers":..,"onlineSessions":..}
 //
 // The stats are computed the way a typical Node server does it: by iterating the Map on
-// every request. botvisor serializes object keys in sorted order (serde_json without
-// `preserve_order`), so the objects here are built in that order to give identical bytes.
+// every request. botvisor writes `success` first, then the fields in the order its
+// response structs declare them (the order of its `GET /api/sessions` records), so the
+// objects here are built in that order to give identical bytes.
 // `http` mode uses only the http module; `express` mode is the stack of the LD7 Node
 // server (Express with its defaults: ETag, X-Powered-By, express.json()).
 
@@ -33,19 +34,9 @@ for (const s of data.sessions) sessions.set(s.userId, s);
 // States with a live (or about to be live) bot, as botvisor's `is_active`.
 const INACTIVE = new Set(['stopped', 'failed', 'logged_out']);
 
-// `{success: true, ...fields}` with the keys in sorted order (fields' keys are sorted).
+// `{success: true, ...fields}`, success first.
 function withSuccess(fields) {
-  const out = {};
-  let placed = false;
-  for (const k of Object.keys(fields)) {
-    if (!placed && k > 'success') {
-      out.success = true;
-      placed = true;
-    }
-    out[k] = fields[k];
-  }
-  if (!placed) out.success = true;
-  return out;
+  return { success: true, ...fields };
 }
 
 function stats() {
@@ -55,21 +46,21 @@ function stats() {
     if (!INACTIVE.has(s.state)) active++;
     if (s.state === 'online') online++;
   }
-  return { activeSessions: active, onlineSessions: online, success: true, totalUsers: sessions.size };
+  return { success: true, activeSessions: active, totalUsers: sessions.size, onlineSessions: online };
 }
 
 function list() {
   const all = [...sessions.values()];
-  return { count: all.length, sessions: all, success: true };
+  return { success: true, count: all.length, sessions: all };
 }
 
 function one(id) {
   const s = sessions.get(id);
-  if (!s) return [404, { message: `Session ${id} not found`, success: false }];
+  if (!s) return [404, { success: false, message: `Session ${id} not found` }];
   return [200, withSuccess(s)];
 }
 
-const NOT_FOUND = { message: 'Not found', success: false };
+const NOT_FOUND = { success: false, message: 'Not found' };
 
 let server;
 if (mode === 'http') {
@@ -83,7 +74,7 @@ if (mode === 'http') {
       });
       res.end(text);
     };
-    if (req.method !== 'GET') return send(405, { message: 'Method not allowed', success: false });
+    if (req.method !== 'GET') return send(405, { success: false, message: 'Method not allowed' });
     const path = req.url.split('?')[0];
     if (path === '/api/stats') return send(200, stats());
     if (path === '/api/sessions') return send(200, list());

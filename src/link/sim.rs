@@ -239,6 +239,13 @@ impl Link for SimLink {
     }
 }
 
+/// Sleeps, unless `d` is zero (a zero timer still waits for tokio's next 1 ms tick).
+async fn pause(d: Duration) {
+    if !d.is_zero() {
+        tokio::time::sleep(d).await;
+    }
+}
+
 async fn run(
     spec: SessionSpec,
     s: SimSettings,
@@ -247,7 +254,7 @@ async fn run(
     slots: Arc<Semaphore>,
     events: EventSink,
 ) {
-    tokio::time::sleep(s.connect_delay).await;
+    pause(s.connect_delay).await;
     let mut name = creds.name;
     if !creds.paired {
         let mut remaining = s.pair_delay;
@@ -276,7 +283,7 @@ async fn run(
         name = Some(paired_name);
     }
     events.emit(LinkEvent::Connecting);
-    tokio::time::sleep(s.login_delay).await;
+    pause(s.login_delay).await;
     events.emit(LinkEvent::Online { name });
     // "Connected": the simulated network needs nothing more until the session ends.
     std::future::pending::<()>().await;

@@ -92,11 +92,16 @@ impl SupervisorState {
                 entry.rec.restarts = entry.rec.restarts.saturating_add(1);
                 entry.restart_token = Some(token);
                 tracing::warn!(%user_id, %error, delay_ms = delay.as_millis() as u64, "session crashed; restarting");
-                let uid = user_id.to_string();
-                myself.send_after(delay, move || SupervisorMsg::RestartDue {
-                    user_id: uid,
+                let due = SupervisorMsg::RestartDue {
+                    user_id: user_id.to_string(),
                     token,
-                });
+                };
+                if delay.is_zero() {
+                    // A timer, even of 0, waits for the next tick of tokio's 1 ms wheel.
+                    let _ = myself.cast(due);
+                } else {
+                    myself.send_after(delay, move || due);
+                }
                 self.set_state(user_id, SessionState::Restarting);
             }
             Decision::GiveUp => {
