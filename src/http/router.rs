@@ -2,7 +2,7 @@
 //! its handler, in one place. Matching: 404 for an unknown path, 405 (with `Allow`) for
 //! a known path with another method, then the key, then the session id.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW};
@@ -105,19 +105,24 @@ pub static ROUTES: [Route; 15] = [
     },
 ];
 
-/// Matches `path` against a pattern; `Some(id)` ("" when the pattern has none).
-fn matches<'p>(pattern: &str, path: &'p str) -> Option<&'p str> {
+/// The routes' paths split into segments, once.
+static SEGMENTS: LazyLock<Vec<Vec<&'static str>>> =
+    LazyLock::new(|| ROUTES.iter().map(|r| r.path.split('/').collect()).collect());
+
+/// Matches a split path against a split pattern; `Some(id)` ("" when the pattern has none).
+fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<&'p str> {
+    if pattern.len() != path.len() {
+        return None;
+    }
     let mut id = "";
-    let mut want = pattern.split('/');
-    let mut got = path.split('/');
-    loop {
-        match (want.next(), got.next()) {
-            (None, None) => return Some(id),
-            (Some(":id"), Some(seg)) => id = seg,
-            (Some(w), Some(g)) if w == g => {}
+    for (want, got) in pattern.iter().zip(path) {
+        match *want {
+            ":id" => id = got,
+            w if w == *got => {}
             _ => return None,
         }
     }
+    Some(id)
 }
 
 /// Answers one request (everything but CORS, which the caller adds).
@@ -130,11 +135,12 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
     } else {
         raw
     };
-    let found: Vec<(&Route, &str)> = ROUTES
+    let segments: Vec<&str> = path.split('/').collect();
+    let mut found = ROUTES
         .iter()
-        .filter_map(|r| matches(r.path, path).map(|id| (r, id)))
-        .collect();
-    let Some((first, _)) = found.first() else {
+        .zip(SEGMENTS.iter())
+        .filter_map(|(r, pattern)| matches(pattern, &segments).map(|id| (r, id)));
+    let Some((first, first_id)) = found.next() else {
         return Err(ApiError::not_found(format!("Not found: {method} {raw}")));
     };
     if first.faults_only && !app.faults {
@@ -142,8 +148,18 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
             "Fault injection is only available with the simulated link (--link sim)",
         ));
     }
-    let Some(&(route, id)) = found.iter().find(|(r, _)| r.method == method) else {
-        let allowed: Vec<&str> = found.iter().map(|(r, _)| r.method.as_str()).collect();
+    let chosen = if first.method == method {
+        Some((first, first_id))
+    } else {
+        found.find(|(r, _)| r.method == method)
+    };
+    let Some((route, id)) = chosen else {
+        let allowed: Vec<&str> = ROUTES
+            .iter()
+            .zip(SEGMENTS.iter())
+            .filter(|(_, pattern)| matches(pattern, &segments).is_some())
+            .map(|(r, _)| r.method.as_str())
+            .collect();
         let allowed = allowed.join(", ");
         let mut resp = ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -185,15 +201,20 @@ mod tests {
 
     #[test]
     fn patterns_capture_one_segment() {
-        assert_eq!(matches("/api/sessions/:id", "/api/sessions/a1"), Some("a1"));
+        let m = |pattern: &str, path: &'static str| {
+            let p: Vec<&str> = pattern.split('/').collect();
+            let s: Vec<&'static str> = path.split('/').collect();
+            matches(&p, &s)
+        };
+        assert_eq!(m("/api/sessions/:id", "/api/sessions/a1"), Some("a1"));
         assert_eq!(
-            matches("/api/sessions/:id/stop", "/api/sessions/a1/stop"),
+            m("/api/sessions/:id/stop", "/api/sessions/a1/stop"),
             Some("a1")
         );
-        assert_eq!(matches("/api/sessions/:id", "/api/sessions/a/b"), None);
-        assert_eq!(matches("/api/stats", "/api/stats"), Some(""));
-        assert_eq!(matches("/", "/"), Some(""));
-        assert_eq!(matches("/api/sessions/:id", "/api/sessions"), None);
+        assert_eq!(m("/api/sessions/:id", "/api/sessions/a/b"), None);
+        assert_eq!(m("/api/stats", "/api/stats"), Some(""));
+        assert_eq!(m("/", "/"), Some(""));
+        assert_eq!(m("/api/sessions/:id", "/api/sessions"), None);
     }
 
     #[test]
