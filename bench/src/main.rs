@@ -745,6 +745,17 @@ fn version_of(cmd: &str, arg: &str) -> String {
         .unwrap_or_default()
 }
 
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_string(&mut s);
+        }
+        s
+    })
+}
+
 /// Runs a command with a time bound; (exit status, stdout, stderr).
 fn run_bounded(
     mut cmd: Command,
@@ -757,22 +768,8 @@ fn run_bounded(
     prepare(&mut cmd, None);
     let child = cmd.spawn().map_err(|e| format!("cannot run {name}: {e}"))?;
     let mut p = Proc::new(name, child);
-    let mut out = p.child.stdout.take();
-    let mut err = p.child.stderr.take();
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(o) = out.as_mut() {
-            let _ = o.read_to_string(&mut s);
-        }
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(e) = err.as_mut() {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
+    let t_out = drain(p.child.stdout.take());
+    let t_err = drain(p.child.stderr.take());
     let status = p.wait_timeout(limit);
     if status.is_none() {
         p.kill9();
@@ -1005,6 +1002,33 @@ fn header(args: &Args) -> String {
     )
 }
 
+/// What the phases of a run share.
+struct Ctx<'a> {
+    args: &'a Args,
+    bin: PathBuf,
+    work: &'a Path,
+    /// Data dir of the main runs (the first server and its restart after kill -9).
+    data: PathBuf,
+    /// Sessions to create (`--sessions`, at least 1).
+    n: usize,
+    /// For the polls and fault injections between the phases.
+    api: ureq::Agent,
+}
+
+impl Ctx<'_> {
+    /// A server of the main runs: their data dir, the open-files limit raised.
+    fn main_server<'s>(&'s self, extra: &'s [String], log: &str) -> ServerSpec<'s> {
+        ServerSpec {
+            bin: &self.bin,
+            data: &self.data,
+            pair_delay: &self.args.pair_delay,
+            nofile: Nofile::Raise,
+            extra,
+            log: self.work.join(log),
+        }
+    }
+}
+
 fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     let bin = bin_path(args);
     if !bin.exists() {
@@ -1013,16 +1037,63 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
             bin.display()
         ));
     }
-    let n = args.sessions.max(1);
     let work = TempDir(std::env::temp_dir().join(format!("botvisor-bench-{}", std::process::id())));
     let _ = std::fs::remove_dir_all(&work.0);
     std::fs::create_dir_all(&work.0).map_err(|e| format!("temp dir: {e}"))?;
     *lock(&WORK_DIR) = Some(work.0.clone());
-    let data = work.0.join("data");
     println!("botvisor-bench: {}", header(args).replace("\n\n", "\n"));
     println!("work dir {}", work.0.display());
+    let (wrk_ok, baseline) = check_tools(args, report);
+    let ctx = Ctx {
+        args,
+        bin,
+        work: &work.0,
+        data: work.0.join("data"),
+        n: args.sessions.max(1),
+        api: agent(Duration::from_secs(30)),
+    };
 
-    // Tools, checked up front (and npm ci outside any measurement).
+    // ---- 1. Footprint, creates, idle CPU.
+    println!("\n== footprint and creates");
+    let mut server = spawn_server(&ctx.main_server(&[], "server-1.log"))?;
+    let pid = server.proc.pid();
+    println!("  server args: {}", server.args.join(" "));
+    let idle = idle_footprint(report, &server);
+    let c = creates(&ctx, report, &server.base)?;
+    let held = c.created;
+    sessions_footprint(report, pid, idle, held);
+    idle_cpu(args, report, pid, held);
+
+    // ---- 2. Reads under load.
+    if wrk_ok {
+        println!("\n== reads under load (wrk)");
+        if let Err(e) = load(&ctx, report, &server, &c.ids, baseline.as_deref()) {
+            report.note(format!("load section failed: {e}"));
+        }
+    }
+
+    // ---- 3. Crash -> reconnect begun.
+    crashes(&ctx, report, &server.base, &c.ids);
+
+    // ---- 4. kill -9 and a boot that resumes every session.
+    println!("\n== kill -9, restart");
+    server.proc.kill9();
+    drop(server);
+    let server = kill9_restart(&ctx, report, held)?;
+
+    // ---- 5. SIGTERM.
+    sigterm(report, server, held);
+
+    // ---- 6. How many sessions one process holds with an fd limit.
+    if args.fd_cap > 0 {
+        open_files_cap(&ctx, report)?;
+    }
+    Ok(())
+}
+
+/// Tools, checked up front (and npm ci outside any measurement): whether wrk runs, and the
+/// Node baseline's directory when the baseline runs too.
+fn check_tools(args: &Args, report: &mut Report) -> (bool, Option<PathBuf>) {
     let wrk_ok = !args.no_load && have("wrk");
     if !args.no_load && !wrk_ok {
         report.note("wrk not found: load section skipped (install it: apt-get install wrk)");
@@ -1032,20 +1103,12 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("baseline-node"));
     let node_ok = wrk_ok && !args.no_node && node_ready(&baseline_dir, report);
+    (wrk_ok, node_ok.then_some(baseline_dir))
+}
 
-    // ---- 1. Footprint, creates, idle CPU.
-    println!("\n== footprint and creates");
-    let spec = ServerSpec {
-        bin: &bin,
-        data: &data,
-        pair_delay: &args.pair_delay,
-        nofile: Nofile::Raise,
-        extra: &[],
-        log: work.0.join("server-1.log"),
-    };
-    let mut server = spawn_server(&spec)?;
+/// The fresh server with no sessions: its open-files limit, start to listening, RSS, fds.
+fn idle_footprint(report: &mut Report, server: &Server) -> Footprint {
     let pid = server.proc.pid();
-    println!("  server args: {}", server.args.join(" "));
     report.row("open-files limit of the main runs", open_files_limit(pid));
     report.row(
         "start to listening (empty data dir)",
@@ -1055,8 +1118,13 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     let idle = footprint(pid);
     report.row("idle RSS, no sessions", kib(idle.rss_kib as f64));
     report.row("idle fds, no sessions", idle.fds.to_string());
+    idle
+}
 
-    let c = create_sessions(&server.base, n, args.clients);
+/// The creates: creates/s, create latency, and the first create to all of them online.
+fn creates(ctx: &Ctx, report: &mut Report, base: &str) -> Result<Creates, String> {
+    let (args, n) = (ctx.args, ctx.n);
+    let c = create_sessions(base, n, args.clients);
     let held = c.created;
     report.row(
         format!("creates/s ({} clients)", args.clients.clamp(1, 256)),
@@ -1064,11 +1132,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     );
     report.row(
         "create latency p50 / p99 (POST until 201)",
-        format!(
-            "{} / {}",
-            ms(pct(&c.latencies_ms, 0.5)),
-            ms(pct(&c.latencies_ms, 0.99))
-        ),
+        p50_p99(&c.latencies_ms),
     );
     if let Some((i, status, msg)) = &c.refused {
         report.note(format!(
@@ -1080,9 +1144,8 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     if held == 0 {
         return Err("no session could be created".into());
     }
-    let a = agent(Duration::from_secs(30));
     let since = Instant::now() - c.elapsed;
-    let online = wait_online(&a, &server.base, held, since, online_limit(args, held));
+    let online = wait_online(&ctx.api, base, held, since, online_limit(args, held));
     report.row(
         format!(
             "all {held} online, from the first create (pairing {})",
@@ -1090,6 +1153,11 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         ),
         secs(online),
     );
+    Ok(c)
+}
+
+/// RSS, fds and threads with `held` idle online sessions, against the `idle` server.
+fn sessions_footprint(report: &mut Report, pid: u32, idle: Footprint, held: usize) {
     std::thread::sleep(Duration::from_secs(1));
     let full = footprint(pid);
     report.row(
@@ -1112,6 +1180,10 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         "threads, idle / with sessions",
         format!("{} / {}", idle.threads, full.threads),
     );
+}
+
+/// Server CPU over `--idle-window` with `held` idle online sessions.
+fn idle_cpu(args: &Args, report: &mut Report, pid: u32, held: usize) {
     let window = Duration::from_secs(args.idle_window.clamp(1, 60));
     let cpu0 = cpu_seconds(pid);
     let t = Instant::now();
@@ -1124,52 +1196,71 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         ),
         format!("{idle_cpu:.2} % of one core"),
     );
+}
 
-    // ---- 2. Reads under load.
-    if wrk_ok {
-        println!("\n== reads under load (wrk)");
-        if let Err(e) = load(
-            args,
-            report,
-            &server,
-            &c.ids,
-            &work.0,
-            node_ok.then_some(&baseline_dir),
-        ) {
-            report.note(format!("load section failed: {e}"));
-        }
-    }
+/// "p50 / p99" of sorted milliseconds.
+fn p50_p99(sorted: &[f64]) -> String {
+    format!("{} / {}", ms(pct(sorted, 0.5)), ms(pct(sorted, 0.99)))
+}
 
-    // ---- 3. Crash -> reconnect begun.
+/// Crash -> reconnect begun: injected panics in the first `--crashes` of the `ids` (all
+/// online), timed from each session's event log.
+fn crashes(ctx: &Ctx, report: &mut Report, base: &str, ids: &[usize]) {
     println!("\n== crashes");
-    let k = args.crashes.min(held);
+    let held = ids.len();
+    let k = ctx.args.crashes.min(held);
+    let faults_failed = inject_panics(&ctx.api, base, &ids[..k]);
+    let back = wait_online(
+        &ctx.api,
+        base,
+        held,
+        Instant::now(),
+        online_limit(ctx.args, k),
+    );
+    if back.is_none() {
+        report.note("not every crashed session came back online in time");
+    }
+    let (to_connecting, to_online) = restart_spans(&ctx.api, base, &ids[..k]);
+    report.row(
+        format!(
+            "crash → reconnect begun, p50 / p99 ({} of {k} crashes; event log, ms resolution)",
+            to_connecting.len()
+        ),
+        p50_p99(&to_connecting),
+    );
+    report.row(
+        "crash → online again, p50 / p99 (event log)",
+        p50_p99(&to_online),
+    );
+    if faults_failed > 0 {
+        report.note(format!(
+            "{faults_failed} of {k} fault injections were not answered 200"
+        ));
+    }
+}
+
+/// Makes each of `ids` panic (sim fault); how many injections were not answered 200.
+fn inject_panics(a: &ureq::Agent, base: &str, ids: &[usize]) -> usize {
     let mut faults_failed = 0;
-    for &i in &c.ids[..k] {
+    for &i in ids {
         match post(
-            &a,
-            &format!("{}/api/sim/bench_{i}/fault", server.base),
+            a,
+            &format!("{base}/api/sim/bench_{i}/fault"),
             r#"{"kind":"panic"}"#,
         ) {
             Ok((200, _)) => {}
             _ => faults_failed += 1,
         }
     }
-    let back = wait_online(
-        &a,
-        &server.base,
-        held,
-        Instant::now(),
-        online_limit(args, k),
-    );
-    if back.is_none() {
-        report.note("not every crashed session came back online in time");
-    }
+    faults_failed
+}
+
+/// From the event logs of `ids`: ms from the last restart to connecting, and to online,
+/// each sorted.
+fn restart_spans(a: &ureq::Agent, base: &str, ids: &[usize]) -> (Vec<f64>, Vec<f64>) {
     let (mut to_connecting, mut to_online) = (Vec::new(), Vec::new());
-    for &i in &c.ids[..k] {
-        let Ok(v) = get_json(
-            &a,
-            &format!("{}/api/sessions/bench_{i}/events", server.base),
-        ) else {
+    for &i in ids {
+        let Ok(v) = get_json(a, &format!("{base}/api/sessions/bench_{i}/events")) else {
             continue;
         };
         let events = v["events"].as_array().cloned().unwrap_or_default();
@@ -1182,98 +1273,26 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     }
     to_connecting.sort_by(f64::total_cmp);
     to_online.sort_by(f64::total_cmp);
-    report.row(
-        format!(
-            "crash → reconnect begun, p50 / p99 ({} of {k} crashes; event log, ms resolution)",
-            to_connecting.len()
-        ),
-        format!(
-            "{} / {}",
-            ms(pct(&to_connecting, 0.5)),
-            ms(pct(&to_connecting, 0.99))
-        ),
-    );
-    report.row(
-        "crash → online again, p50 / p99 (event log)",
-        format!(
-            "{} / {}",
-            ms(pct(&to_online, 0.5)),
-            ms(pct(&to_online, 0.99))
-        ),
-    );
-    if faults_failed > 0 {
-        report.note(format!(
-            "{faults_failed} of {k} fault injections were not answered 200"
-        ));
-    }
+    (to_connecting, to_online)
+}
 
-    // ---- 4. kill -9 and a boot that resumes every session.
-    println!("\n== kill -9, restart");
-    server.proc.kill9();
-    drop(server);
-    let spec2 = ServerSpec {
-        extra: &args.server_args,
-        log: work.0.join("server-2.log"),
-        ..spec
-    };
-    let server = match spawn_server(&spec2) {
-        Ok(s) => {
-            report.row(
-                "extra args of the restart after kill -9 (--server-arg)",
-                if args.server_args.is_empty() {
-                    "(none)".to_string()
-                } else {
-                    format!("`{}`", args.server_args.join(" "))
-                },
-            );
-            s
-        }
-        Err(e) if !args.server_args.is_empty() => {
-            report.row(
-                "extra args of the restart after kill -9 (--server-arg)",
-                format!(
-                    "(none: this server rejected `{}`)",
-                    args.server_args.join(" ")
-                ),
-            );
-            report.note(format!(
-                "the restart with --server-arg `{}` failed ({}); restarted without them instead",
-                args.server_args.join(" "),
-                first_error_line(&e)
-            ));
-            spawn_server(&ServerSpec {
-                extra: &[],
-                log: work.0.join("server-2b.log"),
-                ..spec2
-            })?
-        }
-        Err(e) => return Err(e),
-    };
+/// The boot after kill -9 that resumes every session: to listening, to the API answering,
+/// to all `held` sessions online, and the footprint after.
+fn kill9_restart(ctx: &Ctx, report: &mut Report, held: usize) -> Result<Server, String> {
+    let server = restart_server(ctx, report)?;
     println!("  server args: {}", server.args.join(" "));
-    let poll = agent(Duration::from_secs(2));
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut api = None;
-    while Instant::now() < deadline {
-        if matches!(
-            get_raw(&poll, &format!("{}/api/stats", server.base)),
-            Ok((200, _))
-        ) {
-            api = Some(server.spawned.elapsed());
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let api = api_answers(&server);
     report.row(
         "kill -9 → restarted server listening",
         secs(Some(server.ready_after)),
     );
     report.row("kill -9 → API answers (GET /api/stats 200)", secs(api));
     let all = wait_online(
-        &a,
+        &ctx.api,
         &server.base,
         held,
         server.spawned,
-        online_limit(args, held),
+        online_limit(ctx.args, held),
     );
     report.row(format!("kill -9 → all {held} sessions online"), secs(all));
     let after = footprint(server.proc.pid());
@@ -1281,10 +1300,60 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         "RSS / fds after the reboot",
         format!("{} / {}", kib(after.rss_kib as f64), after.fds),
     );
+    Ok(server)
+}
 
-    // ---- 5. SIGTERM.
+/// Starts the server again on the main data dir with `--server-arg`; without them should
+/// this server reject them.
+fn restart_server(ctx: &Ctx, report: &mut Report) -> Result<Server, String> {
+    let extra = &ctx.args.server_args;
+    match spawn_server(&ctx.main_server(extra, "server-2.log")) {
+        Ok(s) => {
+            report.row(
+                "extra args of the restart after kill -9 (--server-arg)",
+                if extra.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    format!("`{}`", extra.join(" "))
+                },
+            );
+            Ok(s)
+        }
+        Err(e) if !extra.is_empty() => {
+            report.row(
+                "extra args of the restart after kill -9 (--server-arg)",
+                format!("(none: this server rejected `{}`)", extra.join(" ")),
+            );
+            report.note(format!(
+                "the restart with --server-arg `{}` failed ({}); restarted without them instead",
+                extra.join(" "),
+                first_error_line(&e)
+            ));
+            spawn_server(&ctx.main_server(&[], "server-2b.log"))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Spawn to the first `GET /api/stats` answered 200, or None after 120 s.
+fn api_answers(server: &Server) -> Option<Duration> {
+    let poll = agent(Duration::from_secs(2));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if matches!(
+            get_raw(&poll, &format!("{}/api/stats", server.base)),
+            Ok((200, _))
+        ) {
+            return Some(server.spawned.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    None
+}
+
+/// SIGTERM with `held` sessions to exit (killed after 120 s).
+fn sigterm(report: &mut Report, mut server: Server, held: usize) {
     println!("\n== SIGTERM");
-    let mut server = server;
     let t = Instant::now();
     server.proc.signal(libc::SIGTERM);
     let status = server.proc.wait_timeout(Duration::from_secs(120));
@@ -1299,44 +1368,44 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
             None => "did not exit within 120 s (killed)".into(),
         },
     );
-    drop(server);
+}
 
-    // ---- 6. How many sessions one process holds with an fd limit.
-    if args.fd_cap > 0 {
-        println!("\n== open-files limit {}", args.fd_cap);
-        let data3 = work.0.join("data-fdcap");
-        let spec3 = ServerSpec {
-            bin: &bin,
-            data: &data3,
-            pair_delay: &args.pair_delay,
-            nofile: Nofile::Exact(args.fd_cap),
-            extra: &[],
-            log: work.0.join("server-3.log"),
-        };
-        let server = spawn_server(&spec3)?;
-        println!(
-            "  open-files limit: {}",
-            open_files_limit(server.proc.pid())
-        );
-        let c = create_sessions(&server.base, n, args.clients);
-        let fp = footprint(server.proc.pid());
-        report.row(
-            format!(
-                "sessions held with RLIMIT_NOFILE {} (tried {n})",
-                args.fd_cap
+/// How many sessions one process holds with RLIMIT_NOFILE at `--fd-cap`.
+fn open_files_cap(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
+    let (args, n) = (ctx.args, ctx.n);
+    println!("\n== open-files limit {}", args.fd_cap);
+    let data3 = ctx.work.join("data-fdcap");
+    let spec3 = ServerSpec {
+        bin: &ctx.bin,
+        data: &data3,
+        pair_delay: &args.pair_delay,
+        nofile: Nofile::Exact(args.fd_cap),
+        extra: &[],
+        log: ctx.work.join("server-3.log"),
+    };
+    let server = spawn_server(&spec3)?;
+    println!(
+        "  open-files limit: {}",
+        open_files_limit(server.proc.pid())
+    );
+    let c = create_sessions(&server.base, n, args.clients);
+    let fp = footprint(server.proc.pid());
+    report.row(
+        format!(
+            "sessions held with RLIMIT_NOFILE {} (tried {n})",
+            args.fd_cap
+        ),
+        match &c.refused {
+            Some((_, status, msg)) => format!(
+                "{} created, then {status}: \"{msg}\" ({} fds open)",
+                c.created, fp.fds
             ),
-            match &c.refused {
-                Some((_, status, msg)) => format!(
-                    "{} created, then {status}: \"{msg}\" ({} fds open)",
-                    c.created, fp.fds
-                ),
-                None => format!(
-                    "all {} created, no refusal ({} fds open)",
-                    c.created, fp.fds
-                ),
-            },
-        );
-    }
+            None => format!(
+                "all {} created, no refusal ({} fds open)",
+                c.created, fp.fds
+            ),
+        },
+    );
     Ok(())
 }
 
@@ -1375,15 +1444,55 @@ fn node_ready(dir: &Path, report: &mut Report) -> bool {
     true
 }
 
+/// Reads under load: wrk on botvisor and, if `baseline` is given, on the Node baselines
+/// serving the same records.
 fn load(
-    args: &Args,
+    ctx: &Ctx,
     report: &mut Report,
     server: &Server,
     ids: &[usize],
-    work: &Path,
-    baseline: Option<&PathBuf>,
+    baseline: Option<&Path>,
 ) -> Result<(), String> {
     let a = agent(Duration::from_secs(60));
+    let script = write_wrk_script(ctx.work, ids)?;
+    let plan = wrk_plan(ctx.args, &script);
+    println!(
+        "  wrk -t{} -c{} -d{}s --latency (after a {} s warm-up per target)",
+        plan.threads, plan.connections, plan.duration, plan.warmup
+    );
+
+    // The same records for the baseline: botvisor's own list.
+    let (status, list) = get_raw(&a, &format!("{}/api/sessions", server.base))?;
+    if status != 200 {
+        return Err(format!("GET /api/sessions answered {status}"));
+    }
+    let data_file = ctx.work.join("sessions.json");
+    std::fs::write(&data_file, &list).map_err(|e| e.to_string())?;
+
+    let nodes = match baseline {
+        Some(dir) => start_node_baselines(dir, ctx.work, &data_file, report),
+        None => Vec::new(),
+    };
+    compare_bodies(&a, server, &nodes, ids, report)?;
+
+    let mut targets: Vec<(&str, &str, u32)> = vec![("botvisor", &server.base, server.proc.pid())];
+    for (name, node) in &nodes {
+        targets.push((name, &node.base, node.proc.pid()));
+    }
+    read_load_per_target(&plan, &targets, report);
+    report.note(format!(
+        "reads: wrk -t{} -c{} -d{}s --latency on the same machine as the server (wrk and server share the {} cores); \
+         Node is one thread, botvisor a tokio runtime on every core",
+        plan.threads,
+        plan.connections,
+        plan.duration,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    ));
+    Ok(())
+}
+
+/// The wrk script that GETs a random one of the sessions `ids`.
+fn write_wrk_script(work: &Path, ids: &[usize]) -> Result<PathBuf, String> {
     let held = ids.len();
     let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
     let script = work.join("random-session.lua");
@@ -1401,7 +1510,11 @@ fn load(
         ),
     )
     .map_err(|e| e.to_string())?;
-    let plan = WrkPlan {
+    Ok(script)
+}
+
+fn wrk_plan<'a>(args: &Args, script: &'a Path) -> WrkPlan<'a> {
+    WrkPlan {
         threads: args.wrk_threads.clamp(1, 64),
         connections: args
             .wrk_connections
@@ -1409,46 +1522,48 @@ fn load(
             .max(args.wrk_threads.clamp(1, 64)),
         duration: args.wrk_duration.clamp(1, 120),
         warmup: args.wrk_warmup.min(30),
-        script: &script,
-    };
-    println!(
-        "  wrk -t{} -c{} -d{}s --latency (after a {} s warm-up per target)",
-        plan.threads, plan.connections, plan.duration, plan.warmup
-    );
-
-    // The same records for the baseline: botvisor's own list.
-    let (status, list) = get_raw(&a, &format!("{}/api/sessions", server.base))?;
-    if status != 200 {
-        return Err(format!("GET /api/sessions answered {status}"));
+        script,
     }
-    let data_file = work.join("sessions.json");
-    std::fs::write(&data_file, &list).map_err(|e| e.to_string())?;
+}
 
-    let mut nodes: Vec<(&str, NodeServer)> = Vec::new();
-    if let Some(dir) = baseline {
-        println!(
-            "  {}",
-            version_of("node", "--version").replace('v', "node v")
-        );
-        for (name, mode) in [("Node http", "http"), ("Express", "express")] {
-            match spawn_node(
-                dir,
-                mode,
-                &data_file,
-                &work.join(format!("node-{mode}.log")),
-            ) {
-                Ok(s) => nodes.push((name, s)),
-                Err(e) => report.note(format!("{name} baseline did not start: {e}")),
-            }
+/// The Node http and Express baselines serving `data_file`; those that fail to start are
+/// noted and left out.
+fn start_node_baselines(
+    dir: &Path,
+    work: &Path,
+    data_file: &Path,
+    report: &mut Report,
+) -> Vec<(&'static str, NodeServer)> {
+    println!(
+        "  {}",
+        version_of("node", "--version").replace('v', "node v")
+    );
+    let mut nodes = Vec::new();
+    for (name, mode) in [("Node http", "http"), ("Express", "express")] {
+        match spawn_node(dir, mode, data_file, &work.join(format!("node-{mode}.log"))) {
+            Ok(s) => nodes.push((name, s)),
+            Err(e) => report.note(format!("{name} baseline did not start: {e}")),
         }
     }
-    // Same bytes? (botvisor is idle, so its answers should equal the snapshot.)
+    nodes
+}
+
+/// Same bytes? (botvisor is idle, so its answers should equal the snapshot.) Also each
+/// baseline's RSS with the records loaded.
+fn compare_bodies(
+    a: &ureq::Agent,
+    server: &Server,
+    nodes: &[(&str, NodeServer)],
+    ids: &[usize],
+    report: &mut Report,
+) -> Result<(), String> {
+    let held = ids.len();
     let first = format!("/api/sessions/bench_{}", ids[0]);
     let probe = [first.as_str(), "/api/stats", "/api/sessions"];
-    for (name, node) in &nodes {
+    for (name, node) in nodes {
         for p in probe {
-            let ours = get_raw(&a, &format!("{}{p}", server.base)).map(|r| r.1)?;
-            let theirs = get_raw(&a, &format!("{}{p}", node.base)).map(|r| r.1)?;
+            let ours = get_raw(a, &format!("{}{p}", server.base)).map(|r| r.1)?;
+            let theirs = get_raw(a, &format!("{}{p}", node.base)).map(|r| r.1)?;
             println!("  {name} GET {p}: {}", compare(&ours, &theirs));
             if ours != theirs {
                 report.note(format!("{name} GET {p} body: {}", compare(&ours, &theirs)));
@@ -1460,45 +1575,21 @@ fn load(
             kib(fp.rss_kib as f64)
         );
     }
+    Ok(())
+}
 
+/// wrk on each route for each target (name, base URL, pid), into `report.reads`.
+fn read_load_per_target(plan: &WrkPlan, targets: &[(&str, &str, u32)], report: &mut Report) {
     let routes = [
         ("GET /api/sessions/:id (random id)", None),
         ("GET /api/stats", Some("/api/stats")),
     ];
-    let mut targets: Vec<(&str, &str, u32)> = vec![("botvisor", &server.base, server.proc.pid())];
-    for (name, node) in &nodes {
-        targets.push((name, &node.base, node.proc.pid()));
-    }
     for (route, path) in routes {
         let mut row = BTreeMap::new();
-        for (name, base, pid) in &targets {
-            match wrk(&plan, base, path, *pid) {
+        for (name, base, pid) in targets {
+            match wrk(plan, base, path, *pid) {
                 Ok(r) => {
-                    println!(
-                        "  {route:<34} {name:<10} {:>9.0} req/s  p50 {:>9}  p99 {:>9}  server CPU {:>4.0} %  ({} requests, non-2xx {}{})",
-                        r.rps,
-                        ms(r.p50_ms),
-                        ms(r.p99_ms),
-                        r.server_cpu,
-                        r.requests,
-                        r.non2xx,
-                        if r.socket_errors.is_empty() {
-                            String::new()
-                        } else {
-                            format!(", socket errors: {}", r.socket_errors)
-                        }
-                    );
-                    if r.non2xx > 0 || !r.socket_errors.is_empty() {
-                        report.note(format!(
-                            "{name} {route}: {} non-2xx, socket errors: {}",
-                            r.non2xx,
-                            if r.socket_errors.is_empty() {
-                                "none"
-                            } else {
-                                &r.socket_errors
-                            }
-                        ));
-                    }
+                    print_wrk(route, name, &r, report);
                     row.insert(name.to_string(), r);
                 }
                 Err(e) => report.note(format!("wrk {name} {route}: {e}")),
@@ -1506,15 +1597,35 @@ fn load(
         }
         report.reads.push((route.to_string(), row));
     }
-    report.note(format!(
-        "reads: wrk -t{} -c{} -d{}s --latency on the same machine as the server (wrk and server share the {} cores); \
-         Node is one thread, botvisor a tokio runtime on every core",
-        plan.threads,
-        plan.connections,
-        plan.duration,
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
-    ));
-    Ok(())
+}
+
+/// One wrk result's line, and a note when any request failed.
+fn print_wrk(route: &str, name: &str, r: &WrkResult, report: &mut Report) {
+    println!(
+        "  {route:<34} {name:<10} {:>9.0} req/s  p50 {:>9}  p99 {:>9}  server CPU {:>4.0} %  ({} requests, non-2xx {}{})",
+        r.rps,
+        ms(r.p50_ms),
+        ms(r.p99_ms),
+        r.server_cpu,
+        r.requests,
+        r.non2xx,
+        if r.socket_errors.is_empty() {
+            String::new()
+        } else {
+            format!(", socket errors: {}", r.socket_errors)
+        }
+    );
+    if r.non2xx > 0 || !r.socket_errors.is_empty() {
+        report.note(format!(
+            "{name} {route}: {} non-2xx, socket errors: {}",
+            r.non2xx,
+            if r.socket_errors.is_empty() {
+                "none"
+            } else {
+                &r.socket_errors
+            }
+        ));
+    }
 }
 
 fn summary(header: &str, r: &Report) -> String {
