@@ -54,6 +54,12 @@ pub fn log_filter(rust_log: Option<&str>) -> String {
     filter
 }
 
+/// Colour in the log only on a terminal, and never with `NO_COLOR` (no escape codes in
+/// log files or journald).
+pub fn log_colour(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
+}
+
 /// Builds the link the configuration asks for.
 fn make_link(config: &Config) -> Arc<dyn Link> {
     match config.link {
@@ -191,7 +197,14 @@ pub async fn run(
 
 #[cfg(test)]
 mod tests {
-    use super::log_filter;
+    use super::{log_colour, log_filter};
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, false));
+        assert!(!log_colour(false, false));
+        assert!(!log_colour(true, true));
+    }
     use tracing_subscriber::EnvFilter;
 
     #[test]

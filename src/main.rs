@@ -26,6 +26,10 @@ fn main() {
             std::env::var("RUST_LOG").ok().as_deref(),
         )))
         .with_writer(std::io::stderr)
+        .with_ansi(botvisor::log_colour(
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            std::env::var_os("NO_COLOR").is_some(),
+        ))
         .init();
     // Panics (a session's, caught and restarted by the supervisor) go to the log as one
     // line; the backtrace only when RUST_BACKTRACE asks for it.
