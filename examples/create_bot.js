@@ -7,7 +7,7 @@ const axios = require('axios');
 
 const BASE_URL = process.env.BOTVISOR_URL || 'http://localhost:8000';
 const API_KEY = process.env.API_KEY || 'your_api_key_here';
-const USER_ID = process.env.BOT_USER_ID || 'bot_1234567890';
+const USER_ID = process.env.BOT_USER_ID || 'example_node';
 const PHONE = process.env.BOT_PHONE || '1234567890';
 
 async function createBot() {
@@ -26,6 +26,7 @@ async function createBot() {
     console.log('Enter this code in WhatsApp');
   } catch (error) {
     console.error('Error:', error.response ? error.response.data : error.message);
+    process.exitCode = 1;
   }
 }
 

@@ -5,12 +5,13 @@ Run against a local botvisor:
 Needs: pip install requests
 """
 import os
+import sys
 
 import requests
 
 BASE_URL = os.environ.get('BOTVISOR_URL', 'http://localhost:8000')
 API_KEY = os.environ.get('API_KEY', 'your_api_key_here')
-USER_ID = os.environ.get('BOT_USER_ID', 'bot_1234567890')
+USER_ID = os.environ.get('BOT_USER_ID', 'example_python')
 PHONE = os.environ.get('BOT_PHONE', '1234567890')
 
 
@@ -33,6 +34,7 @@ def create_bot():
         print("Enter this code in WhatsApp")
     else:
         print(f"Error: {result['message']}")
+        sys.exit(1)
 
 
 create_bot()

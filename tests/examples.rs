@@ -43,7 +43,8 @@ fn available(test: &str, program: &str, args: &[&str], hint: &str) -> bool {
     false
 }
 
-fn run_example(s: &Server, program: &str, script: &str, user_id: &str) -> String {
+/// Runs an example with the server's URL and `KEY`; its exit status and output.
+fn try_example(s: &Server, program: &str, script: &str, user_id: &str) -> (bool, String) {
     let out = Command::new(program)
         .arg(script)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -54,7 +55,13 @@ fn run_example(s: &Server, program: &str, script: &str, user_id: &str) -> String
         .unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{script}: {text}");
+    (out.status.success(), text)
+}
+
+/// Runs an example that must succeed.
+fn run_example(s: &Server, program: &str, script: &str, user_id: &str) -> String {
+    let (ok, text) = try_example(s, program, script, user_id);
+    assert!(ok, "{script}: {text}");
     text
 }
 
@@ -80,8 +87,9 @@ fn python_requests_example_gets_a_pairing_code() {
     let code = pairing_line(&out);
     assert_eq!(code.len(), 9, "{out}");
     assert_eq!(s.get("/api/sessions/bot_py").json()["userId"], "bot_py");
-    // Its error branch prints the spec's message.
-    let again = run_example(&s, "python3", "examples/create_bot.py", "bot_py");
+    // Its error branch prints the spec's message and exits non-zero.
+    let (ok, again) = try_example(&s, "python3", "examples/create_bot.py", "bot_py");
+    assert!(!ok, "an error must fail the script: {again}");
     assert!(
         again.contains("Error: Session already exists for this user."),
         "{again}"
@@ -102,6 +110,9 @@ fn node_axios_example_gets_a_pairing_code() {
     let out = run_example(&s, "node", "examples/create_bot.js", "bot_js");
     assert_eq!(pairing_line(&out).len(), 9, "{out}");
     assert_eq!(s.get("/api/sessions/bot_js").json()["userId"], "bot_js");
+    let (ok, again) = try_example(&s, "node", "examples/create_bot.js", "bot_js");
+    assert!(!ok, "an error must fail the script: {again}");
+    assert!(again.contains("Session already exists"), "{again}");
 }
 
 #[test]
@@ -120,4 +131,15 @@ fn curl_examples_run_in_order() {
     assert!(out.contains("Session bot_curl stopped"), "{out}");
     assert!(out.contains("Session bot_curl deleted"), "{out}");
     assert_eq!(s.get("/api/sessions").json()["count"], 0);
+    // A refused request stops the script with a non-zero exit, after its answer.
+    let body = r#"{"userId":"bot_curl","phoneNumber":"1234567890"}"#;
+    let made = s.req("POST", "/api/sessions", Some(body), &[("X-API-Key", KEY)]);
+    assert_eq!(made.status, 201, "{}", made.body);
+    let (ok, out) = try_example(&s, "bash", "examples/curl.sh", "bot_curl");
+    assert!(!ok, "a 409 must fail the script: {out}");
+    assert!(out.contains("Session already exists"), "{out}");
+    assert!(
+        !out.contains("Example 4"),
+        "the script must stop at the error: {out}"
+    );
 }
