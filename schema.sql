@@ -1,5 +1,6 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 1; the version lives in PRAGMA user_version and migrations are applied in order.
+-- Version 2; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- an older database is migrated by running this file again (v2 added `settings`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -26,3 +27,9 @@ CREATE TABLE IF NOT EXISTS events (
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, id);
+
+-- Facts about the data directory, e.g. `link`: the link whose credentials it holds.
+CREATE TABLE IF NOT EXISTS settings (
+    key   TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL
+) STRICT;

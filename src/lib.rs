@@ -111,6 +111,9 @@ pub enum RunError {
     /// The session database cannot be opened.
     #[error("cannot open the database: {0}")]
     Database(#[from] botvisor_actors::StorageError),
+    /// The data directory belongs to another link.
+    #[error("{0}")]
+    OtherLink(store::OpenError),
     /// The supervisor actor did not start.
     #[error("cannot start the supervisor: {0}")]
     Supervisor(String),
@@ -151,7 +154,10 @@ pub async fn run(
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
         .map_err(|e| botvisor_actors::StorageError::Failed(e.to_string()))?;
-    let (store, boot) = open?;
+    let (store, boot) = open.map_err(|e| match e {
+        store::OpenError::Storage(e) => RunError::Database(e),
+        other => RunError::OtherLink(other),
+    })?;
     let store = Arc::new(store);
     tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
     log_capacity(link.as_ref());

@@ -527,3 +527,52 @@ fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
         "escape codes in a piped log: {seen:?}"
     );
 }
+
+#[test]
+fn a_data_dir_belongs_to_the_link_that_made_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut s = Server::start_in(tmp.path(), &[]);
+    assert_eq!(s.create("mine", "1234567890").status, 201);
+    s.wait_state("mine", "online");
+    assert_eq!(s.terminate(), Some(0));
+    let dir = tmp.path().to_str().unwrap();
+    let whatsapp = [
+        "serve",
+        "--link",
+        "whatsapp",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+        dir,
+    ];
+    let refused = |err: &str| {
+        err.contains("holds sessions of the sim link, not whatsapp")
+            && err.contains("--link sim")
+            && err.contains("--data-dir")
+    };
+    let (code, err) = botvisor(&whatsapp);
+    assert_eq!(code, 1, "{err}");
+    assert!(refused(&err), "{err}");
+    // A data dir from before the link was recorded is told by its credential files.
+    let db = rusqlite::Connection::open(tmp.path().join("botvisor.db")).unwrap();
+    db.execute("DELETE FROM settings", []).unwrap();
+    drop(db);
+    let (code, err) = botvisor(&whatsapp);
+    assert_eq!(code, 1, "{err}");
+    assert!(refused(&err), "{err}");
+    // Nothing was mixed into the sim's credential file, and the sim link resumes it.
+    let cred = rusqlite::Connection::open(tmp.path().join("sessions/mine.db")).unwrap();
+    let tables: i64 = cred
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(tables, 1, "only the sim's table");
+    drop(cred);
+    let s = Server::start_in(tmp.path(), &[]);
+    s.wait_state("mine", "online");
+}

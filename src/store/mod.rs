@@ -41,6 +41,27 @@ pub enum Database {
     Memory,
 }
 
+/// Why the store did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The database cannot be read or written.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The data directory holds another link's sessions.
+    #[error(
+        "the data directory {data_dir} holds sessions of the {found} link, not {wanted}: \
+         start with --link {found} to run them, or use another --data-dir for the {wanted} link"
+    )]
+    OtherLink {
+        /// The data directory.
+        data_dir: String,
+        /// The link its sessions belong to.
+        found: String,
+        /// The link asked for.
+        wanted: &'static str,
+    },
+}
+
 /// Where the store keeps its files.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -67,7 +88,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, loads every
     /// session into the view, and starts the writer. Returns the stored sessions.
-    pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), StorageError> {
+    pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), OpenError> {
         let (path, uri) = match &config.database {
             Database::Memory => {
                 // Shared cache, so the reader sees the writer's in-memory database.
@@ -92,6 +113,7 @@ impl Store {
         let conn = sql::open(&path, uri)?;
         sql::migrate(&conn)?;
         let boot = sql::load_all(&conn)?;
+        claim_link(&conn, &config, !boot.is_empty())?;
         let reader = sql::open(&path, uri)?;
         let view = Arc::new(View::default());
         for rec in &boot {
@@ -105,7 +127,8 @@ impl Store {
             std::thread::Builder::new()
                 .name("botvisor-store".into())
                 .spawn(move || writer::run(&queue, conn, backups))
-                .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))?
+                .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))
+                .map_err(OpenError::from)?
         };
         let store = Store {
             view,
@@ -187,6 +210,57 @@ impl Store {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+    }
+}
+
+/// A data directory belongs to one link: the first start records it, and a start with
+/// another link is refused (it would resume the old sessions under the new link and mix
+/// their credential files).
+fn claim_link(
+    conn: &Connection,
+    config: &StoreConfig,
+    has_sessions: bool,
+) -> Result<(), OpenError> {
+    let found = match sql::setting(conn, "link")? {
+        Some(link) => Some(link),
+        // Data from before the link was recorded: tell it by a credential file.
+        None if has_sessions => link_of_credentials(&paths::sessions_dir(&config.data_dir)),
+        None => None,
+    };
+    match found {
+        Some(found) if found != config.link => Err(OpenError::OtherLink {
+            data_dir: config.data_dir.display().to_string(),
+            found,
+            wanted: config.link,
+        }),
+        Some(_) => Ok(()),
+        None => Ok(sql::set_setting(conn, "link", config.link)?),
+    }
+}
+
+/// The link whose credential files are in `dir`, told by their tables.
+fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
+    let file = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "db"))?;
+    let conn =
+        Connection::open_with_flags(&file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
+    let has = |table: &str| {
+        conn.query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |_| Ok(()),
+        )
+        .is_ok()
+    };
+    if has("sim_credentials") {
+        Some("sim".into())
+    } else if has("device") {
+        Some("whatsapp".into())
+    } else {
+        None
     }
 }
 

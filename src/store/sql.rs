@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// Events kept per session.
 pub const EVENTS_KEPT: i64 = 100;
 
@@ -96,7 +96,7 @@ pub fn migrate(conn: &Connection) -> Result<(), StorageError> {
              upgrade botvisor or use another --database-url"
         )));
     }
-    if version < 1 {
+    if version < SCHEMA_VERSION {
         conn.execute_batch(SCHEMA)
             .and_then(|_| conn.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}")))
             .map_err(fail)?;
@@ -111,6 +111,25 @@ pub fn migrate(conn: &Connection) -> Result<(), StorageError> {
     .map_err(fail)?
     .ok_or_else(|| StorageError::Failed("the database has no sessions table".into()))?;
     Ok(())
+}
+
+/// A stored setting.
+pub fn setting(conn: &Connection, key: &str) -> Result<Option<String>, StorageError> {
+    conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| {
+        r.get(0)
+    })
+    .optional()
+    .map_err(|e| classify(&e))
+}
+
+/// Stores a setting.
+pub fn set_setting(conn: &Connection, key: &str, value: &str) -> Result<(), StorageError> {
+    conn.execute(
+        "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+        params![key, value],
+    )
+    .map(|_| ())
+    .map_err(|e| classify(&e))
 }
 
 /// Every session, oldest first.
