@@ -512,3 +512,39 @@ fn an_outdated_client_is_a_crash_under_the_restart_policy() {
         "{v}"
     );
 }
+
+#[test]
+fn a_backup_from_another_link_is_refused_before_anything_stops() {
+    // A simulated session's backup...
+    let sim_dir = tempfile::tempdir().unwrap();
+    let mut sim = Server::start_in(sim_dir.path(), &[]);
+    assert_eq!(sim.create("xl", "15551234567").status, 201);
+    let id = sim.post("/api/sessions/xl/backup", None).json()["backupId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(sim.terminate(), Some(0));
+    // ...copied into a WhatsApp data dir, next to a session of the same id.
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    assert_eq!(s.create("xl", "15551234567").status, 201);
+    let dest = s.data_dir.join("backups/xl");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::copy(
+        sim_dir.path().join(format!("backups/xl/{id}.db")),
+        dest.join(format!("{id}.db")),
+    )
+    .unwrap();
+    let msg = s
+        .post(
+            "/api/sessions/xl/restore",
+            Some(&format!(r#"{{"backupId":"{id}"}}"#)),
+        )
+        .error(400);
+    assert!(msg.contains("made with the sim link"), "{msg}");
+    let v = s.session("xl");
+    assert_eq!(
+        (v["state"].as_str(), v["restarts"].as_u64()),
+        (Some("pairing"), Some(0))
+    );
+}
