@@ -1,0 +1,551 @@
+//! `wa-footprint`: measures what the real WhatsApp link costs per session.
+//!
+//! Starts the loopback peer in this process, starts the botvisor binary given by
+//! `--binary` (built with `--features test-peer`) on a fresh data dir, and reads the
+//! botvisor process from outside only (`/proc/<pid>/status`, `/proc/<pid>/fd`,
+//! `/proc/<pid>/smaps`) at each phase:
+//!
+//! 1. idle, before any session;
+//! 2. `--sessions N` sessions pairing (each create must answer 201 with a code);
+//! 3. the same N sessions paired and idle online (stop all, seed `pn` into each store,
+//!    start all, wait for `onlineSessions == N`, then `--settle` seconds);
+//! 4. after stopping all of them.
+//!
+//! Every loop is bounded in count and time; the child is killed on every exit path
+//! (a guard's `Drop`, plus `PR_SET_PDEATHSIG` should this process itself be killed).
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use botvisor_wa_peer::Peer;
+use clap::Parser;
+use serde_json::Value;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "wa-footprint",
+    about = "Per-session RSS and fds of botvisor's real WhatsApp link, against the loopback peer"
+)]
+struct Args {
+    /// The botvisor binary (built with --features test-peer, e.g. --profile peer-bench).
+    #[arg(long)]
+    binary: PathBuf,
+    /// How many sessions.
+    #[arg(long, default_value_t = 200)]
+    sessions: usize,
+    /// Concurrent HTTP clients for create / stop / start.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Seconds to let things settle once all sessions are online.
+    #[arg(long, default_value_t = 10)]
+    settle: u64,
+    /// Extra environment for botvisor, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// A label for the summary line.
+    #[arg(long, default_value = "default")]
+    label: String,
+    /// After the online measurement, also run `PRAGMA wal_checkpoint(TRUNCATE)` on every
+    /// store from outside and measure again.
+    #[arg(long)]
+    checkpoint: bool,
+    /// Print a /proc/<pid>/smaps breakdown (heap / anon / file / shm / stack) per phase.
+    #[arg(long)]
+    smaps: bool,
+    /// Keep the data dir (its path is printed) instead of removing it.
+    #[arg(long)]
+    keep_dir: bool,
+}
+
+/// The botvisor child: killed and reaped when dropped, whatever the exit path.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The data dir, removed when dropped unless kept.
+struct DirGuard {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.keep {
+            eprintln!("data dir kept: {}", self.path.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    rss_kib: u64,
+    anon_kib: u64,
+    file_kib: u64,
+    shmem_kib: u64,
+    fds: u64,
+    threads: u64,
+}
+
+fn sample(pid: u32) -> Result<Sample, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .map_err(|e| format!("cannot read /proc/{pid}/status: {e}"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| format!("cannot list /proc/{pid}/fd: {e}"))?
+        .count() as u64;
+    Ok(Sample {
+        rss_kib: field("VmRSS:"),
+        anon_kib: field("RssAnon:"),
+        file_kib: field("RssFile:"),
+        shmem_kib: field("RssShmem:"),
+        fds,
+        threads: field("Threads:"),
+    })
+}
+
+/// Rss (KiB) by kind of mapping, from /proc/<pid>/smaps.
+fn smaps_breakdown(pid: u32) -> Vec<(String, u64, u64)> {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
+        return Vec::new();
+    };
+    let mut kinds: Vec<(String, u64, u64)> = Vec::new(); // (kind, rss KiB, mappings)
+    let mut current = String::new();
+    for line in text.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            let name = line.split_whitespace().nth(5).unwrap_or("");
+            current = if name.is_empty() {
+                "anon (no name)".into()
+            } else if name == "[heap]" {
+                "[heap] (brk)".into()
+            } else if name.starts_with("[stack") {
+                "[stack]".into()
+            } else if name.ends_with("-shm") {
+                "file: sessions/*.db-shm".into()
+            } else if name.ends_with(".db") || name.ends_with("-wal") {
+                "file: *.db / *-wal".into()
+            } else if name.starts_with('/') {
+                format!(
+                    "file: {}",
+                    Path::new(name)
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                )
+            } else {
+                name.to_string()
+            };
+            match kinds.iter_mut().find(|k| k.0 == current) {
+                Some(k) => k.2 += 1,
+                None => kinds.push((current.clone(), 0, 1)),
+            }
+        } else if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            if let Some(k) = kinds.iter_mut().find(|k| k.0 == current) {
+                k.1 += kib;
+            }
+        }
+    }
+    kinds.sort_by_key(|k| std::cmp::Reverse(k.1));
+    kinds
+}
+
+fn print_smaps(pid: u32, phase: &str) {
+    println!("  smaps ({phase}):");
+    for (kind, rss, maps) in smaps_breakdown(pid).iter().take(8) {
+        println!("    {rss:>9} KiB  {maps:>6} maps  {kind}");
+    }
+}
+
+fn show(phase: &str, s: &Sample) {
+    println!(
+        "{phase:<28} RSS {:>9} KiB (anon {:>9}, file {:>6}, shmem {:>6})  fds {:>5}  threads {:>4}",
+        s.rss_kib, s.anon_kib, s.file_kib, s.shmem_kib, s.fds, s.threads
+    );
+}
+
+fn per_session(phase: &str, base: &Sample, now: &Sample, n: usize) -> (f64, f64) {
+    let n = n.max(1) as f64;
+    let rss = (now.rss_kib as f64 - base.rss_kib as f64) / n;
+    let fds = (now.fds as f64 - base.fds as f64) / n;
+    println!("  {phase}: {rss:.1} KiB RSS and {fds:.2} fds per session");
+    (rss, fds)
+}
+
+struct Api {
+    agent: ureq::Agent,
+    base: String,
+}
+
+impl Api {
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, Value), String> {
+        let url = format!("{}{path}", self.base);
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            (_, Some(b)) => self
+                .agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(b.as_str()),
+            (_, None) => self.agent.post(&url).send_empty(),
+        };
+        let mut resp = result.map_err(|e| format!("{method} {path}: {e}"))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .map_err(|e| format!("{method} {path}: reading the body: {e}"))?;
+        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Ok((status, v))
+    }
+}
+
+fn id_of(i: usize) -> String {
+    format!("fp{i:05}")
+}
+
+/// Runs `f(i)` for i in 0..n on `workers` threads; returns the failures' messages.
+fn fan_out(
+    n: usize,
+    workers: usize,
+    f: impl Fn(usize) -> Result<(), String> + Sync,
+) -> Vec<String> {
+    let next = AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, 64) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= n {
+                    break;
+                }
+                if let Err(e) = f(i) {
+                    if let Ok(mut v) = failures.lock() {
+                        v.push(e);
+                    }
+                }
+            });
+        }
+    });
+    failures.into_inner().unwrap_or_default()
+}
+
+fn check(what: &str, failures: Vec<String>) -> Result<(), String> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "{what}: {} failed, first: {}",
+        failures.len(),
+        failures[0]
+    ))
+}
+
+/// Polls `GET /api/stats` until `pred` holds on it, for at most `limit`.
+fn wait_stats(
+    api: &Api,
+    limit: Duration,
+    what: &str,
+    pred: impl Fn(&Value) -> bool,
+) -> Result<Value, String> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let (_, v) = api.call("GET", "/api/stats", None)?;
+        if pred(&v) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not reached within {limit:?}; stats: {v}"));
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn raise_nofile() {
+    // The peer holds one socket per session in this process.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+fn main() {
+    let args = Args::parse();
+    raise_nofile();
+    match run(&args) {
+        Ok(()) => {}
+        Err(e) => {
+            eprintln!("wa-footprint: error: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    let n = args.sessions;
+    let peer = Peer::start();
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let dir = DirGuard {
+        path: std::env::temp_dir().join(format!("wa-footprint-{}-{stamp}", std::process::id())),
+        keep: args.keep_dir,
+    };
+    std::fs::create_dir_all(&dir.path).map_err(|e| format!("cannot create the data dir: {e}"))?;
+    let log_path = dir.path.join("botvisor.log");
+    let log =
+        std::fs::File::create(&log_path).map_err(|e| format!("cannot create the log: {e}"))?;
+
+    let url = peer.url();
+    let mut cmd = Command::new(&args.binary);
+    cmd.args([
+        "serve",
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        &url,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--data-dir",
+    ])
+    .arg(&dir.path)
+    .args(["--create-timeout", "20s"])
+    .env_remove("API_KEY")
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(log);
+    for kv in &args.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| format!("--env {kv}: expected KEY=VALUE"))?;
+        cmd.env(k, v);
+    }
+    // Should this process die without unwinding, the kernel kills the child too.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = ChildGuard(
+        cmd.spawn()
+            .map_err(|e| format!("cannot start {}: {e}", args.binary.display()))?,
+    );
+    let pid = child.0.id();
+    let stdout = child.0.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("botvisor listening on http://") {
+                let _ = tx.send(addr.trim().to_string());
+            }
+        }
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(a) => a,
+        Err(_) => {
+            let mut text = String::new();
+            let _ = std::fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
+            return Err(format!(
+                "botvisor did not start within 30 s; its log:\n{text}"
+            ));
+        }
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let api = Api {
+        agent,
+        base: format!("http://{addr}"),
+    };
+    println!(
+        "botvisor pid {pid} at {addr}; peer {url}; {n} sessions, {} clients; label {}; env {:?}",
+        args.concurrency, args.label, args.env
+    );
+
+    // 1. Idle.
+    std::thread::sleep(Duration::from_secs(2));
+    let idle = sample(pid)?;
+    show("idle", &idle);
+    if args.smaps {
+        print_smaps(pid, "idle");
+    }
+
+    // 2. N sessions pairing.
+    let t0 = Instant::now();
+    let failures = fan_out(n, args.concurrency, |i| {
+        let body = format!(
+            r#"{{"userId":"{}","phoneNumber":"1555{:07}"}}"#,
+            id_of(i),
+            i
+        );
+        let (status, v) = api.call("POST", "/api/sessions", Some(body))?;
+        if status != 201 || v["pairingCode"].as_str().is_none() {
+            return Err(format!("create {}: {status} {v}", id_of(i)));
+        }
+        Ok(())
+    });
+    let create_secs = t0.elapsed().as_secs_f64();
+    check("create", failures)?;
+    let rate = n as f64 / create_secs.max(1e-9);
+    println!("created {n} sessions in {create_secs:.1} s ({rate:.1} creates/s)");
+    std::thread::sleep(Duration::from_secs(3));
+    let pairing = sample(pid)?;
+    show("pairing", &pairing);
+    let (pair_rss, pair_fds) = per_session("pairing", &idle, &pairing, n);
+    if args.smaps {
+        print_smaps(pid, "pairing");
+    }
+
+    // 3. The same sessions paired and idle online.
+    let failures = fan_out(n, args.concurrency, |i| {
+        let (status, v) = api.call("POST", &format!("/api/sessions/{}/stop", id_of(i)), None)?;
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("stop {}: {status} {v}", id_of(i)))
+    });
+    check("stop", failures)?;
+    let stopped_pairing = sample(pid)?;
+    show("stopped (after pairing)", &stopped_pairing);
+    let failures = fan_out(n, args.concurrency, |i| {
+        let db = dir.path.join(format!("sessions/{}.db", id_of(i)));
+        let c = rusqlite::Connection::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
+        c.busy_timeout(Duration::from_secs(10))
+            .map_err(|e| e.to_string())?;
+        let changed = c
+            .execute(
+                "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
+                [format!("Footprint {i}")],
+            )
+            .map_err(|e| format!("{}: {e}", db.display()))?;
+        (changed == 1)
+            .then_some(())
+            .ok_or_else(|| format!("{}: {changed} device rows", db.display()))
+    });
+    check("seed", failures)?;
+    let t1 = Instant::now();
+    let failures = fan_out(n, args.concurrency, |i| {
+        let (status, v) = api.call("POST", &format!("/api/sessions/{}/start", id_of(i)), None)?;
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("start {}: {status} {v}", id_of(i)))
+    });
+    check("start", failures)?;
+    let limit = Duration::from_secs(60 + n as u64 / 5);
+    wait_stats(&api, limit, "all online", |v| {
+        v["onlineSessions"].as_u64() == Some(n as u64)
+    })?;
+    println!(
+        "all {n} online {:.1} s after the first start; peer logins {}",
+        t1.elapsed().as_secs_f64(),
+        peer.stats().logins
+    );
+    let settle_end = Instant::now() + Duration::from_secs(args.settle);
+    while Instant::now() < settle_end {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (_, stats) = api.call("GET", "/api/stats", None)?;
+    if stats["onlineSessions"].as_u64() != Some(n as u64) {
+        return Err(format!("sessions left online while settling: {stats}"));
+    }
+    let online = sample(pid)?;
+    show("paired idle online", &online);
+    let (on_rss, on_fds) = per_session("paired idle online", &idle, &online, n);
+    if args.smaps {
+        print_smaps(pid, "paired idle online");
+    }
+    let wal_kib = wal_bytes(&dir.path) / 1024;
+    println!("  -wal files total {wal_kib} KiB");
+    if args.checkpoint {
+        let failures = fan_out(n, args.concurrency, |i| {
+            let db = dir.path.join(format!("sessions/{}.db", id_of(i)));
+            let c = rusqlite::Connection::open(&db).map_err(|e| e.to_string())?;
+            c.busy_timeout(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+                .map_err(|e| format!("{}: {e}", db.display()))
+        });
+        check("checkpoint", failures)?;
+        std::thread::sleep(Duration::from_secs(3));
+        let ck = sample(pid)?;
+        show("online, after checkpoint", &ck);
+        per_session("online, after checkpoint", &idle, &ck, n);
+        println!("  -wal files total {} KiB", wal_bytes(&dir.path) / 1024);
+    }
+
+    // 4. Mass stop: does the memory come back?
+    let failures = fan_out(n, args.concurrency, |i| {
+        let (status, v) = api.call("POST", &format!("/api/sessions/{}/stop", id_of(i)), None)?;
+        (status == 200)
+            .then_some(())
+            .ok_or_else(|| format!("stop {}: {status} {v}", id_of(i)))
+    });
+    check("mass stop", failures)?;
+    wait_stats(&api, Duration::from_secs(60), "none online", |v| {
+        v["onlineSessions"].as_u64() == Some(0)
+    })?;
+    std::thread::sleep(Duration::from_secs(5));
+    let after = sample(pid)?;
+    show("after mass stop", &after);
+    let kept = after.rss_kib as f64 - idle.rss_kib as f64;
+    let peak = online.rss_kib as f64 - idle.rss_kib as f64;
+    println!(
+        "  after mass stop: {kept:.0} KiB above idle ({:.0}% of the online growth kept)",
+        if peak > 0.0 { 100.0 * kept / peak } else { 0.0 }
+    );
+    if args.smaps {
+        print_smaps(pid, "after mass stop");
+    }
+    println!(
+        "SUMMARY label={} n={n} idle_rss_kib={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0}",
+        args.label, idle.rss_kib, online.rss_kib, after.rss_kib
+    );
+    drop(child);
+    Ok(())
+}
+
+fn wal_bytes(data_dir: &Path) -> u64 {
+    std::fs::read_dir(data_dir.join("sessions"))
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with("-wal"))
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
