@@ -12,15 +12,17 @@ use tokio::net::TcpListener;
 use botvisor::config::{Cli, Command, Config};
 
 /// glibc gives each thread that allocates under contention its own arena, up to 8 per
-/// core, and a session's memory ends up spread over all of them: measured with the
-/// real link, two arenas cost ~60 KiB less RSS per online session and give back more
-/// after a mass stop than the default, with no measurable cost (BENCHMARKS-real-link.md;
-/// mimalloc was tried too and held far more). MALLOC_ARENA_MAX, when set, still wins.
+/// core, and a WhatsApp session's long-lived memory ends up spread over all of them:
+/// measured with the real link, two arenas cost ~60-180 KiB less RSS per online session
+/// and give back more after a mass stop (BENCHMARKS-real-link.md; mimalloc was tried too
+/// and held far more). Only for the real link: simulated sessions hold almost nothing,
+/// and there two arenas made a 10,000-session boot 30-50 % slower (malloc contention).
+/// MALLOC_ARENA_MAX, when set, still wins. Called before the runtime starts any thread.
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes a malloc tunable; called first thing in main,
-        // before any other thread exists.
+        // SAFETY: mallopt only changes a malloc tunable; called from main before any
+        // other thread exists.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
@@ -28,7 +30,6 @@ fn limit_malloc_arenas() {
 }
 
 fn main() {
-    limit_malloc_arenas();
     let cli = Cli::parse_layered();
     let Command::Serve(args) = cli.command;
     let config = match Config::resolve(&args) {
@@ -38,6 +39,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if config.link == botvisor::config::LinkKind::Whatsapp {
+        limit_malloc_arenas();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(botvisor::log_filter(
             std::env::var("RUST_LOG").ok().as_deref(),
