@@ -14,7 +14,7 @@ use botvisor::config::{Cli, Command, Config};
 /// glibc gives each thread that allocates under contention its own arena, up to 8 per
 /// core, and a WhatsApp session's long-lived memory ends up spread over all of them:
 /// measured with the real link, two arenas cost ~60-180 KiB less RSS per online session
-/// and give back more after a mass stop (BENCHMARKS-real-link.md; mimalloc was tried too
+/// and give back more after a mass stop (BENCHMARKS.md, the real link; mimalloc was tried too
 /// and held far more). Only for the real link: simulated sessions hold almost nothing,
 /// and there two arenas made a 10,000-session boot 30-50 % slower (malloc contention).
 /// MALLOC_ARENA_MAX, when set, still wins. Called before the runtime starts any thread.

@@ -350,7 +350,7 @@ impl LinkConnection for WhatsAppConnection {
 /// session: whatsapp-rust's default is 512 KiB per connection, which a paired idle
 /// session fills to a few hundred KiB of heap. 16 KiB keeps the hot pages (the store
 /// is read mostly at login) and measured ~250 KiB less RSS per online session
-/// (BENCHMARKS-real-link.md). Everything else stays at the library's defaults.
+/// (BENCHMARKS.md, the real link). Everything else stays at the library's defaults.
 fn store_config() -> SqliteStoreConfig {
     SqliteStoreConfig {
         cache_size_kib: 16,
