@@ -10,16 +10,21 @@ use std::time::{Duration, Instant};
 use botvisor_wa_peer::{Command, PairReply, Peer};
 use common::Server;
 
-fn start(peer: &Peer, extra: &[&str]) -> Server {
-    let url = peer.url();
-    let mut args = vec![
+/// The flags that point the real link at the peer.
+fn peer_args(url: &str) -> [&str; 6] {
+    [
         "--link",
         "whatsapp",
         "--wa-url",
-        url.as_str(),
+        url,
         "--create-timeout",
         "20s",
-    ];
+    ]
+}
+
+fn start(peer: &Peer, extra: &[&str]) -> Server {
+    let url = peer.url();
+    let mut args = peer_args(&url).to_vec();
     args.extend_from_slice(extra);
     Server::start(&args)
 }
@@ -88,17 +93,7 @@ fn running_out_of_file_descriptors_refuses_new_sessions_with_a_clear_503() {
     let tmp = tempfile::tempdir().unwrap();
     let wrapper = common::limited_binary(tmp.path(), 64);
     let url = peer.url();
-    let s = Server::start_with_binary(
-        &wrapper,
-        &[
-            "--link",
-            "whatsapp",
-            "--wa-url",
-            url.as_str(),
-            "--create-timeout",
-            "20s",
-        ],
-    );
+    let s = Server::start_with_binary(&wrapper, &peer_args(&url));
     let mut created = 0;
     let refusal = loop {
         let r = s.create(&format!("fd{created}"), "15551234567");
