@@ -50,19 +50,22 @@ impl View {
             .records
             .insert(rec.user_id.clone(), rec.clone())
             .map(|old| (old.state, old.created_at_ms));
-        let mut order = self.order.write().unwrap_or_else(|p| p.into_inner());
-        match old {
+        // The order changes only when a record arrives (a state change leaves it alone).
+        let moved = match old {
             None => {
                 self.total.fetch_add(1, Ordering::Relaxed);
-                order.insert((rec.created_at_ms, rec.user_id.clone()));
+                Some(None)
             }
-            Some((_, created)) if created != rec.created_at_ms => {
+            Some((_, created)) if created != rec.created_at_ms => Some(Some(created)),
+            Some(_) => None,
+        };
+        if let Some(previous) = moved {
+            let mut order = self.order.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(created) = previous {
                 order.remove(&(created, rec.user_id.clone()));
-                order.insert((rec.created_at_ms, rec.user_id.clone()));
             }
-            Some(_) => {}
+            order.insert((rec.created_at_ms, rec.user_id.clone()));
         }
-        drop(order);
         let before = old.map(|(s, _)| s);
         count(
             &self.active,

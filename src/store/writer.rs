@@ -161,7 +161,6 @@ impl Queue {
                 Op::Flush(_) => None,
             })
             .collect();
-        batch.ops.retain(|op| !matches!(op, Op::Flush(_)));
         batch.ops.append(&mut p.ops);
         p.ops = batch.ops;
         for (id, rec) in batch.dirty {
@@ -191,6 +190,7 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
                 sql::write_row(&tx, rec, true)?;
             }
             Op::Delete(id) => sql::delete_session(&tx, id)?,
+            // Taken out of the batch before the commit.
             Op::Flush(_) => {}
         }
     }
@@ -212,14 +212,15 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
 pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
     let mut retry = Duration::from_millis(50);
     while let Some(mut batch) = queue.take() {
+        let (flushes, writes): (Vec<Op>, Vec<Op>) = std::mem::take(&mut batch.ops)
+            .into_iter()
+            .partition(|op| matches!(op, Op::Flush(_)));
+        batch.ops = writes;
         let result = commit(&mut conn, &batch).map_err(|e| sql::classify(&e));
-        let flushes = batch.ops.iter_mut().filter_map(|op| match op {
-            Op::Flush(tx) => Some(std::mem::replace(tx, oneshot::channel().0)),
-            _ => None,
-        });
-        let flushes: Vec<_> = flushes.collect();
-        for tx in flushes {
-            let _ = tx.send(result.clone());
+        for op in flushes {
+            if let Op::Flush(tx) = op {
+                let _ = tx.send(result.clone());
+            }
         }
         match result {
             Ok(()) => {
