@@ -543,3 +543,26 @@ fn a_backup_from_another_link_is_refused_before_anything_stops() {
         (Some("pairing"), Some(0))
     );
 }
+
+#[test]
+fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
+    // Nothing listens on port 9 of the loopback: every connect is refused. The create
+    // answers with that cause instead of waiting out its 60 s for a pairing code.
+    let s = Server::start(&[
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        "ws://127.0.0.1:9/ws/chat",
+        "--create-timeout",
+        "60s",
+    ]);
+    let msg = s.create("wa_down", "15551234567").error(503);
+    assert!(msg.contains("cannot reach WhatsApp"), "{msg}");
+    assert!(msg.to_lowercase().contains("refused"), "{msg}");
+    assert!(!msg.contains("Timed out"), "{msg}");
+    // Nothing is left behind.
+    assert_eq!(s.get("/api/stats").json()["totalUsers"], 0);
+    wait_until(10, "credentials removed", || {
+        !s.data_dir.join("sessions/wa_down.db").exists()
+    });
+}

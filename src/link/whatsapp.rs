@@ -16,7 +16,9 @@ use tokio::task::JoinHandle;
 use whatsapp_rust::pair_code::{PairCodeOptions, PairCodeRejection};
 use whatsapp_rust::prelude::*;
 use whatsapp_rust::store::SqliteStoreConfig;
-use whatsapp_rust::transport::TokioWebSocketTransportFactory;
+use whatsapp_rust::transport::{
+    TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
+};
 
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Link, LinkError, LinkEvent,
@@ -101,6 +103,26 @@ struct Shared {
 }
 
 impl Shared {
+    /// A connect attempt failed. An unpaired session reports it: a lasting cause ends a
+    /// create waiting for its first code at once, and any cause becomes `lastError` (so a
+    /// create that times out says why). A paired session's drop was already reported by
+    /// the client's own `Disconnected`; its retries are the client's business.
+    fn connect_failed(&self, error: &str) {
+        if self.closing.load(Ordering::SeqCst) || self.paired.load(Ordering::SeqCst) {
+            return;
+        }
+        let message = format!("cannot reach WhatsApp: {error}");
+        if is_lasting(error) {
+            self.events.emit(LinkEvent::PairingRejected {
+                message,
+                throttled: false,
+            });
+        } else {
+            self.events
+                .emit(LinkEvent::Disconnected { reason: message });
+        }
+    }
+
     fn emit_terminal(&self, event: LinkEvent) {
         if self.closing.load(Ordering::SeqCst) || self.terminal.swap(true, Ordering::SeqCst) {
             return;
@@ -295,6 +317,42 @@ async fn pairing_manager(client: Arc<Client>, shared: Arc<Shared>, phone_number:
     }
 }
 
+/// Whether a connect error will not heal in seconds (no such host, nothing listening):
+/// a create waiting for its first pairing code fails at once instead of timing out.
+fn is_lasting(error: &str) -> bool {
+    let e = error.to_ascii_lowercase();
+    [
+        "dns",
+        "lookup",
+        "name or service not known",
+        "no such host",
+        "connection refused",
+        "network is unreachable",
+    ]
+    .iter()
+    .any(|needle| e.contains(needle))
+}
+
+/// The client's transport factory, watched: a failed connect is reported to the session
+/// (the client itself only logs it, then retries).
+struct WatchedTransport {
+    inner: TokioWebSocketTransportFactory,
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl TransportFactory for WatchedTransport {
+    async fn create_transport(
+        &self,
+    ) -> Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>), anyhow::Error> {
+        let result = self.inner.create_transport().await;
+        if let Err(e) = &result {
+            self.shared.connect_failed(&format!("{e:#}"));
+        }
+        result
+    }
+}
+
 /// One session's live WhatsApp client.
 pub struct WhatsAppConnection {
     client: Arc<Client>,
@@ -399,9 +457,12 @@ impl Link for WhatsAppLink {
                 closing: AtomicBool::new(false),
                 refresh: Notify::new(),
             });
-            let transport = match &settings.url {
-                Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
-                None => TokioWebSocketTransportFactory::new(),
+            let transport = WatchedTransport {
+                inner: match &settings.url {
+                    Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
+                    None => TokioWebSocketTransportFactory::new(),
+                },
+                shared: shared.clone(),
             };
             let handler = InlineHandler {
                 shared: shared.clone(),
@@ -470,6 +531,16 @@ impl Link for WhatsAppLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lasting_connect_errors_are_told_from_passing_ones() {
+        assert!(is_lasting("IO error: Connection refused (os error 111)"));
+        assert!(is_lasting(
+            "failed to lookup address information: Name or service not known"
+        ));
+        assert!(!is_lasting("operation timed out"));
+        assert!(!is_lasting("TLS handshake eof"));
+    }
 
     #[test]
     fn codes_are_shown_with_a_dash() {

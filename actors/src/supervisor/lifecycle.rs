@@ -337,8 +337,14 @@ impl SupervisorState {
         if entry.create_token != Some(token) || entry.create_waiters.is_empty() {
             return;
         }
+        let cause = entry
+            .rec
+            .last_error
+            .as_deref()
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
         let err = CmdError::Unavailable(format!(
-            "Timed out after {:?} waiting for a pairing code; the session was not created",
+            "Timed out after {:?} waiting for a pairing code{cause}; the session was not created",
             self.config.create_timeout
         ));
         tracing::warn!(%user_id, "create timed out; rolling back");
