@@ -119,6 +119,11 @@ pub struct ServeArgs {
     /// Guards the write endpoints (X-API-Key header) when set.
     #[arg(long, env = "API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Require the API key for reads too (sessions, stats, events, the dashboard), so phone
+    /// numbers and names are not readable without it. Off by default: the LD7 guide keeps
+    /// reads open.
+    #[arg(long, env = "BOTVISOR_PROTECT_READS")]
+    pub protect_reads: bool,
     /// Allowed CORS origin; repeatable [default: any origin].
     #[arg(long = "cors-origin", value_name = "ORIGIN")]
     pub cors_origin: Vec<String>,
@@ -311,8 +316,10 @@ fn file_args(
         };
         match (arg.get_action(), value) {
             (ArgAction::SetTrue, toml::Value::Boolean(on)) => {
-                // builtin_commands = false is --no-builtin-commands.
-                if !on {
+                // builtin_commands = false is --no-builtin-commands; other switches
+                // (protect_reads = true) are their flag.
+                let negated = file_key(arg) != Some(id);
+                if *on != negated {
                     out.push(format!("--{long}").into());
                 }
             }
@@ -372,6 +379,8 @@ pub struct Config {
     pub database: Database,
     /// API key, if any.
     pub api_key: Option<String>,
+    /// The key is needed for reads too.
+    pub protect_reads: bool,
     /// Allowed origins; empty means any.
     pub cors_origins: Vec<String>,
     /// The network.
@@ -419,6 +428,7 @@ impl Config {
             data_dir: args.data_dir.clone(),
             database,
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
+            protect_reads: args.protect_reads,
             cors_origins: args.cors_origin.clone(),
             link: args.link,
             supervisor,
@@ -591,6 +601,7 @@ mod tests {
         );
         assert_eq!(c.database, Database::File("./data/botvisor.db".into()));
         assert!(c.whatsapp.builtin_commands);
+        assert!(!c.protect_reads);
         assert!(c.cors_origins.is_empty());
     }
 
@@ -601,10 +612,12 @@ mod tests {
             &dir,
             "port = 9000\nrestart_window = \"2m\"\nrestart_max = 7\nboot_batch = 4\n\
              boot_interval = \"0s\"\nsim_login_delay = \"5ms\"\nbuiltin_commands = false\n\
+             protect_reads = true\n\
              cors_origin = [\"https://a.example\", \"https://b.example\"]\nbackoff_multiplier = 3\n",
         );
         let c = resolve(&["--config", &file, "--port", "9100"]).unwrap();
         assert_eq!(c.port, 9100);
+        assert!(c.protect_reads, "a switch set in the file is on");
         assert_eq!(c.supervisor.policy.window, Duration::from_secs(120));
         assert_eq!(c.supervisor.policy.max_restarts, 7);
         assert_eq!(c.supervisor.policy.backoff_multiplier, 3.0);

@@ -177,6 +177,7 @@ pub async fn run(
         sup: sup.clone(),
         store: store.clone(),
         api_key: config.api_key.clone(),
+        protect_reads: config.protect_reads,
         cors: http::cors::Cors::new(config.cors_origins.clone()),
         faults: link.accepts_faults(),
         supervisor: config.supervisor.clone(),

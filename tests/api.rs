@@ -372,6 +372,55 @@ fn api_key_guards_writes_and_leaves_reads_open() {
 }
 
 #[test]
+fn a_bearer_token_works_like_the_api_key_header() {
+    let key = "k3y-for-tests-0123456789abcdef";
+    let s = Server::start(&["--api-key", key]);
+    let body = r#"{"userId":"bearer","phoneNumber":"1234567890"}"#;
+    let bearer = format!("Bearer {key}");
+    let r = s.req(
+        "POST",
+        "/api/sessions",
+        Some(body),
+        &[("Authorization", &bearer)],
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let wrong = s.req(
+        "POST",
+        "/api/sessions/bearer/stop",
+        None,
+        &[("Authorization", "Bearer wrong")],
+    );
+    assert!(wrong.error(401).contains("Invalid API key"));
+    // Reads stay open unless --protect-reads.
+    assert_eq!(s.get("/api/sessions/bearer").status, 200);
+}
+
+#[test]
+fn protect_reads_needs_the_key_for_every_route() {
+    let key = "k3y-for-tests-0123456789abcdef";
+    let s = Server::start(&["--api-key", key, "--protect-reads"]);
+    for path in [
+        "/",
+        "/api/stats",
+        "/api/sessions",
+        "/api/sessions/x",
+        "/api/sessions/x/events",
+    ] {
+        assert!(s.get(path).error(401).contains("API key"), "{path}");
+    }
+    let r = s.req("GET", "/api/stats", None, &[("X-API-Key", key)]);
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Browsers' preflights still get their answer.
+    let pre = s.req(
+        "OPTIONS",
+        "/api/stats",
+        None,
+        &[("Origin", "https://a.example")],
+    );
+    assert_eq!(pre.status, 204);
+}
+
+#[test]
 fn cors_allows_any_origin_by_default_and_answers_preflight() {
     let s = Server::start(&[]);
     let r = s.req(

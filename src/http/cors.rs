@@ -11,7 +11,7 @@ pub struct Cors {
 /// Methods the API answers.
 pub const ALLOWED_METHODS: &str = "GET, POST, DELETE, OPTIONS";
 /// Headers a browser may send.
-pub const ALLOWED_HEADERS: &str = "Content-Type, X-API-Key";
+pub const ALLOWED_HEADERS: &str = "Content-Type, X-API-Key, Authorization";
 
 impl Cors {
     /// From the configured list.

@@ -52,6 +52,8 @@ pub struct App {
     pub store: Arc<Store>,
     /// API key for the write endpoints.
     pub api_key: Option<String>,
+    /// The key is needed for reads too.
+    pub protect_reads: bool,
     /// CORS policy.
     pub cors: Cors,
     /// Whether the link takes injected faults.

@@ -171,7 +171,7 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
         }
         return Ok(resp);
     };
-    if route.key {
+    if route.key || app.protect_reads {
         check_key(&req, &app)?;
     }
     if route.path.contains(":id") && !valid_user_id(id) {
@@ -185,12 +185,12 @@ fn check_key(req: &Request<Incoming>, app: &App) -> Result<(), ApiError> {
     let Some(expected) = &app.api_key else {
         return Ok(());
     };
-    match req.headers().get("x-api-key") {
+    match auth::given_key(req.headers()) {
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "Missing API key: send it in the X-API-Key header",
+            "Missing API key: send it in the X-API-Key header (or as Authorization: Bearer <key>)",
         )),
-        Some(given) if auth::keys_match(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(given) if auth::keys_match(given, expected.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key")),
     }
 }
