@@ -63,6 +63,24 @@ impl fmt::Display for HumanDuration {
     }
 }
 
+/// `http(s)://host[:port]`, as a browser sends it in `Origin` (no path, no trailing `/`).
+fn parse_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let host = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', ' ']));
+    match host {
+        Some(_) => Ok(s.to_string()),
+        None => Err(format!(
+            "'{s}' is not an origin: use scheme://host[:port], e.g. https://app.example.com"
+        )),
+    }
+}
+
+/// The longest backoff accepted: beyond it a crashed bot would look dead, not waiting.
+const BACKOFF_MAX_LIMIT: Duration = Duration::from_secs(3600);
+
 fn parse_duration(s: &str) -> Result<HumanDuration, String> {
     humantime::parse_duration(s.trim())
         .map(HumanDuration)
@@ -124,13 +142,16 @@ pub struct ServeArgs {
     /// reads open.
     #[arg(long, env = "BOTVISOR_PROTECT_READS")]
     pub protect_reads: bool,
-    /// Allowed CORS origin; repeatable [default: any origin].
-    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    /// Allowed CORS origin (`https://app.example.com`); repeatable, or comma-separated in
+    /// the environment [default: any origin].
+    #[arg(long = "cors-origin", env = "BOTVISOR_CORS_ORIGIN", value_name = "ORIGIN",
+          value_delimiter = ',', value_parser = parse_origin)]
     pub cors_origin: Vec<String>,
     /// Network the sessions connect to.
     #[arg(long, env = "BOTVISOR_LINK", value_enum, default_value_t = LinkKind::Whatsapp)]
     pub link: LinkKind,
-    /// Restarts allowed within --restart-window before a session is failed.
+    /// Restarts allowed within --restart-window before a session is failed (0: never
+    /// restart; the first crash fails the session).
     #[arg(long, env = "BOTVISOR_RESTART_MAX", value_name = "N",
           default_value_t = policy().max_restarts)]
     pub restart_max: u32,
@@ -202,7 +223,7 @@ pub struct ServeArgs {
     pub wa_url: Option<String>,
     /// Turn off the built-in bot commands (`!ping` answers `pong` with the uptime).
     /// In the file: builtin_commands = false.
-    #[arg(long)]
+    #[arg(long, env = "BOTVISOR_NO_BUILTIN_COMMANDS")]
     pub no_builtin_commands: bool,
     /// Simulated link: how long a pairing code is valid.
     #[arg(long, env = "BOTVISOR_SIM_CODE_TTL", value_name = "DURATION",
@@ -453,7 +474,11 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 12] = [
+        let checks: [(bool, &str); 13] = [
+            (
+                p.backoff_max > BACKOFF_MAX_LIMIT,
+                "--backoff-max must be at most 1h (a longer wait looks like a dead bot)",
+            ),
             (
                 p.window.is_zero(),
                 "--restart-window must be greater than 0",

@@ -351,8 +351,10 @@ fn botvisor(args: &[&str]) -> (i32, String) {
 fn invalid_settings_are_refused_at_startup_naming_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_str().unwrap();
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--restart-window", "soon"], "--restart-window"),
+        (&["--backoff-max", "1y"], "--backoff-max must be at most 1h"),
+        (&["--cors-origin", "notaurl"], "--cors-origin"),
         (&["--backoff-jitter", "2"], "--backoff-jitter"),
         (&["--backoff-multiplier", "0.5"], "--backoff-multiplier"),
         (
