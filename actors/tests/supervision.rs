@@ -58,11 +58,7 @@ const WELL_PAST_ANY_TIMER: Duration = Duration::from_secs(5);
 
 impl Persistence for MemStore {
     fn insert(&self, rec: &SessionRecord) {
-        self.record(rec);
-        self.rows
-            .lock()
-            .unwrap()
-            .insert(rec.user_id.clone(), rec.clone());
+        self.save(rec);
     }
     fn save(&self, rec: &SessionRecord) {
         self.record(rec);

@@ -111,19 +111,16 @@ impl SupervisorState {
                 );
                 tracing::error!(%user_id, %msg, "session failed");
                 entry.rec.last_error = Some(msg.clone());
-                let waiters = std::mem::take(&mut entry.create_waiters);
+                let creating = !entry.create_waiters.is_empty();
                 self.set_state(user_id, SessionState::Failed);
-                if !waiters.is_empty() {
+                if creating {
                     // A create that never got going: leave nothing behind.
-                    let err = CmdError::Unavailable(format!(
-                        "Session could not be started ({msg}); nothing was created"
-                    ));
-                    if let Err(e) = self.remove_session(user_id) {
-                        tracing::error!(%user_id, error = %e, "could not roll back a failed create");
-                    }
-                    for w in waiters {
-                        let _ = w.send(Err(err.clone()));
-                    }
+                    self.abort_create(
+                        user_id,
+                        CmdError::Unavailable(format!(
+                            "Session could not be started ({msg}); nothing was created"
+                        )),
+                    );
                 }
             }
         }
