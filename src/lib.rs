@@ -24,6 +24,7 @@ pub mod http;
 pub mod limits;
 pub mod link;
 pub mod paths;
+pub mod qr;
 pub mod store;
 pub mod timefmt;
 

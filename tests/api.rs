@@ -8,6 +8,7 @@ use serde_json::Value;
 const EXISTS: &str =
     "Session already exists for this user. Delete it first or use a different userId.";
 const BAD_ID: &str = "userId must be alphanumeric (a-z, 0-9, _, -)";
+const KEY: &str = "k3y-for-tests-0123456789abcdef";
 
 fn is_code(v: &Value) -> bool {
     let s = v.as_str().unwrap_or("");
@@ -52,6 +53,54 @@ fn create_answers_201_with_a_pairing_code_in_the_spec_shape() {
     assert!(msg.contains("No pairing code"), "{msg}");
 
     assert_eq!(s.create("bot_1234567890", "1234567890").error(409), EXISTS);
+}
+
+#[test]
+fn a_pairing_session_shows_its_qr_code_as_json_svg_and_png() {
+    let s = Server::start(&["--sim-pair-delay", "30s", "--api-key", KEY]);
+    let key = [("X-API-Key", KEY)];
+    let r = s.req(
+        "POST",
+        "/api/sessions",
+        Some(r#"{"userId":"qr1","phoneNumber":"15550001234"}"#),
+        &key,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+
+    // Guarded like the pairing code.
+    assert!(s.get("/api/sessions/qr1/qr").error(401).contains("API key"));
+    let j = s.req("GET", "/api/sessions/qr1/qr", None, &key).json();
+    assert_eq!(j["success"], true);
+    assert_eq!(j["userId"], "qr1");
+    let qr = j["qr"].as_str().unwrap();
+    // The simulated link says so in its payload: it can never pass for a real code.
+    assert!(qr.contains("SIMULATED"), "{qr}");
+    assert!(j["expiresAt"].as_str().unwrap().ends_with('Z'));
+
+    let svg = s.req("GET", "/api/sessions/qr1/qr?format=svg", None, &key);
+    assert_eq!(svg.status, 200);
+    assert_eq!(svg.header("content-type"), Some("image/svg+xml"));
+    assert_eq!(svg.header("cache-control"), Some("no-store"));
+    assert!(svg.body.contains("<svg"), "{}", svg.body);
+    let by_accept = s.req(
+        "GET",
+        "/api/sessions/qr1/qr",
+        None,
+        &[("X-API-Key", KEY), ("Accept", "image/png")],
+    );
+    assert_eq!(by_accept.header("content-type"), Some("image/png"));
+    assert!(by_accept.body.contains("PNG"), "a PNG signature");
+
+    let bad = s.req("GET", "/api/sessions/qr1/qr?format=gif", None, &key);
+    assert!(bad.error(400).contains("json, svg or png"));
+    let none = s.req("GET", "/api/sessions/nobody/qr", None, &key);
+    assert_eq!(none.error(404), "Session nobody not found");
+
+    // Stopped: the code is gone with the pairing state.
+    let stop = s.req("POST", "/api/sessions/qr1/stop", None, &key);
+    assert_eq!(stop.status, 200, "{}", stop.body);
+    let gone = s.req("GET", "/api/sessions/qr1/qr", None, &key).error(404);
+    assert!(gone.contains("No QR code is pending"), "{gone}");
 }
 
 #[test]

@@ -29,7 +29,7 @@ fn start(peer: &Peer, extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
-fn wait_until(secs: u64, what: &str, pred: impl Fn() -> bool) {
+fn wait_until(secs: u64, what: &str, mut pred: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !pred() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -164,6 +164,34 @@ fn create_returns_a_real_pair_code_from_the_real_client() {
         tables > 5,
         "whatsapp-rust's schema should be there ({tables} tables)"
     );
+}
+
+#[test]
+fn the_qr_code_is_the_real_clients_from_whatsapps_first_ref() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    assert_eq!(s.create("wa_qr", "15551234567").status, 201);
+    // The client built the payload from the peer's first ref and its own keys:
+    // `ref,noise key,identity key,adv secret,client type`.
+    let mut qr = String::new();
+    wait_until(10, "a QR code", || {
+        let r = s.get("/api/sessions/wa_qr/qr");
+        if r.status == 200 {
+            qr = r.json()["qr"].as_str().unwrap().to_string();
+        }
+        r.status == 200
+    });
+    let parts: Vec<&str> = qr.split(',').collect();
+    assert_eq!(parts.len(), 5, "{qr}");
+    assert_eq!(parts[0], botvisor_wa_peer::QR_REFS[0]);
+    for key in &parts[1..4] {
+        assert_eq!(key.len(), 44, "a base64 32-byte key: {key}");
+    }
+    let png = s.get("/api/sessions/wa_qr/qr?format=png");
+    assert_eq!(png.header("content-type"), Some("image/png"));
+    // Paired sessions and stopped ones have none.
+    assert_eq!(s.post("/api/sessions/wa_qr/stop", None).status, 200);
+    assert_eq!(s.get("/api/sessions/wa_qr/qr").status, 404);
 }
 
 #[test]

@@ -24,7 +24,7 @@ pub use link::{
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};
-pub use record::{now_ms, Desired, PairingCode, SessionRecord, SessionState};
+pub use record::{now_ms, Desired, PairingCode, PairingQr, SessionRecord, SessionState};
 pub use session::{ChildExit, Reporter, SessionActor, SessionMsg};
 pub use supervisor::{
     Command, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorMsg,

@@ -10,7 +10,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::record::PairingCode;
+use crate::record::{PairingCode, PairingQr};
 
 /// A boxed, sendable future (keeps the traits object-safe).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -29,6 +29,8 @@ pub struct SessionSpec {
 pub enum LinkEvent {
     /// A (new) pairing code for the phone to enter.
     PairingCode(PairingCode),
+    /// A (new) QR code the phone can scan instead of entering the code.
+    PairingQr(PairingQr),
     /// Paired (or already paired); connecting to the network.
     Connecting,
     /// Connected; `name` is the account's push name when known.

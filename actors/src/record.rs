@@ -121,6 +121,26 @@ impl fmt::Debug for PairingCode {
     }
 }
 
+/// A QR code the phone can scan (WhatsApp > Linked Devices > Link a device), with its
+/// expiry. `data` is the string to encode; it is as secret as a pairing code.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PairingQr {
+    /// The QR payload.
+    pub data: String,
+    /// Milliseconds since the Unix epoch.
+    pub expires_at_ms: u64,
+}
+
+impl fmt::Debug for PairingQr {
+    // A QR payload links a device: keep it out of debug logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PairingQr")
+            .field("data", &"<redacted>")
+            .field("expires_at_ms", &self.expires_at_ms)
+            .finish()
+    }
+}
+
 /// Everything the API shows about one session.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SessionRecord {
@@ -148,6 +168,8 @@ pub struct SessionRecord {
     pub last_seen_at_ms: Option<u64>,
     /// The current pairing code, if one is pending. Never persisted.
     pub pairing: Option<PairingCode>,
+    /// The current pairing QR code, if one is pending. Never persisted.
+    pub qr: Option<PairingQr>,
 }
 
 impl SessionRecord {
@@ -167,7 +189,14 @@ impl SessionRecord {
             updated_at_ms: now,
             last_seen_at_ms: None,
             pairing: None,
+            qr: None,
         }
+    }
+
+    /// Forgets the pending pairing code and QR code (they end with the pairing state).
+    pub fn clear_pairing(&mut self) {
+        self.pairing = None;
+        self.qr = None;
     }
 }
 

@@ -2,11 +2,11 @@
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 
-use botvisor_actors::{now_ms, PairingCode, SessionRecord, SessionState};
+use botvisor_actors::{now_ms, PairingCode, PairingQr, SessionRecord, SessionState};
 
 use crate::timefmt::iso;
 
@@ -23,6 +23,15 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
         CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
+    resp
+}
+
+/// A 200 with a non-JSON body (an image), never cached: what it carries is a secret.
+pub fn secret_bytes(content_type: &'static str, body: Vec<u8>) -> Response<Body> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let headers = resp.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 
@@ -103,4 +112,13 @@ pub fn live_pairing(rec: &SessionRecord) -> Option<&PairingCode> {
     rec.pairing
         .as_ref()
         .filter(|p| rec.state == SessionState::Pairing && p.expires_at_ms > now_ms())
+}
+
+/// The QR code a session waits with, if it is still valid. It may come before the
+/// pairing code (WhatsApp sends QR refs as soon as an unpaired client connects).
+pub fn live_qr(rec: &SessionRecord) -> Option<&PairingQr> {
+    rec.qr.as_ref().filter(|q| {
+        matches!(rec.state, SessionState::Starting | SessionState::Pairing)
+            && q.expires_at_ms > now_ms()
+    })
 }

@@ -55,7 +55,7 @@ const fn route(method: Method, path: &'static str, key: bool, handler: Handler) 
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 15] = [
+pub static ROUTES: [Route; 16] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))
@@ -74,6 +74,9 @@ pub static ROUTES: [Route; 15] = [
     }),
     route(Method::GET, "/api/sessions/:id/pairing", true, |c| {
         Box::pin(sessions::pairing(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/qr", true, |c| {
+        Box::pin(sessions::qr(c))
     }),
     route(Method::GET, "/api/sessions/:id/events", false, |c| {
         Box::pin(sessions::events(c))

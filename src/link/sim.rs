@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, Link,
-    LinkError, LinkEvent, PairingCode, SessionSpec,
+    LinkError, LinkEvent, PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -94,6 +94,17 @@ pub fn pairing_code() -> String {
         bits /= ALPHABET.len() as u64;
     }
     out
+}
+
+/// A simulated QR payload: shaped like WhatsApp's (`ref,key,key,secret`) but marked as
+/// simulated, so no phone can mistake it for a real one.
+pub fn qr_payload() -> String {
+    format!(
+        "2@botvisor-sim-{:016x}{:016x},SIMULATED,NOT-A-WHATSAPP-CODE,{:016x}",
+        random_u64(),
+        random_u64(),
+        random_u64()
+    )
 }
 
 fn random_u64() -> u64 {
@@ -259,9 +270,14 @@ async fn run(
     if !creds.paired {
         let mut remaining = s.pair_delay;
         loop {
+            let expires_at_ms = now_ms() + s.code_ttl.as_millis() as u64;
+            events.emit(LinkEvent::PairingQr(PairingQr {
+                data: qr_payload(),
+                expires_at_ms,
+            }));
             events.emit(LinkEvent::PairingCode(PairingCode {
                 code: pairing_code(),
-                expires_at_ms: now_ms() + s.code_ttl.as_millis() as u64,
+                expires_at_ms,
             }));
             if remaining <= s.code_ttl {
                 tokio::time::sleep(remaining).await;

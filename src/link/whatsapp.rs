@@ -22,7 +22,7 @@ use whatsapp_rust::transport::{
 
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Link, LinkError, LinkEvent,
-    PairingCode, SessionSpec,
+    PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -157,6 +157,17 @@ impl Shared {
                 self.refresh.notify_one();
             }
             Event::PairingCodeRefresh(_) => self.refresh.notify_one(),
+            Event::PairingQrCode(qr) if !self.paired.load(Ordering::SeqCst) => {
+                self.events.emit(LinkEvent::PairingQr(PairingQr {
+                    data: qr.code.clone(),
+                    expires_at_ms: now_ms() + qr.timeout.as_millis() as u64,
+                }))
+            }
+            Event::PairingQrCodesExhausted(q) => {
+                // WhatsApp rotates a handful of QR codes per connection; the pairing code
+                // flow goes on, and the next reconnect brings new QR codes.
+                tracing::info!(user_id = %self.user_id, disconnected = q.disconnected, "QR codes exhausted for this connection");
+            }
             Event::LoggedOut(lo) => self.emit_terminal(LinkEvent::LoggedOut {
                 reason: format!("{:?}", lo.reason),
             }),

@@ -156,6 +156,7 @@ pub fn load_all(conn: &Connection) -> Result<Vec<SessionRecord>, StorageError> {
                 updated_at_ms: r.get::<_, i64>(9)? as u64,
                 last_seen_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                 pairing: None,
+                qr: None,
             })
         })
         .map_err(fail)?;

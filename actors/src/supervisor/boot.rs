@@ -14,7 +14,7 @@ impl SupervisorState {
     /// Takes the stored sessions and queues the ones that should run.
     pub(super) fn boot(&mut self, myself: &ActorRef<SupervisorMsg>, stored: Vec<SessionRecord>) {
         for mut rec in stored {
-            rec.pairing = None;
+            rec.clear_pairing();
             let resume = rec.desired == Desired::Running
                 && !matches!(rec.state, SessionState::Failed | SessionState::LoggedOut);
             let now = if resume {

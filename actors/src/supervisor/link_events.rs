@@ -26,6 +26,12 @@ impl SupervisorState {
                 entry.answer_creators(Ok(rec));
                 self.save(user_id);
             }
+            // A QR code alone neither answers a create (its reply carries the code) nor
+            // moves the state: `pairing` keeps meaning "a pairing code is out".
+            LinkEvent::PairingQr(qr) => {
+                entry.rec.qr = Some(qr);
+                self.save(user_id);
+            }
             LinkEvent::Connecting => self.set_state(user_id, SessionState::Connecting),
             LinkEvent::Online { name } => {
                 if name.is_some() {

@@ -84,7 +84,7 @@ impl SupervisorState {
             e.rec.state = state;
             e.rec.updated_at_ms = now_ms();
             if state != SessionState::Pairing {
-                e.rec.pairing = None;
+                e.rec.clear_pairing();
             }
         }
         self.save(user_id);

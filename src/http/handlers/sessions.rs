@@ -9,7 +9,9 @@ use botvisor_actors::{Command, SupervisorMsg};
 use super::{ask, must_exist};
 use crate::http::errors::{ApiError, INVALID_USER_ID};
 use crate::http::request::{json_body, valid_phone, valid_user_id};
-use crate::http::response::{json_response, live_pairing, ok, Message, SessionView, Success};
+use crate::http::response::{
+    json_response, live_pairing, live_qr, ok, secret_bytes, Message, SessionView, Success,
+};
 use crate::http::router::{Answer, Ctx};
 use crate::timefmt::iso;
 
@@ -43,6 +45,14 @@ struct List<'a> {
 #[serde(rename_all = "camelCase")]
 struct Pairing<'a> {
     pairing_code: &'a str,
+    expires_at: String,
+    user_id: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Qr<'a> {
+    qr: &'a str,
     expires_at: String,
     user_id: &'a str,
 }
@@ -140,6 +150,77 @@ pub async fn pairing(c: Ctx) -> Answer {
         ))),
     });
     found.unwrap_or_else(|| Err(ApiError::no_session(&c.id)))
+}
+
+/// How `GET .../qr` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum QrFormat {
+    Json,
+    Svg,
+    Png,
+}
+
+/// `?format=svg|png|json` wins; otherwise an `Accept` that names only an image.
+fn qr_format(req: &hyper::Request<hyper::body::Incoming>) -> Result<QrFormat, ApiError> {
+    let asked = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("format="));
+    match asked {
+        Some("json") => return Ok(QrFormat::Json),
+        Some("svg") => return Ok(QrFormat::Svg),
+        Some("png") => return Ok(QrFormat::Png),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format must be json, svg or png (got '{}')",
+                other.chars().take(20).collect::<String>()
+            )))
+        }
+        None => {}
+    }
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    Ok(if accept.contains("json") || accept.is_empty() {
+        QrFormat::Json
+    } else if accept.contains("image/svg+xml") {
+        QrFormat::Svg
+    } else if accept.contains("image/png") {
+        QrFormat::Png
+    } else {
+        QrFormat::Json
+    })
+}
+
+pub async fn qr(c: Ctx) -> Answer {
+    let format = qr_format(&c.req)?;
+    let found = c.app.store.view().read(&c.id, |rec| match live_qr(rec) {
+        Some(q) => Ok((q.data.clone(), q.expires_at_ms)),
+        None => Err(ApiError::not_found(format!(
+            "No QR code is pending for session {} (state: {}); QR codes exist only while a session waits to be paired, \
+             and WhatsApp issues them for about 160 s per connection: enter the pairing code instead, or stop and start the session for new ones",
+            c.id, rec.state
+        ))),
+    });
+    let (data, expires_at_ms) = found.unwrap_or_else(|| Err(ApiError::no_session(&c.id)))?;
+    let image_failed =
+        |e: crate::qr::QrError| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    Ok(match format {
+        QrFormat::Json => ok(&Qr {
+            qr: &data,
+            expires_at: iso(expires_at_ms),
+            user_id: &c.id,
+        }),
+        QrFormat::Svg => secret_bytes(
+            "image/svg+xml",
+            crate::qr::svg(&data).map_err(image_failed)?.into_bytes(),
+        ),
+        QrFormat::Png => secret_bytes("image/png", crate::qr::png(&data).map_err(image_failed)?),
+    })
 }
 
 pub async fn events(c: Ctx) -> Answer {

@@ -2,7 +2,8 @@
 //! fake, so only a client built with `danger-skip-cert-chain-verify` accepts it.
 //!
 //! It accepts the client's WebSocket on 127.0.0.1, completes the Noise XX handshake,
-//! decodes the binary nodes, answers the `link_code_companion_reg` companion_hello IQ
+//! decodes the binary nodes, sends an unregistered client a `pair-device` with QR refs,
+//! answers the `link_code_companion_reg` companion_hello IQ
 //! with a pairing ref (or a rate-limit error), answers pings and other IQs with an empty
 //! result, and on command closes the sockets, sends a `<failure>` or a `<stream:error>`,
 //! or asks for a pairing-code refresh.
@@ -168,6 +169,9 @@ impl Drop for Peer {
 }
 
 type Ws = WebSocketStream<TcpStream>;
+
+/// The QR refs the peer's `pair-device` offers an unregistered client, in order.
+pub const QR_REFS: [&str; 2] = ["2@peer-qr-ref-one", "2@peer-qr-ref-two"];
 
 /// Reads one Noise frame from the WebSocket (the first message carries the WA header).
 async fn next_frame(ws: &mut Ws, dec: &mut FrameDecoder, first: &mut bool) -> Option<Vec<u8>> {
@@ -391,6 +395,24 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
             .children([NodeBuilder::new("offline").attr("count", "0").build()])
             .build();
         if !session.send(&success).await || !session.send(&offline).await {
+            return;
+        }
+    } else {
+        // As WhatsApp does for an unregistered client: QR refs to rotate through.
+        let pair_device = NodeBuilder::new("iq")
+            .attr("type", "set")
+            .attr("id", "peer-pair-device")
+            .attr("from", "s.whatsapp.net")
+            .attr("xmlns", "md")
+            .children([NodeBuilder::new("pair-device")
+                .children(
+                    QR_REFS
+                        .iter()
+                        .map(|r| NodeBuilder::new("ref").bytes(r.as_bytes().to_vec()).build()),
+                )
+                .build()])
+            .build();
+        if !session.send(&pair_device).await {
             return;
         }
     }
