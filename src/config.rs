@@ -241,6 +241,34 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_SIM_LOGIN_DELAY", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(sim().login_delay))]
     pub sim_login_delay: HumanDuration,
+    /// Where settings not given on the command line came from: `(long flag, source)`,
+    /// so a value that is refused names the variable or file that set it.
+    #[arg(skip)]
+    pub sources: Vec<(String, String)>,
+}
+
+impl ServeArgs {
+    /// Adds to a refusal that names a flag where its value came from, when that was not
+    /// the command line.
+    fn explain(&self, e: ConfigError) -> ConfigError {
+        let from: Vec<String> = self
+            .sources
+            .iter()
+            .filter(|(long, _)| {
+                let flag = format!("--{long}");
+                e.0.match_indices(&flag).any(|(i, _)| {
+                    !e.0[i + flag.len()..]
+                        .starts_with(|c: char| c.is_ascii_alphanumeric() || c == '-')
+                })
+            })
+            .map(|(long, source)| format!("--{long} is set by {source}"))
+            .collect();
+        if from.is_empty() {
+            e
+        } else {
+            ConfigError(format!("{} ({})", e.0, from.join("; ")))
+        }
+    }
 }
 
 impl Cli {
@@ -261,16 +289,32 @@ impl Cli {
 }
 
 fn layered(mut cmd: clap::Command, mut argv: Vec<OsString>) -> Result<Cli, clap::Error> {
-    let matches = cmd.try_get_matches_from_mut(argv.clone())?;
+    let matches = cmd
+        .try_get_matches_from_mut(argv.clone())
+        .map_err(|e| name_env_var(e, &cmd, &argv))?;
     let Some(("serve", serve)) = matches.subcommand() else {
         return Cli::from_arg_matches(&matches);
     };
+    let env_sources = env_sources(serve, cmd.find_subcommand("serve").expect("serve"));
     let Some(path) = serve.get_one::<PathBuf>("config").cloned() else {
-        return Cli::from_arg_matches(&matches);
+        return with_sources(Cli::from_arg_matches(&matches)?, env_sources);
     };
     let serve_cmd = cmd.find_subcommand("serve").expect("serve is a subcommand");
     let extra = file_args(&path, serve, serve_cmd)
         .map_err(|msg| clap::Error::raw(ErrorKind::InvalidValue, format!("{msg}\n")))?;
+    let mut sources = env_sources;
+    for flag in &extra {
+        let flag = flag.to_string_lossy();
+        let long = flag
+            .trim_start_matches("--")
+            .split('=')
+            .next()
+            .unwrap_or("");
+        sources.push((
+            long.to_string(),
+            format!("--config file {}", path.display()),
+        ));
+    }
     argv.extend(extra);
     // The first parse succeeded, so an error now comes from a value in the file.
     let matches = cmd.try_get_matches_from_mut(argv).map_err(|e| {
@@ -280,7 +324,66 @@ fn layered(mut cmd: clap::Command, mut argv: Vec<OsString>) -> Result<Cli, clap:
         let from = format!("(from --config file {})", path.display());
         clap::Error::raw(e.kind(), format!("{first} {from}\n"))
     })?;
-    Cli::from_arg_matches(&matches)
+    with_sources(Cli::from_arg_matches(&matches)?, sources)
+}
+
+fn with_sources(mut cli: Cli, sources: Vec<(String, String)>) -> Result<Cli, clap::Error> {
+    let Command::Serve(args) = &mut cli.command;
+    args.sources = sources;
+    Ok(cli)
+}
+
+/// The settings whose value came from the environment: `(long flag, "environment
+/// variable NAME")`.
+fn env_sources(set: &ArgMatches, serve: &clap::Command) -> Vec<(String, String)> {
+    settings(serve)
+        .filter(|a| set.value_source(a.get_id().as_str()) == Some(ValueSource::EnvVariable))
+        .filter_map(|a| {
+            let var = a.get_env()?.to_string_lossy();
+            Some((
+                a.get_long()?.to_string(),
+                format!("environment variable {var}"),
+            ))
+        })
+        .collect()
+}
+
+/// clap names a bad value by its flag even when it came from the environment: name the
+/// variable the operator actually set.
+fn name_env_var(e: clap::Error, cmd: &clap::Command, argv: &[OsString]) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return e;
+    };
+    let long = arg
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .trim_start_matches("--");
+    let on_command_line = argv.iter().any(|a| {
+        let a = a.to_string_lossy();
+        a.strip_prefix("--")
+            .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+    });
+    let var = cmd
+        .find_subcommand("serve")
+        .and_then(|serve| settings(serve).find(|a| a.get_long() == Some(long)))
+        .and_then(Arg::get_env)
+        .filter(|var| std::env::var_os(var).is_some());
+    match var {
+        Some(var) if !on_command_line => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            let named = first.replacen(
+                &format!("'{arg}'"),
+                &format!("environment variable {} (--{long})", var.to_string_lossy()),
+                1,
+            );
+            clap::Error::raw(e.kind(), format!("{named}\n"))
+        }
+        _ => e,
+    }
 }
 
 /// The settings of `serve`: every argument but clap's own `--help`.
@@ -461,13 +564,14 @@ impl Config {
                 login_delay: args.sim_login_delay.0,
             },
             whatsapp: WhatsAppSettings {
-                version: parse_version(&args.wa_version)
-                    .map_err(|e| format!("invalid value for '--wa-version': {e}"))?,
+                version: parse_version(&args.wa_version).map_err(|e| {
+                    args.explain(ConfigError(format!("invalid value for --wa-version: {e}")))
+                })?,
                 url: args.wa_url.clone(),
                 builtin_commands: !args.no_builtin_commands,
             },
         };
-        config.validate()?;
+        config.validate().map_err(|e| args.explain(e))?;
         Ok(config)
     }
 
@@ -696,11 +800,34 @@ mod tests {
         assert_eq!(c.supervisor.boot_batch, 3, "file beats default");
         let c = resolve_with(cmd(), &["--config", &file, "--restart-max", "9"]).unwrap();
         assert_eq!(c.supervisor.policy.max_restarts, 9, "flag beats env");
-        // A bad value in the environment names its flag too.
+        // A bad value in the environment names the variable (and its flag).
         std::env::set_var("BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX", "soon");
         let err = resolve_with(cmd(), &[]).unwrap_err();
         assert!(
-            err.contains("invalid value 'soon' for '--backoff-max"),
+            err.contains(
+                "invalid value 'soon' for environment variable BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX (--backoff-max)"
+            ),
+            "{err}"
+        );
+        // On the command line it is the flag's fault, whatever the environment says.
+        let err = resolve_with(cmd(), &["--backoff-max", "later"]).unwrap_err();
+        assert!(
+            err.contains("invalid value 'later' for '--backoff-max"),
+            "{err}"
+        );
+        // A value that parses but is refused says where it came from too.
+        std::env::set_var("BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX", "2h");
+        let err = resolve_with(cmd(), &[]).unwrap_err();
+        assert!(
+            err.contains("--backoff-max must be at most 1h")
+                && err.contains("--backoff-max is set by environment variable BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX"),
+            "{err}"
+        );
+        std::env::remove_var("BOTVISOR_TEST_ENV_LAYER_BACKOFF_MAX");
+        let file = toml_file(&dir, "boot_batch = 0\n");
+        let err = resolve_with(cmd(), &["--config", &file]).unwrap_err();
+        assert!(
+            err.contains("--boot-batch is set by --config file"),
             "{err}"
         );
         for name in ["RESTART_MAX", "BOOT_INTERVAL", "BACKOFF_MAX"] {

@@ -119,13 +119,29 @@ pub enum RunError {
     #[error("cannot start the supervisor: {0}")]
     Supervisor(String),
     /// The listening socket is unusable.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {}", listen_hint(source))]
     Listen {
         /// The address.
         addr: String,
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// Why a bind failed, with what to do for the common causes.
+fn listen_hint(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => format!(
+            "{e}: another process holds this port (another botvisor?); stop it, or pick another with --port / PORT"
+        ),
+        std::io::ErrorKind::PermissionDenied => format!(
+            "{e}: ports below 1024 need root or CAP_NET_BIND_SERVICE; pick a port of 1024 or more with --port / PORT"
+        ),
+        std::io::ErrorKind::AddrNotAvailable => {
+            format!("{e}: no interface of this machine has that address (--bind)")
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Runs botvisor on `listener` until `shutdown` resolves; then stops every session

@@ -531,6 +531,38 @@ fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
 }
 
 #[test]
+fn a_port_in_use_is_one_clear_line_and_exit_1() {
+    let s = Server::start(&[]);
+    let port = s.addr.port().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let (code, err) = botvisor(&[
+        "serve",
+        "--link",
+        "sim",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--data-dir",
+        dir,
+    ]);
+    assert_eq!(code, 1, "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("botvisor: error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains(&format!("127.0.0.1:{port}"))
+            && line.contains("another process holds this port"),
+        "{line}"
+    );
+    assert!(!err.contains("listening"), "{err}");
+    // The running server is untouched.
+    assert_eq!(s.get("/api/stats").status, 200);
+}
+
+#[test]
 fn a_data_dir_belongs_to_the_link_that_made_it() {
     let tmp = tempfile::tempdir().unwrap();
     let mut s = Server::start_in(tmp.path(), &[]);
