@@ -25,6 +25,7 @@ use botvisor_actors::{RestartPolicy, SupervisorConfig};
 
 use crate::link::sim::SimSettings;
 use crate::link::whatsapp::{parse_version, WhatsAppSettings};
+use crate::logging::LogFormat;
 use crate::store::Database;
 
 /// botvisor: runs many WhatsApp bot sessions under a supervisor, behind an HTTP API.
@@ -142,6 +143,10 @@ pub struct ServeArgs {
     /// reads open.
     #[arg(long, env = "BOTVISOR_PROTECT_READS")]
     pub protect_reads: bool,
+    /// Log format on stderr: text (one line per event) or json (one object per line).
+    /// The level comes from RUST_LOG (default info).
+    #[arg(long, env = "BOTVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// Allowed CORS origin (`https://app.example.com`); repeatable, or comma-separated in
     /// the environment [default: any origin].
     #[arg(long = "cors-origin", env = "BOTVISOR_CORS_ORIGIN", value_name = "ORIGIN",
@@ -505,6 +510,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The key is needed for reads too.
     pub protect_reads: bool,
+    /// The log's format.
+    pub log_format: LogFormat,
     /// Allowed origins; empty means any.
     pub cors_origins: Vec<String>,
     /// The network.
@@ -553,6 +560,7 @@ impl Config {
             database,
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             protect_reads: args.protect_reads,
+            log_format: args.log_format,
             cors_origins: args.cors_origin.clone(),
             link: args.link,
             supervisor,

@@ -16,6 +16,7 @@
 //! Imports point down: `http` → supervisor (`botvisor-actors`) → `link` → `store` →
 //! `paths`/`limits`/`timefmt`. Only `lib.rs` and `config` wire the layers together.
 //! - [`limits`]: open-file limits (raised at start, checked before new sessions).
+//! - [`logging`]: the process log (text or JSON, secrets capped, repeats limited).
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 
@@ -23,6 +24,7 @@ pub mod config;
 pub mod http;
 pub mod limits;
 pub mod link;
+pub mod logging;
 pub mod paths;
 pub mod qr;
 pub mod store;
@@ -38,28 +40,6 @@ use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
 
 use config::{Config, LinkKind};
 use store::{Store, StoreConfig};
-
-/// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
-/// unless the operator names them in `RUST_LOG` explicitly.
-const SECRET_LOG_TARGETS: [&str; 2] = ["Client/PairCode", "Bot/PairCode"];
-
-/// The log filter: `RUST_LOG` (default `info`) with the secret-bearing targets capped.
-pub fn log_filter(rust_log: Option<&str>) -> String {
-    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
-    let mut filter = base.to_string();
-    for target in SECRET_LOG_TARGETS {
-        if !base.contains(target) {
-            filter.push_str(&format!(",{target}=warn"));
-        }
-    }
-    filter
-}
-
-/// Colour in the log only on a terminal, and never with `NO_COLOR` (no escape codes in
-/// log files or journald).
-pub fn log_colour(stderr_is_terminal: bool, no_color: bool) -> bool {
-    stderr_is_terminal && !no_color
-}
 
 /// Builds the link the configuration asks for.
 fn make_link(config: &Config) -> Arc<dyn Link> {
@@ -217,28 +197,4 @@ pub async fn run(
     let _ = sup_task.await;
     store.close().await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{log_colour, log_filter};
-
-    #[test]
-    fn colour_only_on_a_terminal_without_no_color() {
-        assert!(log_colour(true, false));
-        assert!(!log_colour(false, false));
-        assert!(!log_colour(true, true));
-    }
-    use tracing_subscriber::EnvFilter;
-
-    #[test]
-    fn pairing_code_targets_are_capped_at_warn() {
-        let f = log_filter(None);
-        assert_eq!(f, "info,Client/PairCode=warn,Bot/PairCode=warn");
-        EnvFilter::try_new(&f).expect("valid filter");
-        assert_eq!(
-            log_filter(Some("debug,Client/PairCode=debug")),
-            "debug,Client/PairCode=debug,Bot/PairCode=warn"
-        );
-    }
 }

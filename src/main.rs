@@ -42,16 +42,7 @@ fn main() {
     if config.link == botvisor::config::LinkKind::Whatsapp {
         limit_malloc_arenas();
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(botvisor::log_filter(
-            std::env::var("RUST_LOG").ok().as_deref(),
-        )))
-        .with_writer(std::io::stderr)
-        .with_ansi(botvisor::log_colour(
-            std::io::IsTerminal::is_terminal(&std::io::stderr()),
-            std::env::var_os("NO_COLOR").is_some(),
-        ))
-        .init();
+    botvisor::logging::init(config.log_format);
     // Panics (a session's, caught and restarted by the supervisor) go to the log as one
     // line; the backtrace only when RUST_BACKTRACE asks for it.
     std::panic::set_hook(Box::new(|info| {

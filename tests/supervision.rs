@@ -490,8 +490,8 @@ fn simulated_sessions_hold_no_file_descriptors_while_idle() {
     assert!(fds < 64, "{fds} descriptors open for {n} idle sessions");
 }
 
-#[test]
-fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
+/// The server's stderr up to its "listening" line (at most 50 lines), then it is killed.
+fn startup_log(extra: &[&str]) -> Vec<String> {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_botvisor"))
@@ -503,8 +503,9 @@ fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
             "127.0.0.1",
             "--port",
             "0",
-            "--data-dir",
         ])
+        .args(extra)
+        .arg("--data-dir")
         .arg(tmp.path())
         .env_remove("NO_COLOR")
         .env("RUST_LOG", "info")
@@ -524,9 +525,32 @@ fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
     let _ = child.kill();
     let _ = child.wait();
     assert!(seen.iter().any(|l| l.contains("listening")), "{seen:?}");
+    seen
+}
+
+#[test]
+fn logs_written_to_a_file_or_pipe_carry_no_colour_codes() {
+    let seen = startup_log(&[]);
     assert!(
         seen.iter().all(|l| !l.contains('\u{1b}')),
         "escape codes in a piped log: {seen:?}"
+    );
+}
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let seen = startup_log(&["--log-format", "json"]);
+    for line in &seen {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v["level"].is_string() && v["timestamp"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(
+        seen.iter().any(|l| l.contains("\"message\":\"listening\"")),
+        "{seen:?}"
     );
 }
 

@@ -1,0 +1,204 @@
+//! The process log: stderr, text or JSON, filtered by `RUST_LOG`, with secrets capped
+//! and third-party repeats limited.
+//!
+//! whatsapp-rust logs some failures at ERROR on every retry ("Failed to connect ... Will
+//! retry", every few seconds per session, for as long as the network is away). botvisor
+//! reports those per session in `lastError`; in the log, each such line is shown the
+//! first time and then at most once a minute.
+
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use tracing::{Event, Level, Metadata};
+use tracing_log::NormalizeEvent;
+use tracing_subscriber::filter::FilterExt;
+use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
+/// unless the operator names them in `RUST_LOG` explicitly.
+const SECRET_LOG_TARGETS: [&str; 2] = ["Client/PairCode", "Bot/PairCode"];
+
+/// How often a repeating third-party warning or error is shown.
+pub const REPEAT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The log's format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line (for log shippers).
+    Json,
+}
+
+/// The log filter: `RUST_LOG` (default `info`) with the secret-bearing targets capped.
+pub fn log_filter(rust_log: Option<&str>) -> String {
+    let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
+    let mut filter = base.to_string();
+    for target in SECRET_LOG_TARGETS {
+        if !base.contains(target) {
+            filter.push_str(&format!(",{target}=warn"));
+        }
+    }
+    filter
+}
+
+/// Colour in the log only on a terminal, and never with `NO_COLOR` (no escape codes in
+/// log files or journald).
+pub fn log_colour(stderr_is_terminal: bool, no_color: bool) -> bool {
+    stderr_is_terminal && !no_color
+}
+
+/// Installs the process log on stderr.
+pub fn init(format: LogFormat) {
+    let filter = EnvFilter::new(log_filter(std::env::var("RUST_LOG").ok().as_deref()));
+    let limited = filter.and(RepeatLimiter::new(REPEAT_INTERVAL));
+    let registry = tracing_subscriber::registry();
+    match format {
+        LogFormat::Text => {
+            let colour = log_colour(
+                std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                std::env::var_os("NO_COLOR").is_some(),
+            );
+            let layer = tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(colour);
+            registry.with(layer.with_filter(limited)).init();
+        }
+        LogFormat::Json => {
+            let layer = tracing_subscriber::fmt::layer()
+                .json()
+                .flatten_event(true)
+                .with_writer(std::io::stderr);
+            registry.with(layer.with_filter(limited)).init();
+        }
+    }
+}
+
+/// Lets a warning or error from another crate through once per `interval` per place in
+/// the code that logs it (botvisor's own lines always pass: each one is about a session).
+pub struct RepeatLimiter {
+    interval: Duration,
+    /// Per call site: when it was last shown.
+    seen: Mutex<HashMap<u64, Instant>>,
+}
+
+impl RepeatLimiter {
+    /// A limiter showing each site at most once per `interval`.
+    pub fn new(interval: Duration) -> RepeatLimiter {
+        RepeatLimiter {
+            interval,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether an event from `meta` is shown now.
+    pub fn admit(&self, meta: &Metadata<'_>, now: Instant) -> bool {
+        if *meta.level() > Level::WARN || meta.target().starts_with("botvisor") {
+            return true;
+        }
+        // Log records (whatsapp-rust uses the `log` crate) share one callsite per level:
+        // tell them apart by target, file and line.
+        let mut h = DefaultHasher::new();
+        (meta.target(), meta.file(), meta.line(), meta.name()).hash(&mut h);
+        let key = h.finish();
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        match seen.get_mut(&key) {
+            Some(last) if now.duration_since(*last) < self.interval => false,
+            Some(last) => {
+                *last = now;
+                true
+            }
+            None => {
+                seen.insert(key, now);
+                true
+            }
+        }
+    }
+}
+
+impl<S> Filter<S> for RepeatLimiter {
+    fn enabled(&self, _meta: &Metadata<'_>, _cx: &Context<'_, S>) -> bool {
+        true
+    }
+
+    fn event_enabled(&self, event: &Event<'_>, _cx: &Context<'_, S>) -> bool {
+        let normalized = event.normalized_metadata();
+        let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
+        self.admit(meta, Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing_subscriber::EnvFilter;
+
+    struct TestSite;
+    static SITE: TestSite = TestSite;
+    impl tracing::callsite::Callsite for TestSite {
+        fn set_interest(&self, _: tracing::subscriber::Interest) {}
+        fn metadata(&self) -> &Metadata<'_> {
+            unreachable!("test metadata only")
+        }
+    }
+
+    fn meta(target: &'static str, level: Level, line: u32) -> Metadata<'static> {
+        Metadata::new(
+            "event",
+            target,
+            level,
+            Some("src/x.rs"),
+            Some(line),
+            None,
+            tracing::field::FieldSet::new(&[], tracing::callsite::Identifier(&SITE)),
+            tracing::metadata::Kind::EVENT,
+        )
+    }
+
+    #[test]
+    fn a_repeating_library_error_is_shown_once_a_minute_and_ours_always() {
+        let limiter = RepeatLimiter::new(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let shown = |m: &Metadata<'_>, secs: u64| limiter.admit(m, t0 + Duration::from_secs(secs));
+        let theirs = meta("whatsapp_rust::client::lifecycle", Level::ERROR, 587);
+        assert!(shown(&theirs, 0));
+        assert!(!shown(&theirs, 5));
+        assert!(!shown(&theirs, 59));
+        assert!(shown(&theirs, 61));
+        assert!(!shown(&theirs, 62));
+        // Another line of the same crate is its own site.
+        assert!(shown(
+            &meta("whatsapp_rust::client::lifecycle", Level::ERROR, 600),
+            62
+        ));
+        // botvisor's own warnings, and anything at info or below, always pass.
+        let ours = meta("botvisor::link::whatsapp", Level::WARN, 1);
+        let info = meta("whatsapp_rust::client", Level::INFO, 1);
+        for t in 0..5 {
+            assert!(shown(&ours, 100 + t));
+            assert!(shown(&info, 100 + t));
+        }
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(log_colour(true, false));
+        assert!(!log_colour(false, false));
+        assert!(!log_colour(true, true));
+    }
+
+    #[test]
+    fn pairing_code_targets_are_capped_at_warn() {
+        let f = log_filter(None);
+        assert_eq!(f, "info,Client/PairCode=warn,Bot/PairCode=warn");
+        EnvFilter::try_new(&f).expect("valid filter");
+        assert_eq!(
+            log_filter(Some("debug,Client/PairCode=debug")),
+            "debug,Client/PairCode=debug,Bot/PairCode=warn"
+        );
+    }
+}
