@@ -143,6 +143,11 @@ pub struct ServeArgs {
     /// reads open.
     #[arg(long, env = "BOTVISOR_PROTECT_READS")]
     pub protect_reads: bool,
+    /// How long a client gets to send a request's headers, and then its body; a slower
+    /// client (or an idle keep-alive connection) is cut off.
+    #[arg(long, env = "BOTVISOR_REQUEST_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "10s")]
+    pub request_timeout: HumanDuration,
     /// Log format on stderr: text (one line per event) or json (one object per line).
     /// The level comes from RUST_LOG (default info).
     #[arg(long, env = "BOTVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -512,6 +517,8 @@ pub struct Config {
     pub protect_reads: bool,
     /// The log's format.
     pub log_format: LogFormat,
+    /// How long a client gets to send a request's head, and then its body.
+    pub request_timeout: Duration,
     /// Allowed origins; empty means any.
     pub cors_origins: Vec<String>,
     /// The network.
@@ -561,6 +568,7 @@ impl Config {
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             protect_reads: args.protect_reads,
             log_format: args.log_format,
+            request_timeout: args.request_timeout.0,
             cors_origins: args.cors_origin.clone(),
             link: args.link,
             supervisor,
@@ -586,7 +594,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 13] = [
+        let checks: [(bool, &str); 14] = [
             (
                 p.backoff_max > BACKOFF_MAX_LIMIT,
                 "--backoff-max must be at most 1h (a longer wait looks like a dead bot)",
@@ -624,6 +632,10 @@ impl Config {
                 "--create-timeout must be greater than 0",
             ),
             (s.boot_batch == 0, "--boot-batch must be at least 1"),
+            (
+                self.request_timeout.is_zero(),
+                "--request-timeout must be greater than 0",
+            ),
             (self.backup_keep == 0, "--backup-keep must be at least 1"),
             (
                 self.sim.code_ttl.is_zero(),

@@ -178,6 +178,7 @@ pub async fn run(
         cors: http::cors::Cors::new(config.cors_origins.clone()),
         faults: link.accepts_faults(),
         supervisor: config.supervisor.clone(),
+        request_timeout: config.request_timeout,
     });
     let local = listener.local_addr().map_err(|source| RunError::Listen {
         addr: format!("{}:{}", config.bind, config.port),

@@ -60,6 +60,8 @@ pub struct App {
     pub faults: bool,
     /// The supervisor's tunables (its reply deadlines).
     pub supervisor: SupervisorConfig,
+    /// How long a client gets to send a request's head, and then its body.
+    pub request_timeout: Duration,
 }
 
 /// Answers one request.
@@ -83,6 +85,13 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         }
     };
     let status = resp.status();
+    if status == StatusCode::REQUEST_TIMEOUT {
+        // The rest of the body may still trickle in: do not keep the connection.
+        resp.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+    }
     if status.is_server_error() {
         tracing::warn!(%method, path = uri.path(), %status, "request failed");
     } else {
@@ -115,6 +124,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
                 }
             },
         };
+        let timeout = app.request_timeout;
         let app = app.clone();
         let service = service_fn(move |req| {
             let app = app.clone();
@@ -122,7 +132,7 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         });
         let conn = http1::Builder::new()
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30))
+            .header_read_timeout(timeout)
             .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

@@ -1,6 +1,8 @@
 //! Reading requests: the body limit, the content type, JSON into typed structs, and the
 //! checks on ids and phone numbers.
 
+use std::time::Duration;
+
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_TYPE;
@@ -53,10 +55,13 @@ pub fn check_length(req: &Request<Incoming>) -> Result<(), ApiError> {
     }
 }
 
-/// Reads a JSON object body into `T`: `None` when the body is empty and `optional`.
+/// Reads a JSON object body into `T`: `None` when the body is empty and `optional`. A
+/// body that has not fully arrived within `timeout` is a 408 (a client trickling bytes
+/// must not hold a connection forever).
 pub async fn json_body<T: DeserializeOwned>(
     req: Request<Incoming>,
     optional: bool,
+    timeout: Duration,
 ) -> Result<Option<T>, ApiError> {
     let content_type = req
         .headers()
@@ -69,9 +74,17 @@ pub async fn json_body<T: DeserializeOwned>(
                 .trim()
                 .to_ascii_lowercase()
         });
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let bytes = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect())
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The request body did not arrive within {} s",
+                    timeout.as_secs_f64()
+                ),
+            )
+        })?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()

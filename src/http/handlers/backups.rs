@@ -70,7 +70,7 @@ pub async fn list(c: Ctx) -> Answer {
 }
 
 pub async fn restore(c: Ctx) -> Answer {
-    let body: Option<RestoreBody> = json_body(c.req, true).await?;
+    let body: Option<RestoreBody> = json_body(c.req, true, c.app.request_timeout).await?;
     let wanted = match body.and_then(|b| b.backup_id) {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => Some(s),

@@ -89,7 +89,7 @@ pub async fn get(c: Ctx) -> Answer {
 }
 
 pub async fn create(c: Ctx) -> Answer {
-    let body: CreateBody = json_body(c.req, false)
+    let body: CreateBody = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("userId is required"))?;
     let user_id = match body.user_id {

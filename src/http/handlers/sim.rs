@@ -19,7 +19,7 @@ struct FaultBody {
 struct Empty {}
 
 pub async fn fault(c: Ctx) -> Answer {
-    let body: Option<FaultBody> = json_body(c.req, false).await?;
+    let body: Option<FaultBody> = json_body(c.req, false, c.app.request_timeout).await?;
     let fault = body
         .and_then(|b| b.kind)
         .as_ref()
