@@ -18,9 +18,15 @@ use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// whatsapp-rust logs pairing codes at info level under these targets: keep them at warn
-/// unless the operator names them in `RUST_LOG` explicitly.
-const SECRET_LOG_TARGETS: [&str; 2] = ["Client/PairCode", "Bot/PairCode"];
+/// whatsapp-rust logs secrets under these targets: pairing codes at info, and at debug
+/// every node it sends and receives (QR refs, keys, pairing material). Each is capped at
+/// the given level unless the operator names the target in `RUST_LOG` explicitly.
+const SECRET_LOG_TARGETS: [(&str, &str); 4] = [
+    ("Client/PairCode", "warn"),
+    ("Bot/PairCode", "warn"),
+    ("Client/Send", "info"),
+    ("Client/Recv", "info"),
+];
 
 /// How often a repeating third-party warning or error is shown.
 pub const REPEAT_INTERVAL: Duration = Duration::from_secs(60);
@@ -38,9 +44,9 @@ pub enum LogFormat {
 pub fn log_filter(rust_log: Option<&str>) -> String {
     let base = rust_log.filter(|s| !s.trim().is_empty()).unwrap_or("info");
     let mut filter = base.to_string();
-    for target in SECRET_LOG_TARGETS {
+    for (target, cap) in SECRET_LOG_TARGETS {
         if !base.contains(target) {
-            filter.push_str(&format!(",{target}=warn"));
+            filter.push_str(&format!(",{target}={cap}"));
         }
     }
     filter
@@ -192,13 +198,16 @@ mod tests {
     }
 
     #[test]
-    fn pairing_code_targets_are_capped_at_warn() {
+    fn secret_bearing_targets_are_capped() {
         let f = log_filter(None);
-        assert_eq!(f, "info,Client/PairCode=warn,Bot/PairCode=warn");
+        assert_eq!(
+            f,
+            "info,Client/PairCode=warn,Bot/PairCode=warn,Client/Send=info,Client/Recv=info"
+        );
         EnvFilter::try_new(&f).expect("valid filter");
         assert_eq!(
-            log_filter(Some("debug,Client/PairCode=debug")),
-            "debug,Client/PairCode=debug,Bot/PairCode=warn"
+            log_filter(Some("debug,Client/PairCode=debug,Client/Recv=debug")),
+            "debug,Client/PairCode=debug,Client/Recv=debug,Bot/PairCode=warn,Client/Send=info"
         );
     }
 }

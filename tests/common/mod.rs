@@ -124,7 +124,21 @@ impl Server {
         s
     }
 
+    /// Starts a server on a fresh temp data dir with extra environment variables (they
+    /// override the harness's own, e.g. `RUST_LOG`).
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = Server::launch_env(Path::new(env!("CARGO_BIN_EXE_botvisor")), &dir, extra, env);
+        s._tmp = Some(tmp);
+        s
+    }
+
     fn launch(bin: &Path, dir: &Path, extra: &[&str]) -> Server {
+        Server::launch_env(bin, dir, extra, &[])
+    }
+
+    fn launch_env(bin: &Path, dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let mut args: Vec<&str> = vec!["serve", "--bind", "127.0.0.1", "--port", "0", "--data-dir"];
         let dir_s = dir.to_str().unwrap().to_string();
         args.push(&dir_s);
@@ -151,6 +165,7 @@ impl Server {
             .env("RUST_LOG", "warn")
             .env("RUST_BACKTRACE", "0")
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log_file))
             .spawn()
