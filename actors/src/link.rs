@@ -133,18 +133,39 @@ pub enum FaultEffect {
 
 /// A link failure, as text for the API's `lastError`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkError(pub String);
+pub struct LinkError {
+    message: String,
+    /// Retrying cannot help (e.g. the session's credential store is corrupt): the session
+    /// fails at once instead of burning its restart budget.
+    pub lasting: bool,
+}
 
 impl LinkError {
     /// Builds an error from anything printable.
     pub fn new(msg: impl Into<String>) -> LinkError {
-        LinkError(msg.into())
+        LinkError {
+            message: msg.into(),
+            lasting: false,
+        }
+    }
+
+    /// An error that a restart cannot fix.
+    pub fn lasting(msg: impl Into<String>) -> LinkError {
+        LinkError {
+            message: msg.into(),
+            lasting: true,
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
     }
 }
 
 impl fmt::Display for LinkError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.message)
     }
 }
 

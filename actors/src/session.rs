@@ -23,6 +23,9 @@ pub enum ChildExit {
     Banned(String),
     /// An API logout finished; `Some` carries a warning when the network did not confirm.
     LogoutDone(Option<String>),
+    /// The link cannot work for this session whatever is retried (a corrupt credential
+    /// store): the session fails without spending its restart budget.
+    Broken(String),
 }
 
 /// Shared slot for a child's exit reason.
@@ -103,12 +106,11 @@ impl Actor for SessionActor {
         let sink = EventSink::new(move |ev| {
             let _ = me.cast(SessionMsg::Link(ev));
         });
-        let conn = state
-            .args
-            .link
-            .connect(state.args.spec.clone(), sink)
-            .await?;
-        state.conn = Some(conn);
+        match state.args.link.connect(state.args.spec.clone(), sink).await {
+            Ok(conn) => state.conn = Some(conn),
+            Err(e) if e.lasting => state.exit_with(&myself, ChildExit::Broken(e.to_string())),
+            Err(e) => return Err(e.into()),
+        }
         Ok(())
     }
 
@@ -140,7 +142,7 @@ impl Actor for SessionActor {
                 };
                 match effect {
                     Err(e) => {
-                        let _ = reply.send(Err(CmdError::Conflict(e.0)));
+                        let _ = reply.send(Err(CmdError::Conflict(e.message().to_string())));
                     }
                     Ok(FaultEffect::Handled) => {
                         let _ = reply.send(Ok(()));

@@ -234,7 +234,7 @@ impl Link for SimLink {
             let read = path.clone();
             let creds = file_work(&slots, move || read_creds(&read))
                 .await
-                .map_err(|e| LinkError::new(format!("sim: cannot read credentials: {e}")))?;
+                .map_err(|e| super::credential_error("sim: cannot read credentials", &path, &e))?;
             let sink = events.clone();
             let task = tokio::spawn(run(spec, settings, path, creds, slots, sink));
             Ok(Box::new(SimConnection { task, events }) as Box<dyn LinkConnection>)

@@ -427,20 +427,48 @@ fn store_config() -> SqliteStoreConfig {
     }
 }
 
+/// Checks that an existing store file is a sound SQLite database. whatsapp-rust's pool
+/// retries a connection that fails its set-up for 30 s before giving up, so a corrupt
+/// file is caught here first, in milliseconds, and reported as lasting.
+fn check_store(path: &Path) -> Result<(), String> {
+    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
+        return Ok(()); // new: whatsapp-rust creates its schema
+    }
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| e.to_string())?;
+    let check: String = conn
+        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+        .map_err(|e| e.to_string())?;
+    if check == "ok" {
+        Ok(())
+    } else {
+        Err(format!("database disk image is malformed: {check}"))
+    }
+}
+
 /// Opens (creating, 0600) a session's credential store.
 async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
     paths::create_private_file(path)
         .map_err(|e| LinkError::new(format!("cannot create {}: {e}", path.display())))?;
+    let checked = path.to_path_buf();
+    tokio::task::spawn_blocking(move || check_store(&checked))
+        .await
+        .map_err(|e| LinkError::new(e.to_string()))?
+        .map_err(|e| super::credential_error("cannot open the credential store", path, &e))?;
     let url = path
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
     SqliteStore::with_config(url, store_config())
         .await
         .map_err(|e| {
-            LinkError::new(format!(
-                "cannot open the credential store: {}",
-                crate::limits::open_error_hint(e.to_string())
-            ))
+            super::credential_error(
+                "cannot open the credential store",
+                path,
+                &crate::limits::open_error_hint(e.to_string()),
+            )
         })
 }
 
@@ -487,7 +515,13 @@ impl Link for WhatsAppLink {
                 .with_event_handler(handler)
                 .build()
                 .await
-                .map_err(|e| LinkError::new(format!("cannot build the WhatsApp client: {e}")))?;
+                .map_err(|e| {
+                    super::credential_error(
+                        "cannot build the WhatsApp client",
+                        &path,
+                        &e.to_string(),
+                    )
+                })?;
             let client = bot.client();
             let _ = client_slot.set(Arc::downgrade(&client));
             let paired = client.pn().is_some();

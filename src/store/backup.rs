@@ -271,7 +271,17 @@ fn check_meta(src: &Connection, user_id: &str, link: &str) -> Result<(), BackupE
 
 /// Checks that a backup can be restored into a session (before the session is stopped).
 pub fn verify(backup: &Path, user_id: &str, link: &str) -> Result<(), BackupError> {
-    check_meta(&open_backup(backup)?, user_id, link)
+    let src = open_backup(backup)?;
+    // A truncated or damaged file can still answer the first pages: check it whole
+    // before anything is stopped.
+    let damaged = |e: String| BackupError::Invalid(format!("the backup file is damaged ({e})"));
+    let check: String = src
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| damaged(e.to_string()))?;
+    if check != "ok" {
+        return Err(damaged(check));
+    }
+    check_meta(&src, user_id, link)
 }
 
 /// Swaps a backup's credentials into place (the session must be stopped) and applies its

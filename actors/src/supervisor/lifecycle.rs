@@ -276,6 +276,21 @@ impl SupervisorState {
                 entry.rec.last_error = Some(format!("banned: {reason}"));
                 SessionState::Failed
             }
+            Some(ChildExit::Broken(reason)) => {
+                tracing::error!(%user_id, error = %reason, "session failed: its link cannot work");
+                entry.rec.last_error = Some(reason);
+                if !entry.create_waiters.is_empty() {
+                    let error = entry.rec.last_error.clone().unwrap_or_default();
+                    entry.child = None;
+                    return self.abort_create(
+                        user_id,
+                        CmdError::Unavailable(format!(
+                            "Session could not be started ({error}); nothing was created"
+                        )),
+                    );
+                }
+                SessionState::Failed
+            }
             Some(ChildExit::LogoutDone(_)) | None => {
                 let error = failure.unwrap_or_else(|| "the session stopped unexpectedly".into());
                 return self.crashed(myself, user_id, error);
