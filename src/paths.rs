@@ -70,3 +70,8 @@ pub fn create_private_file(path: &Path) -> std::io::Result<()> {
         .open(path)
         .map(|_| ())
 }
+
+/// Makes a rename (or a new file) in `dir` durable: fsync of the directory itself.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}

@@ -118,7 +118,10 @@ impl Backups {
         }
         set_private(&tmp)?;
         let dest = dir.join(format!("{backup_id}.db"));
+        // The file is complete and synced (SQLite syncs the copy's commit); the rename and
+        // its directory entry are made durable before the backup is confirmed.
         std::fs::rename(&tmp, &dest).map_err(io)?;
+        paths::sync_dir(&dir).map_err(io)?;
         self.prune(&rec.user_id)?;
         Ok(BackupInfo {
             backup_id,
@@ -322,6 +325,9 @@ pub fn restore_into(
             let _ = std::fs::remove_file(PathBuf::from(p));
         }
         std::fs::rename(&tmp, credentials).map_err(io)?;
+        if let Some(dir) = credentials.parent() {
+            paths::sync_dir(dir).map_err(io)?;
+        }
         let _ = paths::remove_sqlite_files(&tmp);
     } else {
         paths::remove_sqlite_files(credentials).map_err(io)?;

@@ -8,9 +8,10 @@
 //! - [`backup`]: one SQLite file per backup.
 //!
 //! What is durable when: a command's reply (create, start, stop, delete, logout,
-//! restore) is sent after its row is committed (WAL, `synchronous=NORMAL`: it survives a
-//! crash or kill of the process; a power cut may lose the last commits). Plain state
-//! transitions ride the next group commit, usually within a millisecond.
+//! restore) is sent after its row is committed (WAL, `synchronous=FULL`: the commit is
+//! fsynced, so it survives a kill of the process, a power cut, or the filesystem turning
+//! read-only on an error; group commit pays one fsync per batch, not per request). Plain
+//! state transitions ride the next group commit, usually within a millisecond.
 
 pub mod backup;
 mod sql;
@@ -102,7 +103,14 @@ impl Store {
             }
             Database::File(path) => {
                 paths::create_private_file(path).map_err(|e| {
-                    StorageError::Failed(format!("cannot create {}: {e}", path.display()))
+                    let text = format!("cannot create {}: {e}", path.display());
+                    match e.kind() {
+                        std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(format!(
+                            "{text}; remount the data directory read-write or pick another --data-dir"
+                        )),
+                        std::io::ErrorKind::StorageFull => StorageError::Full(text),
+                        _ => StorageError::Failed(text),
+                    }
                 })?;
                 let text = path.to_str().ok_or_else(|| {
                     StorageError::Failed("the database path is not valid UTF-8".into())

@@ -68,7 +68,26 @@ pub fn classify(e: &rusqlite::Error) -> StorageError {
     }
 }
 
-/// Opens a connection with botvisor's settings (WAL, NORMAL sync, 5 s busy wait).
+/// [`classify`] with the errno behind a generic I/O error: a filesystem that turned
+/// read-only under an open database (EROFS) or filled up mid-write (ENOSPC, EDQUOT) is
+/// reported by SQLite only as "disk I/O error".
+pub fn classify_on(conn: &Connection, e: &rusqlite::Error) -> StorageError {
+    if e.sqlite_error_code() == Some(ErrorCode::SystemIoFailure) {
+        // SAFETY: the handle is valid while `conn` lives; sqlite3_system_errno only reads
+        // the errno SQLite saved for this connection's last failed system call.
+        let errno = unsafe { rusqlite::ffi::sqlite3_system_errno(conn.handle()) };
+        let text = format!("{e} ({})", std::io::Error::from_raw_os_error(errno));
+        match errno {
+            libc::EROFS => return StorageError::ReadOnly(text),
+            libc::ENOSPC | libc::EDQUOT => return StorageError::Full(text),
+            _ => {}
+        }
+    }
+    classify(e)
+}
+
+/// Opens a connection with botvisor's settings (WAL, FULL sync: every commit is on the
+/// disk before it is confirmed; 5 s busy wait).
 pub fn open(path: &str, uri: bool) -> Result<Connection, StorageError> {
     let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE
         | OpenFlags::SQLITE_OPEN_CREATE
@@ -78,7 +97,7 @@ pub fn open(path: &str, uri: bool) -> Result<Connection, StorageError> {
     }
     let conn = Connection::open_with_flags(Path::new(path), flags).map_err(|e| classify(&e))?;
     conn.execute_batch(
-        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA busy_timeout = 5000;",
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
     )
     .map_err(|e| classify(&e))?;
     Ok(conn)

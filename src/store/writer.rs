@@ -43,6 +43,10 @@ struct Pending {
     events: VecDeque<EventRow>,
     dropped_events: u64,
     closing: bool,
+    /// Why the last commit failed, until one succeeds: a flush asked meanwhile is
+    /// answered at once (a full or read-only disk is a prompt 507/503, not a wait for the
+    /// next retry); the writes behind it stay queued and are retried.
+    failing: Option<StorageError>,
 }
 
 impl Pending {
@@ -113,6 +117,8 @@ impl Queue {
         let mut p = self.lock();
         if p.closing {
             let _ = tx.send(Err(StorageError::Unavailable("the store is closed".into())));
+        } else if let Some(e) = &p.failing {
+            let _ = tx.send(Err(e.clone()));
         } else {
             p.ops.push(Op::Flush(tx));
         }
@@ -216,12 +222,13 @@ pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
             .into_iter()
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
-        let result = commit(&mut conn, &batch).map_err(|e| sql::classify(&e));
+        let result = commit(&mut conn, &batch).map_err(|e| sql::classify_on(&conn, &e));
         for op in flushes {
             if let Op::Flush(tx) = op {
                 let _ = tx.send(result.clone());
             }
         }
+        queue.lock().failing = result.clone().err();
         match result {
             Ok(()) => {
                 retry = Duration::from_millis(50);
