@@ -10,6 +10,9 @@ use std::time::{Duration, Instant};
 
 use common::Server;
 
+/// Set by `.ci/run` when the machine can mount filesystems: these tests must run then.
+const DISK: &[&str] = &["BOTVISOR_REQUIRE_DISK_TESTS"];
+
 /// A tmpfs mounted for one test; unmounted when dropped.
 struct Tmpfs {
     dir: PathBuf,
@@ -37,17 +40,18 @@ impl Tmpfs {
                 _parent: parent,
             }),
             Ok(o) => {
-                common::skip_unless_required(
+                common::skip_unless_required_by(
                     test,
                     &format!(
                         "cannot mount a tmpfs (needs root): {}",
                         String::from_utf8_lossy(&o.stderr).trim()
                     ),
+                    DISK,
                 );
                 None
             }
             Err(e) => {
-                common::skip_unless_required(test, &format!("no mount command: {e}"));
+                common::skip_unless_required_by(test, &format!("no mount command: {e}"), DISK);
                 None
             }
         }
@@ -122,14 +126,19 @@ impl Ext4 {
                 if Path::new(&fs.trigger_path()).exists() {
                     Some(fs)
                 } else {
-                    common::skip_unless_required(test, "this kernel has no ext4 trigger_fs_error");
+                    common::skip_unless_required_by(
+                        test,
+                        "this kernel has no ext4 trigger_fs_error",
+                        DISK,
+                    );
                     None
                 }
             }
             Err(e) => {
-                common::skip_unless_required(
+                common::skip_unless_required_by(
                     test,
                     &format!("cannot mount an ext4 loop file (needs root and loop devices): {e}"),
+                    DISK,
                 );
                 None
             }

@@ -41,10 +41,15 @@ pub fn env_flag(name: &str) -> bool {
 /// not skip anything (`CI` or `BOTVISOR_REQUIRE_EXAMPLES` set, as in CI), otherwise
 /// prints `SKIPPED` and why. The caller returns right after.
 pub fn skip_unless_required(test: &str, reason: &str) {
-    let strict: Vec<&str> = ["CI", "BOTVISOR_REQUIRE_EXAMPLES"]
-        .into_iter()
-        .filter(|v| env_flag(v))
-        .collect();
+    skip_unless_required_by(test, reason, &["CI", "BOTVISOR_REQUIRE_EXAMPLES"]);
+}
+
+/// [`skip_unless_required`] for a test that needs something of the machine rather than
+/// of the build (root, loop devices, a high descriptor limit): only the given variables
+/// make it strict, which `.ci/run` sets after checking the machine can run it.
+#[allow(dead_code)]
+pub fn skip_unless_required_by(test: &str, reason: &str, vars: &[&str]) {
+    let strict: Vec<&str> = vars.iter().copied().filter(|v| env_flag(v)).collect();
     assert!(
         strict.is_empty(),
         "{test} cannot run: {reason} (not skipped because {} is set)",
