@@ -27,5 +27,5 @@ pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};
 pub use record::{now_ms, Desired, PairingCode, PairingQr, SessionRecord, SessionState};
 pub use session::{ChildExit, Reporter, SessionActor, SessionMsg};
 pub use supervisor::{
-    Command, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorMsg,
+    Audit, Command, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorMsg,
 };

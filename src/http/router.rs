@@ -55,10 +55,13 @@ const fn route(method: Method, path: &'static str, key: bool, handler: Handler) 
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 16] = [
+pub static ROUTES: [Route; 17] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))
+    }),
+    route(Method::GET, "/api/audit", true, |c| {
+        Box::pin(fleet::audit(c))
     }),
     route(Method::GET, "/api/sessions", false, |c| {
         Box::pin(sessions::list(c))

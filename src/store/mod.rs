@@ -165,6 +165,16 @@ impl Store {
         .await?
     }
 
+    /// Every session row as committed on disk (read off the runtime; for audits).
+    pub async fn rows_on_disk(&self) -> Result<Vec<SessionRecord>, StorageError> {
+        let reader = self.reader.clone();
+        blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            sql::load_all(&conn)
+        })
+        .await?
+    }
+
     /// Backs up a session's record and credential file (read off the runtime).
     pub async fn backup(&self, rec: SessionRecord) -> Result<BackupInfo, BackupError> {
         let backups = self.backups.clone();

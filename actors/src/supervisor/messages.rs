@@ -15,6 +15,17 @@ pub type Reply<T> = RpcReplyPort<Result<T, CmdError>>;
 pub type RestoreFn =
     Box<dyn FnOnce(SessionRecord) -> BoxFuture<'static, Result<SessionRecord, CmdError>> + Send>;
 
+/// What [`SupervisorMsg::Audit`] answers.
+#[derive(Debug, Clone)]
+pub struct Audit {
+    /// Every session's record as the supervisor holds it.
+    pub records: Vec<SessionRecord>,
+    /// The sessions with a live actor.
+    pub live: Vec<String>,
+    /// Broken invariants (empty when all is well).
+    pub problems: Vec<String>,
+}
+
 /// Messages the supervisor handles.
 pub enum SupervisorMsg {
     /// Create a session; answered with the record once the first pairing code is out.
@@ -79,6 +90,8 @@ pub enum SupervisorMsg {
         /// The record.
         reply: Reply<SessionRecord>,
     },
+    /// The supervisor's own view of the fleet, checked against its invariants.
+    Audit(RpcReplyPort<Audit>),
     /// A session did not answer a call in time: kill it and restart it like a crash.
     Unresponsive {
         /// Which.

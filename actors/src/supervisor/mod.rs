@@ -35,7 +35,7 @@ use crate::record::{now_ms, SessionRecord, SessionState};
 
 pub use config::{Command, SupervisorConfig};
 use entry::Entry;
-pub use messages::{Reply, RestoreFn, SupervisorMsg};
+pub use messages::{Audit, Reply, RestoreFn, SupervisorMsg};
 
 /// Everything the supervisor starts with.
 pub struct SupervisorArgs {
@@ -70,6 +70,59 @@ impl SupervisorState {
     fn token(&mut self) -> u64 {
         self.next_token += 1;
         self.next_token
+    }
+
+    /// Checks that every live actor belongs to a session that should have one, and every
+    /// session that should run has an actor or a restart on its way.
+    fn audit(&self) -> messages::Audit {
+        let mut problems = Vec::new();
+        let mut live = Vec::new();
+        for (user_id, e) in &self.sessions {
+            let busy = e.intent.is_some() || !e.create_waiters.is_empty();
+            match &e.child {
+                Some(c) => {
+                    live.push(user_id.clone());
+                    if self.children.get(&c.actor.get_id()) != Some(user_id) {
+                        problems.push(format!("{user_id}: its actor is not registered as a child"));
+                    }
+                    if !e.rec.state.is_active() && !busy {
+                        problems.push(format!(
+                            "{user_id}: a live actor, but the session is {}",
+                            e.rec.state
+                        ));
+                    }
+                }
+                None => {
+                    let waiting =
+                        e.restart_token.is_some() || self.boot_queue.contains(user_id) || busy;
+                    if e.rec.state.is_active() && !waiting {
+                        problems.push(format!(
+                            "{user_id}: {} but no actor and no restart pending",
+                            e.rec.state
+                        ));
+                    }
+                }
+            }
+        }
+        for (actor, user_id) in &self.children {
+            let owned = self
+                .sessions
+                .get(user_id)
+                .and_then(|e| e.child.as_ref())
+                .is_some_and(|c| c.actor.get_id() == *actor);
+            if !owned {
+                problems.push(format!("{user_id}: a child actor the session does not own"));
+            }
+        }
+        live.sort();
+        let mut records: Vec<SessionRecord> =
+            self.sessions.values().map(|e| e.rec.clone()).collect();
+        records.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+        messages::Audit {
+            records,
+            live,
+            problems,
+        }
     }
 
     /// Queues a changed record (the view follows at once, the disk at the next commit).
@@ -152,6 +205,9 @@ impl SupervisorState {
                 apply,
                 reply,
             } => self.restore(myself, &user_id, apply, reply),
+            SupervisorMsg::Audit(reply) => {
+                let _ = reply.send(self.audit());
+            }
             SupervisorMsg::Get { user_id, reply } => {
                 let rec = self.sessions.get(&user_id).map(|e| e.rec.clone());
                 let _ = reply.send(rec.ok_or_else(|| CmdError::not_found(&user_id)));

@@ -1,6 +1,13 @@
 //! The whole fleet: `/api/stats` (from counters, O(1)) and the `GET /` dashboard.
 
+use std::collections::BTreeSet;
+
+use ractor::rpc::CallResult;
 use serde::Serialize;
+
+use botvisor_actors::{Persistence, SessionRecord, SupervisorMsg};
+
+use crate::http::errors::ApiError;
 
 use crate::http::dashboard;
 use crate::http::response::ok;
@@ -20,6 +27,60 @@ pub async fn stats(c: Ctx) -> Answer {
         active_sessions: n.active,
         total_users: n.total,
         online_sessions: n.online,
+    }))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AuditView {
+    sessions: usize,
+    live_actors: usize,
+    consistent: bool,
+    problems: Vec<String>,
+}
+
+/// `GET /api/audit`: the supervisor, the read view and the rows on disk must agree (ids,
+/// states, desired states), every live actor must belong to a session that should run,
+/// and every session that should run must have an actor or a restart on its way. Meant
+/// for a quiet fleet: a session changing state during the audit can show as a difference.
+pub async fn audit(c: Ctx) -> Answer {
+    let sup = c
+        .app
+        .sup
+        .call(SupervisorMsg::Audit, Some(c.app.supervisor.call_timeout))
+        .await;
+    let sup = match sup {
+        Ok(CallResult::Success(a)) => a,
+        _ => {
+            return Err(ApiError::unavailable(
+                "The supervisor did not answer the audit in time",
+            ))
+        }
+    };
+    c.app.store.flush().await?;
+    let disk = c.app.store.rows_on_disk().await?;
+    let view = c.app.store.view().list();
+    let key = |r: &SessionRecord| (r.user_id.clone(), r.state.as_str(), r.desired.as_str());
+    let mut problems = sup.problems;
+    let sup_rows: BTreeSet<_> = sup.records.iter().map(key).collect();
+    for (name, rows) in [("the read view", &view), ("the database", &disk)] {
+        let other: BTreeSet<_> = rows.iter().map(key).collect();
+        for (id, state, desired) in sup_rows.difference(&other) {
+            problems.push(format!(
+                "{id}: the supervisor has it {state}/{desired} but {name} does not"
+            ));
+        }
+        for (id, state, desired) in other.difference(&sup_rows) {
+            problems.push(format!(
+                "{id}: {name} has it {state}/{desired} but the supervisor does not"
+            ));
+        }
+    }
+    Ok(ok(&AuditView {
+        sessions: sup.records.len(),
+        live_actors: sup.live.len(),
+        consistent: problems.is_empty(),
+        problems,
     }))
 }
 
