@@ -56,6 +56,9 @@ fn main() {
             _ => tracing::error!(%message, %at, "panic"),
         }
     }));
+    if config.api_key.is_none() && config.protect_reads {
+        tracing::warn!("--protect-reads has no effect without an API key (--api-key / API_KEY)");
+    }
     if config.api_key.is_none() {
         tracing::warn!(
             "no API key is set (--api-key / API_KEY): the write endpoints are open to anyone \
