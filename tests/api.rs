@@ -104,6 +104,21 @@ fn a_pairing_session_shows_its_qr_code_as_json_svg_and_png() {
 }
 
 #[test]
+fn health_and_readiness_probes_answer_without_a_key() {
+    let s = Server::start(&["--api-key", KEY, "--protect-reads"]);
+    let h = s.get("/healthz");
+    assert_eq!(h.status, 200, "{}", h.body);
+    assert_eq!(h.json()["status"], "ok");
+    let r = s.get("/readyz").json();
+    assert_eq!(r["ready"], true, "{r}");
+    assert_eq!(r["store"], "ok");
+    assert_eq!(r["supervisor"], "ok");
+    assert_eq!(r["bootPending"], 0);
+    // Everything else still needs the key.
+    assert_eq!(s.get("/api/stats").status, 401);
+}
+
+#[test]
 fn list_info_and_stats_follow_the_spec() {
     let s = Server::start(&[]);
     assert_eq!(s.create("a1", "1234567890").status, 201);

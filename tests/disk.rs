@@ -252,6 +252,10 @@ fn a_full_disk_gives_507_loses_nothing_confirmed_and_recovers_by_itself() {
         }
     }
     assert!(refused > 0, "the disk never filled up");
+    let ready = s.get("/readyz");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(ready.error(503).contains("disk full"));
+    assert_eq!(s.get("/healthz").status, 200, "alive, just not ready");
     // Reads still work.
     assert_eq!(s.get("/api/stats").status, 200);
     let r = s.post("/api/sessions/before0/stop", None);
@@ -279,6 +283,7 @@ fn a_full_disk_gives_507_loses_nothing_confirmed_and_recovers_by_itself() {
         std::thread::sleep(Duration::from_millis(200));
     }
     confirmed.push("after_space".into());
+    assert_eq!(s.get("/readyz").status, 200, "ready again");
     // Nothing confirmed was lost, across a kill -9 too.
     s.kill9();
     let s = Server::start_in(&fs.dir, &[]);

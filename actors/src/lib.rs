@@ -27,5 +27,6 @@ pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};
 pub use record::{now_ms, Desired, PairingCode, PairingQr, SessionRecord, SessionState};
 pub use session::{ChildExit, Reporter, SessionActor, SessionMsg};
 pub use supervisor::{
-    Audit, Command, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig, SupervisorMsg,
+    Audit, Command, Health, Reply, RestoreFn, Supervisor, SupervisorArgs, SupervisorConfig,
+    SupervisorMsg,
 };

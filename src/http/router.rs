@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_USER_ID};
-use super::handlers::{backups, fleet, lifecycle, sessions, sim};
+use super::handlers::{backups, fleet, health, lifecycle, sessions, sim};
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
@@ -40,6 +40,8 @@ pub struct Route {
     pub key: bool,
     /// Only on links that take injected faults.
     pub faults_only: bool,
+    /// Open even with `--protect-reads` (health probes: they reveal nothing).
+    pub public: bool,
     handler: Handler,
 }
 
@@ -49,14 +51,28 @@ const fn route(method: Method, path: &'static str, key: bool, handler: Handler) 
         path,
         key,
         faults_only: false,
+        public: false,
+        handler,
+    }
+}
+
+const fn probe(path: &'static str, handler: Handler) -> Route {
+    Route {
+        method: Method::GET,
+        path,
+        key: false,
+        faults_only: false,
+        public: true,
         handler,
     }
 }
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 17] = [
+pub static ROUTES: [Route; 19] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
+    probe("/healthz", |c| Box::pin(health::healthz(c))),
+    probe("/readyz", |c| Box::pin(health::readyz(c))),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))
     }),
@@ -107,6 +123,7 @@ pub static ROUTES: [Route; 17] = [
         path: "/api/sim/:id/fault",
         key: true,
         faults_only: true,
+        public: false,
         handler: |c| Box::pin(sim::fault(c)),
     },
 ];
@@ -177,7 +194,7 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
         }
         return Ok(resp);
     };
-    if route.key || app.protect_reads {
+    if route.key || (app.protect_reads && !route.public) {
         check_key(&req, &app)?;
     }
     if route.path.contains(":id") && !valid_user_id(id) {

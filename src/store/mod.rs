@@ -165,6 +165,11 @@ impl Store {
         .await?
     }
 
+    /// Why commits are failing right now (`None`: the last one succeeded).
+    pub fn failing(&self) -> Option<StorageError> {
+        self.queue.failing()
+    }
+
     /// Every session row as committed on disk (read off the runtime; for audits).
     pub async fn rows_on_disk(&self) -> Result<Vec<SessionRecord>, StorageError> {
         let reader = self.reader.clone();

@@ -111,6 +111,11 @@ impl Queue {
         self.ready.notify_one();
     }
 
+    /// Why the last commit failed, while commits are failing.
+    pub fn failing(&self) -> Option<StorageError> {
+        self.lock().failing.clone()
+    }
+
     /// A receiver answered once everything queued so far is committed.
     pub fn flush(&self) -> oneshot::Receiver<Result<(), StorageError>> {
         let (tx, rx) = oneshot::channel();

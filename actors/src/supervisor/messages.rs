@@ -26,6 +26,17 @@ pub struct Audit {
     pub problems: Vec<String>,
 }
 
+/// What [`SupervisorMsg::Health`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Health {
+    /// Sessions known.
+    pub sessions: usize,
+    /// Sessions resumed at boot that are still waiting for their batch.
+    pub boot_pending: usize,
+    /// A shutdown is under way.
+    pub shutting_down: bool,
+}
+
 /// Messages the supervisor handles.
 pub enum SupervisorMsg {
     /// Create a session; answered with the record once the first pairing code is out.
@@ -92,6 +103,8 @@ pub enum SupervisorMsg {
     },
     /// The supervisor's own view of the fleet, checked against its invariants.
     Audit(RpcReplyPort<Audit>),
+    /// A cheap liveness answer for `/readyz`: sessions still waiting to be resumed at boot.
+    Health(RpcReplyPort<Health>),
     /// A session did not answer a call in time: kill it and restart it like a crash.
     Unresponsive {
         /// Which.

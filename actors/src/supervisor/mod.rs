@@ -35,7 +35,7 @@ use crate::record::{now_ms, SessionRecord, SessionState};
 
 pub use config::{Command, SupervisorConfig};
 use entry::Entry;
-pub use messages::{Audit, Reply, RestoreFn, SupervisorMsg};
+pub use messages::{Audit, Health, Reply, RestoreFn, SupervisorMsg};
 
 /// Everything the supervisor starts with.
 pub struct SupervisorArgs {
@@ -205,6 +205,13 @@ impl SupervisorState {
                 apply,
                 reply,
             } => self.restore(myself, &user_id, apply, reply),
+            SupervisorMsg::Health(reply) => {
+                let _ = reply.send(messages::Health {
+                    sessions: self.sessions.len(),
+                    boot_pending: self.boot_queue.len(),
+                    shutting_down: self.shutdown.is_some(),
+                });
+            }
             SupervisorMsg::Audit(reply) => {
                 let _ = reply.send(self.audit());
             }

@@ -3,6 +3,7 @@
 
 pub mod backups;
 pub mod fleet;
+pub mod health;
 pub mod lifecycle;
 pub mod sessions;
 pub mod sim;

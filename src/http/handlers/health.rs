@@ -1,0 +1,88 @@
+//! `/healthz` (the process answers) and `/readyz` (it can do its job: the store commits,
+//! the supervisor answers promptly, and the boot resume is finished or moving). Both are
+//! cheap and open even with `--protect-reads` (they reveal nothing about sessions).
+
+use std::time::Duration;
+
+use hyper::StatusCode;
+use ractor::rpc::CallResult;
+use serde::Serialize;
+
+use botvisor_actors::SupervisorMsg;
+
+use crate::http::response::{json_response, ok};
+use crate::http::router::{Answer, Ctx};
+
+/// How long the supervisor gets to answer a readiness probe.
+const SUPERVISOR_BOUND: Duration = Duration::from_secs(2);
+
+#[derive(Serialize)]
+struct Healthy {
+    status: &'static str,
+}
+
+pub async fn healthz(_c: Ctx) -> Answer {
+    Ok(ok(&Healthy { status: "ok" }))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Ready {
+    success: bool,
+    ready: bool,
+    /// The spec's `message` when not ready.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+    store: String,
+    supervisor: String,
+    boot_pending: Option<usize>,
+}
+
+pub async fn readyz(c: Ctx) -> Answer {
+    let store = match c.app.store.failing() {
+        None => Ok("ok".to_string()),
+        Some(e) => Err(format!("store: {e}")),
+    };
+    let health = c
+        .app
+        .sup
+        .call(SupervisorMsg::Health, Some(SUPERVISOR_BOUND))
+        .await;
+    let (supervisor, boot_pending) = match health {
+        Ok(CallResult::Success(h)) if h.shutting_down => (
+            Err("supervisor: shutting down".to_string()),
+            Some(h.boot_pending),
+        ),
+        Ok(CallResult::Success(h)) => (Ok("ok".to_string()), Some(h.boot_pending)),
+        Ok(CallResult::Timeout) => (
+            Err(format!(
+                "supervisor: no answer within {} s",
+                SUPERVISOR_BOUND.as_secs()
+            )),
+            None,
+        ),
+        _ => (Err("supervisor: not running".to_string()), None),
+    };
+    let problems: Vec<&str> = [&store, &supervisor]
+        .iter()
+        .filter_map(|r| r.as_ref().err().map(String::as_str))
+        .collect();
+    let ready = problems.is_empty();
+    let text = |r: &Result<String, String>| match r {
+        Ok(s) | Err(s) => s.clone(),
+    };
+    let body = Ready {
+        success: ready,
+        ready,
+        message: (!ready).then(|| format!("not ready: {}", problems.join("; "))),
+        store: text(&store),
+        supervisor: text(&supervisor),
+        boot_pending,
+    };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    Ok(json_response(status, &body))
+}
