@@ -42,6 +42,13 @@ pub struct Cli {
 pub enum Command {
     /// Run the HTTP API and the session supervisor.
     Serve(ServeArgs),
+    /// Check that a running botvisor answers (exit 0) or not (exit 1): for container
+    /// HEALTHCHECKs and scripts, with no curl needed.
+    Health {
+        /// The URL to GET (plain http).
+        #[arg(long, default_value = "http://127.0.0.1:8000/healthz")]
+        url: String,
+    },
 }
 
 /// Which network the sessions connect to.
@@ -338,8 +345,9 @@ fn layered(mut cmd: clap::Command, mut argv: Vec<OsString>) -> Result<Cli, clap:
 }
 
 fn with_sources(mut cli: Cli, sources: Vec<(String, String)>) -> Result<Cli, clap::Error> {
-    let Command::Serve(args) = &mut cli.command;
-    args.sources = sources;
+    if let Command::Serve(args) = &mut cli.command {
+        args.sources = sources;
+    }
     Ok(cli)
 }
 
@@ -713,7 +721,9 @@ mod tests {
     fn resolve_with(cmd: clap::Command, flags: &[&str]) -> Result<Config, String> {
         let mut argv: Vec<OsString> = vec!["botvisor".into(), "serve".into()];
         argv.extend(flags.iter().map(OsString::from));
-        let Command::Serve(args) = layered(cmd, argv).map_err(|e| e.to_string())?.command;
+        let Command::Serve(args) = layered(cmd, argv).map_err(|e| e.to_string())?.command else {
+            unreachable!("tests parse serve");
+        };
         Config::resolve(&args).map_err(|e| e.0)
     }
 

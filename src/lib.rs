@@ -108,6 +108,48 @@ pub enum RunError {
     },
 }
 
+/// `botvisor health`: GET `url` (plain http) and expect a 200 within 5 s.
+pub fn health_check(url: &str) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: only http:// URLs are supported"))?;
+    let (host, path) = match rest.split_once('/') {
+        Some((h, p)) => (h, format!("/{p}")),
+        None => (rest, "/".to_string()),
+    };
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .map_err(|e| format!("{host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host}: no address"))?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut conn =
+        std::net::TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let n = conn.read(&mut head).map_err(|e| e.to_string())?;
+    let line = String::from_utf8_lossy(&head[..n]);
+    match line.split_whitespace().nth(1) {
+        Some("200") => Ok(()),
+        Some(status) => Err(format!("{url} answered {status}")),
+        None => Err(format!("{url}: no HTTP answer")),
+    }
+}
+
+/// Tells systemd (when it started us with `NOTIFY_SOCKET`) how the service is doing; a
+/// no-op otherwise.
+fn notify_systemd(state: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, state) {
+        tracing::warn!(error = %e, "could not notify systemd");
+    }
+}
+
 /// Why a bind failed, with what to do for the common causes.
 fn listen_hint(e: &std::io::Error) -> String {
     match e.kind() {
@@ -187,7 +229,10 @@ pub async fn run(
     // One plain line on stdout that scripts and tests can wait for: the API answers now.
     println!("botvisor listening on http://{local}");
     tracing::info!(%local, link = link.name(), auth = config.api_key.is_some(), "listening");
+    // Under systemd (Type=notify) the unit is "started" now, not when the process forked.
+    notify_systemd(&[sd_notify::NotifyState::Ready]);
     http::serve(listener, app, shutdown).await;
+    notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: stopping every session");
     let wait = config.supervisor.shutdown_timeout * 2;
     match ractor::call_t!(sup, SupervisorMsg::Shutdown, wait.as_millis() as u64) {

@@ -31,7 +31,16 @@ fn limit_malloc_arenas() {
 
 fn main() {
     let cli = Cli::parse_layered();
-    let Command::Serve(args) = cli.command;
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::Health { url } => match botvisor::health_check(&url) {
+            Ok(()) => std::process::exit(0),
+            Err(e) => {
+                eprintln!("botvisor: unhealthy: {e}");
+                std::process::exit(1);
+            }
+        },
+    };
     let config = match Config::resolve(&args) {
         Ok(c) => c,
         Err(e) => {
