@@ -92,6 +92,7 @@ fn main() {
 }
 
 async fn serve(config: Config) -> Result<(), botvisor::RunError> {
+    let shutdown = shutdown_signal();
     let addr = format!("{}:{}", config.bind, config.port);
     let listener = TcpListener::bind(&addr)
         .await
@@ -99,24 +100,29 @@ async fn serve(config: Config) -> Result<(), botvisor::RunError> {
     if cfg!(feature = "test-peer") {
         tracing::warn!("TEST BUILD (feature test-peer): WhatsApp certificate checks are OFF");
     }
-    botvisor::run(config, listener, shutdown_signal()).await
+    botvisor::run(config, listener, shutdown).await
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// SIGTERM or Ctrl-C. The handlers are installed here, before anything is served: a
+/// signal that arrives right after "listening" must stop the server cleanly, not kill it
+/// (a handler installed on first poll came too late for a SIGTERM sent at once).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            _ = wait(term) => {},
+            _ = wait(int) => {},
         }
-    };
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        tracing::info!("signal received");
     }
-    tracing::info!("signal received");
 }

@@ -26,8 +26,23 @@ pub fn remove_credentials(
     data_dir: &Path,
     user_id: &str,
 ) -> Result<(), botvisor_actors::LinkError> {
-    remove_sqlite_files(&credentials(data_dir, user_id))
+    let file = credentials(data_dir, user_id);
+    remove_sqlite_files(&file)
+        .and_then(|()| remove_sqlite_files(&restoring(&file)))
         .map_err(|e| botvisor_actors::LinkError::new(format!("cannot remove credentials: {e}")))
+}
+
+/// Where a restore writes a credential file before it renames it into place.
+pub fn restoring(credentials: &Path) -> PathBuf {
+    credentials.with_extension("db.restoring")
+}
+
+/// The session id a file under `sessions/` belongs to (`<id>.db`, `<id>.db-wal`,
+/// `<id>.db.restoring-journal`, ...), if it is one of ours.
+pub fn session_of_file(name: &str) -> Option<&str> {
+    let (id, rest) = name.split_once(".db")?;
+    let ours = rest.is_empty() || rest.starts_with('-') || rest.starts_with(".restoring");
+    ours.then_some(id)
 }
 
 /// The directory of backups.
@@ -74,4 +89,23 @@ pub fn create_private_file(path: &Path) -> std::io::Result<()> {
 /// Makes a rename (or a new file) in `dir` durable: fsync of the directory itself.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_are_told_by_their_session() {
+        assert_eq!(session_of_file("u1.db"), Some("u1"));
+        assert_eq!(session_of_file("u1.db-wal"), Some("u1"));
+        assert_eq!(session_of_file("u1.db.restoring"), Some("u1"));
+        assert_eq!(session_of_file("u1.db.restoring-journal"), Some("u1"));
+        assert_eq!(session_of_file("notes.txt"), None);
+        assert_eq!(session_of_file("u1.dbx"), None);
+        assert_eq!(
+            restoring(Path::new("/d/sessions/u1.db")),
+            Path::new("/d/sessions/u1.db.restoring")
+        );
+    }
 }

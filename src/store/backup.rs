@@ -203,6 +203,36 @@ impl Backups {
         Ok(())
     }
 
+    /// At boot: removes the backups of sessions that no longer exist (a delete killed
+    /// before its backups were gone) and half-written backups (`.<id>.tmp*`, a backup
+    /// killed mid-copy). Returns how many entries went.
+    pub fn sweep(&self, known: &std::collections::HashSet<&str>) -> usize {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if !known.contains(name.as_str()) {
+                let gone = if path.is_dir() {
+                    std::fs::remove_dir_all(&path)
+                } else {
+                    std::fs::remove_file(&path)
+                };
+                if gone.is_ok() {
+                    removed += 1;
+                }
+                continue;
+            }
+            for file in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                if file.file_name().to_string_lossy().starts_with('.')
+                    && std::fs::remove_file(file.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Removes every backup of a session (after a delete).
     pub fn remove_all(&self, user_id: &str) -> std::io::Result<()> {
         match std::fs::remove_dir_all(self.session_dir(user_id)) {
@@ -302,7 +332,7 @@ pub fn restore_into(
     let phone = meta("phone_number")?;
     let name = meta("name")?;
     if has_credentials {
-        let tmp = credentials.with_extension("db.restoring");
+        let tmp = paths::restoring(credentials);
         paths::remove_sqlite_files(&tmp).map_err(io)?;
         paths::create_private_file(&tmp).map_err(io)?;
         let copy = (|| -> rusqlite::Result<()> {

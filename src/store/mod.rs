@@ -86,6 +86,33 @@ pub struct Store {
     config: StoreConfig,
 }
 
+/// Removes what interrupted operations left behind (nothing runs yet at boot): credential
+/// files without a session row (a create or delete killed half-way), a restore's
+/// temporary file, backups of deleted sessions, half-written backups. Every such file is
+/// unreachable through the API; left alone it would be picked up by a later session of
+/// the same id.
+fn sweep(data_dir: &std::path::Path, backups: &Backups, boot: &[SessionRecord]) {
+    let known: std::collections::HashSet<&str> = boot.iter().map(|r| r.user_id.as_str()).collect();
+    let mut removed = backups.sweep(&known);
+    let sessions = paths::sessions_dir(data_dir);
+    for entry in std::fs::read_dir(&sessions).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = paths::session_of_file(&name) else {
+            continue;
+        };
+        let leftover = !known.contains(id) || name.contains(".restoring");
+        if leftover && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(
+            files = removed,
+            "removed files left by interrupted operations"
+        );
+    }
+}
+
 impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, loads every
     /// session into the view, and starts the writer. Returns the stored sessions.
@@ -122,13 +149,17 @@ impl Store {
         sql::migrate(&conn)?;
         let boot = sql::load_all(&conn)?;
         claim_link(&conn, &config, !boot.is_empty())?;
+        let backups = Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep);
+        if matches!(config.database, Database::File(_)) {
+            // (An in-memory database starts empty: every file would look orphaned.)
+            sweep(&config.data_dir, &backups, &boot);
+        }
         let reader = sql::open(&path, uri)?;
         let view = Arc::new(View::default());
         for rec in &boot {
             view.put(rec);
         }
         let queue = Arc::new(Queue::default());
-        let backups = Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep);
         let writer = {
             let queue = queue.clone();
             let backups = backups.clone();

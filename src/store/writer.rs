@@ -228,6 +228,17 @@ pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
         let result = commit(&mut conn, &batch).map_err(|e| sql::classify_on(&conn, &e));
+        if result.is_ok() {
+            // A deleted session's backups go before its delete is confirmed: a kill right
+            // after the 2xx must not leave them behind (a kill before is swept at boot).
+            for op in &batch.ops {
+                if let Op::Delete(id) = op {
+                    if let Err(e) = backups.remove_all(id) {
+                        tracing::error!(user_id = %id, error = %e, "could not remove the session's backups");
+                    }
+                }
+            }
+        }
         for op in flushes {
             if let Op::Flush(tx) = op {
                 let _ = tx.send(result.clone());
@@ -237,13 +248,6 @@ pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
         match result {
             Ok(()) => {
                 retry = Duration::from_millis(50);
-                for op in &batch.ops {
-                    if let Op::Delete(id) = op {
-                        if let Err(e) = backups.remove_all(id) {
-                            tracing::error!(user_id = %id, error = %e, "could not remove the session's backups");
-                        }
-                    }
-                }
             }
             Err(e) => {
                 tracing::error!(error = %e, retry_in = ?retry, "could not commit session changes; will retry");
