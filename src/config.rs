@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// reads open.
     #[arg(long, env = "BOTVISOR_PROTECT_READS")]
     pub protect_reads: bool,
+    /// Require the API key for GET /metrics too (it shows fleet sizes, not phone numbers).
+    #[arg(long, env = "BOTVISOR_PROTECT_METRICS")]
+    pub protect_metrics: bool,
     /// How long a client gets to send a request's headers, and then its body; a slower
     /// client (or an idle keep-alive connection) is cut off.
     #[arg(long, env = "BOTVISOR_REQUEST_TIMEOUT", value_name = "DURATION",
@@ -529,6 +532,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// How long a client gets to send a request's head, and then its body.
     pub request_timeout: Duration,
+    /// `/metrics` needs the key.
+    pub protect_metrics: bool,
     /// Allowed origins; empty means any.
     pub cors_origins: Vec<String>,
     /// The network.
@@ -579,6 +584,7 @@ impl Config {
             protect_reads: args.protect_reads,
             log_format: args.log_format,
             request_timeout: args.request_timeout.0,
+            protect_metrics: args.protect_metrics,
             cors_origins: args.cors_origin.clone(),
             link: args.link,
             supervisor,

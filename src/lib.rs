@@ -25,6 +25,7 @@ pub mod http;
 pub mod limits;
 pub mod link;
 pub mod logging;
+pub mod metrics;
 pub mod paths;
 pub mod qr;
 pub mod store;
@@ -184,11 +185,13 @@ pub async fn run(
         })?;
     }
     let link = make_link(&config);
+    let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let store_config = StoreConfig {
         database: config.database.clone(),
         data_dir: config.data_dir.clone(),
         backup_keep: config.backup_keep,
         link: link.name(),
+        commit_seconds: Some(metrics.store_commit_seconds.clone()),
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
@@ -221,6 +224,9 @@ pub async fn run(
         faults: link.accepts_faults(),
         supervisor: config.supervisor.clone(),
         request_timeout: config.request_timeout,
+        metrics,
+        protect_metrics: config.protect_metrics,
+        files_per_session: link.files_per_session(),
     });
     let local = listener.local_addr().map_err(|source| RunError::Listen {
         addr: format!("{}:{}", config.bind, config.port),

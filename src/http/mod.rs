@@ -62,6 +62,12 @@ pub struct App {
     pub supervisor: SupervisorConfig,
     /// How long a client gets to send a request's head, and then its body.
     pub request_timeout: Duration,
+    /// What `/metrics` exports.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// `/metrics` needs the key.
+    pub protect_metrics: bool,
+    /// Descriptors one idle session holds on this link (for the capacity gauge).
+    pub files_per_session: u32,
 }
 
 /// Answers one request.
@@ -70,6 +76,8 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     let preflight = req.method() == Method::OPTIONS;
     let method = req.method().clone();
     let uri = req.uri().clone();
+    let started = std::time::Instant::now();
+    let mut route = "unmatched";
     let mut resp = if preflight {
         if app.cors.permits(origin.as_ref()) {
             let mut r = Response::new(Body::default());
@@ -79,11 +87,19 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             ApiError::new(StatusCode::FORBIDDEN, "Origin not allowed").response()
         }
     } else {
-        match router::dispatch(req, app.clone()).await {
+        let (matched, answer) = router::dispatch(req, app.clone()).await;
+        route = matched.unwrap_or("unmatched");
+        match answer {
             Ok(r) => r,
             Err(e) => e.response(),
         }
     };
+    app.metrics.request(
+        route,
+        method.as_str(),
+        resp.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
     let status = resp.status();
     if status == StatusCode::REQUEST_TIMEOUT {
         // The rest of the body may still trickle in: do not keep the connection.

@@ -69,10 +69,13 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 19] = [
+pub static ROUTES: [Route; 20] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
+    route(Method::GET, "/metrics", false, |c| {
+        Box::pin(health::metrics(c))
+    }),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))
     }),
@@ -148,8 +151,19 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<&'p str> {
     Some(id)
 }
 
-/// Answers one request (everything but CORS, which the caller adds).
-pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
+/// Answers one request (everything but CORS, which the caller adds), with the pattern of
+/// the route it matched (for the metrics).
+pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> (Option<&'static str>, Answer) {
+    let mut matched = None;
+    let answer = route_and_answer(req, app, &mut matched).await;
+    (matched, answer)
+}
+
+async fn route_and_answer(
+    req: Request<Incoming>,
+    app: Arc<App>,
+    matched: &mut Option<&'static str>,
+) -> Answer {
     check_length(&req)?;
     let method = req.method().clone();
     let raw = req.uri().path();
@@ -194,6 +208,7 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
         }
         return Ok(resp);
     };
+    *matched = Some(route.path);
     if route.key || (app.protect_reads && !route.public) {
         check_key(&req, &app)?;
     }
@@ -204,7 +219,8 @@ pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> Answer {
     (route.handler)(Ctx { app, req, id }).await
 }
 
-fn check_key(req: &Request<Incoming>, app: &App) -> Result<(), ApiError> {
+/// 401 unless the request carries the API key (when one is set).
+pub fn check_key(req: &Request<Incoming>, app: &App) -> Result<(), ApiError> {
     let Some(expected) = &app.api_key else {
         return Ok(());
     };

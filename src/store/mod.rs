@@ -74,6 +74,8 @@ pub struct StoreConfig {
     pub backup_keep: usize,
     /// The link whose credentials the sessions hold (`sim`, `whatsapp`).
     pub link: &'static str,
+    /// Where the writer records each commit's duration (the metrics), if anywhere.
+    pub commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// SQLite behind a writer thread, plus the read view.
@@ -161,11 +163,12 @@ impl Store {
         }
         let queue = Arc::new(Queue::default());
         let writer = {
+            let commit_seconds = config.commit_seconds.clone();
             let queue = queue.clone();
             let backups = backups.clone();
             std::thread::Builder::new()
                 .name("botvisor-store".into())
-                .spawn(move || writer::run(&queue, conn, backups))
+                .spawn(move || writer::run(&queue, conn, backups, commit_seconds))
                 .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))
                 .map_err(OpenError::from)?
         };
@@ -364,6 +367,7 @@ mod tests {
             data_dir: dir.to_path_buf(),
             backup_keep: 3,
             link: "sim",
+            commit_seconds: None,
         }
     }
 

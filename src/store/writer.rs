@@ -220,14 +220,23 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
 }
 
 /// The writer thread's loop: runs until the queue is closed and drained.
-pub fn run(queue: &Queue, mut conn: Connection, backups: Backups) {
+pub fn run(
+    queue: &Queue,
+    mut conn: Connection,
+    backups: Backups,
+    commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+) {
     let mut retry = Duration::from_millis(50);
     while let Some(mut batch) = queue.take() {
         let (flushes, writes): (Vec<Op>, Vec<Op>) = std::mem::take(&mut batch.ops)
             .into_iter()
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
+        let started = std::time::Instant::now();
         let result = commit(&mut conn, &batch).map_err(|e| sql::classify_on(&conn, &e));
+        if let Some(h) = &commit_seconds {
+            h.observe(started.elapsed().as_secs_f64());
+        }
         if result.is_ok() {
             // A deleted session's backups go before its delete is confirmed: a kill right
             // after the 2xx must not leave them behind (a kill before is swept at boot).

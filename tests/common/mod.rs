@@ -60,6 +60,14 @@ pub fn skip_unless_required_by(test: &str, reason: &str, vars: &[&str]) {
     let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
 }
 
+/// The server binary: this build's, or `BOTVISOR_TEST_BIN` (a long soak runs a copy, so
+/// rebuilding meanwhile does not swap the server under it).
+pub fn botvisor_bin() -> PathBuf {
+    std::env::var_os("BOTVISOR_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_botvisor")))
+}
+
 /// An HTTP answer.
 #[derive(Debug)]
 pub struct Resp {
@@ -117,7 +125,7 @@ impl Server {
 
     /// Starts a server on an existing data dir (for restarts).
     pub fn start_in(dir: &Path, extra: &[&str]) -> Server {
-        Server::launch(Path::new(env!("CARGO_BIN_EXE_botvisor")), dir, extra)
+        Server::launch(&botvisor_bin(), dir, extra)
     }
 
     /// Starts another build of botvisor (e.g. the release binary) on a fresh temp dir.
@@ -134,7 +142,7 @@ impl Server {
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut s = Server::launch_env(Path::new(env!("CARGO_BIN_EXE_botvisor")), &dir, extra, env);
+        let mut s = Server::launch_env(&botvisor_bin(), &dir, extra, env);
         s._tmp = Some(tmp);
         s
     }

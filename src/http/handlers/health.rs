@@ -86,3 +86,21 @@ pub async fn readyz(c: Ctx) -> Answer {
     };
     Ok(json_response(status, &body))
 }
+
+/// `GET /metrics`: Prometheus text. Open like the other reads, unless `--protect-metrics`
+/// (or `--protect-reads`) asks for the key.
+pub async fn metrics(c: Ctx) -> Answer {
+    if c.app.protect_metrics {
+        crate::http::router::check_key(&c.req, &c.app)?;
+    }
+    let sessions = c.app.store.view().list();
+    let text = c.app.metrics.render(&sessions, c.app.files_per_session);
+    let mut resp = hyper::Response::new(crate::http::response::Body::new(text.into()));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    Ok(resp)
+}

@@ -1,0 +1,197 @@
+//! `GET /metrics`: Prometheus text (OpenMetrics) through `prometheus-client`.
+//!
+//! Counters and histograms are updated where things happen (HTTP requests in the front
+//! end, commits in the store's writer); gauges that describe the fleet (sessions by state,
+//! restarts, descriptors) are computed when scraped, from the store's read view, so they
+//! cost nothing between scrapes.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use botvisor_actors::{SessionRecord, SessionState};
+
+/// Labels of an HTTP request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The route's pattern (`/api/sessions/:id`), or `unmatched`.
+    pub route: String,
+    /// `GET`, `POST`, ...
+    pub method: String,
+    /// `200`, `404`, ...
+    pub status: String,
+}
+
+/// Labels of a route.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route's pattern.
+    pub route: String,
+}
+
+/// Labels of a session state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `online`, `failed`, ...
+    pub state: String,
+}
+
+/// Every metric botvisor exports.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_seconds: Family<RouteLabels, Histogram>,
+    /// Seconds per store commit (the writer records into it).
+    pub store_commit_seconds: Histogram,
+    sessions: Family<StateLabels, Gauge>,
+    restarts: Gauge,
+    disconnects: Gauge,
+    open_fds: Gauge,
+    fd_limit: Gauge,
+    session_capacity: Gauge,
+}
+
+const STATES: [SessionState; 9] = [
+    SessionState::Starting,
+    SessionState::Pairing,
+    SessionState::Connecting,
+    SessionState::Online,
+    SessionState::Disconnected,
+    SessionState::Restarting,
+    SessionState::Stopped,
+    SessionState::Failed,
+    SessionState::LoggedOut,
+];
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new(link: &'static str) -> Metrics {
+        let mut registry = Registry::with_prefix("botvisor");
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        let http_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+        });
+        let store_commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let sessions = Family::<StateLabels, Gauge>::default();
+        let (restarts, disconnects) = (Gauge::default(), Gauge::default());
+        let (open_fds, fd_limit, session_capacity) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            http_seconds.clone(),
+        );
+        registry.register(
+            "store_commit_duration_seconds",
+            "Time of one group commit of the session store (fsync included)",
+            store_commit_seconds.clone(),
+        );
+        registry.register("sessions", "Sessions by state", sessions.clone());
+        registry.register(
+            "session_restarts",
+            "Automatic restarts of the current sessions since their last start, summed",
+            restarts.clone(),
+        );
+        registry.register(
+            "session_disconnects",
+            "Connection drops the current sessions recovered from, summed",
+            disconnects.clone(),
+        );
+        registry.register("open_fds", "Open file descriptors", open_fds.clone());
+        registry.register("fd_limit", "The open-files limit", fd_limit.clone());
+        registry.register(
+            "session_capacity",
+            "Sessions the open-files limit allows on this link (-1: no per-session descriptors)",
+            session_capacity.clone(),
+        );
+        registry.register(
+            "build",
+            "The running build",
+            Info::new(vec![
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("link", link.to_string()),
+            ]),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            http_requests,
+            http_seconds,
+            store_commit_seconds,
+            sessions,
+            restarts,
+            disconnects,
+            open_fds,
+            fd_limit,
+            session_capacity,
+        }
+    }
+
+    /// Records one answered request.
+    pub fn request(&self, route: &str, method: &str, status: u16, seconds: f64) {
+        // Bounded label values: a client inventing methods cannot grow the series.
+        let method = match method {
+            "GET" | "POST" | "PUT" | "DELETE" | "OPTIONS" | "HEAD" | "PATCH" => method,
+            _ => "other",
+        };
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                route: route.to_string(),
+                method: method.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.http_seconds
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    /// The text exposition, with the fleet gauges computed from `sessions` now.
+    pub fn render(&self, sessions: &[SessionRecord], files_per_session: u32) -> String {
+        let mut by_state = [0i64; STATES.len()];
+        let (mut restarts, mut disconnects) = (0i64, 0i64);
+        for rec in sessions {
+            if let Some(i) = STATES.iter().position(|s| *s == rec.state) {
+                by_state[i] += 1;
+            }
+            restarts += i64::from(rec.restarts);
+            disconnects += i64::from(rec.disconnects);
+        }
+        for (state, n) in STATES.iter().zip(by_state) {
+            self.sessions
+                .get_or_create(&StateLabels {
+                    state: state.as_str().to_string(),
+                })
+                .set(n);
+        }
+        self.restarts.set(restarts);
+        self.disconnects.set(disconnects);
+        if let Some((used, limit)) = crate::limits::open_files() {
+            self.open_fds.set(used as i64);
+            self.fd_limit.set(limit as i64);
+            self.session_capacity.set(match files_per_session {
+                0 => -1,
+                per => {
+                    (limit.saturating_sub(used + crate::limits::RESERVE) / u64::from(per)) as i64
+                }
+            });
+        }
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
