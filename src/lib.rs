@@ -21,6 +21,7 @@
 //!   `botvisor-actors` crate in `actors/`.
 
 pub mod config;
+pub mod events;
 pub mod http;
 pub mod limits;
 pub mod link;

@@ -1,7 +1,5 @@
 //! `GET /`: a plain page listing the sessions (refreshes itself every 5 s).
 
-use bytes::Bytes;
-use http_body_util::Full;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Response;
 
@@ -62,7 +60,7 @@ pub fn page(sessions: &[SessionRecord]) -> Response<Body> {
          <th>lastError</th><th>updatedAt</th></tr></thead><tbody>\n{rows}</tbody></table></body></html>\n",
         total = sessions.len(),
     );
-    let mut resp = Response::new(Full::new(Bytes::from(html)));
+    let mut resp = Response::new(super::response::full(html));
     resp.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("text/html; charset=utf-8"),

@@ -157,6 +157,8 @@ pub async fn serve(listener: TcpListener, app: Arc<App>, shutdown: impl Future<O
         });
     }
     drop(listener);
+    // Event streams never end by themselves: end them, so the drain does not wait on them.
+    app.store.hub().close();
     if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
         .await
         .is_err()

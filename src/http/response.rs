@@ -10,14 +10,20 @@ use botvisor_actors::{now_ms, PairingCode, PairingQr, SessionRecord, SessionStat
 
 use crate::timefmt::iso;
 
-/// A response body.
-pub type Body = Full<Bytes>;
+/// A response body: whole (JSON, pages) or streamed (the event stream).
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A whole body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    use http_body_util::BodyExt;
+    Full::new(bytes.into()).boxed()
+}
 
 /// A JSON response.
 pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
     // Serializing our own structs cannot fail (no maps with non-string keys).
     let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(Full::new(Bytes::from(bytes)));
+    let mut resp = Response::new(full(bytes));
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         CONTENT_TYPE,
@@ -28,7 +34,7 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
 
 /// A 200 with a non-JSON body (an image), never cached: what it carries is a secret.
 pub fn secret_bytes(content_type: &'static str, body: Vec<u8>) -> Response<Body> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    let mut resp = Response::new(full(body));
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_USER_ID};
-use super::handlers::{backups, fleet, health, lifecycle, sessions, sim};
+use super::handlers::{backups, fleet, health, lifecycle, sessions, sim, stream};
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
@@ -69,7 +69,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 20] = [
+pub static ROUTES: [Route; 21] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -78,6 +78,9 @@ pub static ROUTES: [Route; 20] = [
     }),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))
+    }),
+    route(Method::GET, "/api/events", false, |c| {
+        Box::pin(stream::events(c))
     }),
     route(Method::GET, "/api/audit", true, |c| {
         Box::pin(fleet::audit(c))

@@ -81,6 +81,7 @@ pub struct StoreConfig {
 /// SQLite behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
+    hub: Arc<crate::events::EventHub>,
     queue: Arc<Queue>,
     reader: Arc<Mutex<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -175,6 +176,7 @@ impl Store {
         let store = Store {
             view,
             queue,
+            hub: Arc::default(),
             reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
             backups,
@@ -186,6 +188,11 @@ impl Store {
     /// The read view.
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    /// The live event stream (every change the view sees).
+    pub fn hub(&self) -> &Arc<crate::events::EventHub> {
+        &self.hub
     }
 
     /// The newest state changes of a session, newest first (read off the runtime).
@@ -334,17 +341,21 @@ impl Persistence for Store {
     fn insert(&self, rec: &SessionRecord) {
         self.view.put(rec);
         self.queue.insert(rec);
+        self.hub.changed(rec, true);
     }
 
     fn save(&self, rec: &SessionRecord) {
         // The view goes first: readers see the live state even while the disk is failing.
         let before = self.view.put(rec);
-        self.queue.save(rec, before != Some(rec.state));
+        let state_changed = before != Some(rec.state);
+        self.queue.save(rec, state_changed);
+        self.hub.changed(rec, state_changed);
     }
 
     fn delete(&self, user_id: &str) {
         self.view.remove(user_id);
         self.queue.delete(user_id);
+        self.hub.deleted(user_id);
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {

@@ -95,7 +95,7 @@ pub async fn metrics(c: Ctx) -> Answer {
     }
     let sessions = c.app.store.view().list();
     let text = c.app.metrics.render(&sessions, c.app.files_per_session);
-    let mut resp = hyper::Response::new(crate::http::response::Body::new(text.into()));
+    let mut resp = hyper::Response::new(crate::http::response::full(text));
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(

@@ -7,6 +7,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod sessions;
 pub mod sim;
+pub mod stream;
 
 use ractor::rpc::CallResult;
 
