@@ -1,0 +1,56 @@
+//! The dashboard in a real browser (headless Chromium through Selenium): create a session
+//! through the page, see its pairing code and countdown, see it go online without a
+//! reload, stop it; screenshots go to `target/browser/`. Needs `chromium`,
+//! `chromium-driver` and Python's `selenium` (`.ci/run` installs them and sets
+//! `BOTVISOR_REQUIRE_BROWSER`); elsewhere it prints SKIPPED and why.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::Server;
+
+const KEY: &str = "browser-k3y-0123456789abcdefghijk";
+
+#[test]
+fn the_dashboard_creates_pairs_and_stops_a_session_live() {
+    let have = Path::new("/usr/bin/chromium").exists()
+        && Path::new("/usr/bin/chromedriver").exists()
+        && Command::new("python3")
+            .args(["-c", "import selenium"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !have {
+        common::skip_unless_required_by(
+            "the_dashboard_creates_pairs_and_stops_a_session_live",
+            "needs /usr/bin/chromium, /usr/bin/chromedriver and python3 -m pip install selenium",
+            &["BOTVISOR_REQUIRE_BROWSER"],
+        );
+        return;
+    }
+    let s = Server::start(&["--api-key", KEY, "--sim-pair-delay", "4s"]);
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+    std::fs::create_dir_all(&out).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py");
+    let run = Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://{}/", s.addr))
+        .arg(KEY)
+        .arg(&out)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "browser check failed:\n{stdout}\n{stderr}\nscreenshot: {}",
+        out.join("dashboard-failure.png").display()
+    );
+    eprintln!("{stdout}screenshots: {}", out.display());
+    assert!(out.join("dashboard.png").exists());
+    // What the page did went through the API.
+    let v = s.session("browser_bot");
+    assert_eq!(v["state"], "stopped");
+    assert_eq!(v["desired"], "stopped");
+}
