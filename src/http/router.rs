@@ -69,12 +69,15 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 21] = [
+pub static ROUTES: [Route; 22] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
     route(Method::GET, "/metrics", false, |c| {
         Box::pin(health::metrics(c))
+    }),
+    route(Method::GET, "/openapi.json", false, |c| {
+        Box::pin(health::openapi(c))
     }),
     route(Method::GET, "/api/stats", false, |c| {
         Box::pin(fleet::stats(c))

@@ -104,3 +104,17 @@ pub async fn metrics(c: Ctx) -> Answer {
     );
     Ok(resp)
 }
+
+/// The OpenAPI 3.1 document of every route (kept true by `tests/openapi.rs`, which walks
+/// the route table against it, and by schemathesis in CI).
+const OPENAPI: &str = include_str!("../openapi.json");
+
+/// `GET /openapi.json`.
+pub async fn openapi(_c: Ctx) -> Answer {
+    let mut resp = hyper::Response::new(crate::http::response::full(OPENAPI));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(resp)
+}

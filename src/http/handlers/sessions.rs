@@ -101,6 +101,14 @@ pub async fn create(c: Ctx) -> Answer {
         None | Some(Value::Null) => return Err(ApiError::bad_request("phoneNumber is required")),
         Some(Value::String(s)) => s,
         Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+        // A whole number written as a float (`1234567890.0`, `1.2e9`: what JSON encoders
+        // of floats write) is the same number; 15 digits are exact in an f64.
+        Some(Value::Number(n))
+            if n.as_f64()
+                .is_some_and(|f| f.fract() == 0.0 && (0.0..1e15).contains(&f)) =>
+        {
+            format!("{:.0}", n.as_f64().unwrap_or_default())
+        }
         Some(_) => String::new(),
     };
     if !valid_phone(&phone_number) {
