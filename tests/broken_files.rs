@@ -5,7 +5,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::Server;
 
@@ -110,21 +109,7 @@ fn a_database_from_a_newer_botvisor_refuses_to_start() {
         .unwrap()
         .execute_batch("PRAGMA user_version = 99")
         .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_botvisor"))
-        .args([
-            "serve",
-            "--link",
-            "sim",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data-dir",
-        ])
-        .arg(tmp.path())
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
+    let out = common::serve_once(tmp.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(

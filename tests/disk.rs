@@ -354,21 +354,7 @@ fn a_read_only_data_dir_at_start_is_one_clear_line() {
         assert_eq!(s.terminate(), Some(0));
     }
     fs.remount("ro");
-    let out = Command::new(env!("CARGO_BIN_EXE_botvisor"))
-        .args([
-            "serve",
-            "--link",
-            "sim",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data-dir",
-        ])
-        .arg(&fs.dir)
-        .env_remove("DATABASE_URL")
-        .output()
-        .unwrap();
+    let out = common::serve_once(&fs.dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     let line = err

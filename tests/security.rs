@@ -81,6 +81,27 @@ fn protect_reads_guards_every_route_in_the_table() {
     }
 }
 
+/// The pending QR payload of `secret1` and each of its key fields (none if no code).
+fn qr_secrets(s: &Server) -> Vec<String> {
+    let qr = s.req(
+        "GET",
+        "/api/sessions/secret1/qr",
+        None,
+        &[("X-API-Key", KEY)],
+    );
+    if qr.status != 200 {
+        return Vec::new();
+    }
+    let payload = qr.json()["qr"].as_str().unwrap().to_string();
+    let mut out: Vec<String> = payload
+        .split(',')
+        .filter(|p| p.len() >= 16)
+        .map(String::from)
+        .collect();
+    out.push(payload);
+    out
+}
+
 /// Runs a whole lifecycle at debug level and returns the log and every secret it saw.
 fn lifecycle_secrets(s: &Server) -> Vec<String> {
     let key = [("X-API-Key", KEY)];
@@ -93,18 +114,7 @@ fn lifecycle_secrets(s: &Server) -> Vec<String> {
     );
     assert_eq!(created.status, 201, "{}", created.body);
     secrets.push(created.json()["pairingCode"].as_str().unwrap().to_string());
-    let qr = s.req("GET", "/api/sessions/secret1/qr", None, &key);
-    if qr.status == 200 {
-        let payload = qr.json()["qr"].as_str().unwrap().to_string();
-        // The QR payload and each of its key fields.
-        secrets.extend(
-            payload
-                .split(',')
-                .filter(|p| p.len() >= 16)
-                .map(String::from),
-        );
-        secrets.push(payload);
-    }
+    secrets.extend(qr_secrets(s));
     let p = s.req("GET", "/api/sessions/secret1/pairing", None, &key);
     if p.status == 200 {
         secrets.push(p.json()["pairingCode"].as_str().unwrap().to_string());
@@ -171,17 +181,7 @@ fn keys_codes_and_credentials_never_reach_a_debug_log_on_the_whatsapp_link() {
     let mut secrets = lifecycle_secrets(&s);
     while !secrets.iter().any(|x| x.starts_with("2@")) && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let qr = s.req("GET", "/api/sessions/secret1/qr", None, &key);
-        if qr.status == 200 {
-            let payload = qr.json()["qr"].as_str().unwrap().to_string();
-            secrets.extend(
-                payload
-                    .split(',')
-                    .filter(|p| p.len() >= 16)
-                    .map(String::from),
-            );
-            secrets.push(payload);
-        }
+        secrets.extend(qr_secrets(&s));
     }
     assert!(
         secrets.iter().any(|x| x.starts_with("2@")),

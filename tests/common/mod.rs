@@ -68,6 +68,28 @@ pub fn botvisor_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_botvisor")))
 }
 
+/// Runs `botvisor serve --link sim --bind 127.0.0.1 --port 0 --data-dir DIR` to its end
+/// (for start-up refusals): its output.
+#[allow(dead_code)]
+pub fn serve_once(dir: &Path) -> std::process::Output {
+    Command::new(botvisor_bin())
+        .args([
+            "serve",
+            "--link",
+            "sim",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--data-dir",
+        ])
+        .arg(dir)
+        .env_remove("DATABASE_URL")
+        .env_remove("API_KEY")
+        .output()
+        .expect("run botvisor")
+}
+
 /// An HTTP answer.
 #[derive(Debug)]
 pub struct Resp {
