@@ -193,6 +193,7 @@ pub async fn run(
         backup_keep: config.backup_keep,
         link: link.name(),
         commit_seconds: Some(metrics.store_commit_seconds.clone()),
+        recovery_seconds: Some(metrics.recovery_seconds.clone()),
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await

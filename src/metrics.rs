@@ -49,6 +49,9 @@ pub struct Metrics {
     http_seconds: Family<RouteLabels, Histogram>,
     /// Seconds per store commit (the writer records into it).
     pub store_commit_seconds: Histogram,
+    /// Seconds from a crash to the session being online again (the store records it).
+    pub recovery_seconds: Histogram,
+    supervisor_seconds: prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
     sessions: Family<StateLabels, Gauge>,
     restarts: Gauge,
     disconnects: Gauge,
@@ -78,6 +81,10 @@ impl Metrics {
             Histogram::new(exponential_buckets(0.0001, 4.0, 10))
         });
         let store_commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
+        let recovery_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        let supervisor_seconds =
+            prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default(
+            );
         let sessions = Family::<StateLabels, Gauge>::default();
         let (restarts, disconnects) = (Gauge::default(), Gauge::default());
         let (open_fds, fd_limit, session_capacity) =
@@ -96,6 +103,16 @@ impl Metrics {
             "store_commit_duration_seconds",
             "Time of one group commit of the session store (fsync included)",
             store_commit_seconds.clone(),
+        );
+        registry.register(
+            "crash_to_online_seconds",
+            "Time from a session's crash (or drop) to it being online again",
+            recovery_seconds.clone(),
+        );
+        registry.register(
+            "supervisor_answer_seconds",
+            "Time the supervisor took to answer at the last scrape (its mailbox backlog, in time)",
+            supervisor_seconds.clone(),
         );
         registry.register("sessions", "Sessions by state", sessions.clone());
         registry.register(
@@ -128,6 +145,8 @@ impl Metrics {
             http_requests,
             http_seconds,
             store_commit_seconds,
+            recovery_seconds,
+            supervisor_seconds,
             sessions,
             restarts,
             disconnects,
@@ -158,8 +177,16 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// The text exposition, with the fleet gauges computed from `sessions` now.
-    pub fn render(&self, sessions: &[SessionRecord], files_per_session: u32) -> String {
+    /// The text exposition, with the fleet gauges computed from `sessions` now and the
+    /// supervisor's answer time just measured (`None`: it did not answer).
+    pub fn render(
+        &self,
+        sessions: &[SessionRecord],
+        files_per_session: u32,
+        supervisor: Option<f64>,
+    ) -> String {
+        self.supervisor_seconds
+            .set(supervisor.unwrap_or(f64::INFINITY));
         let mut by_state = [0i64; STATES.len()];
         let (mut restarts, mut disconnects) = (0i64, 0i64);
         for rec in sessions {

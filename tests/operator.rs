@@ -54,6 +54,14 @@ fn metrics_follow_a_known_sequence_of_events() {
         v("botvisor_store_commit_duration_seconds_count") >= 3.0,
         "commits are timed"
     );
+    assert_eq!(
+        v("botvisor_crash_to_online_seconds_count"),
+        1.0,
+        "one crash, back online"
+    );
+    assert!(v("botvisor_crash_to_online_seconds_sum") > 0.0);
+    let answer = v("botvisor_supervisor_answer_seconds");
+    assert!(answer.is_finite() && answer >= 0.0, "{answer}");
     assert!(v("botvisor_open_fds") > 0.0);
     assert!(v("botvisor_fd_limit") >= v("botvisor_open_fds"));
     assert_eq!(

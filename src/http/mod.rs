@@ -108,10 +108,14 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
             hyper::header::HeaderValue::from_static("close"),
         );
     }
+    // One line per request at debug, per server-side failure at warn (a 4xx is the
+    // client's business, and hostile traffic must not flood the log); never a body or a
+    // header, so never a key or a code.
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
     if status.is_server_error() {
-        tracing::warn!(%method, path = uri.path(), %status, "request failed");
+        tracing::warn!(%method, route, path = uri.path(), %status, ms, "request failed");
     } else {
-        tracing::debug!(%method, path = uri.path(), %status, "request");
+        tracing::debug!(%method, route, path = uri.path(), %status, ms, "request");
     }
     app.cors
         .apply(origin.as_ref(), resp.headers_mut(), preflight);

@@ -76,11 +76,16 @@ pub struct StoreConfig {
     pub link: &'static str,
     /// Where the writer records each commit's duration (the metrics), if anywhere.
     pub commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Where crash-to-online times go (the metrics), if anywhere.
+    pub recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
 }
 
 /// SQLite behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
+    /// When each session that crashed or dropped went down (for crash-to-online times).
+    down_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     hub: Arc<crate::events::EventHub>,
     queue: Arc<Queue>,
     reader: Arc<Mutex<Connection>>,
@@ -177,6 +182,8 @@ impl Store {
             view,
             queue,
             hub: Arc::default(),
+            down_since: Mutex::default(),
+            recovery_seconds: config.recovery_seconds.clone(),
             reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
             backups,
@@ -188,6 +195,31 @@ impl Store {
     /// The read view.
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
+    /// metrics; any other end (stopped, failed, ...) forgets it.
+    fn track_recovery(&self, rec: &SessionRecord) {
+        use botvisor_actors::SessionState as S;
+        let Some(histogram) = &self.recovery_seconds else {
+            return;
+        };
+        let mut down = self.down_since.lock().unwrap_or_else(|p| p.into_inner());
+        match rec.state {
+            S::Restarting | S::Disconnected => {
+                down.entry(rec.user_id.clone())
+                    .or_insert_with(std::time::Instant::now);
+            }
+            S::Online => {
+                if let Some(since) = down.remove(&rec.user_id) {
+                    histogram.observe(since.elapsed().as_secs_f64());
+                }
+            }
+            S::Stopped | S::Failed | S::LoggedOut => {
+                down.remove(&rec.user_id);
+            }
+            S::Starting | S::Pairing | S::Connecting => {}
+        }
     }
 
     /// The live event stream (every change the view sees).
@@ -350,12 +382,19 @@ impl Persistence for Store {
         let state_changed = before != Some(rec.state);
         self.queue.save(rec, state_changed);
         self.hub.changed(rec, state_changed);
+        if state_changed {
+            self.track_recovery(rec);
+        }
     }
 
     fn delete(&self, user_id: &str) {
         self.view.remove(user_id);
         self.queue.delete(user_id);
         self.hub.deleted(user_id);
+        self.down_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user_id);
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
@@ -379,6 +418,7 @@ mod tests {
             backup_keep: 3,
             link: "sim",
             commit_seconds: None,
+            recovery_seconds: None,
         }
     }
 

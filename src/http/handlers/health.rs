@@ -93,8 +93,19 @@ pub async fn metrics(c: Ctx) -> Answer {
     if c.app.protect_metrics {
         crate::http::router::check_key(&c.req, &c.app)?;
     }
+    let asked = std::time::Instant::now();
+    let answered = c
+        .app
+        .sup
+        .call(SupervisorMsg::Health, Some(SUPERVISOR_BOUND))
+        .await;
+    let supervisor =
+        matches!(answered, Ok(CallResult::Success(_))).then(|| asked.elapsed().as_secs_f64());
     let sessions = c.app.store.view().list();
-    let text = c.app.metrics.render(&sessions, c.app.files_per_session);
+    let text = c
+        .app
+        .metrics
+        .render(&sessions, c.app.files_per_session, supervisor);
     let mut resp = hyper::Response::new(crate::http::response::full(text));
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
