@@ -46,10 +46,16 @@ impl hyper::body::Body for ChannelBody {
     }
 }
 
+/// A client's backlog and its receiver for what comes next.
+type Subscribed = (
+    Vec<Arc<crate::events::Published>>,
+    broadcast::Receiver<Arc<crate::events::Published>>,
+);
+
 /// Feeds one client: the backlog after `last`, then live events and heartbeats, until the
 /// client goes, falls behind, or the hub closes.
-async fn pump(hub: Arc<EventHub>, last: Option<u64>, secrets: bool, tx: mpsc::Sender<Bytes>) {
-    let (backlog, mut rx) = hub.subscribe(last);
+async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mpsc::Sender<Bytes>) {
+    let (backlog, mut rx) = subscribed;
     let mut closed = hub.closed();
     let send = |text: String| tx.try_send(Bytes::from(text));
     if send("retry: 2000\n\n".into()).is_err() {
@@ -97,7 +103,10 @@ pub async fn events(c: Ctx) -> Answer {
         .and_then(|v| v.trim().parse::<u64>().ok());
     let hub = c.app.store.hub().clone();
     let (tx, body_rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-    tokio::spawn(pump(hub, last, secrets, tx));
+    // Subscribed before the answer goes out: a client that has the response head misses
+    // nothing that happens after it.
+    let subscribed = hub.subscribe(last);
+    tokio::spawn(pump(hub, subscribed, secrets, tx));
     let mut resp = Response::new(ChannelBody(body_rx).boxed());
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -115,7 +124,7 @@ mod tests {
     async fn a_client_that_does_not_read_is_dropped_at_its_buffer() {
         let hub = Arc::new(EventHub::default());
         let (tx, mut rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-        let task = tokio::spawn(pump(hub.clone(), None, false, tx));
+        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, tx));
         tokio::task::yield_now().await;
         let rec = SessionRecord::new("u".into(), "1234567".into());
         for _ in 0..CLIENT_BUFFER + 10 {
@@ -138,7 +147,7 @@ mod tests {
     async fn a_reading_client_gets_every_event_and_the_stream_ends_at_close() {
         let hub = Arc::new(EventHub::default());
         let (tx, mut rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-        let task = tokio::spawn(pump(hub.clone(), None, false, tx));
+        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, tx));
         tokio::task::yield_now().await;
         let rec = SessionRecord::new("u".into(), "1234567".into());
         let mut got = 0;
