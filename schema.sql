@@ -1,6 +1,7 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 2; the version lives in PRAGMA user_version. Every statement is idempotent, so
--- an older database is migrated by running this file again (v2 added `settings`).
+-- Version 3; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- an older database is migrated by running this file again (v2 added `settings`, v3 the
+-- webhook `outbox`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -33,3 +34,22 @@ CREATE TABLE IF NOT EXISTS settings (
     key   TEXT PRIMARY KEY NOT NULL,
     value TEXT NOT NULL
 ) STRICT;
+
+-- Webhook deliveries not yet made: written in the same transaction as the change that
+-- caused them, deleted once the receiver answered 2xx, kept as dead letters (dead = 1)
+-- after the last attempt. Delivered in id order per destination.
+CREATE TABLE IF NOT EXISTS outbox (
+    id          INTEGER PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     INTEGER NOT NULL,
+    dead        INTEGER NOT NULL DEFAULT 0,
+    last_error  TEXT
+) STRICT;
+
+CREATE INDEX IF NOT EXISTS outbox_next ON outbox (destination, dead, id);

@@ -88,6 +88,20 @@ fn parse_origin(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_webhook_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .filter(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(' '));
+    match rest {
+        Some(_) => Ok(s.to_string()),
+        None => Err(format!(
+            "'{s}' is not a webhook URL: use http(s)://host[:port]/path"
+        )),
+    }
+}
+
 /// The longest backoff accepted: beyond it a crashed bot would look dead, not waiting.
 const BACKOFF_MAX_LIMIT: Duration = Duration::from_secs(3600);
 
@@ -164,6 +178,58 @@ pub struct ServeArgs {
     /// The level comes from RUST_LOG (default info).
     #[arg(long, env = "BOTVISOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Messages a session may send per minute (POST .../messages; bursts of as many);
+    /// past it: 429 with Retry-After. WhatsApp bans numbers that flood.
+    #[arg(
+        long,
+        env = "BOTVISOR_SEND_RATE",
+        value_name = "PER_MINUTE",
+        default_value_t = 20
+    )]
+    pub send_rate: u32,
+    /// Webhook receiver for every event (state changes, messages); repeatable, or
+    /// comma-separated in the environment. Needs --webhook-secret.
+    #[arg(long = "webhook-url", env = "BOTVISOR_WEBHOOK_URL", value_name = "URL",
+          value_delimiter = ',', value_parser = parse_webhook_url)]
+    pub webhook_url: Vec<String>,
+    /// The HMAC-SHA256 key that signs every webhook (X-Botvisor-Signature); at least 16
+    /// characters.
+    #[arg(
+        long,
+        env = "BOTVISOR_WEBHOOK_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub webhook_secret: Option<String>,
+    /// Attempts per webhook delivery before it becomes a dead letter.
+    #[arg(
+        long,
+        env = "BOTVISOR_WEBHOOK_MAX_ATTEMPTS",
+        value_name = "N",
+        default_value_t = 10
+    )]
+    pub webhook_max_attempts: u32,
+    /// Time limit of one webhook attempt.
+    #[arg(long, env = "BOTVISOR_WEBHOOK_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "10s")]
+    pub webhook_timeout: HumanDuration,
+    /// Webhook deliveries waiting (on disk) past which new events are dropped, with a
+    /// warning.
+    #[arg(
+        long,
+        env = "BOTVISOR_WEBHOOK_BACKLOG_MAX",
+        value_name = "N",
+        default_value_t = 100_000
+    )]
+    pub webhook_backlog_max: u64,
+    /// The longest wait between two attempts of a webhook delivery (the backoff doubles
+    /// from 1 s up to it).
+    #[arg(long, env = "BOTVISOR_WEBHOOK_RETRY_MAX", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "5m")]
+    pub webhook_retry_max: HumanDuration,
+    /// Also send session.pairing_code events (they carry the code, a secret).
+    #[arg(long, env = "BOTVISOR_WEBHOOK_PAIRING_CODES")]
+    pub webhook_pairing_codes: bool,
     /// Allowed CORS origin (`https://app.example.com`); repeatable, or comma-separated in
     /// the environment [default: any origin].
     #[arg(long = "cors-origin", env = "BOTVISOR_CORS_ORIGIN", value_name = "ORIGIN",
@@ -536,6 +602,10 @@ pub struct Config {
     pub protect_metrics: bool,
     /// Allowed origins; empty means any.
     pub cors_origins: Vec<String>,
+    /// Sends per session per minute.
+    pub send_rate: u32,
+    /// Webhooks, when receivers are set.
+    pub webhooks: Option<crate::webhooks::WebhookSettings>,
     /// The network.
     pub link: LinkKind,
     /// Supervisor tunables (restart policy, timeouts).
@@ -586,6 +656,33 @@ impl Config {
             request_timeout: args.request_timeout.0,
             protect_metrics: args.protect_metrics,
             cors_origins: args.cors_origin.clone(),
+            send_rate: args.send_rate,
+            webhooks: if args.webhook_url.is_empty() {
+                None
+            } else {
+                let secret = args.webhook_secret.clone().unwrap_or_default();
+                if secret.chars().count() < 16 {
+                    return Err(args.explain(ConfigError(
+                        "--webhook-url needs --webhook-secret (BOTVISOR_WEBHOOK_SECRET) of at least 16 characters: \
+                         every webhook is signed with it"
+                            .into(),
+                    )));
+                }
+                if args.webhook_max_attempts == 0 {
+                    return Err(args.explain(ConfigError(
+                        "--webhook-max-attempts must be at least 1".into(),
+                    )));
+                }
+                Some(crate::webhooks::WebhookSettings {
+                    urls: args.webhook_url.clone(),
+                    secret,
+                    max_attempts: args.webhook_max_attempts,
+                    timeout: args.webhook_timeout.0,
+                    backlog_max: args.webhook_backlog_max,
+                    retry_max: args.webhook_retry_max.0,
+                    pairing_codes: args.webhook_pairing_codes,
+                })
+            },
             link: args.link,
             supervisor,
             backup_keep: args.backup_keep,
@@ -926,7 +1023,7 @@ mod tests {
         let cmd = Cli::command();
         let serve = cmd.find_subcommand("serve").unwrap();
         for key in settings(serve).filter_map(file_key) {
-            let commented = ["api_key", "database_url", "wa_url"].contains(&key);
+            let commented = ["api_key", "database_url", "wa_url", "webhook_secret"].contains(&key);
             assert_eq!(
                 table.contains_key(key),
                 !commented,

@@ -50,6 +50,15 @@ struct Inner {
     codes: HashMap<String, String>,
 }
 
+/// What [`EventHub::changed`] published.
+#[derive(Debug, Default)]
+pub struct Changed {
+    /// A `session.state` event's JSON.
+    pub state: Option<String>,
+    /// A `session.pairing_code` event's JSON, code included.
+    pub code: Option<String>,
+}
+
 /// The hub.
 pub struct EventHub {
     inner: Mutex<Inner>,
@@ -130,7 +139,9 @@ impl EventHub {
     }
 
     /// A record changed: a state event when its state did, a pairing event for a new code.
-    pub fn changed(&self, rec: &SessionRecord, state_changed: bool) {
+    /// Returns the JSON of what it published (the code's with the code), for webhooks.
+    pub fn changed(&self, rec: &SessionRecord, state_changed: bool) -> Changed {
+        let mut out = Changed::default();
         let at = iso(now_ms());
         let mut inner = self.lock();
         if state_changed {
@@ -149,7 +160,9 @@ impl EventHub {
                 name: rec.name.as_deref(),
                 at: at.clone(),
             };
-            self.publish(&mut inner, "session.state", json(&e), None);
+            let public = json(&e);
+            out.state = Some(public.clone());
+            self.publish(&mut inner, "session.state", public, None);
         }
         match (&rec.pairing, rec.state) {
             (Some(p), SessionState::Pairing) if inner.codes.get(&rec.user_id) != Some(&p.code) => {
@@ -163,6 +176,7 @@ impl EventHub {
                 let public = json(&e);
                 e.pairing_code = Some(&p.code);
                 let secret = json(&e);
+                out.code = Some(secret.clone());
                 self.publish(&mut inner, "session.pairing_code", public, Some(secret));
             }
             (None, _) => {
@@ -170,6 +184,7 @@ impl EventHub {
             }
             _ => {}
         }
+        out
     }
 
     /// A session was deleted.

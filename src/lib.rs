@@ -31,6 +31,7 @@ pub mod paths;
 pub mod qr;
 pub mod store;
 pub mod timefmt;
+pub mod webhooks;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -43,17 +44,24 @@ use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
 use config::{Config, LinkKind};
 use store::{Store, StoreConfig};
 
-/// Builds the link the configuration asks for.
-fn make_link(config: &Config) -> Arc<dyn Link> {
+/// Builds the link the configuration asks for (and hands back the simulated network, for
+/// its test endpoints, when that is the link).
+fn make_link(config: &Config) -> (Arc<dyn Link>, Option<Arc<link::sim::SimLink>>) {
     match config.link {
-        LinkKind::Sim => Arc::new(link::sim::SimLink::new(
-            config.data_dir.clone(),
-            config.sim.clone(),
-        )),
-        LinkKind::Whatsapp => Arc::new(link::whatsapp::WhatsAppLink::new(
-            config.data_dir.clone(),
-            config.whatsapp.clone(),
-        )),
+        LinkKind::Sim => {
+            let sim = Arc::new(link::sim::SimLink::new(
+                config.data_dir.clone(),
+                config.sim.clone(),
+            ));
+            (sim.clone(), Some(sim))
+        }
+        LinkKind::Whatsapp => (
+            Arc::new(link::whatsapp::WhatsAppLink::new(
+                config.data_dir.clone(),
+                config.whatsapp.clone(),
+            )),
+            None,
+        ),
     }
 }
 
@@ -185,7 +193,7 @@ pub async fn run(
             source,
         })?;
     }
-    let link = make_link(&config);
+    let (link, sim) = make_link(&config);
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let store_config = StoreConfig {
         database: config.database.clone(),
@@ -194,6 +202,7 @@ pub async fn run(
         link: link.name(),
         commit_seconds: Some(metrics.store_commit_seconds.clone()),
         recovery_seconds: Some(metrics.recovery_seconds.clone()),
+        webhooks: config.webhooks.clone().map(webhooks::Webhooks::new),
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
@@ -229,6 +238,9 @@ pub async fn run(
         metrics,
         protect_metrics: config.protect_metrics,
         files_per_session: link.files_per_session(),
+        send_limit: http::ratelimit::SendLimit::new(config.send_rate),
+        send_rate: config.send_rate,
+        sim,
     });
     let local = listener.local_addr().map_err(|source| RunError::Listen {
         addr: format!("{}:{}", config.bind, config.port),

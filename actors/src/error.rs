@@ -42,6 +42,9 @@ pub enum CmdError {
     /// The change could not be made durable.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The network failed to do it (e.g. a message could not be sent).
+    #[error("{0}")]
+    Upstream(String),
     /// A bug.
     #[error("{0}")]
     Internal(String),

@@ -20,7 +20,8 @@ pub mod supervisor;
 
 pub use error::{CmdError, StorageError};
 pub use link::{
-    BoxFuture, Connection, EventSink, Fault, FaultEffect, Link, LinkError, LinkEvent, SessionSpec,
+    BoxFuture, Connection, EventSink, Fault, FaultEffect, InboundMessage, Link, LinkError,
+    LinkEvent, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

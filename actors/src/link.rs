@@ -63,6 +63,8 @@ pub enum LinkEvent {
         /// What the network said, with the ban's expiry when known.
         reason: String,
     },
+    /// A message arrived for this session.
+    Message(InboundMessage),
     /// The network refused to issue a pairing code (e.g. throttled).
     PairingRejected {
         /// A clear message, with a retry hint when there is one.
@@ -70,6 +72,33 @@ pub enum LinkEvent {
         /// True when the refusal is rate limiting (retry later), not a hard no.
         throttled: bool,
     },
+}
+
+/// A message that arrived for a session.
+#[derive(Clone, PartialEq)]
+pub struct InboundMessage {
+    /// The network's message id.
+    pub id: String,
+    /// Who sent it (JID).
+    pub from: String,
+    /// The chat it is in (JID; a group's for group messages).
+    pub chat: String,
+    /// When it was sent (ms since the epoch).
+    pub timestamp_ms: u64,
+    /// Its text, for text messages.
+    pub text: Option<String>,
+    /// `text`, or the kind of a message that is not text (`image`, `audio`, ...).
+    pub kind: String,
+}
+
+impl fmt::Debug for InboundMessage {
+    // Message text is the user's: keep it out of debug logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InboundMessage")
+            .field("id", &self.id)
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Where a link sends its events (to its session actor).
@@ -85,6 +114,11 @@ impl EventSink {
     /// Reports an event; never blocks.
     pub fn emit(&self, event: LinkEvent) {
         (self.0)(event)
+    }
+
+    /// Whether both are the same sink (one connection's).
+    pub fn same(&self, other: &EventSink) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 
@@ -212,6 +246,14 @@ pub trait Connection: Send + 'static {
 
     /// Closes the connection cleanly.
     fn close(&mut self) -> BoxFuture<'_, ()>;
+
+    /// Sends a text message to `to` (a phone number's digits, or a full JID). The future
+    /// owns what it needs (it runs off the session actor, which keeps answering); it
+    /// resolves to the network's message id.
+    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+        let _ = (to, text);
+        Box::pin(async { Err(LinkError::new("this link cannot send messages")) })
+    }
 
     /// Injects a fault; only the simulated link accepts them.
     fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {

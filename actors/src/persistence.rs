@@ -4,7 +4,7 @@
 //! can be held until its row is on disk.
 
 use crate::error::StorageError;
-use crate::link::BoxFuture;
+use crate::link::{BoxFuture, InboundMessage};
 use crate::record::SessionRecord;
 
 /// A session store that never blocks its caller.
@@ -18,4 +18,8 @@ pub trait Persistence: Send + Sync + 'static {
     fn delete(&self, user_id: &str);
     /// Resolves once every write queued before this call is durable (or failed).
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>>;
+    /// A message arrived for a session (for its webhooks); by default nothing is kept.
+    fn inbound(&self, user_id: &str, msg: &InboundMessage) {
+        let _ = (user_id, msg);
+    }
 }

@@ -45,6 +45,15 @@ pub enum SessionMsg {
     Fault(Fault, RpcReplyPort<Result<(), CmdError>>),
     /// Unlink the device, then stop.
     Logout,
+    /// Send a text message; answered when the network took it (or refused it).
+    SendText {
+        /// Phone digits or a JID.
+        to: String,
+        /// The text.
+        text: String,
+        /// The network's message id.
+        reply: RpcReplyPort<Result<String, CmdError>>,
+    },
 }
 
 /// Everything a session actor is started with.
@@ -161,6 +170,23 @@ impl Actor for SessionActor {
                     }
                 }
             }
+            SessionMsg::SendText { to, text, reply } => match state.conn.as_ref() {
+                // The send runs on its own task: the actor keeps answering meanwhile.
+                Some(conn) => {
+                    let sending = conn.send_text(&to, &text);
+                    tokio::spawn(async move {
+                        let sent = sending
+                            .await
+                            .map_err(|e| CmdError::Upstream(e.message().to_string()));
+                        let _ = reply.send(sent);
+                    });
+                }
+                None => {
+                    let _ = reply.send(Err(CmdError::Conflict(
+                        "the session is not connected".into(),
+                    )));
+                }
+            },
             SessionMsg::Logout => {
                 let warning = match state.conn.as_mut() {
                     Some(conn) => {

@@ -90,6 +90,7 @@ impl From<CmdError> for ApiError {
             CmdError::Rejected(m) => ApiError::new(StatusCode::TOO_MANY_REQUESTS, m),
             CmdError::Unavailable(m) => ApiError::unavailable(m),
             CmdError::Storage(e) => e.into(),
+            CmdError::Upstream(m) => ApiError::new(StatusCode::BAD_GATEWAY, m),
             CmdError::Internal(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m),
         }
     }

@@ -13,6 +13,7 @@ pub mod cors;
 pub mod dashboard;
 pub mod errors;
 pub mod handlers;
+pub mod ratelimit;
 pub mod request;
 pub mod response;
 pub mod router;
@@ -68,6 +69,12 @@ pub struct App {
     pub protect_metrics: bool,
     /// Descriptors one idle session holds on this link (for the capacity gauge).
     pub files_per_session: u32,
+    /// The per-session send rate.
+    pub send_limit: ratelimit::SendLimit,
+    /// `--send-rate`, for messages.
+    pub send_rate: u32,
+    /// The simulated network, when that is the link (its test endpoints).
+    pub sim: Option<Arc<crate::link::sim::SimLink>>,
 }
 
 /// Answers one request.

@@ -11,7 +11,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_USER_ID};
-use super::handlers::{backups, fleet, health, lifecycle, sessions, sim, stream};
+use super::handlers::{
+    backups, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
+};
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
@@ -69,7 +71,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 22] = [
+pub static ROUTES: [Route; 27] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -109,6 +111,15 @@ pub static ROUTES: [Route; 22] = [
     route(Method::GET, "/api/sessions/:id/events", false, |c| {
         Box::pin(sessions::events(c))
     }),
+    route(Method::POST, "/api/sessions/:id/messages", true, |c| {
+        Box::pin(messages::send(c))
+    }),
+    route(Method::GET, "/api/webhooks/dead", true, |c| {
+        Box::pin(webhooks::dead(c))
+    }),
+    route(Method::POST, "/api/webhooks/dead/:id/replay", true, |c| {
+        Box::pin(webhooks::replay(c))
+    }),
     route(Method::POST, "/api/sessions/:id/start", true, |c| {
         Box::pin(lifecycle::start(c))
     }),
@@ -134,6 +145,22 @@ pub static ROUTES: [Route; 22] = [
         faults_only: true,
         public: false,
         handler: |c| Box::pin(sim::fault(c)),
+    },
+    Route {
+        method: Method::GET,
+        path: "/api/sim/:id/messages",
+        key: true,
+        faults_only: true,
+        public: false,
+        handler: |c| Box::pin(sim::sent(c)),
+    },
+    Route {
+        method: Method::POST,
+        path: "/api/sim/:id/inbound",
+        key: true,
+        faults_only: true,
+        public: false,
+        handler: |c| Box::pin(sim::inbound(c)),
     },
 ];
 

@@ -5,6 +5,7 @@
 //! "pairs" after `--sim-pair-delay`, and takes injected faults.
 
 use std::collections::hash_map::RandomState;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
 use botvisor_actors::{
-    now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, Link,
-    LinkError, LinkEvent, PairingCode, PairingQr, SessionSpec,
+    now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, InboundMessage,
+    Link, LinkError, LinkEvent, PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -50,11 +51,37 @@ impl Default for SimSettings {
 /// mostly wait on SQLite's process-wide locks.
 const FILE_WORK_AT_ONCE: usize = 4;
 
+/// Messages the simulated network keeps per session (the newest).
+const SENT_KEPT: usize = 1_000;
+
+/// A message a simulated session sent.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SentMessage {
+    /// The id the simulated network gave it.
+    pub message_id: String,
+    /// The recipient as given.
+    pub to: String,
+    /// The text.
+    pub text: String,
+    /// When (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// The simulated network's memory: what each session sent, and where to deliver
+/// messages to a session (its live connection's event sink).
+#[derive(Default)]
+struct Network {
+    sent: std::sync::Mutex<HashMap<String, VecDeque<SentMessage>>>,
+    live: std::sync::Mutex<HashMap<String, EventSink>>,
+}
+
 /// The simulated link.
 pub struct SimLink {
     data_dir: PathBuf,
     settings: SimSettings,
     file_work: Arc<Semaphore>,
+    network: Arc<Network>,
 }
 
 impl SimLink {
@@ -64,7 +91,40 @@ impl SimLink {
             data_dir,
             settings,
             file_work: Arc::new(Semaphore::new(FILE_WORK_AT_ONCE)),
+            network: Arc::default(),
         }
+    }
+
+    /// What a session sent, oldest first (the newest 1,000).
+    pub fn sent(&self, user_id: &str) -> Vec<SentMessage> {
+        let sent = self.network.sent.lock().unwrap_or_else(|p| p.into_inner());
+        sent.get(user_id)
+            .map(|q| q.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// A message from `from` arrives for a session (as if someone wrote to the bot);
+    /// `Err` when the session has no live connection. Returns the message's id.
+    pub fn deliver(&self, user_id: &str, from: &str, text: &str) -> Result<String, LinkError> {
+        let live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
+        let sink = live
+            .get(user_id)
+            .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
+        let id = format!("SIMIN{:016X}", random_u64());
+        let from = if from.contains('@') {
+            from.to_string()
+        } else {
+            format!("{from}@s.whatsapp.net")
+        };
+        sink.emit(LinkEvent::Message(InboundMessage {
+            id: id.clone(),
+            chat: from.clone(),
+            from,
+            timestamp_ms: now_ms(),
+            text: Some(text.to_string()),
+            kind: "text".into(),
+        }));
+        Ok(id)
     }
 }
 
@@ -177,11 +237,21 @@ fn write_paired(path: &Path, name: &str) -> Result<(), String> {
 pub struct SimConnection {
     task: JoinHandle<()>,
     events: EventSink,
+    user_id: String,
+    network: Arc<Network>,
 }
 
 impl Drop for SimConnection {
     fn drop(&mut self) {
         self.task.abort();
+        let mut live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
+        // Only this connection's entry: a newer one may have taken its place.
+        if live
+            .get(&self.user_id)
+            .is_some_and(|s| s.same(&self.events))
+        {
+            live.remove(&self.user_id);
+        }
     }
 }
 
@@ -193,6 +263,23 @@ impl LinkConnection for SimConnection {
     fn close(&mut self) -> BoxFuture<'_, ()> {
         self.task.abort();
         Box::pin(async {})
+    }
+
+    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+        let message = SentMessage {
+            message_id: format!("SIM{:016X}", random_u64()),
+            to: to.to_string(),
+            text: text.to_string(),
+            at_ms: now_ms(),
+        };
+        let id = message.message_id.clone();
+        let mut sent = self.network.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = sent.entry(self.user_id.clone()).or_default();
+        if queue.len() >= SENT_KEPT {
+            queue.pop_front();
+        }
+        queue.push_back(message);
+        Box::pin(async move { Ok(id) })
     }
 
     fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {
@@ -230,14 +317,26 @@ impl Link for SimLink {
         let path = paths::credentials(&self.data_dir, &spec.user_id);
         let settings = self.settings.clone();
         let slots = self.file_work.clone();
+        let network = self.network.clone();
         Box::pin(async move {
             let read = path.clone();
             let creds = file_work(&slots, move || read_creds(&read))
                 .await
                 .map_err(|e| super::credential_error("sim: cannot read credentials", &path, &e))?;
             let sink = events.clone();
+            let user_id = spec.user_id.clone();
+            network
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(user_id.clone(), events.clone());
             let task = tokio::spawn(run(spec, settings, path, creds, slots, sink));
-            Ok(Box::new(SimConnection { task, events }) as Box<dyn LinkConnection>)
+            Ok(Box::new(SimConnection {
+                task,
+                events,
+                user_id,
+                network,
+            }) as Box<dyn LinkConnection>)
         })
     }
 

@@ -214,10 +214,30 @@ impl Shared {
         }
     }
 
-    /// A received message: logged without its text; `!ping` answers `pong`.
+    /// A received message: reported to the session (for its webhooks), logged without
+    /// its text; `!ping` answers `pong`.
     fn on_message(&self, m: &InboundMessage, client: &Arc<Client>) {
         tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
-        if !self.builtin_commands || m.info.source.is_from_me {
+        if m.info.source.is_from_me {
+            return;
+        }
+        let text = m.message.text_content().map(str::to_string);
+        self.events
+            .emit(LinkEvent::Message(botvisor_actors::InboundMessage {
+                id: m.info.id.to_string(),
+                from: m.info.source.sender.to_string(),
+                chat: m.info.source.chat.to_string(),
+                timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
+                kind: if text.is_some() {
+                    "text".into()
+                } else if m.info.media_type.is_empty() {
+                    m.info.r#type.clone()
+                } else {
+                    m.info.media_type.clone()
+                },
+                text,
+            }));
+        if !self.builtin_commands {
             return;
         }
         let is_ping = m
@@ -383,7 +403,32 @@ impl Drop for WhatsAppConnection {
     }
 }
 
+/// `15551234567` → its user JID; a full JID is taken as it is.
+fn recipient(to: &str) -> Result<Jid, LinkError> {
+    let jid = if to.contains('@') {
+        to.to_string()
+    } else {
+        format!("{to}@s.whatsapp.net")
+    };
+    jid.parse::<Jid>()
+        .map_err(|e| LinkError::new(format!("'{to}' is not a WhatsApp recipient: {e}")))
+}
+
 impl LinkConnection for WhatsAppConnection {
+    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+        let client = self.client.clone();
+        let to = recipient(to);
+        let text = text.to_string();
+        Box::pin(async move {
+            let to = to?;
+            client
+                .send_message(to, wa::Message::text(text))
+                .await
+                .map(|sent| sent.message_id)
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+        })
+    }
+
     fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
         Box::pin(async move {
             self.shared.closing.store(true, Ordering::SeqCst);

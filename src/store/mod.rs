@@ -78,11 +78,15 @@ pub struct StoreConfig {
     pub commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     /// Where crash-to-online times go (the metrics), if anywhere.
     pub recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    /// Webhook receivers, if any: events go to the outbox with the changes behind them.
+    pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 /// SQLite behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
+    webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    webhook_workers: Mutex<Vec<JoinHandle<()>>>,
     /// When each session that crashed or dropped went down (for crash-to-online times).
     down_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
@@ -92,6 +96,12 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     backups: Backups,
     config: StoreConfig,
+}
+
+/// A second connection to the session database (webhook workers read and update the
+/// outbox through their own).
+pub fn open_side_connection(path: &str, uri: bool) -> Result<Connection, StorageError> {
+    sql::open(path, uri)
 }
 
 /// Removes what interrupted operations left behind (nothing runs yet at boot): credential
@@ -182,6 +192,14 @@ impl Store {
             view,
             queue,
             hub: Arc::default(),
+            webhook_workers: Mutex::new(
+                config
+                    .webhooks
+                    .as_ref()
+                    .map(|w| w.start(&path, uri))
+                    .unwrap_or_default(),
+            ),
+            webhooks: config.webhooks.clone(),
             down_since: Mutex::default(),
             recovery_seconds: config.recovery_seconds.clone(),
             reader: Arc::new(Mutex::new(reader)),
@@ -195,6 +213,95 @@ impl Store {
     /// The read view.
     pub fn view(&self) -> &View {
         &self.view
+    }
+
+    /// Queues a webhook event for every receiver (nothing without receivers). It commits
+    /// with whatever was queued before it, so with the change that caused it.
+    pub fn webhook(&self, user_id: &str, kind: &'static str, data: &str) {
+        let Some(hooks) = &self.webhooks else {
+            return;
+        };
+        let urls = &hooks.settings.urls;
+        if !hooks.admit(urls.len() as u64) {
+            return;
+        }
+        let event_id = crate::webhooks::event_id();
+        let at_ms = botvisor_actors::now_ms();
+        let body = format!(
+            r#"{{"id":"{event_id}","event":"{kind}","at":"{}","data":{data}}}"#,
+            crate::timefmt::iso(at_ms)
+        );
+        let rows = urls
+            .iter()
+            .map(|url| sql::OutboxRow {
+                event_id: event_id.clone(),
+                destination: url.clone(),
+                user_id: user_id.to_string(),
+                kind,
+                body: body.clone(),
+                at_ms,
+            })
+            .collect();
+        self.queue.outbox(rows);
+    }
+
+    fn webhook_changes(&self, rec: &SessionRecord, published: crate::events::Changed) {
+        if let Some(state) = published.state {
+            self.webhook(&rec.user_id, "session.state", &state);
+        }
+        let codes = self
+            .webhooks
+            .as_ref()
+            .is_some_and(|w| w.settings.pairing_codes);
+        if let (Some(code), true) = (published.code, codes) {
+            self.webhook(&rec.user_id, "session.pairing_code", &code);
+        }
+    }
+
+    /// A message sent through the API (`Ok`: its id), or one that could not be.
+    pub fn message_event<E: std::fmt::Display>(
+        &self,
+        user_id: &str,
+        to: &str,
+        text: &str,
+        result: &Result<&String, E>,
+    ) {
+        if self.webhooks.is_none() {
+            return;
+        }
+        let at = crate::timefmt::iso(botvisor_actors::now_ms());
+        let (kind, data) = match result {
+            Ok(id) => (
+                "message.sent",
+                serde_json::json!({"userId": user_id, "messageId": id, "to": to, "text": text, "at": at}),
+            ),
+            Err(e) => (
+                "message.failed",
+                serde_json::json!({"userId": user_id, "to": to, "text": text, "error": e.to_string(), "at": at}),
+            ),
+        };
+        self.webhook(user_id, kind, &data.to_string());
+    }
+
+    /// The webhook deliveries that gave up, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<crate::webhooks::DeadLetter>, StorageError> {
+        let reader = self.reader.clone();
+        blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            crate::webhooks::dead_letters(&conn, 1_000).map_err(|e| sql::classify(&e))
+        })
+        .await?
+    }
+
+    /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
+    pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
+        let reader = self.reader.clone();
+        let event_id = event_id.to_string();
+        blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            crate::webhooks::replay(&conn, &event_id).map_err(|e| sql::classify(&e))
+        })
+        .await?
     }
 
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
@@ -306,6 +413,15 @@ impl Store {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
+        // Everything queued is committed: the outbox keeps what is not delivered yet, and
+        // the workers stop after the attempt in hand.
+        if let Some(w) = &self.webhooks {
+            w.close();
+        }
+        self.webhook_workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -373,7 +489,8 @@ impl Persistence for Store {
     fn insert(&self, rec: &SessionRecord) {
         self.view.put(rec);
         self.queue.insert(rec);
-        self.hub.changed(rec, true);
+        let published = self.hub.changed(rec, true);
+        self.webhook_changes(rec, published);
     }
 
     fn save(&self, rec: &SessionRecord) {
@@ -381,7 +498,8 @@ impl Persistence for Store {
         let before = self.view.put(rec);
         let state_changed = before != Some(rec.state);
         self.queue.save(rec, state_changed);
-        self.hub.changed(rec, state_changed);
+        let published = self.hub.changed(rec, state_changed);
+        self.webhook_changes(rec, published);
         if state_changed {
             self.track_recovery(rec);
         }
@@ -395,6 +513,31 @@ impl Persistence for Store {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(user_id);
+    }
+
+    fn inbound(&self, user_id: &str, msg: &botvisor_actors::InboundMessage) {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Received<'a> {
+            user_id: &'a str,
+            message_id: &'a str,
+            from: &'a str,
+            chat: &'a str,
+            kind: &'a str,
+            text: Option<&'a str>,
+            timestamp: String,
+        }
+        let data = serde_json::to_string(&Received {
+            user_id,
+            message_id: &msg.id,
+            from: &msg.from,
+            chat: &msg.chat,
+            kind: &msg.kind,
+            text: msg.text.as_deref(),
+            timestamp: crate::timefmt::iso(msg.timestamp_ms),
+        })
+        .unwrap_or_default();
+        self.webhook(user_id, "message.received", &data);
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
@@ -419,6 +562,7 @@ mod tests {
             link: "sim",
             commit_seconds: None,
             recovery_seconds: None,
+            webhooks: None,
         }
     }
 

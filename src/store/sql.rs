@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// Events kept per session.
 pub const EVENTS_KEPT: i64 = 100;
 
@@ -249,4 +249,38 @@ pub fn prune_events(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
     )?
     .execute(params![user_id, EVENTS_KEPT])?;
     Ok(())
+}
+
+/// A webhook delivery to make.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Stable across retries (`X-Botvisor-Event-Id`).
+    pub event_id: String,
+    /// The receiver's URL.
+    pub destination: String,
+    /// The session it is about.
+    pub user_id: String,
+    /// `session.state`, `message.received`, ...
+    pub kind: &'static str,
+    /// The JSON body.
+    pub body: String,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+}
+
+/// Queues a delivery (in the caller's transaction).
+pub fn insert_outbox(conn: &Connection, row: &OutboxRow) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO outbox (event_id, destination, user_id, kind, body, created_at, next_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)",
+        rusqlite::params![
+            row.event_id,
+            row.destination,
+            row.user_id,
+            row.kind,
+            row.body,
+            row.at_ms as i64
+        ],
+    )
+    .map(|_| ())
 }

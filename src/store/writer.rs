@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 use botvisor_actors::{SessionRecord, StorageError};
 
 use super::backup::Backups;
-use super::sql::{self, EventRow};
+use super::sql::{self, EventRow, OutboxRow};
 
 /// State-change events held while the disk is failing; older ones are dropped past this.
 const EVENTS_QUEUED_MAX: usize = 200_000;
@@ -42,6 +42,8 @@ struct Pending {
     dirty: HashMap<String, SessionRecord>,
     events: VecDeque<EventRow>,
     dropped_events: u64,
+    /// Webhook deliveries, committed with the changes queued with them.
+    outbox: Vec<OutboxRow>,
     closing: bool,
     /// Why the last commit failed, until one succeeds: a flush asked meanwhile is
     /// answered at once (a full or read-only disk is a prompt 507/503, not a wait for the
@@ -51,7 +53,10 @@ struct Pending {
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.ops.is_empty() && self.dirty.is_empty() && self.events.is_empty()
+        self.ops.is_empty()
+            && self.dirty.is_empty()
+            && self.events.is_empty()
+            && self.outbox.is_empty()
     }
 
     fn push_event(&mut self, row: EventRow) {
@@ -98,6 +103,15 @@ impl Queue {
         if state_changed {
             p.push_event(EventRow::of(rec));
         }
+        drop(p);
+        self.ready.notify_one();
+    }
+
+    /// Queues webhook deliveries; they commit in the same transaction as what was queued
+    /// before them.
+    pub fn outbox(&self, rows: Vec<OutboxRow>) {
+        let mut p = self.lock();
+        p.outbox.extend(rows);
         drop(p);
         self.ready.notify_one();
     }
@@ -190,6 +204,10 @@ impl Queue {
             p.dropped_events += 1;
         }
         p.events = events;
+        // Deliveries keep their order: the failed batch's before the ones queued since.
+        let mut outbox = batch.outbox;
+        outbox.append(&mut p.outbox);
+        p.outbox = outbox;
     }
 }
 
@@ -215,6 +233,9 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
     }
     for user_id in logged {
         sql::prune_events(&tx, user_id)?;
+    }
+    for row in &batch.outbox {
+        sql::insert_outbox(&tx, row)?;
     }
     tx.commit()
 }

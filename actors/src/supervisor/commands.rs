@@ -10,6 +10,7 @@ use crate::link::Fault;
 use crate::record::{Desired, SessionRecord, SessionState};
 use crate::session::SessionMsg;
 
+use super::config::SEND_TIMEOUT;
 use super::entry::{Entry, Intent};
 use super::messages::{Reply, RestoreFn, SupervisorMsg};
 use super::SupervisorState;
@@ -149,6 +150,51 @@ impl SupervisorState {
         } else {
             self.finish_removal(user_id, reply, Some(NOT_RUNNING_LOGOUT.to_string()));
         }
+    }
+
+    /// Hands a message to an online session; its link sends it off the actor, and the
+    /// caller is answered with the message id (or why not) within [`SEND_TIMEOUT`].
+    pub(super) fn send_text(
+        &mut self,
+        user_id: &str,
+        to: String,
+        text: String,
+        reply: Reply<String>,
+    ) {
+        let Some((entry, reply)) = self.idle(user_id, reply) else {
+            return;
+        };
+        let child = match &entry.child {
+            Some(c) if entry.rec.state == SessionState::Online => c,
+            _ => {
+                let _ = reply.send(Err(CmdError::Conflict(format!(
+                    "Session {user_id} is not online (state: {}); messages can be sent only from an online session",
+                    entry.rec.state
+                ))));
+                return;
+            }
+        };
+        let actor = child.actor.clone();
+        let user_id = user_id.to_string();
+        tokio::spawn(async move {
+            let answer = match actor
+                .call(
+                    |r| SessionMsg::SendText { to, text, reply: r },
+                    Some(SEND_TIMEOUT),
+                )
+                .await
+            {
+                Ok(CallResult::Success(r)) => r,
+                Ok(CallResult::Timeout) => Err(CmdError::Unavailable(format!(
+                    "Sending from session {user_id} timed out after {} s",
+                    SEND_TIMEOUT.as_secs()
+                ))),
+                Ok(CallResult::SenderError) | Err(_) => Err(CmdError::Conflict(format!(
+                    "Session {user_id} stopped before the message was sent"
+                ))),
+            };
+            let _ = reply.send(answer);
+        });
     }
 
     /// Forwards a fault to the session; a session that does not answer in time is

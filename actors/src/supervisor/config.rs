@@ -53,7 +53,12 @@ pub enum Command {
     Logout,
     /// `Fault`: the session answers or is declared hung.
     Fault,
+    /// `Send`: the network takes the message (bounded by [`SEND_TIMEOUT`]).
+    Send,
 }
+
+/// How long a send may take before the caller is told it timed out.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl SupervisorConfig {
     /// How long the caller of `cmd` should wait before answering 503: the supervisor's own
@@ -70,6 +75,7 @@ impl SupervisorConfig {
                 Command::Stop => stop,
                 Command::Logout => stop + self.shutdown_timeout,
                 Command::Fault => self.call_timeout,
+                Command::Send => SEND_TIMEOUT,
             }
     }
 }

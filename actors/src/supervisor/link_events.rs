@@ -65,6 +65,7 @@ impl SupervisorState {
                     c.actor.stop(None);
                 }
             }
+            LinkEvent::Message(msg) => self.persistence.inbound(user_id, &msg),
             // The session actor turns these into exits; they never arrive here.
             LinkEvent::Crashed { .. }
             | LinkEvent::LoggedOut { .. }

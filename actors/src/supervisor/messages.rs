@@ -85,6 +85,17 @@ pub enum SupervisorMsg {
         /// Answered by the session, or with 503 if it does not answer in time.
         reply: Reply<()>,
     },
+    /// Send a text message from an online session.
+    Send {
+        /// Which.
+        user_id: String,
+        /// Phone digits or a JID.
+        to: String,
+        /// The text.
+        text: String,
+        /// Answered with the network's message id.
+        reply: Reply<String>,
+    },
     /// Stop the session, run `apply` on its files, start it again if it should run.
     Restore {
         /// Which.

@@ -200,6 +200,12 @@ impl SupervisorState {
                 fault,
                 reply,
             } => self.fault(myself, &user_id, fault, reply),
+            SupervisorMsg::Send {
+                user_id,
+                to,
+                text,
+                reply,
+            } => self.send_text(&user_id, to, text, reply),
             SupervisorMsg::Restore {
                 user_id,
                 apply,

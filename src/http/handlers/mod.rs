@@ -5,9 +5,11 @@ pub mod backups;
 pub mod fleet;
 pub mod health;
 pub mod lifecycle;
+pub mod messages;
 pub mod sessions;
 pub mod sim;
 pub mod stream;
+pub mod webhooks;
 
 use ractor::rpc::CallResult;
 

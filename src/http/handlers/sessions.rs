@@ -140,6 +140,7 @@ pub async fn delete(c: Ctx) -> Answer {
         reply,
     })
     .await?;
+    c.app.send_limit.forget(&id);
     Ok(ok(&Message {
         message: format!("Session {id} deleted"),
     }))

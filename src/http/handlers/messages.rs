@@ -1,0 +1,136 @@
+//! `POST /api/sessions/:id/messages`: send a text message from an online session.
+
+use std::time::Instant;
+
+use hyper::header::{HeaderValue, RETRY_AFTER};
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use botvisor_actors::{Command, Persistence, SupervisorMsg};
+
+use super::ask;
+use crate::http::errors::ApiError;
+use crate::http::request::{json_body, valid_phone};
+use crate::http::response::{json_response, Success};
+use crate::http::router::{Answer, Ctx};
+
+/// Longest text accepted (WhatsApp's own limit is about 65,000 characters).
+pub const MAX_TEXT: usize = 4_096;
+
+#[derive(Deserialize)]
+struct SendBody {
+    to: Option<Value>,
+    text: Option<Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Sent<'a> {
+    message: &'static str,
+    message_id: &'a str,
+    user_id: &'a str,
+    to: &'a str,
+}
+
+/// A phone number's digits, or a JID (`<digits>@s.whatsapp.net`, `...@g.us`, `...@lid`).
+pub fn valid_recipient(to: &str) -> bool {
+    match to.split_once('@') {
+        None => valid_phone(to),
+        Some((user, server)) => {
+            (1..=64).contains(&user.len())
+                && user
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || b == b'-' || b == b':' || b == b'.')
+                && matches!(server, "s.whatsapp.net" | "g.us" | "lid" | "newsletter")
+        }
+    }
+}
+
+pub async fn send(c: Ctx) -> Answer {
+    let body: SendBody = json_body(c.req, false, c.app.request_timeout)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
+    let to = match body.to {
+        Some(Value::String(s)) if valid_recipient(&s) => s,
+        None | Some(Value::Null) => return Err(ApiError::bad_request("to is required")),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "to must be a phone number with the country code (digits only, e.g. 15551234567) or a WhatsApp JID",
+            ))
+        }
+    };
+    let text = match body.text {
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_TEXT => s,
+        Some(Value::String(s)) if !s.trim().is_empty() => {
+            return Err(ApiError::bad_request(format!(
+                "text is too long ({} characters; at most {MAX_TEXT})",
+                s.chars().count()
+            )))
+        }
+        _ => return Err(ApiError::bad_request("text must be a non-empty string")),
+    };
+    if let Err(wait) = c.app.send_limit.take(&c.id, Instant::now()) {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        let mut resp = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "Session {} is sending faster than --send-rate ({} a minute); retry in {secs} s",
+                c.id, c.app.send_rate
+            ),
+        )
+        .response();
+        resp.headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(secs));
+        return Ok(resp);
+    }
+    let (user_id, dest, words) = (c.id.clone(), to.clone(), text.clone());
+    let sent = ask(&c.app, Command::Send, |reply| SupervisorMsg::Send {
+        user_id,
+        to: dest,
+        text: words,
+        reply,
+    })
+    .await;
+    let outcome = sent.as_ref().map_err(|e| e.message.clone());
+    c.app.store.message_event(&c.id, &to, &text, &outcome);
+    let message_id = sent?;
+    // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
+    c.app.store.flush().await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &Success::new(&Sent {
+            message: "Message sent",
+            message_id: &message_id,
+            user_id: &c.id,
+            to: &to,
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_recipient;
+
+    #[test]
+    fn recipients() {
+        for good in [
+            "15551234567",
+            "15551234567@s.whatsapp.net",
+            "120363025246125486@g.us",
+            "123456@lid",
+        ] {
+            assert!(valid_recipient(good), "{good}");
+        }
+        for bad in [
+            "",
+            "+15551234567",
+            "abc",
+            "1@example.com",
+            "1@s.whatsapp.net@x",
+            "../x",
+        ] {
+            assert!(!valid_recipient(bad), "{bad}");
+        }
+    }
+}
