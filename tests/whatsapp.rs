@@ -594,3 +594,44 @@ fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
         !s.data_dir.join("sessions/wa_down.db").exists()
     });
 }
+
+/// Where the loopback peer's realism stops for messages: it plays no second Signal user,
+/// so the real client's send goes as far as asking WhatsApp (the peer) for the
+/// recipient's devices and keys, gets nothing usable back, and the API says so (502/503)
+/// instead of hanging or claiming success.
+#[test]
+fn a_send_on_the_real_link_reaches_the_network_and_fails_clearly_without_a_signal_peer() {
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    s.create("wa_tx", "15551234567");
+    assert_eq!(s.post("/api/sessions/wa_tx/stop", None).status, 200);
+    seed_paired(&s, "wa_tx", "Sender");
+    assert_eq!(s.post("/api/sessions/wa_tx/start", None).status, 200);
+    s.wait_state("wa_tx", "online");
+    let iqs = peer.stats().other_iqs;
+    let t = Instant::now();
+    let r = s.post(
+        "/api/sessions/wa_tx/messages",
+        Some(r#"{"to":"15557654321","text":"hello"}"#),
+    );
+    assert!(
+        r.status == 502 || r.status == 503,
+        "{} {} after {:?}",
+        r.status,
+        r.body,
+        t.elapsed()
+    );
+    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
+    assert!(
+        peer.stats().other_iqs > iqs,
+        "the client asked the network about the recipient"
+    );
+    eprintln!(
+        "real-link send without a Signal peer: {} {} after {:?}",
+        r.status,
+        r.body,
+        t.elapsed()
+    );
+    // The session itself is unharmed.
+    assert_eq!(s.session("wa_tx")["state"], "online");
+}
