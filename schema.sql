@@ -1,7 +1,7 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 3; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 4; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
--- webhook `outbox`).
+-- webhook `outbox`, v4 `session_webhooks`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -53,3 +53,9 @@ CREATE TABLE IF NOT EXISTS outbox (
 ) STRICT;
 
 CREATE INDEX IF NOT EXISTS outbox_next ON outbox (destination, dead, id);
+
+-- A session's own webhook receiver (PUT /api/sessions/:id/webhook), besides the global ones.
+CREATE TABLE IF NOT EXISTS session_webhooks (
+    user_id TEXT PRIMARY KEY NOT NULL,
+    url     TEXT NOT NULL
+) STRICT;

@@ -89,17 +89,7 @@ fn parse_origin(s: &str) -> Result<String, String> {
 }
 
 fn parse_webhook_url(s: &str) -> Result<String, String> {
-    let s = s.trim();
-    let rest = s
-        .strip_prefix("https://")
-        .or_else(|| s.strip_prefix("http://"))
-        .filter(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(' '));
-    match rest {
-        Some(_) => Ok(s.to_string()),
-        None => Err(format!(
-            "'{s}' is not a webhook URL: use http(s)://host[:port]/path"
-        )),
-    }
+    crate::webhooks::parse_url(s)
 }
 
 /// The longest backoff accepted: beyond it a crashed bot would look dead, not waiting.
@@ -193,7 +183,7 @@ pub struct ServeArgs {
           value_delimiter = ',', value_parser = parse_webhook_url)]
     pub webhook_url: Vec<String>,
     /// The HMAC-SHA256 key that signs every webhook (X-Botvisor-Signature); at least 16
-    /// characters.
+    /// characters. Needed for --webhook-url and for per-session webhooks.
     #[arg(
         long,
         env = "BOTVISOR_WEBHOOK_SECRET",
@@ -657,31 +647,32 @@ impl Config {
             protect_metrics: args.protect_metrics,
             cors_origins: args.cors_origin.clone(),
             send_rate: args.send_rate,
-            webhooks: if args.webhook_url.is_empty() {
-                None
-            } else {
-                let secret = args.webhook_secret.clone().unwrap_or_default();
-                if secret.chars().count() < 16 {
-                    return Err(args.explain(ConfigError(
-                        "--webhook-url needs --webhook-secret (BOTVISOR_WEBHOOK_SECRET) of at least 16 characters: \
-                         every webhook is signed with it"
-                            .into(),
-                    )));
+            webhooks: match (&args.webhook_secret, args.webhook_url.is_empty()) {
+                (None, true) => None,
+                (secret, _) => {
+                    let secret = secret.clone().unwrap_or_default();
+                    if secret.chars().count() < 16 {
+                        return Err(args.explain(ConfigError(
+                            "--webhook-url needs --webhook-secret (BOTVISOR_WEBHOOK_SECRET) of at least 16 characters: \
+                             every webhook is signed with it"
+                                .into(),
+                        )));
+                    }
+                    if args.webhook_max_attempts == 0 {
+                        return Err(args.explain(ConfigError(
+                            "--webhook-max-attempts must be at least 1".into(),
+                        )));
+                    }
+                    Some(crate::webhooks::WebhookSettings {
+                        urls: args.webhook_url.clone(),
+                        secret,
+                        max_attempts: args.webhook_max_attempts,
+                        timeout: args.webhook_timeout.0,
+                        backlog_max: args.webhook_backlog_max,
+                        retry_max: args.webhook_retry_max.0,
+                        pairing_codes: args.webhook_pairing_codes,
+                    })
                 }
-                if args.webhook_max_attempts == 0 {
-                    return Err(args.explain(ConfigError(
-                        "--webhook-max-attempts must be at least 1".into(),
-                    )));
-                }
-                Some(crate::webhooks::WebhookSettings {
-                    urls: args.webhook_url.clone(),
-                    secret,
-                    max_attempts: args.webhook_max_attempts,
-                    timeout: args.webhook_timeout.0,
-                    backlog_max: args.webhook_backlog_max,
-                    retry_max: args.webhook_retry_max.0,
-                    pairing_codes: args.webhook_pairing_codes,
-                })
             },
             link: args.link,
             supervisor,

@@ -13,7 +13,6 @@ use std::collections::hash_map::RandomState;
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use hmac::{Hmac, KeyInit, Mac};
@@ -56,7 +55,8 @@ impl std::fmt::Debug for WebhookSettings {
     }
 }
 
-/// The shared state of the webhook side: settings, and what the workers learn.
+/// The shared state of the webhook side: settings, per-session receivers, one worker per
+/// receiver, and what the workers learn.
 #[derive(Debug)]
 pub struct Webhooks {
     /// Settings.
@@ -66,6 +66,28 @@ pub struct Webhooks {
     /// Events dropped because the backlog was full.
     pub dropped: AtomicU64,
     closing: AtomicBool,
+    /// Receivers set per session (`PUT /api/sessions/:id/webhook`).
+    session_urls: dashmap::DashMap<String, String>,
+    /// The receivers that have a delivery thread.
+    workers: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The database the workers open (path, URI flag), once known.
+    db: std::sync::OnceLock<(String, bool)>,
+}
+
+/// A receiver's URL: `http(s)://host[:port]/path`.
+pub fn parse_url(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .filter(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace));
+    match rest {
+        Some(_) if s.len() <= 2_048 => Ok(s.to_string()),
+        _ => Err(format!(
+            "'{}' is not a webhook URL: use http(s)://host[:port]/path",
+            s.chars().take(100).collect::<String>()
+        )),
+    }
 }
 
 /// The signature header's value for `body` sent at `timestamp`.
@@ -105,6 +127,9 @@ impl Webhooks {
             pending: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             closing: AtomicBool::new(false),
+            session_urls: dashmap::DashMap::new(),
+            workers: std::sync::Mutex::default(),
+            db: std::sync::OnceLock::new(),
         })
     }
 
@@ -127,28 +152,73 @@ impl Webhooks {
         false
     }
 
-    /// Starts one delivery thread per destination, each with its own connection to the
-    /// database at `path`.
-    pub fn start(self: &Arc<Self>, path: &str, uri: bool) -> Vec<JoinHandle<()>> {
-        self.settings
-            .urls
-            .iter()
-            .filter_map(|url| {
-                let conn = match crate::store::open_side_connection(path, uri) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::error!(%url, error = %e, "webhook worker cannot open the database");
-                        return None;
-                    }
-                };
-                let hooks = self.clone();
-                let url = url.clone();
-                std::thread::Builder::new()
-                    .name("botvisor-webhook".into())
-                    .spawn(move || hooks.deliver_loop(&url, &conn))
-                    .ok()
-            })
-            .collect()
+    /// Starts delivering: one thread per global receiver and per session receiver known
+    /// (`session_urls`, from the database), each with its own connection to `path`.
+    pub fn start(self: &Arc<Self>, path: &str, uri: bool, session_urls: Vec<(String, String)>) {
+        let _ = self.db.set((path.to_string(), uri));
+        for url in self.settings.urls.clone() {
+            self.ensure_worker(&url);
+        }
+        for (user_id, url) in session_urls {
+            self.ensure_worker(&url);
+            self.session_urls.insert(user_id, url);
+        }
+    }
+
+    /// Where a session's events go: the global receivers, then its own.
+    pub fn destinations(&self, user_id: &str) -> Vec<String> {
+        let mut urls = self.settings.urls.clone();
+        if let Some(own) = self.session_urls.get(user_id) {
+            if !urls.contains(own.value()) {
+                urls.push(own.value().clone());
+            }
+        }
+        urls
+    }
+
+    /// Sets (`Some`) or clears a session's own receiver (already stored).
+    pub fn set_session_url(self: &Arc<Self>, user_id: &str, url: Option<String>) {
+        match url {
+            Some(url) => {
+                self.ensure_worker(&url);
+                self.session_urls.insert(user_id.to_string(), url);
+            }
+            None => {
+                self.session_urls.remove(user_id);
+            }
+        }
+    }
+
+    /// A session's own receiver.
+    pub fn session_url(&self, user_id: &str) -> Option<String> {
+        self.session_urls.get(user_id).map(|u| u.value().clone())
+    }
+
+    /// Starts the delivery thread of `url` unless it runs. A thread stays for the life of
+    /// the process (a receiver that is cleared has nothing left to deliver, and idles).
+    fn ensure_worker(self: &Arc<Self>, url: &str) {
+        let Some((path, uri)) = self.db.get().cloned() else {
+            return;
+        };
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if workers.contains(url) {
+            return;
+        }
+        let conn = match crate::store::open_side_connection(&path, uri) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(%url, error = %e, "webhook worker cannot open the database");
+                return;
+            }
+        };
+        let hooks = self.clone();
+        let owned = url.to_string();
+        let started = std::thread::Builder::new()
+            .name("botvisor-webhook".into())
+            .spawn(move || hooks.deliver_loop(&owned, &conn));
+        if started.is_ok() {
+            workers.insert(url.to_string());
+        }
     }
 
     /// Asks the workers to stop (they finish the attempt in hand).

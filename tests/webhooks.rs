@@ -438,3 +438,84 @@ fn a_kill_mid_burst_loses_no_confirmed_event() {
     assert!(confirmed.len() > 100);
     drop(s);
 }
+
+#[test]
+fn a_session_can_have_its_own_receiver_besides_the_global_one() {
+    let global = Receiver::start();
+    let own = Receiver::start();
+    let (gurl, ourl) = (global.url(), own.url());
+    let s = start(&[&gurl], &[]);
+    for id in ["mine", "other"] {
+        assert_eq!(s.create(id, "15550001111").status, 201);
+        s.wait_state(id, "online");
+    }
+    let put = s.req(
+        "PUT",
+        "/api/sessions/mine/webhook",
+        Some(&format!(r#"{{"url":"{ourl}"}}"#)),
+        &[],
+    );
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(
+        s.get("/api/sessions/mine/webhook").json()["url"],
+        ourl.as_str()
+    );
+    let bad = s.req(
+        "PUT",
+        "/api/sessions/mine/webhook",
+        Some(r#"{"url":"ftp://x"}"#),
+        &[],
+    );
+    assert!(bad.error(400).contains("is not a webhook URL"));
+    for id in ["mine", "other"] {
+        let r = s.post(
+            &format!("/api/sessions/{id}/messages"),
+            Some(&format!(r#"{{"to":"15557654321","text":"from {id}"}}"#)),
+        );
+        assert_eq!(r.status, 201);
+    }
+    let got = own.wait(15, "mine's message on its own receiver", |g| {
+        g.iter().any(|d| d.kind == "message.sent")
+    });
+    assert!(
+        got.iter().all(|d| d.json()["data"]["userId"] == "mine"),
+        "only mine's events: {got:?}"
+    );
+    global.wait(15, "both messages on the global receiver", |g| {
+        g.iter().filter(|d| d.kind == "message.sent").count() == 2
+    });
+    // Cleared: mine's new events go to the global receiver only.
+    assert_eq!(
+        s.req("DELETE", "/api/sessions/mine/webhook", None, &[])
+            .status,
+        200
+    );
+    assert_eq!(
+        s.get("/api/sessions/mine/webhook").json()["url"],
+        serde_json::Value::Null
+    );
+    let before = own.deliveries().len();
+    assert_eq!(s.post("/api/sessions/mine/stop", None).status, 200);
+    global.wait(15, "the stop on the global receiver", |g| {
+        g.iter().any(|d| d.json()["data"]["state"] == "stopped")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        own.deliveries().len(),
+        before,
+        "nothing more to the cleared receiver"
+    );
+}
+
+#[test]
+fn per_session_webhooks_need_a_secret() {
+    let s = Server::start(&["--sim-pair-delay", "50ms"]);
+    assert_eq!(s.create("ns", "15550001111").status, 201);
+    let r = s.req(
+        "PUT",
+        "/api/sessions/ns/webhook",
+        Some(r#"{"url":"http://127.0.0.1:9/x"}"#),
+        &[],
+    );
+    assert!(r.error(409).contains("--webhook-secret"));
+}

@@ -71,7 +71,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 27] = [
+pub static ROUTES: [Route; 30] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -113,6 +113,15 @@ pub static ROUTES: [Route; 27] = [
     }),
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/webhook", true, |c| {
+        Box::pin(webhooks::get_session(c))
+    }),
+    route(Method::PUT, "/api/sessions/:id/webhook", true, |c| {
+        Box::pin(webhooks::put_session(c))
+    }),
+    route(Method::DELETE, "/api/sessions/:id/webhook", true, |c| {
+        Box::pin(webhooks::delete_session(c))
     }),
     route(Method::GET, "/api/webhooks/dead", true, |c| {
         Box::pin(webhooks::dead(c))

@@ -86,7 +86,6 @@ pub struct StoreConfig {
 pub struct Store {
     view: Arc<View>,
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
-    webhook_workers: Mutex<Vec<JoinHandle<()>>>,
     /// When each session that crashed or dropped went down (for crash-to-online times).
     down_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
     recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
@@ -192,13 +191,6 @@ impl Store {
             view,
             queue,
             hub: Arc::default(),
-            webhook_workers: Mutex::new(
-                config
-                    .webhooks
-                    .as_ref()
-                    .map(|w| w.start(&path, uri))
-                    .unwrap_or_default(),
-            ),
             webhooks: config.webhooks.clone(),
             down_since: Mutex::default(),
             recovery_seconds: config.recovery_seconds.clone(),
@@ -207,6 +199,13 @@ impl Store {
             backups,
             config,
         };
+        if let Some(w) = &store.webhooks {
+            let own = {
+                let conn = store.reader.lock().unwrap_or_else(|p| p.into_inner());
+                sql::session_webhooks(&conn)?
+            };
+            w.start(&path, uri, own);
+        }
         Ok((store, boot))
     }
 
@@ -221,8 +220,8 @@ impl Store {
         let Some(hooks) = &self.webhooks else {
             return;
         };
-        let urls = &hooks.settings.urls;
-        if !hooks.admit(urls.len() as u64) {
+        let urls = hooks.destinations(user_id);
+        if urls.is_empty() || !hooks.admit(urls.len() as u64) {
             return;
         }
         let event_id = crate::webhooks::event_id();
@@ -281,6 +280,32 @@ impl Store {
             ),
         };
         self.webhook(user_id, kind, &data.to_string());
+    }
+
+    /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Err` when no
+    /// `--webhook-secret` is configured (nothing could be signed).
+    pub async fn set_session_webhook(
+        &self,
+        user_id: &str,
+        url: Option<String>,
+    ) -> Result<bool, StorageError> {
+        let Some(hooks) = self.webhooks.clone() else {
+            return Ok(false);
+        };
+        let reader = self.reader.clone();
+        let (id, stored) = (user_id.to_string(), url.clone());
+        blocking(move || {
+            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+            sql::set_session_webhook(&conn, &id, stored.as_deref()).map_err(|e| sql::classify(&e))
+        })
+        .await??;
+        hooks.set_session_url(user_id, url);
+        Ok(true)
+    }
+
+    /// A session's own webhook receiver.
+    pub fn session_webhook(&self, user_id: &str) -> Option<String> {
+        self.webhooks.as_ref().and_then(|w| w.session_url(user_id))
     }
 
     /// The webhook deliveries that gave up, oldest first.
@@ -418,10 +443,6 @@ impl Store {
         if let Some(w) = &self.webhooks {
             w.close();
         }
-        self.webhook_workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
     }
 }
 
@@ -506,6 +527,9 @@ impl Persistence for Store {
     }
 
     fn delete(&self, user_id: &str) {
+        if let Some(w) = &self.webhooks {
+            w.set_session_url(user_id, None);
+        }
         self.view.remove(user_id);
         self.queue.delete(user_id);
         self.hub.deleted(user_id);

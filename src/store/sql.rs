@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 /// Events kept per session.
 pub const EVENTS_KEPT: i64 = 100;
 
@@ -226,6 +226,8 @@ pub fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> 
         .execute([user_id])?;
     conn.prepare_cached("DELETE FROM events WHERE user_id = ?1")?
         .execute([user_id])?;
+    conn.prepare_cached("DELETE FROM session_webhooks WHERE user_id = ?1")?
+        .execute([user_id])?;
     Ok(())
 }
 
@@ -282,5 +284,34 @@ pub fn insert_outbox(conn: &Connection, row: &OutboxRow) -> rusqlite::Result<()>
             row.at_ms as i64
         ],
     )
+    .map(|_| ())
+}
+
+/// Every session's own webhook receiver.
+pub fn session_webhooks(conn: &Connection) -> Result<Vec<(String, String)>, StorageError> {
+    let fail = |e: rusqlite::Error| classify(&e);
+    let mut stmt = conn
+        .prepare("SELECT user_id, url FROM session_webhooks")
+        .map_err(fail)?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(fail)?;
+    rows.collect::<Result<_, _>>().map_err(fail)
+}
+
+/// Sets or clears a session's own webhook receiver.
+pub fn set_session_webhook(
+    conn: &Connection,
+    user_id: &str,
+    url: Option<&str>,
+) -> rusqlite::Result<()> {
+    match url {
+        Some(url) => conn.execute(
+            "INSERT INTO session_webhooks (user_id, url) VALUES (?1, ?2) \
+             ON CONFLICT (user_id) DO UPDATE SET url = excluded.url",
+            [user_id, url],
+        ),
+        None => conn.execute("DELETE FROM session_webhooks WHERE user_id = ?1", [user_id]),
+    }
     .map(|_| ())
 }

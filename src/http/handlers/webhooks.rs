@@ -1,6 +1,8 @@
-//! `/api/webhooks/dead`: webhook deliveries that gave up, and their replay.
+//! `/api/webhooks/dead`: webhook deliveries that gave up, and their replay; and a
+//! session's own receiver (`/api/sessions/:id/webhook`).
 
-use serde::Serialize;
+use hyper::StatusCode;
+use serde::{Deserialize, Serialize};
 
 use crate::http::errors::ApiError;
 use crate::http::response::ok;
@@ -41,4 +43,71 @@ pub async fn replay(c: Ctx) -> Answer {
             event_id: &c.id,
         })),
     }
+}
+
+#[derive(Deserialize)]
+struct UrlBody {
+    url: Option<serde_json::Value>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct SessionHook<'a> {
+    user_id: &'a str,
+    url: Option<String>,
+}
+
+/// `GET /api/sessions/:id/webhook`.
+pub async fn get_session(c: Ctx) -> Answer {
+    super::must_exist(&c.app, &c.id)?;
+    Ok(ok(&SessionHook {
+        user_id: &c.id,
+        url: c.app.store.session_webhook(&c.id),
+    }))
+}
+
+/// `PUT /api/sessions/:id/webhook` `{"url": ...}`: this session's events also go there.
+pub async fn put_session(c: Ctx) -> Answer {
+    let id = c.id.clone();
+    let body: UrlBody = crate::http::request::json_body(c.req, false, c.app.request_timeout)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("url is required"))?;
+    let url = match body.url {
+        Some(serde_json::Value::String(u)) => {
+            crate::webhooks::parse_url(&u).map_err(ApiError::bad_request)?
+        }
+        _ => return Err(ApiError::bad_request("url is required (a string)")),
+    };
+    super::must_exist(&c.app, &id)?;
+    if !c
+        .app
+        .store
+        .set_session_webhook(&id, Some(url.clone()))
+        .await?
+    {
+        return Err(no_secret());
+    }
+    Ok(ok(&SessionHook {
+        user_id: &id,
+        url: Some(url),
+    }))
+}
+
+/// `DELETE /api/sessions/:id/webhook`: back to the global receivers only.
+pub async fn delete_session(c: Ctx) -> Answer {
+    super::must_exist(&c.app, &c.id)?;
+    if !c.app.store.set_session_webhook(&c.id, None).await? {
+        return Err(no_secret());
+    }
+    Ok(ok(&SessionHook {
+        user_id: &c.id,
+        url: None,
+    }))
+}
+
+fn no_secret() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "Webhooks need --webhook-secret (BOTVISOR_WEBHOOK_SECRET): every delivery is signed with it",
+    )
 }
