@@ -494,19 +494,7 @@ fn simulated_sessions_hold_no_file_descriptors_while_idle() {
 fn startup_log(extra: &[&str]) -> Vec<String> {
     use std::io::{BufRead, BufReader};
     let tmp = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_botvisor"))
-        .args([
-            "serve",
-            "--link",
-            "sim",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .args(extra)
-        .arg("--data-dir")
-        .arg(tmp.path())
+    let mut child = common::serve_command(tmp.path(), "0", extra)
         .env_remove("NO_COLOR")
         .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
@@ -559,18 +547,13 @@ fn a_port_in_use_is_one_clear_line_and_exit_1() {
     let s = Server::start(&[]);
     let port = s.addr.port().to_string();
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().to_str().unwrap();
-    let (code, err) = botvisor(&[
-        "serve",
-        "--link",
-        "sim",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        &port,
-        "--data-dir",
-        dir,
-    ]);
+    let out = common::serve_command(tmp.path(), &port, &[])
+        .output()
+        .unwrap();
+    let (code, err) = (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    );
     assert_eq!(code, 1, "{err}");
     let line = err
         .lines()

@@ -68,26 +68,32 @@ pub fn botvisor_bin() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_botvisor")))
 }
 
-/// Runs `botvisor serve --link sim --bind 127.0.0.1 --port 0 --data-dir DIR` to its end
-/// (for start-up refusals): its output.
+/// `botvisor serve --link sim --bind 127.0.0.1 --port PORT <extra> --data-dir DIR`, with
+/// the environment that could change it removed.
+#[allow(dead_code)]
+pub fn serve_command(dir: &Path, port: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(botvisor_bin());
+    cmd.args([
+        "serve",
+        "--link",
+        "sim",
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        port,
+    ])
+    .args(extra)
+    .arg("--data-dir")
+    .arg(dir)
+    .env_remove("DATABASE_URL")
+    .env_remove("API_KEY");
+    cmd
+}
+
+/// Runs `serve` on `dir` to its end (for start-up refusals): its output.
 #[allow(dead_code)]
 pub fn serve_once(dir: &Path) -> std::process::Output {
-    Command::new(botvisor_bin())
-        .args([
-            "serve",
-            "--link",
-            "sim",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .env_remove("DATABASE_URL")
-        .env_remove("API_KEY")
-        .output()
-        .expect("run botvisor")
+    serve_command(dir, "0", &[]).output().expect("run botvisor")
 }
 
 /// An HTTP answer.
