@@ -160,17 +160,24 @@ function onEvent(kind, data) {
     sessions.delete(e.userId);
     render();
   } else if (kind === "session.pairing_code") {
-    if (watchedCode && watchedCode.userId === e.userId) showCode(e.userId, e.pairingCode, e.expiresAt);
+    // A stream without the key gets the event without the code: keep the code we have.
+    if (watchedCode && watchedCode.userId === e.userId && e.pairingCode) {
+      showCode(e.userId, e.pairingCode, e.expiresAt);
+    }
   }
 }
 
-// fetch() rather than EventSource: it can send the key header.
+// fetch() rather than EventSource: it can send the key header. A new key reopens the
+// stream (resuming by Last-Event-ID), so pairing codes come with it.
+let streamAbort = null;
+
 async function stream() {
   for (;;) {
     try {
       const h = headers();
       if (lastEventId) h["Last-Event-ID"] = lastEventId;
-      const resp = await fetch("/api/events", { headers: h });
+      streamAbort = new AbortController();
+      const resp = await fetch("/api/events", { headers: h, signal: streamAbort.signal });
       if (!resp.ok) throw new Error("HTTP " + resp.status);
       $("live").textContent = "live";
       const reader = resp.body.getReader();
@@ -197,6 +204,7 @@ async function stream() {
     } catch (_) {
       // fall through to reconnect
     }
+    if (streamAbort && streamAbort.signal.aborted) continue; // reopened on purpose
     $("live").textContent = "reconnecting";
     await new Promise((r) => setTimeout(r, 2000));
   }
@@ -223,6 +231,7 @@ window.addEventListener("DOMContentLoaded", () => {
     ev.preventDefault();
     sessionStorage.setItem("botvisorKey", $("key").value);
     say("key saved for this tab", false);
+    if (streamAbort) streamAbort.abort();
     load();
   });
   $("create-form").addEventListener("submit", create);
