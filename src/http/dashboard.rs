@@ -3,7 +3,6 @@
 //! adds the key field, the create form with the pairing code and its countdown, filters and
 //! actions.
 
-use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::Response;
 
 use botvisor_actors::{SessionRecord, SessionState};
@@ -101,12 +100,7 @@ pub fn page(sessions: &[SessionRecord]) -> Response<Body> {
         css = CSS,
         js = JS,
     );
-    let mut resp = Response::new(super::response::full(html));
-    resp.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
-    resp
+    super::response::typed("text/html; charset=utf-8", html)
 }
 
 #[cfg(test)]

@@ -15,6 +15,9 @@ pub const SESSION_EXISTS: &str =
 /// The spec's message for a bad userId.
 pub const INVALID_USER_ID: &str = "userId must be alphanumeric (a-z, 0-9, _, -)";
 
+/// The answer on a simulated-link route when another link runs.
+pub const SIM_ONLY: &str = "Fault injection is only available with the simulated link (--link sim)";
+
 /// An error answer.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {

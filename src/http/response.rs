@@ -32,12 +32,19 @@ pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body
     resp
 }
 
-/// A 200 with a non-JSON body (an image), never cached: what it carries is a secret.
-pub fn secret_bytes(content_type: &'static str, body: Vec<u8>) -> Response<Body> {
+/// A 200 with a body that is not JSON (a page, an image, the metrics).
+pub fn typed(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body));
-    let headers = resp.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
-    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// [`typed`], never cached: what it carries is a secret.
+pub fn secret_bytes(content_type: &'static str, body: Vec<u8>) -> Response<Body> {
+    let mut resp = typed(content_type, body);
+    resp.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp
 }
 

@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use botvisor_actors::BoxFuture;
 
-use super::errors::{ApiError, INVALID_USER_ID};
+use super::errors::{ApiError, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
     backups, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
 };
@@ -223,9 +223,7 @@ async fn route_and_answer(
         return Err(ApiError::not_found(format!("Not found: {method} {raw}")));
     };
     if first.faults_only && !app.faults {
-        return Err(ApiError::not_found(
-            "Fault injection is only available with the simulated link (--link sim)",
-        ));
+        return Err(ApiError::not_found(SIM_ONLY));
     }
     let chosen = if first.method == method {
         Some((first, first_id))

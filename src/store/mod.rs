@@ -292,13 +292,11 @@ impl Store {
         let Some(hooks) = self.webhooks.clone() else {
             return Ok(false);
         };
-        let reader = self.reader.clone();
         let (id, stored) = (user_id.to_string(), url.clone());
-        blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            sql::set_session_webhook(&conn, &id, stored.as_deref()).map_err(|e| sql::classify(&e))
+        self.on_reader(move |conn| {
+            sql::set_session_webhook(conn, &id, stored.as_deref()).map_err(|e| sql::classify(&e))
         })
-        .await??;
+        .await?;
         hooks.set_session_url(user_id, url);
         Ok(true)
     }
@@ -308,25 +306,30 @@ impl Store {
         self.webhooks.as_ref().and_then(|w| w.session_url(user_id))
     }
 
+    /// Runs `f` on the side connection, off the runtime.
+    async fn on_reader<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+    ) -> Result<T, StorageError> {
+        let reader = self.reader.clone();
+        blocking(move || f(&reader.lock().unwrap_or_else(|p| p.into_inner()))).await?
+    }
+
     /// The webhook deliveries that gave up, oldest first.
     pub async fn dead_letters(&self) -> Result<Vec<crate::webhooks::DeadLetter>, StorageError> {
-        let reader = self.reader.clone();
-        blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            crate::webhooks::dead_letters(&conn, 1_000).map_err(|e| sql::classify(&e))
+        self.on_reader(|conn| {
+            crate::webhooks::dead_letters(conn, 1_000).map_err(|e| sql::classify(&e))
         })
-        .await?
+        .await
     }
 
     /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
     pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
-        let reader = self.reader.clone();
         let event_id = event_id.to_string();
-        blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            crate::webhooks::replay(&conn, &event_id).map_err(|e| sql::classify(&e))
+        self.on_reader(move |conn| {
+            crate::webhooks::replay(conn, &event_id).map_err(|e| sql::classify(&e))
         })
-        .await?
+        .await
     }
 
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
@@ -361,13 +364,9 @@ impl Store {
 
     /// The newest state changes of a session, newest first (read off the runtime).
     pub async fn events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError> {
-        let reader = self.reader.clone();
         let user_id = user_id.to_string();
-        blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            sql::events(&conn, &user_id, limit)
-        })
-        .await?
+        self.on_reader(move |conn| sql::events(conn, &user_id, limit))
+            .await
     }
 
     /// Why commits are failing right now (`None`: the last one succeeded).
@@ -377,12 +376,7 @@ impl Store {
 
     /// Every session row as committed on disk (read off the runtime; for audits).
     pub async fn rows_on_disk(&self) -> Result<Vec<SessionRecord>, StorageError> {
-        let reader = self.reader.clone();
-        blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
-            sql::load_all(&conn)
-        })
-        .await?
+        self.on_reader(sql::load_all).await
     }
 
     /// Backs up a session's record and credential file (read off the runtime).

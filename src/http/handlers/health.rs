@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use botvisor_actors::SupervisorMsg;
 
-use crate::http::response::{json_response, ok};
+use crate::http::response::{json_response, ok, typed};
 use crate::http::router::{Answer, Ctx};
 
 /// How long the supervisor gets to answer a readiness probe.
@@ -106,14 +106,10 @@ pub async fn metrics(c: Ctx) -> Answer {
         .app
         .metrics
         .render(&sessions, c.app.files_per_session, supervisor);
-    let mut resp = hyper::Response::new(crate::http::response::full(text));
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static(
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        ),
-    );
-    Ok(resp)
+    Ok(typed(
+        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        text,
+    ))
 }
 
 /// The OpenAPI 3.1 document of every route (kept true by `tests/openapi.rs`, which walks
@@ -122,10 +118,5 @@ const OPENAPI: &str = include_str!("../openapi.json");
 
 /// `GET /openapi.json`.
 pub async fn openapi(_c: Ctx) -> Answer {
-    let mut resp = hyper::Response::new(crate::http::response::full(OPENAPI));
-    resp.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    Ok(resp)
+    Ok(typed("application/json", OPENAPI))
 }

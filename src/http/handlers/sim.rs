@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use botvisor_actors::{Command, Fault, SupervisorMsg};
 
 use super::ask;
-use crate::http::errors::ApiError;
+use crate::http::errors::{ApiError, SIM_ONLY};
 use crate::http::request::json_body;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
@@ -102,9 +102,8 @@ pub async fn inbound(c: Ctx) -> Answer {
 }
 
 fn simulated(c: &Ctx) -> Result<std::sync::Arc<crate::link::sim::SimLink>, ApiError> {
-    c.app.sim.clone().ok_or_else(|| {
-        ApiError::not_found(
-            "Fault injection is only available with the simulated link (--link sim)",
-        )
-    })
+    c.app
+        .sim
+        .clone()
+        .ok_or_else(|| ApiError::not_found(SIM_ONLY))
 }
