@@ -7,6 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use botvisor_wa_peer::signal::Content;
 use botvisor_wa_peer::{Command, PairReply, Peer};
 use common::Server;
 
@@ -595,43 +596,245 @@ fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
     });
 }
 
-/// Where the loopback peer's realism stops for messages: it plays no second Signal user,
-/// so the real client's send goes as far as asking WhatsApp (the peer) for the
-/// recipient's devices and keys, gets nothing usable back, and the API says so (502/503)
-/// instead of hanging or claiming success.
+/// A webhook receiver for the real-link message tests: records each POST's body.
+fn hook_receiver() -> (
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let mut len = 0usize;
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.trim().eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        g.lock().unwrap().push(v);
+                    }
+                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+/// The peer's second WhatsApp user (tests/wa-peer/src/signal.rs) and the real client
+/// exchange Signal-encrypted messages end to end: the API's send reaches the peer as a
+/// `pkmsg` that decrypts to the same text; the peer's reply on that session (`msg`) and a
+/// message from a stranger (a `pkmsg` on the pre-keys the client uploaded) are decrypted
+/// by the client and become `message.received` webhooks; `!ping` is answered, encrypted.
 #[test]
-fn a_send_on_the_real_link_reaches_the_network_and_fails_clearly_without_a_signal_peer() {
+fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
     let peer = Peer::start();
-    let s = start(&peer, &[]);
+    let (hook, got) = hook_receiver();
+    let s = start(
+        &peer,
+        &[
+            "--webhook-url",
+            &hook,
+            "--webhook-secret",
+            "real-link-webhook-secret-0123",
+        ],
+    );
     s.create("wa_tx", "15551234567");
     assert_eq!(s.post("/api/sessions/wa_tx/stop", None).status, 200);
     seed_paired(&s, "wa_tx", "Sender");
     assert_eq!(s.post("/api/sessions/wa_tx/start", None).status, 200);
     s.wait_state("wa_tx", "online");
-    let iqs = peer.stats().other_iqs;
-    let t = Instant::now();
+    wait_until(10, "the client uploads its pre-keys", || {
+        peer.stats().pre_key_uploads >= 1
+    });
+
+    // Out: the API's text arrives at the peer's user and decrypts to the same text.
+    let text = "héllo from botvisor ✓";
     let r = s.post(
         "/api/sessions/wa_tx/messages",
-        Some(r#"{"to":"15557654321","text":"hello"}"#),
+        Some(&serde_json::json!({"to": "15557654321", "text": text}).to_string()),
     );
-    assert!(
-        r.status == 502 || r.status == 503,
-        "{} {} after {:?}",
-        r.status,
-        r.body,
-        t.elapsed()
-    );
-    assert!(t.elapsed() < Duration::from_secs(40), "{:?}", t.elapsed());
-    assert!(
-        peer.stats().other_iqs > iqs,
-        "the client asked the network about the recipient"
-    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let message_id = r.json()["messageId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    wait_until(10, "the peer decrypts the message", || {
+        peer.stats()
+            .decrypted
+            .iter()
+            .any(|d| d.to.starts_with("15557654321") && d.text.as_deref() == Some(text))
+    });
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+    let d = st
+        .decrypted
+        .iter()
+        .find(|d| d.to.starts_with("15557654321"))
+        .unwrap();
     eprintln!(
-        "real-link send without a Signal peer: {} {} after {:?}",
-        r.status,
-        r.body,
-        t.elapsed()
+        "peer decrypted: {:?}; bundles served: {:?}",
+        st.decrypted, st.bundles_served
     );
-    // The session itself is unharmed.
+    assert_eq!(d.kind, "pkmsg", "a first message opens the session");
+    assert_eq!(d.id, message_id, "the stanza id is the API's message id");
+    assert!(st
+        .bundles_served
+        .iter()
+        .any(|j| j.starts_with("15557654321")));
+
+    // In, on the session the client opened: the client decrypts the peer's `msg`.
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000001".into(),
+        content: Content::Text("reply from the peer ✓".into()),
+    });
+    // In, from a stranger: a `pkmsg` on the client's uploaded pre-keys.
+    peer.command(Command::Send {
+        from: "15550001111".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000002".into(),
+        content: Content::Text("hello from a stranger".into()),
+    });
+    let received = |got: &[serde_json::Value], id: &str| -> Option<serde_json::Value> {
+        got.iter()
+            .find(|v| v["event"] == "message.received" && v["data"]["messageId"] == id)
+            .cloned()
+    };
+    wait_until(15, "both inbound messages reach the webhook", || {
+        let got = got.lock().unwrap();
+        received(&got, "3EB0PEER000000000001").is_some()
+            && received(&got, "3EB0PEER000000000002").is_some()
+    });
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+    assert_eq!(
+        st.messages_sent,
+        vec![
+            ("3EB0PEER000000000001".to_string(), "msg".to_string()),
+            ("3EB0PEER000000000002".to_string(), "pkmsg".to_string())
+        ]
+    );
+    let all = got_all(&got);
+    let a = received(&all, "3EB0PEER000000000001").unwrap();
+    eprintln!("message.received: {a}");
+    assert_eq!(a["data"]["text"], "reply from the peer ✓");
+    assert_eq!(a["data"]["userId"], "wa_tx");
+    assert!(
+        a["data"]["from"]
+            .as_str()
+            .unwrap()
+            .starts_with("15557654321"),
+        "{a}"
+    );
+    let b = received(&all, "3EB0PEER000000000002").unwrap();
+    assert_eq!(b["data"]["text"], "hello from a stranger");
+
+    // !ping from the peer's user: the client answers `pong`, encrypted, on the session.
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000003".into(),
+        content: Content::Text("!ping".into()),
+    });
+    wait_until(15, "the peer decrypts the pong", || {
+        peer.stats().decrypted.iter().any(|d| {
+            d.to.starts_with("15557654321")
+                && d.text.as_deref().is_some_and(|t| t.starts_with("pong"))
+        })
+    });
+
+    // Another kind (a location pin): reported with its kind and no text.
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000004".into(),
+        content: Content::Location {
+            latitude: 52.52,
+            longitude: 13.405,
+        },
+    });
+    wait_until(15, "the location reaches the webhook", || {
+        received(&got_all(&got), "3EB0PEER000000000004").is_some()
+    });
+    let c = received(&got_all(&got), "3EB0PEER000000000004").unwrap();
+    eprintln!("message.received (location): {c}");
+    assert_eq!(c["data"]["kind"], "location", "{c}");
+    assert!(c["data"]["text"].is_null(), "{c}");
+    // A tampered ciphertext: the client cannot decrypt it, asks for a retry, and nothing
+    // is reported (a message is never made up).
+    peer.command(Command::SendTampered {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000005".into(),
+        content: Content::Text("tampered".into()),
+    });
+    wait_until(15, "the client answers the tampered message", || {
+        peer.stats()
+            .receipts
+            .iter()
+            .any(|(id, _)| id == "3EB0PEER000000000005")
+    });
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+    eprintln!("peer: {st:?}");
+    for n in 1..=4 {
+        let id = format!("3EB0PEER00000000000{n}");
+        assert!(
+            st.receipts.contains(&(id.clone(), "delivery".into())),
+            "{id} decrypted and receipted: {:?}",
+            st.receipts
+        );
+    }
+    let tampered: Vec<&String> = st
+        .receipts
+        .iter()
+        .filter(|(id, _)| id == "3EB0PEER000000000005")
+        .map(|(_, kind)| kind)
+        .collect();
+    assert!(!tampered.iter().any(|k| *k == "delivery"), "{tampered:?}");
+    // Receipts go out after the webhook event is queued; one more clean message proves
+    // the tampered one's turn has passed.
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER000000000006".into(),
+        content: Content::Text("after the tampered one".into()),
+    });
+    wait_until(15, "the next message reaches the webhook", || {
+        received(&got_all(&got), "3EB0PEER000000000006").is_some()
+    });
+    assert!(received(&got_all(&got), "3EB0PEER000000000005").is_none());
     assert_eq!(s.session("wa_tx")["state"], "online");
+}
+
+fn got_all(got: &std::sync::Mutex<Vec<serde_json::Value>>) -> Vec<serde_json::Value> {
+    got.lock().unwrap().clone()
 }

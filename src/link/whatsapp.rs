@@ -228,13 +228,7 @@ impl Shared {
                 from: m.info.source.sender.to_string(),
                 chat: m.info.source.chat.to_string(),
                 timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
-                kind: if text.is_some() {
-                    "text".into()
-                } else if m.info.media_type.is_empty() {
-                    m.info.r#type.clone()
-                } else {
-                    m.info.media_type.clone()
-                },
+                kind: message_kind(&m.message, text.is_some()).into(),
                 text,
             }));
         if !self.builtin_commands {
@@ -257,6 +251,50 @@ impl Shared {
             }
         });
     }
+}
+
+/// A received message's kind, from its content (the stanza's `type`/`mediatype`
+/// attributes are often absent): one of a small fixed set, so it can label a metric.
+pub fn message_kind(m: &wa::Message, has_text: bool) -> &'static str {
+    if has_text {
+        return "text";
+    }
+    let set = [
+        (m.image_message.is_set(), "image"),
+        (m.video_message.is_set() || m.ptv_message.is_set(), "video"),
+        (m.audio_message.is_set(), "audio"),
+        (
+            m.document_message.is_set() || m.document_with_caption_message.is_set(),
+            "document",
+        ),
+        (
+            m.sticker_message.is_set() || m.lottie_sticker_message.is_set(),
+            "sticker",
+        ),
+        (
+            m.location_message.is_set() || m.live_location_message.is_set(),
+            "location",
+        ),
+        (
+            m.contact_message.is_set() || m.contacts_array_message.is_set(),
+            "contact",
+        ),
+        (
+            m.reaction_message.is_set() || m.enc_reaction_message.is_set(),
+            "reaction",
+        ),
+        (
+            m.poll_creation_message.is_set()
+                || m.poll_creation_message_v2.is_set()
+                || m.poll_creation_message_v3.is_set()
+                || m.poll_update_message.is_set(),
+            "poll",
+        ),
+        (m.protocol_message.is_set(), "protocol"),
+    ];
+    set.iter()
+        .find(|(present, _)| *present)
+        .map_or("other", |(_, kind)| kind)
 }
 
 /// Runs inline on the client's dispatch path, so a terminal event is recorded before the

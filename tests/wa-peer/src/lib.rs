@@ -13,6 +13,14 @@
 //! `Connected`. The peer stops before pair-success: it never plays the phone's side of
 //! pairing (`primary_hello`, `companion_finish`, the ADV-signed `pair-success`), so tests
 //! of a paired session seed the store's device row instead of pairing.
+//!
+//! For messages the peer plays WhatsApp's server and a second WhatsApp user at once
+//! ([`signal`]): it answers device-list queries (`usync`, one primary device per user),
+//! hands out real Signal pre-key bundles, keeps the pre-keys a client uploads, decrypts
+//! every `<enc>` a client sends to its users and records the text, and on command sends
+//! a client a message encrypted on a real Signal session.
+
+pub mod signal;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -30,7 +38,7 @@ use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::consts::{NOISE_PATTERN_XX, WA_CONN_HEADER};
 use whatsapp_rust::wacore_binary::marshal::{marshal, unmarshal_ref};
 use whatsapp_rust::wacore_binary::util::unpack;
-use whatsapp_rust::wacore_binary::Node;
+use whatsapp_rust::wacore_binary::{Jid, Node, NodeRef};
 use whatsapp_rust::waproto::whatsapp as wap;
 
 /// What the peer does to every live connection on command.
@@ -53,6 +61,30 @@ pub enum Command {
     },
     /// `<notification type="link_code_companion_reg">` with stage `refresh_code`.
     RefreshCode,
+    /// A message from the peer's user `from` (a phone number) to the logged-in client of
+    /// phone number `to`, Signal-encrypted (see [`signal`]).
+    Send {
+        /// The sender's phone number (any: the peer plays whoever it is told).
+        from: String,
+        /// The client's phone number (only its connection sends).
+        to: String,
+        /// The stanza id.
+        id: String,
+        /// What it says.
+        content: signal::Content,
+    },
+    /// As `Send`, with one byte of the ciphertext flipped after encryption: the client
+    /// must fail to decrypt it (and ask for a retry), never report it.
+    SendTampered {
+        /// The sender's phone number.
+        from: String,
+        /// The client's phone number.
+        to: String,
+        /// The stanza id.
+        id: String,
+        /// What it says.
+        content: signal::Content,
+    },
 }
 
 /// How the peer answers a companion_hello.
@@ -86,12 +118,27 @@ pub struct Stats {
     pub other_iqs: usize,
     /// Tags of the nodes the peer sent on command.
     pub commands_sent: Vec<String>,
+    /// Device-list queries (`usync` with `<devices>`) answered.
+    pub device_queries: usize,
+    /// Pre-key bundles handed out, by device JID.
+    pub bundles_served: Vec<String>,
+    /// Pre-key uploads received from clients.
+    pub pre_key_uploads: usize,
+    /// What the peer decrypted of the clients' messages, in order.
+    pub decrypted: Vec<signal::Decrypted>,
+    /// What the peer could not decrypt or send, with the reason.
+    pub signal_errors: Vec<String>,
+    /// Messages the peer sent to clients on command: (id, `pkmsg` | `msg`).
+    pub messages_sent: Vec<(String, String)>,
+    /// Receipts the clients sent: (id, type; `delivery` when the type is absent).
+    pub receipts: Vec<(String, String)>,
 }
 
 struct Inner {
     stats: Mutex<Stats>,
     reply: Mutex<PairReply>,
     commands: broadcast::Sender<Command>,
+    signal: tokio::sync::Mutex<signal::SignalPeer>,
 }
 
 /// A running peer; stops when dropped.
@@ -114,6 +161,7 @@ impl Peer {
             stats: Mutex::new(Stats::default()),
             reply: Mutex::new(PairReply::Ref),
             commands,
+            signal: tokio::sync::Mutex::default(),
         });
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -208,6 +256,8 @@ struct Session {
     write_counter: u32,
     pairing_ref: Vec<u8>,
     login: bool,
+    /// A logged-in client's own device JID (`15551234567:7@s.whatsapp.net`).
+    client: Option<Jid>,
 }
 
 impl Session {
@@ -284,6 +334,9 @@ async fn handshake(mut ws: Ws) -> Option<Session> {
     let client_payload = wap::ClientPayload::decode_from_slice(&payload).ok()?;
     // A registered device logs in with its phone number as `username`.
     let login = client_payload.username.is_some();
+    let client = client_payload
+        .username
+        .map(|user| Jid::pn_device(user.to_string(), client_payload.device.unwrap_or(0) as u16));
     // On the responder the first cipher is the client's write key.
     let (read_cipher, write_cipher) = noise.finish().ok()?;
     let mut pairing_ref = b"botvisor-peer-ref-".to_vec();
@@ -298,6 +351,7 @@ async fn handshake(mut ws: Ws) -> Option<Session> {
         write_counter: 0,
         pairing_ref,
         login,
+        client,
     })
 }
 
@@ -339,7 +393,7 @@ fn record(inner: &Inner, f: impl FnOnce(&mut Stats)) {
 
 fn command_node(command: &Command, pairing_ref: &[u8]) -> Option<Node> {
     Some(match command {
-        Command::Close => return None,
+        Command::Close | Command::Send { .. } | Command::SendTampered { .. } => return None,
         Command::LoggedOut => NodeBuilder::new("failure").attr("reason", "401").build(),
         Command::ClientOutdated => NodeBuilder::new("failure").attr("reason", "405").build(),
         Command::StreamReplaced => NodeBuilder::new("stream:error")
@@ -420,6 +474,16 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
         tokio::select! {
             command = commands.recv() => {
                 let Ok(command) = command else { return };
+                if let Command::Send { from, to, id, content }
+                | Command::SendTampered { from, to, id, content } = &command
+                {
+                    let tamper = matches!(command, Command::SendTampered { .. });
+                    let ours = session.client.as_ref().is_some_and(|c| c.user.as_str() == to);
+                    if ours && !send_message(&mut session, &inner, from, id, content, tamper).await {
+                        return;
+                    }
+                    continue;
+                }
                 match command_node(&command, &session.pairing_ref) {
                     None => return, // Close: drop the socket
                     Some(node) => {
@@ -438,7 +502,28 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                 session.read_counter += 1;
                 let Ok(plain) = unpack(&buf) else { return };
                 let Ok(node) = unmarshal_ref(&plain) else { return };
-                if node.tag.as_ref() != "iq" {
+                match node.tag.as_ref() {
+                    "iq" => {}
+                    "message" => {
+                        let ack = on_client_message(&session, &inner, &node).await;
+                        if !session.send(&ack).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    "receipt" => {
+                        let attr = |k: &str| node.get_attr(k).map(|v| v.as_str().to_string());
+                        let id = attr("id").unwrap_or_default();
+                        let kind = attr("type").unwrap_or_else(|| "delivery".into());
+                        record(&inner, |s| s.receipts.push((id, kind)));
+                        continue;
+                    }
+                    _ => continue,
+                }
+                if let Some(reply) = signal_iq(&session, &inner, &node).await {
+                    if !session.send(&reply).await {
+                        return;
+                    }
                     continue;
                 }
                 let id = node.get_attr("id").map(|v| v.as_str().to_string()).unwrap_or_default();
@@ -496,4 +581,246 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
             }
         }
     }
+}
+
+fn attr_str(node: &NodeRef<'_>, key: &str) -> String {
+    node.get_attr(key)
+        .map(|v| v.as_str().to_string())
+        .unwrap_or_default()
+}
+
+fn iq_result(id: &str) -> NodeBuilder {
+    NodeBuilder::new("iq")
+        .attr("type", "result")
+        .attr("id", id.to_string())
+        .attr("from", "s.whatsapp.net")
+}
+
+/// Answers the IQs a send needs, as WhatsApp's server would: device lists (`usync`),
+/// pre-key bundles, pre-key uploads and counts (`encrypt`). `None` for any other IQ.
+async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Option<Node> {
+    let id = attr_str(node, "id");
+    let xmlns = attr_str(node, "xmlns");
+    match xmlns.as_str() {
+        "usync" => {
+            let usync = node.get_optional_child("usync")?;
+            let query = usync.get_optional_child("query");
+            let wants = |p: &str| query.is_some_and(|q| q.get_optional_child(p).is_some());
+            if wants("devices") {
+                record(inner, |s| s.device_queries += 1);
+            }
+            // Every user exists, with one device: its phone (device 0).
+            let users = usync
+                .get_optional_child("list")
+                .map(|l| {
+                    l.get_children_by_tag("user")
+                        .map(|u| {
+                            let jid = u
+                                .get_attr("jid")
+                                .and_then(|v| v.to_jid())
+                                .map(|j| j.to_non_ad());
+                            let contact = u
+                                .get_optional_child("contact")
+                                .and_then(|c| c.content_as_string());
+                            let mut children = Vec::new();
+                            if wants("contact") {
+                                let mut c = NodeBuilder::new("contact").attr("type", "in");
+                                if let Some(text) = &contact {
+                                    c = c.string_content(text.to_string());
+                                }
+                                children.push(c.build());
+                            }
+                            if wants("devices") {
+                                children.push(
+                                    NodeBuilder::new("devices")
+                                        .children([NodeBuilder::new("device-list")
+                                            .children([NodeBuilder::new("device")
+                                                .attr("id", "0")
+                                                .build()])
+                                            .build()])
+                                        .build(),
+                                );
+                            }
+                            let mut user = NodeBuilder::new("user");
+                            if let Some(jid) = jid {
+                                user = user.attr("jid", jid);
+                            } else if let Some(text) = &contact {
+                                let phone = text.trim_start_matches('+').to_string();
+                                user = user.attr("jid", Jid::pn(phone));
+                            }
+                            user.children(children).build()
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default();
+            Some(
+                iq_result(&id)
+                    .children([NodeBuilder::new("usync")
+                        .children([NodeBuilder::new("list").children(users).build()])
+                        .build()])
+                    .build(),
+            )
+        }
+        "encrypt" => {
+            let kind = attr_str(node, "type");
+            let mut signal = inner.signal.lock().await;
+            if kind == "get" {
+                if let Some(key) = node.get_optional_child("key") {
+                    let mut served = Vec::new();
+                    let users: Vec<Node> = key
+                        .get_children_by_tag("user")
+                        .filter_map(|u| u.get_attr("jid").and_then(|v| v.to_jid()))
+                        .map(|jid| {
+                            served.push(jid.to_string());
+                            signal.bundle_node(&jid)
+                        })
+                        .collect();
+                    record(inner, |s| s.bundles_served.extend(served));
+                    return Some(
+                        iq_result(&id)
+                            .children([NodeBuilder::new("list").children(users).build()])
+                            .build(),
+                    );
+                }
+                if node.get_optional_child("count").is_some() {
+                    let count = session
+                        .client
+                        .as_ref()
+                        .map_or(0, |c| signal.pre_key_count(c));
+                    return Some(
+                        iq_result(&id)
+                            .children([NodeBuilder::new("count")
+                                .attr("value", count.to_string())
+                                .build()])
+                            .build(),
+                    );
+                }
+                return None;
+            }
+            let client = session.client.as_ref()?;
+            if node.get_optional_child("registration").is_some() {
+                signal.record_upload(client, node);
+                record(inner, |s| s.pre_key_uploads += 1);
+            } else if let Some(skey) = node
+                .get_optional_child("rotate")
+                .and_then(|r| r.get_optional_child("skey"))
+            {
+                signal.record_rotation(client, skey);
+            }
+            Some(iq_result(&id).build())
+        }
+        _ => None,
+    }
+}
+
+/// Decrypts every `<enc>` of a client's `<message>` meant for the peer's users, records
+/// it, and returns the server's `<ack>`.
+async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Node {
+    let id = attr_str(node, "id");
+    let to = attr_str(node, "to");
+    let ack = NodeBuilder::new("ack")
+        .attr("class", "message")
+        .attr("id", id.clone())
+        .attr("from", to.clone())
+        .attr("t", unix_now().to_string())
+        .build();
+    let Some(client) = session.client.clone() else {
+        return ack;
+    };
+    // `<participants><to jid><enc/></to>...</participants>`, or a bare `<enc>` for `to`.
+    let mut targets: Vec<(Jid, String, Vec<u8>)> = Vec::new();
+    let enc_of = |n: &NodeRef<'_>| -> Option<(String, Vec<u8>)> {
+        let enc = n.get_optional_child("enc")?;
+        Some((attr_str(enc, "type"), enc.content_bytes()?.to_vec()))
+    };
+    if let Some(participants) = node.get_optional_child("participants") {
+        for t in participants.get_children_by_tag("to") {
+            if let (Some(jid), Some((kind, bytes))) =
+                (t.get_attr("jid").and_then(|v| v.to_jid()), enc_of(t))
+            {
+                targets.push((jid, kind, bytes));
+            }
+        }
+    } else if let (Some(jid), Some((kind, bytes))) =
+        (node.get_attr("to").and_then(|v| v.to_jid()), enc_of(node))
+    {
+        targets.push((jid, kind, bytes));
+    }
+    let mut signal = inner.signal.lock().await;
+    for (jid, kind, bytes) in targets {
+        match signal.decrypt(&client, &jid, &kind, &bytes).await {
+            Ok(text) => record(inner, |s| {
+                s.decrypted.push(signal::Decrypted {
+                    to: jid.to_string(),
+                    id: id.clone(),
+                    kind: kind.clone(),
+                    text,
+                })
+            }),
+            Err(e) => record(inner, |s| {
+                s.signal_errors.push(format!("{id} for {jid}: {e}"))
+            }),
+        }
+    }
+    ack
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Sends the client a message from the peer's user `from`, Signal-encrypted. `false`
+/// when the socket is gone (an encryption failure is recorded and the connection goes on).
+async fn send_message(
+    session: &mut Session,
+    inner: &Inner,
+    from: &str,
+    id: &str,
+    content: &signal::Content,
+    tamper: bool,
+) -> bool {
+    let Some(client) = session.client.clone() else {
+        return true;
+    };
+    let sender = Jid::pn(from.to_string());
+    let sealed = inner
+        .signal
+        .lock()
+        .await
+        .encrypt(&sender, &client, &content.message())
+        .await;
+    let (kind, mut bytes) = match sealed {
+        Ok(x) => x,
+        Err(e) => {
+            record(inner, |s| s.signal_errors.push(format!("send {id}: {e}")));
+            return true;
+        }
+    };
+    if tamper {
+        // The last bytes are the message's MAC: the client's check must fail.
+        if let Some(b) = bytes.last_mut() {
+            *b ^= 0x5a;
+        }
+    }
+    let message = NodeBuilder::new("message")
+        .attr("from", sender)
+        .attr("id", id.to_string())
+        .attr("t", unix_now().to_string())
+        .attr("type", content.stanza_type())
+        .attr("notify", "Peer Contact")
+        .children([{
+            let mut enc = NodeBuilder::new("enc").attr("v", "2").attr("type", kind);
+            if let Some(media) = content.media_type() {
+                enc = enc.attr("mediatype", media);
+            }
+            enc.bytes(bytes).build()
+        }])
+        .build();
+    record(inner, |s| {
+        s.messages_sent.push((id.to_string(), kind.to_string()))
+    });
+    session.send(&message).await
 }

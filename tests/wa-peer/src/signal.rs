@@ -1,0 +1,514 @@
+//! The peer's second WhatsApp user: real Signal identities (wacore-libsignal), one per
+//! device address the client asks about, with in-memory stores.
+//!
+//! - A device the client fetches pre-keys for gets an identity, a signed pre-key and a
+//!   fresh one-time pre-key per fetch; the `<user>` bundle node is built with wacore's own
+//!   `PreKeyBundleUserNode`, as WhatsApp's server would answer.
+//! - What the client sends to such a device is decrypted with that device's stores
+//!   (`pkmsg` on a new session, `msg` after), unpadded and decoded as a `wa::Message`.
+//! - The peer sends the client a message from one of its users: on the session the
+//!   client opened, or else on a new one from the pre-key bundle the client uploaded
+//!   (`<iq xmlns="encrypt" type="set">`), which the client must decrypt with its own
+//!   private pre-keys.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use whatsapp_rust::buffa::Message as _;
+use whatsapp_rust::wacore::iq::prekeys::PreKeyBundleUserNode;
+use whatsapp_rust::wacore::libsignal::protocol::{
+    error::Result as SignalResult, message_decrypt, message_encrypt, process_prekey_bundle,
+    CiphertextMessage, Direction, GenericSignedPreKey, IdentityChange, IdentityKey,
+    IdentityKeyPair, IdentityKeyStore, KeyPair, PreKeyBundle, PreKeyId, PreKeyRecord,
+    PreKeySignalMessage, PreKeyStore, ProtocolAddress, PublicKey, SessionRecord, SessionStore,
+    SignalMessage, SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord, SignedPreKeyStore,
+    Timestamp, UsePQRatchet,
+};
+use whatsapp_rust::wacore::messages::{decode_plaintext, MessageUtils};
+use whatsapp_rust::wacore::protocol::ProtocolNode;
+use whatsapp_rust::wacore_binary::{Jid, Node};
+use whatsapp_rust::waproto::whatsapp as wap;
+
+struct Identities {
+    pair: IdentityKeyPair,
+    registration_id: u32,
+    known: HashMap<ProtocolAddress, IdentityKey>,
+}
+
+#[async_trait]
+impl IdentityKeyStore for Identities {
+    async fn get_identity_key_pair(&self) -> SignalResult<IdentityKeyPair> {
+        Ok(self.pair.clone())
+    }
+    async fn get_local_registration_id(&self) -> SignalResult<u32> {
+        Ok(self.registration_id)
+    }
+    async fn save_identity(
+        &mut self,
+        address: &ProtocolAddress,
+        identity: &IdentityKey,
+    ) -> SignalResult<IdentityChange> {
+        let changed = self.known.get(address).is_some_and(|k| k != identity);
+        self.known.insert(address.clone(), *identity);
+        Ok(IdentityChange::from_changed(changed))
+    }
+    async fn is_trusted_identity(
+        &self,
+        _: &ProtocolAddress,
+        _: &IdentityKey,
+        _: Direction,
+    ) -> SignalResult<bool> {
+        Ok(true) // trust on first use, as a phone does for a new contact
+    }
+    async fn get_identity(&self, address: &ProtocolAddress) -> SignalResult<Option<IdentityKey>> {
+        Ok(self.known.get(address).copied())
+    }
+}
+
+#[derive(Default)]
+struct PreKeys(HashMap<PreKeyId, PreKeyRecord>);
+
+#[async_trait]
+impl PreKeyStore for PreKeys {
+    async fn get_pre_key(&self, id: PreKeyId) -> SignalResult<PreKeyRecord> {
+        self.0
+            .get(&id)
+            .cloned()
+            .ok_or(SignalProtocolError::InvalidPreKeyId)
+    }
+    async fn save_pre_key(&mut self, id: PreKeyId, record: &PreKeyRecord) -> SignalResult<()> {
+        self.0.insert(id, record.clone());
+        Ok(())
+    }
+    async fn remove_pre_key(&mut self, id: PreKeyId) -> SignalResult<()> {
+        self.0.remove(&id);
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct SignedPreKeys(HashMap<SignedPreKeyId, SignedPreKeyRecord>);
+
+#[async_trait]
+impl SignedPreKeyStore for SignedPreKeys {
+    async fn get_signed_pre_key(&self, id: SignedPreKeyId) -> SignalResult<SignedPreKeyRecord> {
+        self.0
+            .get(&id)
+            .cloned()
+            .ok_or(SignalProtocolError::InvalidSignedPreKeyId)
+    }
+    async fn save_signed_pre_key(
+        &mut self,
+        id: SignedPreKeyId,
+        record: &SignedPreKeyRecord,
+    ) -> SignalResult<()> {
+        self.0.insert(id, record.clone());
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+struct Sessions(HashMap<ProtocolAddress, SessionRecord>);
+
+#[async_trait]
+impl SessionStore for Sessions {
+    async fn load_session(&self, address: &ProtocolAddress) -> SignalResult<Option<SessionRecord>> {
+        Ok(self.0.get(address).cloned())
+    }
+    async fn has_session(&self, address: &ProtocolAddress) -> SignalResult<bool> {
+        Ok(self.0.contains_key(address))
+    }
+    async fn store_session(
+        &mut self,
+        address: &ProtocolAddress,
+        record: SessionRecord,
+    ) -> SignalResult<()> {
+        self.0.insert(address.clone(), record);
+        Ok(())
+    }
+}
+
+/// One device of a simulated WhatsApp user, with its own Signal identity.
+struct Device {
+    identities: Identities,
+    pre_keys: PreKeys,
+    signed: SignedPreKeys,
+    sessions: Sessions,
+    signed_id: SignedPreKeyId,
+    signed_pair: KeyPair,
+    signed_signature: Vec<u8>,
+    next_pre_key: u32,
+}
+
+impl Device {
+    fn new() -> Device {
+        let mut rng = rand::rng();
+        let pair = IdentityKeyPair::generate(&mut rng);
+        let signed_pair = KeyPair::generate(&mut rng);
+        let signed_signature = pair
+            .private_key()
+            .calculate_signature(&signed_pair.public_key.serialize(), &mut rng)
+            .expect("sign the signed pre-key")
+            .to_vec();
+        let signed_id: SignedPreKeyId = 1u32.into();
+        let mut signed = SignedPreKeys::default();
+        signed.0.insert(
+            signed_id,
+            SignedPreKeyRecord::new(
+                signed_id,
+                Timestamp::from_epoch_millis(0),
+                &signed_pair,
+                &signed_signature,
+            ),
+        );
+        Device {
+            identities: Identities {
+                pair,
+                registration_id: rand::random::<u32>() & 0x3FFF,
+                known: HashMap::new(),
+            },
+            pre_keys: PreKeys::default(),
+            signed,
+            sessions: Sessions::default(),
+            signed_id,
+            signed_pair,
+            signed_signature,
+            next_pre_key: 1,
+        }
+    }
+
+    /// A bundle with a fresh one-time pre-key, as the server hands out one per fetch.
+    fn bundle(&mut self, device_id: u16) -> PreKeyBundle {
+        let id: PreKeyId = self.next_pre_key.into();
+        self.next_pre_key += 1;
+        let pair = KeyPair::generate(&mut rand::rng());
+        self.pre_keys.0.insert(id, PreKeyRecord::new(id, &pair));
+        PreKeyBundle::new(
+            self.identities.registration_id,
+            u32::from(device_id).into(),
+            Some((id, pair.public_key)),
+            self.signed_id,
+            self.signed_pair.public_key,
+            self.signed_signature.clone(),
+            *self.identities.pair.identity_key(),
+        )
+        .expect("a valid bundle")
+    }
+}
+
+/// Keys a client uploaded (`<iq xmlns="encrypt" type="set">`): what a sender needs to open
+/// a session with it.
+#[derive(Clone)]
+struct Uploaded {
+    registration_id: u32,
+    identity: [u8; 32],
+    signed: (u32, [u8; 32], Vec<u8>),
+    pre_keys: Vec<(u32, [u8; 32])>,
+}
+
+/// What the peer's user sends a client.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    /// A text (`conversation`).
+    Text(String),
+    /// A location pin (a non-text kind).
+    Location {
+        /// Degrees north.
+        latitude: f64,
+        /// Degrees east.
+        longitude: f64,
+    },
+}
+
+impl Content {
+    /// The protobuf message.
+    pub fn message(&self) -> wap::Message {
+        match self {
+            Content::Text(text) => wap::Message {
+                conversation: Some(text.clone()),
+                ..Default::default()
+            },
+            Content::Location {
+                latitude,
+                longitude,
+            } => wap::Message {
+                location_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::LocationMessage {
+                        degrees_latitude: Some(*latitude),
+                        degrees_longitude: Some(*longitude),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// The stanza's `type`.
+    pub fn stanza_type(&self) -> &'static str {
+        match self {
+            Content::Text(_) => "text",
+            Content::Location { .. } => "media",
+        }
+    }
+
+    /// The `<enc mediatype>`, for media kinds.
+    pub fn media_type(&self) -> Option<&'static str> {
+        match self {
+            Content::Text(_) => None,
+            Content::Location { .. } => Some("location"),
+        }
+    }
+}
+
+/// A message the peer decrypted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decrypted {
+    /// The device it was encrypted for (`15557654321:0@s.whatsapp.net`).
+    pub to: String,
+    /// The stanza's id.
+    pub id: String,
+    /// `pkmsg` or `msg`.
+    pub kind: String,
+    /// The text, if the message carried one (a `DeviceSentMessage` for the sender's own
+    /// devices is unwrapped).
+    pub text: Option<String>,
+}
+
+/// Every Signal identity the peer plays, and what clients uploaded.
+#[derive(Default)]
+pub struct SignalPeer {
+    devices: HashMap<String, Device>,
+    uploads: HashMap<String, Uploaded>,
+}
+
+fn key32(bytes: Option<&[u8]>) -> Option<[u8; 32]> {
+    bytes?.try_into().ok()
+}
+
+fn id3(bytes: Option<&[u8]>) -> Option<u32> {
+    match bytes? {
+        [a, b, c] => Some(u32::from_be_bytes([0, *a, *b, *c])),
+        _ => None,
+    }
+}
+
+/// The key a device is stored under: `user:device` (one identity per device address).
+fn device_key(jid: &Jid) -> String {
+    format!("{}:{}", jid.user, jid.device)
+}
+
+/// The Signal address of a client or a peer user, as this peer names it.
+fn address(jid: &Jid) -> ProtocolAddress {
+    ProtocolAddress::new(&jid.user, u32::from(jid.device).into())
+}
+
+/// The text of a message, unwrapping a `DeviceSentMessage`.
+fn text_of(m: &wap::Message) -> Option<String> {
+    if let Some(t) = &m.conversation {
+        return Some(t.clone());
+    }
+    if let Some(t) = m
+        .extended_text_message
+        .as_option()
+        .and_then(|e| e.text.clone())
+    {
+        return Some(t);
+    }
+    m.device_sent_message
+        .as_option()
+        .and_then(|d| d.message.as_option())
+        .and_then(text_of)
+}
+
+impl SignalPeer {
+    /// The `<user>` node answering a pre-key fetch for `jid`.
+    pub fn bundle_node(&mut self, jid: &Jid) -> Node {
+        let device = self
+            .devices
+            .entry(device_key(jid))
+            .or_insert_with(Device::new);
+        let bundle = device.bundle(jid.device);
+        PreKeyBundleUserNode::from_bundle(jid.clone(), &bundle, None)
+            .expect("bundle node")
+            .into_node()
+    }
+
+    /// Records the keys a client uploaded (`client` is its own device JID).
+    pub fn record_upload(&mut self, client: &Jid, iq: &whatsapp_rust::wacore_binary::NodeRef<'_>) {
+        let child = |tag: &str| iq.get_optional_child(tag).and_then(|n| n.content_bytes());
+        let skey = iq.get_optional_child("skey");
+        let signed = skey.and_then(|s| {
+            let id = id3(s.get_optional_child("id").and_then(|n| n.content_bytes()))?;
+            let value = key32(
+                s.get_optional_child("value")
+                    .and_then(|n| n.content_bytes()),
+            )?;
+            let sig = s
+                .get_optional_child("signature")
+                .and_then(|n| n.content_bytes())?;
+            Some((id, value, sig.to_vec()))
+        });
+        let pre_keys: Vec<(u32, [u8; 32])> = iq
+            .get_optional_child("list")
+            .map(|l| {
+                l.get_children_by_tag("key")
+                    .filter_map(|k| {
+                        Some((
+                            id3(k.get_optional_child("id").and_then(|n| n.content_bytes()))?,
+                            key32(
+                                k.get_optional_child("value")
+                                    .and_then(|n| n.content_bytes()),
+                            )?,
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let registration = child("registration").and_then(|b| <[u8; 4]>::try_from(b).ok());
+        if let (Some(reg), Some(identity), Some(signed)) =
+            (registration, key32(child("identity")), signed)
+        {
+            self.uploads.insert(
+                device_key(client),
+                Uploaded {
+                    registration_id: u32::from_be_bytes(reg),
+                    identity,
+                    signed,
+                    pre_keys,
+                },
+            );
+        }
+    }
+
+    /// A rotated signed pre-key (`<iq xmlns="encrypt" type="set"><rotate><skey>`).
+    pub fn record_rotation(
+        &mut self,
+        client: &Jid,
+        skey: &whatsapp_rust::wacore_binary::NodeRef<'_>,
+    ) {
+        let Some(up) = self.uploads.get_mut(&device_key(client)) else {
+            return;
+        };
+        let bytes = |tag: &str| skey.get_optional_child(tag).and_then(|n| n.content_bytes());
+        if let (Some(id), Some(value), Some(sig)) =
+            (id3(bytes("id")), key32(bytes("value")), bytes("signature"))
+        {
+            up.signed = (id, value, sig.to_vec());
+        }
+    }
+
+    /// How many one-time pre-keys `client` has left on the "server".
+    pub fn pre_key_count(&self, client: &Jid) -> usize {
+        self.uploads
+            .get(&device_key(client))
+            .map_or(0, |u| u.pre_keys.len())
+    }
+
+    /// Decrypts what `from` (the client) encrypted for `to` (one of the peer's devices).
+    pub async fn decrypt(
+        &mut self,
+        from: &Jid,
+        to: &Jid,
+        kind: &str,
+        ciphertext: &[u8],
+    ) -> Result<Option<String>, String> {
+        let device = self
+            .devices
+            .get_mut(&device_key(to))
+            .ok_or_else(|| format!("no session: the client never fetched keys for {to}"))?;
+        let message = match kind {
+            "pkmsg" => CiphertextMessage::PreKeySignalMessage(
+                PreKeySignalMessage::try_from(ciphertext).map_err(|e| e.to_string())?,
+            ),
+            "msg" => CiphertextMessage::SignalMessage(
+                SignalMessage::try_from(ciphertext).map_err(|e| e.to_string())?,
+            ),
+            other => return Err(format!("unexpected <enc type=\"{other}\">")),
+        };
+        let result = message_decrypt(
+            &message,
+            &address(from),
+            &mut device.sessions,
+            &mut device.identities,
+            &mut device.pre_keys,
+            &device.signed,
+            &mut rand::make_rng::<rand::rngs::StdRng>(),
+            UsePQRatchet::No,
+        )
+        .await
+        .map_err(|e| format!("decrypt: {e}"))?;
+        if let Some(id) = result.consumed_prekey_id {
+            device.pre_keys.0.remove(&id);
+        }
+        let message = decode_plaintext(&result.plaintext, 2).map_err(|e| e.to_string())?;
+        Ok(text_of(&message))
+    }
+
+    /// Encrypts `message` from the peer's user `from` to the client device `to`: on the
+    /// session the client opened, or else on a new one from the client's uploaded keys
+    /// (taking one of its one-time pre-keys). Returns (`pkmsg` | `msg`, bytes).
+    pub async fn encrypt(
+        &mut self,
+        from: &Jid,
+        to: &Jid,
+        message: &wap::Message,
+    ) -> Result<(&'static str, Vec<u8>), String> {
+        let device = self
+            .devices
+            .entry(device_key(from))
+            .or_insert_with(Device::new);
+        let remote = address(to);
+        if !device
+            .sessions
+            .has_session(&remote)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            let up = self
+                .uploads
+                .get_mut(&device_key(to))
+                .ok_or_else(|| format!("{to} uploaded no pre-keys"))?;
+            let key =
+                |b: &[u8; 32]| PublicKey::from_djb_public_key_bytes(b).map_err(|e| e.to_string());
+            let one_time = match up.pre_keys.pop() {
+                Some((id, k)) => Some((PreKeyId::from(id), key(&k)?)),
+                None => None,
+            };
+            let bundle = PreKeyBundle::new(
+                up.registration_id,
+                u32::from(to.device).into(),
+                one_time,
+                up.signed.0.into(),
+                key(&up.signed.1)?,
+                up.signed.2.clone(),
+                IdentityKey::new(key(&up.identity)?),
+            )
+            .map_err(|e| e.to_string())?;
+            process_prekey_bundle(
+                &remote,
+                &mut device.sessions,
+                &mut device.identities,
+                &bundle,
+                &mut rand::make_rng::<rand::rngs::StdRng>(),
+                UsePQRatchet::No,
+            )
+            .await
+            .map_err(|e| format!("the client's bundle: {e}"))?;
+        }
+        let padded = MessageUtils::pad_message_v2(message.encode_to_vec());
+        let ct = message_encrypt(
+            &padded,
+            &remote,
+            &mut device.sessions,
+            &mut device.identities,
+        )
+        .await
+        .map_err(|e| format!("encrypt: {e}"))?;
+        Ok(match ct {
+            CiphertextMessage::PreKeySignalMessage(m) => ("pkmsg", m.serialized().to_vec()),
+            CiphertextMessage::SignalMessage(m) => ("msg", m.serialized().to_vec()),
+            _ => return Err("unexpected ciphertext kind".into()),
+        })
+    }
+}
