@@ -838,3 +838,71 @@ fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
 fn got_all(got: &std::sync::Mutex<Vec<serde_json::Value>>) -> Vec<serde_json::Value> {
     got.lock().unwrap().clone()
 }
+
+/// What a send on the real link promises. whatsapp-rust calls a send done once a copy is
+/// encrypted for some device and handed to the socket: with the recipient's keys refused
+/// (`<error code="404">`) but the own phone's keys served, the copy goes to the own phone
+/// only and the API says 201; nothing reaches the recipient. With no device's keys to be
+/// had, the send fails: a clear 502, a `message.failed` webhook, the session still online.
+#[test]
+fn a_send_with_no_keys_to_be_had_is_a_502_and_a_failed_event() {
+    let peer = Peer::start();
+    let (hook, got) = hook_receiver();
+    let s = start(
+        &peer,
+        &[
+            "--webhook-url",
+            &hook,
+            "--webhook-secret",
+            "real-link-webhook-secret-0123",
+        ],
+    );
+    s.create("wa_nokeys", "15551234567");
+    assert_eq!(s.post("/api/sessions/wa_nokeys/stop", None).status, 200);
+    seed_paired(&s, "wa_nokeys", "Sender");
+    assert_eq!(s.post("/api/sessions/wa_nokeys/start", None).status, 200);
+    s.wait_state("wa_nokeys", "online");
+
+    peer.refuse_keys_for("15550003333");
+    peer.refuse_keys_for("15551234567");
+    let t = Instant::now();
+    let r = s.post(
+        "/api/sessions/wa_nokeys/messages",
+        Some(r#"{"to":"15550003333","text":"anyone?"}"#),
+    );
+    eprintln!("no keys: {} {} after {:?}", r.status, r.body, t.elapsed());
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(r.json()["success"], false);
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    wait_until(10, "the message.failed webhook", || {
+        got_all(&got)
+            .iter()
+            .any(|v| v["event"] == "message.failed" && v["data"]["to"] == "15550003333")
+    });
+    assert!(!peer
+        .stats()
+        .decrypted
+        .iter()
+        .any(|d| d.text.as_deref() == Some("anyone?")));
+    peer.serve_keys_for("15551234567");
+    peer.refuse_keys_for("15550002222");
+    let r = s.post(
+        "/api/sessions/wa_nokeys/messages",
+        Some(r#"{"to":"15550002222","text":"hello?"}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until(10, "the own phone's copy", || {
+        peer.stats()
+            .decrypted
+            .iter()
+            .any(|d| d.text.as_deref() == Some("hello?"))
+    });
+    let st = peer.stats();
+    assert!(
+        st.decrypted.iter().all(|d| d.to.starts_with("15551234567")),
+        "only the own phone got a copy: {:?}",
+        st.decrypted
+    );
+
+    assert_eq!(s.session("wa_nokeys")["state"], "online");
+}

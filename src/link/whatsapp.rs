@@ -259,6 +259,7 @@ pub fn message_kind(m: &wa::Message, has_text: bool) -> &'static str {
     if has_text {
         return "text";
     }
+    let m = m.get_base_message();
     let set = [
         (m.image_message.is_set(), "image"),
         (m.video_message.is_set() || m.ptv_message.is_set(), "video"),
@@ -659,6 +660,29 @@ impl Link for WhatsAppLink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_messages_kind_comes_from_its_content_through_wrappers() {
+        use whatsapp_rust::buffa::MessageField;
+        assert_eq!(message_kind(&wa::Message::default(), true), "text");
+        assert_eq!(message_kind(&wa::Message::default(), false), "other");
+        let image = wa::Message {
+            image_message: MessageField::some(Default::default()),
+            ..Default::default()
+        };
+        assert_eq!(message_kind(&image, false), "image");
+        let location = wa::Message {
+            location_message: MessageField::some(Default::default()),
+            ..Default::default()
+        };
+        let ephemeral = wa::Message {
+            ephemeral_message: MessageField::some(wa::message::FutureProofMessage {
+                message: MessageField::some(location),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(message_kind(&ephemeral, false), "location");
+    }
 
     #[test]
     fn lasting_connect_errors_are_told_from_passing_ones() {

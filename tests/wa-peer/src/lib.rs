@@ -139,6 +139,8 @@ struct Inner {
     reply: Mutex<PairReply>,
     commands: broadcast::Sender<Command>,
     signal: tokio::sync::Mutex<signal::SignalPeer>,
+    /// Phone numbers whose pre-key fetch is refused (`<error code="404">`).
+    refused: Mutex<Vec<String>>,
 }
 
 /// A running peer; stops when dropped.
@@ -162,6 +164,7 @@ impl Peer {
             reply: Mutex::new(PairReply::Ref),
             commands,
             signal: tokio::sync::Mutex::default(),
+            refused: Mutex::default(),
         });
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -199,6 +202,21 @@ impl Peer {
     pub fn set_pair_reply(&self, reply: PairReply) {
         if let Ok(mut r) = self.inner.reply.lock() {
             *r = reply;
+        }
+    }
+
+    /// From now on, a pre-key fetch for `phone`'s devices is refused with
+    /// `<error code="404" text="item-not-found"/>` (the device is gone).
+    pub fn refuse_keys_for(&self, phone: &str) {
+        if let Ok(mut r) = self.inner.refused.lock() {
+            r.push(phone.to_string());
+        }
+    }
+
+    /// Serves `phone`'s keys again (undoes [`Peer::refuse_keys_for`]).
+    pub fn serve_keys_for(&self, phone: &str) {
+        if let Ok(mut r) = self.inner.refused.lock() {
+            r.retain(|p| p != phone);
         }
     }
 
@@ -671,6 +689,20 @@ async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Opti
                         .get_children_by_tag("user")
                         .filter_map(|u| u.get_attr("jid").and_then(|v| v.to_jid()))
                         .map(|jid| {
+                            let refused = inner
+                                .refused
+                                .lock()
+                                .map(|r| r.iter().any(|p| p.as_str() == jid.user.as_str()))
+                                .unwrap_or(false);
+                            if refused {
+                                return NodeBuilder::new("user")
+                                    .attr("jid", jid)
+                                    .children([NodeBuilder::new("error")
+                                        .attr("code", "404")
+                                        .attr("text", "item-not-found")
+                                        .build()])
+                                    .build();
+                            }
                             served.push(jid.to_string());
                             signal.bundle_node(&jid)
                         })
