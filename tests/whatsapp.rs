@@ -647,13 +647,11 @@ fn hook_receiver() -> (
     (url, got)
 }
 
-/// The peer's second WhatsApp user (tests/wa-peer/src/signal.rs) and the real client
-/// exchange Signal-encrypted messages end to end: the API's send reaches the peer as a
-/// `pkmsg` that decrypts to the same text; the peer's reply on that session (`msg`) and a
-/// message from a stranger (a `pkmsg` on the pre-keys the client uploaded) are decrypted
-/// by the client and become `message.received` webhooks; `!ping` is answered, encrypted.
-#[test]
-fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
+type Hooks = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// A peer, and a server with a webhook receiver whose session `id` (phone 15551234567)
+/// is paired (seeded) and online.
+fn online_with_webhook(id: &str) -> (Peer, Server, Hooks) {
     let peer = Peer::start();
     let (hook, got) = hook_receiver();
     let s = start(
@@ -665,11 +663,28 @@ fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
             "real-link-webhook-secret-0123",
         ],
     );
-    s.create("wa_tx", "15551234567");
-    assert_eq!(s.post("/api/sessions/wa_tx/stop", None).status, 200);
-    seed_paired(&s, "wa_tx", "Sender");
-    assert_eq!(s.post("/api/sessions/wa_tx/start", None).status, 200);
-    s.wait_state("wa_tx", "online");
+    s.create(id, "15551234567");
+    assert_eq!(
+        s.post(&format!("/api/sessions/{id}/stop"), None).status,
+        200
+    );
+    seed_paired(&s, id, "Sender");
+    assert_eq!(
+        s.post(&format!("/api/sessions/{id}/start"), None).status,
+        200
+    );
+    s.wait_state(id, "online");
+    (peer, s, got)
+}
+
+/// The peer's second WhatsApp user (tests/wa-peer/src/signal.rs) and the real client
+/// exchange Signal-encrypted messages end to end: the API's send reaches the peer as a
+/// `pkmsg` that decrypts to the same text; the peer's reply on that session (`msg`) and a
+/// message from a stranger (a `pkmsg` on the pre-keys the client uploaded) are decrypted
+/// by the client and become `message.received` webhooks; `!ping` is answered, encrypted.
+#[test]
+fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
+    let (peer, s, got) = online_with_webhook("wa_tx");
     wait_until(10, "the client uploads its pre-keys", || {
         peer.stats().pre_key_uploads >= 1
     });
@@ -846,22 +861,7 @@ fn got_all(got: &std::sync::Mutex<Vec<serde_json::Value>>) -> Vec<serde_json::Va
 /// had, the send fails: a clear 502, a `message.failed` webhook, the session still online.
 #[test]
 fn a_send_with_no_keys_to_be_had_is_a_502_and_a_failed_event() {
-    let peer = Peer::start();
-    let (hook, got) = hook_receiver();
-    let s = start(
-        &peer,
-        &[
-            "--webhook-url",
-            &hook,
-            "--webhook-secret",
-            "real-link-webhook-secret-0123",
-        ],
-    );
-    s.create("wa_nokeys", "15551234567");
-    assert_eq!(s.post("/api/sessions/wa_nokeys/stop", None).status, 200);
-    seed_paired(&s, "wa_nokeys", "Sender");
-    assert_eq!(s.post("/api/sessions/wa_nokeys/start", None).status, 200);
-    s.wait_state("wa_nokeys", "online");
+    let (peer, s, got) = online_with_webhook("wa_nokeys");
 
     peer.refuse_keys_for("15550003333");
     peer.refuse_keys_for("15551234567");
