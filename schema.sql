@@ -1,7 +1,8 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 4; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 5; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
--- webhook `outbox`, v4 `session_webhooks`).
+-- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
+-- `outbox_lane`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -37,7 +38,7 @@ CREATE TABLE IF NOT EXISTS settings (
 
 -- Webhook deliveries not yet made: written in the same transaction as the change that
 -- caused them, deleted once the receiver answered 2xx, kept as dead letters (dead = 1)
--- after the last attempt. Delivered in id order per destination.
+-- after the last attempt. Delivered in id order per lane (destination, session).
 CREATE TABLE IF NOT EXISTS outbox (
     id          INTEGER PRIMARY KEY,
     event_id    TEXT NOT NULL,
@@ -52,7 +53,11 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error  TEXT
 ) STRICT;
 
-CREATE INDEX IF NOT EXISTS outbox_next ON outbox (destination, dead, id);
+-- A lane's head (WHERE dead = 0 AND destination = ? AND user_id = ? ORDER BY id), every
+-- lane's head (WHERE dead = 0 GROUP BY destination, user_id) and the backlog's count.
+CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (dead, destination, user_id, id);
+-- (v3-v4: one delivery thread per destination read its head through this one.)
+DROP INDEX IF EXISTS outbox_next;
 
 -- A session's own webhook receiver (PUT /api/sessions/:id/webhook), besides the global ones.
 CREATE TABLE IF NOT EXISTS session_webhooks (

@@ -217,6 +217,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_WEBHOOK_RETRY_MAX", value_name = "DURATION",
           value_parser = parse_duration, default_value = "5m")]
     pub webhook_retry_max: HumanDuration,
+    /// Webhook requests in flight at most, over every receiver and session (each session
+    /// has at most one in flight per receiver).
+    #[arg(
+        long,
+        env = "BOTVISOR_WEBHOOK_MAX_INFLIGHT",
+        value_name = "N",
+        default_value_t = 32
+    )]
+    pub webhook_max_inflight: usize,
     /// Also send session.pairing_code events (they carry the code, a secret).
     #[arg(long, env = "BOTVISOR_WEBHOOK_PAIRING_CODES")]
     pub webhook_pairing_codes: bool,
@@ -663,6 +672,11 @@ impl Config {
                             "--webhook-max-attempts must be at least 1".into(),
                         )));
                     }
+                    if args.webhook_max_inflight == 0 {
+                        return Err(args.explain(ConfigError(
+                            "--webhook-max-inflight must be at least 1".into(),
+                        )));
+                    }
                     Some(crate::webhooks::WebhookSettings {
                         urls: args.webhook_url.clone(),
                         secret,
@@ -670,6 +684,7 @@ impl Config {
                         timeout: args.webhook_timeout.0,
                         backlog_max: args.webhook_backlog_max,
                         retry_max: args.webhook_retry_max.0,
+                        max_inflight: args.webhook_max_inflight,
                         pairing_codes: args.webhook_pairing_codes,
                     })
                 }

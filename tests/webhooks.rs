@@ -1,17 +1,20 @@
 //! Messages and signed, durable webhooks over real sockets, with a receiver in the test
-//! that can answer 2xx, answer 500, or be down.
+//! that can answer 2xx, answer 500, hang, drop the connection, be down, and come back on
+//! the same port.
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Server;
 use hmac::{Hmac, KeyInit, Mac};
+use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -33,80 +36,225 @@ impl Delivery {
     }
 }
 
-/// A webhook receiver: records every POST, answers with `status` (changeable).
+/// How the receiver treats a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+enum Mode {
+    /// 200 (recorded as delivered).
+    Ok = 0,
+    /// 500.
+    Fail = 1,
+    /// Reads the request and never answers (the connection stays open).
+    Hang = 2,
+    /// Reads the request and closes the connection.
+    Close = 3,
+}
+
+/// What the receiver's threads share.
+#[derive(Default)]
+struct Shared {
+    /// Deliveries answered 2xx.
+    got: Mutex<Vec<Delivery>>,
+    /// Requests read, whatever the answer.
+    requests: AtomicUsize,
+    /// Sessions (`data.userId`) whose requests get a 500 whatever the mode.
+    fail_users: Mutex<HashSet<String>>,
+    /// A `Mode`.
+    mode: AtomicU8,
+    /// Hung requests whose connection is still open, by the session they are about.
+    hung: Mutex<Vec<(TcpStream, String)>>,
+    /// The most hung requests open at once.
+    max_hung: AtomicUsize,
+    /// Sessions whose requests were hung at least once.
+    hung_users: Mutex<BTreeSet<String>>,
+    /// Every connection accepted (shut down when the receiver goes down).
+    conns: Mutex<Vec<TcpStream>>,
+}
+
+/// Whether the peer closed `s` (without blocking, without changing its flags).
+fn peer_closed(s: &TcpStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: a valid socket and a one-byte buffer that outlives the call.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            (&mut byte as *mut u8).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
+}
+
+/// One request off `reader`: its headers (lower-case names) and body; `None` at the end.
+fn read_request(reader: &mut BufReader<TcpStream>) -> Option<(HashMap<String, String>, Vec<u8>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((headers, body))
+}
+
+fn handle(conn: TcpStream, sh: &Shared) {
+    let mut out = conn.try_clone().unwrap();
+    let mut reader = BufReader::new(conn);
+    while let Some((headers, body)) = read_request(&mut reader) {
+        sh.requests.fetch_add(1, Ordering::SeqCst);
+        let h = |k: &str| headers.get(k).cloned().unwrap_or_default();
+        let d = Delivery {
+            event_id: h("x-botvisor-event-id"),
+            kind: h("x-botvisor-event"),
+            timestamp: h("x-botvisor-timestamp"),
+            signature: h("x-botvisor-signature"),
+            body: String::from_utf8_lossy(&body).into_owned(),
+        };
+        let user = serde_json::from_str::<Value>(&d.body)
+            .ok()
+            .and_then(|v| v["data"]["userId"].as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mode = match sh.mode.load(Ordering::SeqCst) {
+            _ if sh.fail_users.lock().unwrap().contains(&user) => Mode::Fail,
+            0 => Mode::Ok,
+            1 => Mode::Fail,
+            2 => Mode::Hang,
+            _ => Mode::Close,
+        };
+        match mode {
+            Mode::Ok => {
+                sh.got.lock().unwrap().push(d);
+                let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+            }
+            Mode::Fail => {
+                let _ = write!(out, "HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n");
+            }
+            Mode::Close => {
+                let _ = out.shutdown(Shutdown::Both);
+                return;
+            }
+            Mode::Hang => {
+                {
+                    // Open requests: those whose client has not closed the connection. A
+                    // client that gave up closed it before it sent the next request, so
+                    // the count does not depend on which thread here runs first.
+                    let mut hung = sh.hung.lock().unwrap();
+                    hung.retain(|(s, _)| !peer_closed(s));
+                    hung.push((out.try_clone().unwrap(), user.clone()));
+                    sh.max_hung.fetch_max(hung.len(), Ordering::SeqCst);
+                    sh.hung_users.lock().unwrap().insert(user);
+                }
+                // Never answer; return when the client closes.
+                let mut sink = [0u8; 1024];
+                while reader.read(&mut sink).is_ok_and(|n| n > 0) {}
+                return;
+            }
+        }
+    }
+}
+
+/// A webhook receiver on 127.0.0.1: records every POST it answers 2xx.
 struct Receiver {
-    addr: SocketAddr,
-    got: Arc<Mutex<Vec<Delivery>>>,
-    status: Arc<AtomicU16>,
+    port: u16,
+    sh: Arc<Shared>,
+    /// Set to stop the accepting thread (which then drops the listener).
+    stop: Mutex<Option<(Arc<AtomicBool>, std::thread::JoinHandle<()>)>>,
 }
 
 impl Receiver {
     fn start_on(listener: TcpListener) -> Receiver {
-        let addr = listener.local_addr().unwrap();
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let status = Arc::new(AtomicU16::new(200));
-        let (g, st) = (got.clone(), status.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                let (g, st) = (g.clone(), st.clone());
-                std::thread::spawn(move || {
-                    let mut reader = BufReader::new(conn.try_clone().unwrap());
-                    loop {
-                        let mut line = String::new();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        let mut headers = HashMap::new();
-                        loop {
-                            let mut h = String::new();
-                            if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            if h == "\r\n" {
-                                break;
-                            }
-                            if let Some((k, v)) = h.split_once(':') {
-                                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-                            }
-                        }
-                        let len: usize = headers
-                            .get("content-length")
-                            .and_then(|v| v.parse().ok())
-                            .unwrap_or(0);
-                        let mut body = vec![0; len];
-                        if reader.read_exact(&mut body).is_err() {
-                            return;
-                        }
-                        let h = |k: &str| headers.get(k).cloned().unwrap_or_default();
-                        let code = st.load(Ordering::SeqCst);
-                        if code == 200 {
-                            g.lock().unwrap().push(Delivery {
-                                event_id: h("x-botvisor-event-id"),
-                                kind: h("x-botvisor-event"),
-                                timestamp: h("x-botvisor-timestamp"),
-                                signature: h("x-botvisor-signature"),
-                                body: String::from_utf8_lossy(&body).into_owned(),
-                            });
-                        }
-                        let _ = write!(conn, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
-                    }
-                });
-            }
-        });
-        Receiver { addr, got, status }
+        let r = Receiver {
+            port: listener.local_addr().unwrap().port(),
+            sh: Arc::default(),
+            stop: Mutex::new(None),
+        };
+        r.serve(listener);
+        r
     }
 
     fn start() -> Receiver {
         Receiver::start_on(TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
+    /// Accepts on `listener` until `down`.
+    fn serve(&self, listener: TcpListener) {
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (sh, flag) = (self.sh.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        sh.conns.lock().unwrap().push(conn.try_clone().unwrap());
+                        let sh = sh.clone();
+                        std::thread::spawn(move || handle(conn, &sh));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        *self.stop.lock().unwrap() = Some((stop, thread));
+    }
+
+    /// Down: the listener is closed (connections are refused) and so is every connection.
+    fn down(&self) {
+        if let Some((flag, thread)) = self.stop.lock().unwrap().take() {
+            flag.store(true, Ordering::SeqCst);
+            thread.join().unwrap();
+        }
+        for c in self.sh.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Up again on the same port.
+    fn up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match TcpListener::bind(("127.0.0.1", self.port)) {
+                Ok(l) => break l,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("rebinding port {}: {e}", self.port);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => panic!("cannot listen on port {} again: {e}", self.port),
+            }
+        };
+        self.serve(listener);
+    }
+
+    fn set_mode(&self, mode: Mode) {
+        self.sh.mode.store(mode as u8, Ordering::SeqCst);
+    }
+
     fn url(&self) -> String {
-        format!("http://{}/hook", self.addr)
+        format!("http://127.0.0.1:{}/hook", self.port)
     }
 
     fn deliveries(&self) -> Vec<Delivery> {
-        self.got.lock().unwrap().clone()
+        self.sh.got.lock().unwrap().clone()
+    }
+
+    fn requests(&self) -> usize {
+        self.sh.requests.load(Ordering::SeqCst)
     }
 
     /// Waits until `pred` holds on the deliveries so far.
@@ -124,6 +272,78 @@ impl Receiver {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.down();
+    }
+}
+
+/// The outbox as the server left it on disk: (user, attempts, last error, dead) by id.
+fn outbox(s: &Server) -> Vec<(String, u32, Option<String>, bool)> {
+    let c = Connection::open_with_flags(
+        s.data_dir.join("botvisor.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = c
+        .prepare("SELECT user_id, attempts, last_error, dead FROM outbox ORDER BY id")
+        .unwrap();
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    rows
+}
+
+/// Polls the outbox until `pred` holds.
+fn wait_outbox(
+    s: &Server,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&[(String, u32, Option<String>, bool)]) -> bool,
+) -> Vec<(String, u32, Option<String>, bool)> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let rows = outbox(s);
+        if pred(&rows) {
+            return rows;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {rows:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Every event id once: no duplicate deliveries.
+fn assert_once(got: &[Delivery]) {
+    let ids: BTreeSet<&str> = got.iter().map(|d| d.event_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        got.len(),
+        "an event was delivered twice: {got:#?}"
+    );
+}
+
+fn send(s: &Server, id: &str, text: &str) {
+    let r = s.post(
+        &format!("/api/sessions/{id}/messages"),
+        Some(&format!(r#"{{"to":"15557654321","text":"{text}"}}"#)),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// The texts of a session's message.sent deliveries, in the order they came.
+fn sent_texts(got: &[Delivery], user: &str) -> Vec<String> {
+    got.iter()
+        .filter(|d| d.kind == "message.sent" && d.json()["data"]["userId"] == user)
+        .map(|d| d.json()["data"]["text"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// The receiver's side of the signature check (what examples/ shows in Python and Node).
@@ -285,60 +505,325 @@ fn the_send_api_refuses_clearly_and_limits_the_rate() {
     );
 }
 
+/// The issue's case: the receiver is down for a whole minute while sessions go on (sends,
+/// a stop), with retries capped at a few seconds; once it is back on the same port every
+/// event arrives exactly once (by X-Botvisor-Event-Id), in order per session.
 #[test]
-fn a_receiver_that_is_down_gets_every_event_once_in_order_when_it_comes_back() {
-    // Reserve a port, then close it: the receiver is down.
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let url = format!("http://127.0.0.1:{port}/hook");
-    let s = start(&[&url], &["--webhook-retry-max", "1s"]);
-    for id in ["d1", "d2"] {
+fn a_receiver_down_for_a_minute_gets_every_event_once_in_order_when_it_comes_back() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(
+        &[&url],
+        &[
+            "--webhook-retry-max",
+            "3s",
+            "--webhook-max-attempts",
+            "1000",
+        ],
+    );
+    let users = ["d1", "d2", "d3"];
+    for id in users {
         assert_eq!(s.create(id, "15550001111").status, 201);
     }
-    for id in ["d1", "d2"] {
+    for id in users {
         s.wait_state(id, "online");
-        for i in 0..5 {
-            let r = s.post(
-                &format!("/api/sessions/{id}/messages"),
-                Some(&format!(r#"{{"to":"15557654321","text":"{id}-{i}"}}"#)),
-            );
-            assert_eq!(r.status, 201);
-        }
+        send(&s, id, &format!("{id}-before"));
     }
-    assert_eq!(s.post("/api/sessions/d1/stop", None).status, 200);
-    std::thread::sleep(Duration::from_secs(3));
-    // Back up.
-    let r = Receiver::start_on(TcpListener::bind(("127.0.0.1", port)).unwrap());
-    let expected = 2 * (4 + 5) + 1; // states to online + sends, each; d1's stop
-    let got = r.wait(30, "every event", |g| g.len() >= expected);
-    std::thread::sleep(Duration::from_secs(2));
+    r.wait(20, "the events before the outage", |g| g.len() == 3 * 5);
+    r.down();
+    let down_at = Instant::now();
+    let rounds = 12;
+    for round in 0..rounds {
+        for id in ["d1", "d2"] {
+            send(&s, id, &format!("{id}-{round}"));
+        }
+        if round == 6 {
+            assert_eq!(s.post("/api/sessions/d3/stop", None).status, 200);
+        }
+        if round == 10 {
+            // Retried all along (a head at a time per lane), none given up.
+            let rows = outbox(&s);
+            let tried = rows.iter().map(|(_, a, _, _)| *a).max().unwrap_or(0);
+            assert!(tried >= 5, "retries every few seconds: {rows:#?}");
+            assert!(rows.iter().all(|(_, _, _, dead)| !dead), "{rows:#?}");
+            let refused = rows
+                .iter()
+                .filter_map(|(_, _, e, _)| e.as_deref())
+                .any(|e| e.contains("refused"));
+            assert!(refused, "{rows:#?}");
+        }
+        let next = down_at + Duration::from_secs(5 * (round + 1));
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    assert!(down_at.elapsed() >= Duration::from_secs(60));
+    assert_eq!(r.deliveries().len(), 15, "nothing got through while down");
+    let queued = outbox(&s).len();
+    r.up();
+    let back = Instant::now();
+    let complete = |g: &[Delivery]| {
+        ["d1", "d2"]
+            .iter()
+            .all(|id| sent_texts(g, id).len() == 1 + rounds as usize)
+            && kinds(g, "d3")
+                .last()
+                .is_some_and(|k| k.ends_with(":stopped"))
+    };
+    let got = r.wait(30, "every event", complete);
+    let caught_up = back.elapsed();
+    // Longer than a retry (3 s and jitter): a duplicate would have shown up by now.
+    std::thread::sleep(Duration::from_secs(5));
     let got_now = r.deliveries();
+    assert_eq!(got_now.len(), got.len(), "more deliveries than events");
+    assert_once(&got_now);
     assert_eq!(
         got_now.len(),
-        got.len(),
-        "more deliveries than events: duplicates"
+        15 + queued,
+        "each event queued in the outage, once"
     );
-    let ids: BTreeSet<&str> = got.iter().map(|d| d.event_id.as_str()).collect();
-    assert_eq!(ids.len(), got.len(), "an event was delivered twice");
     for id in ["d1", "d2"] {
-        let texts: Vec<String> = got
-            .iter()
-            .filter(|d| d.kind == "message.sent" && d.json()["data"]["userId"] == id)
-            .map(|d| d.json()["data"]["text"].as_str().unwrap().to_string())
-            .collect();
-        let want: Vec<String> = (0..5).map(|i| format!("{id}-{i}")).collect();
-        assert_eq!(texts, want, "in order per session");
+        let mut want = vec![format!("{id}-before")];
+        want.extend((0..rounds).map(|i| format!("{id}-{i}")));
+        assert_eq!(sent_texts(&got_now, id), want, "in order per session");
+        let k = kinds(&got_now, id);
+        assert_eq!(
+            k[..4],
+            [
+                "session.state:starting",
+                "session.state:pairing",
+                "session.state:connecting",
+                "session.state:online"
+            ],
+            "{k:?}"
+        );
     }
-    assert!(kinds(&got, "d1").last().unwrap().ends_with(":stopped"));
+    assert!(outbox(&s).is_empty(), "the outbox is drained");
+    eprintln!(
+        "{queued} deliveries queued during the 60 s outage; all in {} ms after the receiver came back",
+        caught_up.as_millis()
+    );
+}
+
+/// A receiver that hangs (reads the request, never answers) or drops the connection
+/// mid-request fails the attempt with a clear error; later attempts go on, and once it
+/// answers 2xx every event arrives once, in order.
+fn fails_then_delivers(mode: Mode, error: &str) {
+    let r = Receiver::start();
+    r.set_mode(mode);
+    let url = r.url();
+    let s = start(
+        &[&url],
+        &["--webhook-timeout", "1s", "--webhook-retry-max", "1s"],
+    );
+    assert_eq!(s.create("h1", "15550001111").status, 201);
+    s.wait_state("h1", "online");
+    let rows = wait_outbox(&s, 20, "two failed attempts", |rows| {
+        rows.first()
+            .is_some_and(|(_, a, e, _)| *a >= 2 && e.as_deref().is_some_and(|e| e.contains(error)))
+    });
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    assert!(
+        rows[1..].iter().all(|(_, a, _, _)| *a == 0),
+        "only the head of the lane is tried: {rows:#?}"
+    );
+    assert!(r.requests() >= 2);
+    assert!(r.deliveries().is_empty());
+    r.set_mode(Mode::Ok);
+    r.wait(20, "the state events", |g| g.len() >= 4);
+    wait_outbox(&s, 10, "an empty outbox", |rows| rows.is_empty());
+    std::thread::sleep(Duration::from_millis(1_500));
+    let got = r.deliveries();
+    assert_once(&got);
+    assert_eq!(
+        kinds(&got, "h1"),
+        [
+            "session.state:starting",
+            "session.state:pairing",
+            "session.state:connecting",
+            "session.state:online"
+        ]
+    );
+}
+
+#[test]
+fn a_hanging_receiver_times_out_and_a_later_2xx_delivers() {
+    fails_then_delivers(
+        Mode::Hang,
+        "timed out: no answer within 1s (--webhook-timeout)",
+    );
+}
+
+#[test]
+fn a_receiver_closing_the_connection_fails_the_attempt_and_a_later_2xx_delivers() {
+    fails_then_delivers(Mode::Close, "connection closed before message completed");
+}
+
+/// A stop does not wait for a receiver that hangs: the attempt in flight is abandoned,
+/// its row stays, and the next start delivers it (at least once).
+#[test]
+fn a_stop_does_not_wait_for_a_hanging_receiver() {
+    let r = Receiver::start();
+    r.set_mode(Mode::Hang);
+    let url = r.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--webhook-secret",
+        SECRET,
+        "--webhook-url",
+        &url,
+        "--webhook-timeout",
+        "5m",
+        "--sim-pair-delay",
+        "100ms",
+    ];
+    let mut s = Server::start_in(tmp.path(), &args);
+    assert_eq!(s.create("t1", "15550001111").status, 201);
+    s.wait_state("t1", "online");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.sh.hung.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no request reached the receiver");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let stopping = Instant::now();
+    assert_eq!(s.terminate(), Some(0));
+    let took = stopping.elapsed();
+    assert!(took < Duration::from_secs(8), "the stop took {took:?}");
+    // The four states to online, and the stop's.
+    assert_eq!(outbox(&s).len(), 5, "the undelivered events stay");
+    r.set_mode(Mode::Ok);
+    let _s = Server::start_in(tmp.path(), &args);
+    let got = r.wait(20, "the events after the restart", |g| {
+        kinds(g, "t1")
+            .iter()
+            .filter(|k| k.ends_with(":online"))
+            .count()
+            == 2
+    });
+    assert_eq!(
+        kinds(&got, "t1")[..5],
+        [
+            "session.state:starting",
+            "session.state:pairing",
+            "session.state:connecting",
+            "session.state:online",
+            "session.state:stopped"
+        ]
+    );
+    eprintln!("stopped in {} ms with a request hung", took.as_millis());
+}
+
+/// Lanes are per session: one session's events failing (500) on a receiver does not hold
+/// up another session's on the same receiver.
+#[test]
+fn a_failing_session_does_not_hold_up_the_others_on_the_same_receiver() {
+    let r = Receiver::start();
+    r.sh.fail_users.lock().unwrap().insert("bad".into());
+    let url = r.url();
+    let s = start(
+        &[&url],
+        &["--webhook-retry-max", "1s", "--webhook-max-attempts", "100"],
+    );
+    // bad's events are older in the outbox than good's, for the same destination.
+    assert_eq!(s.create("bad", "15550001111").status, 201);
+    s.wait_state("bad", "online");
+    assert_eq!(s.create("good", "15550002222").status, 201);
+    s.wait_state("good", "online");
+    for i in 0..5 {
+        send(&s, "good", &format!("good-{i}"));
+    }
+    let got = r.wait(20, "good's events", |g| sent_texts(g, "good").len() == 5);
+    assert_eq!(
+        sent_texts(&got, "good"),
+        (0..5).map(|i| format!("good-{i}")).collect::<Vec<_>>()
+    );
+    assert!(kinds(&got, "bad").is_empty());
+    let rows = outbox(&s);
+    let bad: Vec<_> = rows.iter().filter(|(u, _, _, _)| u == "bad").collect();
+    assert_eq!(bad.len(), 4, "{rows:#?}");
+    assert!(
+        bad[0].1 >= 1 && bad[0].2.as_deref().is_some_and(|e| e.contains("500")),
+        "{rows:#?}"
+    );
+    assert!(bad[1..].iter().all(|(_, a, _, _)| *a == 0), "{rows:#?}");
+    // Fixed: bad's events follow, in order.
+    r.sh.fail_users.lock().unwrap().clear();
+    let got = r.wait(20, "bad's events", |g| kinds(g, "bad").len() == 4);
+    assert_eq!(
+        kinds(&got, "bad"),
+        [
+            "session.state:starting",
+            "session.state:pairing",
+            "session.state:connecting",
+            "session.state:online"
+        ]
+    );
+    assert_once(&got);
+}
+
+/// `--webhook-max-inflight 2`: six sessions' own receivers all hang, and the receiver never
+/// has more than two requests open at once; every session still gets its turn.
+#[test]
+fn requests_in_flight_stay_within_the_bound() {
+    let r = Receiver::start();
+    r.set_mode(Mode::Hang);
+    let s = Server::start(&[
+        "--webhook-secret",
+        SECRET,
+        "--sim-pair-delay",
+        "100ms",
+        "--webhook-max-inflight",
+        "2",
+        "--webhook-timeout",
+        "1s",
+        "--webhook-retry-max",
+        "1s",
+    ]);
+    let users: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+    for id in &users {
+        assert_eq!(s.create(id, "15550001111").status, 201);
+    }
+    for id in &users {
+        s.wait_state(id, "online");
+        let own = format!(r#"{{"url":"http://127.0.0.1:{}/hook/{id}"}}"#, r.port);
+        let put = s.req(
+            "PUT",
+            &format!("/api/sessions/{id}/webhook"),
+            Some(&own),
+            &[],
+        );
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    for id in &users {
+        send(&s, id, &format!("to {id}"));
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while r.sh.hung_users.lock().unwrap().len() < users.len() {
+        assert!(
+            Instant::now() < deadline,
+            "not every session got a turn: {:?}",
+            r.sh.hung_users.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let max = r.sh.max_hung.load(Ordering::SeqCst);
+    assert_eq!(
+        max, 2,
+        "at most --webhook-max-inflight open, and the bound is used"
+    );
+    r.set_mode(Mode::Ok);
+    let got = r.wait(20, "every session's message", |g| {
+        g.iter().filter(|d| d.kind == "message.sent").count() == users.len()
+    });
+    for id in &users {
+        assert_eq!(sent_texts(&got, id), [format!("to {id}")]);
+    }
+    assert_once(&got);
+    assert!(r.sh.max_hung.load(Ordering::SeqCst) <= 2);
 }
 
 #[test]
 fn a_receiver_failing_forever_makes_dead_letters_that_replay() {
     let r = Receiver::start();
-    r.status.store(500, Ordering::SeqCst);
+    r.set_mode(Mode::Fail);
     let url = r.url();
     let s = start(
         &[&url],
@@ -363,7 +848,7 @@ fn a_receiver_failing_forever_makes_dead_letters_that_replay() {
         "{first}"
     );
     // The receiver is fixed; the operator replays.
-    r.status.store(200, Ordering::SeqCst);
+    r.set_mode(Mode::Ok);
     for d in dead["dead"].as_array().unwrap() {
         let id = d["eventId"].as_str().unwrap();
         let rep = s.post(&format!("/api/webhooks/dead/{id}/replay"), None);

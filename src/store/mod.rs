@@ -97,8 +97,8 @@ pub struct Store {
     config: StoreConfig,
 }
 
-/// A second connection to the session database (webhook workers read and update the
-/// outbox through their own).
+/// A second connection to the session database (the webhook dispatcher reads and updates
+/// the outbox through its own).
 pub fn open_side_connection(path: &str, uri: bool) -> Result<Connection, StorageError> {
     sql::open(path, uri)
 }
@@ -181,9 +181,10 @@ impl Store {
             let commit_seconds = config.commit_seconds.clone();
             let queue = queue.clone();
             let backups = backups.clone();
+            let webhooks = config.webhooks.clone();
             std::thread::Builder::new()
                 .name("botvisor-store".into())
-                .spawn(move || writer::run(&queue, conn, backups, commit_seconds))
+                .spawn(move || writer::run(&queue, conn, backups, commit_seconds, webhooks))
                 .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))
                 .map_err(OpenError::from)?
         };
@@ -326,10 +327,15 @@ impl Store {
     /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
     pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
         let event_id = event_id.to_string();
-        self.on_reader(move |conn| {
-            crate::webhooks::replay(conn, &event_id).map_err(|e| sql::classify(&e))
-        })
-        .await
+        let revived = self
+            .on_reader(move |conn| {
+                crate::webhooks::replay(conn, &event_id).map_err(|e| sql::classify(&e))
+            })
+            .await?;
+        if let (Some(hooks), true) = (&self.webhooks, revived > 0) {
+            hooks.rescan();
+        }
+        Ok(revived)
     }
 
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
@@ -432,10 +438,11 @@ impl Store {
         if let Some(h) = handle {
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
-        // Everything queued is committed: the outbox keeps what is not delivered yet, and
-        // the workers stop after the attempt in hand.
-        if let Some(w) = &self.webhooks {
-            w.close();
+        // Everything queued is committed: the outbox keeps what is not delivered yet. The
+        // dispatcher writes the outcomes it has and stops; attempts in flight are abandoned
+        // (delivered again after the restart). Bounded: a hung receiver cannot hold it.
+        if let Some(w) = self.webhooks.clone() {
+            let _ = tokio::task::spawn_blocking(move || w.close()).await;
         }
     }
 }

@@ -240,12 +240,15 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// The writer thread's loop: runs until the queue is closed and drained.
+/// The writer thread's loop: runs until the queue is closed and drained. After a commit
+/// that wrote outbox rows it tells `webhooks` which lanes got them (the dispatcher does not
+/// poll).
 pub fn run(
     queue: &Queue,
     mut conn: Connection,
     backups: Backups,
     commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
+    webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
 ) {
     let mut retry = Duration::from_millis(50);
     while let Some(mut batch) = queue.take() {
@@ -257,6 +260,16 @@ pub fn run(
         let result = commit(&mut conn, &batch).map_err(|e| sql::classify_on(&conn, &e));
         if let Some(h) = &commit_seconds {
             h.observe(started.elapsed().as_secs_f64());
+        }
+        if let (Ok(()), Some(hooks)) = (&result, &webhooks) {
+            if !batch.outbox.is_empty() {
+                hooks.committed(
+                    batch
+                        .outbox
+                        .iter()
+                        .map(|r| (r.destination.as_str(), r.user_id.as_str())),
+                );
+            }
         }
         if result.is_ok() {
             // A deleted session's backups go before its delete is confirmed: a kill right
