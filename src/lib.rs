@@ -46,22 +46,29 @@ use store::{Store, StoreConfig};
 
 /// Builds the link the configuration asks for (and hands back the simulated network, for
 /// its test endpoints, when that is the link).
-fn make_link(config: &Config) -> (Arc<dyn Link>, Option<Arc<link::sim::SimLink>>) {
+/// The link, and the concrete one behind it (the simulated network has test endpoints;
+/// the WhatsApp link is told where received messages are kept once the store is open).
+enum Concrete {
+    Sim(Arc<link::sim::SimLink>),
+    WhatsApp(Arc<link::whatsapp::WhatsAppLink>),
+}
+
+fn make_link(config: &Config) -> (Arc<dyn Link>, Concrete) {
     match config.link {
         LinkKind::Sim => {
             let sim = Arc::new(link::sim::SimLink::new(
                 config.data_dir.clone(),
                 config.sim.clone(),
             ));
-            (sim.clone(), Some(sim))
+            (sim.clone(), Concrete::Sim(sim))
         }
-        LinkKind::Whatsapp => (
-            Arc::new(link::whatsapp::WhatsAppLink::new(
+        LinkKind::Whatsapp => {
+            let wa = Arc::new(link::whatsapp::WhatsAppLink::new(
                 config.data_dir.clone(),
                 config.whatsapp.clone(),
-            )),
-            None,
-        ),
+            ));
+            (wa.clone(), Concrete::WhatsApp(wa))
+        }
     }
 }
 
@@ -257,7 +264,7 @@ pub async fn run(
             source,
         })?;
     }
-    let (link, sim) = make_link(&config);
+    let (link, concrete) = make_link(&config);
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let store_config = StoreConfig {
         database: config.database.clone(),
@@ -276,6 +283,13 @@ pub async fn run(
         other => RunError::OtherLink(other),
     })?;
     let store = Arc::new(store);
+    let sim = match concrete {
+        Concrete::Sim(sim) => Some(sim),
+        Concrete::WhatsApp(wa) => {
+            wa.keep_inbound_in(store.clone());
+            None
+        }
+    };
     tracing::info!(sessions = boot.len(), link = link.name(), "store opened");
     log_capacity(link.as_ref());
     let (sup, sup_task) = Actor::spawn(

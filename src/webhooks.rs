@@ -171,6 +171,17 @@ pub fn signature(secret: &str, timestamp: u64, body: &str) -> String {
     format!("v1={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// An event id derived from `parts` (SHA-256, 128 bits): the same parts, the same id.
+pub fn derived_event_id(parts: &[&str]) -> String {
+    use sha2::Digest;
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    format!("evt_{}", hex::encode(&h.finalize()[..16]))
+}
+
 /// A new event id (random, 128 bits).
 pub fn event_id() -> String {
     let mut h = RandomState::new().build_hasher();

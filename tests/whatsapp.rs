@@ -674,6 +674,9 @@ fn online_with_webhook(id: &str) -> (Peer, Server, Hooks) {
         200
     );
     s.wait_state(id, "online");
+    wait_until(10, "the client uploads its pre-keys", || {
+        peer.stats().pre_key_uploads >= 1
+    });
     (peer, s, got)
 }
 
@@ -685,9 +688,6 @@ fn online_with_webhook(id: &str) -> (Peer, Server, Hooks) {
 #[test]
 fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
     let (peer, s, got) = online_with_webhook("wa_tx");
-    wait_until(10, "the client uploads its pre-keys", || {
-        peer.stats().pre_key_uploads >= 1
-    });
 
     // Out: the API's text arrives at the peer's user and decrypts to the same text.
     let text = "héllo from botvisor ✓";
@@ -905,4 +905,65 @@ fn a_send_with_no_keys_to_be_had_is_a_502_and_a_failed_event() {
     );
 
     assert_eq!(s.session("wa_nokeys")["state"], "online");
+}
+
+/// A received message is acknowledged to WhatsApp only once its `message.received` event
+/// is durable (whatsapp-rust's inbound durability hook). While botvisor's database is
+/// locked by another process the commit fails, so the client holds the delivery receipt;
+/// WhatsApp (the peer) delivers the message again at the next login, and then it is
+/// kept, acknowledged and delivered to the webhook, each delivery with the same event id.
+#[test]
+fn a_received_message_is_acknowledged_only_once_it_is_kept() {
+    let (peer, s, got) = online_with_webhook("wa_keep");
+    let locker = rusqlite::Connection::open(s.data_dir.join("botvisor.db")).unwrap();
+    locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0KEEP000000000001".into(),
+        content: Content::Text("keep me".into()),
+    });
+    let log = s.data_dir.join(common::SERVER_LOG);
+    wait_until(30, "the commit of the received message fails", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("suppressing acks for redelivery")
+    });
+    assert!(
+        !peer
+            .stats()
+            .receipts
+            .iter()
+            .any(|(id, _)| id == "3EB0KEEP000000000001"),
+        "not acknowledged while it is not kept"
+    );
+    locker.execute_batch("ROLLBACK").unwrap();
+    drop(locker);
+
+    // The next login brings it again; now it is kept and acknowledged.
+    peer.command(Command::Close);
+    // (A message delivered in the offline batch is receipted `inactive`: delivered to a
+    // device that is not in the foreground.)
+    wait_until(20, "the redelivered message is acknowledged", || {
+        peer.stats().receipts.iter().any(|(id, kind)| {
+            id == "3EB0KEEP000000000001" && (kind == "delivery" || kind == "inactive")
+        })
+    });
+    assert!(peer.stats().redelivered >= 1);
+    wait_until(15, "the webhook gets it", || {
+        got_all(&got)
+            .iter()
+            .any(|v| v["data"]["messageId"] == "3EB0KEEP000000000001")
+    });
+    let copies: Vec<serde_json::Value> = got_all(&got)
+        .into_iter()
+        .filter(|v| v["data"]["messageId"] == "3EB0KEEP000000000001")
+        .collect();
+    eprintln!("deliveries of the kept message: {}", copies.len());
+    assert_eq!(copies[0]["data"]["text"], "keep me");
+    assert!(
+        copies.iter().all(|v| v["id"] == copies[0]["id"]),
+        "every copy carries one event id: {copies:?}"
+    );
+    assert_eq!(s.session("wa_keep")["state"], "online");
 }

@@ -22,7 +22,7 @@ use whatsapp_rust::transport::{
 
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Link, LinkError, LinkEvent,
-    PairingCode, PairingQr, SessionSpec,
+    PairingCode, PairingQr, Persistence, SessionSpec,
 };
 
 use crate::paths;
@@ -68,13 +68,71 @@ pub fn parse_version(s: &str) -> Result<(u32, u32, u32), VersionError> {
 pub struct WhatsAppLink {
     data_dir: PathBuf,
     settings: WhatsAppSettings,
+    /// Where received messages are made durable before WhatsApp is told they arrived.
+    inbound: OnceLock<Arc<dyn Persistence>>,
 }
 
 impl WhatsAppLink {
     /// A link storing credentials under `data_dir`.
     pub fn new(data_dir: PathBuf, settings: WhatsAppSettings) -> WhatsAppLink {
-        WhatsAppLink { data_dir, settings }
+        WhatsAppLink {
+            data_dir,
+            settings,
+            inbound: OnceLock::new(),
+        }
     }
+
+    /// Received messages go to `store` (their `message.received` events), durably,
+    /// before the client acknowledges them to WhatsApp: a crash or a failed commit
+    /// leaves them unacknowledged, and WhatsApp delivers them again on the next connect
+    /// (whatsapp-rust's inbound durability hook). Sessions connected later use it.
+    pub fn keep_inbound_in(&self, store: Arc<dyn Persistence>) {
+        let _ = self.inbound.set(store);
+    }
+}
+
+/// whatsapp-rust's inbound durability hook: a batch of received messages is handed to
+/// the store and committed before the client acks them; an `Err` (the disk failing)
+/// keeps them unacked, so WhatsApp redelivers them (the store's event ids are derived
+/// from the message, so a redelivery repeats the same `X-Botvisor-Event-Id`).
+struct DurableInbound {
+    shared: Arc<Shared>,
+    store: Arc<dyn Persistence>,
+}
+
+#[async_trait::async_trait]
+impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInbound {
+    async fn on_messages(
+        &self,
+        _client: Arc<Client>,
+        batch: &[InboundMessage],
+    ) -> anyhow::Result<()> {
+        for m in batch {
+            if let Some(msg) = received(m) {
+                self.store.inbound(&self.shared.user_id, &msg);
+            }
+        }
+        self.store
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot keep the received messages: {e}"))
+    }
+}
+
+/// A received message as botvisor reports it (`None` for the account's own messages).
+fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMessage> {
+    if m.info.source.is_from_me {
+        return None;
+    }
+    let text = m.message.text_content().map(str::to_string);
+    Some(botvisor_actors::InboundMessage {
+        id: m.info.id.to_string(),
+        from: m.info.source.sender.to_string(),
+        chat: m.info.source.chat.to_string(),
+        timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
+        kind: message_kind(&m.message, text.is_some()).into(),
+        text,
+    })
 }
 
 /// `ABCD1234` → `ABCD-1234` (as WhatsApp shows it and the LD7 API documents it).
@@ -100,6 +158,8 @@ struct Shared {
     closing: AtomicBool,
     /// Wakes the pairing manager (refresh requested, reconnect, paired).
     refresh: Notify,
+    /// Received messages reach the store through the durability hook, not as events.
+    durable_inbound: bool,
 }
 
 impl Shared {
@@ -218,19 +278,12 @@ impl Shared {
     /// its text; `!ping` answers `pong`.
     fn on_message(&self, m: &InboundMessage, client: &Arc<Client>) {
         tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
-        if m.info.source.is_from_me {
+        let Some(msg) = received(m) else {
             return;
+        };
+        if !self.durable_inbound {
+            self.events.emit(LinkEvent::Message(msg));
         }
-        let text = m.message.text_content().map(str::to_string);
-        self.events
-            .emit(LinkEvent::Message(botvisor_actors::InboundMessage {
-                id: m.info.id.to_string(),
-                from: m.info.source.sender.to_string(),
-                chat: m.info.source.chat.to_string(),
-                timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
-                kind: message_kind(&m.message, text.is_some()).into(),
-                text,
-            }));
         if !self.builtin_commands {
             return;
         }
@@ -568,6 +621,7 @@ impl Link for WhatsAppLink {
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
         let path = paths::credentials(&self.data_dir, &spec.user_id);
         let settings = self.settings.clone();
+        let inbound = self.inbound.get().cloned();
         Box::pin(async move {
             let store = open_store(&path).await?;
             let shared = Arc::new(Shared {
@@ -579,6 +633,7 @@ impl Link for WhatsAppLink {
                 terminal: AtomicBool::new(false),
                 closing: AtomicBool::new(false),
                 refresh: Notify::new(),
+                durable_inbound: inbound.is_some(),
             });
             let transport = WatchedTransport {
                 inner: match &settings.url {
@@ -592,20 +647,20 @@ impl Link for WhatsAppLink {
                 client: Arc::new(OnceLock::new()),
             };
             let client_slot = handler.client.clone();
-            let bot = Bot::builder()
+            let mut builder = Bot::builder()
                 .with_backend(store)
                 .with_transport_factory(transport)
                 .with_version(settings.version)
-                .with_event_handler(handler)
-                .build()
-                .await
-                .map_err(|e| {
-                    super::credential_error(
-                        "cannot build the WhatsApp client",
-                        &path,
-                        &e.to_string(),
-                    )
-                })?;
+                .with_event_handler(handler);
+            if let Some(store) = inbound {
+                builder = builder.with_inbound_durability_hook(DurableInbound {
+                    shared: shared.clone(),
+                    store,
+                });
+            }
+            let bot = builder.build().await.map_err(|e| {
+                super::credential_error("cannot build the WhatsApp client", &path, &e.to_string())
+            })?;
             let client = bot.client();
             let _ = client_slot.set(Arc::downgrade(&client));
             let paired = client.pn().is_some();

@@ -218,6 +218,12 @@ impl Store {
     /// Queues a webhook event for every receiver (nothing without receivers). It commits
     /// with whatever was queued before it, so with the change that caused it.
     pub fn webhook(&self, user_id: &str, kind: &'static str, data: &str) {
+        self.webhook_as(user_id, kind, data, crate::webhooks::event_id());
+    }
+
+    /// As [`Store::webhook`], under a given event id (one derived from what happened, so
+    /// the same thing reported twice carries the same `X-Botvisor-Event-Id`).
+    fn webhook_as(&self, user_id: &str, kind: &'static str, data: &str, event_id: String) {
         let Some(hooks) = &self.webhooks else {
             return;
         };
@@ -225,7 +231,6 @@ impl Store {
         if urls.is_empty() || !hooks.admit(urls.len() as u64) {
             return;
         }
-        let event_id = crate::webhooks::event_id();
         let at_ms = botvisor_actors::now_ms();
         let body = format!(
             r#"{{"id":"{event_id}","event":"{kind}","at":"{}","data":{data}}}"#,
@@ -562,7 +567,10 @@ impl Persistence for Store {
             timestamp: crate::timefmt::iso(msg.timestamp_ms),
         })
         .unwrap_or_default();
-        self.webhook(user_id, "message.received", &data);
+        // WhatsApp may deliver a message again (it is acknowledged only once this event
+        // is durable): the event id comes from the message, so receivers see one id.
+        let event_id = crate::webhooks::derived_event_id(&[user_id, &msg.chat, &msg.from, &msg.id]);
+        self.webhook_as(user_id, "message.received", &data, event_id);
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {

@@ -132,6 +132,8 @@ pub struct Stats {
     pub messages_sent: Vec<(String, String)>,
     /// Receipts the clients sent: (id, type; `delivery` when the type is absent).
     pub receipts: Vec<(String, String)>,
+    /// Unacknowledged messages sent again at a client's login.
+    pub redelivered: usize,
 }
 
 struct Inner {
@@ -141,6 +143,9 @@ struct Inner {
     signal: tokio::sync::Mutex<signal::SignalPeer>,
     /// Phone numbers whose pre-key fetch is refused (`<error code="404">`).
     refused: Mutex<Vec<String>>,
+    /// Messages sent to clients that no delivery receipt acknowledged yet, by the client's
+    /// phone number: like WhatsApp's offline queue, they are sent again at its next login.
+    unacked: Mutex<Vec<(String, Node)>>,
 }
 
 /// A running peer; stops when dropped.
@@ -165,6 +170,7 @@ impl Peer {
             commands,
             signal: tokio::sync::Mutex::default(),
             refused: Mutex::default(),
+            unacked: Mutex::default(),
         });
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -463,10 +469,35 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
         let success = NodeBuilder::new("success")
             .attr("t", now.to_string())
             .build();
+        if !session.send(&success).await {
+            return;
+        }
+        // What the client did not acknowledge before is delivered again (offline).
+        let user = session.client.as_ref().map(|c| c.user.to_string());
+        let queued: Vec<Node> = inner
+            .unacked
+            .lock()
+            .map(|q| {
+                q.iter()
+                    .filter(|(to, _)| Some(to) == user.as_ref())
+                    .map(|(_, n)| n.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for node in &queued {
+            let mut node = node.clone();
+            node.attrs.insert("offline", "1");
+            record(&inner, |s| s.redelivered += 1);
+            if !session.send(&node).await {
+                return;
+            }
+        }
         let offline = NodeBuilder::new("ib")
-            .children([NodeBuilder::new("offline").attr("count", "0").build()])
+            .children([NodeBuilder::new("offline")
+                .attr("count", queued.len().to_string())
+                .build()])
             .build();
-        if !session.send(&success).await || !session.send(&offline).await {
+        if !session.send(&offline).await {
             return;
         }
     } else {
@@ -533,6 +564,14 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                         let attr = |k: &str| node.get_attr(k).map(|v| v.as_str().to_string());
                         let id = attr("id").unwrap_or_default();
                         let kind = attr("type").unwrap_or_else(|| "delivery".into());
+                        // `inactive`: delivered to a device not in the foreground.
+                        if kind == "delivery" || kind == "inactive" {
+                            if let Ok(mut q) = inner.unacked.lock() {
+                                q.retain(|(_, n)| {
+                                    n.attrs.get("id").map(|v| v.as_str()).as_deref() != Some(id.as_str())
+                                });
+                            }
+                        }
                         record(&inner, |s| s.receipts.push((id, kind)));
                         continue;
                     }
@@ -854,5 +893,8 @@ async fn send_message(
     record(inner, |s| {
         s.messages_sent.push((id.to_string(), kind.to_string()))
     });
+    if let Ok(mut q) = inner.unacked.lock() {
+        q.push((client.user.to_string(), message.clone()));
+    }
     session.send(&message).await
 }
