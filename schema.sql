@@ -1,8 +1,8 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 5; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 6; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
 -- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
--- `outbox_lane`).
+-- `outbox_lane`, v6 added `outbox_event`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -58,6 +58,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_lane ON outbox (dead, destination, user_id, id);
 -- (v3-v4: one delivery thread per destination read its head through this one.)
 DROP INDEX IF EXISTS outbox_next;
+-- A replay of a dead letter finds its rows by event id (WHERE event_id = ? AND dead = 1).
+CREATE INDEX IF NOT EXISTS outbox_event ON outbox (event_id);
 
 -- A session's own webhook receiver (PUT /api/sessions/:id/webhook), besides the global ones.
 CREATE TABLE IF NOT EXISTS session_webhooks (

@@ -90,6 +90,8 @@ const RESCAN_EVERY_MS: u64 = 5_000;
 const COUNT_EVERY_MS: u64 = 1_000;
 /// The wait before retrying a failed read or write of the outbox.
 const DB_RETRY_MS: u64 = 1_000;
+/// How often a lane waiting for a probe of its receiver looks again.
+const PROBE_WAIT_MS: u64 = 500;
 /// How long `close` waits for the dispatcher to write what it has and stop.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// The most of a receiver's answer body that is read (then the connection is dropped).
@@ -97,6 +99,21 @@ const ANSWER_BODY_MAX: usize = 64 * 1024;
 
 /// A delivery lane: (destination, session).
 type Lane = (String, String);
+
+/// Failed attempts in a row, with no success between them, after which a receiver is
+/// taken for down: its lanes then wait while one probe at a time tries it.
+const DOWN_AFTER: u32 = 3;
+
+/// What the dispatcher knows of one receiver's health (a circuit breaker).
+#[derive(Debug, Default)]
+struct Health {
+    /// Failed attempts in a row.
+    failures: u32,
+    /// Taken for down: no attempt starts before this (ms), then one probe.
+    down_until: u64,
+    /// A probe is in flight.
+    probing: bool,
+}
 
 type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
@@ -282,6 +299,7 @@ impl Webhooks {
             ready: VecDeque::new(),
             queued: HashSet::new(),
             outcomes: Vec::new(),
+            health: HashMap::new(),
             write_retry_at: 0,
             rescan_at: 0,
             count_dirty: true,
@@ -495,6 +513,8 @@ struct Dispatcher {
     queued: HashSet<Lane>,
     /// Outcomes not written yet.
     outcomes: Vec<Outcome>,
+    /// Receivers' health, by destination (only those that failed lately).
+    health: HashMap<String, Health>,
     /// After a failed write of the outcomes, when to try again.
     write_retry_at: u64,
     /// When to look at every lane (0: at once).
@@ -662,6 +682,18 @@ impl Dispatcher {
             };
             let lane = self.ready.pop_front().expect("not empty");
             self.queued.remove(&lane);
+            // A receiver taken for down is tried by one probe at a time; its other lanes
+            // wait (spending none of their attempts) until it answers again.
+            if let Some(h) = self.health.get_mut(&lane.0) {
+                if h.failures >= DOWN_AFTER {
+                    if h.probing || h.down_until > now {
+                        let until = h.down_until.max(now + PROBE_WAIT_MS);
+                        self.wait(lane, until);
+                        continue;
+                    }
+                    h.probing = true;
+                }
+            }
             let head = self.conn.prepare_cached(HEAD_SQL).and_then(|mut stmt| {
                 stmt.query_row(params![lane.0, lane.1], |r| {
                     Ok(Head {
@@ -675,6 +707,12 @@ impl Dispatcher {
                 })
                 .optional()
             });
+            if !matches!(&head, Ok(Some(h)) if h.next_at.max(0) as u64 <= now) {
+                // Not started: a probe slot it took is free again.
+                if let Some(h) = self.health.get_mut(&lane.0) {
+                    h.probing = false;
+                }
+            }
             match head {
                 // Nothing left in that lane.
                 Ok(None) => {}
@@ -770,10 +808,38 @@ impl Dispatcher {
         self.count_dirty = true;
         for (o, retry_at) in std::mem::take(&mut self.outcomes).into_iter().zip(next) {
             self.busy.remove(&o.lane);
+            self.note_health(&o, now);
             match retry_at {
                 Some(at) => self.wait(o.lane, at),
                 None => self.look_at(o.lane),
             }
+        }
+    }
+
+    /// Learns from an attempt's end whether its receiver is up: a success clears its
+    /// record (and wakes the lanes that waited for it); failures in a row past
+    /// `DOWN_AFTER` take it for down, for a backoff that grows like a lane's.
+    fn note_health(&mut self, o: &Outcome, now: u64) {
+        let url = &o.lane.0;
+        if o.result.is_ok() {
+            if let Some(h) = self.health.remove(url) {
+                if h.failures >= DOWN_AFTER {
+                    tracing::info!(%url, "webhook receiver answers again: delivering its backlog");
+                    self.rescan_at = 0;
+                }
+            }
+            return;
+        }
+        let h = self.health.entry(url.clone()).or_default();
+        h.failures += 1;
+        h.probing = false;
+        if h.failures >= DOWN_AFTER {
+            if h.failures == DOWN_AFTER {
+                tracing::warn!(%url, error = ?o.result.as_ref().err(),
+                    "webhook receiver is failing: its events wait, and one probe at a time tries it");
+            }
+            let retry = backoff(h.failures - DOWN_AFTER, self.hooks.settings.retry_max);
+            h.down_until = now + retry.as_millis() as u64;
         }
     }
 
@@ -904,15 +970,20 @@ mod tests {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
         let indexes: Vec<String> = conn
-            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox'")
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'outbox' ORDER BY name")
             .unwrap()
             .query_map([], |r| r.get(0))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(indexes, ["outbox_lane"]);
+        assert_eq!(indexes, ["outbox_event", "outbox_lane"]);
+        let replay = plan(
+            &conn,
+            "UPDATE outbox SET dead = 0 WHERE event_id = 'evt_x' AND dead = 1",
+        );
+        assert!(replay.contains("outbox_event"), "{replay}");
         let head = plan(&conn, HEAD_SQL);
         assert!(
             head.contains("USING INDEX outbox_lane") && !head.contains("TEMP B-TREE"),

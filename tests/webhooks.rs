@@ -1004,3 +1004,52 @@ fn per_session_webhooks_need_a_secret() {
     );
     assert!(r.error(409).contains("--webhook-secret"));
 }
+
+/// A receiver that fails for everyone is taken for down after a few failures in a row:
+/// the other sessions' events wait without spending their attempts while one probe at a
+/// time tries it, so an outage longer than the attempts allow leaves only the probes'
+/// events as dead letters (not every event), and the receiver is not hammered by every
+/// session's retries. Once a probe gets a 2xx, the backlog goes out, in order per session.
+#[test]
+fn a_receiver_failing_for_everyone_is_probed_not_hammered() {
+    let r = Receiver::start();
+    r.set_mode(Mode::Fail);
+    let url = r.url();
+    let s = start(
+        &[&url],
+        &["--webhook-max-attempts", "3", "--webhook-retry-max", "1s"],
+    );
+    let users: Vec<String> = (0..12).map(|i| format!("cb{i:02}")).collect();
+    for u in &users {
+        assert_eq!(s.create(u, "15550001111").status, 201);
+    }
+    for u in &users {
+        s.wait_state(u, "online");
+    }
+    // Six seconds of failing answers (the outage itself, not a synchronisation).
+    std::thread::sleep(Duration::from_secs(6));
+    let during = r.requests();
+    let dead_during = s.get("/api/webhooks/dead").json()["count"]
+        .as_u64()
+        .unwrap();
+    r.set_mode(Mode::Ok);
+    // 12 sessions x 4 state events; the dead ones stay dead until replayed.
+    let expected = 48 - dead_during as usize;
+    let got = r.wait(30, "the backlog", |g| g.len() >= expected);
+    eprintln!(
+        "receiver failing for 6 s: {during} requests, {dead_during} dead letters; then {} delivered",
+        got.len()
+    );
+    // Without the breaker every lane retries by itself: ~12 requests a second, and every
+    // head dead after 3 attempts (24+ dead letters in 6 s).
+    assert!(during <= 30, "{during} requests while failing");
+    assert!(dead_during <= 6, "{dead_during} dead letters");
+    assert_once(&got);
+    for u in &users {
+        let k = kinds(&got, u);
+        let mut sorted = k.clone();
+        let order = ["starting", "pairing", "connecting", "online"];
+        sorted.sort_by_key(|x| order.iter().position(|o| x.ends_with(o)));
+        assert_eq!(k, sorted, "in order for {u}");
+    }
+}

@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 const SCHEMA: &str = include_str!("../../schema.sql");
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 /// Events kept per session.
 pub const EVENTS_KEPT: i64 = 100;
 
