@@ -273,7 +273,11 @@ pub async fn run(
         link: link.name(),
         commit_seconds: Some(metrics.store_commit_seconds.clone()),
         recovery_seconds: Some(metrics.recovery_seconds.clone()),
-        webhooks: config.webhooks.clone().map(webhooks::Webhooks::new),
+        webhooks: config
+            .webhooks
+            .clone()
+            .map(|w| webhooks::Webhooks::new(w, metrics.webhooks.clone())),
+        messages: Some(metrics.messages.clone()),
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await

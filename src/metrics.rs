@@ -42,8 +42,68 @@ pub struct StateLabels {
     pub state: String,
 }
 
+/// Labels of a received message.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `text`, `image`, ... (a fixed set: anything else is `other`).
+    pub kind: String,
+}
+
+/// The kinds a received message is counted under.
+pub const MESSAGE_KINDS: [&str; 12] = [
+    "text", "image", "video", "audio", "document", "sticker", "location", "contact", "reaction",
+    "poll", "protocol", "other",
+];
+
+/// Messages in and out (the store counts them as it records their events).
+#[derive(Clone, Default, Debug)]
+pub struct MessageCounts {
+    received: Family<KindLabels, Counter>,
+    /// Sends through the API that the link took.
+    pub sent: Counter,
+    /// Sends through the API that the link refused.
+    pub failed: Counter,
+}
+
+impl MessageCounts {
+    /// One received message of `kind`.
+    pub fn received(&self, kind: &str) {
+        let kind = MESSAGE_KINDS
+            .iter()
+            .find(|k| **k == kind)
+            .copied()
+            .unwrap_or("other");
+        self.received
+            .get_or_create(&KindLabels {
+                kind: kind.to_string(),
+            })
+            .inc();
+    }
+}
+
+/// Webhook deliveries (the dispatcher counts them).
+#[derive(Clone, Default, Debug)]
+pub struct WebhookCounts {
+    /// Attempts answered 2xx.
+    pub delivered: Counter,
+    /// Attempts that failed (a later one may succeed).
+    pub failed: Counter,
+    /// Deliveries that became dead letters.
+    pub dead: Counter,
+    /// Events not queued because the backlog was full.
+    pub dropped: Counter,
+    /// Deliveries waiting (the backlog on disk).
+    pub backlog: Gauge,
+    /// Receivers taken for down (being probed).
+    pub receivers_down: Gauge,
+}
+
 /// Every metric botvisor exports.
 pub struct Metrics {
+    /// Messages in and out.
+    pub messages: MessageCounts,
+    /// Webhook deliveries.
+    pub webhooks: WebhookCounts,
     registry: Mutex<Registry>,
     http_requests: Family<HttpLabels, Counter>,
     http_seconds: Family<RouteLabels, Histogram>,
@@ -76,6 +136,53 @@ impl Metrics {
     /// Registers every metric.
     pub fn new(link: &'static str) -> Metrics {
         let mut registry = Registry::with_prefix("botvisor");
+        let messages = MessageCounts::default();
+        let webhooks = WebhookCounts::default();
+        registry.register(
+            "messages_received",
+            "Messages received, by kind",
+            messages.received.clone(),
+        );
+        registry.register(
+            "messages_sent",
+            "Messages sent through the API that the link took",
+            messages.sent.clone(),
+        );
+        registry.register(
+            "messages_failed",
+            "Messages sent through the API that the link refused",
+            messages.failed.clone(),
+        );
+        registry.register(
+            "webhook_deliveries",
+            "Webhook attempts answered 2xx",
+            webhooks.delivered.clone(),
+        );
+        registry.register(
+            "webhook_failed_attempts",
+            "Webhook attempts that failed (timeout, refused, non-2xx)",
+            webhooks.failed.clone(),
+        );
+        registry.register(
+            "webhook_dead_letters",
+            "Webhook deliveries that gave up (GET /api/webhooks/dead)",
+            webhooks.dead.clone(),
+        );
+        registry.register(
+            "webhook_dropped_events",
+            "Events not queued because the webhook backlog was full",
+            webhooks.dropped.clone(),
+        );
+        registry.register(
+            "webhook_backlog",
+            "Webhook deliveries waiting on disk",
+            webhooks.backlog.clone(),
+        );
+        registry.register(
+            "webhook_receivers_down",
+            "Webhook receivers taken for down (one probe at a time tries each)",
+            webhooks.receivers_down.clone(),
+        );
         let http_requests = Family::<HttpLabels, Counter>::default();
         let http_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 4.0, 10))
@@ -141,6 +248,8 @@ impl Metrics {
             ]),
         );
         Metrics {
+            messages,
+            webhooks,
             registry: Mutex::new(registry),
             http_requests,
             http_seconds,

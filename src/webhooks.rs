@@ -153,6 +153,8 @@ pub struct Webhooks {
     pub pending: AtomicU64,
     /// Events dropped because the backlog was full.
     pub dropped: AtomicU64,
+    /// What `/metrics` shows of the deliveries.
+    pub counts: crate::metrics::WebhookCounts,
     closing: AtomicBool,
     /// Receivers set per session (`PUT /api/sessions/:id/webhook`).
     session_urls: dashmap::DashMap<String, String>,
@@ -220,11 +222,12 @@ fn backoff(attempts: u32, max: Duration) -> Duration {
 
 impl Webhooks {
     /// The shared state for `settings`.
-    pub fn new(settings: WebhookSettings) -> Arc<Webhooks> {
+    pub fn new(settings: WebhookSettings, counts: crate::metrics::WebhookCounts) -> Arc<Webhooks> {
         Arc::new(Webhooks {
             settings,
             pending: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            counts,
             closing: AtomicBool::new(false),
             session_urls: dashmap::DashMap::new(),
             inbox: Mutex::new(None),
@@ -240,6 +243,7 @@ impl Webhooks {
         }
         self.pending.fetch_sub(deliveries, Ordering::Relaxed);
         let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
+        self.counts.dropped.inc();
         if dropped.is_power_of_two() {
             tracing::warn!(
                 pending,
@@ -807,6 +811,16 @@ impl Dispatcher {
         }
         self.count_dirty = true;
         for (o, retry_at) in std::mem::take(&mut self.outcomes).into_iter().zip(next) {
+            // Counted once written (a write that fails is retried, and counted then).
+            let counts = &self.hooks.counts;
+            match (&o.result, retry_at) {
+                (Ok(()), _) => counts.delivered.inc(),
+                (Err(_), Some(_)) => counts.failed.inc(),
+                (Err(_), None) => {
+                    counts.failed.inc();
+                    counts.dead.inc()
+                }
+            };
             self.busy.remove(&o.lane);
             self.note_health(&o, now);
             match retry_at {
@@ -826,6 +840,7 @@ impl Dispatcher {
                 if h.failures >= DOWN_AFTER {
                     tracing::info!(%url, "webhook receiver answers again: delivering its backlog");
                     self.rescan_at = 0;
+                    self.count_down();
                 }
             }
             return;
@@ -841,6 +856,16 @@ impl Dispatcher {
             let retry = backoff(h.failures - DOWN_AFTER, self.hooks.settings.retry_max);
             h.down_until = now + retry.as_millis() as u64;
         }
+        self.count_down();
+    }
+
+    fn count_down(&self) {
+        let down = self
+            .health
+            .values()
+            .filter(|h| h.failures >= DOWN_AFTER)
+            .count();
+        self.hooks.counts.receivers_down.set(down as i64);
     }
 
     /// Counts the backlog (for `admit`), at most about once a second and only when
@@ -856,6 +881,7 @@ impl Dispatcher {
             }) {
             Ok(n) => {
                 self.hooks.pending.store(n.max(0) as u64, Ordering::Relaxed);
+                self.hooks.counts.backlog.set(n);
                 self.count_dirty = false;
             }
             Err(e) => tracing::warn!(error = %e, "webhook dispatcher cannot count the outbox"),
@@ -952,6 +978,7 @@ mod tests {
             commit_seconds: None,
             recovery_seconds: None,
             webhooks: None,
+            messages: None,
         };
         let (store, _) = crate::store::Store::open(config()).unwrap();
         store.close().await;

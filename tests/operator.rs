@@ -90,3 +90,101 @@ fn protect_metrics_needs_the_key() {
     let open = Server::start(&["--api-key", key]);
     assert_eq!(open.get("/metrics").status, 200);
 }
+
+/// A receiver that answers 200 to every POST, for the webhook metrics.
+fn ok_receiver() -> String {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                loop {
+                    let (mut line, mut len) = (String::new(), 0usize);
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            if k.eq_ignore_ascii_case("content-length") {
+                                len = v.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn message_and_webhook_metrics_follow_what_happened() {
+    let ok = ok_receiver();
+    // Nothing listens here: every attempt is refused.
+    let refused = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}/hook", l.local_addr().unwrap())
+    };
+    let s = Server::start(&[
+        "--sim-pair-delay",
+        "100ms",
+        "--webhook-url",
+        &ok,
+        "--webhook-url",
+        &refused,
+        "--webhook-secret",
+        "metrics-webhook-secret-0123",
+        "--webhook-max-attempts",
+        "1",
+        "--webhook-retry-max",
+        "1s",
+    ]);
+    assert_eq!(s.create("mm", "1234567890").status, 201);
+    s.wait_state("mm", "online");
+    for text in ["one", "two"] {
+        let r = s.post(
+            "/api/sessions/mm/messages",
+            Some(&format!(r#"{{"to":"15557654321","text":"{text}"}}"#)),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let r = s.post(
+        "/api/sim/mm/inbound",
+        Some(r#"{"from":"15557654321","text":"hi"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // 4 state events, 2 sent, 1 received: 7 events, to each of the two receivers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let m = loop {
+        let m = s.get("/metrics").body;
+        let done = sample(&m, "botvisor_webhook_deliveries_total") == Some(7.0)
+            && sample(&m, "botvisor_webhook_dead_letters_total") == Some(7.0);
+        if done {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "{m}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let v = |series: &str| sample(&m, series).unwrap_or_else(|| panic!("no {series} in\n{m}"));
+    assert_eq!(v("botvisor_messages_sent_total"), 2.0);
+    assert_eq!(v("botvisor_messages_failed_total"), 0.0);
+    assert_eq!(v(r#"botvisor_messages_received_total{kind="text"}"#), 1.0);
+    assert_eq!(v("botvisor_webhook_failed_attempts_total"), 7.0);
+    assert_eq!(v("botvisor_webhook_dropped_events_total"), 0.0);
+    assert_eq!(v("botvisor_webhook_receivers_down"), 1.0, "the refused one");
+}

@@ -80,6 +80,8 @@ pub struct StoreConfig {
     pub recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     /// Webhook receivers, if any: events go to the outbox with the changes behind them.
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Where messages in and out are counted (the metrics), if anywhere.
+    pub messages: Option<crate::metrics::MessageCounts>,
 }
 
 /// SQLite behind a writer thread, plus the read view.
@@ -271,6 +273,12 @@ impl Store {
         text: &str,
         result: &Result<&String, E>,
     ) {
+        if let Some(m) = &self.config.messages {
+            match result {
+                Ok(_) => m.sent.inc(),
+                Err(_) => m.failed.inc(),
+            };
+        }
         if self.webhooks.is_none() {
             return;
         }
@@ -546,6 +554,9 @@ impl Persistence for Store {
     }
 
     fn inbound(&self, user_id: &str, msg: &botvisor_actors::InboundMessage) {
+        if let Some(m) = &self.config.messages {
+            m.received(&msg.kind);
+        }
         #[derive(serde::Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Received<'a> {
@@ -596,6 +607,7 @@ mod tests {
             commit_seconds: None,
             recovery_seconds: None,
             webhooks: None,
+            messages: None,
         }
     }
 
