@@ -1053,3 +1053,25 @@ fn a_receiver_failing_for_everyone_is_probed_not_hammered() {
         assert_eq!(k, sorted, "in order for {u}");
     }
 }
+
+/// A send to a session that does not exist is a 404 and nothing else: no `message.failed`
+/// event (no lane for an invented id), no rate-limit bucket.
+#[test]
+fn a_send_to_no_session_is_a_404_and_no_event() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(&[&url], &[]);
+    for _ in 0..3 {
+        let resp = s.post(
+            "/api/sessions/nobody/messages",
+            Some(r#"{"to":"15557654321","text":"hi"}"#),
+        );
+        assert_eq!(resp.error(404), "Session nobody not found");
+    }
+    // A real session's events come through; none of nobody's ever do.
+    assert_eq!(s.create("somebody", "15550001111").status, 201);
+    s.wait_state("somebody", "online");
+    r.wait(15, "somebody's events", |g| kinds(g, "somebody").len() == 4);
+    assert!(kinds(&r.deliveries(), "nobody").is_empty());
+    assert!(outbox(&s).iter().all(|(u, _, _, _)| u != "nobody"));
+}

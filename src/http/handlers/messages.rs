@@ -70,6 +70,8 @@ pub async fn send(c: Ctx) -> Answer {
         }
         _ => return Err(ApiError::bad_request("text must be a non-empty string")),
     };
+    // No bucket and no event for a session that does not exist (ids are free to invent).
+    super::must_exist(&c.app, &c.id)?;
     if let Err(wait) = c.app.send_limit.take(&c.id, Instant::now()) {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         let mut resp = ApiError::new(
@@ -93,7 +95,10 @@ pub async fn send(c: Ctx) -> Answer {
     })
     .await;
     let outcome = sent.as_ref().map_err(|e| e.message.clone());
-    c.app.store.message_event(&c.id, &to, &text, &outcome);
+    // A session deleted meanwhile has no one to tell.
+    if !matches!(&sent, Err(e) if e.status == StatusCode::NOT_FOUND) {
+        c.app.store.message_event(&c.id, &to, &text, &outcome);
+    }
     let message_id = sent?;
     // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
     c.app.store.flush().await?;
