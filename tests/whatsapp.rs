@@ -724,6 +724,36 @@ fn messages_go_both_ways_over_real_signal_sessions_with_the_peer() {
         .iter()
         .any(|j| j.starts_with("15557654321")));
 
+    // The recipient's phone reports it delivered, and later read: webhooks for both.
+    wait_until(10, "message.delivered", || {
+        got_all(&got).iter().any(|v| {
+            v["event"] == "message.delivered" && v["data"]["messageId"] == message_id.as_str()
+        })
+    });
+    peer.command(Command::MarkRead {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: message_id.clone(),
+    });
+    wait_until(10, "message.read", || {
+        got_all(&got)
+            .iter()
+            .any(|v| v["event"] == "message.read" && v["data"]["messageId"] == message_id.as_str())
+    });
+    let read = got_all(&got)
+        .into_iter()
+        .find(|v| v["event"] == "message.read")
+        .unwrap();
+    eprintln!("message.read: {read}");
+    assert!(
+        read["data"]["by"]
+            .as_str()
+            .unwrap()
+            .starts_with("15557654321"),
+        "{read}"
+    );
+    assert_eq!(read["data"]["userId"], "wa_tx");
+
     // In, on the session the client opened: the client decrypts the peer's `msg`.
     peer.command(Command::Send {
         from: "15557654321".into(),
@@ -903,6 +933,23 @@ fn a_send_with_no_keys_to_be_had_is_a_502_and_a_failed_event() {
         "only the own phone got a copy: {:?}",
         st.decrypted
     );
+    // So no recipient ever reports it delivered: the 201 alone is no proof. (The ack of
+    // the stanza came before the own phone's copy was decrypted; one more send to a
+    // served recipient, delivered, shows that receipts were flowing meanwhile.)
+    let id = r.json()["messageId"].as_str().unwrap().to_string();
+    let probe = s.post(
+        "/api/sessions/wa_nokeys/messages",
+        Some(r#"{"to":"15557654321","text":"probe"}"#),
+    );
+    let probe_id = probe.json()["messageId"].as_str().unwrap().to_string();
+    wait_until(10, "the probe's message.delivered", || {
+        got_all(&got).iter().any(|v| {
+            v["event"] == "message.delivered" && v["data"]["messageId"] == probe_id.as_str()
+        })
+    });
+    assert!(!got_all(&got)
+        .iter()
+        .any(|v| v["event"] == "message.delivered" && v["data"]["messageId"] == id.as_str()));
 
     assert_eq!(s.session("wa_nokeys")["state"], "online");
 }

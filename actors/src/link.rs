@@ -65,6 +65,8 @@ pub enum LinkEvent {
     },
     /// A message arrived for this session.
     Message(InboundMessage),
+    /// The other side reports on messages this session sent (delivered, read, played).
+    Receipt(Receipt),
     /// The network refused to issue a pairing code (e.g. throttled).
     PairingRejected {
         /// A clear message, with a retry hint when there is one.
@@ -72,6 +74,19 @@ pub enum LinkEvent {
         /// True when the refusal is rate limiting (retry later), not a hard no.
         throttled: bool,
     },
+}
+
+/// What a recipient reports on messages a session sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Receipt {
+    /// The messages' ids (as the send returned them).
+    pub message_ids: Vec<String>,
+    /// Who reports (JID of the recipient's device).
+    pub by: String,
+    /// `delivered`, `read` or `played`.
+    pub status: &'static str,
+    /// When (ms since the epoch).
+    pub timestamp_ms: u64,
 }
 
 /// A message that arrived for a session.

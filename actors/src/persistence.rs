@@ -4,7 +4,7 @@
 //! can be held until its row is on disk.
 
 use crate::error::StorageError;
-use crate::link::{BoxFuture, InboundMessage};
+use crate::link::{BoxFuture, InboundMessage, Receipt};
 use crate::record::SessionRecord;
 
 /// A session store that never blocks its caller.
@@ -21,5 +21,9 @@ pub trait Persistence: Send + Sync + 'static {
     /// A message arrived for a session (for its webhooks); by default nothing is kept.
     fn inbound(&self, user_id: &str, msg: &InboundMessage) {
         let _ = (user_id, msg);
+    }
+    /// A recipient reported on messages a session sent; by default nothing is kept.
+    fn receipt(&self, user_id: &str, receipt: &Receipt) {
+        let _ = (user_id, receipt);
     }
 }

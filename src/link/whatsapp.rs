@@ -265,6 +265,22 @@ impl Shared {
                     name: Some(u.new_name.clone()).filter(|n| !n.is_empty()),
                 })
             }
+            Event::Receipt(r) if !r.source.is_from_me => {
+                use whatsapp_rust::wacore::types::presence::ReceiptType;
+                let status = match r.r#type {
+                    ReceiptType::Delivered | ReceiptType::Inactive => "delivered",
+                    ReceiptType::Read => "read",
+                    ReceiptType::Played => "played",
+                    _ => return,
+                };
+                self.events
+                    .emit(LinkEvent::Receipt(botvisor_actors::Receipt {
+                        message_ids: r.message_ids.iter().map(|id| id.to_string()).collect(),
+                        by: r.source.sender.to_string(),
+                        status,
+                        timestamp_ms: r.timestamp.timestamp_millis().max(0) as u64,
+                    }));
+            }
             Event::Messages(batch) => {
                 for m in batch.iter() {
                     self.on_message(m, client);

@@ -553,6 +553,35 @@ impl Persistence for Store {
             .remove(user_id);
     }
 
+    fn receipt(&self, user_id: &str, receipt: &botvisor_actors::Receipt) {
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Reported<'a> {
+            user_id: &'a str,
+            message_id: &'a str,
+            by: &'a str,
+            timestamp: String,
+        }
+        let kind = match receipt.status {
+            "delivered" => "message.delivered",
+            "read" => "message.read",
+            "played" => "message.played",
+            _ => return,
+        };
+        for id in &receipt.message_ids {
+            let data = serde_json::to_string(&Reported {
+                user_id,
+                message_id: id,
+                by: &receipt.by,
+                timestamp: crate::timefmt::iso(receipt.timestamp_ms),
+            })
+            .unwrap_or_default();
+            // A receipt WhatsApp sends again is the same event.
+            let event_id = crate::webhooks::derived_event_id(&[user_id, kind, id, &receipt.by]);
+            self.webhook_as(user_id, kind, &data, event_id);
+        }
+    }
+
     fn inbound(&self, user_id: &str, msg: &botvisor_actors::InboundMessage) {
         if let Some(m) = &self.config.messages {
             m.received(&msg.kind);

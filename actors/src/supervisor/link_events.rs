@@ -66,6 +66,7 @@ impl SupervisorState {
                 }
             }
             LinkEvent::Message(msg) => self.persistence.inbound(user_id, &msg),
+            LinkEvent::Receipt(r) => self.persistence.receipt(user_id, &r),
             // The session actor turns these into exits; they never arrive here.
             LinkEvent::Crashed { .. }
             | LinkEvent::LoggedOut { .. }

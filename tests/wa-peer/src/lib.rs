@@ -73,6 +73,16 @@ pub enum Command {
         /// What it says.
         content: signal::Content,
     },
+    /// The peer's user `from` has read message `id` that the client of phone number `to`
+    /// sent it: a `read` receipt.
+    MarkRead {
+        /// The reader's phone number.
+        from: String,
+        /// The client's phone number.
+        to: String,
+        /// The message's id.
+        id: String,
+    },
     /// As `Send`, with one byte of the ciphertext flipped after encryption: the client
     /// must fail to decrypt it (and ask for a retry), never report it.
     SendTampered {
@@ -417,7 +427,10 @@ fn record(inner: &Inner, f: impl FnOnce(&mut Stats)) {
 
 fn command_node(command: &Command, pairing_ref: &[u8]) -> Option<Node> {
     Some(match command {
-        Command::Close | Command::Send { .. } | Command::SendTampered { .. } => return None,
+        Command::Close
+        | Command::Send { .. }
+        | Command::SendTampered { .. }
+        | Command::MarkRead { .. } => return None,
         Command::LoggedOut => NodeBuilder::new("failure").attr("reason", "401").build(),
         Command::ClientOutdated => NodeBuilder::new("failure").attr("reason", "405").build(),
         Command::StreamReplaced => NodeBuilder::new("stream:error")
@@ -523,6 +536,14 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
         tokio::select! {
             command = commands.recv() => {
                 let Ok(command) = command else { return };
+                if let Command::MarkRead { from, to, id } = &command {
+                    let ours = session.client.as_ref().is_some_and(|c| c.user.as_str() == to);
+                    let read = receipt_node(&Jid::pn(from.to_string()), id, Some("read"));
+                    if ours && !session.send(&read).await {
+                        return;
+                    }
+                    continue;
+                }
                 if let Command::Send { from, to, id, content }
                 | Command::SendTampered { from, to, id, content } = &command
                 {
@@ -554,9 +575,10 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                 match node.tag.as_ref() {
                     "iq" => {}
                     "message" => {
-                        let ack = on_client_message(&session, &inner, &node).await;
-                        if !session.send(&ack).await {
-                            return;
+                        for reply in on_client_message(&session, &inner, &node).await {
+                            if !session.send(&reply).await {
+                                return;
+                            }
                         }
                         continue;
                     }
@@ -785,8 +807,9 @@ async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Opti
 }
 
 /// Decrypts every `<enc>` of a client's `<message>` meant for the peer's users, records
-/// it, and returns the server's `<ack>`.
-async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Node {
+/// it, and returns the server's `<ack>`, then a delivery receipt from each recipient that
+/// decrypted it (not from the sender's own phone).
+async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Vec<Node> {
     let id = attr_str(node, "id");
     let to = attr_str(node, "to");
     let ack = NodeBuilder::new("ack")
@@ -796,7 +819,7 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
         .attr("t", unix_now().to_string())
         .build();
     let Some(client) = session.client.clone() else {
-        return ack;
+        return vec![ack];
     };
     // `<participants><to jid><enc/></to>...</participants>`, or a bare `<enc>` for `to`.
     let mut targets: Vec<(Jid, String, Vec<u8>)> = Vec::new();
@@ -818,22 +841,40 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
         targets.push((jid, kind, bytes));
     }
     let mut signal = inner.signal.lock().await;
+    let mut replies = vec![ack];
     for (jid, kind, bytes) in targets {
         match signal.decrypt(&client, &jid, &kind, &bytes).await {
-            Ok(text) => record(inner, |s| {
-                s.decrypted.push(signal::Decrypted {
-                    to: jid.to_string(),
-                    id: id.clone(),
-                    kind: kind.clone(),
-                    text,
-                })
-            }),
+            Ok(text) => {
+                record(inner, |s| {
+                    s.decrypted.push(signal::Decrypted {
+                        to: jid.to_string(),
+                        id: id.clone(),
+                        kind: kind.clone(),
+                        text,
+                    })
+                });
+                if jid.user != client.user {
+                    replies.push(receipt_node(&jid.to_non_ad(), &id, None));
+                }
+            }
             Err(e) => record(inner, |s| {
                 s.signal_errors.push(format!("{id} for {jid}: {e}"))
             }),
         }
     }
-    ack
+    replies
+}
+
+/// A receipt from the peer's user `from` for message `id` (`None`: delivery).
+fn receipt_node(from: &Jid, id: &str, kind: Option<&'static str>) -> Node {
+    let mut r = NodeBuilder::new("receipt")
+        .attr("from", from.clone())
+        .attr("id", id.to_string())
+        .attr("t", unix_now().to_string());
+    if let Some(kind) = kind {
+        r = r.attr("type", kind);
+    }
+    r.build()
 }
 
 fn unix_now() -> u64 {
