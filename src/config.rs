@@ -226,6 +226,10 @@ pub struct ServeArgs {
         default_value_t = 32
     )]
     pub webhook_max_inflight: usize,
+    /// Extra CA certificates (PEM) trusted for https webhook receivers, besides the public
+    /// roots: an internal CA, or a receiver's own certificate authority.
+    #[arg(long, env = "BOTVISOR_WEBHOOK_CA_FILE", value_name = "PATH")]
+    pub webhook_ca_file: Option<PathBuf>,
     /// Also send session.pairing_code events (they carry the code, a secret).
     #[arg(long, env = "BOTVISOR_WEBHOOK_PAIRING_CODES")]
     pub webhook_pairing_codes: bool,
@@ -677,7 +681,13 @@ impl Config {
                             "--webhook-max-inflight must be at least 1".into(),
                         )));
                     }
+                    let ca_certs = match &args.webhook_ca_file {
+                        Some(path) => crate::webhooks::load_ca_file(path)
+                            .map_err(|e| args.explain(ConfigError(e)))?,
+                        None => Vec::new(),
+                    };
                     Some(crate::webhooks::WebhookSettings {
+                        ca_certs,
                         urls: args.webhook_url.clone(),
                         secret,
                         max_attempts: args.webhook_max_attempts,

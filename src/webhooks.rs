@@ -66,6 +66,8 @@ pub struct WebhookSettings {
     pub max_inflight: usize,
     /// Send `session.pairing_code` events (they carry a secret).
     pub pairing_codes: bool,
+    /// CA certificates trusted for https receivers besides the public roots.
+    pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl std::fmt::Debug for WebhookSettings {
@@ -80,6 +82,7 @@ impl std::fmt::Debug for WebhookSettings {
             .field("retry_max", &self.retry_max)
             .field("max_inflight", &self.max_inflight)
             .field("pairing_codes", &self.pairing_codes)
+            .field("ca_certs", &self.ca_certs.len())
             .finish()
     }
 }
@@ -398,15 +401,51 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// hyper-util's pooled client, http and https (rustls with ring, Mozilla's roots).
+/// The certificates of a PEM file (`--webhook-ca-file`), or why not.
+pub fn load_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let what = format!("--webhook-ca-file {}", path.display());
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {what}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} holds no certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, refused) = roots.add_parsable_certificates(certs.iter().cloned());
+    if refused > 0 {
+        return Err(format!(
+            "{what}: {refused} certificate(s) cannot be used as a root"
+        ));
+    }
+    Ok(certs)
+}
+
+/// hyper-util's pooled client, http and https (rustls with ring, Mozilla's roots plus
+/// `--webhook-ca-file`'s).
 fn http_client(settings: &WebhookSettings) -> Result<HttpClient, String> {
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.timeout));
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    roots.add_parsable_certificates(settings.ca_certs.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .wrap_connector(http);

@@ -1075,3 +1075,241 @@ fn a_send_to_no_session_is_a_404_and_no_event() {
     assert!(kinds(&r.deliveries(), "nobody").is_empty());
     assert!(outbox(&s).iter().all(|(u, _, _, _)| u != "nobody"));
 }
+
+/// A CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` command;
+/// `None` if it is not installed. Returns (ca.pem, leaf.pem, leaf.key) paths.
+fn test_pki(
+    dir: &std::path::Path,
+) -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let run = |args: &[&str]| {
+        std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map(|o| {
+                assert!(
+                    o.status.success(),
+                    "openssl {args:?}: {}",
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            })
+            .is_ok()
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca: Vec<&str> = ["req", "-x509"]
+        .into_iter()
+        .chain(ec)
+        .chain([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=botvisor-test-ca",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign",
+        ])
+        .collect();
+    if !run(&ca) {
+        return None;
+    }
+    let csr: Vec<&str> = ["req"]
+        .into_iter()
+        .chain(ec)
+        .chain([
+            "-keyout",
+            "leaf.key",
+            "-out",
+            "leaf.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .collect();
+    assert!(run(&csr));
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    assert!(run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "leaf.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "leaf.ext",
+    ]));
+    Some((
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    ))
+}
+
+/// An https receiver (rustls, blocking) with the given certificate; records each POST's
+/// event id and answers 200.
+fn tls_receiver(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> (String, Arc<Mutex<Vec<String>>>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap(),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://{}/hook", listener.local_addr().unwrap());
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { continue };
+            let (config, g) = (config.clone(), g.clone());
+            std::thread::spawn(move || {
+                let Ok(conn) = rustls::ServerConnection::new(config) else {
+                    return;
+                };
+                let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+                loop {
+                    let (mut line, mut len, mut id) = (String::new(), 0usize, String::new());
+                    if tls.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if tls.read_line(&mut h).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            match k.trim().to_ascii_lowercase().as_str() {
+                                "content-length" => len = v.trim().parse().unwrap_or(0),
+                                "x-botvisor-event-id" => id = v.trim().to_string(),
+                                _ => {}
+                            }
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if tls.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    g.lock().unwrap().push(id);
+                    let out = tls.get_mut();
+                    if out
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+                        .and_then(|_| out.flush())
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, got)
+}
+
+/// https receivers: a certificate from an unknown CA is refused (the TLS check is real,
+/// `lastError` says why, nothing is sent); with that CA in `--webhook-ca-file` the same
+/// receiver gets every event over TLS.
+#[test]
+fn https_receivers_are_verified_and_a_ca_file_adds_trust() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((ca, leaf, key)) = test_pki(dir.path()) else {
+        common::skip_unless_required(
+            "https_receivers_are_verified_and_a_ca_file_adds_trust",
+            "the openssl command is not installed",
+        );
+        return;
+    };
+    let (url, got) = tls_receiver(&leaf, &key);
+
+    // Public roots only: the handshake fails on the unknown issuer.
+    let s = start(&[&url], &["--webhook-max-attempts", "1"]);
+    assert_eq!(s.create("tls1", "15550001111").status, 201);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let d = s.get("/api/webhooks/dead").json();
+        if d["count"].as_u64().unwrap_or(0) >= 1 {
+            break d;
+        }
+        assert!(Instant::now() < deadline, "no dead letter: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let error = dead["dead"][0]["lastError"].as_str().unwrap().to_string();
+    eprintln!("unknown CA: {error}");
+    assert!(
+        error.to_ascii_lowercase().contains("certificate"),
+        "{error}"
+    );
+    assert!(got.lock().unwrap().is_empty(), "nothing was sent over it");
+    drop(s);
+
+    // The CA trusted: delivered, over TLS.
+    let ca_arg = ca.display().to_string();
+    let s = start(&[&url], &["--webhook-ca-file", &ca_arg]);
+    assert_eq!(s.create("tls2", "15550001111").status, 201);
+    s.wait_state("tls2", "online");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.lock().unwrap().len() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", got.lock().unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A CA file that is not PEM stops the start with a clear line.
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(&bad, "not a certificate").unwrap();
+    let out = common::serve_command(
+        dir.path(),
+        "0",
+        &[
+            "--webhook-url",
+            &url,
+            "--webhook-secret",
+            SECRET,
+            "--webhook-ca-file",
+            &bad.display().to_string(),
+        ],
+    )
+    .output()
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("--webhook-ca-file") && stderr.contains("no certificate"),
+        "{stderr}"
+    );
+}
