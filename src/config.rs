@@ -1039,7 +1039,14 @@ mod tests {
         let cmd = Cli::command();
         let serve = cmd.find_subcommand("serve").unwrap();
         for key in settings(serve).filter_map(file_key) {
-            let commented = ["api_key", "database_url", "wa_url", "webhook_secret"].contains(&key);
+            let commented = [
+                "api_key",
+                "database_url",
+                "wa_url",
+                "webhook_secret",
+                "webhook_ca_file",
+            ]
+            .contains(&key);
             assert_eq!(
                 table.contains_key(key),
                 !commented,

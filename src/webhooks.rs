@@ -1009,16 +1009,7 @@ mod tests {
     async fn the_lane_queries_use_the_lane_index_after_a_migration_from_v4() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.db");
-        let config = || crate::store::StoreConfig {
-            database: crate::store::Database::File(path.clone()),
-            data_dir: dir.path().to_path_buf(),
-            backup_keep: 3,
-            link: "sim",
-            commit_seconds: None,
-            recovery_seconds: None,
-            webhooks: None,
-            messages: None,
-        };
+        let config = || crate::store::test_config(dir.path());
         let (store, _) = crate::store::Store::open(config()).unwrap();
         store.close().await;
         drop(store);

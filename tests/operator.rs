@@ -91,50 +91,9 @@ fn protect_metrics_needs_the_key() {
     assert_eq!(open.get("/metrics").status, 200);
 }
 
-/// A receiver that answers 200 to every POST, for the webhook metrics.
-fn ok_receiver() -> String {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                loop {
-                    let (mut line, mut len) = (String::new(), 0usize);
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            if k.eq_ignore_ascii_case("content-length") {
-                                len = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                }
-            });
-        }
-    });
-    url
-}
-
 #[test]
 fn message_and_webhook_metrics_follow_what_happened() {
-    let ok = ok_receiver();
+    let (ok, _) = common::json_receiver();
     // Nothing listens here: every attempt is refused.
     let refused = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

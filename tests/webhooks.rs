@@ -4,8 +4,8 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -86,38 +86,10 @@ fn peer_closed(s: &TcpStream) -> bool {
     n == 0 || (n < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock)
 }
 
-/// One request off `reader`: its headers (lower-case names) and body; `None` at the end.
-fn read_request(reader: &mut BufReader<TcpStream>) -> Option<(HashMap<String, String>, Vec<u8>)> {
-    let mut line = String::new();
-    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-        return None;
-    }
-    let mut headers = HashMap::new();
-    loop {
-        let mut h = String::new();
-        if reader.read_line(&mut h).unwrap_or(0) == 0 {
-            return None;
-        }
-        if h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0; len];
-    reader.read_exact(&mut body).ok()?;
-    Some((headers, body))
-}
-
 fn handle(conn: TcpStream, sh: &Shared) {
     let mut out = conn.try_clone().unwrap();
     let mut reader = BufReader::new(conn);
-    while let Some((headers, body)) = read_request(&mut reader) {
+    while let Some((headers, body)) = common::read_request(&mut reader) {
         sh.requests.fetch_add(1, Ordering::SeqCst);
         let h = |k: &str| headers.get(k).cloned().unwrap_or_default();
         let d = Delivery {
@@ -259,18 +231,7 @@ impl Receiver {
 
     /// Waits until `pred` holds on the deliveries so far.
     fn wait(&self, secs: u64, what: &str, pred: impl Fn(&[Delivery]) -> bool) -> Vec<Delivery> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        loop {
-            let got = self.deliveries();
-            if pred(&got) {
-                return got;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {got:#?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        poll(secs, what, || self.deliveries(), |got| pred(got))
     }
 }
 
@@ -306,17 +267,27 @@ fn wait_outbox(
     what: &str,
     pred: impl Fn(&[(String, u32, Option<String>, bool)]) -> bool,
 ) -> Vec<(String, u32, Option<String>, bool)> {
+    poll(secs, what, || outbox(s), |rows| pred(rows))
+}
+
+/// Calls `get` until `pred` holds on what it returns (every 50 ms, for `secs` at most).
+fn poll<T: std::fmt::Debug>(
+    secs: u64,
+    what: &str,
+    get: impl Fn() -> T,
+    pred: impl Fn(&T) -> bool,
+) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let rows = outbox(s);
-        if pred(&rows) {
-            return rows;
+        let got = get();
+        if pred(&got) {
+            return got;
         }
         assert!(
             Instant::now() < deadline,
-            "timed out waiting for {what}: {rows:#?}"
+            "timed out waiting for {what}: {got:#?}"
         );
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -1201,31 +1172,11 @@ fn tls_receiver(
                     return;
                 };
                 let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
-                loop {
-                    let (mut line, mut len, mut id) = (String::new(), 0usize, String::new());
-                    if tls.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    loop {
-                        let mut h = String::new();
-                        if tls.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            match k.trim().to_ascii_lowercase().as_str() {
-                                "content-length" => len = v.trim().parse().unwrap_or(0),
-                                "x-botvisor-event-id" => id = v.trim().to_string(),
-                                _ => {}
-                            }
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if tls.read_exact(&mut body).is_err() {
-                        return;
-                    }
+                while let Some((headers, _)) = common::read_request(&mut tls) {
+                    let id = headers
+                        .get("x-botvisor-event-id")
+                        .cloned()
+                        .unwrap_or_default();
                     g.lock().unwrap().push(id);
                     let out = tls.get_mut();
                     if out
@@ -1260,15 +1211,12 @@ fn https_receivers_are_verified_and_a_ca_file_adds_trust() {
     // Public roots only: the handshake fails on the unknown issuer.
     let s = start(&[&url], &["--webhook-max-attempts", "1"]);
     assert_eq!(s.create("tls1", "15550001111").status, 201);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let dead = loop {
-        let d = s.get("/api/webhooks/dead").json();
-        if d["count"].as_u64().unwrap_or(0) >= 1 {
-            break d;
-        }
-        assert!(Instant::now() < deadline, "no dead letter: {d}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let dead = poll(
+        20,
+        "a dead letter",
+        || s.get("/api/webhooks/dead").json(),
+        |d| d["count"].as_u64().unwrap_or(0) >= 1,
+    );
     let error = dead["dead"][0]["lastError"].as_str().unwrap().to_string();
     eprintln!("unknown CA: {error}");
     assert!(

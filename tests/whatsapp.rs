@@ -596,64 +596,13 @@ fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
     });
 }
 
-/// A webhook receiver for the real-link message tests: records each POST's body.
-fn hook_receiver() -> (
-    String,
-    std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
-) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let g = got.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let g = g.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(conn.try_clone().unwrap());
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let mut len = 0usize;
-                    loop {
-                        let mut h = String::new();
-                        if reader.read_line(&mut h).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                        if let Some((k, v)) = h.split_once(':') {
-                            if k.trim().eq_ignore_ascii_case("content-length") {
-                                len = v.trim().parse().unwrap_or(0);
-                            }
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    if let Ok(v) = serde_json::from_slice(&body) {
-                        g.lock().unwrap().push(v);
-                    }
-                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
-                }
-            });
-        }
-    });
-    (url, got)
-}
-
-type Hooks = std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+type Hooks = common::Received;
 
 /// A peer, and a server with a webhook receiver whose session `id` (phone 15551234567)
 /// is paired (seeded) and online.
 fn online_with_webhook(id: &str) -> (Peer, Server, Hooks) {
     let peer = Peer::start();
-    let (hook, got) = hook_receiver();
+    let (hook, got) = common::json_receiver();
     let s = start(
         &peer,
         &[

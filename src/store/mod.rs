@@ -622,22 +622,28 @@ impl Persistence for Store {
     }
 }
 
+/// A store on `<dir>/b.db` with nothing attached (for unit tests).
+#[cfg(test)]
+pub(crate) fn test_config(dir: &std::path::Path) -> StoreConfig {
+    StoreConfig {
+        database: Database::File(dir.join("b.db")),
+        data_dir: dir.to_path_buf(),
+        backup_keep: 3,
+        link: "sim",
+        commit_seconds: None,
+        recovery_seconds: None,
+        webhooks: None,
+        messages: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use botvisor_actors::SessionState;
 
     fn config(dir: &std::path::Path) -> StoreConfig {
-        StoreConfig {
-            database: Database::File(dir.join("b.db")),
-            data_dir: dir.to_path_buf(),
-            backup_keep: 3,
-            link: "sim",
-            commit_seconds: None,
-            recovery_seconds: None,
-            webhooks: None,
-            messages: None,
-        }
+        super::test_config(dir)
     }
 
     fn rows_on_disk(dir: &std::path::Path) -> Vec<(String, String)> {

@@ -485,3 +485,62 @@ fn dechunk(mut s: &str) -> String {
     }
     out
 }
+
+/// One HTTP/1.1 request off `reader`: its headers (lower-case names) and body; `None` at
+/// the end of the stream.
+pub fn read_request(
+    reader: &mut impl BufRead,
+) -> Option<(std::collections::HashMap<String, String>, Vec<u8>)> {
+    let mut line = String::new();
+    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+        return None;
+    }
+    let mut headers = std::collections::HashMap::new();
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h).unwrap_or(0) == 0 {
+            return None;
+        }
+        if h == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).ok()?;
+    Some((headers, body))
+}
+
+/// JSON bodies a receiver got.
+pub type Received = std::sync::Arc<Mutex<Vec<Value>>>;
+
+/// A webhook receiver on 127.0.0.1 that answers 200 to every POST and keeps each JSON
+/// body; returns its URL.
+pub fn json_receiver() -> (String, Received) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let got = Received::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let g = g.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                while let Some((_, body)) = read_request(&mut reader) {
+                    if let Ok(v) = serde_json::from_slice(&body) {
+                        g.lock().unwrap().push(v);
+                    }
+                    let _ = write!(conn, "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (url, got)
+}
