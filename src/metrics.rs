@@ -92,7 +92,7 @@ pub struct WebhookCounts {
     pub dead: Counter,
     /// Events not queued because the backlog was full.
     pub dropped: Counter,
-    /// Deliveries waiting (the backlog on disk).
+    /// Deliveries waiting (the backlog on disk, plus events queued since it was counted).
     pub backlog: Gauge,
     /// Receivers taken for down (being probed).
     pub receivers_down: Gauge,

@@ -31,7 +31,7 @@
 use std::collections::hash_map::RandomState;
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -151,12 +151,9 @@ struct Outcome {
 pub struct Webhooks {
     /// Settings.
     pub settings: WebhookSettings,
-    /// Deliveries waiting (counted by the dispatcher about once a second while there is
-    /// work; new events add to it in between).
-    pub pending: AtomicU64,
-    /// Events dropped because the backlog was full.
-    pub dropped: AtomicU64,
-    /// What `/metrics` shows of the deliveries.
+    /// What `/metrics` shows of the deliveries. `counts.backlog` is also what `admit`
+    /// checks: the dispatcher counts it about once a second while there is work, and new
+    /// events add to it in between.
     pub counts: crate::metrics::WebhookCounts,
     closing: AtomicBool,
     /// Receivers set per session (`PUT /api/sessions/:id/webhook`).
@@ -228,8 +225,6 @@ impl Webhooks {
     pub fn new(settings: WebhookSettings, counts: crate::metrics::WebhookCounts) -> Arc<Webhooks> {
         Arc::new(Webhooks {
             settings,
-            pending: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
             counts,
             closing: AtomicBool::new(false),
             session_urls: dashmap::DashMap::new(),
@@ -240,13 +235,12 @@ impl Webhooks {
 
     /// Whether a new event fits in the backlog (counting it); warns when it does not.
     pub fn admit(&self, deliveries: u64) -> bool {
-        let pending = self.pending.fetch_add(deliveries, Ordering::Relaxed);
+        let pending = self.counts.backlog.inc_by(deliveries as i64).max(0) as u64;
         if pending < self.settings.backlog_max {
             return true;
         }
-        self.pending.fetch_sub(deliveries, Ordering::Relaxed);
-        let dropped = self.dropped.fetch_add(1, Ordering::Relaxed);
-        self.counts.dropped.inc();
+        self.counts.backlog.dec_by(deliveries as i64);
+        let dropped = self.counts.dropped.inc();
         if dropped.is_power_of_two() {
             tracing::warn!(
                 pending,
@@ -919,7 +913,6 @@ impl Dispatcher {
                 r.get::<_, i64>(0)
             }) {
             Ok(n) => {
-                self.hooks.pending.store(n.max(0) as u64, Ordering::Relaxed);
                 self.hooks.counts.backlog.set(n);
                 self.count_dirty = false;
             }
@@ -1053,6 +1046,37 @@ mod tests {
         );
         let count = plan(&conn, "SELECT count(*) FROM outbox WHERE dead = 0");
         assert!(count.contains("outbox_lane"), "{count}");
+    }
+
+    #[test]
+    fn the_backlog_cap_drops_new_events_and_counts_them() {
+        let hooks = Webhooks::new(
+            WebhookSettings {
+                urls: vec!["http://127.0.0.1:9/h".into()],
+                secret: "0123456789abcdef".into(),
+                max_attempts: 3,
+                timeout: Duration::from_secs(1),
+                backlog_max: 2,
+                retry_max: Duration::from_secs(1),
+                max_inflight: 1,
+                pairing_codes: false,
+                ca_certs: Vec::new(),
+            },
+            crate::metrics::WebhookCounts::default(),
+        );
+        assert!(hooks.admit(1));
+        assert!(hooks.admit(1));
+        assert!(!hooks.admit(1), "past the cap");
+        assert!(!hooks.admit(2));
+        assert_eq!(
+            hooks.counts.backlog.get(),
+            2,
+            "a dropped event is not counted in"
+        );
+        assert_eq!(hooks.counts.dropped.get(), 2);
+        // The dispatcher's count of the outbox is the truth again.
+        hooks.counts.backlog.set(0);
+        assert!(hooks.admit(2));
     }
 
     #[test]
