@@ -21,7 +21,7 @@ pub mod supervisor;
 pub use error::{CmdError, StorageError};
 pub use link::{
     BoxFuture, Connection, EventSink, Fault, FaultEffect, InboundMessage, Link, LinkError,
-    LinkEvent, Receipt, SessionSpec,
+    LinkEvent, Receipt, ReceiptStatus, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

@@ -83,10 +83,21 @@ pub struct Receipt {
     pub message_ids: Vec<String>,
     /// Who reports (JID of the recipient's device).
     pub by: String,
-    /// `delivered`, `read` or `played`.
-    pub status: &'static str,
+    /// What they report.
+    pub status: ReceiptStatus,
     /// When (ms since the epoch).
     pub timestamp_ms: u64,
+}
+
+/// What a receipt reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiptStatus {
+    /// On the recipient's device.
+    Delivered,
+    /// Read.
+    Read,
+    /// Played (a voice message or video).
+    Played,
 }
 
 /// A message that arrived for a session.

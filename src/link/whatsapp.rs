@@ -266,11 +266,12 @@ impl Shared {
                 })
             }
             Event::Receipt(r) if !r.source.is_from_me => {
+                use botvisor_actors::ReceiptStatus;
                 use whatsapp_rust::wacore::types::presence::ReceiptType;
                 let status = match r.r#type {
-                    ReceiptType::Delivered | ReceiptType::Inactive => "delivered",
-                    ReceiptType::Read => "read",
-                    ReceiptType::Played => "played",
+                    ReceiptType::Delivered | ReceiptType::Inactive => ReceiptStatus::Delivered,
+                    ReceiptType::Read => ReceiptStatus::Read,
+                    ReceiptType::Played => ReceiptStatus::Played,
                     _ => return,
                 };
                 self.events

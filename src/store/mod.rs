@@ -554,6 +554,7 @@ impl Persistence for Store {
     }
 
     fn receipt(&self, user_id: &str, receipt: &botvisor_actors::Receipt) {
+        use botvisor_actors::ReceiptStatus;
         #[derive(serde::Serialize)]
         #[serde(rename_all = "camelCase")]
         struct Reported<'a> {
@@ -563,10 +564,9 @@ impl Persistence for Store {
             timestamp: String,
         }
         let kind = match receipt.status {
-            "delivered" => "message.delivered",
-            "read" => "message.read",
-            "played" => "message.played",
-            _ => return,
+            ReceiptStatus::Delivered => "message.delivered",
+            ReceiptStatus::Read => "message.read",
+            ReceiptStatus::Played => "message.played",
         };
         for id in &receipt.message_ids {
             let data = serde_json::to_string(&Reported {
