@@ -44,15 +44,14 @@ use botvisor_actors::{Link, Supervisor, SupervisorArgs, SupervisorMsg};
 use config::{Config, LinkKind};
 use store::{Store, StoreConfig};
 
-/// Builds the link the configuration asks for (and hands back the simulated network, for
-/// its test endpoints, when that is the link).
-/// The link, and the concrete one behind it (the simulated network has test endpoints;
-/// the WhatsApp link is told where received messages are kept once the store is open).
+/// The concrete link behind the `dyn Link` (the simulated network has test endpoints; the
+/// WhatsApp link is told where received messages are kept once the store is open).
 enum Concrete {
     Sim(Arc<link::sim::SimLink>),
     WhatsApp(Arc<link::whatsapp::WhatsAppLink>),
 }
 
+/// Builds the link the configuration asks for, and the concrete one behind it.
 fn make_link(config: &Config) -> (Arc<dyn Link>, Concrete) {
     match config.link {
         LinkKind::Sim => {

@@ -295,6 +295,13 @@ struct Session {
 }
 
 impl Session {
+    /// Whether this connection is the logged-in client of phone number `phone`.
+    fn is_client(&self, phone: &str) -> bool {
+        self.client
+            .as_ref()
+            .is_some_and(|c| c.user.as_str() == phone)
+    }
+
     async fn send(&mut self, node: &Node) -> bool {
         let Ok(plain) = marshal(node) else {
             return false;
@@ -537,7 +544,7 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
             command = commands.recv() => {
                 let Ok(command) = command else { return };
                 if let Command::MarkRead { from, to, id } = &command {
-                    let ours = session.client.as_ref().is_some_and(|c| c.user.as_str() == to);
+                    let ours = session.is_client(to);
                     let read = receipt_node(&Jid::pn(from.to_string()), id, Some("read"));
                     if ours && !session.send(&read).await {
                         return;
@@ -548,7 +555,7 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                 | Command::SendTampered { from, to, id, content } = &command
                 {
                     let tamper = matches!(command, Command::SendTampered { .. });
-                    let ours = session.client.as_ref().is_some_and(|c| c.user.as_str() == to);
+                    let ours = session.is_client(to);
                     if ours && !send_message(&mut session, &inner, from, id, content, tamper).await {
                         return;
                     }
