@@ -707,6 +707,7 @@ impl Config {
                 pair_delay: args.sim_pair_delay.0,
                 connect_delay: args.sim_connect_delay.0,
                 login_delay: args.sim_login_delay.0,
+                builtin_commands: !args.no_builtin_commands,
             },
             whatsapp: WhatsAppSettings {
                 version: parse_version(&args.wa_version).map_err(|e| {

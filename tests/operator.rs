@@ -147,3 +147,55 @@ fn message_and_webhook_metrics_follow_what_happened() {
     assert_eq!(v("botvisor_webhook_dropped_events_total"), 0.0);
     assert_eq!(v("botvisor_webhook_receivers_down"), 1.0, "the refused one");
 }
+
+/// The demo bot answers: `!ping` from a number or a JID gets `pong (up …)` back in that
+/// chat on the simulated link (as on the real one); other text gets nothing, and
+/// `--no-builtin-commands` turns the answer off.
+#[test]
+fn the_simulated_bot_answers_ping() {
+    let sent_texts = |s: &Server, id: &str| -> Vec<(String, String)> {
+        let r = s.get(&format!("/api/sim/{id}/messages"));
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.json()["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                (
+                    m["to"].as_str().unwrap().to_string(),
+                    m["text"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let inbound = |s: &Server, id: &str, from: &str, text: &str| {
+        let r = s.post(
+            &format!("/api/sim/{id}/inbound"),
+            Some(&serde_json::json!({"from": from, "text": text}).to_string()),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+    let s = Server::start(&["--sim-pair-delay", "100ms"]);
+    assert_eq!(s.create("pinged", "1234567890").status, 201);
+    s.wait_state("pinged", "online");
+    inbound(&s, "pinged", "15557654321", "!ping");
+    inbound(&s, "pinged", "15550001111@s.whatsapp.net", "  !PING ");
+    inbound(&s, "pinged", "15557654321", "hello");
+    let sent = sent_texts(&s, "pinged");
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0].0, "15557654321@s.whatsapp.net");
+    assert_eq!(sent[1].0, "15550001111@s.whatsapp.net");
+    for (_, text) in &sent {
+        assert!(
+            text.starts_with("pong (up ") && text.ends_with("s)"),
+            "{text}"
+        );
+    }
+    drop(s);
+
+    let quiet = Server::start(&["--sim-pair-delay", "100ms", "--no-builtin-commands"]);
+    assert_eq!(quiet.create("quiet", "1234567890").status, 201);
+    quiet.wait_state("quiet", "online");
+    inbound(&quiet, "quiet", "15557654321", "!ping");
+    assert!(sent_texts(&quiet, "quiet").is_empty());
+}

@@ -6,8 +6,28 @@ pub mod sim;
 pub mod whatsapp;
 
 use std::path::Path;
+use std::time::Duration;
 
 use botvisor_actors::LinkError;
+
+/// The built-in command answer (`--no-builtin-commands` turns it off): `!ping`, in any
+/// case and with spaces around, is answered `pong (up …)` in the chat it came from, on
+/// every link.
+pub fn builtin_reply(text: &str, up: Duration) -> Option<String> {
+    text.trim()
+        .eq_ignore_ascii_case("!ping")
+        .then(|| format!("pong (up {})", uptime(up)))
+}
+
+/// `1h 2m 3s`.
+pub fn uptime(d: Duration) -> String {
+    let s = d.as_secs();
+    match (s / 3600, (s / 60) % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m {sec}s"),
+        (h, m, sec) => format!("{h}h {m}m {sec}s"),
+    }
+}
 
 /// A session's credential store could not be opened or read. SQLite saying the file is
 /// not a database, or is malformed, is lasting: a restart reads the same bytes, so the
@@ -40,5 +60,23 @@ mod tests {
         assert!(credential_error("x", p, "database disk image is malformed").lasting);
         assert!(!credential_error("x", p, "database is locked").lasting);
         assert!(!credential_error("x", p, "Too many open files").lasting);
+    }
+
+    #[test]
+    fn uptime_reads_well() {
+        assert_eq!(uptime(Duration::from_secs(5)), "5s");
+        assert_eq!(uptime(Duration::from_secs(125)), "2m 5s");
+        assert_eq!(uptime(Duration::from_secs(3725)), "1h 2m 5s");
+    }
+
+    #[test]
+    fn only_ping_gets_the_builtin_answer() {
+        let up = Duration::from_secs(61);
+        assert_eq!(
+            builtin_reply(" !PING ", up).as_deref(),
+            Some("pong (up 1m 1s)")
+        );
+        assert_eq!(builtin_reply("!ping please", up), None);
+        assert_eq!(builtin_reply("ping", up), None);
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 use tokio::sync::Semaphore;
@@ -33,6 +33,8 @@ pub struct SimSettings {
     pub connect_delay: Duration,
     /// Time from "connecting" to "online" (the simulated login).
     pub login_delay: Duration,
+    /// Answer `!ping` with `pong` and the uptime (`--no-builtin-commands` turns it off).
+    pub builtin_commands: bool,
 }
 
 impl Default for SimSettings {
@@ -42,6 +44,7 @@ impl Default for SimSettings {
             pair_delay: Duration::from_secs(3),
             connect_delay: Duration::ZERO,
             login_delay: Duration::from_millis(20),
+            builtin_commands: true,
         }
     }
 }
@@ -69,11 +72,31 @@ pub struct SentMessage {
 }
 
 /// The simulated network's memory: what each session sent, and where to deliver
-/// messages to a session (its live connection's event sink).
+/// messages to a session (its live connection's event sink, and when it connected).
 #[derive(Default)]
 struct Network {
     sent: std::sync::Mutex<HashMap<String, VecDeque<SentMessage>>>,
-    live: std::sync::Mutex<HashMap<String, EventSink>>,
+    live: std::sync::Mutex<HashMap<String, (EventSink, Instant)>>,
+}
+
+impl Network {
+    /// Records a message the session sent; returns its id.
+    fn record_sent(&self, user_id: &str, to: &str, text: &str) -> String {
+        let message = SentMessage {
+            message_id: format!("SIM{:016X}", random_u64()),
+            to: to.to_string(),
+            text: text.to_string(),
+            at_ms: now_ms(),
+        };
+        let id = message.message_id.clone();
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = sent.entry(user_id.to_string()).or_default();
+        if queue.len() >= SENT_KEPT {
+            queue.pop_front();
+        }
+        queue.push_back(message);
+        id
+    }
 }
 
 /// The simulated link.
@@ -104,26 +127,37 @@ impl SimLink {
     }
 
     /// A message from `from` arrives for a session (as if someone wrote to the bot);
-    /// `Err` when the session has no live connection. Returns the message's id.
+    /// `Err` when the session has no live connection. Returns the message's id. The
+    /// bot answers `!ping` as on the real link (its `pong` is listed among what the
+    /// session sent, addressed to the chat the ping came from).
     pub fn deliver(&self, user_id: &str, from: &str, text: &str) -> Result<String, LinkError> {
         let live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
-        let sink = live
+        let (sink, connected) = live
             .get(user_id)
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
         let id = format!("SIMIN{:016X}", random_u64());
-        let from = if from.contains('@') {
+        let chat = if from.contains('@') {
             from.to_string()
         } else {
             format!("{from}@s.whatsapp.net")
         };
         sink.emit(LinkEvent::Message(InboundMessage {
             id: id.clone(),
-            chat: from.clone(),
-            from,
+            chat: chat.clone(),
+            from: chat.clone(),
             timestamp_ms: now_ms(),
             text: Some(text.to_string()),
             kind: "text".into(),
         }));
+        let reply = self
+            .settings
+            .builtin_commands
+            .then(|| super::builtin_reply(text, connected.elapsed()))
+            .flatten();
+        drop(live);
+        if let Some(reply) = reply {
+            self.network.record_sent(user_id, &chat, &reply);
+        }
         Ok(id)
     }
 }
@@ -248,7 +282,7 @@ impl Drop for SimConnection {
         // Only this connection's entry: a newer one may have taken its place.
         if live
             .get(&self.user_id)
-            .is_some_and(|s| s.same(&self.events))
+            .is_some_and(|(s, _)| s.same(&self.events))
         {
             live.remove(&self.user_id);
         }
@@ -266,19 +300,7 @@ impl LinkConnection for SimConnection {
     }
 
     fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
-        let message = SentMessage {
-            message_id: format!("SIM{:016X}", random_u64()),
-            to: to.to_string(),
-            text: text.to_string(),
-            at_ms: now_ms(),
-        };
-        let id = message.message_id.clone();
-        let mut sent = self.network.sent.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = sent.entry(self.user_id.clone()).or_default();
-        if queue.len() >= SENT_KEPT {
-            queue.pop_front();
-        }
-        queue.push_back(message);
+        let id = self.network.record_sent(&self.user_id, to, text);
         Box::pin(async move { Ok(id) })
     }
 
@@ -329,7 +351,7 @@ impl Link for SimLink {
                 .live
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(user_id.clone(), events.clone());
+                .insert(user_id.clone(), (events.clone(), Instant::now()));
             let task = tokio::spawn(run(spec, settings, path, creds, slots, sink));
             Ok(Box::new(SimConnection {
                 task,

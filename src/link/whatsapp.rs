@@ -304,14 +304,13 @@ impl Shared {
         if !self.builtin_commands {
             return;
         }
-        let is_ping = m
+        let Some(reply) = m
             .message
             .text_content()
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("!ping"));
-        if !is_ping {
+            .and_then(|t| super::builtin_reply(t, self.started.elapsed()))
+        else {
             return;
-        }
-        let reply = format!("pong (up {})", uptime(self.started.elapsed()));
+        };
         let chat = m.info.source.chat.clone();
         let client = client.clone();
         let user_id = self.user_id.clone();
@@ -381,16 +380,6 @@ impl EventHandler for InlineHandler {
         if let Some(client) = self.client.get().and_then(Weak::upgrade) {
             self.shared.on_event(&event, &client);
         }
-    }
-}
-
-/// `1h 2m 3s`.
-pub fn uptime(d: Duration) -> String {
-    let s = d.as_secs();
-    match (s / 3600, (s / 60) % 60, s % 60) {
-        (0, 0, sec) => format!("{sec}s"),
-        (0, m, sec) => format!("{m}m {sec}s"),
-        (h, m, sec) => format!("{h}h {m}m {sec}s"),
     }
 }
 
@@ -780,12 +769,5 @@ mod tests {
         );
         assert!(parse_version("2.3000").is_err());
         assert!(parse_version("a.b.c").is_err());
-    }
-
-    #[test]
-    fn uptime_reads_well() {
-        assert_eq!(uptime(Duration::from_secs(5)), "5s");
-        assert_eq!(uptime(Duration::from_secs(125)), "2m 5s");
-        assert_eq!(uptime(Duration::from_secs(3725)), "1h 2m 5s");
     }
 }
