@@ -98,7 +98,7 @@ fn log_capacity(link: &dyn Link) {
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The data directory cannot be created or used.
-    #[error("cannot create {path}: {source}")]
+    #[error("cannot create {path}: {}", paths::io_hint(source))]
     DataDir {
         /// Which directory.
         path: String,
@@ -108,6 +108,9 @@ pub enum RunError {
     /// The session database cannot be opened.
     #[error("cannot open the database: {0}")]
     Database(#[from] botvisor_actors::StorageError),
+    /// Another process has the data directory (or it cannot be locked).
+    #[error("{0}")]
+    Locked(#[from] paths::LockError),
     /// The data directory belongs to another link.
     #[error("{0}")]
     OtherLink(store::OpenError),
@@ -253,16 +256,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    for dir in [
-        config.data_dir.clone(),
-        paths::sessions_dir(&config.data_dir),
-        paths::backups_dir(&config.data_dir),
-    ] {
-        paths::create_private_dir(&dir).map_err(|source| RunError::DataDir {
+    let create = |dir: &std::path::Path| {
+        paths::create_private_dir(dir).map_err(|source| RunError::DataDir {
             path: dir.display().to_string(),
             source,
-        })?;
-    }
+        })
+    };
+    create(&config.data_dir)?;
+    // Held until this function returns (and by the kernel until the process ends).
+    let _data_dir = paths::lock_data_dir(&config.data_dir)?;
+    create(&paths::sessions_dir(&config.data_dir))?;
+    create(&paths::backups_dir(&config.data_dir))?;
     let (link, concrete) = make_link(&config);
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let store_config = StoreConfig {

@@ -370,6 +370,76 @@ fn a_read_only_data_dir_at_start_is_one_clear_line() {
     assert_eq!(s.get("/api/sessions/kept").status, 200);
 }
 
+/// An empty data dir on a read-only filesystem, and one its user may not write: the
+/// refusal says what to do (remount, fix the owner, or another --data-dir), not only the
+/// OS error.
+#[test]
+fn an_unwritable_empty_data_dir_says_what_to_do() {
+    let Some(fs) = Tmpfs::mount("an_unwritable_empty_data_dir_says_what_to_do", "1m") else {
+        return;
+    };
+    fs.remount("ro");
+    let out = common::serve_once(&fs.dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("botvisor: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("read-only") && line.contains("remount") && line.contains("--data-dir"),
+        "{line}"
+    );
+    fs.remount("rw");
+
+    // A directory owned by root, 0700, for an unprivileged user (nobody), who runs a copy
+    // of the binary (the checkout's path may be closed to it).
+    let dir = fs.dir.join("root-only");
+    std::fs::create_dir(&dir).unwrap();
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("botvisor");
+    std::fs::copy(common::botvisor_bin(), &bin).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(&bin)
+        .args([
+            "serve",
+            "--link",
+            "sim",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env_remove("DATABASE_URL")
+        .output();
+    let out = match out {
+        Ok(o) if !String::from_utf8_lossy(&o.stderr).contains("runuser:") => o,
+        other => {
+            common::skip_unless_required_by(
+                "an_unwritable_empty_data_dir_says_what_to_do (permissions)",
+                &format!("cannot run as nobody: {other:?}"),
+                DISK,
+            );
+            return;
+        }
+    };
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("botvisor: error:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(
+        line.contains("Permission denied") && line.contains("chown") && line.contains("--data-dir"),
+        "{line}"
+    );
+}
+
 #[test]
 fn a_database_locked_by_another_process_gives_503_then_works() {
     let s = Server::start(&[]);

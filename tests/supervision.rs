@@ -617,3 +617,42 @@ fn a_data_dir_belongs_to_the_link_that_made_it() {
     let s = Server::start_in(tmp.path(), &[]);
     s.wait_state("mine", "online");
 }
+
+/// One server per data dir: a second `serve` on the same dir is refused at once (exit 1,
+/// one line naming the dir and the holder's pid) and leaves the first one consistent; a
+/// kill -9 of the holder frees the dir (the kernel drops its lock).
+#[test]
+fn a_second_server_on_the_same_data_dir_is_refused() {
+    let mut first = Server::start(&["--sim-pair-delay", "100ms"]);
+    assert_eq!(first.create("only", "1234567890").status, 201);
+    first.wait_state("only", "online");
+    let started = std::time::Instant::now();
+    let out = common::serve_once(&first.data_dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "refused at once"
+    );
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("botvisor: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    let pid = first.child.id().to_string();
+    assert!(
+        lines[0].contains(&first.data_dir.display().to_string())
+            && lines[0].contains(&format!("pid {pid}"))
+            && lines[0].contains("--data-dir"),
+        "{}",
+        lines[0]
+    );
+    assert!(!err.contains("botvisor listening"), "{err}");
+    let audit = first.get("/api/audit").json();
+    assert_eq!(audit["consistent"], true, "{audit}");
+    assert_eq!(first.session("only")["state"], "online");
+
+    first.kill9();
+    let second = Server::start_in(&first.data_dir.clone(), &["--sim-pair-delay", "100ms"]);
+    second.wait_state("only", "online");
+}
