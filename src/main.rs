@@ -29,6 +29,19 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// `RUST_BACKTRACE=1` (common on developer machines) is for panics. Errors that
+/// libraries build with `anyhow` would otherwise carry a backtrace each, and an expected
+/// failure (WhatsApp unreachable, logged by whatsapp-rust on every retry) became a
+/// 24-frame WARN. Error backtraces stay off unless `RUST_LIB_BACKTRACE` asks for them;
+/// returns whether panics get theirs. Called before any other thread exists.
+fn backtraces_for_panics_only() -> bool {
+    let wanted = |name: &str| std::env::var(name).is_ok_and(|v| !v.is_empty() && v != "0");
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
+    wanted("RUST_BACKTRACE")
+}
+
 fn main() {
     let cli = Cli::parse_layered();
     let args = match cli.command {
@@ -51,18 +64,18 @@ fn main() {
     if config.link == botvisor::config::LinkKind::Whatsapp {
         limit_malloc_arenas();
     }
+    let panic_backtraces = backtraces_for_panics_only();
     botvisor::logging::init(config.log_format);
     // Panics (a session's, caught and restarted by the supervisor) go to the log as one
     // line; the backtrace only when RUST_BACKTRACE asks for it.
-    std::panic::set_hook(Box::new(|info| {
+    std::panic::set_hook(Box::new(move |info| {
         let message = info.payload_as_str().unwrap_or("(no message)");
         let at = info.location().map(|l| l.to_string()).unwrap_or_default();
-        let backtrace = std::backtrace::Backtrace::capture();
-        match backtrace.status() {
-            std::backtrace::BacktraceStatus::Captured => {
-                tracing::error!(%message, %at, %backtrace, "panic")
-            }
-            _ => tracing::error!(%message, %at, "panic"),
+        if panic_backtraces {
+            let backtrace = std::backtrace::Backtrace::force_capture();
+            tracing::error!(%message, %at, %backtrace, "panic")
+        } else {
+            tracing::error!(%message, %at, "panic")
         }
     }));
     if config.api_key.is_none() && config.protect_reads {

@@ -656,3 +656,19 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
     let second = Server::start_in(&first.data_dir.clone(), &["--sim-pair-delay", "100ms"]);
     second.wait_state("only", "online");
 }
+
+/// With RUST_BACKTRACE=1 a panic (a bug) still logs its backtrace, on its one ERROR line.
+#[test]
+fn a_panic_keeps_its_backtrace_when_asked_for() {
+    let s = Server::start_with_env(&["--sim-pair-delay", "100ms"], &[("RUST_BACKTRACE", "1")]);
+    assert_eq!(s.create("bt", "1234567890").status, 201);
+    s.wait_state("bt", "online");
+    assert_eq!(s.fault("bt", "panic").status, 200);
+    s.wait_for("bt", 10, |v| v["restarts"] == 1 && v["state"] == "online");
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("panic") && l.contains("backtrace=")),
+        "{log}"
+    );
+}

@@ -577,14 +577,19 @@ fn a_backup_from_another_link_is_refused_before_anything_stops() {
 fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
     // Nothing listens on port 9 of the loopback: every connect is refused. The create
     // answers with that cause instead of waiting out its 60 s for a pairing code.
-    let s = Server::start(&[
-        "--link",
-        "whatsapp",
-        "--wa-url",
-        "ws://127.0.0.1:9/ws/chat",
-        "--create-timeout",
-        "60s",
-    ]);
+    // RUST_BACKTRACE=1, as on many developer machines: the expected failure is still
+    // logged as one line, with no backtrace (those belong to panics).
+    let s = Server::start_with_env(
+        &[
+            "--link",
+            "whatsapp",
+            "--wa-url",
+            "ws://127.0.0.1:9/ws/chat",
+            "--create-timeout",
+            "60s",
+        ],
+        &[("RUST_BACKTRACE", "1")],
+    );
     let msg = s.create("wa_down", "15551234567").error(503);
     assert!(msg.contains("cannot reach WhatsApp"), "{msg}");
     assert!(msg.to_lowercase().contains("refused"), "{msg}");
@@ -594,6 +599,16 @@ fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
     wait_until(10, "credentials removed", || {
         !s.data_dir.join("sessions/wa_down.db").exists()
     });
+    let log = std::fs::read_to_string(&s.log).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("Connection refused")),
+        "the connect failure is logged: {log}"
+    );
+    assert!(
+        !log.contains("backtrace") && !log.contains("Backtrace"),
+        "no backtrace for an expected failure: {log}"
+    );
 }
 
 type Hooks = common::Received;
