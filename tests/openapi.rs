@@ -26,6 +26,7 @@ fn document() -> Value {
 /// A route's path as the document writes it.
 fn openapi_path(path: &str) -> String {
     path.replace(":id", "{userId}")
+        .replace(":eventId", "{eventId}")
 }
 
 /// (method, path) of every operation in the document.
@@ -76,9 +77,14 @@ fn every_route_is_documented_and_every_operation_is_a_route() {
         unrouted.is_empty(),
         "operations in {DOC_PATH} that no route answers: {unrouted:?}"
     );
-    // Every path parameter is the session id, with the server's own rule.
+    // Every path parameter is declared under the name the path gives it (a session's
+    // `userId`, a dead letter's `eventId`), with the server's own rule for ids.
     for (method, path) in &documented {
-        if !path.contains("{userId}") {
+        let names: Vec<&str> = path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{')?.strip_suffix('}'))
+            .collect();
+        if names.is_empty() {
             continue;
         }
         let op = operation(&doc, method, path);
@@ -97,16 +103,31 @@ fn every_route_is_documented_and_every_operation_is_a_route() {
                 None => p,
             })
             .collect();
-        let user_id = resolved
+        let in_path: Vec<&str> = resolved
             .iter()
-            .find(|p| p["in"] == "path" && p["name"] == "userId")
-            .unwrap_or_else(|| panic!("{method} {path} lacks the userId path parameter"));
-        assert_eq!(user_id["required"], true, "{method} {path}");
-        assert_eq!(
-            user_id["schema"]["pattern"], "^[A-Za-z0-9_-]{1,64}$",
-            "{method} {path}"
-        );
+            .filter(|p| p["in"] == "path")
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        assert_eq!(in_path, names, "{method} {path}: path parameters");
+        for name in names {
+            let param = resolved
+                .iter()
+                .find(|p| p["in"] == "path" && p["name"] == name)
+                .unwrap();
+            assert_eq!(param["required"], true, "{method} {path}");
+            assert_eq!(
+                param["schema"]["pattern"], "^[A-Za-z0-9_-]{1,64}$",
+                "{method} {path}"
+            );
+        }
     }
+}
+
+#[test]
+fn the_replay_route_names_its_parameter_the_event_id() {
+    let doc = document();
+    assert!(doc["paths"]["/api/webhooks/dead/{eventId}/replay"]["post"].is_object());
+    assert!(doc["paths"]["/api/webhooks/dead/{userId}/replay"].is_null());
 }
 
 #[test]

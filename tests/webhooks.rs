@@ -838,6 +838,11 @@ fn a_receiver_failing_forever_makes_dead_letters_that_replay() {
     assert_eq!(s.get("/api/webhooks/dead").json()["count"], 0);
     let missing = s.post("/api/webhooks/dead/evt_nope/replay", None);
     assert_eq!(missing.error(404), "No dead letter with event id evt_nope");
+    let bad = s.post("/api/webhooks/dead/evt%20x/replay", None);
+    assert_eq!(
+        bad.error(400),
+        "eventId must be alphanumeric (a-z, 0-9, _, -)"
+    );
 }
 
 #[test]

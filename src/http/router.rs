@@ -10,7 +10,7 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use botvisor_actors::BoxFuture;
 
-use super::errors::{ApiError, INVALID_USER_ID, SIM_ONLY};
+use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
     backups, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
 };
@@ -18,7 +18,8 @@ use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
 
-/// What a handler gets: the app, the request, and the `:id` of its path (or "").
+/// What a handler gets: the app, the request, and the `:id` (or `:eventId`) of its path
+/// (or "").
 pub struct Ctx {
     /// Everything a handler can reach.
     pub app: Arc<App>,
@@ -36,7 +37,8 @@ type Handler = fn(Ctx) -> BoxFuture<'static, Answer>;
 pub struct Route {
     /// The method it answers.
     pub method: Method,
-    /// `/api/sessions/:id/start`: `:id` matches one segment.
+    /// `/api/sessions/:id/start`: `:id` (a session id) or `:eventId` (a dead letter's
+    /// event id) matches one segment.
     pub path: &'static str,
     /// Needs the API key (when one is set).
     pub key: bool,
@@ -126,9 +128,12 @@ pub static ROUTES: [Route; 30] = [
     route(Method::GET, "/api/webhooks/dead", true, |c| {
         Box::pin(webhooks::dead(c))
     }),
-    route(Method::POST, "/api/webhooks/dead/:id/replay", true, |c| {
-        Box::pin(webhooks::replay(c))
-    }),
+    route(
+        Method::POST,
+        "/api/webhooks/dead/:eventId/replay",
+        true,
+        |c| Box::pin(webhooks::replay(c)),
+    ),
     route(Method::POST, "/api/sessions/:id/start", true, |c| {
         Box::pin(lifecycle::start(c))
     }),
@@ -185,7 +190,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<&'p str> {
     let mut id = "";
     for (want, got) in pattern.iter().zip(path) {
         match *want {
-            ":id" => id = got,
+            ":id" | ":eventId" => id = got,
             w if w == *got => {}
             _ => return None,
         }
@@ -254,6 +259,10 @@ async fn route_and_answer(
     }
     if route.path.contains(":id") && !valid_user_id(id) {
         return Err(ApiError::bad_request(INVALID_USER_ID));
+    }
+    // Event ids share the session ids' alphabet (`evt_` and hex).
+    if route.path.contains(":eventId") && !valid_user_id(id) {
+        return Err(ApiError::bad_request(INVALID_EVENT_ID));
     }
     let id = id.to_string();
     (route.handler)(Ctx { app, req, id }).await

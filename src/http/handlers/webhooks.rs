@@ -31,7 +31,7 @@ pub async fn dead(c: Ctx) -> Answer {
     }))
 }
 
-/// `POST /api/webhooks/dead/:id/replay`: back in line, with fresh attempts.
+/// `POST /api/webhooks/dead/:eventId/replay`: back in line, with fresh attempts.
 pub async fn replay(c: Ctx) -> Answer {
     match c.app.store.replay(&c.id).await? {
         0 => Err(ApiError::not_found(format!(
