@@ -978,3 +978,106 @@ fn a_received_message_is_acknowledged_only_once_it_is_kept() {
     );
     assert_eq!(s.session("wa_keep")["state"], "online");
 }
+
+/// What botvisor's process has open (`/proc/<pid>/fd` links).
+fn open_files(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|dir| {
+            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A session's store files that the process still has open.
+fn store_files(pid: u32, id: &str) -> Vec<String> {
+    let store = format!("/sessions/{id}.db");
+    open_files(pid)
+        .into_iter()
+        .filter(|f| f.contains(&store))
+        .collect()
+}
+
+/// A stopped real-link session holds no descriptor and no client (issue 26): 20 sessions
+/// paired and online, 5 stop/start cycles and one restore each; after each stop none of
+/// the session's store files is open (a live client keeps its store, so none open means
+/// the client is gone too), and after the last stop the process is back to its idle count.
+#[test]
+fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
+    const SESSIONS: usize = 20;
+    let peer = Peer::start();
+    let s = start(&peer, &[]);
+    let pid = s.child.id();
+    // Idle: once the API has answered (its runtime starts after the address is printed).
+    assert_eq!(s.get("/api/stats").status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = open_files(pid).len();
+    let ids: Vec<String> = (0..SESSIONS).map(|i| format!("wa_fd_{i:02}")).collect();
+    let post = |path: String| {
+        let r = s.post(&path, None);
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        r
+    };
+    let stopped_and_closed = |id: &str| {
+        post(format!("/api/sessions/{id}/stop"));
+        // Aborted tasks are dropped at their next poll: a short bounded wait.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = store_files(pid, id);
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} is stopped and still holds {left:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    for id in &ids {
+        assert_eq!(s.create(id, "15551234567").status, 201, "{id}");
+    }
+    // Stopped while pairing (never paired): nothing left open either.
+    for id in &ids {
+        stopped_and_closed(id);
+        seed_paired(&s, id, "Fd Bot");
+    }
+    for round in 0..5 {
+        for id in &ids {
+            post(format!("/api/sessions/{id}/start"));
+        }
+        for id in &ids {
+            s.wait_state(id, "online");
+        }
+        if round == 0 {
+            for id in &ids {
+                post(format!("/api/sessions/{id}/backup"));
+            }
+        }
+        for id in &ids {
+            stopped_and_closed(id);
+        }
+    }
+    // One restore each (it stops the session, swaps the store and starts it again).
+    for id in &ids {
+        post(format!("/api/sessions/{id}/start"));
+        s.wait_state(id, "online");
+        post(format!("/api/sessions/{id}/restore"));
+        s.wait_state(id, "online");
+        stopped_and_closed(id);
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = open_files(pid);
+        if now.len() <= idle {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} descriptors open after stopping everything, {idle} when idle: {now:#?}",
+            now.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -35,6 +35,86 @@ const REFRESH_MARGIN: Duration = Duration::from_secs(5);
 const SOCKET_WAIT: Duration = Duration::from_secs(30);
 /// Retry delay after a throttled pairing request when WhatsApp gives none.
 const THROTTLE_RETRY: Duration = Duration::from_secs(60);
+/// How long a stop waits for the client's own disconnect (it flushes receipts and the
+/// device state, each bounded by 5 s inside whatsapp-rust) before its tasks are ended.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(8);
+/// How long a stop waits for the run loop to end after the disconnect.
+const RUN_LOOP_WAIT: Duration = Duration::from_secs(2);
+
+/// whatsapp-rust's runtime for one session: tokio, with every task the client spawns
+/// remembered, so that a stop ends all of them. Each of those tasks holds the client
+/// (and through it the session's store and its descriptors); several outlive
+/// `disconnect()` by design (the QR rotation for up to ~160 s, sync waits up to 60 s)
+/// or wait forever for a disconnect that a kill or a crash never makes (the chat-lane
+/// workers, whose senders live in the client itself: a cycle). Without this, a stopped
+/// session's client and store stayed alive (issue 26).
+#[derive(Clone, Default)]
+struct SessionTasks(Arc<std::sync::Mutex<TaskList>>);
+
+#[derive(Default)]
+struct TaskList {
+    tasks: Vec<tokio::task::AbortHandle>,
+    /// Finished tasks are dropped from the list when it reaches this length.
+    prune_at: usize,
+}
+
+impl SessionTasks {
+    fn track(&self, task: &JoinHandle<()>) {
+        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if list.tasks.len() >= list.prune_at {
+            list.tasks.retain(|t| !t.is_finished());
+            list.prune_at = (list.tasks.len() * 2).max(32);
+        }
+        list.tasks.push(task.abort_handle());
+    }
+
+    /// Aborts every task of the session that is still running.
+    fn abort_all(&self) {
+        let tasks = std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).tasks);
+        for task in tasks {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl whatsapp_rust::wacore::runtime::Runtime for SessionTasks {
+    fn spawn(
+        &self,
+        future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
+    ) -> whatsapp_rust::wacore::runtime::AbortHandle {
+        let task = tokio::spawn(future);
+        self.track(&task);
+        whatsapp_rust::wacore::runtime::AbortHandle::new(move || task.abort())
+    }
+
+    fn spawn_detached(
+        &self,
+        future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
+    ) {
+        self.track(&tokio::spawn(future));
+    }
+
+    fn sleep(
+        &self,
+        d: Duration,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(tokio::time::sleep(d))
+    }
+
+    fn spawn_blocking(
+        &self,
+        f: Box<dyn FnOnce() + Send + 'static>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async {
+            let _ = tokio::task::spawn_blocking(f).await;
+        })
+    }
+
+    fn yield_now(&self) -> Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> {
+        None // a multi-threaded runtime, as whatsapp-rust's own TokioRuntime
+    }
+}
 
 /// How the WhatsApp link is set up.
 #[derive(Debug, Clone)]
@@ -385,14 +465,15 @@ impl EventHandler for InlineHandler {
 
 /// Keeps a live pairing code while the session is unpaired.
 async fn pairing_manager(client: Arc<Client>, shared: Arc<Shared>, phone_number: String) {
+    let done = || shared.paired.load(Ordering::SeqCst) || shared.closing.load(Ordering::SeqCst);
     loop {
-        if shared.paired.load(Ordering::SeqCst) {
+        if done() {
             return;
         }
         if client.wait_for_socket(SOCKET_WAIT).await.is_err() {
             continue; // the client keeps reconnecting by itself
         }
-        if shared.paired.load(Ordering::SeqCst) || client.is_logged_in() {
+        if done() || client.is_logged_in() {
             return;
         }
         client.cancel_pair_code().await;
@@ -488,16 +569,33 @@ pub struct WhatsAppConnection {
     shared: Arc<Shared>,
     watcher: JoinHandle<()>,
     manager: Option<JoinHandle<()>>,
+    /// Every task whatsapp-rust spawned for this client.
+    tasks: SessionTasks,
+}
+
+impl WhatsAppConnection {
+    /// Ends everything that holds the client but this connection's own reference:
+    /// botvisor's pairing manager and watcher (it owns the `BotHandle`) and every task
+    /// the client spawned. Once the connection is dropped, the client and its store
+    /// (with its descriptors) go with it.
+    fn end_tasks(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        if let Some(m) = self.manager.take() {
+            m.abort();
+        }
+        // Wakes whatever waits on the client's shutdown (keepalive, reconnect waits)
+        // when no disconnect ran (a kill, a crash, a close that timed out).
+        self.client.signal_shutdown_sync();
+        self.tasks.abort_all();
+        self.watcher.abort();
+    }
 }
 
 impl Drop for WhatsAppConnection {
+    /// A session killed (watchdog, kill deadline) or failed never gets `close`: the
+    /// tasks are ended here, without the disconnect's flush.
     fn drop(&mut self) {
-        self.shared.closing.store(true, Ordering::SeqCst);
-        if let Some(m) = &self.manager {
-            m.abort();
-        }
-        // The watcher owns the BotHandle: aborting it drops the handle, which aborts the bot.
-        self.watcher.abort();
+        self.end_tasks();
     }
 }
 
@@ -547,13 +645,23 @@ impl LinkConnection for WhatsAppConnection {
         })
     }
 
+    /// Disconnects (the client flushes its receipts and device state, closes the socket
+    /// and clears its connection state), waits for the run loop to end, then ends every
+    /// task the client still has.
     fn close(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             self.shared.closing.store(true, Ordering::SeqCst);
             if let Some(m) = self.manager.take() {
                 m.abort();
             }
-            self.client.disconnect().await;
+            if tokio::time::timeout(DISCONNECT_WAIT, self.client.disconnect())
+                .await
+                .is_err()
+            {
+                tracing::warn!(user_id = %self.shared.user_id, "the WhatsApp client did not disconnect in time; its tasks are ended");
+            }
+            let _ = tokio::time::timeout(RUN_LOOP_WAIT, &mut self.watcher).await;
+            self.end_tasks();
         })
     }
 }
@@ -653,7 +761,9 @@ impl Link for WhatsAppLink {
                 client: Arc::new(OnceLock::new()),
             };
             let client_slot = handler.client.clone();
+            let tasks = SessionTasks::default();
             let mut builder = Bot::builder()
+                .with_runtime(tasks.clone())
                 .with_backend(store)
                 .with_transport_factory(transport)
                 .with_version(settings.version)
@@ -698,6 +808,7 @@ impl Link for WhatsAppLink {
                 shared,
                 watcher,
                 manager,
+                tasks,
             }) as Box<dyn LinkConnection>)
         })
     }

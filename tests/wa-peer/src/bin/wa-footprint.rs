@@ -11,6 +11,9 @@
 //!    start all, wait for `onlineSessions == N`, then `--settle` seconds);
 //! 4. after stopping all of them.
 //!
+//! Descriptors are counted for every phase, the stopped ones too (after pairing and after
+//! the mass stop), with those still open on `sessions/*` (a stopped session holds none).
+//!
 //! Every loop is bounded in count and time; the child is killed on every exit path
 //! (a guard's `Drop`, plus `PR_SET_PDEATHSIG` should this process itself be killed).
 
@@ -94,6 +97,8 @@ struct Sample {
     file_kib: u64,
     shmem_kib: u64,
     fds: u64,
+    /// Descriptors open on files under `sessions/` (the sessions' stores).
+    store_fds: u64,
     threads: u64,
 }
 
@@ -108,8 +113,14 @@ fn sample(pid: u32) -> Result<Sample, String> {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+    let links: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .map_err(|e| format!("cannot list /proc/{pid}/fd: {e}"))?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .collect();
+    let fds = links.len() as u64;
+    let store_fds = links
+        .iter()
+        .filter(|l| l.to_string_lossy().contains("/sessions/"))
         .count() as u64;
     Ok(Sample {
         rss_kib: field("VmRSS:"),
@@ -117,6 +128,7 @@ fn sample(pid: u32) -> Result<Sample, String> {
         file_kib: field("RssFile:"),
         shmem_kib: field("RssShmem:"),
         fds,
+        store_fds,
         threads: field("Threads:"),
     })
 }
@@ -181,8 +193,8 @@ fn print_smaps(pid: u32, phase: &str) {
 
 fn show(phase: &str, s: &Sample) {
     println!(
-        "{phase:<28} RSS {:>9} KiB (anon {:>9}, file {:>6}, shmem {:>6})  fds {:>5}  threads {:>4}",
-        s.rss_kib, s.anon_kib, s.file_kib, s.shmem_kib, s.fds, s.threads
+        "{phase:<28} RSS {:>9} KiB (anon {:>9}, file {:>6}, shmem {:>6})  fds {:>5} (on sessions/ {:>5})  threads {:>4}",
+        s.rss_kib, s.anon_kib, s.file_kib, s.shmem_kib, s.fds, s.store_fds, s.threads
     );
 }
 
@@ -439,8 +451,13 @@ fn run(args: &Args) -> Result<(), String> {
             .ok_or_else(|| format!("stop {}: {status} {v}", id_of(i)))
     });
     check("stop", failures)?;
+    // A stop answers once the session's tasks are aborted; they are dropped at their
+    // next poll.
+    std::thread::sleep(Duration::from_secs(2));
     let stopped_pairing = sample(pid)?;
     show("stopped (after pairing)", &stopped_pairing);
+    let (_, stopped_pairing_fds) =
+        per_session("stopped (after pairing)", &idle, &stopped_pairing, n);
     let failures = fan_out(n, args.concurrency, |i| {
         let db = dir.path.join(format!("sessions/{}.db", id_of(i)));
         let c = rusqlite::Connection::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
@@ -521,6 +538,7 @@ fn run(args: &Args) -> Result<(), String> {
     std::thread::sleep(Duration::from_secs(5));
     let after = sample(pid)?;
     show("after mass stop", &after);
+    let (_, stopped_fds) = per_session("after mass stop", &idle, &after, n);
     let kept = after.rss_kib as f64 - idle.rss_kib as f64;
     let peak = online.rss_kib as f64 - idle.rss_kib as f64;
     println!(
@@ -531,8 +549,14 @@ fn run(args: &Args) -> Result<(), String> {
         print_smaps(pid, "after mass stop");
     }
     println!(
-        "SUMMARY label={} n={n} idle_rss_kib={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0}",
-        args.label, idle.rss_kib, online.rss_kib, after.rss_kib
+        "SUMMARY label={} n={n} idle_rss_kib={} idle_fds={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} stopped_pairing_fds={stopped_pairing_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0} kept_pct={:.0} stopped_fds={stopped_fds:.2} stopped_store_fds={}",
+        args.label,
+        idle.rss_kib,
+        idle.fds,
+        online.rss_kib,
+        after.rss_kib,
+        if peak > 0.0 { 100.0 * kept / peak } else { 0.0 },
+        after.store_fds
     );
     drop(child);
     Ok(())
