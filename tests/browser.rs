@@ -24,7 +24,7 @@ fn the_dashboard_creates_pairs_and_stops_a_session_live() {
     if !have {
         common::skip_unless_required_by(
             "the_dashboard_creates_pairs_and_stops_a_session_live",
-            "needs /usr/bin/chromium, /usr/bin/chromedriver and python3 -m pip install selenium",
+            "needs /usr/bin/chromium, /usr/bin/chromedriver and Selenium; to run it: apt-get install chromium chromium-driver && python3 -m pip install --user selenium",
             &["BOTVISOR_REQUIRE_BROWSER"],
         );
         return;

@@ -43,7 +43,7 @@ impl Tmpfs {
                 common::skip_unless_required_by(
                     test,
                     &format!(
-                        "cannot mount a tmpfs (needs root): {}",
+                        "cannot mount a tmpfs (needs root): {}; to run it: run the tests as root (sudo -E cargo test ...)",
                         String::from_utf8_lossy(&o.stderr).trim()
                     ),
                     DISK,
@@ -137,7 +137,7 @@ impl Ext4 {
             Err(e) => {
                 common::skip_unless_required_by(
                     test,
-                    &format!("cannot mount an ext4 loop file (needs root and loop devices): {e}"),
+                    &format!("cannot mount an ext4 loop file (needs root and loop devices): {e}; to run it: run the tests as root (sudo -E cargo test ...)"),
                     DISK,
                 );
                 None

@@ -264,7 +264,7 @@ fn five_thousand_idle_connections_do_not_take_the_api_down() {
     if raise_nofile() < IDLE as u64 + 200 {
         common::skip_unless_required_by(
             "five_thousand_idle_connections_do_not_take_the_api_down",
-            "the open-files hard limit is below 5,200",
+            "the open-files hard limit is below 5,200; to run it: raise it (ulimit -Hn 65536 as root)",
             &["BOTVISOR_REQUIRE_MANY_FILES"],
         );
         return;

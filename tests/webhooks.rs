@@ -1207,7 +1207,7 @@ fn https_receivers_are_verified_and_a_ca_file_adds_trust() {
     let Some((ca, leaf, key)) = test_pki(dir.path()) else {
         common::skip_unless_required(
             "https_receivers_are_verified_and_a_ca_file_adds_trust",
-            "the openssl command is not installed",
+            "the openssl command is not installed; to run it: apt-get install openssl",
         );
         return;
     };
