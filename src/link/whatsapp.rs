@@ -51,27 +51,60 @@ const RUN_LOOP_WAIT: Duration = Duration::from_secs(2);
 #[derive(Clone, Default)]
 struct SessionTasks(Arc<std::sync::Mutex<TaskList>>);
 
+/// The session's running tasks. A task takes itself out when it ends (or is aborted), so
+/// no finished task's memory is held by its handle here.
 #[derive(Default)]
 struct TaskList {
-    tasks: Vec<tokio::task::AbortHandle>,
-    /// Finished tasks are dropped from the list when it reaches this length.
-    prune_at: usize,
+    next: u64,
+    running: std::collections::HashMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Takes a task out of its session's list when the task's future is dropped: at its end,
+/// or when it is aborted.
+struct Untrack {
+    list: Weak<std::sync::Mutex<TaskList>>,
+    id: u64,
+}
+
+impl Drop for Untrack {
+    fn drop(&mut self) {
+        if let Some(list) = self.list.upgrade() {
+            lock_tasks(&list).running.remove(&self.id);
+        }
+    }
+}
+
+fn lock_tasks(list: &std::sync::Mutex<TaskList>) -> std::sync::MutexGuard<'_, TaskList> {
+    list.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl SessionTasks {
-    fn track(&self, task: &JoinHandle<()>) {
-        let mut list = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if list.tasks.len() >= list.prune_at {
-            list.tasks.retain(|t| !t.is_finished());
-            list.prune_at = (list.tasks.len() * 2).max(32);
-        }
-        list.tasks.push(task.abort_handle());
+    /// Spawns `future` on tokio, remembered until it ends.
+    fn spawn_tracked(
+        &self,
+        future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
+    ) -> JoinHandle<()> {
+        // Held while spawning: a task that ends at once takes itself out only after it
+        // was put in.
+        let mut list = lock_tasks(&self.0);
+        let id = list.next;
+        list.next += 1;
+        let untrack = Untrack {
+            list: Arc::downgrade(&self.0),
+            id,
+        };
+        let task = tokio::spawn(async move {
+            let _untrack = untrack;
+            future.await;
+        });
+        list.running.insert(id, task.abort_handle());
+        task
     }
 
     /// Aborts every task of the session that is still running.
     fn abort_all(&self) {
-        let tasks = std::mem::take(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()).tasks);
-        for task in tasks {
+        let running = std::mem::take(&mut lock_tasks(&self.0).running);
+        for task in running.into_values() {
             task.abort();
         }
     }
@@ -83,8 +116,7 @@ impl whatsapp_rust::wacore::runtime::Runtime for SessionTasks {
         &self,
         future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
     ) -> whatsapp_rust::wacore::runtime::AbortHandle {
-        let task = tokio::spawn(future);
-        self.track(&task);
+        let task = self.spawn_tracked(future);
         whatsapp_rust::wacore::runtime::AbortHandle::new(move || task.abort())
     }
 
@@ -92,7 +124,7 @@ impl whatsapp_rust::wacore::runtime::Runtime for SessionTasks {
         &self,
         future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>>,
     ) {
-        self.track(&tokio::spawn(future));
+        self.spawn_tracked(future);
     }
 
     fn sleep(
@@ -588,6 +620,38 @@ impl WhatsAppConnection {
         self.client.signal_shutdown_sync();
         self.tasks.abort_all();
         self.watcher.abort();
+        release_freed_memory_soon();
+    }
+}
+
+/// Gives the memory of stopped sessions back to the system. glibc keeps freed memory in
+/// its arenas for reuse and returns it only when the top of an arena is free, so after a
+/// mass stop most of what the sessions used stayed in the process (measured with
+/// `wa-footprint`, BENCHMARKS.md). A stop asks for a `malloc_trim` on the blocking pool,
+/// at most one per second however many sessions stop together.
+fn release_freed_memory_soon() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::sync::atomic::AtomicBool;
+        static PENDING: AtomicBool = AtomicBool::new(false);
+        if PENDING.swap(true, Ordering::SeqCst) {
+            return; // a trim is already due
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            PENDING.store(false, Ordering::SeqCst);
+            return;
+        };
+        runtime.spawn(async {
+            // Aborted tasks drop their part of the client at their next poll: wait for
+            // them, and for the rest of a mass stop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            PENDING.store(false, Ordering::SeqCst);
+            let _ = tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only walks glibc's own arenas; it is thread-safe.
+                unsafe { libc::malloc_trim(0) }
+            })
+            .await;
+        });
     }
 }
 
