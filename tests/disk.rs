@@ -354,13 +354,7 @@ fn a_read_only_data_dir_at_start_is_one_clear_line() {
         assert_eq!(s.terminate(), Some(0));
     }
     fs.remount("ro");
-    let out = common::serve_once(&fs.dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("botvisor: error:"))
-        .unwrap_or_else(|| panic!("{err}"));
+    let line = common::refusal_line(&common::serve_once(&fs.dir));
     assert!(
         line.contains("read-only") && line.contains("--data-dir"),
         "{line}"
@@ -379,13 +373,7 @@ fn an_unwritable_empty_data_dir_says_what_to_do() {
         return;
     };
     fs.remount("ro");
-    let out = common::serve_once(&fs.dir);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("botvisor: error:"))
-        .unwrap_or_else(|| panic!("{err}"));
+    let line = common::refusal_line(&common::serve_once(&fs.dir));
     assert!(
         line.contains("read-only") && line.contains("remount") && line.contains("--data-dir"),
         "{line}"
@@ -401,22 +389,14 @@ fn an_unwritable_empty_data_dir_says_what_to_do() {
     std::fs::copy(common::botvisor_bin(), &bin).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = Command::new("runuser")
-        .args(["-u", "nobody", "--"])
-        .arg(&bin)
-        .args([
-            "serve",
-            "--link",
-            "sim",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-        ])
-        .arg("--data-dir")
-        .arg(dir.join("data"))
-        .env_remove("DATABASE_URL")
-        .output();
+    let out = common::serve_command_via(
+        &["runuser", "-u", "nobody", "--"],
+        &bin,
+        &dir.join("data"),
+        "0",
+        &[],
+    )
+    .output();
     let out = match out {
         Ok(o) if !String::from_utf8_lossy(&o.stderr).contains("runuser:") => o,
         other => {
@@ -428,12 +408,7 @@ fn an_unwritable_empty_data_dir_says_what_to_do() {
             return;
         }
     };
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("botvisor: error:"))
-        .unwrap_or_else(|| panic!("{err}"));
+    let line = common::refusal_line(&out);
     assert!(
         line.contains("Permission denied") && line.contains("chown") && line.contains("--data-dir"),
         "{line}"

@@ -72,7 +72,27 @@ pub fn botvisor_bin() -> PathBuf {
 /// the environment that could change it removed.
 #[allow(dead_code)]
 pub fn serve_command(dir: &Path, port: &str, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(botvisor_bin());
+    serve_command_via(&[], &botvisor_bin(), dir, port, extra)
+}
+
+/// [`serve_command`] for the binary `bin`, run through `wrapper` when it is not empty
+/// (e.g. `runuser -u nobody --`).
+#[allow(dead_code)]
+pub fn serve_command_via(
+    wrapper: &[&str],
+    bin: &Path,
+    dir: &Path,
+    port: &str,
+    extra: &[&str],
+) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut c = Command::new(program);
+            c.args(args).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    };
     cmd.args([
         "serve",
         "--link",
@@ -88,6 +108,20 @@ pub fn serve_command(dir: &Path, port: &str, extra: &[&str]) -> Command {
     .env_remove("DATABASE_URL")
     .env_remove("API_KEY");
     cmd
+}
+
+/// A start-up refusal: `serve` exited 1 with one `botvisor: error:` line on stderr; the
+/// line.
+#[allow(dead_code)]
+pub fn refusal_line(out: &std::process::Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| l.starts_with("botvisor: error:"))
+        .collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    lines[0].to_string()
 }
 
 /// Runs `serve` on `dir` to its end (for start-up refusals): its output.
