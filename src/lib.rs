@@ -10,6 +10,7 @@
 //! - [`store`]: SQLite on its own writer thread (group commit), the read view with
 //!   counters, events and backups.
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
+//! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a storage backend; not wired in yet).
 //! - [`paths`]: where files live under the data directory (a leaf, like [`timefmt`]
 //!   and [`limits`]).
 //!
@@ -23,6 +24,7 @@
 pub mod config;
 pub mod events;
 pub mod http;
+pub mod keys;
 pub mod limits;
 pub mod link;
 pub mod logging;

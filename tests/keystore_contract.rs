@@ -18,7 +18,10 @@
 //! it) and returns them as a `Pair`, add an `Engine` for it to `ENGINES`, and run
 //!     cargo test --features test-peer --test keystore_contract
 //! The first line where its transcript leaves the reference's is printed. Fix the backend,
-//! or, if the deviation is deliberate, document it in `KNOWN_DIFFERENCES`.
+//! or, if the deviation is deliberate, document it in `KNOWN_DIFFERENCES`. An engine that
+//! needs something of the machine (the PostgreSQL one: a server the harness starts, see
+//! tests/common/pg.rs) says so in `available`; where it cannot run it is skipped with a
+//! SKIPPED line, and the other engines still run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::{self, Debug};
@@ -28,6 +31,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use botvisor::keys::PgKeys;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::store::{SqliteStore, SqliteStoreConfig};
 use whatsapp_rust::wacore::appstate::hash::HashState;
@@ -44,6 +48,8 @@ use whatsapp_rust::wacore::store::{
     CachedNoiseCert, CachedServerCertChain, Device, InMemoryBackend,
 };
 use whatsapp_rust::waproto::whatsapp::ADVSignedDeviceIdentity;
+
+mod common;
 
 // ---------------------------------------------------------------------------------------
 // Engines
@@ -66,6 +72,13 @@ struct Engine {
     /// with the same `dir` and must then find what it wrote the first time.
     open: fn(PathBuf) -> Opening,
     durable: bool,
+    /// Whether the engine can run on this machine; when not, it prints why (as
+    /// `SKIPPED <test>: ...`, or fails the test where it is required) and answers false.
+    available: fn(test: &str) -> bool,
+}
+
+fn always(_test: &str) -> bool {
+    true
 }
 
 /// The engines compared against the reference, `InMemoryBackend`.
@@ -75,12 +88,21 @@ const ENGINES: &[Engine] = &[
         about: "SqliteStore, both sessions in one file as device ids 1 and 2 (upstream's multi-account scoping)",
         open: open_sqlite_shared_file,
         durable: true,
+        available: always,
     },
     Engine {
         id: "sqlite-file-per-session",
         about: "SqliteStore, one file per session (botvisor's layout: each a device id 1)",
         open: open_sqlite_file_per_session,
         durable: true,
+        available: always,
+    },
+    Engine {
+        id: "postgres",
+        about: "botvisor's PgKeys, both sessions in one fresh PostgreSQL database (a real server the harness starts)",
+        open: open_postgres,
+        durable: true,
+        available: postgres_available,
     },
 ];
 
@@ -109,6 +131,37 @@ fn open_sqlite_file_per_session(dir: PathBuf) -> Opening {
         Pair {
             a: open_sqlite(&dir.join("session-a.db"), 1).await,
             b: open_sqlite(&dir.join("session-b.db"), 1).await,
+        }
+    })
+}
+
+fn postgres_available(test: &str) -> bool {
+    common::pg::server_or_skip(&format!("{test} (postgres engine)")).is_some()
+}
+
+/// Sessions "a" and "b" of one `PgKeys` over a fresh database. The database is made on
+/// the first opening under `dir` and its address kept there, so the second opening (a new
+/// pool) finds what the first wrote.
+fn open_postgres(dir: PathBuf) -> Opening {
+    Box::pin(async move {
+        let server = common::pg::shared().expect("checked by postgres_available");
+        let marker = dir.join("postgres-url");
+        let url = match std::fs::read_to_string(&marker) {
+            Ok(url) => url,
+            Err(_) => {
+                let url = server
+                    .fresh_database("keystore_contract")
+                    .unwrap_or_else(|e| panic!("cannot create a database: {e}"));
+                std::fs::write(&marker, &url).expect("write the database's address");
+                url
+            }
+        };
+        let keys = PgKeys::open(&url)
+            .await
+            .unwrap_or_else(|e| panic!("cannot open PgKeys on {url}: {e:?}\n{}", server.log()));
+        Pair {
+            a: Arc::new(keys.session("a")),
+            b: Arc::new(keys.session("b")),
         }
     })
 }
@@ -189,6 +242,27 @@ const KNOWN_DIFFERENCES: &[KnownDifference] = &[
         reference: "Ok(Some(LidPnMappingEntry { lid: \"100000000000011\", phone_number: \"5511987650011\", created_at: 5000, updated_at: 5000, learning_source: \"peer_pn_message\" }))",
         engine: "Ok(Some(LidPnMappingEntry { lid: \"100000000000011\", phone_number: \"5511987650011\", created_at: 1000, updated_at: 5000, learning_source: \"peer_pn_message\" }))",
         why: "re-learning a mapping: SqliteStore keeps the first created_at (\"when the mapping was first learned\"), InMemoryBackend replaces the whole entry",
+    },
+    KnownDifference {
+        engines: &["postgres"],
+        call: "a.resource_report()",
+        reference: "memory_bytes: not reported, pages: not reported, io_read_bytes: not reported, io_write_bytes: not reported",
+        engine: "memory_bytes: reported, pages: not reported, io_read_bytes: not reported, io_write_bytes: not reported",
+        why: "by the trait's doc: a backend whose data lives outside the process reports memory_bytes Some(0); InMemoryBackend keeps the all-None default",
+    },
+    KnownDifference {
+        engines: &["postgres"],
+        call: "a.create()",
+        reference: "Ok(2)",
+        engine: "Ok(1)",
+        why: "a second create(): a session has one device, and PgKeys keeps it (its keys are the account's, never overwritten) and answers its id, 1; InMemoryBackend counts up (SqliteStore fails)",
+    },
+    KnownDifference {
+        engines: &["postgres"],
+        call: "a.get_lid_mapping(LID1)",
+        reference: "Ok(Some(LidPnMappingEntry { lid: \"100000000000011\", phone_number: \"5511987650011\", created_at: 5000, updated_at: 5000, learning_source: \"peer_pn_message\" }))",
+        engine: "Ok(Some(LidPnMappingEntry { lid: \"100000000000011\", phone_number: \"5511987650011\", created_at: 1000, updated_at: 5000, learning_source: \"peer_pn_message\" }))",
+        why: "re-learning a mapping for the same phone number: PgKeys keeps the first created_at (\"when the mapping was first learned\"; a new phone number starts a new one), InMemoryBackend replaces the whole entry",
     },
 ];
 
@@ -2028,6 +2102,9 @@ async fn reference_transcript_covers_every_method() {
 async fn engines_match_the_reference() {
     let reference = reference_transcript().await;
     for engine in ENGINES {
+        if !(engine.available)("engines_match_the_reference") {
+            continue;
+        }
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let pair = (engine.open)(dir.path().to_path_buf()).await;
         let mut theirs = transcript(&pair).await;
@@ -2054,6 +2131,9 @@ async fn engines_match_the_reference() {
 #[tokio::test]
 async fn durable_engines_survive_reopening() {
     for engine in ENGINES.iter().filter(|e| e.durable) {
+        if !(engine.available)("durable_engines_survive_reopening") {
+            continue;
+        }
         let dir = tempfile::tempdir().expect("create a temporary directory");
         let before = {
             let pair = (engine.open)(dir.path().to_path_buf()).await;

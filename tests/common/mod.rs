@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+/// A real PostgreSQL started for the tests (the WhatsApp key store's tests).
+pub mod pg;
+
 /// A running server process.
 pub struct Server {
     pub child: Child,

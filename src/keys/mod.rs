@@ -1,0 +1,14 @@
+//! Where a session's WhatsApp keys live, other than the per-session SQLite file the link
+//! opens today (`sessions/<id>.db`, upstream's `SqliteStore`).
+//!
+//! - [`postgres`]: [`PgKeys`], every session's keys in one PostgreSQL database (one pool,
+//!   every table keyed by the session id), and [`PgSessionKeys`], one session's view of it,
+//!   which is a whatsapp-rust storage `Backend`.
+//!
+//! Not wired into the server yet: the link still opens SQLite. What a backend must answer
+//! is pinned by `tests/keystore_contract.rs`, which runs upstream's reference store,
+//! SqliteStore and this one through the same sequence.
+
+pub mod postgres;
+
+pub use postgres::{PgError, PgKeys, PgKeysConfig, PgSessionKeys};

@@ -1,0 +1,436 @@
+//! The PostgreSQL key store (`botvisor::keys::PgKeys`) at the edges the contract suite
+//! (tests/keystore_contract.rs, one call at a time) does not reach: many tasks writing
+//! batches into two sessions at once, and the server going away under the pool.
+//!
+//! Both need a real PostgreSQL, which the harness starts (tests/common/pg.rs); where it
+//! cannot, they print SKIPPED (or fail, with BOTVISOR_REQUIRE_POSTGRES=1).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use botvisor::keys::{PgKeys, PgKeysConfig, PgSessionKeys};
+use whatsapp_rust::bytes::Bytes;
+use whatsapp_rust::wacore::store::error::StoreError;
+use whatsapp_rust::wacore::store::traits::{PendingInboundRow, ProtocolStore, SignalStore};
+
+mod common;
+
+const TASKS: usize = 8;
+const WRITES: usize = 100;
+
+/// Keys every task of a session writes too, in a different order per task: two batches
+/// locking the same rows in opposite orders would deadlock unless the store orders them.
+const HOT: [&str; 3] = [
+    "100000000000901:1@lid",
+    "100000000000902:1@lid",
+    "100000000000903:1@lid",
+];
+
+fn session_of(task: usize) -> &'static str {
+    if task.is_multiple_of(2) {
+        "a"
+    } else {
+        "b"
+    }
+}
+
+fn address(task: usize, i: usize) -> String {
+    format!("1000000{task:02}{i:06}:2@lid")
+}
+
+fn value(session: &str, task: usize, i: usize, kind: &str) -> Vec<u8> {
+    format!("{kind} of session {session}, task {task}, write {i}").into_bytes()
+}
+
+/// One task's 100 writes, each a batch: Signal sessions, identities, sender keys and
+/// pending inbound messages in turn, each with one key of its own and the hot keys.
+async fn writer(store: PgSessionKeys, task: usize) {
+    let session = session_of(task);
+    for i in 0..WRITES {
+        let own = address(task, i);
+        let mut keys: Vec<&str> = vec![own.as_str()];
+        if task % 4 < 2 {
+            keys.extend(HOT);
+        } else {
+            keys.extend(HOT.iter().rev());
+        }
+        let result = match i % 4 {
+            0 => {
+                let batch: Vec<(Arc<str>, Bytes)> = keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            Arc::from(*k),
+                            Bytes::from(value(session, task, i, "session")),
+                        )
+                    })
+                    .collect();
+                store.put_sessions_batch(&batch).await
+            }
+            1 => {
+                let batch: Vec<(Arc<str>, [u8; 32])> = keys
+                    .iter()
+                    .map(|k| (Arc::from(*k), [u8::try_from(task).unwrap_or(0); 32]))
+                    .collect();
+                store.put_identities_batch(&batch).await
+            }
+            2 => {
+                let batch: Vec<(Arc<str>, Bytes)> = keys
+                    .iter()
+                    .map(|k| {
+                        (
+                            Arc::from(*k),
+                            Bytes::from(value(session, task, i, "sender key")),
+                        )
+                    })
+                    .collect();
+                store.put_sender_keys_batch(&batch).await
+            }
+            _ => {
+                let message = value(session, task, i, "message");
+                let rows: Vec<PendingInboundRow<'_>> = keys
+                    .iter()
+                    .map(|k| PendingInboundRow {
+                        chat: "120363000000000001@g.us",
+                        sender: k,
+                        id: "3EB0000000000001",
+                        message: &message,
+                    })
+                    .collect();
+                store.store_pending_inbound_batch(&rows).await
+            }
+        };
+        if let Err(e) = result {
+            panic!("task {task} write {i} (session {session}) failed: {e:?}");
+        }
+    }
+}
+
+/// Checks that every task's own rows are there, hold what that task wrote, and are not
+/// in the other session; the hot keys hold a value some task of the same session wrote.
+async fn check_all(keys: &PgKeys) {
+    for task in 0..TASKS {
+        let session = session_of(task);
+        let store = keys.session(session);
+        let other = keys.session(session_of(task + 1));
+        for i in 0..WRITES {
+            let own = address(task, i);
+            let what = format!("task {task} write {i} (session {session}, {own})");
+            match i % 4 {
+                0 => {
+                    let got = store.get_session(&own).await.expect("get_session");
+                    assert_eq!(
+                        got.as_deref(),
+                        Some(value(session, task, i, "session").as_slice()),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        other.get_session(&own).await.expect("get_session"),
+                        None,
+                        "{what}: seen by the other session"
+                    );
+                }
+                1 => {
+                    let got = store.load_identity(&own).await.expect("load_identity");
+                    assert_eq!(got, Some([u8::try_from(task).unwrap_or(0); 32]), "{what}");
+                    assert_eq!(
+                        other.load_identity(&own).await.expect("load_identity"),
+                        None,
+                        "{what}: seen by the other session"
+                    );
+                }
+                2 => {
+                    let got = store.get_sender_key(&own).await.expect("get_sender_key");
+                    assert_eq!(got, Some(value(session, task, i, "sender key")), "{what}");
+                    assert_eq!(
+                        other.get_sender_key(&own).await.expect("get_sender_key"),
+                        None,
+                        "{what}: seen by the other session"
+                    );
+                }
+                _ => {
+                    let got = store
+                        .get_pending_inbound("120363000000000001@g.us", &own, "3EB0000000000001")
+                        .await
+                        .expect("get_pending_inbound");
+                    assert_eq!(got, Some(value(session, task, i, "message")), "{what}");
+                }
+            }
+        }
+    }
+    for session in ["a", "b"] {
+        let store = keys.session(session);
+        for hot in HOT {
+            let got = store
+                .get_session(hot)
+                .await
+                .expect("get_session")
+                .expect("a hot key is there");
+            let text = String::from_utf8_lossy(&got).into_owned();
+            assert!(
+                text.starts_with(&format!("session of session {session}, task ")),
+                "hot key {hot} of session {session} holds {text:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn interleaved_batches_of_two_sessions_from_many_tasks_are_all_kept() {
+    let test = "interleaved_batches_of_two_sessions_from_many_tasks_are_all_kept";
+    let Some(server) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = server.fresh_database(test).expect("create a database");
+    // Fewer connections than tasks: they queue for connections as well as for rows. (Six:
+    // enough overlap that unordered batches deadlock here at once.)
+    let config = PgKeysConfig {
+        pool_size: 6,
+        ..PgKeysConfig::default()
+    };
+    let keys = PgKeys::open_with(&url, config.clone())
+        .await
+        .expect("open the key store");
+
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| tokio::spawn(writer(keys.session(session_of(task)), task)))
+        .collect();
+    for task in tasks {
+        task.await.expect("a writer task panicked");
+    }
+
+    // Every write was acknowledged, so every one must be there, also through a new pool.
+    check_all(&keys).await;
+    drop(keys);
+    let keys = PgKeys::open_with(&url, config)
+        .await
+        .expect("reopen the key store");
+    check_all(&keys).await;
+
+    // Deleting one session's keys leaves the other's.
+    let removed = keys.purge_session("a").await.expect("purge session a");
+    // Four kinds of rows: each task's own 25 of each, and the hot keys.
+    let per_kind = (TASKS / 2) * (WRITES / 4) + HOT.len();
+    assert_eq!(removed, 4 * per_kind as u64);
+    let a = keys.session("a");
+    let b = keys.session("b");
+    assert_eq!(a.get_session(HOT[0]).await.expect("get_session"), None);
+    assert!(b.get_session(HOT[0]).await.expect("get_session").is_some());
+    assert!(b
+        .load_identity(&address(1, 1))
+        .await
+        .expect("load_identity")
+        .is_some());
+}
+
+/// The one error a store call may answer while the server is away: a connection error,
+/// not a hang (bounded here), not a panic.
+async fn expect_connection_error(
+    what: &str,
+    call: impl std::future::Future<Output = Result<(), StoreError>>,
+) {
+    let answer = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 60 s (the store hung)"));
+    match answer {
+        Err(StoreError::Connection(e)) => eprintln!("{what}: {e}"),
+        other => panic!("{what}: expected a connection error, got {other:?}"),
+    }
+}
+
+async fn expect_ok<T: std::fmt::Debug>(
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> T {
+    tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no answer within 60 s (the store hung)"))
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+}
+
+#[tokio::test]
+async fn broken_connections_fail_one_call_and_the_pool_reconnects() {
+    let test = "broken_connections_fail_one_call_and_the_pool_reconnects";
+    // A server of its own: this test restarts it.
+    let server = match common::pg::PgServer::start() {
+        Ok(server) => server,
+        Err(reason) => return common::pg::skip(test, &reason),
+    };
+    let url = server.fresh_database(test).expect("create a database");
+    let keys = PgKeys::open_with(
+        &url,
+        PgKeysConfig {
+            pool_size: 2,
+            ..PgKeysConfig::default()
+        },
+    )
+    .await
+    .expect("open the key store");
+    let store = keys.session("a");
+    expect_ok(
+        "write before the restart",
+        store.put_identity("1@lid", [1; 32]),
+    )
+    .await;
+
+    // Every backend killed at once; the pooled connection is now dead, and this thread
+    // (a current-thread runtime, blocked in pg_ctl) has not yet seen it close.
+    server
+        .restart_immediate()
+        .expect("pg_ctl restart -m immediate");
+    expect_connection_error(
+        "the first call after the restart (on the broken connection)",
+        store.put_identity("2@lid", [2; 32]),
+    )
+    .await;
+    // The broken connection was dropped: the next call gets a new one.
+    expect_ok("the next call", store.put_identity("3@lid", [3; 32])).await;
+    assert_eq!(
+        expect_ok("read back", store.load_identity("1@lid")).await,
+        Some([1; 32]),
+        "a write acknowledged before the restart is kept"
+    );
+    assert_eq!(
+        expect_ok("read back", store.load_identity("3@lid")).await,
+        Some([3; 32])
+    );
+
+    // The server down: calls fail at once (refused), then work again once it is back.
+    server.stop_immediate().expect("pg_ctl stop -m immediate");
+    expect_connection_error(
+        "a call while the server is down",
+        store.put_identity("4@lid", [4; 32]),
+    )
+    .await;
+    expect_connection_error(
+        "another call while the server is down",
+        store.store_sent_message("chat@lid", "ID", b"payload"),
+    )
+    .await;
+    server.start_again().expect("pg_ctl start");
+    expect_ok(
+        "a call once the server is back",
+        store.put_identity("5@lid", [5; 32]),
+    )
+    .await;
+    assert_eq!(
+        expect_ok("read back", store.load_identity("5@lid")).await,
+        Some([5; 32])
+    );
+    drop(keys);
+
+    // A server that stops answering with the socket still open (its backend frozen: what
+    // a network cut looks like): the call gives up after the store's deadline (statement
+    // timeout + 5 s) instead of hanging, and the next call gets a new connection.
+    let url = format!("{url} application_name=frozen_backend");
+    let keys = PgKeys::open_with(
+        &url,
+        PgKeysConfig {
+            pool_size: 1,
+            statement_timeout: Duration::from_secs(1),
+            ..PgKeysConfig::default()
+        },
+    )
+    .await
+    .expect("open the key store");
+    let store = keys.session("a");
+    expect_ok(
+        "warm the one connection",
+        store.put_identity("6@lid", [6; 32]),
+    )
+    .await;
+    let pid: i32 = server
+        .psql(
+            &url,
+            "SELECT pid FROM pg_stat_activity \
+             WHERE application_name = 'frozen_backend' AND pid <> pg_backend_pid()",
+        )
+        .expect("find the pool's backend")
+        .parse()
+        .expect("one backend pid");
+    // SAFETY: signals a process of the server this test started.
+    assert_eq!(
+        unsafe { libc::kill(pid, libc::SIGSTOP) },
+        0,
+        "SIGSTOP {pid}"
+    );
+    let started = Instant::now();
+    let answer = tokio::time::timeout(
+        Duration::from_secs(60),
+        store.put_identity("7@lid", [7; 32]),
+    )
+    .await;
+    let waited = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    match answer {
+        Ok(Err(StoreError::Connection(e))) => eprintln!("a frozen backend: {e} after {waited:?}"),
+        Ok(other) => panic!("a frozen backend: expected a connection error, got {other:?}"),
+        Err(_) => panic!("a frozen backend: the store hung for 60 s"),
+    }
+    assert!(
+        waited >= Duration::from_secs(5) && waited < Duration::from_secs(30),
+        "gave up after {waited:?}, not after about 6 s"
+    );
+    expect_ok("the call after", store.put_identity("8@lid", [8; 32])).await;
+    assert_eq!(
+        expect_ok("read back", store.load_identity("8@lid")).await,
+        Some([8; 32])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
+async fn processes_opening_at_once_migrate_once_and_connections_have_the_timeout() {
+    let test = "processes_opening_at_once_migrate_once_and_connections_have_the_timeout";
+    let Some(server) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = server.fresh_database(test).expect("create a database");
+    // Three pools on an empty database at once, as three processes starting together:
+    // the advisory lock lets one make the schema; the others wait, then find it made.
+    let (a, b, c) = tokio::join!(PgKeys::open(&url), PgKeys::open(&url), PgKeys::open(&url));
+    let keys = a.expect("first open");
+    b.expect("second open");
+    c.expect("third open");
+    assert_eq!(keys.schema_version().await.expect("schema version"), 1);
+    assert_eq!(
+        server
+            .psql(&url, "SELECT count(*) FROM wa_keys_schema_version")
+            .expect("psql"),
+        "1",
+        "migration 1 recorded once"
+    );
+    // Opening again changes nothing.
+    let again = PgKeys::open(&url).await.expect("open again");
+    assert_eq!(again.schema_version().await.expect("schema version"), 1);
+
+    assert_eq!(
+        keys.setting("statement_timeout").await.expect("setting"),
+        "10s"
+    );
+    let custom = PgKeys::open_with(
+        &url,
+        PgKeysConfig {
+            statement_timeout: Duration::from_millis(2500),
+            ..PgKeysConfig::default()
+        },
+    )
+    .await
+    .expect("open with a statement timeout");
+    assert_eq!(
+        custom.setting("statement_timeout").await.expect("setting"),
+        "2500ms"
+    );
+
+    // A database at a schema version this build does not know is refused, not used.
+    server
+        .psql(
+            &url,
+            "INSERT INTO wa_keys_schema_version (version) VALUES (99)",
+        )
+        .expect("psql");
+    match PgKeys::open(&url).await {
+        Err(StoreError::Migration(e)) => assert!(e.to_string().contains("version 99"), "{e}"),
+        other => panic!("a newer schema: expected a migration error, got {other:?}"),
+    }
+}
