@@ -287,6 +287,26 @@ fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
     s.fault("lx", "logout");
     s.wait_state("fx", "failed");
     s.wait_state("lx", "logged_out");
+    // The view shows a state as soon as it is queued; a plain transition is committed
+    // with the next group commit. Kill only once both are on disk (read by another
+    // connection), or the kill may land in between (seen under CI load).
+    let db = rusqlite::Connection::open(tmp.path().join("botvisor.db")).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let states: Vec<String> = db
+            .prepare("SELECT state FROM sessions WHERE user_id IN ('fx', 'lx') ORDER BY user_id")
+            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+            .unwrap_or_default();
+        if states == ["failed", "logged_out"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not committed: {states:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    drop(db);
     s.kill9();
     let s = Server::start_in(tmp.path(), &[]);
     // The boot batch (sent to the supervisor before it answers any request) and any
