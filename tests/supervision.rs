@@ -263,8 +263,11 @@ fn boot_pacing_flags_space_the_resumed_sessions() {
     }
     let mut starts: Vec<u64> = ids.iter().map(|id| last_connect_ms(&s, id)).collect();
     starts.sort();
+    // Unpaced, all three start within a few ms. The stamps are taken where each session
+    // connects, a moment after its batch's timer fired (1 ms ticks), so allow 10 ms
+    // (a CI run saw 399 ms).
     assert!(
-        starts[2] - starts[0] >= 800 && starts[1] - starts[0] >= 400,
+        starts[2] - starts[0] >= 790 && starts[1] - starts[0] >= 390,
         "boot batches were not paced: {starts:?}"
     );
     s.kill9();
