@@ -164,13 +164,19 @@ pub struct Webhooks {
     stopped: Mutex<Option<mpsc::Receiver<()>>>,
 }
 
-/// A receiver's URL: `http(s)://host[:port]/path`.
+/// A receiver's URL: `http(s)://host[:port]/path`, with no whitespace and no control
+/// character (C0 or C1: the OpenAPI pattern excludes the same, so every URL the document
+/// allows is taken).
 pub fn parse_url(s: &str) -> Result<String, String> {
     let s = s.trim();
     let rest = s
         .strip_prefix("https://")
         .or_else(|| s.strip_prefix("http://"))
-        .filter(|r| !r.is_empty() && !r.starts_with('/') && !r.contains(char::is_whitespace));
+        .filter(|r| {
+            !r.is_empty()
+                && !r.starts_with('/')
+                && !r.contains(|c: char| c.is_whitespace() || c.is_control())
+        });
     match rest {
         Some(_) if s.len() <= 2_048 => Ok(s.to_string()),
         _ => Err(format!(
@@ -974,6 +980,23 @@ pub fn replay(conn: &Connection, event_id: &str) -> rusqlite::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_with_whitespace_or_control_characters_are_refused() {
+        assert!(parse_url("https://example.com/hook").is_ok());
+        assert!(parse_url("  http://10.0.0.1:9000/h?a=1  ").is_ok());
+        assert!(parse_url("https://exämple.com/hook").is_ok());
+        for bad in [
+            "https://Q6\u{105}\u{85}5\u{8}", // found by schemathesis: NEL, backspace
+            "https://a b/",
+            "https://a\u{7f}b/",
+            "https:///path",
+            "ftp://example.com/",
+            "https://",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn the_signature_is_hmac_sha256_over_timestamp_dot_body() {
