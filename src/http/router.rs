@@ -257,12 +257,15 @@ async fn route_and_answer(
     if route.key || (app.protect_reads && !route.public) {
         check_key(&req, &app)?;
     }
-    if route.path.contains(":id") && !valid_user_id(id) {
-        return Err(ApiError::bad_request(INVALID_USER_ID));
-    }
-    // Event ids share the session ids' alphabet (`evt_` and hex).
-    if route.path.contains(":eventId") && !valid_user_id(id) {
-        return Err(ApiError::bad_request(INVALID_EVENT_ID));
+    // Event ids share the session ids' alphabet (`evt_` and hex); the refusal names
+    // the placeholder the path has.
+    if route.path.contains(':') && !valid_user_id(id) {
+        let refusal = if route.path.contains(":eventId") {
+            INVALID_EVENT_ID
+        } else {
+            INVALID_USER_ID
+        };
+        return Err(ApiError::bad_request(refusal));
     }
     let id = id.to_string();
     (route.handler)(Ctx { app, req, id }).await
