@@ -149,11 +149,9 @@ impl Store {
             }
             Database::File(path) => {
                 paths::create_private_file(path).map_err(|e| {
-                    let text = format!("cannot create {}: {e}", path.display());
+                    let text = format!("cannot create {}: {}", path.display(), paths::io_hint(&e));
                     match e.kind() {
-                        std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(format!(
-                            "{text}; remount the data directory read-write or pick another --data-dir"
-                        )),
+                        std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(text),
                         std::io::ErrorKind::StorageFull => StorageError::Full(text),
                         _ => StorageError::Failed(text),
                     }
