@@ -987,21 +987,10 @@ fn a_received_message_is_acknowledged_only_once_it_is_kept() {
     assert_eq!(s.session("wa_keep")["state"], "online");
 }
 
-/// What botvisor's process has open (`/proc/<pid>/fd` links).
-fn open_files(pid: u32) -> Vec<String> {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|dir| {
-            dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-                .map(|p| p.display().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// A session's store files that the process still has open.
-fn store_files(pid: u32, id: &str) -> Vec<String> {
+/// A session's store files that the server still has open.
+fn store_files(s: &Server, id: &str) -> Vec<String> {
     let store = format!("/sessions/{id}.db");
-    open_files(pid)
+    s.open_files()
         .into_iter()
         .filter(|f| f.contains(&store))
         .collect()
@@ -1016,11 +1005,10 @@ fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
     const SESSIONS: usize = 20;
     let peer = Peer::start();
     let s = start(&peer, &[]);
-    let pid = s.child.id();
     // Idle: once the API has answered (its runtime starts after the address is printed).
     assert_eq!(s.get("/api/stats").status, 200);
     std::thread::sleep(Duration::from_millis(300));
-    let idle = open_files(pid).len();
+    let idle = s.open_files().len();
     let ids: Vec<String> = (0..SESSIONS).map(|i| format!("wa_fd_{i:02}")).collect();
     let post = |path: String| {
         let r = s.post(&path, None);
@@ -1032,7 +1020,7 @@ fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
         // Aborted tasks are dropped at their next poll: a short bounded wait.
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let left = store_files(pid, id);
+            let left = store_files(&s, id);
             if left.is_empty() {
                 break;
             }
@@ -1077,7 +1065,7 @@ fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let now = open_files(pid);
+        let now = s.open_files();
         if now.len() <= idle {
             break;
         }

@@ -413,6 +413,17 @@ impl Server {
         );
     }
 
+    /// What the server process has open (its `/proc/<pid>/fd` links).
+    #[allow(dead_code)]
+    pub fn open_files(&self) -> Vec<String> {
+        let dir = format!("/proc/{}/fd", self.child.id());
+        std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .map(|p| p.display().to_string())
+            .collect()
+    }
+
     /// SIGKILL, no cleanup.
     pub fn kill9(&mut self) {
         self.child.kill().unwrap();
