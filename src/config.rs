@@ -145,9 +145,20 @@ pub struct ServeArgs {
         default_value = "./data"
     )]
     pub data_dir: PathBuf,
-    /// sqlite://PATH, sqlite::memory: or a plain path [default: <data-dir>/botvisor.db].
+    /// sqlite://PATH, sqlite::memory:, a plain path, or postgres://USER@HOST:PORT/DB
+    /// [default: <data-dir>/botvisor.db].
     #[arg(long, env = "DATABASE_URL", value_name = "URL")]
     pub database_url: Option<String>,
+    /// With PostgreSQL: connections botvisor's own rows may use at most (the WhatsApp keys
+    /// have a pool of their own of the same size).
+    #[arg(
+        long,
+        env = "BOTVISOR_DATABASE_POOL",
+        value_name = "N",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u16).range(1..=1000)
+    )]
+    pub database_pool: u16,
     /// Guards the write endpoints (X-API-Key header) when set.
     #[arg(long, env = "API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -627,7 +638,13 @@ impl Config {
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
         let database = match &args.database_url {
             None => Database::File(args.data_dir.join("botvisor.db")),
-            Some(url) => parse_database_url(url)?,
+            Some(url) => match parse_database_url(url)? {
+                Database::Postgres { url, .. } => Database::Postgres {
+                    url,
+                    pool_size: usize::from(args.database_pool),
+                },
+                other => other,
+            },
         };
         let policy = RestartPolicy {
             max_restarts: args.restart_max,
@@ -783,9 +800,17 @@ impl Config {
     }
 }
 
-/// `sqlite://PATH`, `sqlite::memory:` or a plain path; anything else is refused.
+/// `sqlite://PATH`, `sqlite::memory:`, a plain path, or `postgres://` /
+/// `postgresql://` (its pool size the default until `resolve` sets the flag's);
+/// anything else is refused.
 pub fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
     let url = url.trim();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok(Database::Postgres {
+            url: url.to_string(),
+            pool_size: 16,
+        });
+    }
     if url == "sqlite::memory:" || url == "sqlite://:memory:" {
         return Ok(Database::Memory);
     }
@@ -799,8 +824,8 @@ pub fn parse_database_url(url: &str) -> Result<Database, ConfigError> {
     }
     if let Some((scheme, _)) = url.split_once("://") {
         return Err(format!(
-            "--database-url scheme '{scheme}' is not supported: botvisor keeps its sessions in SQLite; \
-             use sqlite://PATH, sqlite::memory: or a plain file path"
+            "--database-url scheme '{scheme}' is not supported: use sqlite://PATH, \
+             sqlite::memory:, a plain file path, or postgres://USER@HOST:PORT/DB"
         )
         .into());
     }
@@ -825,8 +850,19 @@ mod tests {
             parse_database_url("x/b.db"),
             Ok(Database::File("x/b.db".into()))
         );
-        let err = parse_database_url("postgres://u@h/db").unwrap_err();
-        assert!(err.0.contains("'postgres' is not supported"), "{err}");
+        assert_eq!(
+            parse_database_url("postgres://u@h/db"),
+            Ok(Database::Postgres {
+                url: "postgres://u@h/db".into(),
+                pool_size: 16
+            })
+        );
+        assert!(matches!(
+            parse_database_url("postgresql://u@h:5433/db"),
+            Ok(Database::Postgres { .. })
+        ));
+        let err = parse_database_url("mysql://u@h/db").unwrap_err();
+        assert!(err.0.contains("'mysql' is not supported"), "{err}");
     }
 
     /// `botvisor` with its environment variables renamed by `rename` (`None`: ignored), so a

@@ -7,21 +7,29 @@
 //! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`]).
 //! - [`config`]: flags, environment and TOML file merged into a `Config`.
 //! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
-//! - [`store`]: SQLite on its own writer thread (group commit), the read view with
-//!   counters, events and backups.
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
-//! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a storage backend; not wired in yet).
-//! - [`paths`]: where files live under the data directory (a leaf, like [`timefmt`]
-//!   and [`limits`]).
-//!
-//! Imports point down: `http` → supervisor (`botvisor-actors`) → `link` → `store` →
-//! `paths`/`limits`/`timefmt`. Only `lib.rs` and `config` wire the layers together.
-//! - [`limits`]: open-file limits (raised at start, checked before new sessions).
+//! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a storage backend; not wired into
+//!   the link yet).
+//! - [`store`]: the writer thread (group commit) over a database engine, the read view
+//!   with counters, and backups.
+//! - [`events`]: the live event stream (SSE) the store feeds.
+//! - [`webhooks`]: settings, signing, the HTTPS client and the dispatcher of the outbox.
+//! - [`db`]: the rows behind one seam ([`db::Engine`]) with two engines, SQLite and
+//!   PostgreSQL; the only module that touches either database's crate for them.
+//! - [`metrics`]: `GET /metrics` (Prometheus text).
+//! - [`qr`]: pairing QR codes as SVG or PNG.
 //! - [`logging`]: the process log (text or JSON, secrets capped, repeats limited).
+//! - [`limits`]: open-file limits (raised at start, checked before new sessions).
+//! - [`paths`], [`timefmt`]: where files live under the data directory; ISO 8601 times.
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
+//!
+//! Imports point down: `http` → supervisor (`botvisor-actors`) → `link` → `keys`;
+//! `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only `lib.rs` and `config`
+//! wire the layers together.
 
 pub mod config;
+pub mod db;
 pub mod events;
 pub mod http;
 pub mod keys;

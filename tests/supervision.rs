@@ -293,13 +293,16 @@ fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
     // The view shows a state as soon as it is queued; a plain transition is committed
     // with the next group commit. Kill only once both are on disk (read by another
     // connection), or the kill may land in between (seen under CI load).
-    let db = rusqlite::Connection::open(tmp.path().join("botvisor.db")).unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        let states: Vec<String> = db
-            .prepare("SELECT state FROM sessions WHERE user_id IN ('fx', 'lx') ORDER BY user_id")
-            .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
-            .unwrap_or_default();
+        let states: Vec<String> = common::committed_rows(
+            tmp.path(),
+            "SELECT state FROM sessions WHERE user_id IN ('fx', 'lx') ORDER BY user_id",
+            "SELECT state FROM bv_sessions WHERE user_id IN ('fx', 'lx') ORDER BY user_id",
+        )
+        .into_iter()
+        .filter_map(|mut row| row.remove(0))
+        .collect();
         if states == ["failed", "logged_out"] {
             break;
         }
@@ -309,7 +312,6 @@ fn failed_and_logged_out_sessions_wait_for_start_after_a_reboot() {
         );
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
-    drop(db);
     s.kill9();
     let s = Server::start_in(tmp.path(), &[]);
     // The boot batch (sent to the supervisor before it answers any request) and any
@@ -381,8 +383,8 @@ fn invalid_settings_are_refused_at_startup_naming_the_flag() {
         (&["--backoff-jitter", "2"], "--backoff-jitter"),
         (&["--backoff-multiplier", "0.5"], "--backoff-multiplier"),
         (
-            &["--database-url", "postgres://u@h/db"],
-            "'postgres' is not supported",
+            &["--database-url", "mysql://u@h/db"],
+            "'mysql' is not supported",
         ),
         (&["--link", "carrier-pigeon"], "--link"),
     ];
@@ -598,7 +600,8 @@ fn a_data_dir_belongs_to_the_link_that_made_it() {
     s.wait_state("mine", "online");
     assert_eq!(s.terminate(), Some(0));
     let dir = tmp.path().to_str().unwrap();
-    let whatsapp = [
+    let database_url = common::database_url_for(tmp.path());
+    let mut whatsapp = vec![
         "serve",
         "--link",
         "whatsapp",
@@ -609,6 +612,9 @@ fn a_data_dir_belongs_to_the_link_that_made_it() {
         "--data-dir",
         dir,
     ];
+    if let Some(url) = &database_url {
+        whatsapp.extend(["--database-url", url]);
+    }
     let refused = |err: &str| {
         err.contains("holds sessions of the sim link, not whatsapp")
             && err.contains("--link sim")
@@ -617,6 +623,9 @@ fn a_data_dir_belongs_to_the_link_that_made_it() {
     let (code, err) = botvisor(&whatsapp);
     assert_eq!(code, 1, "{err}");
     assert!(refused(&err), "{err}");
+    if database_url.is_some() {
+        return; // (the rest edits botvisor.db: SQLite's own history)
+    }
     // A data dir from before the link was recorded is told by its credential files.
     let db = rusqlite::Connection::open(tmp.path().join("botvisor.db")).unwrap();
     db.execute("DELETE FROM settings", []).unwrap();

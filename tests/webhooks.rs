@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::Server;
 use hmac::{Hmac, KeyInit, Mac};
-use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 use sha2::Sha256;
 
@@ -243,21 +242,22 @@ impl Drop for Receiver {
 
 /// The outbox as the server left it on disk: (user, attempts, last error, dead) by id.
 fn outbox(s: &Server) -> Vec<(String, u32, Option<String>, bool)> {
-    let c = Connection::open_with_flags(
-        s.data_dir.join("botvisor.db"),
-        OpenFlags::SQLITE_OPEN_READ_ONLY,
+    common::committed_rows(
+        &s.data_dir,
+        "SELECT user_id, attempts, last_error, dead FROM outbox ORDER BY id",
+        "SELECT user_id, attempts, last_error, dead::int FROM bv_outbox ORDER BY id",
     )
-    .unwrap();
-    c.busy_timeout(Duration::from_secs(5)).unwrap();
-    let mut stmt = c
-        .prepare("SELECT user_id, attempts, last_error, dead FROM outbox ORDER BY id")
-        .unwrap();
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    rows
+    .into_iter()
+    .map(|r| {
+        let text = |i: usize| r[i].clone().unwrap_or_default();
+        (
+            text(0),
+            text(1).parse().unwrap(),
+            r[2].clone(),
+            text(3) == "1",
+        )
+    })
+    .collect()
 }
 
 /// Polls the outbox until `pred` holds.

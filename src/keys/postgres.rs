@@ -35,13 +35,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use tokio_postgres::{error::SqlState, NoTls};
+use deadpool_postgres::{Pool, PoolError};
+
+use crate::db::postgres;
+pub use crate::db::postgres::PgError;
 use whatsapp_rust::bytes::Bytes;
 use whatsapp_rust::wacore::appstate::hash::HashState;
 use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
@@ -63,139 +64,23 @@ use whatsapp_rust::Jid;
 // Configuration and errors
 // ---------------------------------------------------------------------------------------
 
-/// How [`PgKeys`] talks to the server.
-#[derive(Debug, Clone)]
-pub struct PgKeysConfig {
-    /// Connections in the pool, at most (opened on demand). Default 16.
-    pub pool_size: usize,
-    /// The server cancels a statement that runs longer (`statement_timeout`, set on every
-    /// connection at its start). Default 10 s.
-    pub statement_timeout: Duration,
-    /// Opening a connection gives up after this long. Default 10 s.
-    pub connect_timeout: Duration,
-    /// Waiting for a free connection when all `pool_size` are busy gives up after this
-    /// long. Default 10 s.
-    pub wait_timeout: Duration,
-}
+/// How [`PgKeys`] talks to the server: the pool settings every botvisor pool has.
+pub type PgKeysConfig = crate::db::postgres::PoolConfig;
 
-impl Default for PgKeysConfig {
-    fn default() -> Self {
-        Self {
-            pool_size: 16,
-            statement_timeout: Duration::from_secs(10),
-            connect_timeout: Duration::from_secs(10),
-            wait_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// A PostgreSQL error as the store reports it (inside `StoreError::Database` or, for a
-/// connection that failed or broke, `StoreError::Connection`): the server's message and
-/// SQLSTATE, or the client's reason when there was no answer.
-#[derive(Debug)]
-pub struct PgError {
-    code: Option<SqlState>,
-    message: String,
-    connection: bool,
-}
-
-impl PgError {
-    /// The SQLSTATE the server answered with, if it answered.
-    pub fn code(&self) -> Option<&SqlState> {
-        self.code.as_ref()
-    }
-
-    /// True when the connection failed or broke (no answer, refused, closed, the server
-    /// shutting down): the statement may be retried on another connection.
-    pub fn is_connection(&self) -> bool {
-        self.connection
-    }
-
-    fn client(message: impl Into<String>) -> Self {
-        Self {
-            code: None,
-            message: message.into(),
-            connection: true,
-        }
-    }
-
-    fn into_store_error(self) -> StoreError {
-        if self.connection {
-            StoreError::Connection(Box::new(self))
-        } else {
-            StoreError::Database(Box::new(self))
-        }
-    }
-}
-
-impl fmt::Display for PgError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.code {
-            Some(code) => write!(f, "{} (SQLSTATE {})", self.message, code.code()),
-            None => f.write_str(&self.message),
-        }
-    }
-}
-
-impl std::error::Error for PgError {}
-
-/// SQLSTATEs after which the connection is gone: class 08 (connection exception) and the
-/// server shutting down or starting.
-fn is_connection_state(code: &SqlState) -> bool {
-    code.code().starts_with("08")
-        || *code == SqlState::ADMIN_SHUTDOWN
-        || *code == SqlState::CRASH_SHUTDOWN
-        || *code == SqlState::CANNOT_CONNECT_NOW
-}
-
-impl From<tokio_postgres::Error> for PgError {
-    fn from(e: tokio_postgres::Error) -> Self {
-        if let Some(db) = e.as_db_error() {
-            let code = db.code().clone();
-            return Self {
-                connection: is_connection_state(&code),
-                message: db.message().to_string(),
-                code: Some(code),
-            };
-        }
-        // No answer from the server: the client's reason and its causes, e.g. "error
-        // connecting to server: Connection refused (os error 111)".
-        let mut message = e.to_string();
-        let mut io = false;
-        let mut source = std::error::Error::source(&e);
-        while let Some(inner) = source {
-            io |= inner.is::<std::io::Error>();
-            message.push_str(": ");
-            message.push_str(&inner.to_string());
-            source = inner.source();
-        }
-        let connection = io
-            || e.is_closed()
-            || message.starts_with("error connecting")
-            || message.starts_with("timeout");
-        Self {
-            code: None,
-            message,
-            connection,
-        }
+fn into_store_error(e: PgError) -> StoreError {
+    if e.is_connection() {
+        StoreError::Connection(Box::new(e))
+    } else {
+        StoreError::Database(Box::new(e))
     }
 }
 
 fn pg(e: tokio_postgres::Error) -> StoreError {
-    PgError::from(e).into_store_error()
+    into_store_error(PgError::from(e))
 }
 
 fn pool_error(e: PoolError, config: &PgKeysConfig) -> StoreError {
-    match e {
-        PoolError::Backend(e) => pg(e),
-        PoolError::Timeout(what) => PgError::client(format!(
-            "no PostgreSQL connection within the time allowed ({what:?}; pool of {}, wait \
-             {:?}, connect {:?})",
-            config.pool_size, config.wait_timeout, config.connect_timeout
-        ))
-        .into_store_error(),
-        other => PgError::client(format!("PostgreSQL connection pool: {other}")).into_store_error(),
-    }
+    into_store_error(PgError::of_pool(e, config))
 }
 
 fn invalid(what: impl Into<String>) -> StoreError {
@@ -235,7 +120,7 @@ const MIGRATION_LOCK: i64 = 0x626f_7476_6b65_7973; // "botvkeys"
 
 /// The numbered migrations, applied in order, each once (`wa_keys_schema_version`). Never
 /// edit one that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, MIGRATION_1)];
+const MIGRATIONS: postgres::Migrations = &[(1, MIGRATION_1)];
 
 /// Migration 1: every table. The keys are the session id first, then upstream's keys
 /// (whatsapp-rust-sqlite-storage's tables, with the session id where it has a device id).
@@ -493,41 +378,9 @@ impl PgKeys {
                 "the PostgreSQL key store needs a pool of at least one connection".into(),
             ));
         }
-        let mut pg_config = tokio_postgres::Config::from_str(url).map_err(|e| {
-            StoreError::InvalidConfig(format!("the PostgreSQL connection string: {e}"))
-        })?;
-        // statement_timeout on every connection, from its start: a statement stuck on a
-        // lock or a slow server fails instead of holding the session.
-        let timeout = format!(
-            "-c statement_timeout={}",
-            config.statement_timeout.as_millis().max(1)
-        );
-        let options = match pg_config.get_options() {
-            Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
-            _ => timeout,
-        };
-        pg_config.options(&options);
-        pg_config.connect_timeout(config.connect_timeout);
-        if pg_config.get_application_name().is_none() {
-            pg_config.application_name("botvisor-keys");
-        }
-        let manager = Manager::from_config(
-            pg_config,
-            NoTls,
-            ManagerConfig {
-                // A closed connection is dropped when it comes back to be reused; one
-                // that breaks mid-statement fails that statement, then is dropped.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(config.wait_timeout))
-            .create_timeout(Some(config.connect_timeout))
-            .recycle_timeout(Some(config.connect_timeout))
-            .build()
-            .map_err(|e| StoreError::InvalidConfig(format!("the PostgreSQL pool: {e}")))?;
+        let pg_config = postgres::connection_config(url, &config, "botvisor-keys")
+            .map_err(StoreError::InvalidConfig)?;
+        let pool = postgres::pool(pg_config, &config).map_err(StoreError::InvalidConfig)?;
         let keys = Self {
             inner: Arc::new(Inner { pool, config }),
         };
@@ -576,49 +429,16 @@ impl PgKeys {
     }
 
     async fn migrate(&self) -> Result<()> {
-        let migration =
-            |e: tokio_postgres::Error| StoreError::Migration(Box::new(PgError::from(e)));
         let mut conn = self.conn().await?;
-        let tx = conn.transaction().await.map_err(migration)?;
-        // Held until this transaction ends: a second process waits here, then finds the
-        // schema made.
-        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-            .await
-            .map_err(migration)?;
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS wa_keys_schema_version (
-                 version INTEGER PRIMARY KEY,
-                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
-             )",
+        postgres::migrate(
+            &mut conn,
+            MIGRATION_LOCK,
+            "wa_keys_schema_version",
+            MIGRATIONS,
+            "WhatsApp key",
         )
         .await
-        .map_err(migration)?;
-        let current: i32 = tx
-            .query_one(
-                "SELECT COALESCE(MAX(version), 0) FROM wa_keys_schema_version",
-                &[],
-            )
-            .await
-            .map_err(migration)?
-            .try_get(0)
-            .map_err(migration)?;
-        let latest = MIGRATIONS.last().map_or(0, |(v, _)| *v);
-        if current > latest {
-            return Err(StoreError::Migration(Box::new(PgError::client(format!(
-                "the database's WhatsApp key schema is version {current}, newer than this \
-                 build knows ({latest}): run a newer botvisor, or use another database"
-            )))));
-        }
-        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > current) {
-            tx.batch_execute(sql).await.map_err(migration)?;
-            tx.execute(
-                "INSERT INTO wa_keys_schema_version (version) VALUES ($1)",
-                &[version],
-            )
-            .await
-            .map_err(migration)?;
-        }
-        tx.commit().await.map_err(migration)
+        .map_err(|e| StoreError::Migration(Box::new(e)))
     }
 
     /// A server setting as the pool's connections have it (`current_setting(name)`),
@@ -654,7 +474,7 @@ impl PgKeys {
     /// closed, not reused): the server's statement timeout plus a margin, so a server
     /// that stops answering (a network cut, no reset) gives an error, not a hang.
     fn deadline(&self) -> Duration {
-        self.inner.config.statement_timeout + Duration::from_secs(5)
+        self.inner.config.deadline()
     }
 }
 
@@ -675,10 +495,9 @@ macro_rules! on_conn {
             Ok(result) => result,
             Err(_) => {
                 drop(deadpool_postgres::Object::take(conn));
-                Err(PgError::client(format!(
+                Err(into_store_error(PgError::client(format!(
                     "no answer from PostgreSQL within {deadline:?}; the connection was closed"
-                ))
-                .into_store_error())
+                ))))
             }
         }
     }};

@@ -74,7 +74,7 @@ pub fn io(e: std::io::Error) -> BackupError {
 }
 
 fn db(e: rusqlite::Error) -> BackupError {
-    BackupError::Storage(super::sql::classify(&e))
+    BackupError::Storage(crate::db::sqlite::classify(&e))
 }
 
 fn set_private(path: &Path) -> Result<(), BackupError> {

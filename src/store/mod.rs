@@ -1,20 +1,20 @@
-//! The session store: SQLite for durability, owned by one writer thread (group commit),
-//! plus an in-memory view that the HTTP reads are served from (reads never wait on an
-//! actor or the disk). Backups live here too.
+//! The session store: the rows in a database engine ([`crate::db`]: SQLite or
+//! PostgreSQL), written by one writer thread (group commit), plus an in-memory view that
+//! the HTTP reads are served from (reads never wait on an actor or the disk). Backups live
+//! here too.
 //!
 //! - `view`: records, their order and counts by state;
 //! - `writer`: the queue and the thread that commits it;
-//! - `sql`: schema, rows, events, error kinds;
 //! - [`backup`]: one SQLite file per backup.
 //!
 //! What is durable when: a command's reply (create, start, stop, delete, logout,
-//! restore) is sent after its row is committed (WAL, `synchronous=FULL`: the commit is
-//! fsynced, so it survives a kill of the process, a power cut, or the filesystem turning
-//! read-only on an error; group commit pays one fsync per batch, not per request). Plain
-//! state transitions ride the next group commit, usually within a millisecond.
+//! restore) is sent after its row is committed (SQLite: WAL, `synchronous=FULL`, the
+//! commit is fsynced, so it survives a kill of the process, a power cut, or the
+//! filesystem turning read-only on an error; PostgreSQL: the server confirmed the
+//! commit). Group commit pays one commit per batch, not per request. Plain state
+//! transitions ride the next group commit, usually within a millisecond.
 
 pub mod backup;
-mod sql;
 mod view;
 mod writer;
 
@@ -23,23 +23,70 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use rusqlite::Connection;
-
 use botvisor_actors::{BoxFuture, Persistence, RestoreFn, SessionRecord, StorageError};
 
+use crate::db::{self, Engine, OutboxRow};
 use crate::paths;
 use backup::{BackupError, BackupInfo, Backups};
-pub use sql::{Event, EVENTS_KEPT};
+pub use db::{Event, EVENTS_KEPT};
 pub use view::{Counts, View};
 use writer::Queue;
 
-/// Where the session database lives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the session database lives. (Its `Debug` hides a password in a PostgreSQL URL.)
+#[derive(Clone, PartialEq, Eq)]
 pub enum Database {
     /// A file.
     File(PathBuf),
     /// In memory (lost at exit; for experiments).
     Memory,
+    /// A PostgreSQL database (`postgres://...`), through a pool of at most `pool_size`
+    /// connections for the rows.
+    Postgres {
+        /// The connection string as given.
+        url: String,
+        /// Connections for the rows, at most.
+        pool_size: usize,
+    },
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Database::File(p) => f.debug_tuple("File").field(p).finish(),
+            Database::Memory => f.write_str("Memory"),
+            Database::Postgres { url, pool_size } => f
+                .debug_struct("Postgres")
+                .field("url", &redact_password(url))
+                .field("pool_size", pool_size)
+                .finish(),
+        }
+    }
+}
+
+/// A connection URL with its password, if any, replaced by `***`
+/// (`postgres://user:secret@host/db` → `postgres://user:***@host/db`).
+pub fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_string(),
+        },
+        None => url.to_string(),
+    }
+}
+
+impl Database {
+    /// Which engine: `sqlite` or `postgres`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Database::File(_) | Database::Memory => "sqlite",
+            Database::Postgres { .. } => "postgres",
+        }
+    }
 }
 
 /// Why the store did not open.
@@ -48,6 +95,9 @@ pub enum OpenError {
     /// The database cannot be read or written.
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// Another botvisor serves this (PostgreSQL) database.
+    #[error(transparent)]
+    Taken(db::postgres::OpenError),
     /// The data directory holds another link's sessions.
     #[error(
         "the data directory {data_dir} holds sessions of the {found} link, not {wanted}: \
@@ -84,7 +134,7 @@ pub struct StoreConfig {
     pub messages: Option<crate::metrics::MessageCounts>,
 }
 
-/// SQLite behind a writer thread, plus the read view.
+/// The database behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
@@ -93,16 +143,10 @@ pub struct Store {
     recovery_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     hub: Arc<crate::events::EventHub>,
     queue: Arc<Queue>,
-    reader: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Box<dyn Engine>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     backups: Backups,
     config: StoreConfig,
-}
-
-/// A second connection to the session database (the webhook dispatcher reads and updates
-/// the outbox through its own).
-pub fn open_side_connection(path: &str, uri: bool) -> Result<Connection, StorageError> {
-    sql::open(path, uri)
 }
 
 /// Removes what interrupted operations left behind (nothing runs yet at boot): credential
@@ -136,42 +180,16 @@ impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, loads every
     /// session into the view, and starts the writer. Returns the stored sessions.
     pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), OpenError> {
-        let (path, uri) = match &config.database {
-            Database::Memory => {
-                // Shared cache, so the reader sees the writer's in-memory database.
-                static NEXT: AtomicU64 = AtomicU64::new(0);
-                let n = NEXT.fetch_add(1, Ordering::Relaxed);
-                let id = std::process::id();
-                (
-                    format!("file:botvisor-mem-{id}-{n}?mode=memory&cache=shared"),
-                    true,
-                )
-            }
-            Database::File(path) => {
-                paths::create_private_file(path).map_err(|e| {
-                    let text = format!("cannot create {}: {}", path.display(), paths::io_hint(&e));
-                    match e.kind() {
-                        std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(text),
-                        std::io::ErrorKind::StorageFull => StorageError::Full(text),
-                        _ => StorageError::Failed(text),
-                    }
-                })?;
-                let text = path.to_str().ok_or_else(|| {
-                    StorageError::Failed("the database path is not valid UTF-8".into())
-                })?;
-                (text.to_string(), false)
-            }
-        };
-        let conn = sql::open(&path, uri)?;
-        sql::migrate(&conn)?;
-        let boot = sql::load_all(&conn)?;
-        claim_link(&conn, &config, !boot.is_empty())?;
+        let location = open_database(&config.database)?;
+        let mut conn = location.connect()?;
+        let boot = conn.load_sessions()?;
+        claim_link(&mut *conn, &config, !boot.is_empty())?;
         let backups = Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep);
-        if matches!(config.database, Database::File(_)) {
+        if config.database != Database::Memory {
             // (An in-memory database starts empty: every file would look orphaned.)
             sweep(&config.data_dir, &backups, &boot);
         }
-        let reader = sql::open(&path, uri)?;
+        let reader = location.connect()?;
         let view = Arc::new(View::default());
         for rec in &boot {
             view.put(rec);
@@ -201,11 +219,12 @@ impl Store {
             config,
         };
         if let Some(w) = &store.webhooks {
-            let own = {
-                let conn = store.reader.lock().unwrap_or_else(|p| p.into_inner());
-                sql::session_webhooks(&conn)?
-            };
-            w.start(&path, uri, own);
+            let own = store
+                .reader
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .session_webhooks()?;
+            w.start(location, own);
         }
         Ok((store, boot))
     }
@@ -238,7 +257,7 @@ impl Store {
         );
         let rows = urls
             .iter()
-            .map(|url| sql::OutboxRow {
+            .map(|url| OutboxRow {
                 event_id: event_id.clone(),
                 destination: url.clone(),
                 user_id: user_id.to_string(),
@@ -305,10 +324,8 @@ impl Store {
             return Ok(false);
         };
         let (id, stored) = (user_id.to_string(), url.clone());
-        self.on_reader(move |conn| {
-            sql::set_session_webhook(conn, &id, stored.as_deref()).map_err(|e| sql::classify(&e))
-        })
-        .await?;
+        self.on_reader(move |conn| conn.set_session_webhook(&id, stored.as_deref()))
+            .await?;
         hooks.set_session_url(user_id, url);
         Ok(true)
     }
@@ -321,27 +338,22 @@ impl Store {
     /// Runs `f` on the side connection, off the runtime.
     async fn on_reader<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Connection) -> Result<T, StorageError> + Send + 'static,
+        f: impl FnOnce(&mut dyn Engine) -> Result<T, StorageError> + Send + 'static,
     ) -> Result<T, StorageError> {
         let reader = self.reader.clone();
-        blocking(move || f(&reader.lock().unwrap_or_else(|p| p.into_inner()))).await?
+        blocking(move || f(&mut **reader.lock().unwrap_or_else(|p| p.into_inner()))).await?
     }
 
     /// The webhook deliveries that gave up, oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<crate::webhooks::DeadLetter>, StorageError> {
-        self.on_reader(|conn| {
-            crate::webhooks::dead_letters(conn, 1_000).map_err(|e| sql::classify(&e))
-        })
-        .await
+    pub async fn dead_letters(&self) -> Result<Vec<db::DeadLetter>, StorageError> {
+        self.on_reader(|conn| conn.dead_letters(1_000)).await
     }
 
     /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
     pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
         let event_id = event_id.to_string();
         let revived = self
-            .on_reader(move |conn| {
-                crate::webhooks::replay(conn, &event_id).map_err(|e| sql::classify(&e))
-            })
+            .on_reader(move |conn| conn.replay(&event_id, botvisor_actors::now_ms()))
             .await?;
         if let (Some(hooks), true) = (&self.webhooks, revived > 0) {
             hooks.rescan();
@@ -382,7 +394,7 @@ impl Store {
     /// The newest state changes of a session, newest first (read off the runtime).
     pub async fn events(&self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError> {
         let user_id = user_id.to_string();
-        self.on_reader(move |conn| sql::events(conn, &user_id, limit))
+        self.on_reader(move |conn| conn.events(&user_id, limit))
             .await
     }
 
@@ -393,7 +405,7 @@ impl Store {
 
     /// Every session row as committed on disk (read off the runtime; for audits).
     pub async fn rows_on_disk(&self) -> Result<Vec<SessionRecord>, StorageError> {
-        self.on_reader(sql::load_all).await
+        self.on_reader(|conn| conn.load_sessions()).await
     }
 
     /// Backs up a session's record and credential file (read off the runtime).
@@ -462,11 +474,11 @@ impl Store {
 /// another link is refused (it would resume the old sessions under the new link and mix
 /// their credential files).
 fn claim_link(
-    conn: &Connection,
+    conn: &mut dyn Engine,
     config: &StoreConfig,
     has_sessions: bool,
 ) -> Result<(), OpenError> {
-    let found = match sql::setting(conn, "link")? {
+    let found = match conn.setting("link")? {
         Some(link) => Some(link),
         // Data from before the link was recorded: tell it by a credential file.
         None if has_sessions => link_of_credentials(&paths::sessions_dir(&config.data_dir)),
@@ -479,7 +491,7 @@ fn claim_link(
             wanted: config.link,
         }),
         Some(_) => Ok(()),
-        None => Ok(sql::set_setting(conn, "link", config.link)?),
+        None => Ok(conn.set_setting("link", config.link)?),
     }
 }
 
@@ -490,16 +502,7 @@ fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
         .flatten()
         .map(|e| e.path())
         .find(|p| p.extension().is_some_and(|x| x == "db"))?;
-    let conn =
-        Connection::open_with_flags(&file, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok()?;
-    let has = |table: &str| {
-        conn.query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
-            [table],
-            |_| Ok(()),
-        )
-        .is_ok()
-    };
+    let has = |table: &str| db::sqlite::has_table(&file, table);
     if has("sim_credentials") {
         Some("sim".into())
     } else if has("device") {
@@ -507,6 +510,48 @@ fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
     } else {
         None
     }
+}
+
+/// Opens (creating a file if needed, mode 0600) and migrates the database.
+fn open_database(database: &Database) -> Result<db::Location, OpenError> {
+    let (path, uri) = match database {
+        Database::Postgres { url, pool_size } => {
+            let config = db::postgres::PoolConfig {
+                pool_size: *pool_size,
+                ..Default::default()
+            };
+            return match db::postgres::Rows::open(url, config) {
+                Ok(rows) => Ok(db::Location::Postgres(rows)),
+                Err(db::postgres::OpenError::Storage(e)) => Err(e.into()),
+                Err(taken) => Err(OpenError::Taken(taken)),
+            };
+        }
+        Database::Memory => {
+            // Shared cache, so the reader sees the writer's in-memory database.
+            static NEXT: AtomicU64 = AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let id = std::process::id();
+            (
+                format!("file:botvisor-mem-{id}-{n}?mode=memory&cache=shared"),
+                true,
+            )
+        }
+        Database::File(path) => {
+            paths::create_private_file(path).map_err(|e| {
+                let text = format!("cannot create {}: {}", path.display(), paths::io_hint(&e));
+                match e.kind() {
+                    std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(text),
+                    std::io::ErrorKind::StorageFull => StorageError::Full(text),
+                    _ => StorageError::Failed(text),
+                }
+            })?;
+            let text = path.to_str().ok_or_else(|| {
+                StorageError::Failed("the database path is not valid UTF-8".into())
+            })?;
+            (text.to_string(), false)
+        }
+    };
+    Ok(db::Location::Sqlite(db::sqlite::Location::open(path, uri)?))
 }
 
 /// Runs blocking file or SQLite work on tokio's blocking pool.
@@ -639,6 +684,7 @@ pub(crate) fn test_config(dir: &std::path::Path) -> StoreConfig {
 mod tests {
     use super::*;
     use botvisor_actors::SessionState;
+    use rusqlite::Connection;
 
     fn config(dir: &std::path::Path) -> StoreConfig {
         super::test_config(dir)
@@ -655,6 +701,24 @@ mod tests {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         rows
+    }
+
+    #[test]
+    fn a_postgres_password_never_reaches_debug_output() {
+        let db = Database::Postgres {
+            url: "postgres://bot:s3cret@db.example:5433/fleet?sslmode=require".into(),
+            pool_size: 4,
+        };
+        let shown = format!("{db:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(
+            shown.contains("postgres://bot:***@db.example:5433/fleet?sslmode=require"),
+            "{shown}"
+        );
+        assert_eq!(
+            redact_password("postgres://bot@h/db"),
+            "postgres://bot@h/db"
+        );
     }
 
     #[tokio::test]
@@ -746,16 +810,5 @@ mod tests {
             store.events("u", 1000).await.unwrap().len(),
             EVENTS_KEPT as usize
         );
-    }
-
-    #[test]
-    fn a_newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        Connection::open(dir.path().join("b.db"))
-            .unwrap()
-            .execute_batch("PRAGMA user_version = 99")
-            .unwrap();
-        let err = Store::open(config(dir.path())).err().unwrap();
-        assert!(err.to_string().contains("newer"), "{err}");
     }
 }

@@ -12,13 +12,12 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use botvisor_actors::{SessionRecord, StorageError};
 
 use super::backup::Backups;
-use super::sql::{self, EventRow, OutboxRow};
+use crate::db::{Batch, Change, Engine, EventRow, OutboxRow};
 
 /// State-change events held while the disk is failing; older ones are dropped past this.
 const EVENTS_QUEUED_MAX: usize = 200_000;
@@ -211,33 +210,24 @@ impl Queue {
     }
 }
 
-fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    for op in &batch.ops {
-        match op {
-            Op::Insert(rec) => {
-                sql::write_row(&tx, rec, true)?;
-            }
-            Op::Delete(id) => sql::delete_session(&tx, id)?,
-            // Taken out of the batch before the commit.
-            Op::Flush(_) => {}
+impl Pending {
+    /// What the engine commits of this batch (its flushes taken out before).
+    fn as_batch(&self) -> Batch<'_> {
+        Batch {
+            changes: self
+                .ops
+                .iter()
+                .filter_map(|op| match op {
+                    Op::Insert(rec) => Some(Change::Insert(rec)),
+                    Op::Delete(id) => Some(Change::Delete(id)),
+                    Op::Flush(_) => None,
+                })
+                .collect(),
+            rows: self.dirty.values().collect(),
+            events: self.events.iter().collect(),
+            outbox: &self.outbox,
         }
     }
-    for rec in batch.dirty.values() {
-        sql::write_row(&tx, rec, false)?;
-    }
-    let mut logged = HashSet::new();
-    for row in &batch.events {
-        sql::insert_event(&tx, row)?;
-        logged.insert(row.user_id.as_str());
-    }
-    for user_id in logged {
-        sql::prune_events(&tx, user_id)?;
-    }
-    for row in &batch.outbox {
-        sql::insert_outbox(&tx, row)?;
-    }
-    tx.commit()
 }
 
 /// The writer thread's loop: runs until the queue is closed and drained. After a commit
@@ -245,7 +235,7 @@ fn commit(conn: &mut Connection, batch: &Pending) -> rusqlite::Result<()> {
 /// poll).
 pub fn run(
     queue: &Queue,
-    mut conn: Connection,
+    mut conn: Box<dyn Engine>,
     backups: Backups,
     commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
@@ -257,7 +247,7 @@ pub fn run(
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
         let started = std::time::Instant::now();
-        let result = commit(&mut conn, &batch).map_err(|e| sql::classify_on(&conn, &e));
+        let result = conn.commit(&batch.as_batch());
         if let Some(h) = &commit_seconds {
             h.observe(started.elapsed().as_secs_f64());
         }

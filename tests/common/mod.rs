@@ -29,6 +29,77 @@ pub struct Server {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// `BOTVISOR_TEST_ENGINE=postgres`: servers started by [`Server`] keep their rows in
+/// PostgreSQL (a database of their own per data dir, on the harness's [`pg`] server)
+/// instead of `<data-dir>/botvisor.db`. The same test files then serve both engines.
+pub fn test_engine_is_postgres() -> bool {
+    std::env::var("BOTVISOR_TEST_ENGINE").is_ok_and(|v| v.trim() == "postgres")
+}
+
+/// Where the harness keeps the PostgreSQL URL of a data dir's database.
+const DATABASE_URL_FILE: &str = "test-database-url";
+
+/// The `--database-url` a server on `dir` gets: none on SQLite; on PostgreSQL, the data
+/// dir's own database (made on first use, the same one for every restart on `dir`).
+pub fn database_url_for(dir: &Path) -> Option<String> {
+    if !test_engine_is_postgres() {
+        return None;
+    }
+    let file = dir.join(DATABASE_URL_FILE);
+    if let Ok(url) = std::fs::read_to_string(&file) {
+        return Some(url);
+    }
+    let server = pg::shared().unwrap_or_else(|e| {
+        panic!("BOTVISOR_TEST_ENGINE=postgres, but PostgreSQL cannot start: {e}")
+    });
+    let url = server
+        .fresh_database_url("srv")
+        .unwrap_or_else(|e| panic!("cannot create a test database: {e}"));
+    // (A dir that does not exist yet, or is not writable, gets a database per start.)
+    let _ = std::fs::write(&file, &url);
+    Some(url)
+}
+
+/// Rows as the server committed them, read through a connection of the test's own:
+/// `sqlite` on `<dir>/botvisor.db`, or, under `BOTVISOR_TEST_ENGINE=postgres`, `postgres`
+/// (the same query on the `bv_` tables) on the dir's database. Columns as text; `None`
+/// is NULL.
+pub fn committed_rows(dir: &Path, sqlite: &str, postgres: &str) -> Vec<Vec<Option<String>>> {
+    if let Some(url) = database_url_for(dir) {
+        let server = pg::shared().expect("PostgreSQL runs");
+        return server
+            .rows(&url, postgres)
+            .unwrap_or_else(|e| panic!("{postgres}: {e}"));
+    }
+    let c = rusqlite::Connection::open_with_flags(
+        dir.join("botvisor.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(5)).unwrap();
+    let mut stmt = c.prepare(sqlite).unwrap();
+    let n = stmt.column_count();
+    let rows = stmt
+        .query_map([], |r| {
+            (0..n)
+                .map(|i| {
+                    Ok(match r.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => None,
+                        rusqlite::types::ValueRef::Integer(v) => Some(v.to_string()),
+                        rusqlite::types::ValueRef::Real(v) => Some(v.to_string()),
+                        rusqlite::types::ValueRef::Text(t) | rusqlite::types::ValueRef::Blob(t) => {
+                            Some(String::from_utf8_lossy(t).into_owned())
+                        }
+                    })
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<Vec<_>>>()
+        .unwrap();
+    rows
+}
+
 /// The name of the server log in a data dir.
 pub const SERVER_LOG: &str = "server.log";
 
@@ -110,6 +181,9 @@ pub fn serve_command_via(
     .arg(dir)
     .env_remove("DATABASE_URL")
     .env_remove("API_KEY");
+    if let Some(url) = database_url_for(dir).filter(|_| !extra.contains(&"--database-url")) {
+        cmd.args(["--database-url", &url]);
+    }
     cmd
 }
 
@@ -227,6 +301,12 @@ impl Server {
             }
         }
         args.extend_from_slice(extra);
+        let database_url = database_url_for(dir);
+        if let Some(url) = &database_url {
+            if !extra.contains(&"--database-url") {
+                args.extend_from_slice(&["--database-url", url]);
+            }
+        }
         let log = dir.join(SERVER_LOG);
         let mut log_file = std::fs::OpenOptions::new()
             .create(true)

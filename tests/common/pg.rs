@@ -262,6 +262,20 @@ impl PgServer {
         Ok(self.url(&database))
     }
 
+    /// [`fresh_database`](Self::fresh_database) as a `postgres://` URL (what
+    /// `--database-url` takes).
+    pub fn fresh_database_url(&self, name: &str) -> Result<String, String> {
+        let conninfo = self.fresh_database(name)?;
+        let database = conninfo
+            .rsplit("dbname=")
+            .next()
+            .ok_or("no dbname in the connection string")?;
+        Ok(format!(
+            "postgres://postgres@127.0.0.1:{}/{database}",
+            self.port
+        ))
+    }
+
     /// Runs `sql` with psql on the database at `url` (a [`fresh_database`] answer); its
     /// output, unaligned and without headers.
     ///
@@ -283,6 +297,39 @@ impl PgServer {
             ]),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// Runs a query with psql on `url`: its rows, each column as text (`None`: NULL).
+    pub fn rows(&self, url: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
+        const NULL: &str = "\u{1}NULL\u{1}";
+        let out = run(
+            "psql",
+            Command::new(self.bindir.join("psql")).args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-F",
+                "\u{1f}",
+                "-P",
+                &format!("null={NULL}"),
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                url,
+                "-c",
+                sql,
+            ]),
+        )?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                l.split('\u{1f}')
+                    .map(|c| (c != NULL).then(|| c.to_string()))
+                    .collect()
+            })
+            .collect())
     }
 
     /// `pg_ctl restart -m immediate`: every backend killed at once (connections break,

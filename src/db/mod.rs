@@ -1,0 +1,213 @@
+//! The rows botvisor keeps (sessions, their state-change events, settings, the webhook
+//! outbox with its dead letters, and each session's own receiver) behind one seam with
+//! two engines:
+//!
+//! - [`sqlite`]: one file through rusqlite, the embedded default (WAL,
+//!   `synchronous=FULL`: a commit is fsynced before it is confirmed).
+//! - [`postgres`]: one PostgreSQL database through tokio-postgres over a bounded
+//!   deadpool pool (a commit is confirmed once the server has it: its own
+//!   `synchronous_commit` decides how durable that is).
+//!
+//! An [`Engine`] is one handle on the database. The store's writer thread owns one, the
+//! store's reads share a second, the webhook dispatcher owns a third; each comes from
+//! [`Location::connect`]. Every method is synchronous and may block: call it from one of
+//! those threads or tokio's blocking pool, never on the async runtime. A write is durable
+//! when its method returns `Ok`.
+//!
+//! Errors come typed by kind ([`StorageError`]: full, read-only, unavailable, failed),
+//! from each engine's own codes (SQLite's result codes and errno, PostgreSQL's SQLSTATE
+//! and its client's connection state), never from matching message text.
+//!
+//! Nothing outside this module imports `rusqlite` for these rows, nor the Postgres
+//! crates. (The credential files of the sim link, the whatsapp-rust SQLite stores and
+//! backups are files of the links, not rows: `link::sim`, `store::backup`.)
+
+pub mod postgres;
+pub mod sqlite;
+
+use botvisor_actors::{SessionRecord, StorageError};
+
+/// Events kept per session.
+pub const EVENTS_KEPT: i64 = 100;
+
+/// One recorded state change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+    /// The state entered.
+    pub state: String,
+    /// The error or reason at that moment, if any.
+    pub detail: Option<String>,
+}
+
+/// An event waiting to be written.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    pub user_id: String,
+    pub event: Event,
+}
+
+impl EventRow {
+    /// The event a record's current state makes.
+    pub fn of(rec: &SessionRecord) -> EventRow {
+        EventRow {
+            user_id: rec.user_id.clone(),
+            event: Event {
+                at_ms: rec.updated_at_ms,
+                state: rec.state.as_str().to_string(),
+                detail: rec.last_error.clone(),
+            },
+        }
+    }
+}
+
+/// A webhook delivery to make.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Stable across retries (`X-Botvisor-Event-Id`).
+    pub event_id: String,
+    /// The receiver's URL.
+    pub destination: String,
+    /// The session it is about.
+    pub user_id: String,
+    /// `session.state`, `message.received`, ...
+    pub kind: &'static str,
+    /// The JSON body.
+    pub body: String,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+}
+
+/// A structural change, applied in the order it was made.
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    /// A new session's row (replacing any row of that id).
+    Insert(&'a SessionRecord),
+    /// A session's row, events and own receiver.
+    Delete(&'a str),
+}
+
+/// What one commit writes, in one transaction: the structural changes in order, then the
+/// latest row of every session that changed, the state-change events (each session's log
+/// pruned to [`EVENTS_KEPT`]) and the webhook deliveries they caused.
+#[derive(Debug, Default)]
+pub struct Batch<'a> {
+    pub changes: Vec<Change<'a>>,
+    pub rows: Vec<&'a SessionRecord>,
+    pub events: Vec<&'a EventRow>,
+    pub outbox: &'a [OutboxRow],
+}
+
+/// A webhook lane: deliveries to one receiver about one session, made in order.
+pub type Lane = (String, String);
+
+/// The oldest delivery of a lane not yet made.
+#[derive(Debug, Clone)]
+pub struct OutboxHead {
+    pub id: i64,
+    pub event_id: String,
+    pub kind: String,
+    pub body: String,
+    pub attempts: u32,
+    /// When it is due (ms since the epoch).
+    pub next_at: u64,
+}
+
+/// What became of an attempted delivery.
+#[derive(Debug, Clone, Copy)]
+pub enum Outcome<'a> {
+    /// The receiver took it: the row goes.
+    Delivered { id: i64 },
+    /// The last attempt failed: the row stays as a dead letter.
+    Dead {
+        id: i64,
+        attempts: u32,
+        error: &'a str,
+    },
+    /// It failed and is tried again at `next_at` (ms since the epoch).
+    Retry {
+        id: i64,
+        attempts: u32,
+        next_at: u64,
+        error: &'a str,
+    },
+}
+
+/// A dead letter, as the API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeadLetter {
+    /// The event id (`X-Botvisor-Event-Id`).
+    pub event_id: String,
+    /// Where it was going.
+    pub destination: String,
+    /// The event's kind.
+    pub event: String,
+    /// The session.
+    pub user_id: String,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When the event happened (ISO 8601).
+    pub created_at: String,
+}
+
+/// One handle on the database (see the module's documentation).
+pub trait Engine: Send {
+    /// Every session, oldest first.
+    fn load_sessions(&mut self) -> Result<Vec<SessionRecord>, StorageError>;
+    /// The newest state changes of a session, newest first.
+    fn events(&mut self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError>;
+    /// A stored setting.
+    fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError>;
+    /// Stores a setting.
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StorageError>;
+    /// Writes a batch in one transaction.
+    fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError>;
+    /// Every session's own webhook receiver.
+    fn session_webhooks(&mut self) -> Result<Vec<(String, String)>, StorageError>;
+    /// Sets or clears a session's own webhook receiver.
+    fn set_session_webhook(&mut self, user_id: &str, url: Option<&str>)
+        -> Result<(), StorageError>;
+    /// Every lane's head and when it is due.
+    fn outbox_heads(&mut self) -> Result<Vec<(Lane, u64)>, StorageError>;
+    /// One lane's head.
+    fn outbox_head(&mut self, lane: &Lane) -> Result<Option<OutboxHead>, StorageError>;
+    /// Writes the outcomes of attempts, in one transaction.
+    fn outbox_outcomes(&mut self, outcomes: &[Outcome<'_>]) -> Result<(), StorageError>;
+    /// Deliveries not made yet (dead letters not counted).
+    fn outbox_backlog(&mut self) -> Result<i64, StorageError>;
+    /// The dead letters, oldest first (at most `limit`).
+    fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StorageError>;
+    /// Puts the dead letters of `event_id` back in line, due at `now_ms`; how many.
+    fn replay(&mut self, event_id: &str, now_ms: u64) -> Result<usize, StorageError>;
+}
+
+/// Where the rows are, opened and migrated: hands out [`Engine`]s. Cheap to clone.
+#[derive(Clone)]
+pub enum Location {
+    /// An SQLite file (or shared in-memory database).
+    Sqlite(sqlite::Location),
+    /// A PostgreSQL database.
+    Postgres(postgres::Rows),
+}
+
+impl Location {
+    /// A new handle on the database.
+    pub fn connect(&self) -> Result<Box<dyn Engine>, StorageError> {
+        match self {
+            Location::Sqlite(l) => Ok(Box::new(l.connect()?)),
+            Location::Postgres(rows) => Ok(Box::new(rows.engine())),
+        }
+    }
+
+    /// Which engine, for logs and `/api/health`: `sqlite` or `postgres`.
+    pub fn engine_name(&self) -> &'static str {
+        match self {
+            Location::Sqlite(_) => "sqlite",
+            Location::Postgres(_) => "postgres",
+        }
+    }
+}

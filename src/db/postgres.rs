@@ -1,0 +1,984 @@
+//! The PostgreSQL engine, and what botvisor's two uses of PostgreSQL share (the rows
+//! here, the WhatsApp keys in `keys::postgres`): the pool settings, the error type, the
+//! numbered migrations under an advisory lock.
+//!
+//! [`Rows`] owns a small runtime of its own (one thread, `botvisor-pg`) on which its
+//! connections run, and a bounded pool. An [`Engine`] call runs its statements from the
+//! calling thread (the store's writer, the webhook dispatcher, the blocking pool) and
+//! waits for them; it is bounded by the statement timeout plus a margin, so a server
+//! that stops answering gives an error, not a hang. A connection that broke is dropped
+//! when it comes back to the pool, and the next call opens a new one: after a restart of
+//! the server, botvisor recovers by itself.
+//!
+//! One server per database: [`Rows::open`] takes a session-level advisory lock on a
+//! connection of its own, held as long as the process runs (PostgreSQL releases it when
+//! the process dies, whatever the way), so a second botvisor on the same database is
+//! refused at start, as a second one on the same data directory is.
+
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::{error::SqlState, NoTls};
+
+use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
+
+use super::{Batch, Change, DeadLetter, Engine, Event, Lane, OutboxHead, Outcome, EVENTS_KEPT};
+
+// ---------------------------------------------------------------------------------------
+// Shared: pool settings, errors, migrations
+// ---------------------------------------------------------------------------------------
+
+/// How a pool talks to the server.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// Connections in the pool, at most (opened on demand). Default 16.
+    pub pool_size: usize,
+    /// The server cancels a statement that runs longer (`statement_timeout`, set on every
+    /// connection at its start). Default 10 s.
+    pub statement_timeout: Duration,
+    /// Opening a connection gives up after this long. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Waiting for a free connection when all `pool_size` are busy gives up after this
+    /// long. Default 10 s.
+    pub wait_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        Self {
+            pool_size: 16,
+            statement_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl PoolConfig {
+    /// The longest one call may take before it is abandoned: the server's statement
+    /// timeout plus a margin.
+    pub fn deadline(&self) -> Duration {
+        self.statement_timeout + Duration::from_secs(5)
+    }
+}
+
+/// A connection string, parsed, with the settings every botvisor connection gets
+/// (`statement_timeout`, the connect timeout, an application name).
+pub fn connection_config(
+    url: &str,
+    config: &PoolConfig,
+    application: &str,
+) -> Result<tokio_postgres::Config, String> {
+    let mut pg = tokio_postgres::Config::from_str(url)
+        .map_err(|e| format!("the PostgreSQL connection string: {e}"))?;
+    // statement_timeout on every connection, from its start: a statement stuck on a lock
+    // or a slow server fails instead of holding a session.
+    let timeout = format!(
+        "-c statement_timeout={}",
+        config.statement_timeout.as_millis().max(1)
+    );
+    let options = match pg.get_options() {
+        Some(given) if !given.trim().is_empty() => format!("{given} {timeout}"),
+        _ => timeout,
+    };
+    pg.options(&options);
+    pg.connect_timeout(config.connect_timeout);
+    if pg.get_application_name().is_none() {
+        pg.application_name(application);
+    }
+    Ok(pg)
+}
+
+/// A bounded pool over `pg` (connections opened on demand, on the current runtime).
+pub fn pool(pg: tokio_postgres::Config, config: &PoolConfig) -> Result<Pool, String> {
+    if config.pool_size == 0 {
+        return Err("a PostgreSQL pool needs at least one connection".into());
+    }
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            // A closed connection is dropped when it comes back to be reused; one that
+            // breaks mid-statement fails that statement, then is dropped.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.wait_timeout))
+        .create_timeout(Some(config.connect_timeout))
+        .recycle_timeout(Some(config.connect_timeout))
+        .build()
+        .map_err(|e| format!("the PostgreSQL pool: {e}"))
+}
+
+/// Where a connection string points, for messages: `host:port/dbname` (no user, no
+/// password).
+pub fn target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let host = match pg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        Some(Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".into(),
+    };
+    let port = pg.get_ports().first().copied().unwrap_or(5432);
+    match pg.get_dbname() {
+        Some(db) => format!("{host}:{port}/{db}"),
+        None => format!("{host}:{port}"),
+    }
+}
+
+/// A PostgreSQL error: the server's message and SQLSTATE, or the client's reason when
+/// there was no answer.
+#[derive(Debug)]
+pub struct PgError {
+    code: Option<SqlState>,
+    message: String,
+    connection: bool,
+}
+
+impl PgError {
+    /// The SQLSTATE the server answered with, if it answered.
+    pub fn code(&self) -> Option<&SqlState> {
+        self.code.as_ref()
+    }
+
+    /// True when the connection failed or broke (no answer, refused, closed, the server
+    /// shutting down): the statement may be retried on another connection.
+    pub fn is_connection(&self) -> bool {
+        self.connection
+    }
+
+    /// An error the client made up (no answer from the server).
+    pub fn client(message: impl Into<String>) -> Self {
+        Self {
+            code: None,
+            message: message.into(),
+            connection: true,
+        }
+    }
+
+    /// The kind of failure, for the store's callers: a connection that failed or broke
+    /// (and a statement cancelled by its timeout) is `Unavailable` ("database
+    /// unavailable", HTTP 503), a full disk `Full`, a read-only server `ReadOnly`.
+    pub fn into_storage(self, target: &str) -> StorageError {
+        let text = format!("database unavailable: PostgreSQL at {target}: {self}");
+        if self.connection {
+            return StorageError::Unavailable(text);
+        }
+        match self.code {
+            Some(SqlState::DISK_FULL) => {
+                StorageError::Full(format!("PostgreSQL at {target}: {self}"))
+            }
+            Some(SqlState::READ_ONLY_SQL_TRANSACTION) => {
+                StorageError::ReadOnly(format!("PostgreSQL at {target}: {self}"))
+            }
+            Some(
+                SqlState::QUERY_CANCELED
+                | SqlState::T_R_SERIALIZATION_FAILURE
+                | SqlState::T_R_DEADLOCK_DETECTED
+                | SqlState::LOCK_NOT_AVAILABLE
+                | SqlState::TOO_MANY_CONNECTIONS,
+            ) => StorageError::Unavailable(text),
+            _ => StorageError::Failed(format!("PostgreSQL at {target}: {self}")),
+        }
+    }
+}
+
+impl fmt::Display for PgError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.code {
+            Some(code) => write!(f, "{} (SQLSTATE {})", self.message, code.code()),
+            None => f.write_str(&self.message),
+        }
+    }
+}
+
+impl std::error::Error for PgError {}
+
+/// SQLSTATEs after which the connection is gone: class 08 (connection exception) and the
+/// server shutting down or starting.
+fn is_connection_state(code: &SqlState) -> bool {
+    code.code().starts_with("08")
+        || *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+}
+
+impl From<tokio_postgres::Error> for PgError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        if let Some(db) = e.as_db_error() {
+            let code = db.code().clone();
+            return Self {
+                connection: is_connection_state(&code),
+                message: db.message().to_string(),
+                code: Some(code),
+            };
+        }
+        // No answer from the server: the client's reason and its causes, e.g. "error
+        // connecting to server: Connection refused (os error 111)".
+        let mut message = e.to_string();
+        let mut io = false;
+        let mut source = std::error::Error::source(&e);
+        while let Some(inner) = source {
+            io |= inner.is::<std::io::Error>();
+            message.push_str(": ");
+            message.push_str(&inner.to_string());
+            source = inner.source();
+        }
+        let connection = io
+            || e.is_closed()
+            || message.starts_with("error connecting")
+            || message.starts_with("timeout");
+        Self {
+            code: None,
+            message,
+            connection,
+        }
+    }
+}
+
+impl PgError {
+    /// A pool's failure to hand out a connection.
+    pub fn of_pool(e: PoolError, config: &PoolConfig) -> Self {
+        match e {
+            PoolError::Backend(e) => e.into(),
+            PoolError::Timeout(what) => PgError::client(format!(
+                "no PostgreSQL connection within the time allowed ({what:?}; pool of {}, wait \
+                 {:?}, connect {:?})",
+                config.pool_size, config.wait_timeout, config.connect_timeout
+            )),
+            other => PgError::client(format!("PostgreSQL connection pool: {other}")),
+        }
+    }
+}
+
+/// Numbered migrations: `(version, sql)`, applied in order, each once, recorded in
+/// `table`. Never edit one that has shipped: add the next.
+pub type Migrations = &'static [(i32, &'static str)];
+
+/// Brings a schema up to date in one transaction, under `pg_advisory_xact_lock(lock)` (a
+/// second process starting at once waits, then finds the schema made). A database newer
+/// than this build is refused (`Err` names both versions).
+pub async fn migrate(
+    conn: &mut tokio_postgres::Client,
+    lock: i64,
+    table: &str,
+    migrations: Migrations,
+    what: &str,
+) -> Result<(), PgError> {
+    let tx = conn.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+        .await?;
+    tx.batch_execute(&format!(
+        "CREATE TABLE IF NOT EXISTS {table} (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )"
+    ))
+    .await?;
+    let current: i32 = tx
+        .query_one(
+            &format!("SELECT COALESCE(MAX(version), 0) FROM {table}"),
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    let latest = migrations.last().map_or(0, |(v, _)| *v);
+    if current > latest {
+        return Err(PgError {
+            code: None,
+            message: format!(
+                "the database's {what} schema is version {current}, newer than this build \
+                 knows ({latest}): run a newer botvisor, or use another database"
+            ),
+            connection: false,
+        });
+    }
+    for (version, sql) in migrations.iter().filter(|(v, _)| *v > current) {
+        tx.batch_execute(sql).await?;
+        tx.execute(
+            &format!("INSERT INTO {table} (version) VALUES ($1)"),
+            &[version],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// The rows
+// ---------------------------------------------------------------------------------------
+
+/// Key for `pg_advisory_xact_lock`: migrations of the rows' schema.
+const MIGRATION_LOCK: i64 = 0x626f_7476_726f_7773; // "botvrows"
+/// Key for the session-level advisory lock the serving process holds.
+const OWNER_LOCK: i64 = 0x626f_7476_6f77_6e72; // "botvownr"
+
+/// The rows' numbered migrations (`bv_schema_version`).
+pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1)];
+
+/// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
+/// prefix (the database may be shared). Times are milliseconds since the epoch.
+const MIGRATION_1: &str = r#"
+CREATE TABLE bv_sessions (
+    user_id      TEXT PRIMARY KEY,
+    phone_number TEXT NOT NULL,
+    name         TEXT,
+    desired      TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+    state        TEXT NOT NULL,
+    restarts     BIGINT NOT NULL DEFAULT 0,
+    disconnects  BIGINT NOT NULL DEFAULT 0,
+    last_error   TEXT,
+    created_at   BIGINT NOT NULL,
+    updated_at   BIGINT NOT NULL,
+    last_seen_at BIGINT
+);
+CREATE INDEX bv_sessions_created ON bv_sessions (created_at);
+CREATE TABLE bv_events (
+    id      BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    at      BIGINT NOT NULL,
+    state   TEXT NOT NULL,
+    detail  TEXT
+);
+CREATE INDEX bv_events_by_user ON bv_events (user_id, id);
+CREATE TABLE bv_settings (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE bv_outbox (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    user_id     TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    body        TEXT NOT NULL,
+    created_at  BIGINT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     BIGINT NOT NULL,
+    dead        BOOLEAN NOT NULL DEFAULT false,
+    last_error  TEXT
+);
+CREATE INDEX bv_outbox_lane ON bv_outbox (dead, destination, user_id, id);
+CREATE INDEX bv_outbox_event ON bv_outbox (event_id);
+CREATE TABLE bv_session_webhooks (
+    user_id TEXT PRIMARY KEY,
+    url     TEXT NOT NULL
+);
+"#;
+
+const SESSION_COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, \
+     disconnects, last_error, created_at, updated_at, last_seen_at";
+
+/// The rows in one PostgreSQL database: a pool, the runtime its connections run on, and
+/// the owner lock. Cheap to clone.
+#[derive(Clone)]
+pub struct Rows {
+    inner: Arc<RowsInner>,
+}
+
+struct RowsInner {
+    /// `Some` until dropped (shut down in the background: it may be dropped on a runtime).
+    runtime: Option<tokio::runtime::Runtime>,
+    pool: Pool,
+    config: PoolConfig,
+    target: String,
+}
+
+impl Drop for RowsInner {
+    fn drop(&mut self) {
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// Why the rows did not open.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Another botvisor serves this database.
+    #[error(
+        "another botvisor is serving the database at {0} (it holds the database's owner \
+         lock): stop it first, or give this one another database"
+    )]
+    Taken(String),
+    /// Anything else.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl Rows {
+    /// Connects (failing at once when the server cannot be reached: the error names host
+    /// and port), takes the owner lock, and brings the schema up to date.
+    pub fn open(url: &str, config: PoolConfig) -> Result<Rows, OpenError> {
+        let pg = connection_config(url, &config, "botvisor")
+            .map_err(|e| OpenError::Storage(StorageError::Failed(e)))?;
+        let target = target(&pg);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("botvisor-pg")
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                StorageError::Failed(format!("cannot start the PostgreSQL runtime: {e}"))
+            })?;
+        let pool = {
+            let _entered = runtime.enter();
+            pool(pg.clone(), &config).map_err(StorageError::Failed)?
+        };
+        let rows = Rows {
+            inner: Arc::new(RowsInner {
+                runtime: Some(runtime),
+                pool,
+                config,
+                target,
+            }),
+        };
+        rows.take_owner_lock(pg)?;
+        let target = rows.inner.target.clone();
+        rows.run(|c| async move {
+            let mut c = c;
+            migrate(
+                &mut c,
+                MIGRATION_LOCK,
+                "bv_schema_version",
+                MIGRATIONS,
+                "botvisor",
+            )
+            .await
+        })
+        .map_err(|e| e.into_storage(&target))?;
+        Ok(rows)
+    }
+
+    /// The owner lock, on a connection of its own that lives as long as the runtime. When
+    /// that connection breaks (the server restarted) the lock is gone with it: it is
+    /// taken again as soon as the server answers, and should another botvisor have taken
+    /// it meanwhile, this process exits (two servers must not write the same rows).
+    fn take_owner_lock(&self, pg: tokio_postgres::Config) -> Result<(), OpenError> {
+        let target = self.inner.target.clone();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let rt = self.inner.runtime.as_ref().expect("running until dropped");
+        rt.spawn(async move {
+            let mut first = Some(first_tx);
+            loop {
+                match lock_once(&pg, &target).await {
+                    Ok(Some((client, connection))) => {
+                        match first.take() {
+                            Some(tx) => {
+                                let _ = tx.send(Ok(true));
+                            }
+                            None => tracing::info!(database = %target,
+                                "the database's owner lock is held again"),
+                        }
+                        let _ = connection.await;
+                        drop(client);
+                        tracing::warn!(database = %target,
+                            "the connection holding the database's owner lock broke; taking it again");
+                    }
+                    Ok(None) => {
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(Ok(false));
+                            return;
+                        }
+                        tracing::error!(database = %target,
+                            "another botvisor took the database's owner lock while the \
+                             connection was down: exiting, so that only one server writes it");
+                        std::process::exit(1);
+                    }
+                    Err(e) => {
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        match first_rx.recv() {
+            Ok(Ok(true)) => Ok(()),
+            Ok(Ok(false)) => Err(OpenError::Taken(self.inner.target.clone())),
+            Ok(Err(e)) => Err(OpenError::Storage(e)),
+            Err(_) => Err(OpenError::Storage(StorageError::Failed(
+                "the PostgreSQL runtime stopped".into(),
+            ))),
+        }
+    }
+
+    /// `host:port/dbname`, for messages.
+    pub fn target(&self) -> &str {
+        &self.inner.target
+    }
+
+    /// A handle for one thread.
+    pub fn engine(&self) -> PgEngine {
+        PgEngine { rows: self.clone() }
+    }
+
+    /// Runs `fut` to its end on this thread, with the rows' runtime as the context (its
+    /// connections run there). Never call it on an async runtime's thread.
+    fn block<T>(&self, fut: impl Future<Output = T>) -> T {
+        let rt = self.inner.runtime.as_ref().expect("running until dropped");
+        let _entered = rt.enter();
+        futures_executor::block_on(fut)
+    }
+
+    /// Runs `f` on a pooled connection, within the deadline; a call that overruns is
+    /// abandoned and its connection dropped (a statement may still be in flight on it).
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, PgError>
+    where
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, PgError>>,
+    {
+        let config = &self.inner.config;
+        let deadline = config.deadline();
+        self.block(async move {
+            let conn = self
+                .inner
+                .pool
+                .get()
+                .await
+                .map_err(|e| PgError::of_pool(e, config))?;
+            match tokio::time::timeout(deadline, f(conn)).await {
+                Ok(result) => result,
+                Err(_) => Err(PgError::client(format!(
+                    "no answer from PostgreSQL within {deadline:?}; the connection was closed"
+                ))),
+            }
+        })
+    }
+}
+
+/// The connection's task, running until it ends.
+type ConnectionTask = tokio::task::JoinHandle<()>;
+
+/// Connects and tries the owner lock: the connection (which holds it) when taken, `None`
+/// when another session holds it.
+async fn lock_once(
+    pg: &tokio_postgres::Config,
+    target: &str,
+) -> Result<Option<(tokio_postgres::Client, ConnectionTask)>, StorageError> {
+    let storage = |e| PgError::from(e).into_storage(target);
+    let (client, connection) = pg.connect(NoTls).await.map_err(storage)?;
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let got: bool = client
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK])
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(storage)?;
+    Ok(got.then_some((client, task)))
+}
+
+/// One thread's handle on the rows (every call takes a pooled connection).
+pub struct PgEngine {
+    rows: Rows,
+}
+
+impl PgEngine {
+    fn run<T, F, Fut>(&self, f: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, PgError>>,
+    {
+        self.rows
+            .run(f)
+            .map_err(|e| e.into_storage(&self.rows.inner.target))
+    }
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> u64 {
+    v.max(0) as u64
+}
+
+fn session_of(r: &tokio_postgres::Row) -> Result<SessionRecord, tokio_postgres::Error> {
+    Ok(SessionRecord {
+        user_id: r.try_get(0)?,
+        phone_number: r.try_get(1)?,
+        name: r.try_get(2)?,
+        desired: Desired::parse(r.try_get::<_, &str>(3)?).unwrap_or(Desired::Stopped),
+        state: SessionState::parse(r.try_get::<_, &str>(4)?).unwrap_or(SessionState::Stopped),
+        restarts: u32::try_from(r.try_get::<_, i64>(5)?).unwrap_or(u32::MAX),
+        disconnects: u32::try_from(r.try_get::<_, i64>(6)?).unwrap_or(u32::MAX),
+        last_error: r.try_get(7)?,
+        created_at_ms: to_u64(r.try_get(8)?),
+        updated_at_ms: to_u64(r.try_get(9)?),
+        last_seen_at_ms: r.try_get::<_, Option<i64>>(10)?.map(to_u64),
+        pairing: None,
+        qr: None,
+    })
+}
+
+async fn write_session(
+    tx: &deadpool_postgres::Transaction<'_>,
+    rec: &SessionRecord,
+    upsert: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let sql = if upsert {
+        "INSERT INTO bv_sessions (user_id, phone_number, name, desired, state, restarts, \
+         disconnects, last_error, created_at, updated_at, last_seen_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+         ON CONFLICT (user_id) DO UPDATE SET phone_number = excluded.phone_number, \
+         name = excluded.name, desired = excluded.desired, state = excluded.state, \
+         restarts = excluded.restarts, disconnects = excluded.disconnects, \
+         last_error = excluded.last_error, created_at = excluded.created_at, \
+         updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at"
+    } else {
+        "UPDATE bv_sessions SET phone_number = $2, name = $3, desired = $4, state = $5, \
+         restarts = $6, disconnects = $7, last_error = $8, created_at = $9, \
+         updated_at = $10, last_seen_at = $11 WHERE user_id = $1"
+    };
+    let stmt = tx.prepare_cached(sql).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &rec.user_id,
+            &rec.phone_number,
+            &rec.name,
+            &rec.desired.as_str(),
+            &rec.state.as_str(),
+            &i64::from(rec.restarts),
+            &i64::from(rec.disconnects),
+            &rec.last_error,
+            &to_i64(rec.created_at_ms),
+            &to_i64(rec.updated_at_ms),
+            &rec.last_seen_at_ms.map(to_i64),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn commit(
+    mut conn: deadpool_postgres::Object,
+    batch: &Batch<'_>,
+) -> Result<(), tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    for change in &batch.changes {
+        match change {
+            Change::Insert(rec) => write_session(&tx, rec, true).await?,
+            Change::Delete(id) => {
+                for table in ["bv_sessions", "bv_events", "bv_session_webhooks"] {
+                    let stmt = tx
+                        .prepare_cached(&format!("DELETE FROM {table} WHERE user_id = $1"))
+                        .await?;
+                    tx.execute(&stmt, &[id]).await?;
+                }
+            }
+        }
+    }
+    for rec in &batch.rows {
+        write_session(&tx, rec, false).await?;
+    }
+    if !batch.events.is_empty() {
+        // One multi-row statement for the events, one for the pruning.
+        let users: Vec<&str> = batch.events.iter().map(|e| e.user_id.as_str()).collect();
+        let ats: Vec<i64> = batch.events.iter().map(|e| to_i64(e.event.at_ms)).collect();
+        let states: Vec<&str> = batch
+            .events
+            .iter()
+            .map(|e| e.event.state.as_str())
+            .collect();
+        let details: Vec<Option<&str>> = batch
+            .events
+            .iter()
+            .map(|e| e.event.detail.as_deref())
+            .collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bv_events (user_id, at, state, detail) \
+                 SELECT u, a, s, d FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[]) \
+                 WITH ORDINALITY AS t(u, a, s, d, n) ORDER BY n",
+            )
+            .await?;
+        tx.execute(&stmt, &[&users, &ats, &states, &details])
+            .await?;
+        let mut logged: Vec<&str> = users;
+        logged.sort_unstable();
+        logged.dedup();
+        let prune = tx
+            .prepare_cached(
+                "DELETE FROM bv_events e USING UNNEST($1::text[]) AS u(user_id) \
+                 WHERE e.user_id = u.user_id AND e.id <= \
+                 (SELECT id FROM bv_events WHERE user_id = u.user_id \
+                  ORDER BY id DESC LIMIT 1 OFFSET $2)",
+            )
+            .await?;
+        tx.execute(&prune, &[&logged, &EVENTS_KEPT]).await?;
+    }
+    if !batch.outbox.is_empty() {
+        let o = batch.outbox;
+        let ids: Vec<&str> = o.iter().map(|r| r.event_id.as_str()).collect();
+        let dests: Vec<&str> = o.iter().map(|r| r.destination.as_str()).collect();
+        let users: Vec<&str> = o.iter().map(|r| r.user_id.as_str()).collect();
+        let kinds: Vec<&str> = o.iter().map(|r| r.kind).collect();
+        let bodies: Vec<&str> = o.iter().map(|r| r.body.as_str()).collect();
+        let ats: Vec<i64> = o.iter().map(|r| to_i64(r.at_ms)).collect();
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bv_outbox (event_id, destination, user_id, kind, body, created_at, next_at) \
+                 SELECT e, d, u, k, b, a, a FROM UNNEST($1::text[], $2::text[], $3::text[], \
+                 $4::text[], $5::text[], $6::bigint[]) WITH ORDINALITY AS t(e, d, u, k, b, a, n) \
+                 ORDER BY n",
+            )
+            .await?;
+        tx.execute(&stmt, &[&ids, &dests, &users, &kinds, &bodies, &ats])
+            .await?;
+    }
+    tx.commit().await
+}
+
+async fn write_outcomes(
+    mut conn: deadpool_postgres::Object,
+    outcomes: &[Outcome<'_>],
+) -> Result<(), tokio_postgres::Error> {
+    let tx = conn.transaction().await?;
+    for o in outcomes {
+        match *o {
+            Outcome::Delivered { id } => {
+                let stmt = tx
+                    .prepare_cached("DELETE FROM bv_outbox WHERE id = $1")
+                    .await?;
+                tx.execute(&stmt, &[&id]).await?;
+            }
+            Outcome::Dead {
+                id,
+                attempts,
+                error,
+            } => {
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE bv_outbox SET attempts = $2, dead = true, last_error = $3 WHERE id = $1",
+                    )
+                    .await?;
+                tx.execute(&stmt, &[&id, &(attempts as i32), &error])
+                    .await?;
+            }
+            Outcome::Retry {
+                id,
+                attempts,
+                next_at,
+                error,
+            } => {
+                let stmt = tx
+                    .prepare_cached(
+                        "UPDATE bv_outbox SET attempts = $2, next_at = $3, last_error = $4 WHERE id = $1",
+                    )
+                    .await?;
+                tx.execute(&stmt, &[&id, &(attempts as i32), &to_i64(next_at), &error])
+                    .await?;
+            }
+        }
+    }
+    tx.commit().await
+}
+
+impl Engine for PgEngine {
+    fn load_sessions(&mut self) -> Result<Vec<SessionRecord>, StorageError> {
+        self.run(|c| async move {
+            let rows = c
+                .query(
+                    &format!("SELECT {SESSION_COLUMNS} FROM bv_sessions ORDER BY created_at"),
+                    &[],
+                )
+                .await?;
+            Ok(rows.iter().map(session_of).collect::<Result<_, _>>()?)
+        })
+    }
+
+    fn events(&mut self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError> {
+        self.run(|c| async move {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT at, state, detail FROM bv_events WHERE user_id = $1 \
+                     ORDER BY id DESC LIMIT $2",
+                )
+                .await?;
+            let rows = c
+                .query(&stmt, &[&user_id, &(limit.min(i64::MAX as usize) as i64)])
+                .await?;
+            let events = rows
+                .iter()
+                .map(|r| {
+                    Ok(Event {
+                        at_ms: to_u64(r.try_get(0)?),
+                        state: r.try_get(1)?,
+                        detail: r.try_get(2)?,
+                    })
+                })
+                .collect::<Result<_, tokio_postgres::Error>>()?;
+            Ok(events)
+        })
+    }
+
+    fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError> {
+        self.run(|c| async move {
+            let row = c
+                .query_opt("SELECT value FROM bv_settings WHERE key = $1", &[&key])
+                .await?;
+            Ok(row.map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StorageError> {
+        self.run(|c| async move {
+            c.execute(
+                "INSERT INTO bv_settings (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&key, &value],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError> {
+        self.run(|c| async move { Ok(commit(c, batch).await?) })
+    }
+
+    fn session_webhooks(&mut self) -> Result<Vec<(String, String)>, StorageError> {
+        self.run(|c| async move {
+            let rows = c
+                .query("SELECT user_id, url FROM bv_session_webhooks", &[])
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
+    }
+
+    fn set_session_webhook(
+        &mut self,
+        user_id: &str,
+        url: Option<&str>,
+    ) -> Result<(), StorageError> {
+        self.run(|c| async move {
+            match url {
+                Some(url) => {
+                    c.execute(
+                        "INSERT INTO bv_session_webhooks (user_id, url) VALUES ($1, $2) \
+                         ON CONFLICT (user_id) DO UPDATE SET url = excluded.url",
+                        &[&user_id, &url],
+                    )
+                    .await?
+                }
+                None => {
+                    c.execute(
+                        "DELETE FROM bv_session_webhooks WHERE user_id = $1",
+                        &[&user_id],
+                    )
+                    .await?
+                }
+            };
+            Ok(())
+        })
+    }
+
+    fn outbox_heads(&mut self) -> Result<Vec<(Lane, u64)>, StorageError> {
+        self.run(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT DISTINCT ON (destination, user_id) destination, user_id, next_at \
+                     FROM bv_outbox WHERE NOT dead ORDER BY destination, user_id, id",
+                    &[],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), to_u64(r.try_get(2)?))))
+                .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
+    }
+
+    fn outbox_head(&mut self, lane: &Lane) -> Result<Option<OutboxHead>, StorageError> {
+        self.run(|c| async move {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT id, event_id, kind, body, attempts, next_at FROM bv_outbox \
+                     WHERE NOT dead AND destination = $1 AND user_id = $2 ORDER BY id LIMIT 1",
+                )
+                .await?;
+            let row = c.query_opt(&stmt, &[&lane.0, &lane.1]).await?;
+            let head = row
+                .map(|r| {
+                    Ok::<_, tokio_postgres::Error>(OutboxHead {
+                        id: r.try_get(0)?,
+                        event_id: r.try_get(1)?,
+                        kind: r.try_get(2)?,
+                        body: r.try_get(3)?,
+                        attempts: r.try_get::<_, i32>(4)?.max(0) as u32,
+                        next_at: to_u64(r.try_get(5)?),
+                    })
+                })
+                .transpose()?;
+            Ok(head)
+        })
+    }
+
+    fn outbox_outcomes(&mut self, outcomes: &[Outcome<'_>]) -> Result<(), StorageError> {
+        self.run(|c| async move { Ok(write_outcomes(c, outcomes).await?) })
+    }
+
+    fn outbox_backlog(&mut self) -> Result<i64, StorageError> {
+        self.run(|c| async move {
+            Ok(
+                c.query_one("SELECT count(*) FROM bv_outbox WHERE NOT dead", &[])
+                    .await?
+                    .try_get(0)?,
+            )
+        })
+    }
+
+    fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StorageError> {
+        self.run(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT event_id, destination, kind, user_id, attempts, last_error, created_at \
+                     FROM bv_outbox WHERE dead ORDER BY id LIMIT $1",
+                    &[&(limit.min(i64::MAX as usize) as i64)],
+                )
+                .await?;
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    Ok(DeadLetter {
+                        event_id: r.try_get(0)?,
+                        destination: r.try_get(1)?,
+                        event: r.try_get(2)?,
+                        user_id: r.try_get(3)?,
+                        attempts: r.try_get::<_, i32>(4)?.max(0) as u32,
+                        last_error: r.try_get(5)?,
+                        created_at: crate::timefmt::iso(to_u64(r.try_get(6)?)),
+                    })
+                })
+                .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
+    }
+
+    fn replay(&mut self, event_id: &str, now_ms: u64) -> Result<usize, StorageError> {
+        self.run(|c| async move {
+            let n = c
+                .execute(
+                    "UPDATE bv_outbox SET dead = false, attempts = 0, next_at = $2, \
+                     last_error = NULL WHERE event_id = $1 AND dead",
+                    &[&event_id, &to_i64(now_ms)],
+                )
+                .await?;
+            Ok(n as usize)
+        })
+    }
+}

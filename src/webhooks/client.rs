@@ -1,0 +1,145 @@
+//! The HTTPS client of the deliveries (hyper-util over rustls, the public roots plus
+//! `--webhook-ca-file`), and one signed attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use botvisor_actors::now_ms;
+
+use super::signing::signature;
+use super::WebhookSettings;
+use crate::db::OutboxHead;
+
+/// The most of a receiver's answer body that is read (then the connection is dropped).
+const ANSWER_BODY_MAX: usize = 64 * 1024;
+
+pub(super) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The certificates of a PEM file (`--webhook-ca-file`), or why not.
+pub fn load_ca_file(
+    path: &std::path::Path,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let what = format!("--webhook-ca-file {}", path.display());
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {what}: {e}"))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what} is not PEM: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{what} holds no certificate (-----BEGIN CERTIFICATE-----)"
+        ));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, refused) = roots.add_parsable_certificates(certs.iter().cloned());
+    if refused > 0 {
+        return Err(format!(
+            "{what}: {refused} certificate(s) cannot be used as a root"
+        ));
+    }
+    Ok(certs)
+}
+
+/// hyper-util's pooled client, http and https (rustls with ring, Mozilla's roots plus
+/// `--webhook-ca-file`'s).
+pub(super) fn http_client(settings: &WebhookSettings) -> Result<HttpClient, String> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(settings.timeout));
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    roots.add_parsable_certificates(settings.ca_certs.iter().cloned());
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("cannot set up TLS: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .pool_max_idle_per_host(settings.max_inflight.max(1))
+        .build(https))
+}
+
+/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// One signed POST of `head` to `url`; `Err` says why it failed.
+pub(super) async fn attempt(
+    client: &HttpClient,
+    url: &str,
+    head: &OutboxHead,
+    secret: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|e| format!("the URL {url} is not usable: {e}"))?;
+    let timestamp = now_ms() / 1000;
+    let request = hyper::Request::post(uri)
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(
+            hyper::header::USER_AGENT,
+            concat!("botvisor/", env!("CARGO_PKG_VERSION")),
+        )
+        .header("X-Botvisor-Event-Id", &head.event_id)
+        .header("X-Botvisor-Event", &head.kind)
+        .header("X-Botvisor-Timestamp", timestamp.to_string())
+        .header(
+            "X-Botvisor-Signature",
+            signature(secret, timestamp, &head.body),
+        )
+        .body(Full::new(Bytes::from(head.body.clone())))
+        .map_err(|e| format!("cannot build the request: {e}"))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let answer = match tokio::time::timeout_at(deadline, client.request(request)).await {
+        Err(_) => {
+            return Err(format!(
+                "timed out: no answer within {} (--webhook-timeout)",
+                humantime::format_duration(timeout)
+            ))
+        }
+        Ok(Err(e)) => return Err(chain(&e)),
+        Ok(Ok(answer)) => answer,
+    };
+    let status = answer.status();
+    // Read (a bounded part of) the body, so the connection can serve the next request;
+    // the status alone decides.
+    let _ = tokio::time::timeout_at(
+        deadline,
+        Limited::new(answer.into_body(), ANSWER_BODY_MAX).collect(),
+    )
+    .await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("the receiver answered {status}"))
+    }
+}

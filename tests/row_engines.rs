@@ -1,0 +1,309 @@
+//! The two engines behind botvisor's rows (`botvisor::db`: SQLite and PostgreSQL) give
+//! the same answers to the same sequence of calls: sessions, their event log and its
+//! pruning, settings, each session's receiver, and the webhook outbox (lanes, heads,
+//! outcomes, the backlog, dead letters and their replay). Their numbered migrations
+//! are checked too: a second open changes nothing, a newer schema is refused.
+//!
+//! PostgreSQL is real (tests/common/pg.rs); where it cannot start, its half prints
+//! SKIPPED (or fails, with BOTVISOR_REQUIRE_POSTGRES=1).
+
+use botvisor::db::{
+    self, Batch, Change, Engine, EventRow, Location, OutboxRow, Outcome, EVENTS_KEPT,
+};
+use botvisor_actors::{SessionRecord, SessionState};
+
+mod common;
+
+fn record(id: &str, at: u64) -> SessionRecord {
+    let mut rec = SessionRecord::new(id.into(), "15550001111".into());
+    rec.created_at_ms = at;
+    rec.updated_at_ms = at;
+    rec.name = Some(format!("näme of {id} ✓"));
+    rec
+}
+
+fn outbox(event: &str, destination: &str, user: &str, at: u64) -> OutboxRow {
+    OutboxRow {
+        event_id: event.into(),
+        destination: destination.into(),
+        user_id: user.into(),
+        kind: "session.state",
+        body: format!(r#"{{"id":"{event}"}}"#),
+        at_ms: at,
+    }
+}
+
+/// Everything one engine answered, in order, as text (compared across engines).
+fn exercise(engine: &mut dyn Engine) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut note = |what: &str, value: String| seen.push(format!("{what}: {value}"));
+
+    // Sessions: inserted, changed, one deleted; with events and deliveries.
+    let (a, mut b, c) = (record("a", 1_000), record("b", 2_000), record("c", 3_000));
+    let events: Vec<EventRow> = (0..(EVENTS_KEPT as u64 + 20))
+        .map(|i| {
+            let mut rec = b.clone();
+            rec.state = if i % 2 == 0 {
+                SessionState::Online
+            } else {
+                SessionState::Disconnected
+            };
+            rec.updated_at_ms = 2_000 + i;
+            rec.last_error = (i % 3 == 0).then(|| format!("drop {i}"));
+            EventRow::of(&rec)
+        })
+        .collect();
+    let rows = vec![
+        outbox("e1", "http://r1/h", "a", 10),
+        outbox("e2", "http://r1/h", "a", 11),
+        outbox("e3", "http://r2/h", "a", 12),
+        outbox("e4", "http://r1/h", "b", 13),
+    ];
+    let first = Batch {
+        changes: vec![Change::Insert(&a), Change::Insert(&b), Change::Insert(&c)],
+        rows: vec![],
+        events: events.iter().collect(),
+        outbox: &rows,
+    };
+    engine.commit(&first).unwrap();
+    b.state = SessionState::Online;
+    b.restarts = 3;
+    b.last_seen_at_ms = Some(9_999);
+    let second = Batch {
+        changes: vec![Change::Delete("c")],
+        rows: vec![&b],
+        events: vec![],
+        outbox: &[],
+    };
+    engine.commit(&second).unwrap();
+    let sessions = engine.load_sessions().unwrap();
+    note("sessions", format!("{sessions:?}"));
+    let log = engine.events("b", 1_000).unwrap();
+    note("events kept", log.len().to_string());
+    note("newest events", format!("{:?}", &log[..3]));
+    note("limited", format!("{:?}", engine.events("b", 2).unwrap()));
+    note("none", format!("{:?}", engine.events("zz", 5).unwrap()));
+
+    // Settings and receivers.
+    note(
+        "setting unset",
+        format!("{:?}", engine.setting("link").unwrap()),
+    );
+    engine.set_setting("link", "sim").unwrap();
+    engine.set_setting("link", "whatsapp").unwrap();
+    note("setting", format!("{:?}", engine.setting("link").unwrap()));
+    engine
+        .set_session_webhook("a", Some("http://own/a"))
+        .unwrap();
+    engine
+        .set_session_webhook("a", Some("http://own/a2"))
+        .unwrap();
+    engine
+        .set_session_webhook("b", Some("http://own/b"))
+        .unwrap();
+    engine.set_session_webhook("b", None).unwrap();
+    note(
+        "receivers",
+        format!("{:?}", engine.session_webhooks().unwrap()),
+    );
+
+    // The outbox: lanes, heads, outcomes.
+    let mut heads = engine.outbox_heads().unwrap();
+    heads.sort();
+    note("heads", format!("{heads:?}"));
+    note("backlog", engine.outbox_backlog().unwrap().to_string());
+    let lane = ("http://r1/h".to_string(), "a".to_string());
+    let head = engine.outbox_head(&lane).unwrap().unwrap();
+    note(
+        "head",
+        format!(
+            "{} {} {} {}",
+            head.event_id, head.kind, head.body, head.attempts
+        ),
+    );
+    engine
+        .outbox_outcomes(&[Outcome::Delivered { id: head.id }])
+        .unwrap();
+    let next = engine.outbox_head(&lane).unwrap().unwrap();
+    note("next head", format!("{} {}", next.event_id, next.next_at));
+    engine
+        .outbox_outcomes(&[Outcome::Retry {
+            id: next.id,
+            attempts: 1,
+            next_at: 5_000,
+            error: "refused",
+        }])
+        .unwrap();
+    let retried = engine.outbox_head(&lane).unwrap().unwrap();
+    note(
+        "retried",
+        format!(
+            "{} {} {}",
+            retried.event_id, retried.attempts, retried.next_at
+        ),
+    );
+    let other = engine
+        .outbox_head(&("http://r2/h".to_string(), "a".to_string()))
+        .unwrap()
+        .unwrap();
+    engine
+        .outbox_outcomes(&[
+            Outcome::Dead {
+                id: other.id,
+                attempts: 5,
+                error: "gone for good ✗",
+            },
+            Outcome::Dead {
+                id: retried.id,
+                attempts: 2,
+                error: "timeout",
+            },
+        ])
+        .unwrap();
+    note(
+        "backlog after",
+        engine.outbox_backlog().unwrap().to_string(),
+    );
+    let dead = engine.dead_letters(10).unwrap();
+    note("dead", format!("{dead:?}"));
+    note(
+        "dead limited",
+        engine.dead_letters(1).unwrap().len().to_string(),
+    );
+    note(
+        "replay none",
+        engine.replay("nope", 7_000).unwrap().to_string(),
+    );
+    note("replay", engine.replay("e3", 7_000).unwrap().to_string());
+    note(
+        "replay again",
+        engine.replay("e3", 7_000).unwrap().to_string(),
+    );
+    let mut heads = engine.outbox_heads().unwrap();
+    heads.sort();
+    note("heads after replay", format!("{heads:?}"));
+
+    // A deleted session takes its events and receiver along (not its deliveries).
+    let third = Batch {
+        changes: vec![Change::Delete("a")],
+        ..Batch::default()
+    };
+    engine.commit(&third).unwrap();
+    note(
+        "receivers after delete",
+        format!("{:?}", engine.session_webhooks().unwrap()),
+    );
+    note(
+        "sessions after delete",
+        engine.load_sessions().unwrap().len().to_string(),
+    );
+    seen
+}
+
+#[test]
+fn both_engines_answer_the_same_sequence_the_same_way() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.db").to_str().unwrap().to_string();
+    let sqlite = Location::Sqlite(db::sqlite::Location::open(path, false).unwrap());
+    let expected = exercise(&mut *sqlite.connect().unwrap());
+    assert!(
+        expected.iter().any(|l| l == "events kept: 100"),
+        "{expected:#?}"
+    );
+
+    let Some(pg) = common::pg::server_or_skip("both_engines_answer_the_same_sequence_the_same_way")
+    else {
+        return;
+    };
+    let url = pg.fresh_database_url("rows_contract").unwrap();
+    let rows = db::postgres::Rows::open(&url, Default::default()).unwrap();
+    let postgres = Location::Postgres(rows);
+    let got = exercise(&mut *postgres.connect().unwrap());
+    for (i, (want, have)) in expected.iter().zip(&got).enumerate() {
+        assert_eq!(
+            want, have,
+            "answer {i} differs between SQLite and PostgreSQL"
+        );
+    }
+    assert_eq!(expected.len(), got.len());
+}
+
+#[test]
+fn postgres_migrations_are_numbered_idempotent_and_refuse_a_newer_schema() {
+    let Some(pg) = common::pg::server_or_skip(
+        "postgres_migrations_are_numbered_idempotent_and_refuse_a_newer_schema",
+    ) else {
+        return;
+    };
+    let url = pg.fresh_database_url("rows_migrations").unwrap();
+    let latest = db::postgres::MIGRATIONS.last().unwrap().0;
+    let versions = || {
+        pg.psql(
+            &url,
+            "SELECT string_agg(version::text, ',' ORDER BY version) FROM bv_schema_version",
+        )
+        .unwrap()
+        .trim()
+        .to_string()
+    };
+    let rows = db::postgres::Rows::open(&url, Default::default()).unwrap();
+    let mut engine = rows.engine();
+    engine.set_setting("kept", "yes").unwrap();
+    drop(engine);
+    drop(rows);
+    let numbered: Vec<String> = db::postgres::MIGRATIONS
+        .iter()
+        .map(|(v, _)| v.to_string())
+        .collect();
+    assert_eq!(versions(), numbered.join(","));
+    // Opened again: nothing applied twice, nothing lost.
+    let rows = db::postgres::Rows::open(&url, Default::default()).unwrap();
+    assert_eq!(
+        rows.engine().setting("kept").unwrap().as_deref(),
+        Some("yes")
+    );
+    assert_eq!(versions(), numbered.join(","));
+    drop(rows);
+    // A schema from a newer botvisor is refused, naming both versions.
+    pg.psql(
+        &url,
+        &format!(
+            "INSERT INTO bv_schema_version (version) VALUES ({})",
+            latest + 1
+        ),
+    )
+    .unwrap();
+    let err = db::postgres::Rows::open(&url, Default::default())
+        .err()
+        .expect("a newer schema is refused")
+        .to_string();
+    assert!(
+        err.contains(&format!("version {}", latest + 1)) && err.contains("newer"),
+        "{err}"
+    );
+}
+
+#[test]
+fn one_server_per_postgres_database() {
+    let Some(pg) = common::pg::server_or_skip("one_server_per_postgres_database") else {
+        return;
+    };
+    let url = pg.fresh_database_url("rows_owner").unwrap();
+    let first = db::postgres::Rows::open(&url, Default::default()).unwrap();
+    let second = db::postgres::Rows::open(&url, Default::default());
+    let err = second.err().expect("a second owner is refused").to_string();
+    assert!(err.contains("another botvisor"), "{err}");
+    drop(first);
+    // The lock goes with its connection: once the first is gone, a new owner may start.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match db::postgres::Rows::open(&url, Default::default()) {
+            Ok(_) => break,
+            Err(e) if std::time::Instant::now() < deadline => {
+                let _ = e;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => panic!("the lock outlived its owner: {e}"),
+        }
+    }
+}
