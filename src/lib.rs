@@ -20,7 +20,8 @@
 //! - [`qr`]: pairing QR codes as SVG or PNG.
 //! - [`logging`]: the process log (text or JSON, secrets capped, repeats limited).
 //! - [`limits`]: open-file limits (raised at start, checked before new sessions).
-//! - [`paths`], [`timefmt`]: where files live under the data directory; ISO 8601 times.
+//! - [`paths`], [`timefmt`], [`tls`]: where files live under the data directory; ISO 8601
+//!   times; the TLS clients' roots.
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 //!
@@ -41,6 +42,7 @@ pub mod paths;
 pub mod qr;
 pub mod store;
 pub mod timefmt;
+pub mod tls;
 pub mod webhooks;
 
 use std::future::Future;

@@ -16,7 +16,7 @@ const LAYERS: &[&[&str]] = &[
     &["webhooks"],
     &["events", "metrics", "qr", "logging"],
     &["db"],
-    &["limits", "paths", "timefmt"],
+    &["limits", "paths", "timefmt", "tls"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {

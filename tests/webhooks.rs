@@ -1052,95 +1052,6 @@ fn a_send_to_no_session_is_a_404_and_no_event() {
     assert!(outbox(&s).iter().all(|(u, _, _, _)| u != "nobody"));
 }
 
-/// A CA and a certificate for 127.0.0.1 signed by it, made with the `openssl` command;
-/// `None` if it is not installed. Returns (ca.pem, leaf.pem, leaf.key) paths.
-fn test_pki(
-    dir: &std::path::Path,
-) -> Option<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
-    let run = |args: &[&str]| {
-        std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .map(|o| {
-                assert!(
-                    o.status.success(),
-                    "openssl {args:?}: {}",
-                    String::from_utf8_lossy(&o.stderr)
-                );
-            })
-            .is_ok()
-    };
-    let ec = [
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-    ];
-    let ca: Vec<&str> = ["req", "-x509"]
-        .into_iter()
-        .chain(ec)
-        .chain([
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=botvisor-test-ca",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ])
-        .collect();
-    if !run(&ca) {
-        return None;
-    }
-    let csr: Vec<&str> = ["req"]
-        .into_iter()
-        .chain(ec)
-        .chain([
-            "-keyout",
-            "leaf.key",
-            "-out",
-            "leaf.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .collect();
-    assert!(run(&csr));
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    assert!(run(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "leaf.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "leaf.ext",
-    ]));
-    Some((
-        dir.join("ca.pem"),
-        dir.join("leaf.pem"),
-        dir.join("leaf.key"),
-    ))
-}
-
 /// An https receiver (rustls, blocking) with the given certificate; records each POST's
 /// event id and answers 200.
 fn tls_receiver(
@@ -1204,7 +1115,7 @@ fn tls_receiver(
 #[test]
 fn https_receivers_are_verified_and_a_ca_file_adds_trust() {
     let dir = tempfile::tempdir().unwrap();
-    let Some((ca, leaf, key)) = test_pki(dir.path()) else {
+    let Some((ca, leaf, key)) = common::test_pki(dir.path()) else {
         common::skip_unless_required(
             "https_receivers_are_verified_and_a_ca_file_adds_trust",
             "the openssl command is not installed; to run it: apt-get install openssl",

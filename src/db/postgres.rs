@@ -17,6 +17,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,15 +67,119 @@ impl PoolConfig {
     }
 }
 
+/// A connection string, parsed: the server's settings plus how to secure the connection.
+#[derive(Clone)]
+pub struct Connect {
+    /// What tokio-postgres connects with.
+    pub pg: tokio_postgres::Config,
+    tls: Tls,
+}
+
+/// How connections are secured, from the connection string's `sslmode`:
+///
+/// - absent or `disable`: plain TCP;
+/// - `prefer`: TLS when the server offers it;
+/// - `require`, `verify-ca`, `verify-full`: TLS or no connection.
+///
+/// Whenever TLS is used the server's certificate is verified, host name included,
+/// against the public roots plus `sslrootcert=PATH` (PEM) when given: botvisor does not
+/// send its rows and WhatsApp keys over a channel it has not authenticated. (This is
+/// stricter than libpq, whose `prefer` and `require` do not verify; a server with a
+/// private CA needs `sslrootcert`.)
+#[derive(Clone)]
+enum Tls {
+    Plain,
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+/// libpq's TLS parameters taken out of a connection string (URL or `key=value` form):
+/// tokio-postgres knows neither `sslrootcert` nor the `verify-*` modes. The string left,
+/// and the mode and root certificate found.
+fn split_tls(url: &str) -> (String, Option<String>, Option<String>) {
+    let (mut mode, mut root) = (None, None);
+    let mut take = |key: &str, value: &str| match key {
+        "sslmode" => {
+            mode = Some(value.to_string());
+            true
+        }
+        "sslrootcert" => {
+            root = Some(value.to_string());
+            true
+        }
+        _ => false,
+    };
+    let rest = if url.contains("://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|kv| {
+                        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                        !take(k, v)
+                    })
+                    .collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => url.to_string(),
+        }
+    } else {
+        url.split_whitespace()
+            .filter(|kv| {
+                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                !take(k.trim(), v.trim())
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    (rest, mode, root)
+}
+
+/// The TLS client: the public roots plus `sslrootcert`'s.
+fn rustls_connector(
+    root: Option<&str>,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, String> {
+    let extra = match root {
+        Some(path) => crate::tls::load_ca_file(Path::new(path), &format!("sslrootcert {path}"))?,
+        None => Vec::new(),
+    };
+    let config = crate::tls::client_config(&extra)?;
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
 /// A connection string, parsed, with the settings every botvisor connection gets
-/// (`statement_timeout`, the connect timeout, an application name).
+/// (`statement_timeout`, the connect timeout, an application name) and its TLS.
 pub fn connection_config(
     url: &str,
     config: &PoolConfig,
     application: &str,
-) -> Result<tokio_postgres::Config, String> {
-    let mut pg = tokio_postgres::Config::from_str(url)
+) -> Result<Connect, String> {
+    let (rest, mode, root) = split_tls(url);
+    let mut pg = tokio_postgres::Config::from_str(&rest)
         .map_err(|e| format!("the PostgreSQL connection string: {e}"))?;
+    let tls = match mode.as_deref() {
+        None | Some("disable") => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+            Tls::Plain
+        }
+        Some("prefer") => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+            Tls::Rustls(rustls_connector(root.as_deref())?)
+        }
+        Some("require" | "verify-ca" | "verify-full") => {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+            Tls::Rustls(rustls_connector(root.as_deref())?)
+        }
+        Some(other) => {
+            return Err(format!(
+                "the PostgreSQL connection string: sslmode={other} is not one of disable, \
+                 prefer, require, verify-ca, verify-full"
+            ))
+        }
+    };
     // statement_timeout on every connection, from its start: a statement stuck on a lock
     // or a slow server fails instead of holding a session.
     let timeout = format!(
@@ -90,23 +195,52 @@ pub fn connection_config(
     if pg.get_application_name().is_none() {
         pg.application_name(application);
     }
-    Ok(pg)
+    Ok(Connect { pg, tls })
 }
 
-/// A bounded pool over `pg` (connections opened on demand, on the current runtime).
-pub fn pool(pg: tokio_postgres::Config, config: &PoolConfig) -> Result<Pool, String> {
+impl Connect {
+    /// One connection outside any pool, its connection task spawned on the current
+    /// runtime.
+    pub async fn connect(
+        &self,
+    ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), tokio_postgres::Error> {
+        match &self.tls {
+            Tls::Plain => {
+                let (client, connection) = self.pg.connect(NoTls).await?;
+                Ok((
+                    client,
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    }),
+                ))
+            }
+            Tls::Rustls(tls) => {
+                let (client, connection) = self.pg.connect(tls.clone()).await?;
+                Ok((
+                    client,
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    }),
+                ))
+            }
+        }
+    }
+}
+
+/// A bounded pool (connections opened on demand, on the current runtime).
+pub fn pool(connect: Connect, config: &PoolConfig) -> Result<Pool, String> {
     if config.pool_size == 0 {
         return Err("a PostgreSQL pool needs at least one connection".into());
     }
-    let manager = Manager::from_config(
-        pg,
-        NoTls,
-        ManagerConfig {
-            // A closed connection is dropped when it comes back to be reused; one that
-            // breaks mid-statement fails that statement, then is dropped.
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+    let manager_config = ManagerConfig {
+        // A closed connection is dropped when it comes back to be reused; one that
+        // breaks mid-statement fails that statement, then is dropped.
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match connect.tls {
+        Tls::Plain => Manager::from_config(connect.pg, NoTls, manager_config),
+        Tls::Rustls(tls) => Manager::from_config(connect.pg, tls, manager_config),
+    };
     Pool::builder(manager)
         .max_size(config.pool_size)
         .runtime(Runtime::Tokio1)
@@ -418,9 +552,9 @@ impl Rows {
     /// Connects (failing at once when the server cannot be reached: the error names host
     /// and port), takes the owner lock, and brings the schema up to date.
     pub fn open(url: &str, config: PoolConfig) -> Result<Rows, OpenError> {
-        let pg = connection_config(url, &config, "botvisor")
+        let connect = connection_config(url, &config, "botvisor")
             .map_err(|e| OpenError::Storage(StorageError::Failed(e)))?;
-        let target = target(&pg);
+        let target = target(&connect.pg);
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("botvisor-pg")
@@ -431,7 +565,7 @@ impl Rows {
             })?;
         let pool = {
             let _entered = runtime.enter();
-            pool(pg.clone(), &config).map_err(StorageError::Failed)?
+            pool(connect.clone(), &config).map_err(StorageError::Failed)?
         };
         let rows = Rows {
             inner: Arc::new(RowsInner {
@@ -441,7 +575,7 @@ impl Rows {
                 target,
             }),
         };
-        rows.take_owner_lock(pg)?;
+        rows.take_owner_lock(connect)?;
         let target = rows.inner.target.clone();
         rows.run(|c| async move {
             let mut c = c;
@@ -462,14 +596,14 @@ impl Rows {
     /// that connection breaks (the server restarted) the lock is gone with it: it is
     /// taken again as soon as the server answers, and should another botvisor have taken
     /// it meanwhile, this process exits (two servers must not write the same rows).
-    fn take_owner_lock(&self, pg: tokio_postgres::Config) -> Result<(), OpenError> {
+    fn take_owner_lock(&self, connect: Connect) -> Result<(), OpenError> {
         let target = self.inner.target.clone();
         let (first_tx, first_rx) = std::sync::mpsc::channel();
         let rt = self.inner.runtime.as_ref().expect("running until dropped");
         rt.spawn(async move {
             let mut first = Some(first_tx);
             loop {
-                match lock_once(&pg, &target).await {
+                match lock_once(&connect, &target).await {
                     Ok(Some((client, connection))) => {
                         match first.take() {
                             Some(tx) => {
@@ -563,14 +697,11 @@ type ConnectionTask = tokio::task::JoinHandle<()>;
 /// Connects and tries the owner lock: the connection (which holds it) when taken, `None`
 /// when another session holds it.
 async fn lock_once(
-    pg: &tokio_postgres::Config,
+    connect: &Connect,
     target: &str,
 ) -> Result<Option<(tokio_postgres::Client, ConnectionTask)>, StorageError> {
     let storage = |e| PgError::from(e).into_storage(target);
-    let (client, connection) = pg.connect(NoTls).await.map_err(storage)?;
-    let task = tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let (client, task) = connect.connect().await.map_err(storage)?;
     let got: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&OWNER_LOCK])
         .await
@@ -622,26 +753,74 @@ fn session_of(r: &tokio_postgres::Row) -> Result<SessionRecord, tokio_postgres::
     })
 }
 
-async fn write_session(
+/// The latest row of every session that changed: one statement for the whole batch
+/// (a commit after a mass stop or a boot carries thousands).
+async fn update_sessions(
+    tx: &deadpool_postgres::Transaction<'_>,
+    recs: &[&SessionRecord],
+) -> Result<(), tokio_postgres::Error> {
+    let ids: Vec<&str> = recs.iter().map(|r| r.user_id.as_str()).collect();
+    let phones: Vec<&str> = recs.iter().map(|r| r.phone_number.as_str()).collect();
+    let names: Vec<Option<&str>> = recs.iter().map(|r| r.name.as_deref()).collect();
+    let desired: Vec<&str> = recs.iter().map(|r| r.desired.as_str()).collect();
+    let states: Vec<&str> = recs.iter().map(|r| r.state.as_str()).collect();
+    let restarts: Vec<i64> = recs.iter().map(|r| i64::from(r.restarts)).collect();
+    let disconnects: Vec<i64> = recs.iter().map(|r| i64::from(r.disconnects)).collect();
+    let errors: Vec<Option<&str>> = recs.iter().map(|r| r.last_error.as_deref()).collect();
+    let created: Vec<i64> = recs.iter().map(|r| to_i64(r.created_at_ms)).collect();
+    let updated: Vec<i64> = recs.iter().map(|r| to_i64(r.updated_at_ms)).collect();
+    let seen: Vec<Option<i64>> = recs.iter().map(|r| r.last_seen_at_ms.map(to_i64)).collect();
+    let stmt = tx
+        .prepare_cached(
+            "UPDATE bv_sessions s SET phone_number = u.phone_number, name = u.name, \
+             desired = u.desired, state = u.state, restarts = u.restarts, \
+             disconnects = u.disconnects, last_error = u.last_error, \
+             created_at = u.created_at, updated_at = u.updated_at, \
+             last_seen_at = u.last_seen_at \
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+             $6::bigint[], $7::bigint[], $8::text[], $9::bigint[], $10::bigint[], \
+             $11::bigint[]) AS u(user_id, phone_number, name, desired, state, restarts, \
+             disconnects, last_error, created_at, updated_at, last_seen_at) \
+             WHERE s.user_id = u.user_id",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &ids,
+            &phones,
+            &names,
+            &desired,
+            &states,
+            &restarts,
+            &disconnects,
+            &errors,
+            &created,
+            &updated,
+            &seen,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A new session's row (replacing any row of that id).
+async fn insert_session(
     tx: &deadpool_postgres::Transaction<'_>,
     rec: &SessionRecord,
-    upsert: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let sql = if upsert {
-        "INSERT INTO bv_sessions (user_id, phone_number, name, desired, state, restarts, \
-         disconnects, last_error, created_at, updated_at, last_seen_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
-         ON CONFLICT (user_id) DO UPDATE SET phone_number = excluded.phone_number, \
-         name = excluded.name, desired = excluded.desired, state = excluded.state, \
-         restarts = excluded.restarts, disconnects = excluded.disconnects, \
-         last_error = excluded.last_error, created_at = excluded.created_at, \
-         updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at"
-    } else {
-        "UPDATE bv_sessions SET phone_number = $2, name = $3, desired = $4, state = $5, \
-         restarts = $6, disconnects = $7, last_error = $8, created_at = $9, \
-         updated_at = $10, last_seen_at = $11 WHERE user_id = $1"
-    };
-    let stmt = tx.prepare_cached(sql).await?;
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO bv_sessions (user_id, phone_number, name, desired, state, restarts, \
+             disconnects, last_error, created_at, updated_at, last_seen_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             ON CONFLICT (user_id) DO UPDATE SET phone_number = excluded.phone_number, \
+             name = excluded.name, desired = excluded.desired, state = excluded.state, \
+             restarts = excluded.restarts, disconnects = excluded.disconnects, \
+             last_error = excluded.last_error, created_at = excluded.created_at, \
+             updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
+        )
+        .await?;
     tx.execute(
         &stmt,
         &[
@@ -669,7 +848,7 @@ async fn commit(
     let tx = conn.transaction().await?;
     for change in &batch.changes {
         match change {
-            Change::Insert(rec) => write_session(&tx, rec, true).await?,
+            Change::Insert(rec) => insert_session(&tx, rec).await?,
             Change::Delete(id) => {
                 for table in ["bv_sessions", "bv_events", "bv_session_webhooks"] {
                     let stmt = tx
@@ -680,8 +859,8 @@ async fn commit(
             }
         }
     }
-    for rec in &batch.rows {
-        write_session(&tx, rec, false).await?;
+    if !batch.rows.is_empty() {
+        update_sessions(&tx, &batch.rows).await?;
     }
     if !batch.events.is_empty() {
         // One multi-row statement for the events, one for the pruning.

@@ -378,9 +378,9 @@ impl PgKeys {
                 "the PostgreSQL key store needs a pool of at least one connection".into(),
             ));
         }
-        let pg_config = postgres::connection_config(url, &config, "botvisor-keys")
+        let connect = postgres::connection_config(url, &config, "botvisor-keys")
             .map_err(StoreError::InvalidConfig)?;
-        let pool = postgres::pool(pg_config, &config).map_err(StoreError::InvalidConfig)?;
+        let pool = postgres::pool(connect, &config).map_err(StoreError::InvalidConfig)?;
         let keys = Self {
             inner: Arc::new(Inner { pool, config }),
         };

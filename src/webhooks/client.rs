@@ -1,7 +1,6 @@
 //! The HTTPS client of the deliveries (hyper-util over rustls, the public roots plus
 //! `--webhook-ca-file`), and one signed attempt.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,29 +20,11 @@ const ANSWER_BODY_MAX: usize = 64 * 1024;
 
 pub(super) type HttpClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
 
-/// The certificates of a PEM file (`--webhook-ca-file`), or why not.
+/// The certificates of `--webhook-ca-file`, checked.
 pub fn load_ca_file(
     path: &std::path::Path,
 ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
-    use rustls::pki_types::pem::PemObject;
-    let what = format!("--webhook-ca-file {}", path.display());
-    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-        .map_err(|e| format!("cannot read {what}: {e}"))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{what} is not PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{what} holds no certificate (-----BEGIN CERTIFICATE-----)"
-        ));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    let (_, refused) = roots.add_parsable_certificates(certs.iter().cloned());
-    if refused > 0 {
-        return Err(format!(
-            "{what}: {refused} certificate(s) cannot be used as a root"
-        ));
-    }
-    Ok(certs)
+    crate::tls::load_ca_file(path, &format!("--webhook-ca-file {}", path.display()))
 }
 
 /// hyper-util's pooled client, http and https (rustls with ring, Mozilla's roots plus
@@ -53,17 +34,7 @@ pub(super) fn http_client(settings: &WebhookSettings) -> Result<HttpClient, Stri
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(settings.timeout));
-    let mut roots = rustls::RootCertStore {
-        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
-    };
-    roots.add_parsable_certificates(settings.ca_certs.iter().cloned());
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("cannot set up TLS: {e}"))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let tls = crate::tls::client_config(&settings.ca_certs)?;
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
         .https_or_http()

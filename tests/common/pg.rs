@@ -338,6 +338,31 @@ impl PgServer {
         self.pg_ctl(&["-m", "immediate", "restart"])
     }
 
+    /// Turns TLS on with this certificate and key (PEM files), without a restart: the
+    /// files go into the data directory, owned by postgres, then `ssl = on` and a reload.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) -> Result<(), String> {
+        let (uid, gid) = postgres_user()?;
+        for (from, name) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = self.data().join(name);
+            std::fs::copy(from, &to).map_err(|e| format!("copy {}: {e}", from.display()))?;
+            std::os::unix::fs::chown(&to, Some(uid), Some(gid)).map_err(|e| e.to_string())?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| e.to_string())?;
+        }
+        let url = self.url("postgres");
+        self.psql(&url, "ALTER SYSTEM SET ssl = on")?;
+        self.psql(&url, "SELECT pg_reload_conf()")?;
+        // The reload is asynchronous: wait until new connections see it.
+        for _ in 0..100 {
+            if self.psql(&url, "SHOW ssl")? == "on" {
+                return Ok(());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Err(format!("ssl did not turn on\n{}", self.log()))
+    }
+
     /// `pg_ctl stop -m immediate`.
     pub fn stop_immediate(&self) -> Result<(), String> {
         self.as_postgres(
