@@ -46,6 +46,15 @@ struct Args {
     /// as given (e.g. `--server-arg=--boot-interval --server-arg=0s`).
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<String>,
+    /// `--database-url` of every server on the main data dir (e.g. a PostgreSQL
+    /// `postgres://user@127.0.0.1:5432/db`, which must be empty) [default: the data dir's
+    /// SQLite file].
+    #[arg(long)]
+    database_url: Option<String>,
+    /// PID of the PostgreSQL postmaster behind `--database-url`: its CPU (with its
+    /// backends') is measured beside botvisor's in the idle window.
+    #[arg(long)]
+    database_pid: Option<u32>,
     /// Simulated link: delay from pairing code to "paired".
     #[arg(long, default_value = "200ms")]
     pair_delay: String,
@@ -334,6 +343,8 @@ fn tail(path: &Path, lines: usize) -> String {
 }
 
 struct ServerSpec<'a> {
+    /// `--database-url`, when not the data dir's SQLite file.
+    database_url: Option<&'a str>,
     bin: &'a Path,
     data: &'a Path,
     pair_delay: &'a str,
@@ -383,6 +394,9 @@ struct Server {
 
 fn spawn_server(spec: &ServerSpec) -> Result<Server, String> {
     let mut args = base_server_args(spec.data, spec.pair_delay);
+    if let Some(url) = spec.database_url {
+        args.extend(["--database-url".to_string(), url.to_string()]);
+    }
     args.extend(spec.extra.iter().cloned());
     let log = std::fs::File::create(&spec.log).map_err(|e| format!("server log: {e}"))?;
     let mut cmd = Command::new(spec.bin);
@@ -992,13 +1006,18 @@ fn bin_path(args: &Args) -> PathBuf {
 fn header(args: &Args) -> String {
     let bin = bin_path(args);
     format!(
-        "Machine: {}\n\nbotvisor: `{}` ({}), `--link sim`, {} sessions, {} create clients, {} crashes",
+        "Machine: {}\n\nbotvisor: `{}` ({}), `--link sim`, {} sessions, {} create clients, {} crashes, rows in {}",
         machine(),
         bin.display(),
         version_of(&bin.display().to_string(), "--version"),
         args.sessions,
         args.clients,
-        args.crashes
+        args.crashes,
+        match &args.database_url {
+            Some(url) if url.starts_with("postgres") => "PostgreSQL",
+            Some(_) => "SQLite (--database-url)",
+            None => "SQLite (the data dir's botvisor.db)",
+        }
     )
 }
 
@@ -1019,6 +1038,7 @@ impl Ctx<'_> {
     /// A server of the main runs: their data dir, the open-files limit raised.
     fn main_server<'s>(&'s self, extra: &'s [String], log: &str) -> ServerSpec<'s> {
         ServerSpec {
+            database_url: self.args.database_url.as_deref(),
             bin: &self.bin,
             data: &self.data,
             pair_delay: &self.args.pair_delay,
@@ -1063,6 +1083,7 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     let held = c.created;
     sessions_footprint(report, pid, idle, held);
     idle_cpu(args, report, pid, held);
+    commit_latency(&ctx, report, &server.base);
 
     // ---- 2. Reads under load.
     if wrk_ok {
@@ -1182,19 +1203,107 @@ fn sessions_footprint(report: &mut Report, pid: u32, idle: Footprint, held: usiz
     );
 }
 
-/// Server CPU over `--idle-window` with `held` idle online sessions.
+/// Server CPU over `--idle-window` with `held` idle online sessions (and the database's,
+/// with `--database-pid`).
 fn idle_cpu(args: &Args, report: &mut Report, pid: u32, held: usize) {
     let window = Duration::from_secs(args.idle_window.clamp(1, 60));
     let cpu0 = cpu_seconds(pid);
+    let db0 = args.database_pid.map(tree_cpu_seconds);
     let t = Instant::now();
     std::thread::sleep(window);
-    let idle_cpu = (cpu_seconds(pid) - cpu0) / t.elapsed().as_secs_f64() * 100.0;
+    let elapsed = t.elapsed().as_secs_f64();
+    let idle_cpu = (cpu_seconds(pid) - cpu0) / elapsed * 100.0;
     report.row(
         format!(
             "idle CPU, {held} online sessions, {} s window",
             window.as_secs()
         ),
         format!("{idle_cpu:.2} % of one core"),
+    );
+    if let (Some(db), Some(db0)) = (args.database_pid, db0) {
+        let used = (tree_cpu_seconds(db) - db0) / elapsed * 100.0;
+        report.row(
+            "idle CPU of the database server (postmaster and its children), same window",
+            format!("{used:.2} % of one core"),
+        );
+    }
+}
+
+/// CPU seconds of a process and its direct children alive now (a PostgreSQL postmaster
+/// and its backends; a backend that ended within the window is not counted).
+fn tree_cpu_seconds(pid: u32) -> f64 {
+    let mut total = cpu_seconds(pid);
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // Fields after the ")" of the command: state, ppid, ...
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            total += cpu_seconds(child);
+        }
+    }
+    total
+}
+
+/// Group-commit latency, p50 and p99, from the server's own histogram
+/// (`botvisor_store_commit_duration_seconds` on `/metrics`, interpolated within buckets)
+/// over everything so far (the creates, pairing, coming online).
+fn commit_latency(ctx: &Ctx, report: &mut Report, base: &str) {
+    let Ok((200, text)) = get_raw(&ctx.api, &format!("{base}/metrics")) else {
+        report.note("commit latency: /metrics did not answer");
+        return;
+    };
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix("botvisor_store_commit_duration_seconds_bucket{le=\"")
+        else {
+            continue;
+        };
+        let Some((le, count)) = rest.split_once("\"} ") else {
+            continue;
+        };
+        let le = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            le.parse().unwrap_or(f64::NAN)
+        };
+        if let Ok(count) = count.trim().parse::<f64>() {
+            buckets.push((le, count));
+        }
+    }
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    if total == 0.0 {
+        report.note("commit latency: no commits counted on /metrics");
+        return;
+    }
+    let quantile = |q: f64| -> String {
+        let want = q * total;
+        let mut lower = (0.0, 0.0);
+        for &(le, count) in &buckets {
+            if count >= want {
+                if le.is_infinite() {
+                    return format!("> {:.1} ms", lower.0 * 1000.0);
+                }
+                let span = (count - lower.1).max(1.0);
+                let at = lower.0 + (le - lower.0) * (want - lower.1) / span;
+                return format!("{:.2} ms", at * 1000.0);
+            }
+            lower = (le, count);
+        }
+        "?".into()
+    };
+    report.row(
+        format!("group commit, p50 / p99 ({total} commits, from /metrics)"),
+        format!("{} / {}", quantile(0.5), quantile(0.99)),
     );
 }
 
@@ -1376,6 +1485,8 @@ fn open_files_cap(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
     println!("\n== open-files limit {}", args.fd_cap);
     let data3 = ctx.work.join("data-fdcap");
     let spec3 = ServerSpec {
+        // (Its own data dir, on SQLite: the main run's database holds the main sessions.)
+        database_url: None,
         bin: &ctx.bin,
         data: &data3,
         pair_delay: &args.pair_delay,
