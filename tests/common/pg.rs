@@ -281,46 +281,27 @@ impl PgServer {
     ///
     /// [`fresh_database`]: Self::fresh_database
     pub fn psql(&self, url: &str, sql: &str) -> Result<String, String> {
-        let out = run(
-            "psql",
-            Command::new(self.bindir.join("psql")).args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                url,
-                "-c",
-                sql,
-            ]),
-        )?;
+        let out = self.psql_with(url, sql, &[])?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    /// psql on `url` running `sql`, unaligned, without headers, stopping at an error,
+    /// with `extra` options.
+    fn psql_with(&self, url: &str, sql: &str, extra: &[&str]) -> Result<Output, String> {
+        run(
+            "psql",
+            Command::new(self.bindir.join("psql"))
+                .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+                .args(extra)
+                .args(["-d", url, "-c", sql]),
+        )
     }
 
     /// Runs a query with psql on `url`: its rows, each column as text (`None`: NULL).
     pub fn rows(&self, url: &str, sql: &str) -> Result<Vec<Vec<Option<String>>>, String> {
         const NULL: &str = "\u{1}NULL\u{1}";
-        let out = run(
-            "psql",
-            Command::new(self.bindir.join("psql")).args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-F",
-                "\u{1f}",
-                "-P",
-                &format!("null={NULL}"),
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-d",
-                url,
-                "-c",
-                sql,
-            ]),
-        )?;
+        let null = format!("null={NULL}");
+        let out = self.psql_with(url, sql, &["-F", "\u{1f}", "-P", &null])?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter(|l| !l.is_empty())
