@@ -76,10 +76,15 @@ fn logout_from_the_phone_is_terminal() {
         .as_str()
         .unwrap()
         .contains("logged out from the phone"));
-    assert!(
-        !s.data_dir.join("sessions/lo.db").exists(),
-        "credentials must be wiped"
-    );
+    // Wiped once logged_out is committed (a moment after the view shows it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while s.data_dir.join("sessions/lo.db").exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "credentials must be wiped"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     // Well past any backoff: it is still logged out and was never started again.
     s.timer_probe("probe");
     assert_eq!(s.session("lo")["state"], "logged_out");

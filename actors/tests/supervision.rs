@@ -20,6 +20,8 @@ struct MemStore {
     rows: Mutex<HashMap<String, SessionRecord>>,
     /// Every state stored (insert or save), in order.
     log: Mutex<Vec<(String, SessionState)>>,
+    /// Each session's state as of the last flush (what a crash would keep).
+    durable: Mutex<HashMap<String, SessionState>>,
 }
 
 impl MemStore {
@@ -71,6 +73,8 @@ impl Persistence for MemStore {
         self.rows.lock().unwrap().remove(user_id);
     }
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
+        let rows = self.rows.lock().unwrap();
+        *self.durable.lock().unwrap() = rows.iter().map(|(id, r)| (id.clone(), r.state)).collect();
         Box::pin(async { Ok(()) })
     }
 }
@@ -80,6 +84,10 @@ impl Persistence for MemStore {
 struct TestLink {
     connects: AtomicUsize,
     removed: Mutex<Vec<String>>,
+    /// The store, to tell what was durable when credentials were removed.
+    store: std::sync::OnceLock<Arc<MemStore>>,
+    /// Each removal with the session's durable state at that moment.
+    removed_when: Mutex<Vec<(String, Option<SessionState>)>>,
     /// Sessions whose connect emits no pairing code (a network that never answers).
     silent: Mutex<Vec<String>>,
 }
@@ -141,6 +149,14 @@ impl Link for TestLink {
     }
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
         self.removed.lock().unwrap().push(user_id.to_string());
+        let durable = self
+            .store
+            .get()
+            .and_then(|s| s.durable.lock().unwrap().get(user_id).copied());
+        self.removed_when
+            .lock()
+            .unwrap()
+            .push((user_id.to_string(), durable));
         Ok(())
     }
 }
@@ -175,6 +191,7 @@ fn config() -> SupervisorConfig {
 async fn start(boot: Vec<SessionRecord>) -> Harness {
     let link = Arc::new(TestLink::default());
     let store = Arc::new(MemStore::default());
+    let _ = link.store.set(store.clone());
     let (sup, _) = Actor::spawn(
         None,
         Supervisor,
@@ -295,6 +312,12 @@ async fn logout_from_the_phone_is_terminal_and_wipes_credentials() {
     assert_eq!(h.get("l").await.unwrap().state, SessionState::LoggedOut);
     assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
     assert_eq!(*h.link.removed.lock().unwrap(), vec!["l".to_string()]);
+    // Wiped only once logged_out was durable: a crash before the commit reboots it as it
+    // was (with its credentials), never as a running session with none (pairing anew).
+    assert_eq!(
+        *h.link.removed_when.lock().unwrap(),
+        vec![("l".to_string(), Some(SessionState::LoggedOut))]
+    );
 }
 
 #[tokio::test]

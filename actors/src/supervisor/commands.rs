@@ -73,6 +73,11 @@ impl SupervisorState {
             return;
         };
         entry.rec.desired = Desired::Running;
+        // (A logged-out session started before its wipe came due starts from nothing.)
+        self.wipe_now(user_id);
+        let Some(entry) = self.sessions.get_mut(user_id) else {
+            return;
+        };
         if entry.child.is_none() {
             entry.history.reset();
             entry.rec.restarts = 0;

@@ -55,6 +55,8 @@ pub(super) struct Entry {
     pub create_waiters: Vec<Reply<SessionRecord>>,
     pub create_token: Option<u64>,
     pub intent: Option<Intent>,
+    /// Logged out by the phone: its credentials go once that state is durable.
+    pub wipe_pending: bool,
 }
 
 impl Entry {
@@ -67,6 +69,7 @@ impl Entry {
             create_waiters: Vec::new(),
             create_token: None,
             intent: None,
+            wipe_pending: false,
         }
     }
 

@@ -259,10 +259,8 @@ impl SupervisorState {
                 entry.rec.last_error = Some(format!(
                     "logged out from the phone (device unlinked): {reason}"
                 ));
-                tracing::warn!(%user_id, "session logged out by the phone; credentials wiped");
-                if let Err(e) = self.link.remove_data(user_id) {
-                    tracing::error!(%user_id, error = %e, "could not wipe credentials");
-                }
+                tracing::warn!(%user_id, "session logged out by the phone; its credentials are wiped once that is stored");
+                entry.wipe_pending = true;
                 SessionState::LoggedOut
             }
             Some(ChildExit::Replaced(reason)) => {
@@ -300,6 +298,60 @@ impl SupervisorState {
             entry.child = None;
         }
         self.set_state(user_id, state);
+        if state == SessionState::LoggedOut {
+            let id = user_id.to_string();
+            self.when_durable(myself, move |result| SupervisorMsg::WipeLoggedOut {
+                user_id: id,
+                committed: Some(result),
+            });
+        }
+    }
+
+    /// The credentials of a session logged out by the phone go once `logged_out` is
+    /// durable; while commits fail, this waits for the next one that succeeds.
+    pub(super) fn wipe_logged_out(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        user_id: &str,
+        committed: Option<Result<(), StorageError>>,
+    ) {
+        if !self.sessions.get(user_id).is_some_and(|e| e.wipe_pending) {
+            return; // started, deleted or already wiped meanwhile
+        }
+        let id = user_id.to_string();
+        match committed {
+            None => self.when_durable(myself, move |result| SupervisorMsg::WipeLoggedOut {
+                user_id: id,
+                committed: Some(result),
+            }),
+            Some(Ok(())) => self.wipe_now(user_id),
+            Some(Err(e)) => {
+                tracing::warn!(%user_id, error = %e,
+                    "logged_out is not stored yet; its credentials are wiped once it is");
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    let _ = me.cast(SupervisorMsg::WipeLoggedOut {
+                        user_id: id,
+                        committed: None,
+                    });
+                });
+            }
+        }
+    }
+
+    /// Wipes a logged-out session's credentials now, if they are due.
+    pub(super) fn wipe_now(&mut self, user_id: &str) {
+        let Some(entry) = self.sessions.get_mut(user_id) else {
+            return;
+        };
+        if !std::mem::take(&mut entry.wipe_pending) {
+            return;
+        }
+        match self.link.remove_data(user_id) {
+            Ok(()) => tracing::info!(%user_id, "credentials of the logged-out session wiped"),
+            Err(e) => tracing::error!(%user_id, error = %e, "could not wipe credentials"),
+        }
     }
 
     /// A create that will not complete: remove what it made and answer its callers.

@@ -171,6 +171,14 @@ pub enum SupervisorMsg {
         /// Must match the child.
         incarnation: u64,
     },
+    /// A session logged out by the phone: its credentials are wiped once its `logged_out`
+    /// state is durable (a crash in between must not reboot it as running, pairing anew).
+    WipeLoggedOut {
+        /// Which.
+        user_id: String,
+        /// The commit's outcome; `None`: wait for the next commit.
+        committed: Option<Result<(), crate::error::StorageError>>,
+    },
     /// Ping every live child.
     Watchdog,
     /// Start the next batch of sessions restored at boot.

@@ -240,6 +240,9 @@ impl SupervisorState {
                 token,
                 result,
             } => self.stored(myself, &user_id, token, result).await,
+            SupervisorMsg::WipeLoggedOut { user_id, committed } => {
+                self.wipe_logged_out(myself, &user_id, committed)
+            }
             SupervisorMsg::Restored { user_id, result } => {
                 self.restored(myself, &user_id, result).await
             }
