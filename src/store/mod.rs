@@ -251,10 +251,10 @@ impl Store {
             return;
         }
         let at_ms = botvisor_actors::now_ms();
-        let body = format!(
-            r#"{{"id":"{event_id}","event":"{kind}","at":"{}","data":{data}}}"#,
-            crate::timefmt::iso(at_ms)
-        );
+        let Some(body) = envelope(&event_id, kind, at_ms, data) else {
+            tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
+            return;
+        };
         let rows = urls
             .iter()
             .map(|url| OutboxRow {
@@ -512,6 +512,26 @@ fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
     }
 }
 
+/// A webhook body: `{"id", "event", "at", "data"}` with `data` (already JSON) kept as it
+/// is; `None` if `data` is not JSON.
+fn envelope(event_id: &str, kind: &str, at_ms: u64, data: &str) -> Option<String> {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        id: &'a str,
+        event: &'a str,
+        at: String,
+        data: &'a serde_json::value::RawValue,
+    }
+    let data: &serde_json::value::RawValue = serde_json::from_str(data).ok()?;
+    serde_json::to_string(&Envelope {
+        id: event_id,
+        event: kind,
+        at: crate::timefmt::iso(at_ms),
+        data,
+    })
+    .ok()
+}
+
 /// Opens (creating a file if needed, mode 0600) and migrates the database.
 fn open_database(database: &Database) -> Result<db::Location, OpenError> {
     let (path, uri) = match database {
@@ -701,6 +721,16 @@ mod tests {
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         rows
+    }
+
+    #[test]
+    fn a_webhook_envelope_is_json_with_its_data_as_given() {
+        let body = envelope("evt_1", "session.state", 0, r#"{"state":"on\"line"}"#).unwrap();
+        assert_eq!(
+            body,
+            r#"{"id":"evt_1","event":"session.state","at":"1970-01-01T00:00:00.000Z","data":{"state":"on\"line"}}"#
+        );
+        assert!(envelope("evt_2", "x", 0, "not json").is_none());
     }
 
     #[test]
