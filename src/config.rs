@@ -632,44 +632,94 @@ pub struct Config {
     pub whatsapp: WhatsAppSettings,
 }
 
+impl ServeArgs {
+    /// `--database-url` (the data dir's `botvisor.db` without it), with `--database-pool`
+    /// for PostgreSQL.
+    fn database(&self) -> Result<Database, ConfigError> {
+        Ok(match &self.database_url {
+            None => Database::File(self.data_dir.join("botvisor.db")),
+            Some(url) => match parse_database_url(url)? {
+                Database::Postgres { url, .. } => Database::Postgres {
+                    url,
+                    pool_size: usize::from(self.database_pool),
+                },
+                other => other,
+            },
+        })
+    }
+
+    /// The restart policy and the supervisor's timings.
+    fn supervisor(&self) -> SupervisorConfig {
+        let policy = RestartPolicy {
+            max_restarts: self.restart_max,
+            window: self.restart_window.0,
+            backoff_initial: self.backoff_initial.0,
+            backoff_max: self.backoff_max.0,
+            backoff_multiplier: self.backoff_multiplier,
+            backoff_jitter: self.backoff_jitter,
+            backoff_reset_after: self.backoff_reset_after.0,
+        };
+        SupervisorConfig {
+            policy,
+            shutdown_timeout: self.shutdown_timeout.0,
+            call_timeout: self.call_timeout.0,
+            watchdog_interval: self.watchdog_interval.0,
+            create_timeout: self.create_timeout.0,
+            boot_batch: self.boot_batch,
+            boot_interval: self.boot_interval.0,
+            ..SupervisorConfig::default()
+        }
+    }
+
+    /// The webhook settings, when receivers or a secret are given (checked: a secret of at
+    /// least 16 characters, bounds of at least 1, a readable CA file).
+    fn webhooks(&self) -> Result<Option<crate::webhooks::WebhookSettings>, ConfigError> {
+        if self.webhook_secret.is_none() && self.webhook_url.is_empty() {
+            return Ok(None);
+        }
+        let secret = self.webhook_secret.clone().unwrap_or_default();
+        let refuse = |msg: &str| Err(self.explain(ConfigError(msg.into())));
+        if secret.chars().count() < 16 {
+            return refuse(
+                "--webhook-url needs --webhook-secret (BOTVISOR_WEBHOOK_SECRET) of at least 16 characters: \
+                 every webhook is signed with it",
+            );
+        }
+        if self.webhook_max_attempts == 0 {
+            return refuse("--webhook-max-attempts must be at least 1");
+        }
+        if self.webhook_max_inflight == 0 {
+            return refuse("--webhook-max-inflight must be at least 1");
+        }
+        let ca_certs = match &self.webhook_ca_file {
+            Some(path) => {
+                crate::webhooks::load_ca_file(path).map_err(|e| self.explain(ConfigError(e)))?
+            }
+            None => Vec::new(),
+        };
+        Ok(Some(crate::webhooks::WebhookSettings {
+            ca_certs,
+            urls: self.webhook_url.clone(),
+            secret,
+            max_attempts: self.webhook_max_attempts,
+            timeout: self.webhook_timeout.0,
+            backlog_max: self.webhook_backlog_max,
+            retry_max: self.webhook_retry_max.0,
+            max_inflight: self.webhook_max_inflight,
+            pairing_codes: self.webhook_pairing_codes,
+        }))
+    }
+}
+
 impl Config {
     /// Turns the parsed settings (flags, env and file already layered by
     /// [`Cli::parse_layered`]) into the configuration, and checks it.
     pub fn resolve(args: &ServeArgs) -> Result<Config, ConfigError> {
-        let database = match &args.database_url {
-            None => Database::File(args.data_dir.join("botvisor.db")),
-            Some(url) => match parse_database_url(url)? {
-                Database::Postgres { url, .. } => Database::Postgres {
-                    url,
-                    pool_size: usize::from(args.database_pool),
-                },
-                other => other,
-            },
-        };
-        let policy = RestartPolicy {
-            max_restarts: args.restart_max,
-            window: args.restart_window.0,
-            backoff_initial: args.backoff_initial.0,
-            backoff_max: args.backoff_max.0,
-            backoff_multiplier: args.backoff_multiplier,
-            backoff_jitter: args.backoff_jitter,
-            backoff_reset_after: args.backoff_reset_after.0,
-        };
-        let supervisor = SupervisorConfig {
-            policy,
-            shutdown_timeout: args.shutdown_timeout.0,
-            call_timeout: args.call_timeout.0,
-            watchdog_interval: args.watchdog_interval.0,
-            create_timeout: args.create_timeout.0,
-            boot_batch: args.boot_batch,
-            boot_interval: args.boot_interval.0,
-            ..SupervisorConfig::default()
-        };
         let config = Config {
             bind: args.bind.clone(),
             port: args.port,
             data_dir: args.data_dir.clone(),
-            database,
+            database: args.database()?,
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             protect_reads: args.protect_reads,
             log_format: args.log_format,
@@ -677,47 +727,9 @@ impl Config {
             protect_metrics: args.protect_metrics,
             cors_origins: args.cors_origin.clone(),
             send_rate: args.send_rate,
-            webhooks: match (&args.webhook_secret, args.webhook_url.is_empty()) {
-                (None, true) => None,
-                (secret, _) => {
-                    let secret = secret.clone().unwrap_or_default();
-                    if secret.chars().count() < 16 {
-                        return Err(args.explain(ConfigError(
-                            "--webhook-url needs --webhook-secret (BOTVISOR_WEBHOOK_SECRET) of at least 16 characters: \
-                             every webhook is signed with it"
-                                .into(),
-                        )));
-                    }
-                    if args.webhook_max_attempts == 0 {
-                        return Err(args.explain(ConfigError(
-                            "--webhook-max-attempts must be at least 1".into(),
-                        )));
-                    }
-                    if args.webhook_max_inflight == 0 {
-                        return Err(args.explain(ConfigError(
-                            "--webhook-max-inflight must be at least 1".into(),
-                        )));
-                    }
-                    let ca_certs = match &args.webhook_ca_file {
-                        Some(path) => crate::webhooks::load_ca_file(path)
-                            .map_err(|e| args.explain(ConfigError(e)))?,
-                        None => Vec::new(),
-                    };
-                    Some(crate::webhooks::WebhookSettings {
-                        ca_certs,
-                        urls: args.webhook_url.clone(),
-                        secret,
-                        max_attempts: args.webhook_max_attempts,
-                        timeout: args.webhook_timeout.0,
-                        backlog_max: args.webhook_backlog_max,
-                        retry_max: args.webhook_retry_max.0,
-                        max_inflight: args.webhook_max_inflight,
-                        pairing_codes: args.webhook_pairing_codes,
-                    })
-                }
-            },
+            webhooks: args.webhooks()?,
             link: args.link,
-            supervisor,
+            supervisor: args.supervisor(),
             backup_keep: args.backup_keep,
             sim: SimSettings {
                 code_ttl: args.sim_code_ttl.0,

@@ -123,9 +123,10 @@ pub enum RunError {
     /// Another process has the data directory (or it cannot be locked).
     #[error("{0}")]
     Locked(#[from] paths::LockError),
-    /// The data directory belongs to another link.
+    /// The store refused to open: the data directory belongs to another link, or another
+    /// botvisor serves the (PostgreSQL) database.
     #[error("{0}")]
-    OtherLink(store::OpenError),
+    Refused(store::OpenError),
     /// The supervisor actor did not start.
     #[error("cannot start the supervisor: {0}")]
     Supervisor(String),
@@ -261,31 +262,34 @@ fn listen_hint(e: &std::io::Error) -> String {
     }
 }
 
-/// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
-/// (desired states untouched, so the next boot resumes them) and returns.
-pub async fn run(
-    config: Config,
-    listener: TcpListener,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), RunError> {
+/// Creates the data directory and its subdirectories and takes its lock (held while the
+/// guard lives).
+fn prepare_data_dir(dir: &std::path::Path) -> Result<paths::DataDirLock, RunError> {
     let create = |dir: &std::path::Path| {
         paths::create_private_dir(dir).map_err(|source| RunError::DataDir {
             path: dir.display().to_string(),
             source,
         })
     };
-    create(&config.data_dir)?;
-    // Held until this function returns (and by the kernel until the process ends).
-    let _data_dir = paths::lock_data_dir(&config.data_dir)?;
-    create(&paths::sessions_dir(&config.data_dir))?;
-    create(&paths::backups_dir(&config.data_dir))?;
-    let (link, concrete) = make_link(&config);
-    let metrics = Arc::new(metrics::Metrics::new(link.name()));
+    create(dir)?;
+    let lock = paths::lock_data_dir(dir)?;
+    create(&paths::sessions_dir(dir))?;
+    create(&paths::backups_dir(dir))?;
+    Ok(lock)
+}
+
+/// Opens the store (off the runtime: the database's first connection may block) with
+/// the metrics and webhooks wired in; the store and the sessions to boot.
+async fn open_store(
+    config: &Config,
+    link: &'static str,
+    metrics: &metrics::Metrics,
+) -> Result<(Arc<Store>, Vec<botvisor_actors::SessionRecord>), RunError> {
     let store_config = StoreConfig {
         database: config.database.clone(),
         data_dir: config.data_dir.clone(),
         backup_keep: config.backup_keep,
-        link: link.name(),
+        link,
         commit_seconds: Some(metrics.store_commit_seconds.clone()),
         recovery_seconds: Some(metrics.recovery_seconds.clone()),
         webhooks: config
@@ -299,9 +303,23 @@ pub async fn run(
         .map_err(|e| botvisor_actors::StorageError::Failed(e.to_string()))?;
     let (store, boot) = open.map_err(|e| match e {
         store::OpenError::Storage(e) => RunError::Database(e),
-        other => RunError::OtherLink(other),
+        other => RunError::Refused(other),
     })?;
-    let store = Arc::new(store);
+    Ok((Arc::new(store), boot))
+}
+
+/// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
+/// (desired states untouched, so the next boot resumes them) and returns.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    // Held until this function returns (and by the kernel until the process ends).
+    let _data_dir = prepare_data_dir(&config.data_dir)?;
+    let (link, concrete) = make_link(&config);
+    let metrics = Arc::new(metrics::Metrics::new(link.name()));
+    let (store, boot) = open_store(&config, link.name(), &metrics).await?;
     let sim = match concrete {
         Concrete::Sim(sim) => Some(sim),
         Concrete::WhatsApp(wa) => {
