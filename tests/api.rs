@@ -644,13 +644,8 @@ fn events_record_state_changes() {
     let s = Server::start(&[]);
     s.create("ev", "1234567890");
     s.wait_state("ev", "online");
-    let v = s.get("/api/sessions/ev/events").json();
-    let states: Vec<&str> = v["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap())
-        .collect();
+    let states = s.states_once_newest_is("ev", "online");
+    let states: Vec<&str> = states.iter().map(String::as_str).collect();
     assert_eq!(states.first(), Some(&"online"));
     assert!(
         states.contains(&"pairing") && states.contains(&"starting"),

@@ -494,12 +494,7 @@ fn a_paired_session_logs_in_straight_to_online_with_its_name() {
         "no pairing code for a paired session"
     );
     assert_eq!(s.get("/api/sessions/wa_on/pairing").status, 404);
-    let states: Vec<String> = s.get("/api/sessions/wa_on/events").json()["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
+    let states = s.states_once_newest_is("wa_on", "online");
     assert_eq!(
         &states[..3],
         ["online", "connecting", "starting"],

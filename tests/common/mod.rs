@@ -451,6 +451,23 @@ impl Server {
         r.json()["events"].as_array().expect("events").clone()
     }
 
+    /// The recorded states, newest first, once the newest is `newest` (or after 5 s): the
+    /// view shows a state once it is queued, the event log once its group commit lands.
+    pub fn states_once_newest_is(&self, user_id: &str, newest: &str) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let states: Vec<String> = self
+                .events(user_id)
+                .iter()
+                .map(|e| e["state"].as_str().unwrap_or_default().to_string())
+                .collect();
+            if states.first().map(String::as_str) == Some(newest) || Instant::now() > deadline {
+                return states;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The states recorded after the newest event in state `terminal` (oldest first);
     /// panics if there is none.
     pub fn states_after(&self, user_id: &str, terminal: &str) -> Vec<String> {
