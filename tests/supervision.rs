@@ -688,7 +688,20 @@ fn a_second_server_on_the_same_data_dir_is_refused() {
 /// With RUST_BACKTRACE=1 a panic (a bug) still logs its backtrace, on its one ERROR line.
 #[test]
 fn a_panic_keeps_its_backtrace_when_asked_for() {
-    let s = Server::start_with_env(&["--sim-pair-delay", "100ms"], &[("RUST_BACKTRACE", "1")]);
+    // A debug build symbolizes the backtrace in the panic hook, which takes seconds under
+    // CI's load: the fast harness's 1 s call timeout and 300 ms watchdog would answer the
+    // fault 503 and kill the session while it prints (seen in CI).
+    let s = Server::start_with_env(
+        &[
+            "--sim-pair-delay",
+            "100ms",
+            "--call-timeout",
+            "10s",
+            "--watchdog-interval",
+            "5s",
+        ],
+        &[("RUST_BACKTRACE", "1")],
+    );
     assert_eq!(s.create("bt", "1234567890").status, 201);
     s.wait_state("bt", "online");
     assert_eq!(s.fault("bt", "panic").status, 200);
