@@ -46,6 +46,9 @@ struct Args {
     /// Seconds to let things settle once all sessions are online.
     #[arg(long, default_value_t = 10)]
     settle: u64,
+    /// Seconds to keep botvisor running after the last phase (to look at it: gdb, smaps).
+    #[arg(long, default_value_t = 0)]
+    linger: u64,
     /// Extra environment for botvisor, KEY=VALUE (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE")]
     env: Vec<String>,
@@ -558,6 +561,10 @@ fn run(args: &Args) -> Result<(), String> {
         if peak > 0.0 { 100.0 * kept / peak } else { 0.0 },
         after.store_fds
     );
+    if args.linger > 0 {
+        println!("lingering {} s; botvisor pid {pid}", args.linger);
+        std::thread::sleep(Duration::from_secs(args.linger));
+    }
     drop(child);
     Ok(())
 }
