@@ -62,6 +62,17 @@ pub enum LinkKind {
     Sim,
 }
 
+/// Where the real link keeps each session's WhatsApp keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum KeysAt {
+    /// One SQLite file per session, `<data-dir>/sessions/<userId>.db` (whatsapp-rust's own
+    /// store).
+    Files,
+    /// In the PostgreSQL database of `--database-url`, every session's rows in one set of
+    /// tables. Backups of such sessions are not available yet (back the database up).
+    Database,
+}
+
 /// A duration written the human way (`250ms`, `5s`, `2m`), both ways: parsed from flags,
 /// env and file, and rendered for clap's `[default: ...]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +170,10 @@ pub struct ServeArgs {
         value_parser = clap::value_parser!(u16).range(1..=1000)
     )]
     pub database_pool: u16,
+    /// Where the real link keeps the sessions' WhatsApp keys: `files` (a SQLite file per
+    /// session in the data dir) or `database` (the PostgreSQL of --database-url).
+    #[arg(long, env = "BOTVISOR_KEYS", value_enum, default_value_t = KeysAt::Files)]
+    pub keys: KeysAt,
     /// Guards the write endpoints (X-API-Key header) when set.
     #[arg(long, env = "API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -604,6 +619,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Session database.
     pub database: Database,
+    /// Where the real link keeps WhatsApp keys (`Database` only with PostgreSQL).
+    pub keys: KeysAt,
     /// API key, if any.
     pub api_key: Option<String>,
     /// The key is needed for reads too.
@@ -720,6 +737,7 @@ impl Config {
             port: args.port,
             data_dir: args.data_dir.clone(),
             database: args.database()?,
+            keys: args.keys,
             api_key: args.api_key.clone().filter(|k| !k.is_empty()),
             protect_reads: args.protect_reads,
             log_format: args.log_format,
@@ -753,7 +771,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 14] = [
+        let checks: [(bool, &str); 15] = [
             (
                 p.backoff_max > BACKOFF_MAX_LIMIT,
                 "--backoff-max must be at most 1h (a longer wait looks like a dead bot)",
@@ -803,6 +821,11 @@ impl Config {
             (
                 self.bind.parse::<std::net::IpAddr>().is_err(),
                 "--bind must be an IP address such as 0.0.0.0 or 127.0.0.1",
+            ),
+            (
+                self.keys == KeysAt::Database
+                    && !matches!(self.database, Database::Postgres { .. }),
+                "--keys database keeps the WhatsApp keys in PostgreSQL: it needs a postgres:// --database-url (DATABASE_URL)",
             ),
         ];
         match checks.iter().find(|(bad, _)| *bad) {
@@ -875,6 +898,17 @@ mod tests {
         ));
         let err = parse_database_url("mysql://u@h/db").unwrap_err();
         assert!(err.0.contains("'mysql' is not supported"), "{err}");
+    }
+
+    #[test]
+    fn keys_in_the_database_need_postgresql() {
+        assert_eq!(resolve(&[]).unwrap().keys, KeysAt::Files);
+        let err = resolve(&["--keys", "database"]).unwrap_err();
+        assert!(err.contains("needs a postgres:// --database-url"), "{err}");
+        let err = resolve(&["--keys", "database", "--database-url", "x/b.db"]).unwrap_err();
+        assert!(err.contains("--keys database"), "{err}");
+        let c = resolve(&["--keys", "database", "--database-url", "postgres://u@h/db"]).unwrap();
+        assert_eq!(c.keys, KeysAt::Database);
     }
 
     /// `botvisor` with its environment variables renamed by `rename` (`None`: ignored), so a

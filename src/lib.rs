@@ -63,22 +63,38 @@ enum Concrete {
     WhatsApp(Arc<link::whatsapp::WhatsAppLink>),
 }
 
-/// Builds the link the configuration asks for, and the concrete one behind it.
-fn make_link(config: &Config) -> (Arc<dyn Link>, Concrete) {
+/// Builds the link the configuration asks for, and the concrete one behind it; with
+/// `--keys database`, the real link's key store in PostgreSQL is opened (and migrated).
+async fn make_link(config: &Config) -> Result<(Arc<dyn Link>, Concrete), RunError> {
     match config.link {
         LinkKind::Sim => {
             let sim = Arc::new(link::sim::SimLink::new(
                 config.data_dir.clone(),
                 config.sim.clone(),
             ));
-            (sim.clone(), Concrete::Sim(sim))
+            Ok((sim.clone(), Concrete::Sim(sim)))
         }
         LinkKind::Whatsapp => {
-            let wa = Arc::new(link::whatsapp::WhatsAppLink::new(
-                config.data_dir.clone(),
+            let credentials = match (&config.keys, &config.database) {
+                (config::KeysAt::Database, store::Database::Postgres { url, pool_size }) => {
+                    let pool = db::postgres::PoolConfig {
+                        pool_size: *pool_size,
+                        ..Default::default()
+                    };
+                    let keys = keys::PgKeys::open_with(url, pool)
+                        .await
+                        .map_err(|e| RunError::Keys(e.to_string()))?;
+                    link::credentials::Credentials::database(keys)
+                }
+                _ => link::credentials::Credentials::Files {
+                    data_dir: config.data_dir.clone(),
+                },
+            };
+            let wa = Arc::new(link::whatsapp::WhatsAppLink::with_credentials(
+                credentials,
                 config.whatsapp.clone(),
             ));
-            (wa.clone(), Concrete::WhatsApp(wa))
+            Ok((wa.clone(), Concrete::WhatsApp(wa)))
         }
     }
 }
@@ -127,6 +143,9 @@ pub enum RunError {
     /// botvisor serves the (PostgreSQL) database.
     #[error("{0}")]
     Refused(store::OpenError),
+    /// The WhatsApp key store in PostgreSQL (`--keys database`) cannot be opened.
+    #[error("cannot open the WhatsApp key store: {0}")]
+    Keys(String),
     /// The supervisor actor did not start.
     #[error("cannot start the supervisor: {0}")]
     Supervisor(String),
@@ -308,6 +327,26 @@ async fn open_store(
     Ok((Arc::new(store), boot))
 }
 
+/// Removes keys in PostgreSQL that belong to no session (a delete or a create killed
+/// half-way; files are swept with the store's other leftovers), before anything runs.
+async fn sweep_keys(
+    credentials: &link::credentials::Credentials,
+    boot: &[botvisor_actors::SessionRecord],
+) -> Result<(), RunError> {
+    let known = boot.iter().map(|r| r.user_id.as_str()).collect();
+    let removed = credentials
+        .sweep(&known)
+        .await
+        .map_err(|e| RunError::Keys(e.to_string()))?;
+    if removed > 0 {
+        tracing::info!(
+            sessions = removed,
+            "removed WhatsApp keys of sessions that no longer exist"
+        );
+    }
+    Ok(())
+}
+
 /// Runs botvisor on `listener` until `shutdown` resolves; then stops every session
 /// (desired states untouched, so the next boot resumes them) and returns.
 pub async fn run(
@@ -317,13 +356,16 @@ pub async fn run(
 ) -> Result<(), RunError> {
     // Held until this function returns (and by the kernel until the process ends).
     let _data_dir = prepare_data_dir(&config.data_dir)?;
-    let (link, concrete) = make_link(&config);
+    let (link, concrete) = make_link(&config).await?;
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let (store, boot) = open_store(&config, link.name(), &metrics).await?;
+    let mut keys_in_database = false;
     let sim = match concrete {
         Concrete::Sim(sim) => Some(sim),
         Concrete::WhatsApp(wa) => {
             wa.keep_inbound_in(store.clone());
+            keys_in_database = wa.credentials().in_database();
+            sweep_keys(wa.credentials(), &boot).await?;
             None
         }
     };
@@ -353,6 +395,7 @@ pub async fn run(
         metrics,
         protect_metrics: config.protect_metrics,
         files_per_session: link.files_per_session(),
+        keys_in_database,
         send_limit: http::ratelimit::SendLimit::new(config.send_rate),
         send_rate: config.send_rate,
         sim,

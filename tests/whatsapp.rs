@@ -23,9 +23,29 @@ fn peer_args(url: &str) -> [&str; 6] {
     ]
 }
 
+/// Under `BOTVISOR_TEST_ENGINE=postgres` the servers keep the WhatsApp keys in
+/// PostgreSQL too (`--keys database`), so these tests run on both key stores; the few
+/// that are about key files say so and return.
+fn keys_in_database() -> bool {
+    common::test_engine_is_postgres()
+}
+
+/// True (after printing why) when the test is about SQLite files (`why`) and this run
+/// keeps everything in PostgreSQL.
+fn sqlite_only(test: &str, why: &str) -> bool {
+    if keys_in_database() {
+        eprintln!("SKIPPED {test} on PostgreSQL: {why}");
+        return true;
+    }
+    false
+}
+
 fn start(peer: &Peer, extra: &[&str]) -> Server {
     let url = peer.url();
     let mut args = peer_args(&url).to_vec();
+    if keys_in_database() {
+        args.extend_from_slice(&["--keys", "database"]);
+    }
     args.extend_from_slice(extra);
     Server::start(&args)
 }
@@ -88,6 +108,12 @@ fn code_of(s: &Server, id: &str) -> Option<String> {
 
 #[test]
 fn running_out_of_file_descriptors_refuses_new_sessions_with_a_clear_503() {
+    if sqlite_only(
+        "running_out_of_file_descriptors_refuses_new_sessions_with_a_clear_503",
+        "it counts the key files' descriptors (keys in PostgreSQL hold none)",
+    ) {
+        return;
+    }
     // Each WhatsApp session holds its store (3 descriptors) and a socket: under a hard
     // limit of 64 open files a create is refused cleanly before the process runs out.
     let peer = Peer::start();
@@ -141,6 +167,13 @@ fn create_returns_a_real_pair_code_from_the_real_client() {
     let p = s.get("/api/sessions/wa_1/pairing").json();
     assert_eq!(p["pairingCode"], code.as_str());
     assert!(p["expiresAt"].as_str().unwrap().ends_with('Z'));
+    if keys_in_database() {
+        assert!(
+            has_keys(&s, "wa_1"),
+            "the device's keys are rows in PostgreSQL"
+        );
+        return;
+    }
     // The credential store is a real SQLite file, private, in WAL mode.
     let db = s.data_dir.join("sessions/wa_1.db");
     use std::os::unix::fs::PermissionsExt;
@@ -245,7 +278,7 @@ fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
     let peer = Peer::start();
     let s = start(&peer, &[]);
     assert_eq!(s.create("wa_lo", "15551234567").status, 201);
-    assert!(s.data_dir.join("sessions/wa_lo.db").exists());
+    assert!(has_keys(&s, "wa_lo"));
     let before = peer.stats();
     peer.command(Command::LoggedOut);
     let v = s.wait_state("wa_lo", "logged_out");
@@ -257,11 +290,7 @@ fn logout_failure_from_whatsapp_is_terminal_and_wipes_credentials() {
             .contains("logged out from the phone"),
         "{v}"
     );
-    wait_until(10, "credentials wiped", || {
-        ["", "-wal", "-shm"]
-            .iter()
-            .all(|sfx| !s.data_dir.join(format!("sessions/wa_lo.db{sfx}")).exists())
-    });
+    wait_until(10, "credentials wiped", || !has_keys(&s, "wa_lo"));
     assert_stays(&peer, &s, "wa_lo", "logged_out", &before, ended);
 }
 
@@ -334,12 +363,18 @@ fn a_throttled_pair_code_request_is_a_429_with_a_retry_hint_and_leaves_nothing()
         "{msg}"
     );
     assert_eq!(s.get("/api/sessions/wa_429").status, 404);
-    assert!(!s.data_dir.join("sessions/wa_429.db").exists());
+    wait_until(5, "the keys are removed", || !has_keys(&s, "wa_429"));
     assert_eq!(peer.stats().companion_hellos.len(), 1, "no retry storm");
 }
 
 #[test]
 fn stop_start_backup_restore_and_delete_on_a_real_credential_file() {
+    if sqlite_only(
+        "stop_start_backup_restore_and_delete_on_a_real_credential_file",
+        "backups of keys in PostgreSQL are refused (keys_in_postgresql_serve_a_real_session_and_go_with_it checks it)",
+    ) {
+        return;
+    }
     let peer = Peer::start();
     let s = start(&peer, &[]);
     s.create("wa_ops", "15551234567");
@@ -412,7 +447,7 @@ fn api_logout_unlinks_and_deletes() {
     // Never paired, so nothing to unlink: said, not hidden.
     assert!(v["warning"].as_str().is_some(), "{v}");
     assert_eq!(s.get("/api/sessions/wa_out").status, 404);
-    assert!(!s.data_dir.join("sessions/wa_out.db").exists());
+    wait_until(5, "the keys are removed", || !has_keys(&s, "wa_out"));
 }
 
 /// The release binary (built without `test-peer`) must refuse the peer's fake
@@ -463,6 +498,10 @@ fn the_release_binary_refuses_a_fake_server() {
 /// account's phone number and push name. The peer cannot play the phone's side of
 /// pairing, so this is how the paired paths are reached.
 fn seed_paired(s: &Server, id: &str, name: &str) {
+    if keys_in_database() {
+        let url = common::database_url_for(&s.data_dir).expect("a PostgreSQL database");
+        return seed_paired_in_database(&url, id, name);
+    }
     let db = s.data_dir.join(format!("sessions/{id}.db"));
     let c = rusqlite::Connection::open(db).unwrap();
     let n = c
@@ -472,6 +511,39 @@ fn seed_paired(s: &Server, id: &str, name: &str) {
         )
         .unwrap();
     assert_eq!(n, 1, "the store has one device row");
+}
+
+/// Whether anything of session `id`'s keys is kept: its store file (or `-wal`, `-shm`),
+/// or, with the keys in PostgreSQL, any of its rows.
+fn has_keys(s: &Server, id: &str) -> bool {
+    if keys_in_database() {
+        let url = common::database_url_for(&s.data_dir).expect("a PostgreSQL database");
+        let pg = common::pg::shared().expect("PostgreSQL runs");
+        let sql = format!(
+            "SELECT (SELECT count(*) FROM wa_device WHERE session_id = '{id}') \
+             + (SELECT count(*) FROM wa_prekeys WHERE session_id = '{id}')"
+        );
+        return pg.psql(&url, &sql).unwrap() != "0";
+    }
+    ["", "-wal", "-shm"]
+        .iter()
+        .any(|sfx| s.data_dir.join(format!("sessions/{id}.db{sfx}")).exists())
+}
+
+/// [`seed_paired`] for keys in PostgreSQL (`--keys database`) at `url`.
+fn seed_paired_in_database(url: &str, id: &str, name: &str) {
+    let pg = common::pg::shared().expect("PostgreSQL runs");
+    let out = pg
+        .psql(
+            url,
+            &format!(
+                "UPDATE wa_device SET pn = '15551234567:7@s.whatsapp.net', push_name = '{}' \
+                 WHERE session_id = '{id}' RETURNING 1",
+                name.replace('\'', "''")
+            ),
+        )
+        .unwrap();
+    assert_eq!(out, "1", "the store has one device row for {id}");
 }
 
 #[test]
@@ -513,7 +585,7 @@ fn a_paired_session_logs_in_straight_to_online_with_its_name() {
     assert_eq!(v["message"], "Session wa_on logged out and deleted");
     assert!(v.get("warning").is_none(), "{v}");
     assert_eq!(peer.stats().unlinks, 1);
-    assert!(!s.data_dir.join("sessions/wa_on.db").exists());
+    wait_until(5, "the keys are removed", || !has_keys(&s, "wa_on"));
 }
 
 #[test]
@@ -542,6 +614,12 @@ fn an_outdated_client_is_a_crash_under_the_restart_policy() {
 
 #[test]
 fn a_backup_from_another_link_is_refused_before_anything_stops() {
+    if sqlite_only(
+        "a_backup_from_another_link_is_refused_before_anything_stops",
+        "backups of keys in PostgreSQL are refused",
+    ) {
+        return;
+    }
     // A simulated session's backup...
     let sim_dir = tempfile::tempdir().unwrap();
     let mut sim = Server::start_in(sim_dir.path(), &[]);
@@ -582,26 +660,25 @@ fn a_create_that_cannot_reach_whatsapp_fails_at_once_with_the_cause() {
     // answers with that cause instead of waiting out its 60 s for a pairing code.
     // RUST_BACKTRACE=1, as on many developer machines: the expected failure is still
     // logged as one line, with no backtrace (those belong to panics).
-    let s = Server::start_with_env(
-        &[
-            "--link",
-            "whatsapp",
-            "--wa-url",
-            "ws://127.0.0.1:9/ws/chat",
-            "--create-timeout",
-            "60s",
-        ],
-        &[("RUST_BACKTRACE", "1")],
-    );
+    let mut args = vec![
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        "ws://127.0.0.1:9/ws/chat",
+        "--create-timeout",
+        "60s",
+    ];
+    if keys_in_database() {
+        args.extend_from_slice(&["--keys", "database"]);
+    }
+    let s = Server::start_with_env(&args, &[("RUST_BACKTRACE", "1")]);
     let msg = s.create("wa_down", "15551234567").error(503);
     assert!(msg.contains("cannot reach WhatsApp"), "{msg}");
     assert!(msg.to_lowercase().contains("refused"), "{msg}");
     assert!(!msg.contains("Timed out"), "{msg}");
     // Nothing is left behind.
     assert_eq!(s.get("/api/stats").json()["totalUsers"], 0);
-    wait_until(10, "credentials removed", || {
-        !s.data_dir.join("sessions/wa_down.db").exists()
-    });
+    wait_until(10, "credentials removed", || !has_keys(&s, "wa_down"));
     let log = std::fs::read_to_string(&s.log).unwrap();
     assert!(
         log.lines()
@@ -928,6 +1005,12 @@ fn a_send_with_no_keys_to_be_had_is_a_502_and_a_failed_event() {
 /// kept, acknowledged and delivered to the webhook, each delivery with the same event id.
 #[test]
 fn a_received_message_is_acknowledged_only_once_it_is_kept() {
+    if sqlite_only(
+        "a_received_message_is_acknowledged_only_once_it_is_kept",
+        "it fails the commit by locking botvisor.db",
+    ) {
+        return;
+    }
     let (peer, s, got) = online_with_webhook("wa_keep");
     let locker = rusqlite::Connection::open(s.data_dir.join("botvisor.db")).unwrap();
     locker.execute_batch("BEGIN EXCLUSIVE").unwrap();
@@ -997,6 +1080,12 @@ fn store_files(s: &Server, id: &str) -> Vec<String> {
 /// the client is gone too), and after the last stop the process is back to its idle count.
 #[test]
 fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
+    if sqlite_only(
+        "stopped_real_sessions_keep_no_client_and_no_descriptor",
+        "it counts key files and restores backups",
+    ) {
+        return;
+    }
     const SESSIONS: usize = 20;
     let peer = Peer::start();
     let s = start(&peer, &[]);
@@ -1071,4 +1160,111 @@ fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Sends `text` to the peer's second user and waits until the peer decrypted it.
+fn send_and_see_it_decrypted(peer: &Peer, s: &Server, id: &str, text: &str) {
+    let r = s.post(
+        &format!("/api/sessions/{id}/messages"),
+        Some(&serde_json::json!({"to": "15557654321", "text": text}).to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until(15, "the peer decrypts the message", || {
+        peer.stats()
+            .decrypted
+            .iter()
+            .any(|d| d.to.starts_with("15557654321") && d.text.as_deref() == Some(text))
+    });
+    let errors = peer.stats().signal_errors;
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// `--keys database`: the real link's keys are rows in PostgreSQL (a database of this
+/// test's own, whatever the engine of the run). A session pairs, logs in and sends over
+/// Signal sessions kept there, and after a kill -9 logs in again with the same keys and
+/// sends again; no key file is written; a backup is refused (501) with what to do
+/// instead; a delete removes its rows, and rows of a session that no longer exists are
+/// swept at the next start.
+#[test]
+fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
+    let test = "keys_in_postgresql_serve_a_real_session_and_go_with_it";
+    let Some(pg) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = pg.fresh_database_url("wa_keys").unwrap();
+    let peer = Peer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let peer_url = peer.url();
+    let mut args = peer_args(&peer_url).to_vec();
+    args.extend_from_slice(&["--database-url", &url, "--keys", "database"]);
+    let rows = |table: &str, id: &str| -> u64 {
+        let sql = format!("SELECT count(*) FROM {table} WHERE session_id = '{id}'");
+        pg.psql(&url, &sql).unwrap().parse().unwrap()
+    };
+    let mut s = Server::start_in(tmp.path(), &args);
+
+    assert_eq!(s.create("pgk", "15551234567").status, 201);
+    assert!(
+        code_of(&s, "pgk").is_some(),
+        "a pairing code from keys in PostgreSQL"
+    );
+    assert_eq!(s.post("/api/sessions/pgk/stop", None).status, 200);
+    seed_paired_in_database(&url, "pgk", "Pg Bot");
+    assert_eq!(s.post("/api/sessions/pgk/start", None).status, 200);
+    assert_eq!(s.wait_state("pgk", "online")["name"], "Pg Bot");
+    wait_until(10, "the client uploads its pre-keys", || {
+        peer.stats().pre_key_uploads >= 1
+    });
+    assert!(rows("wa_prekeys", "pgk") > 0, "pre-keys are rows");
+    send_and_see_it_decrypted(&peer, &s, "pgk", "first, keys in PostgreSQL");
+    assert!(
+        rows("wa_sessions", "pgk") >= 1,
+        "the Signal session is a row"
+    );
+    assert!(
+        !tmp.path().join("sessions/pgk.db").exists(),
+        "no key file when the keys are in PostgreSQL"
+    );
+
+    let refused = s.post("/api/sessions/pgk/backup", None).error(501);
+    assert!(refused.contains("pg_dump"), "{refused}");
+
+    // kill -9: the keys were durable when the library was told so; the session logs in
+    // again without pairing and its Signal session goes on.
+    let hellos = peer.stats().companion_hellos.len();
+    s.kill9();
+    let mut s = Server::start_in(tmp.path(), &args);
+    s.wait_state("pgk", "online");
+    send_and_see_it_decrypted(&peer, &s, "pgk", "second, after kill -9");
+    assert_eq!(
+        peer.stats().companion_hellos.len(),
+        hellos,
+        "no new pairing"
+    );
+
+    // A delete removes every row of the session (in the background, shortly).
+    assert_eq!(s.req("DELETE", "/api/sessions/pgk", None, &[]).status, 200);
+    wait_until(10, "the session's keys are removed", || {
+        ["wa_device", "wa_prekeys", "wa_sessions", "wa_identities"]
+            .iter()
+            .all(|t| rows(t, "pgk") == 0)
+    });
+
+    // Rows of a session botvisor does not know (a delete killed before its purge) are
+    // swept at the next start; other sessions' rows stay.
+    assert_eq!(s.create("pgk2", "15551234567").status, 201);
+    pg.psql(
+        &url,
+        "INSERT INTO wa_identities (session_id, address, key) VALUES ('ghost', 'x', '\\x00')",
+    )
+    .unwrap();
+    assert_eq!(s.terminate(), Some(0));
+    let s = Server::start_in(tmp.path(), &args);
+    assert_eq!(rows("wa_identities", "ghost"), 0, "swept before serving");
+    assert_eq!(
+        rows("wa_device", "pgk2"),
+        1,
+        "a known session keeps its keys"
+    );
+    s.wait_state("pgk2", "pairing");
 }

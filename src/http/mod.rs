@@ -69,6 +69,9 @@ pub struct App {
     pub protect_metrics: bool,
     /// Descriptors one idle session holds on this link (for the capacity gauge).
     pub files_per_session: u32,
+    /// The real link keeps WhatsApp keys in PostgreSQL (`--keys database`): no key files
+    /// to back up or restore.
+    pub keys_in_database: bool,
     /// The per-session send rate.
     pub send_limit: ratelimit::SendLimit,
     /// `--send-rate`, for messages.

@@ -5,9 +5,10 @@
 //!   every table keyed by the session id), and [`PgSessionKeys`], one session's view of it,
 //!   which is a whatsapp-rust storage `Backend`.
 //!
-//! Not wired into the server yet: the link still opens SQLite. What a backend must answer
-//! is pinned by `tests/keystore_contract.rs`, which runs upstream's reference store,
-//! SqliteStore and this one through the same sequence.
+//! The real link uses it with `--keys database` (`link::credentials`); the default is
+//! still a SQLite file per session. What a backend must answer is pinned by
+//! `tests/keystore_contract.rs`, which runs upstream's reference store, SqliteStore and
+//! this one through the same sequence.
 
 pub mod postgres;
 

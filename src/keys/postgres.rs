@@ -503,6 +503,22 @@ macro_rules! on_conn {
     }};
 }
 
+impl PgKeys {
+    /// Every session that has a row in any table (what a sweep compares with the sessions
+    /// botvisor knows).
+    pub async fn session_ids(&self) -> Result<Vec<String>> {
+        let union = SESSION_TABLES
+            .iter()
+            .map(|t| format!("SELECT session_id FROM {t}"))
+            .collect::<Vec<_>>()
+            .join(" UNION ");
+        on_conn!(self, |c| {
+            let rows = c.query(&union, &[]).await.map_err(pg)?;
+            rows.iter().map(|r| r.try_get(0).map_err(pg)).collect()
+        })
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // One session
 // ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! and `sim` (a simulated network for tests and demos). Both implement
 //! `botvisor_actors::Link`; the supervisor never sees which one runs.
 
+pub mod credentials;
 pub mod sim;
 pub mod whatsapp;
 

@@ -1,12 +1,13 @@
 //! `WhatsAppLink`: the real network, on the `whatsapp-rust` crate.
 //!
-//! One `Bot` per session over its own `SqliteStore` file (`<data-dir>/sessions/<id>.db`).
+//! One `Bot` per session over its key store (`credentials`: its own `SqliteStore` file,
+//! `<data-dir>/sessions/<id>.db`, or its rows in PostgreSQL).
 //! The client's events become `LinkEvent`s; a small pairing manager keeps a live pairing
 //! code while the session is unpaired (a code lives 180 s, is void after a reconnect, and
 //! WhatsApp may ask for a refresh); a watcher reports the client's run loop ending
 //! unexpectedly as a crash.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -15,7 +16,6 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use whatsapp_rust::pair_code::{PairCodeOptions, PairCodeRejection};
 use whatsapp_rust::prelude::*;
-use whatsapp_rust::store::SqliteStoreConfig;
 use whatsapp_rust::transport::{
     TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
 };
@@ -25,7 +25,7 @@ use botvisor_actors::{
     PairingCode, PairingQr, Persistence, SessionSpec,
 };
 
-use crate::paths;
+use super::credentials::Credentials;
 
 /// WhatsApp's pairing code validity.
 pub const CODE_VALIDITY: Duration = Duration::from_secs(180);
@@ -178,7 +178,7 @@ pub fn parse_version(s: &str) -> Result<(u32, u32, u32), VersionError> {
 
 /// The real WhatsApp link.
 pub struct WhatsAppLink {
-    data_dir: PathBuf,
+    credentials: Credentials,
     settings: WhatsAppSettings,
     /// Where received messages are made durable before WhatsApp is told they arrived.
     inbound: OnceLock<Arc<dyn Persistence>>,
@@ -187,11 +187,21 @@ pub struct WhatsAppLink {
 impl WhatsAppLink {
     /// A link storing credentials under `data_dir`.
     pub fn new(data_dir: PathBuf, settings: WhatsAppSettings) -> WhatsAppLink {
+        WhatsAppLink::with_credentials(Credentials::Files { data_dir }, settings)
+    }
+
+    /// A link keeping credentials in `credentials`.
+    pub fn with_credentials(credentials: Credentials, settings: WhatsAppSettings) -> WhatsAppLink {
         WhatsAppLink {
-            data_dir,
+            credentials,
             settings,
             inbound: OnceLock::new(),
         }
+    }
+
+    /// Where the sessions' keys are.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
     }
 
     /// Received messages go to `store` (their `message.received` events), durably,
@@ -730,63 +740,6 @@ impl LinkConnection for WhatsAppConnection {
     }
 }
 
-/// A session store's settings. One store per session, so its page cache is paid per
-/// session: whatsapp-rust's default is 512 KiB per connection, which a paired idle
-/// session fills to a few hundred KiB of heap. 16 KiB keeps the hot pages (the store
-/// is read mostly at login) and measured ~250 KiB less RSS per online session
-/// (BENCHMARKS.md, the real link). Everything else stays at the library's defaults.
-fn store_config() -> SqliteStoreConfig {
-    SqliteStoreConfig {
-        cache_size_kib: 16,
-        ..SqliteStoreConfig::default()
-    }
-}
-
-/// Checks that an existing store file is a sound SQLite database. whatsapp-rust's pool
-/// retries a connection that fails its set-up for 30 s before giving up, so a corrupt
-/// file is caught here first, in milliseconds, and reported as lasting.
-fn check_store(path: &Path) -> Result<(), String> {
-    if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
-        return Ok(()); // new: whatsapp-rust creates its schema
-    }
-    let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| e.to_string())?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
-    if check == "ok" {
-        Ok(())
-    } else {
-        Err(format!("database disk image is malformed: {check}"))
-    }
-}
-
-/// Opens (creating, 0600) a session's credential store.
-async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
-    paths::create_private_file(path)
-        .map_err(|e| LinkError::new(format!("cannot create {}: {e}", path.display())))?;
-    let checked = path.to_path_buf();
-    tokio::task::spawn_blocking(move || check_store(&checked))
-        .await
-        .map_err(|e| LinkError::new(e.to_string()))?
-        .map_err(|e| super::credential_error("cannot open the credential store", path, &e))?;
-    let url = path
-        .to_str()
-        .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
-    SqliteStore::with_config(url, store_config())
-        .await
-        .map_err(|e| {
-            super::credential_error(
-                "cannot open the credential store",
-                path,
-                &crate::limits::open_error_hint(e.to_string()),
-            )
-        })
-}
-
 impl Link for WhatsAppLink {
     fn name(&self) -> &'static str {
         "whatsapp"
@@ -797,11 +750,12 @@ impl Link for WhatsAppLink {
         spec: SessionSpec,
         events: EventSink,
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
-        let path = paths::credentials(&self.data_dir, &spec.user_id);
+        let path = self.credentials.describe(&spec.user_id);
+        let store = self.credentials.open(&spec.user_id);
         let settings = self.settings.clone();
         let inbound = self.inbound.get().cloned();
         Box::pin(async move {
-            let store = open_store(&path).await?;
+            let store = store.await?;
             let shared = Arc::new(Shared {
                 user_id: spec.user_id.clone(),
                 events,
@@ -828,7 +782,7 @@ impl Link for WhatsAppLink {
             let tasks = SessionTasks::default();
             let mut builder = Bot::builder()
                 .with_runtime(tasks.clone())
-                .with_backend(store)
+                .with_backend_arc(store)
                 .with_transport_factory(transport)
                 .with_version(settings.version)
                 .with_event_handler(handler);
@@ -878,12 +832,12 @@ impl Link for WhatsAppLink {
     }
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
-        paths::remove_credentials(&self.data_dir, user_id)
+        self.credentials.remove(user_id)
     }
 
     fn files_per_session(&self) -> u32 {
-        // The store's `.db`, `-wal` and `-shm`, and the socket.
-        4
+        // The key store's (`.db`, `-wal` and `-shm` for a file), and the socket.
+        self.credentials.files_per_session() + 1
     }
 
     /// Each session holds its store (3 descriptors) and a socket: refuse a new one

@@ -43,6 +43,20 @@ struct Restored<'a> {
     state: &'static str,
 }
 
+/// With `--keys database` a session's keys are rows in PostgreSQL, not a file: a backup
+/// made of the file alone would restore a session without its keys (or, restored, leave
+/// the rows it meant to replace). Refused until backups carry rows too.
+fn keys_are_files(app: &crate::http::App) -> Result<(), ApiError> {
+    if app.keys_in_database {
+        return Err(ApiError::new(
+            hyper::StatusCode::NOT_IMPLEMENTED,
+            "backups are not available when the WhatsApp keys are kept in PostgreSQL \
+             (--keys database): back up the database itself (pg_dump)",
+        ));
+    }
+    Ok(())
+}
+
 pub async fn create(c: Ctx) -> Answer {
     let rec = c
         .app
@@ -50,6 +64,7 @@ pub async fn create(c: Ctx) -> Answer {
         .view()
         .get(&c.id)
         .ok_or_else(|| ApiError::no_session(&c.id))?;
+    keys_are_files(&c.app)?;
     let info = c.app.store.backup(rec).await?;
     tracing::info!(user_id = %c.id, backup_id = %info.backup_id, "session backed up");
     Ok(ok(&BackedUp {
@@ -77,6 +92,7 @@ pub async fn restore(c: Ctx) -> Answer {
         Some(_) => return Err(ApiError::bad_request("backupId must be a string")),
     };
     must_exist(&c.app, &c.id)?;
+    keys_are_files(&c.app)?;
     // Refused before the session is stopped: a wrong backup must not cost a restart.
     let (backup_id, apply) = c.app.store.prepare_restore(&c.id, wanted).await?;
     let user_id = c.id.clone();
