@@ -20,6 +20,7 @@
 //! every `<enc>` a client sends to its users and records the text, and on command sends
 //! a client a message encrypted on a real Signal session.
 
+pub mod harness;
 pub mod signal;
 
 use std::net::SocketAddr;

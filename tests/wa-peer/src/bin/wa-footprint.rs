@@ -15,18 +15,14 @@
 //! the mass stop), with those still open on `sessions/*` (a stopped session holds none).
 //!
 //! Every loop is bounded in count and time; the child is killed on every exit path
-//! (a guard's `Drop`, plus `PR_SET_PDEATHSIG` should this process itself be killed).
+//! (`botvisor_wa_peer::harness`).
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use botvisor_wa_peer::harness::{check, exit_on_error, fan_out, start_botvisor, DirGuard};
 use botvisor_wa_peer::Peer;
 use clap::Parser;
-use serde_json::Value;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -65,32 +61,6 @@ struct Args {
     /// Keep the data dir (its path is printed) instead of removing it.
     #[arg(long)]
     keep_dir: bool,
-}
-
-/// The botvisor child: killed and reaped when dropped, whatever the exit path.
-struct ChildGuard(Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The data dir, removed when dropped unless kept.
-struct DirGuard {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for DirGuard {
-    fn drop(&mut self) {
-        if self.keep {
-            eprintln!("data dir kept: {}", self.path.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -209,204 +179,22 @@ fn per_session(phase: &str, base: &Sample, now: &Sample, n: usize) -> (f64, f64)
     (rss, fds)
 }
 
-struct Api {
-    agent: ureq::Agent,
-    base: String,
-}
-
-impl Api {
-    fn call(&self, method: &str, path: &str, body: Option<String>) -> Result<(u16, Value), String> {
-        let url = format!("{}{path}", self.base);
-        let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            (_, Some(b)) => self
-                .agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .send(b.as_str()),
-            (_, None) => self.agent.post(&url).send_empty(),
-        };
-        let mut resp = result.map_err(|e| format!("{method} {path}: {e}"))?;
-        let status = resp.status().as_u16();
-        let text = resp
-            .body_mut()
-            .read_to_string()
-            .map_err(|e| format!("{method} {path}: reading the body: {e}"))?;
-        let v = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Ok((status, v))
-    }
-}
-
 fn id_of(i: usize) -> String {
     format!("fp{i:05}")
 }
 
-/// Runs `f(i)` for i in 0..n on `workers` threads; returns the failures' messages.
-fn fan_out(
-    n: usize,
-    workers: usize,
-    f: impl Fn(usize) -> Result<(), String> + Sync,
-) -> Vec<String> {
-    let next = AtomicUsize::new(0);
-    let failures = std::sync::Mutex::new(Vec::new());
-    std::thread::scope(|scope| {
-        for _ in 0..workers.clamp(1, 64) {
-            scope.spawn(|| loop {
-                let i = next.fetch_add(1, Ordering::SeqCst);
-                if i >= n {
-                    break;
-                }
-                if let Err(e) = f(i) {
-                    if let Ok(mut v) = failures.lock() {
-                        v.push(e);
-                    }
-                }
-            });
-        }
-    });
-    failures.into_inner().unwrap_or_default()
-}
-
-fn check(what: &str, failures: Vec<String>) -> Result<(), String> {
-    if failures.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "{what}: {} failed, first: {}",
-        failures.len(),
-        failures[0]
-    ))
-}
-
-/// Polls `GET /api/stats` until `pred` holds on it, for at most `limit`.
-fn wait_stats(
-    api: &Api,
-    limit: Duration,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Result<Value, String> {
-    let deadline = Instant::now() + limit;
-    loop {
-        let (_, v) = api.call("GET", "/api/stats", None)?;
-        if pred(&v) {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{what}: not reached within {limit:?}; stats: {v}"));
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn raise_nofile() {
-    // The peer holds one socket per session in this process.
-    unsafe {
-        let mut lim = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
-            lim.rlim_cur = lim.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
-        }
-    }
-}
-
 fn main() {
     let args = Args::parse();
-    raise_nofile();
-    match run(&args) {
-        Ok(()) => {}
-        Err(e) => {
-            eprintln!("wa-footprint: error: {e}");
-            std::process::exit(1);
-        }
-    }
+    exit_on_error("wa-footprint", || run(&args));
 }
 
 fn run(args: &Args) -> Result<(), String> {
     let n = args.sessions;
     let peer = Peer::start();
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
-        .unwrap_or(0);
-    let dir = DirGuard {
-        path: std::env::temp_dir().join(format!("wa-footprint-{}-{stamp}", std::process::id())),
-        keep: args.keep_dir,
-    };
-    std::fs::create_dir_all(&dir.path).map_err(|e| format!("cannot create the data dir: {e}"))?;
-    let log_path = dir.path.join("botvisor.log");
-    let log =
-        std::fs::File::create(&log_path).map_err(|e| format!("cannot create the log: {e}"))?;
-
+    let dir = DirGuard::fresh("wa-footprint", args.keep_dir)?;
     let url = peer.url();
-    let mut cmd = Command::new(&args.binary);
-    cmd.args([
-        "serve",
-        "--link",
-        "whatsapp",
-        "--wa-url",
-        &url,
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--data-dir",
-    ])
-    .arg(&dir.path)
-    .args(["--create-timeout", "20s"])
-    .env_remove("API_KEY")
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(log);
-    for kv in &args.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| format!("--env {kv}: expected KEY=VALUE"))?;
-        cmd.env(k, v);
-    }
-    // Should this process die without unwinding, the kernel kills the child too.
-    unsafe {
-        use std::os::unix::process::CommandExt;
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
-    let mut child = ChildGuard(
-        cmd.spawn()
-            .map_err(|e| format!("cannot start {}: {e}", args.binary.display()))?,
-    );
-    let pid = child.0.id();
-    let stdout = child.0.stdout.take().ok_or("no stdout")?;
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(addr) = line.strip_prefix("botvisor listening on http://") {
-                let _ = tx.send(addr.trim().to_string());
-            }
-        }
-    });
-    let addr = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(a) => a,
-        Err(_) => {
-            let mut text = String::new();
-            let _ = std::fs::File::open(&log_path).and_then(|mut f| f.read_to_string(&mut text));
-            return Err(format!(
-                "botvisor did not start within 30 s; its log:\n{text}"
-            ));
-        }
-    };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(60)))
-        .build()
-        .into();
-    let api = Api {
-        agent,
-        base: format!("http://{addr}"),
-    };
+    let bv = start_botvisor(&args.binary, &url, &dir.path, &[], &args.env)?;
+    let (pid, addr, api) = (bv.pid, bv.addr.clone(), &bv.api);
     println!(
         "botvisor pid {pid} at {addr}; peer {url}; {n} sessions, {} clients; label {}; env {:?}",
         args.concurrency, args.label, args.env
@@ -486,7 +274,7 @@ fn run(args: &Args) -> Result<(), String> {
     });
     check("start", failures)?;
     let limit = Duration::from_secs(60 + n as u64 / 5);
-    wait_stats(&api, limit, "all online", |v| {
+    api.wait_stats(limit, "all online", |v| {
         v["onlineSessions"].as_u64() == Some(n as u64)
     })?;
     println!(
@@ -535,7 +323,7 @@ fn run(args: &Args) -> Result<(), String> {
             .ok_or_else(|| format!("stop {}: {status} {v}", id_of(i)))
     });
     check("mass stop", failures)?;
-    wait_stats(&api, Duration::from_secs(60), "none online", |v| {
+    api.wait_stats(Duration::from_secs(60), "none online", |v| {
         v["onlineSessions"].as_u64() == Some(0)
     })?;
     std::thread::sleep(Duration::from_secs(5));
@@ -565,7 +353,7 @@ fn run(args: &Args) -> Result<(), String> {
         println!("lingering {} s; botvisor pid {pid}", args.linger);
         std::thread::sleep(Duration::from_secs(args.linger));
     }
-    drop(child);
+    drop(bv);
     Ok(())
 }
 
