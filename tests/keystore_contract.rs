@@ -166,7 +166,7 @@ fn open_postgres(dir: PathBuf) -> Opening {
     })
 }
 
-/// Opens a SqliteStore the way botvisor does (src/link/whatsapp.rs `store_config`), on
+/// Opens a SqliteStore the way botvisor does (src/link/credentials.rs `store_config`), on
 /// a real file so WAL, migrations and reopening are the production ones.
 async fn open_sqlite(path: &Path, device_id: i32) -> Store {
     let url = path

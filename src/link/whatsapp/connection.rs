@@ -1,0 +1,149 @@
+//! One session's live client, as the supervisor holds it: send, log out, close.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use whatsapp_rust::prelude::*;
+
+use botvisor_actors::{BoxFuture, Connection as LinkConnection, LinkError};
+
+use super::events::Shared;
+use super::tasks::SessionTasks;
+use super::{DISCONNECT_WAIT, RUN_LOOP_WAIT};
+
+/// One session's live WhatsApp client.
+pub struct WhatsAppConnection {
+    pub(super) client: Arc<Client>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) watcher: JoinHandle<()>,
+    pub(super) manager: Option<JoinHandle<()>>,
+    /// Every task whatsapp-rust spawned for this client.
+    pub(super) tasks: SessionTasks,
+}
+
+impl WhatsAppConnection {
+    /// Ends everything that holds the client but this connection's own reference:
+    /// botvisor's pairing manager and watcher (it owns the `BotHandle`) and every task
+    /// the client spawned. Once the connection is dropped, the client and its store
+    /// (with its descriptors) go with it.
+    fn end_tasks(&mut self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        if let Some(m) = self.manager.take() {
+            m.abort();
+        }
+        // Wakes whatever waits on the client's shutdown (keepalive, reconnect waits)
+        // when no disconnect ran (a kill, a crash, a close that timed out).
+        self.client.signal_shutdown_sync();
+        self.tasks.abort_all();
+        self.watcher.abort();
+        release_freed_memory_soon();
+    }
+}
+
+/// Gives the memory of stopped sessions back to the system. glibc keeps freed memory in
+/// its arenas for reuse and returns it only when the top of an arena is free, so after a
+/// mass stop most of what the sessions used stayed in the process (measured with
+/// `wa-footprint`, BENCHMARKS.md). A stop asks for a `malloc_trim` on the blocking pool,
+/// at most one per second however many sessions stop together.
+fn release_freed_memory_soon() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::sync::atomic::AtomicBool;
+        static PENDING: AtomicBool = AtomicBool::new(false);
+        if PENDING.swap(true, Ordering::SeqCst) {
+            return; // a trim is already due
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            PENDING.store(false, Ordering::SeqCst);
+            return;
+        };
+        runtime.spawn(async {
+            // Aborted tasks drop their part of the client at their next poll: wait for
+            // them, and for the rest of a mass stop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            PENDING.store(false, Ordering::SeqCst);
+            let _ = tokio::task::spawn_blocking(|| {
+                // SAFETY: malloc_trim only walks glibc's own arenas; it is thread-safe.
+                unsafe { libc::malloc_trim(0) }
+            })
+            .await;
+        });
+    }
+}
+
+impl Drop for WhatsAppConnection {
+    /// A session killed (watchdog, kill deadline) or failed never gets `close`: the
+    /// tasks are ended here, without the disconnect's flush.
+    fn drop(&mut self) {
+        self.end_tasks();
+    }
+}
+
+/// `15551234567` → its user JID; a full JID is taken as it is.
+fn recipient(to: &str) -> Result<Jid, LinkError> {
+    let jid = if to.contains('@') {
+        to.to_string()
+    } else {
+        format!("{to}@s.whatsapp.net")
+    };
+    jid.parse::<Jid>()
+        .map_err(|e| LinkError::new(format!("'{to}' is not a WhatsApp recipient: {e}")))
+}
+
+impl LinkConnection for WhatsAppConnection {
+    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+        let client = self.client.clone();
+        let to = recipient(to);
+        let text = text.to_string();
+        Box::pin(async move {
+            let to = to?;
+            client
+                .send_message(to, wa::Message::text(text))
+                .await
+                .map(|sent| sent.message_id)
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+        })
+    }
+
+    fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
+        Box::pin(async move {
+            self.shared.closing.store(true, Ordering::SeqCst);
+            if !self.shared.paired.load(Ordering::SeqCst) {
+                self.client.disconnect().await;
+                return Err(LinkError::new(
+                    "the session was never paired, so there was no linked device to remove",
+                ));
+            }
+            if !self.client.is_connected() {
+                return Err(LinkError::new(
+                    "not connected to WhatsApp, so the device could not be unlinked; \
+                     remove it under Linked Devices on the phone",
+                ));
+            }
+            self.client.logout().await;
+            Ok(())
+        })
+    }
+
+    /// Disconnects (the client flushes its receipts and device state, closes the socket
+    /// and clears its connection state), waits for the run loop to end, then ends every
+    /// task the client still has.
+    fn close(&mut self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.shared.closing.store(true, Ordering::SeqCst);
+            if let Some(m) = self.manager.take() {
+                m.abort();
+            }
+            if tokio::time::timeout(DISCONNECT_WAIT, self.client.disconnect())
+                .await
+                .is_err()
+            {
+                tracing::warn!(user_id = %self.shared.user_id, "the WhatsApp client did not disconnect in time; its tasks are ended");
+            }
+            let _ = tokio::time::timeout(RUN_LOOP_WAIT, &mut self.watcher).await;
+            self.end_tasks();
+        })
+    }
+}

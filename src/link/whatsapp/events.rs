@@ -1,0 +1,299 @@
+//! The client's events, as the session hears them: `LinkEvent`s, received messages, and
+//! the state the pairing manager and the watcher share with the event handler.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use whatsapp_rust::prelude::*;
+
+use botvisor_actors::{now_ms, EventSink, LinkEvent, PairingQr};
+
+use super::pairing::is_lasting;
+
+/// A received message as botvisor reports it (`None` for the account's own messages).
+pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMessage> {
+    if m.info.source.is_from_me {
+        return None;
+    }
+    let text = m.message.text_content().map(str::to_string);
+    Some(botvisor_actors::InboundMessage {
+        id: m.info.id.to_string(),
+        from: m.info.source.sender.to_string(),
+        chat: m.info.source.chat.to_string(),
+        timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
+        kind: message_kind(&m.message, text.is_some()).into(),
+        text,
+    })
+}
+
+/// `ABCD1234` → `ABCD-1234` (as WhatsApp shows it and the LD7 API documents it).
+pub fn format_code(code: &str) -> String {
+    if code.len() == 8 && code.is_ascii() {
+        format!("{}-{}", &code[..4], &code[4..])
+    } else {
+        code.to_string()
+    }
+}
+
+/// What the event handler, the pairing manager and the watcher share.
+pub(super) struct Shared {
+    pub(super) user_id: String,
+    pub(super) events: EventSink,
+    pub(super) builtin_commands: bool,
+    pub(super) started: Instant,
+    /// Paired (pair-success seen, or the store already had an account).
+    pub(super) paired: AtomicBool,
+    /// A terminal event was reported: the run loop's end is expected.
+    pub(super) terminal: AtomicBool,
+    /// We are closing or logging out: events and the run loop's end are expected.
+    pub(super) closing: AtomicBool,
+    /// Wakes the pairing manager (refresh requested, reconnect, paired).
+    pub(super) refresh: Notify,
+    /// Received messages reach the store through the durability hook, not as events.
+    pub(super) durable_inbound: bool,
+}
+
+impl Shared {
+    /// A connect attempt failed. An unpaired session reports it: a lasting cause ends a
+    /// create waiting for its first code at once, and any cause becomes `lastError` (so a
+    /// create that times out says why). A paired session's drop was already reported by
+    /// the client's own `Disconnected`; its retries are the client's business.
+    pub(super) fn connect_failed(&self, error: &str) {
+        if self.closing.load(Ordering::SeqCst) || self.paired.load(Ordering::SeqCst) {
+            return;
+        }
+        let message = format!("cannot reach WhatsApp: {error}");
+        if is_lasting(error) {
+            self.events.emit(LinkEvent::PairingRejected {
+                message,
+                throttled: false,
+            });
+        } else {
+            self.events
+                .emit(LinkEvent::Disconnected { reason: message });
+        }
+    }
+
+    fn emit_terminal(&self, event: LinkEvent) {
+        if self.closing.load(Ordering::SeqCst) || self.terminal.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.events.emit(event);
+    }
+
+    fn on_event(self: &Arc<Self>, event: &Event, client: &Arc<Client>) {
+        match event {
+            Event::Messages(batch) => {
+                for m in batch.iter() {
+                    self.on_message(m, client);
+                }
+            }
+            Event::Receipt(r) if !r.source.is_from_me => self.on_receipt(r),
+            Event::SelfPushNameUpdated(u) if client.is_connected() => {
+                self.events.emit(LinkEvent::Online {
+                    name: Some(u.new_name.clone()).filter(|n| !n.is_empty()),
+                })
+            }
+            _ => {
+                let _ = self.on_connection_event(event, client) || self.on_refusal(event);
+            }
+        }
+    }
+
+    /// Connecting, pairing and disconnecting; false when `event` is none of those.
+    fn on_connection_event(&self, event: &Event, client: &Arc<Client>) -> bool {
+        match event {
+            Event::Connected(_) => {
+                self.paired.store(true, Ordering::SeqCst);
+                self.refresh.notify_one();
+                let name = Some(client.push_name()).filter(|n| !n.is_empty());
+                self.events.emit(LinkEvent::Online { name });
+            }
+            Event::PairSuccess(_) => {
+                tracing::info!(user_id = %self.user_id, "paired with the phone");
+                self.paired.store(true, Ordering::SeqCst);
+                self.refresh.notify_one();
+                self.events.emit(LinkEvent::Connecting);
+            }
+            Event::PairError(e) => {
+                tracing::warn!(user_id = %self.user_id, error = %e.error, "pairing failed");
+            }
+            Event::Disconnected(d) => {
+                if !self.closing.load(Ordering::SeqCst) {
+                    self.events.emit(LinkEvent::Disconnected {
+                        reason: format!("disconnected from WhatsApp: {}", d.reason),
+                    });
+                }
+                // A pairing code does not survive a reconnect: the manager asks again.
+                self.refresh.notify_one();
+            }
+            Event::PairingCodeRefresh(_) => self.refresh.notify_one(),
+            Event::PairingQrCode(qr) if !self.paired.load(Ordering::SeqCst) => {
+                self.events.emit(LinkEvent::PairingQr(PairingQr {
+                    data: qr.code.clone(),
+                    expires_at_ms: now_ms() + qr.timeout.as_millis() as u64,
+                }))
+            }
+            Event::PairingQrCodesExhausted(q) => {
+                // WhatsApp rotates a handful of QR codes per connection; the pairing code
+                // flow goes on, and the next reconnect brings new QR codes.
+                tracing::info!(user_id = %self.user_id, disconnected = q.disconnected, "QR codes exhausted for this connection");
+            }
+            _ => return false,
+        }
+        true
+    }
+
+    /// WhatsApp ending or refusing the session (logged out, replaced, banned, outdated,
+    /// refused); false when `event` is none of those.
+    fn on_refusal(&self, event: &Event) -> bool {
+        match event {
+            Event::LoggedOut(lo) => self.emit_terminal(LinkEvent::LoggedOut {
+                reason: format!("{:?}", lo.reason),
+            }),
+            Event::StreamReplaced(_) => self.emit_terminal(LinkEvent::Replaced {
+                reason: "WhatsApp replaced this connection (stream conflict)".into(),
+            }),
+            Event::TemporaryBan(ban) => {
+                let secs = ban.expire.num_seconds().max(0) as u64;
+                let until = crate::timefmt::iso(now_ms() + secs * 1000);
+                self.emit_terminal(LinkEvent::Banned {
+                    reason: format!("temporary ban ({}) for {secs} s, until {until}", ban.code),
+                })
+            }
+            Event::ClientOutdated(_) => self.emit_terminal(LinkEvent::Crashed {
+                error: "WhatsApp says this client version is outdated; set a newer --wa-version"
+                    .into(),
+            }),
+            Event::ConnectFailure(f) if !f.reason.should_reconnect() => {
+                self.emit_terminal(LinkEvent::Crashed {
+                    error: format!(
+                        "WhatsApp refused the connection: {:?}{}",
+                        f.reason,
+                        f.message
+                            .as_deref()
+                            .map(|m| format!(" ({m})"))
+                            .unwrap_or_default()
+                    ),
+                })
+            }
+            Event::ConnectFailure(f) => self.events.emit(LinkEvent::Disconnected {
+                reason: format!("WhatsApp is unavailable ({:?}); reconnecting", f.reason),
+            }),
+            _ => return false,
+        }
+        true
+    }
+
+    /// A delivery, read or played receipt from someone else.
+    fn on_receipt(&self, r: &whatsapp_rust::types::events::Receipt) {
+        use botvisor_actors::ReceiptStatus;
+        use whatsapp_rust::wacore::types::presence::ReceiptType;
+        let status = match r.r#type {
+            ReceiptType::Delivered | ReceiptType::Inactive => ReceiptStatus::Delivered,
+            ReceiptType::Read => ReceiptStatus::Read,
+            ReceiptType::Played => ReceiptStatus::Played,
+            _ => return,
+        };
+        self.events
+            .emit(LinkEvent::Receipt(botvisor_actors::Receipt {
+                message_ids: r.message_ids.iter().map(|id| id.to_string()).collect(),
+                by: r.source.sender.to_string(),
+                status,
+                timestamp_ms: r.timestamp.timestamp_millis().max(0) as u64,
+            }));
+    }
+
+    /// A received message: reported to the session (for its webhooks), logged without
+    /// its text; `!ping` answers `pong`.
+    fn on_message(&self, m: &InboundMessage, client: &Arc<Client>) {
+        tracing::debug!(user_id = %self.user_id, from_me = m.info.source.is_from_me, "message received");
+        let Some(msg) = received(m) else {
+            return;
+        };
+        if !self.durable_inbound {
+            self.events.emit(LinkEvent::Message(msg));
+        }
+        if !self.builtin_commands {
+            return;
+        }
+        let Some(reply) = m
+            .message
+            .text_content()
+            .and_then(|t| super::super::builtin_reply(t, self.started.elapsed()))
+        else {
+            return;
+        };
+        let chat = m.info.source.chat.clone();
+        let client = client.clone();
+        let user_id = self.user_id.clone();
+        tokio::spawn(async move {
+            if let Err(e) = client.send_message(chat, wa::Message::text(reply)).await {
+                tracing::warn!(%user_id, error = %e, "could not answer !ping");
+            }
+        });
+    }
+}
+
+/// A received message's kind, from its content (the stanza's `type`/`mediatype`
+/// attributes are often absent): one of a small fixed set, so it can label a metric.
+pub fn message_kind(m: &wa::Message, has_text: bool) -> &'static str {
+    if has_text {
+        return "text";
+    }
+    let m = m.get_base_message();
+    let set = [
+        (m.image_message.is_set(), "image"),
+        (m.video_message.is_set() || m.ptv_message.is_set(), "video"),
+        (m.audio_message.is_set(), "audio"),
+        (
+            m.document_message.is_set() || m.document_with_caption_message.is_set(),
+            "document",
+        ),
+        (
+            m.sticker_message.is_set() || m.lottie_sticker_message.is_set(),
+            "sticker",
+        ),
+        (
+            m.location_message.is_set() || m.live_location_message.is_set(),
+            "location",
+        ),
+        (
+            m.contact_message.is_set() || m.contacts_array_message.is_set(),
+            "contact",
+        ),
+        (
+            m.reaction_message.is_set() || m.enc_reaction_message.is_set(),
+            "reaction",
+        ),
+        (
+            m.poll_creation_message.is_set()
+                || m.poll_creation_message_v2.is_set()
+                || m.poll_creation_message_v3.is_set()
+                || m.poll_update_message.is_set(),
+            "poll",
+        ),
+        (m.protocol_message.is_set(), "protocol"),
+    ];
+    set.iter()
+        .find(|(present, _)| *present)
+        .map_or("other", |(_, kind)| kind)
+}
+
+/// Runs inline on the client's dispatch path, so a terminal event is recorded before the
+/// client's run loop can end (the watcher then knows the end was expected). It only flips
+/// flags and casts to the session actor; slow work (replies) goes to its own task.
+pub(super) struct InlineHandler {
+    pub(super) shared: Arc<Shared>,
+    pub(super) client: Arc<OnceLock<Weak<Client>>>,
+}
+
+impl EventHandler for InlineHandler {
+    fn handle_event(&self, event: Arc<Event>) {
+        if let Some(client) = self.client.get().and_then(Weak::upgrade) {
+            self.shared.on_event(&event, &client);
+        }
+    }
+}

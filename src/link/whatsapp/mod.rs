@@ -1,0 +1,341 @@
+//! `WhatsAppLink`: the real network, on the `whatsapp-rust` crate.
+//!
+//! One `Bot` per session over its key store (`credentials`: its own `SqliteStore` file,
+//! `<data-dir>/sessions/<id>.db`, or its rows in PostgreSQL).
+//! The client's events become `LinkEvent`s; a small pairing manager keeps a live pairing
+//! code while the session is unpaired (a code lives 180 s, is void after a reconnect, and
+//! WhatsApp may ask for a refresh); a watcher reports the client's run loop ending
+//! unexpectedly as a crash.
+mod connection;
+mod events;
+mod pairing;
+mod tasks;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use whatsapp_rust::prelude::*;
+use whatsapp_rust::transport::{
+    TokioWebSocketTransportFactory, Transport, TransportEvent, TransportFactory,
+};
+
+use botvisor_actors::{
+    BoxFuture, Connection as LinkConnection, EventSink, Link, LinkError, LinkEvent, Persistence,
+    SessionSpec,
+};
+
+pub use connection::WhatsAppConnection;
+pub use events::{format_code, message_kind};
+
+use super::credentials::Credentials;
+use events::{received, InlineHandler, Shared};
+use pairing::pairing_manager;
+use tasks::SessionTasks;
+
+/// WhatsApp's pairing code validity.
+pub const CODE_VALIDITY: Duration = Duration::from_secs(180);
+/// Ask for a fresh code this long before the old one expires.
+const REFRESH_MARGIN: Duration = Duration::from_secs(5);
+/// How long to wait for the client's socket before trying again.
+const SOCKET_WAIT: Duration = Duration::from_secs(30);
+/// Retry delay after a throttled pairing request when WhatsApp gives none.
+const THROTTLE_RETRY: Duration = Duration::from_secs(60);
+/// How long a stop waits for the client's own disconnect (it flushes receipts and the
+/// device state, each bounded by 5 s inside whatsapp-rust) before its tasks are ended.
+const DISCONNECT_WAIT: Duration = Duration::from_secs(8);
+/// How long a stop waits for the run loop to end after the disconnect.
+const RUN_LOOP_WAIT: Duration = Duration::from_secs(2);
+
+/// How the WhatsApp link is set up.
+#[derive(Debug, Clone)]
+pub struct WhatsAppSettings {
+    /// The WhatsApp Web version to announce (no HTTP fetch at start).
+    pub version: (u32, u32, u32),
+    /// WebSocket URL; `None` is WhatsApp's own server.
+    pub url: Option<String>,
+    /// Answer `!ping` with `pong` and the uptime.
+    pub builtin_commands: bool,
+}
+
+/// A WhatsApp Web version that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a version such as 2.3000.1042742319")]
+pub struct VersionError(String);
+
+/// Parses `2.3000.1042742319`.
+pub fn parse_version(s: &str) -> Result<(u32, u32, u32), VersionError> {
+    let parts: Vec<&str> = s.trim().split('.').collect();
+    match parts.as_slice() {
+        [a, b, c] => match (a.parse(), b.parse(), c.parse()) {
+            (Ok(a), Ok(b), Ok(c)) => Ok((a, b, c)),
+            _ => Err(VersionError(s.to_string())),
+        },
+        _ => Err(VersionError(s.to_string())),
+    }
+}
+
+/// The real WhatsApp link.
+pub struct WhatsAppLink {
+    credentials: Credentials,
+    settings: WhatsAppSettings,
+    /// Where received messages are made durable before WhatsApp is told they arrived.
+    inbound: OnceLock<Arc<dyn Persistence>>,
+}
+
+impl WhatsAppLink {
+    /// A link storing credentials under `data_dir`.
+    pub fn new(data_dir: PathBuf, settings: WhatsAppSettings) -> WhatsAppLink {
+        WhatsAppLink::with_credentials(Credentials::Files { data_dir }, settings)
+    }
+
+    /// A link keeping credentials in `credentials`.
+    pub fn with_credentials(credentials: Credentials, settings: WhatsAppSettings) -> WhatsAppLink {
+        WhatsAppLink {
+            credentials,
+            settings,
+            inbound: OnceLock::new(),
+        }
+    }
+
+    /// Where the sessions' keys are.
+    pub fn credentials(&self) -> &Credentials {
+        &self.credentials
+    }
+
+    /// Received messages go to `store` (their `message.received` events), durably,
+    /// before the client acknowledges them to WhatsApp: a crash or a failed commit
+    /// leaves them unacknowledged, and WhatsApp delivers them again on the next connect
+    /// (whatsapp-rust's inbound durability hook). Sessions connected later use it.
+    pub fn keep_inbound_in(&self, store: Arc<dyn Persistence>) {
+        let _ = self.inbound.set(store);
+    }
+}
+
+/// whatsapp-rust's inbound durability hook: a batch of received messages is handed to
+/// the store and committed before the client acks them; an `Err` (the disk failing)
+/// keeps them unacked, so WhatsApp redelivers them (the store's event ids are derived
+/// from the message, so a redelivery repeats the same `X-Botvisor-Event-Id`).
+struct DurableInbound {
+    shared: Arc<Shared>,
+    store: Arc<dyn Persistence>,
+}
+
+#[async_trait::async_trait]
+impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInbound {
+    async fn on_messages(
+        &self,
+        _client: Arc<Client>,
+        batch: &[InboundMessage],
+    ) -> anyhow::Result<()> {
+        for m in batch {
+            if let Some(msg) = received(m) {
+                self.store.inbound(&self.shared.user_id, &msg);
+            }
+        }
+        self.store
+            .flush()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot keep the received messages: {e}"))
+    }
+}
+
+/// The client's transport factory, watched: a failed connect is reported to the session
+/// (the client itself only logs it, then retries).
+struct WatchedTransport {
+    inner: TokioWebSocketTransportFactory,
+    shared: Arc<Shared>,
+}
+
+#[async_trait::async_trait]
+impl TransportFactory for WatchedTransport {
+    async fn create_transport(
+        &self,
+    ) -> Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>), anyhow::Error> {
+        let result = self.inner.create_transport().await;
+        if let Err(e) = &result {
+            self.shared.connect_failed(&format!("{e:#}"));
+        }
+        result
+    }
+}
+
+/// One session's whatsapp-rust client, not running yet: over `store`, its tasks on
+/// `tasks`, its transport watched, its events handled inline (with a weak handle on the
+/// client it makes), received messages made durable in `inbound` when set.
+async fn build_bot(
+    settings: &WhatsAppSettings,
+    store: Arc<dyn whatsapp_rust::wacore::store::traits::Backend>,
+    shared: &Arc<Shared>,
+    inbound: Option<Arc<dyn Persistence>>,
+    tasks: SessionTasks,
+) -> Result<Bot, String> {
+    let transport = WatchedTransport {
+        inner: match &settings.url {
+            Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
+            None => TokioWebSocketTransportFactory::new(),
+        },
+        shared: shared.clone(),
+    };
+    let handler = InlineHandler {
+        shared: shared.clone(),
+        client: Arc::new(OnceLock::new()),
+    };
+    let client_slot = handler.client.clone();
+    let mut builder = Bot::builder()
+        .with_runtime(tasks)
+        .with_backend_arc(store)
+        .with_transport_factory(transport)
+        .with_version(settings.version)
+        .with_event_handler(handler);
+    if let Some(store) = inbound {
+        builder = builder.with_inbound_durability_hook(DurableInbound {
+            shared: shared.clone(),
+            store,
+        });
+    }
+    let bot = builder.build().await.map_err(|e| e.to_string())?;
+    let _ = client_slot.set(Arc::downgrade(&bot.client()));
+    Ok(bot)
+}
+
+impl Link for WhatsAppLink {
+    fn name(&self) -> &'static str {
+        "whatsapp"
+    }
+
+    fn connect(
+        &self,
+        spec: SessionSpec,
+        events: EventSink,
+    ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
+        let path = self.credentials.describe(&spec.user_id);
+        let store = self.credentials.open(&spec.user_id);
+        let settings = self.settings.clone();
+        let inbound = self.inbound.get().cloned();
+        Box::pin(async move {
+            let store = store.await?;
+            let shared = Arc::new(Shared {
+                user_id: spec.user_id.clone(),
+                events,
+                builtin_commands: settings.builtin_commands,
+                started: Instant::now(),
+                paired: AtomicBool::new(false),
+                terminal: AtomicBool::new(false),
+                closing: AtomicBool::new(false),
+                refresh: Notify::new(),
+                durable_inbound: inbound.is_some(),
+            });
+            let tasks = SessionTasks::default();
+            let bot = build_bot(&settings, store, &shared, inbound, tasks.clone())
+                .await
+                .map_err(|e| {
+                    super::credential_error("cannot build the WhatsApp client", &path, &e)
+                })?;
+            let client = bot.client();
+            let paired = client.pn().is_some();
+            shared.paired.store(paired, Ordering::SeqCst);
+            let handle = bot.spawn();
+            if paired {
+                shared.events.emit(LinkEvent::Connecting);
+            }
+            let manager = (!paired).then(|| {
+                tokio::spawn(pairing_manager(
+                    client.clone(),
+                    shared.clone(),
+                    spec.phone_number.clone(),
+                ))
+            });
+            let watched = shared.clone();
+            let watcher = tokio::spawn(async move {
+                handle.await;
+                if !watched.closing.load(Ordering::SeqCst)
+                    && !watched.terminal.load(Ordering::SeqCst)
+                {
+                    watched.events.emit(LinkEvent::Crashed {
+                        error: "the WhatsApp client stopped unexpectedly".into(),
+                    });
+                }
+            });
+            Ok(Box::new(WhatsAppConnection {
+                client,
+                shared,
+                watcher,
+                manager,
+                tasks,
+            }) as Box<dyn LinkConnection>)
+        })
+    }
+
+    fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
+        self.credentials.remove(user_id)
+    }
+
+    fn files_per_session(&self) -> u32 {
+        // The key store's (`.db`, `-wal` and `-shm` for a file), and the socket.
+        self.credentials.files_per_session() + 1
+    }
+
+    /// Each session holds its store (3 descriptors) and a socket: refuse a new one
+    /// clearly before the process runs out.
+    fn admit(&self) -> Result<(), LinkError> {
+        crate::limits::check_headroom().map_err(|e| LinkError::new(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pairing::is_lasting;
+    use super::*;
+
+    #[test]
+    fn a_messages_kind_comes_from_its_content_through_wrappers() {
+        use whatsapp_rust::buffa::MessageField;
+        assert_eq!(message_kind(&wa::Message::default(), true), "text");
+        assert_eq!(message_kind(&wa::Message::default(), false), "other");
+        let image = wa::Message {
+            image_message: MessageField::some(Default::default()),
+            ..Default::default()
+        };
+        assert_eq!(message_kind(&image, false), "image");
+        let location = wa::Message {
+            location_message: MessageField::some(Default::default()),
+            ..Default::default()
+        };
+        let ephemeral = wa::Message {
+            ephemeral_message: MessageField::some(wa::message::FutureProofMessage {
+                message: MessageField::some(location),
+            }),
+            ..Default::default()
+        };
+        assert_eq!(message_kind(&ephemeral, false), "location");
+    }
+
+    #[test]
+    fn lasting_connect_errors_are_told_from_passing_ones() {
+        assert!(is_lasting("IO error: Connection refused (os error 111)"));
+        assert!(is_lasting(
+            "failed to lookup address information: Name or service not known"
+        ));
+        assert!(!is_lasting("operation timed out"));
+        assert!(!is_lasting("TLS handshake eof"));
+    }
+
+    #[test]
+    fn codes_are_shown_with_a_dash() {
+        assert_eq!(format_code("ABCD1234"), "ABCD-1234");
+        assert_eq!(format_code("odd"), "odd");
+    }
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(
+            parse_version("2.3000.1042742319"),
+            Ok((2, 3000, 1042742319))
+        );
+        assert!(parse_version("2.3000").is_err());
+        assert!(parse_version("a.b.c").is_err());
+    }
+}
