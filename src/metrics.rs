@@ -138,51 +138,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("botvisor");
         let messages = MessageCounts::default();
         let webhooks = WebhookCounts::default();
-        registry.register(
-            "messages_received",
-            "Messages received, by kind",
-            messages.received.clone(),
-        );
-        registry.register(
-            "messages_sent",
-            "Messages sent through the API that the link took",
-            messages.sent.clone(),
-        );
-        registry.register(
-            "messages_failed",
-            "Messages sent through the API that the link refused",
-            messages.failed.clone(),
-        );
-        registry.register(
-            "webhook_deliveries",
-            "Webhook attempts answered 2xx",
-            webhooks.delivered.clone(),
-        );
-        registry.register(
-            "webhook_failed_attempts",
-            "Webhook attempts that failed (timeout, refused, non-2xx)",
-            webhooks.failed.clone(),
-        );
-        registry.register(
-            "webhook_dead_letters",
-            "Webhook deliveries that gave up (GET /api/webhooks/dead)",
-            webhooks.dead.clone(),
-        );
-        registry.register(
-            "webhook_dropped_events",
-            "Events not queued because the webhook backlog was full",
-            webhooks.dropped.clone(),
-        );
-        registry.register(
-            "webhook_backlog",
-            "Webhook deliveries waiting on disk",
-            webhooks.backlog.clone(),
-        );
-        registry.register(
-            "webhook_receivers_down",
-            "Webhook receivers taken for down (one probe at a time tries each)",
-            webhooks.receivers_down.clone(),
-        );
+        register_counts(&mut registry, &messages, &webhooks);
         let http_requests = Family::<HttpLabels, Counter>::default();
         let http_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
             Histogram::new(exponential_buckets(0.0001, 4.0, 10))
@@ -196,49 +152,20 @@ impl Metrics {
         let (restarts, disconnects) = (Gauge::default(), Gauge::default());
         let (open_fds, fd_limit, session_capacity) =
             (Gauge::default(), Gauge::default(), Gauge::default());
-        registry.register(
-            "http_requests",
-            "HTTP requests answered, by route, method and status",
-            http_requests.clone(),
-        );
-        registry.register(
-            "http_request_duration_seconds",
-            "Time to answer an HTTP request, by route",
-            http_seconds.clone(),
-        );
-        registry.register(
-            "store_commit_duration_seconds",
-            "Time of one group commit of the session store (fsync included)",
-            store_commit_seconds.clone(),
-        );
-        registry.register(
-            "crash_to_online_seconds",
-            "Time from a session's crash (or drop) to it being online again",
-            recovery_seconds.clone(),
-        );
-        registry.register(
-            "supervisor_answer_seconds",
-            "Time the supervisor took to answer at the last scrape (its mailbox backlog, in time)",
-            supervisor_seconds.clone(),
-        );
-        registry.register("sessions", "Sessions by state", sessions.clone());
-        registry.register(
-            "session_restarts",
-            "Automatic restarts of the current sessions since their last start, summed",
-            restarts.clone(),
-        );
-        registry.register(
-            "session_disconnects",
-            "Connection drops the current sessions recovered from, summed",
-            disconnects.clone(),
-        );
-        registry.register("open_fds", "Open file descriptors", open_fds.clone());
-        registry.register("fd_limit", "The open-files limit", fd_limit.clone());
-        registry.register(
-            "session_capacity",
-            "Sessions the open-files limit allows on this link (-1: no per-session descriptors)",
-            session_capacity.clone(),
-        );
+        Fleet {
+            http_requests: &http_requests,
+            http_seconds: &http_seconds,
+            store_commit_seconds: &store_commit_seconds,
+            recovery_seconds: &recovery_seconds,
+            supervisor_seconds: &supervisor_seconds,
+            sessions: &sessions,
+            restarts: &restarts,
+            disconnects: &disconnects,
+            open_fds: &open_fds,
+            fd_limit: &fd_limit,
+            session_capacity: &session_capacity,
+        }
+        .register(&mut registry);
         registry.register(
             "build",
             "The running build",
@@ -329,5 +256,122 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+}
+
+/// Registers the message and webhook counters.
+fn register_counts(registry: &mut Registry, messages: &MessageCounts, webhooks: &WebhookCounts) {
+    registry.register(
+        "messages_received",
+        "Messages received, by kind",
+        messages.received.clone(),
+    );
+    let plain: [(&str, &str, &Counter); 6] = [
+        (
+            "messages_sent",
+            "Messages sent through the API that the link took",
+            &messages.sent,
+        ),
+        (
+            "messages_failed",
+            "Messages sent through the API that the link refused",
+            &messages.failed,
+        ),
+        (
+            "webhook_deliveries",
+            "Webhook attempts answered 2xx",
+            &webhooks.delivered,
+        ),
+        (
+            "webhook_failed_attempts",
+            "Webhook attempts that failed (timeout, refused, non-2xx)",
+            &webhooks.failed,
+        ),
+        (
+            "webhook_dead_letters",
+            "Webhook deliveries that gave up (GET /api/webhooks/dead)",
+            &webhooks.dead,
+        ),
+        (
+            "webhook_dropped_events",
+            "Events not queued because the webhook backlog was full",
+            &webhooks.dropped,
+        ),
+    ];
+    for (name, help, counter) in plain {
+        registry.register(name, help, counter.clone());
+    }
+    registry.register(
+        "webhook_backlog",
+        "Webhook deliveries waiting on disk",
+        webhooks.backlog.clone(),
+    );
+    registry.register(
+        "webhook_receivers_down",
+        "Webhook receivers taken for down (one probe at a time tries each)",
+        webhooks.receivers_down.clone(),
+    );
+}
+
+/// The fleet's metrics, to register.
+struct Fleet<'a> {
+    http_requests: &'a Family<HttpLabels, Counter>,
+    http_seconds: &'a Family<RouteLabels, Histogram>,
+    store_commit_seconds: &'a Histogram,
+    recovery_seconds: &'a Histogram,
+    supervisor_seconds: &'a Gauge<f64, std::sync::atomic::AtomicU64>,
+    sessions: &'a Family<StateLabels, Gauge>,
+    restarts: &'a Gauge,
+    disconnects: &'a Gauge,
+    open_fds: &'a Gauge,
+    fd_limit: &'a Gauge,
+    session_capacity: &'a Gauge,
+}
+
+impl Fleet<'_> {
+    fn register(self, registry: &mut Registry) {
+        registry.register(
+            "http_requests",
+            "HTTP requests answered, by route, method and status",
+            self.http_requests.clone(),
+        );
+        registry.register(
+            "http_request_duration_seconds",
+            "Time to answer an HTTP request, by route",
+            self.http_seconds.clone(),
+        );
+        registry.register(
+            "store_commit_duration_seconds",
+            "Time of one group commit of the session store (fsync included)",
+            self.store_commit_seconds.clone(),
+        );
+        registry.register(
+            "crash_to_online_seconds",
+            "Time from a session's crash (or drop) to it being online again",
+            self.recovery_seconds.clone(),
+        );
+        registry.register(
+            "supervisor_answer_seconds",
+            "Time the supervisor took to answer at the last scrape (its mailbox backlog, in time)",
+            self.supervisor_seconds.clone(),
+        );
+        registry.register("sessions", "Sessions by state", self.sessions.clone());
+        registry.register(
+            "session_restarts",
+            "Automatic restarts of the current sessions since their last start, summed",
+            self.restarts.clone(),
+        );
+        registry.register(
+            "session_disconnects",
+            "Connection drops the current sessions recovered from, summed",
+            self.disconnects.clone(),
+        );
+        registry.register("open_fds", "Open file descriptors", self.open_fds.clone());
+        registry.register("fd_limit", "The open-files limit", self.fd_limit.clone());
+        registry.register(
+            "session_capacity",
+            "Sessions the open-files limit allows on this link (-1: no per-session descriptors)",
+            self.session_capacity.clone(),
+        );
     }
 }

@@ -90,6 +90,69 @@ impl SessionActorState {
         }
         myself.stop(None);
     }
+
+    /// Injects a fault into the connection (simulated link only) and answers; a panic
+    /// or a hang is answered first, then done.
+    async fn inject(&mut self, fault: Fault, reply: RpcReplyPort<Result<(), CmdError>>) {
+        let effect = match self.conn.as_mut() {
+            Some(conn) => conn.inject(fault),
+            None => Err(crate::link::LinkError::new("the link is not connected")),
+        };
+        match effect {
+            Err(e) => {
+                let _ = reply.send(Err(CmdError::Conflict(e.message().to_string())));
+            }
+            Ok(FaultEffect::Handled) => {
+                let _ = reply.send(Ok(()));
+            }
+            Ok(FaultEffect::Panic) => {
+                let _ = reply.send(Ok(()));
+                panic!(
+                    "injected fault: panic in session {}",
+                    self.args.spec.user_id
+                );
+            }
+            Ok(FaultEffect::Hang) => {
+                let _ = reply.send(Ok(()));
+                tracing::warn!(user_id = %self.args.spec.user_id, "injected fault: session hangs");
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Sends on its own task (the actor keeps answering meanwhile); answers when the
+    /// network took the message or refused it.
+    fn send_text(&self, to: &str, text: &str, reply: RpcReplyPort<Result<String, CmdError>>) {
+        match self.conn.as_ref() {
+            Some(conn) => {
+                let sending = conn.send_text(to, text);
+                tokio::spawn(async move {
+                    let sent = sending
+                        .await
+                        .map_err(|e| CmdError::Upstream(e.message().to_string()));
+                    let _ = reply.send(sent);
+                });
+            }
+            None => {
+                let _ = reply.send(Err(CmdError::Conflict(
+                    "the session is not connected".into(),
+                )));
+            }
+        }
+    }
+
+    /// Unlinks the device, within the shutdown timeout; a warning when the network did
+    /// not confirm it.
+    async fn logout(&mut self) -> Option<String> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Some("the session was not connected".to_string());
+        };
+        match tokio::time::timeout(self.args.shutdown_timeout, conn.logout()).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("the network did not confirm the logout: {e}")),
+            Err(_) => Some("the network did not confirm the logout in time".to_string()),
+        }
+    }
 }
 
 impl Actor for SessionActor {
@@ -144,65 +207,10 @@ impl Actor for SessionActor {
                 LinkEvent::Banned { reason } => state.exit_with(&myself, ChildExit::Banned(reason)),
                 other => state.report(other),
             },
-            SessionMsg::Fault(fault, reply) => {
-                let effect = match state.conn.as_mut() {
-                    Some(conn) => conn.inject(fault),
-                    None => Err(crate::link::LinkError::new("the link is not connected")),
-                };
-                match effect {
-                    Err(e) => {
-                        let _ = reply.send(Err(CmdError::Conflict(e.message().to_string())));
-                    }
-                    Ok(FaultEffect::Handled) => {
-                        let _ = reply.send(Ok(()));
-                    }
-                    Ok(FaultEffect::Panic) => {
-                        let _ = reply.send(Ok(()));
-                        panic!(
-                            "injected fault: panic in session {}",
-                            state.args.spec.user_id
-                        );
-                    }
-                    Ok(FaultEffect::Hang) => {
-                        let _ = reply.send(Ok(()));
-                        tracing::warn!(user_id = %state.args.spec.user_id, "injected fault: session hangs");
-                        std::future::pending::<()>().await;
-                    }
-                }
-            }
-            SessionMsg::SendText { to, text, reply } => match state.conn.as_ref() {
-                // The send runs on its own task: the actor keeps answering meanwhile.
-                Some(conn) => {
-                    let sending = conn.send_text(&to, &text);
-                    tokio::spawn(async move {
-                        let sent = sending
-                            .await
-                            .map_err(|e| CmdError::Upstream(e.message().to_string()));
-                        let _ = reply.send(sent);
-                    });
-                }
-                None => {
-                    let _ = reply.send(Err(CmdError::Conflict(
-                        "the session is not connected".into(),
-                    )));
-                }
-            },
+            SessionMsg::Fault(fault, reply) => state.inject(fault, reply).await,
+            SessionMsg::SendText { to, text, reply } => state.send_text(&to, &text, reply),
             SessionMsg::Logout => {
-                let warning = match state.conn.as_mut() {
-                    Some(conn) => {
-                        match tokio::time::timeout(state.args.shutdown_timeout, conn.logout()).await
-                        {
-                            Ok(Ok(())) => None,
-                            Ok(Err(e)) => {
-                                Some(format!("the network did not confirm the logout: {e}"))
-                            }
-                            Err(_) => {
-                                Some("the network did not confirm the logout in time".to_string())
-                            }
-                        }
-                    }
-                    None => Some("the session was not connected".to_string()),
-                };
+                let warning = state.logout().await;
                 state.exit_with(&myself, ChildExit::LogoutDone(warning));
             }
         }
