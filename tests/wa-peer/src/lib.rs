@@ -167,6 +167,9 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// Commands a connection may have queued before it loses the oldest.
+    pub const COMMAND_BACKLOG: usize = 4096;
+
     /// Starts a peer on 127.0.0.1 with its own runtime.
     pub fn start() -> Peer {
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -174,7 +177,9 @@ impl Peer {
             .enable_all()
             .build()
             .expect("peer runtime");
-        let (commands, _) = broadcast::channel(64);
+        // Every connection sees every command; one that falls further behind than this
+        // loses the oldest (wa-throughput queues up to this many sends at once).
+        let (commands, _) = broadcast::channel(Self::COMMAND_BACKLOG);
         let inner = Arc::new(Inner {
             stats: Mutex::new(Stats::default()),
             reply: Mutex::new(PairReply::Ref),

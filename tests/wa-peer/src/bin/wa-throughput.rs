@@ -40,7 +40,8 @@ struct Args {
     /// Paired sessions the messages are spread over.
     #[arg(long, default_value_t = 10)]
     sessions: usize,
-    /// Messages sent, and then received.
+    /// Messages sent, and then received (at most 4096: the peer queues the received ones
+    /// all at once).
     #[arg(long, default_value_t = 1000)]
     messages: usize,
     /// Concurrent HTTP clients for the sends.
@@ -99,6 +100,12 @@ fn main() {
 fn run(args: &Args) -> Result<(), String> {
     if args.sessions == 0 || args.messages == 0 {
         return Err("--sessions and --messages must be at least 1".into());
+    }
+    if args.messages > Peer::COMMAND_BACKLOG {
+        return Err(format!(
+            "--messages is at most {}: the peer queues the inbound ones all at once",
+            Peer::COMMAND_BACKLOG
+        ));
     }
     let files = measure(args, &Keys::Files)?;
     let Some(server) = &args.database_url else {
