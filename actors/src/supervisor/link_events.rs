@@ -22,9 +22,13 @@ impl SupervisorState {
                 entry.rec.pairing = Some(code);
                 entry.rec.state = SessionState::Pairing;
                 entry.rec.updated_at_ms = now_ms();
-                let rec = entry.rec.clone();
-                entry.answer_creators(Ok(rec));
+                // Saved (into the read view) before the creators hear of it: a client that
+                // reads `GET .../pairing` right after its create must see the code.
                 self.save(user_id);
+                if let Some(entry) = self.sessions.get_mut(user_id) {
+                    let rec = entry.rec.clone();
+                    entry.answer_creators(Ok(rec));
+                }
             }
             // A QR code alone neither answers a create (its reply carries the code) nor
             // moves the state: `pairing` keeps meaning "a pairing code is out".
