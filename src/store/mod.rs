@@ -15,103 +15,27 @@
 //! transitions ride the next group commit, usually within a millisecond.
 
 pub mod backup;
+mod open;
 mod view;
+mod webhook;
 mod writer;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use botvisor_actors::{BoxFuture, Persistence, RestoreFn, SessionRecord, StorageError};
 
-use crate::db::{self, Engine, OutboxRow};
+use crate::db::{self, Engine};
 use crate::paths;
 use backup::{BackupError, BackupInfo, Backups};
 pub use db::{Event, EVENTS_KEPT};
 pub use view::{Counts, View};
 use writer::Queue;
 
-/// Where the session database lives. (Its `Debug` hides a password in a PostgreSQL URL.)
-#[derive(Clone, PartialEq, Eq)]
-pub enum Database {
-    /// A file.
-    File(PathBuf),
-    /// In memory (lost at exit; for experiments).
-    Memory,
-    /// A PostgreSQL database (`postgres://...`), through a pool of at most `pool_size`
-    /// connections for the rows.
-    Postgres {
-        /// The connection string as given.
-        url: String,
-        /// Connections for the rows, at most.
-        pool_size: usize,
-    },
-}
-
-impl std::fmt::Debug for Database {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Database::File(p) => f.debug_tuple("File").field(p).finish(),
-            Database::Memory => f.write_str("Memory"),
-            Database::Postgres { url, pool_size } => f
-                .debug_struct("Postgres")
-                .field("url", &redact_password(url))
-                .field("pool_size", pool_size)
-                .finish(),
-        }
-    }
-}
-
-/// A connection URL with its password, if any, replaced by `***`
-/// (`postgres://user:secret@host/db` → `postgres://user:***@host/db`).
-pub fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_string(),
-        },
-        None => url.to_string(),
-    }
-}
-
-impl Database {
-    /// Which engine: `sqlite` or `postgres`.
-    pub fn engine(&self) -> &'static str {
-        match self {
-            Database::File(_) | Database::Memory => "sqlite",
-            Database::Postgres { .. } => "postgres",
-        }
-    }
-}
-
-/// Why the store did not open.
-#[derive(Debug, thiserror::Error)]
-pub enum OpenError {
-    /// The database cannot be read or written.
-    #[error(transparent)]
-    Storage(#[from] StorageError),
-    /// Another botvisor serves this (PostgreSQL) database.
-    #[error(transparent)]
-    Taken(db::postgres::OpenError),
-    /// The data directory holds another link's sessions.
-    #[error(
-        "the data directory {data_dir} holds sessions of the {found} link, not {wanted}: \
-         start with --link {found} to run them, or use another --data-dir for the {wanted} link"
-    )]
-    OtherLink {
-        /// The data directory.
-        data_dir: String,
-        /// The link its sessions belong to.
-        found: String,
-        /// The link asked for.
-        wanted: &'static str,
-    },
-}
+use open::{claim_link, open_database, sweep};
+pub use open::{redact_password, Database, OpenError};
 
 /// Where the store keeps its files.
 #[derive(Debug, Clone)]
@@ -147,33 +71,6 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     backups: Backups,
     config: StoreConfig,
-}
-
-/// Removes what interrupted operations left behind (nothing runs yet at boot): credential
-/// files without a session row (a create or delete killed half-way), a restore's
-/// temporary file, backups of deleted sessions, half-written backups. Every such file is
-/// unreachable through the API; left alone it would be picked up by a later session of
-/// the same id.
-fn sweep(data_dir: &std::path::Path, backups: &Backups, boot: &[SessionRecord]) {
-    let known: std::collections::HashSet<&str> = boot.iter().map(|r| r.user_id.as_str()).collect();
-    let mut removed = backups.sweep(&known);
-    let sessions = paths::sessions_dir(data_dir);
-    for entry in std::fs::read_dir(&sessions).into_iter().flatten().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = paths::session_of_file(&name) else {
-            continue;
-        };
-        let leftover = !known.contains(id) || name.contains(".restoring");
-        if leftover && std::fs::remove_file(entry.path()).is_ok() {
-            removed += 1;
-        }
-    }
-    if removed > 0 {
-        tracing::info!(
-            files = removed,
-            "removed files left by interrupted operations"
-        );
-    }
 }
 
 impl Store {
@@ -234,107 +131,6 @@ impl Store {
         &self.view
     }
 
-    /// Queues a webhook event for every receiver (nothing without receivers). It commits
-    /// with whatever was queued before it, so with the change that caused it.
-    pub fn webhook(&self, user_id: &str, kind: &'static str, data: &str) {
-        self.webhook_as(user_id, kind, data, crate::webhooks::event_id());
-    }
-
-    /// As [`Store::webhook`], under a given event id (one derived from what happened, so
-    /// the same thing reported twice carries the same `X-Botvisor-Event-Id`).
-    fn webhook_as(&self, user_id: &str, kind: &'static str, data: &str, event_id: String) {
-        let Some(hooks) = &self.webhooks else {
-            return;
-        };
-        let urls = hooks.destinations(user_id);
-        if urls.is_empty() || !hooks.admit(urls.len() as u64) {
-            return;
-        }
-        let at_ms = botvisor_actors::now_ms();
-        let Some(body) = envelope(&event_id, kind, at_ms, data) else {
-            tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
-            return;
-        };
-        let rows = urls
-            .iter()
-            .map(|url| OutboxRow {
-                event_id: event_id.clone(),
-                destination: url.clone(),
-                user_id: user_id.to_string(),
-                kind,
-                body: body.clone(),
-                at_ms,
-            })
-            .collect();
-        self.queue.outbox(rows);
-    }
-
-    fn webhook_changes(&self, rec: &SessionRecord, published: crate::events::Changed) {
-        if let Some(state) = published.state {
-            self.webhook(&rec.user_id, "session.state", &state);
-        }
-        let codes = self
-            .webhooks
-            .as_ref()
-            .is_some_and(|w| w.settings.pairing_codes);
-        if let (Some(code), true) = (published.code, codes) {
-            self.webhook(&rec.user_id, "session.pairing_code", &code);
-        }
-    }
-
-    /// A message sent through the API (`Ok`: its id), or one that could not be.
-    pub fn message_event<E: std::fmt::Display>(
-        &self,
-        user_id: &str,
-        to: &str,
-        text: &str,
-        result: &Result<&String, E>,
-    ) {
-        if let Some(m) = &self.config.messages {
-            match result {
-                Ok(_) => m.sent.inc(),
-                Err(_) => m.failed.inc(),
-            };
-        }
-        if self.webhooks.is_none() {
-            return;
-        }
-        let at = crate::timefmt::iso(botvisor_actors::now_ms());
-        let (kind, data) = match result {
-            Ok(id) => (
-                "message.sent",
-                serde_json::json!({"userId": user_id, "messageId": id, "to": to, "text": text, "at": at}),
-            ),
-            Err(e) => (
-                "message.failed",
-                serde_json::json!({"userId": user_id, "to": to, "text": text, "error": e.to_string(), "at": at}),
-            ),
-        };
-        self.webhook(user_id, kind, &data.to_string());
-    }
-
-    /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Err` when no
-    /// `--webhook-secret` is configured (nothing could be signed).
-    pub async fn set_session_webhook(
-        &self,
-        user_id: &str,
-        url: Option<String>,
-    ) -> Result<bool, StorageError> {
-        let Some(hooks) = self.webhooks.clone() else {
-            return Ok(false);
-        };
-        let (id, stored) = (user_id.to_string(), url.clone());
-        self.on_reader(move |conn| conn.set_session_webhook(&id, stored.as_deref()))
-            .await?;
-        hooks.set_session_url(user_id, url);
-        Ok(true)
-    }
-
-    /// A session's own webhook receiver.
-    pub fn session_webhook(&self, user_id: &str) -> Option<String> {
-        self.webhooks.as_ref().and_then(|w| w.session_url(user_id))
-    }
-
     /// Runs `f` on the side connection, off the runtime.
     async fn on_reader<T: Send + 'static>(
         &self,
@@ -342,23 +138,6 @@ impl Store {
     ) -> Result<T, StorageError> {
         let reader = self.reader.clone();
         blocking(move || f(&mut **reader.lock().unwrap_or_else(|p| p.into_inner()))).await?
-    }
-
-    /// The webhook deliveries that gave up, oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<db::DeadLetter>, StorageError> {
-        self.on_reader(|conn| conn.dead_letters(1_000)).await
-    }
-
-    /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
-    pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
-        let event_id = event_id.to_string();
-        let revived = self
-            .on_reader(move |conn| conn.replay(&event_id, botvisor_actors::now_ms()))
-            .await?;
-        if let (Some(hooks), true) = (&self.webhooks, revived > 0) {
-            hooks.rescan();
-        }
-        Ok(revived)
     }
 
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
@@ -468,110 +247,6 @@ impl Store {
             let _ = tokio::task::spawn_blocking(move || w.close()).await;
         }
     }
-}
-
-/// A data directory belongs to one link: the first start records it, and a start with
-/// another link is refused (it would resume the old sessions under the new link and mix
-/// their credential files).
-fn claim_link(
-    conn: &mut dyn Engine,
-    config: &StoreConfig,
-    has_sessions: bool,
-) -> Result<(), OpenError> {
-    let found = match conn.setting("link")? {
-        Some(link) => Some(link),
-        // Data from before the link was recorded: tell it by a credential file.
-        None if has_sessions => link_of_credentials(&paths::sessions_dir(&config.data_dir)),
-        None => None,
-    };
-    match found {
-        Some(found) if found != config.link => Err(OpenError::OtherLink {
-            data_dir: config.data_dir.display().to_string(),
-            found,
-            wanted: config.link,
-        }),
-        Some(_) => Ok(()),
-        None => Ok(conn.set_setting("link", config.link)?),
-    }
-}
-
-/// The link whose credential files are in `dir`, told by their tables.
-fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
-    let file = std::fs::read_dir(dir)
-        .ok()?
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "db"))?;
-    let has = |table: &str| db::sqlite::has_table(&file, table);
-    if has("sim_credentials") {
-        Some("sim".into())
-    } else if has("device") {
-        Some("whatsapp".into())
-    } else {
-        None
-    }
-}
-
-/// A webhook body: `{"id", "event", "at", "data"}` with `data` (already JSON) kept as it
-/// is; `None` if `data` is not JSON.
-fn envelope(event_id: &str, kind: &str, at_ms: u64, data: &str) -> Option<String> {
-    #[derive(serde::Serialize)]
-    struct Envelope<'a> {
-        id: &'a str,
-        event: &'a str,
-        at: String,
-        data: &'a serde_json::value::RawValue,
-    }
-    let data: &serde_json::value::RawValue = serde_json::from_str(data).ok()?;
-    serde_json::to_string(&Envelope {
-        id: event_id,
-        event: kind,
-        at: crate::timefmt::iso(at_ms),
-        data,
-    })
-    .ok()
-}
-
-/// Opens (creating a file if needed, mode 0600) and migrates the database.
-fn open_database(database: &Database) -> Result<db::Location, OpenError> {
-    let (path, uri) = match database {
-        Database::Postgres { url, pool_size } => {
-            let config = db::postgres::PoolConfig {
-                pool_size: *pool_size,
-                ..Default::default()
-            };
-            return match db::postgres::Rows::open(url, config) {
-                Ok(rows) => Ok(db::Location::Postgres(rows)),
-                Err(db::postgres::OpenError::Storage(e)) => Err(e.into()),
-                Err(taken) => Err(OpenError::Taken(taken)),
-            };
-        }
-        Database::Memory => {
-            // Shared cache, so the reader sees the writer's in-memory database.
-            static NEXT: AtomicU64 = AtomicU64::new(0);
-            let n = NEXT.fetch_add(1, Ordering::Relaxed);
-            let id = std::process::id();
-            (
-                format!("file:botvisor-mem-{id}-{n}?mode=memory&cache=shared"),
-                true,
-            )
-        }
-        Database::File(path) => {
-            paths::create_private_file(path).map_err(|e| {
-                let text = format!("cannot create {}: {}", path.display(), paths::io_hint(&e));
-                match e.kind() {
-                    std::io::ErrorKind::ReadOnlyFilesystem => StorageError::ReadOnly(text),
-                    std::io::ErrorKind::StorageFull => StorageError::Full(text),
-                    _ => StorageError::Failed(text),
-                }
-            })?;
-            let text = path.to_str().ok_or_else(|| {
-                StorageError::Failed("the database path is not valid UTF-8".into())
-            })?;
-            (text.to_string(), false)
-        }
-    };
-    Ok(db::Location::Sqlite(db::sqlite::Location::open(path, uri)?))
 }
 
 /// Runs blocking file or SQLite work on tokio's blocking pool.
@@ -702,6 +377,7 @@ pub(crate) fn test_config(dir: &std::path::Path) -> StoreConfig {
 
 #[cfg(test)]
 mod tests {
+    use super::webhook::envelope;
     use super::*;
     use botvisor_actors::SessionState;
     use rusqlite::Connection;

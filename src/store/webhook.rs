@@ -1,0 +1,153 @@
+//! What the store queues for webhooks (in the same transaction as the change behind it),
+//! the per-session receivers, and the dead letters.
+
+use botvisor_actors::{SessionRecord, StorageError};
+
+use super::Store;
+use crate::db::{self, OutboxRow};
+
+impl Store {
+    /// Queues a webhook event for every receiver (nothing without receivers). It commits
+    /// with whatever was queued before it, so with the change that caused it.
+    pub fn webhook(&self, user_id: &str, kind: &'static str, data: &str) {
+        self.webhook_as(user_id, kind, data, crate::webhooks::event_id());
+    }
+
+    /// As [`Store::webhook`], under a given event id (one derived from what happened, so
+    /// the same thing reported twice carries the same `X-Botvisor-Event-Id`).
+    pub(super) fn webhook_as(
+        &self,
+        user_id: &str,
+        kind: &'static str,
+        data: &str,
+        event_id: String,
+    ) {
+        let Some(hooks) = &self.webhooks else {
+            return;
+        };
+        let urls = hooks.destinations(user_id);
+        if urls.is_empty() || !hooks.admit(urls.len() as u64) {
+            return;
+        }
+        let at_ms = botvisor_actors::now_ms();
+        let Some(body) = envelope(&event_id, kind, at_ms, data) else {
+            tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
+            return;
+        };
+        let rows = urls
+            .iter()
+            .map(|url| OutboxRow {
+                event_id: event_id.clone(),
+                destination: url.clone(),
+                user_id: user_id.to_string(),
+                kind,
+                body: body.clone(),
+                at_ms,
+            })
+            .collect();
+        self.queue.outbox(rows);
+    }
+
+    pub(super) fn webhook_changes(&self, rec: &SessionRecord, published: crate::events::Changed) {
+        if let Some(state) = published.state {
+            self.webhook(&rec.user_id, "session.state", &state);
+        }
+        let codes = self
+            .webhooks
+            .as_ref()
+            .is_some_and(|w| w.settings.pairing_codes);
+        if let (Some(code), true) = (published.code, codes) {
+            self.webhook(&rec.user_id, "session.pairing_code", &code);
+        }
+    }
+
+    /// A message sent through the API (`Ok`: its id), or one that could not be.
+    pub fn message_event<E: std::fmt::Display>(
+        &self,
+        user_id: &str,
+        to: &str,
+        text: &str,
+        result: &Result<&String, E>,
+    ) {
+        if let Some(m) = &self.config.messages {
+            match result {
+                Ok(_) => m.sent.inc(),
+                Err(_) => m.failed.inc(),
+            };
+        }
+        if self.webhooks.is_none() {
+            return;
+        }
+        let at = crate::timefmt::iso(botvisor_actors::now_ms());
+        let (kind, data) = match result {
+            Ok(id) => (
+                "message.sent",
+                serde_json::json!({"userId": user_id, "messageId": id, "to": to, "text": text, "at": at}),
+            ),
+            Err(e) => (
+                "message.failed",
+                serde_json::json!({"userId": user_id, "to": to, "text": text, "error": e.to_string(), "at": at}),
+            ),
+        };
+        self.webhook(user_id, kind, &data.to_string());
+    }
+
+    /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Err` when no
+    /// `--webhook-secret` is configured (nothing could be signed).
+    pub async fn set_session_webhook(
+        &self,
+        user_id: &str,
+        url: Option<String>,
+    ) -> Result<bool, StorageError> {
+        let Some(hooks) = self.webhooks.clone() else {
+            return Ok(false);
+        };
+        let (id, stored) = (user_id.to_string(), url.clone());
+        self.on_reader(move |conn| conn.set_session_webhook(&id, stored.as_deref()))
+            .await?;
+        hooks.set_session_url(user_id, url);
+        Ok(true)
+    }
+
+    /// A session's own webhook receiver.
+    pub fn session_webhook(&self, user_id: &str) -> Option<String> {
+        self.webhooks.as_ref().and_then(|w| w.session_url(user_id))
+    }
+
+    /// The webhook deliveries that gave up, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<db::DeadLetter>, StorageError> {
+        self.on_reader(|conn| conn.dead_letters(1_000)).await
+    }
+
+    /// Puts a dead letter back in line; how many deliveries (one per receiver) it revived.
+    pub async fn replay(&self, event_id: &str) -> Result<usize, StorageError> {
+        let event_id = event_id.to_string();
+        let revived = self
+            .on_reader(move |conn| conn.replay(&event_id, botvisor_actors::now_ms()))
+            .await?;
+        if let (Some(hooks), true) = (&self.webhooks, revived > 0) {
+            hooks.rescan();
+        }
+        Ok(revived)
+    }
+}
+
+/// A webhook body: `{"id", "event", "at", "data"}` with `data` (already JSON) kept as it
+/// is; `None` if `data` is not JSON.
+pub(super) fn envelope(event_id: &str, kind: &str, at_ms: u64, data: &str) -> Option<String> {
+    #[derive(serde::Serialize)]
+    struct Envelope<'a> {
+        id: &'a str,
+        event: &'a str,
+        at: String,
+        data: &'a serde_json::value::RawValue,
+    }
+    let data: &serde_json::value::RawValue = serde_json::from_str(data).ok()?;
+    serde_json::to_string(&Envelope {
+        id: event_id,
+        event: kind,
+        at: crate::timefmt::iso(at_ms),
+        data,
+    })
+    .ok()
+}
