@@ -135,61 +135,38 @@ const STATES: [SessionState; 9] = [
 impl Metrics {
     /// Registers every metric.
     pub fn new(link: &'static str) -> Metrics {
-        let mut registry = Registry::with_prefix("botvisor");
-        let messages = MessageCounts::default();
-        let webhooks = WebhookCounts::default();
-        register_counts(&mut registry, &messages, &webhooks);
-        let http_requests = Family::<HttpLabels, Counter>::default();
-        let http_seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(exponential_buckets(0.0001, 4.0, 10))
-        });
-        let store_commit_seconds = Histogram::new(exponential_buckets(0.0001, 4.0, 10));
-        let recovery_seconds = Histogram::new(exponential_buckets(0.01, 2.0, 14));
-        let supervisor_seconds =
-            prometheus_client::metrics::gauge::Gauge::<f64, std::sync::atomic::AtomicU64>::default(
+        let metrics = Metrics {
+            messages: MessageCounts::default(),
+            webhooks: WebhookCounts::default(),
+            registry: Mutex::new(Registry::with_prefix("botvisor")),
+            http_requests: Family::default(),
+            http_seconds: Family::new_with_constructor(|| {
+                Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+            }),
+            store_commit_seconds: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            recovery_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            supervisor_seconds: Default::default(),
+            sessions: Family::default(),
+            restarts: Gauge::default(),
+            disconnects: Gauge::default(),
+            open_fds: Gauge::default(),
+            fd_limit: Gauge::default(),
+            session_capacity: Gauge::default(),
+        };
+        {
+            let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
+            register_counts(&mut registry, &metrics.messages, &metrics.webhooks);
+            metrics.register_fleet(&mut registry);
+            registry.register(
+                "build",
+                "The running build",
+                Info::new(vec![
+                    ("version", env!("CARGO_PKG_VERSION").to_string()),
+                    ("link", link.to_string()),
+                ]),
             );
-        let sessions = Family::<StateLabels, Gauge>::default();
-        let (restarts, disconnects) = (Gauge::default(), Gauge::default());
-        let (open_fds, fd_limit, session_capacity) =
-            (Gauge::default(), Gauge::default(), Gauge::default());
-        Fleet {
-            http_requests: &http_requests,
-            http_seconds: &http_seconds,
-            store_commit_seconds: &store_commit_seconds,
-            recovery_seconds: &recovery_seconds,
-            supervisor_seconds: &supervisor_seconds,
-            sessions: &sessions,
-            restarts: &restarts,
-            disconnects: &disconnects,
-            open_fds: &open_fds,
-            fd_limit: &fd_limit,
-            session_capacity: &session_capacity,
         }
-        .register(&mut registry);
-        registry.register(
-            "build",
-            "The running build",
-            Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION").to_string()),
-                ("link", link.to_string()),
-            ]),
-        );
-        Metrics {
-            messages,
-            webhooks,
-            registry: Mutex::new(registry),
-            http_requests,
-            http_seconds,
-            store_commit_seconds,
-            recovery_seconds,
-            supervisor_seconds,
-            sessions,
-            restarts,
-            disconnects,
-            open_fds,
-            fd_limit,
-            session_capacity,
-        }
+        metrics
     }
 
     /// Records one answered request.
@@ -313,23 +290,9 @@ fn register_counts(registry: &mut Registry, messages: &MessageCounts, webhooks: 
     );
 }
 
-/// The fleet's metrics, to register.
-struct Fleet<'a> {
-    http_requests: &'a Family<HttpLabels, Counter>,
-    http_seconds: &'a Family<RouteLabels, Histogram>,
-    store_commit_seconds: &'a Histogram,
-    recovery_seconds: &'a Histogram,
-    supervisor_seconds: &'a Gauge<f64, std::sync::atomic::AtomicU64>,
-    sessions: &'a Family<StateLabels, Gauge>,
-    restarts: &'a Gauge,
-    disconnects: &'a Gauge,
-    open_fds: &'a Gauge,
-    fd_limit: &'a Gauge,
-    session_capacity: &'a Gauge,
-}
-
-impl Fleet<'_> {
-    fn register(self, registry: &mut Registry) {
+impl Metrics {
+    /// Registers the HTTP, store and fleet metrics.
+    fn register_fleet(&self, registry: &mut Registry) {
         registry.register(
             "http_requests",
             "HTTP requests answered, by route, method and status",
