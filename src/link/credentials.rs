@@ -44,11 +44,12 @@ pub struct DatabaseKeys {
 }
 
 impl DatabaseKeys {
+    fn dirty_ids(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn is_dirty(&self, user_id: &str) -> bool {
-        self.dirty
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(user_id)
+        self.dirty_ids().contains(user_id)
     }
 
     /// Purges `user_id`'s rows if they are still due.
@@ -62,10 +63,7 @@ impl DatabaseKeys {
         }
         match self.keys.purge_session(user_id).await {
             Ok(rows) => {
-                self.dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(user_id);
+                self.dirty_ids().remove(user_id);
                 tracing::debug!(%user_id, rows, "WhatsApp keys removed from PostgreSQL");
                 Ok(())
             }
@@ -126,10 +124,7 @@ impl Credentials {
         match self {
             Credentials::Files { data_dir } => paths::remove_credentials(data_dir, user_id),
             Credentials::Database(db) => {
-                db.dirty
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(user_id.to_string());
+                db.dirty_ids().insert(user_id.to_string());
                 let (db, id) = (db.clone(), user_id.to_string());
                 match tokio::runtime::Handle::try_current() {
                     Ok(runtime) => {
@@ -162,10 +157,7 @@ impl Credentials {
         })?;
         let mut removed = 0;
         for id in stored.iter().filter(|id| !known.contains(id.as_str())) {
-            db.dirty
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(id.clone());
+            db.dirty_ids().insert(id.clone());
             db.purge_if_dirty(id).await?;
             removed += 1;
         }
