@@ -518,16 +518,23 @@ fn seed_paired(s: &Server, id: &str, name: &str) {
 fn has_keys(s: &Server, id: &str) -> bool {
     if keys_in_database() {
         let url = common::database_url_for(&s.data_dir).expect("a PostgreSQL database");
-        let pg = common::pg::shared().expect("PostgreSQL runs");
-        let sql = format!(
-            "SELECT (SELECT count(*) FROM wa_device WHERE session_id = '{id}') \
-             + (SELECT count(*) FROM wa_prekeys WHERE session_id = '{id}')"
-        );
-        return pg.psql(&url, &sql).unwrap() != "0";
+        return key_rows(&url, &["wa_device", "wa_prekeys"], id) > 0;
     }
     ["", "-wal", "-shm"]
         .iter()
         .any(|sfx| s.data_dir.join(format!("sessions/{id}.db{sfx}")).exists())
+}
+
+/// Rows of session `id` in the key tables `tables` of the database at `url`, summed (one
+/// query).
+fn key_rows(url: &str, tables: &[&str], id: &str) -> u64 {
+    let pg = common::pg::shared().expect("PostgreSQL runs");
+    let counts: Vec<String> = tables
+        .iter()
+        .map(|t| format!("(SELECT count(*) FROM {t} WHERE session_id = '{id}')"))
+        .collect();
+    let sql = format!("SELECT {}", counts.join(" + "));
+    pg.psql(url, &sql).unwrap().parse().unwrap()
 }
 
 /// [`seed_paired`] for keys in PostgreSQL (`--keys database`) at `url`.
@@ -1197,10 +1204,7 @@ fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
     let peer_url = peer.url();
     let mut args = peer_args(&peer_url).to_vec();
     args.extend_from_slice(&["--database-url", &url, "--keys", "database"]);
-    let rows = |table: &str, id: &str| -> u64 {
-        let sql = format!("SELECT count(*) FROM {table} WHERE session_id = '{id}'");
-        pg.psql(&url, &sql).unwrap().parse().unwrap()
-    };
+    let rows = |table: &str, id: &str| key_rows(&url, &[table], id);
     let mut s = Server::start_in(tmp.path(), &args);
 
     assert_eq!(s.create("pgk", "15551234567").status, 201);
@@ -1245,9 +1249,8 @@ fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
     // A delete removes every row of the session (in the background, shortly).
     assert_eq!(s.req("DELETE", "/api/sessions/pgk", None, &[]).status, 200);
     wait_until(10, "the session's keys are removed", || {
-        ["wa_device", "wa_prekeys", "wa_sessions", "wa_identities"]
-            .iter()
-            .all(|t| rows(t, "pgk") == 0)
+        let tables = ["wa_device", "wa_prekeys", "wa_sessions", "wa_identities"];
+        key_rows(&url, &tables, "pgk") == 0
     });
 
     // Rows of a session botvisor does not know (a delete killed before its purge) are
