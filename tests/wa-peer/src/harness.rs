@@ -231,6 +231,20 @@ pub fn start_botvisor(
     })
 }
 
+/// Marks the stopped session whose key file is `db` as paired: its device gets the phone
+/// JID `pn` and the name `push_name`, as a phone's pair-success would have stored them.
+pub fn seed_paired_file(db: &Path, pn: &str, push_name: &str) -> Result<(), String> {
+    let c = rusqlite::Connection::open(db).map_err(|e| format!("{}: {e}", db.display()))?;
+    c.busy_timeout(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let changed = c
+        .execute("UPDATE device SET pn = ?1, push_name = ?2", [pn, push_name])
+        .map_err(|e| format!("{}: {e}", db.display()))?;
+    (changed == 1)
+        .then_some(())
+        .ok_or_else(|| format!("{}: {changed} device rows", db.display()))
+}
+
 /// Runs `f(i)` for i in 0..n on `workers` threads; returns the failures' messages.
 pub fn fan_out(
     n: usize,
@@ -287,7 +301,6 @@ pub fn raise_nofile() {
 
 /// Runs `main`, printing `name: error: ...` and exiting 1 on an error.
 pub fn exit_on_error(name: &str, main: impl FnOnce() -> Result<(), String>) {
-    raise_nofile();
     if let Err(e) = main() {
         eprintln!("{name}: error: {e}");
         std::process::exit(1);

@@ -20,7 +20,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use botvisor_wa_peer::harness::{check, exit_on_error, fan_out, start_botvisor, DirGuard};
+use botvisor_wa_peer::harness::{
+    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, DirGuard,
+};
 use botvisor_wa_peer::Peer;
 use clap::Parser;
 
@@ -185,6 +187,7 @@ fn id_of(i: usize) -> String {
 
 fn main() {
     let args = Args::parse();
+    raise_nofile();
     exit_on_error("wa-footprint", || run(&args));
 }
 
@@ -250,19 +253,11 @@ fn run(args: &Args) -> Result<(), String> {
     let (_, stopped_pairing_fds) =
         per_session("stopped (after pairing)", &idle, &stopped_pairing, n);
     let failures = fan_out(n, args.concurrency, |i| {
-        let db = dir.path.join(format!("sessions/{}.db", id_of(i)));
-        let c = rusqlite::Connection::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
-        c.busy_timeout(Duration::from_secs(10))
-            .map_err(|e| e.to_string())?;
-        let changed = c
-            .execute(
-                "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
-                [format!("Footprint {i}")],
-            )
-            .map_err(|e| format!("{}: {e}", db.display()))?;
-        (changed == 1)
-            .then_some(())
-            .ok_or_else(|| format!("{}: {changed} device rows", db.display()))
+        seed_paired_file(
+            &dir.path.join(format!("sessions/{}.db", id_of(i))),
+            "15551234567:7@s.whatsapp.net",
+            &format!("Footprint {i}"),
+        )
     });
     check("seed", failures)?;
     let t1 = Instant::now();

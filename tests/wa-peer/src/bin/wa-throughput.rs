@@ -23,7 +23,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use botvisor_wa_peer::harness::{check, exit_on_error, fan_out, start_botvisor, DirGuard};
+use botvisor_wa_peer::harness::{
+    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, DirGuard,
+};
 use botvisor_wa_peer::signal::Content;
 use botvisor_wa_peer::{Command as PeerCommand, Peer};
 use clap::Parser;
@@ -94,6 +96,7 @@ struct Figures {
 
 fn main() {
     let args = Args::parse();
+    raise_nofile();
     exit_on_error("wa-throughput", || run(&args));
 }
 
@@ -107,12 +110,12 @@ fn run(args: &Args) -> Result<(), String> {
             Peer::COMMAND_BACKLOG
         ));
     }
-    let files = measure(args, &Keys::Files)?;
+    let psql = psql(args);
+    let files = measure(args, &psql, &Keys::Files)?;
     let Some(server) = &args.database_url else {
         println!("(no --database-url: the PostgreSQL run is skipped)");
         return Ok(());
     };
-    let psql = psql(args);
     let name = format!("wa_throughput_{}", std::process::id());
     sql(&psql, server, &format!("CREATE DATABASE {name}"))?;
     let keys = Keys::Database {
@@ -120,7 +123,7 @@ fn run(args: &Args) -> Result<(), String> {
         server: server.clone(),
         name,
     };
-    let database = measure(args, &keys);
+    let database = measure(args, &psql, &keys);
     if let Keys::Database { server, name, .. } = &keys {
         if let Err(e) = sql(&psql, server, &format!("DROP DATABASE IF EXISTS {name}")) {
             eprintln!("wa-throughput: could not drop {name}: {e}");
@@ -196,34 +199,27 @@ fn with_database(url: &str, name: &str) -> Result<String, String> {
 /// Writes the paired phone number into session `i`'s keys (stopped).
 fn seed(dir: &Path, keys: &Keys, psql: &Path, i: usize) -> Result<(), String> {
     let pn = format!("{}:7@s.whatsapp.net", phone_of(i));
-    let changed = match keys {
-        Keys::Files => {
-            let db = dir.join(format!("sessions/{}.db", id_of(i)));
-            let c =
-                rusqlite::Connection::open(&db).map_err(|e| format!("{}: {e}", db.display()))?;
-            c.busy_timeout(Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
-            c.execute("UPDATE device SET pn = ?1, push_name = 'Throughput'", [&pn])
-                .map_err(|e| format!("{}: {e}", db.display()))?
-        }
-        Keys::Database { url, .. } => sql(
-            psql,
-            url,
-            &format!(
+    match keys {
+        Keys::Files => seed_paired_file(
+            &dir.join(format!("sessions/{}.db", id_of(i))),
+            &pn,
+            "Throughput",
+        ),
+        Keys::Database { url, .. } => {
+            let statement = format!(
                 "UPDATE wa_device SET pn = '{pn}', push_name = 'Throughput' \
                  WHERE session_id = '{}' RETURNING 1",
                 id_of(i)
-            ),
-        )?
-        .lines()
-        .count(),
-    };
-    (changed == 1)
-        .then_some(())
-        .ok_or_else(|| format!("{}: {changed} device rows", id_of(i)))
+            );
+            let changed = sql(psql, url, &statement)?.lines().count();
+            (changed == 1)
+                .then_some(())
+                .ok_or_else(|| format!("{}: {changed} device rows", id_of(i)))
+        }
+    }
 }
 
-fn measure(args: &Args, keys: &Keys) -> Result<Figures, String> {
+fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
     let (k, n) = (args.sessions, args.messages);
     let label = match keys {
         Keys::Files => "files",
@@ -258,13 +254,12 @@ fn measure(args: &Args, keys: &Keys) -> Result<Figures, String> {
             .ok_or_else(|| format!("create {}: {status} {v}", id_of(i)))
     });
     check("create", failures)?;
-    let psql = psql(args);
     let failures = fan_out(k, 4, |i| {
         let (status, v) = api.call("POST", &format!("/api/sessions/{}/stop", id_of(i)), None)?;
         if status != 200 {
             return Err(format!("stop {}: {status} {v}", id_of(i)));
         }
-        seed(&dir.path, keys, &psql, i)?;
+        seed(&dir.path, keys, psql, i)?;
         let (status, v) = api.call("POST", &format!("/api/sessions/{}/start", id_of(i)), None)?;
         (status == 200)
             .then_some(())
