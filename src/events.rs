@@ -1,10 +1,17 @@
 //! The live event stream behind `GET /api/events`: every state change and pairing code,
 //! numbered, kept in a bounded ring (so a client can resume with `Last-Event-ID`) and
-//! broadcast to the connected clients. A leaf: the store publishes into it when a record
+//! announced to the connected clients. A leaf: the store publishes into it when a record
 //! changes; the HTTP front end reads from it.
+//!
+//! The ring is two buffers reserved once, at start: the events' JSON back to back in one
+//! byte ring, and a fixed-size entry per event. Publishing allocates nothing that outlives
+//! the call, and the broadcast carries only event numbers. Kept events used to be one
+//! small heap allocation or three each, made while sessions were running and scattered
+//! among theirs: ten thousand of them held tens of MiB of freed session memory resident
+//! after every session had stopped (issue 26).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
@@ -15,40 +22,127 @@ use crate::timefmt::iso;
 
 /// Events kept for resuming clients.
 pub const RING: usize = 10_000;
+/// Bytes of event JSON kept for resuming clients (reserved, touched as it fills: an event
+/// is a few hundred bytes, so [`RING`] events take a few MiB of it).
+const RING_BYTES: usize = 8 << 20;
 /// Events a live client may fall behind by before it is dropped.
 const BROADCAST: usize = 1_024;
 
-/// One published event.
-#[derive(Debug)]
-pub struct Published {
-    /// Its number (`id:` in the stream), increasing from 1.
-    pub id: u64,
-    /// `session.state`, `session.pairing_code`, `session.deleted`.
-    pub kind: &'static str,
-    /// The JSON anyone may read.
-    pub public: String,
-    /// The JSON with the secret in it (the pairing code), for holders of the key.
-    pub secret: Option<String>,
+/// What kind of event: its `event:` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    State,
+    PairingCode,
+    Deleted,
 }
 
-impl Published {
-    /// The event as `text/event-stream` lines.
-    pub fn frame(&self, with_secret: bool) -> String {
-        let data = match (&self.secret, with_secret) {
-            (Some(s), true) => s,
-            _ => &self.public,
-        };
-        format!("id: {}\nevent: {}\ndata: {data}\n\n", self.id, self.kind)
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::State => "session.state",
+            Kind::PairingCode => "session.pairing_code",
+            Kind::Deleted => "session.deleted",
+        }
     }
 }
 
-#[derive(Default)]
+/// One kept event: where its JSON is in the byte ring.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    kind: Kind,
+    /// Offset of its public JSON, counted from the first byte ever kept.
+    at: u64,
+    /// Length of the JSON anyone may read.
+    public: u32,
+    /// Length of the JSON with the secret in it (the pairing code), right after the public
+    /// one; 0: none.
+    secret: u32,
+}
+
+/// The kept events. Event numbers are consecutive, so event `id` is
+/// `entries[id - first]`.
+struct Ring {
+    bytes: VecDeque<u8>,
+    entries: VecDeque<Entry>,
+    /// Number of the oldest kept event.
+    first: u64,
+    /// Offset of `bytes[0]`, counted from the first byte ever kept.
+    dropped: u64,
+}
+
+impl Ring {
+    fn new(events: usize, bytes: usize) -> Ring {
+        Ring {
+            bytes: VecDeque::with_capacity(bytes),
+            entries: VecDeque::with_capacity(events),
+            first: 1,
+            dropped: 0,
+        }
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some(e) = self.entries.pop_front() {
+            let len = e.public as usize + e.secret as usize;
+            self.bytes.drain(..len);
+            self.dropped += len as u64;
+            self.first += 1;
+        }
+    }
+
+    /// Keeps event `id` (the next number), forgetting the oldest ones it needs room of.
+    /// Within the reserved capacity, so the buffers never grow.
+    fn push(&mut self, id: u64, kind: Kind, public: &str, secret: Option<&str>) {
+        let secret = secret.unwrap_or("");
+        let len = public.len() + secret.len();
+        while !self.entries.is_empty()
+            && (self.entries.len() >= self.entries.capacity()
+                || self.bytes.len() + len > self.bytes.capacity())
+        {
+            self.forget_oldest();
+        }
+        if self.entries.is_empty() {
+            self.first = id;
+        }
+        let at = self.dropped + self.bytes.len() as u64;
+        self.bytes.extend(public.as_bytes());
+        self.bytes.extend(secret.as_bytes());
+        self.entries.push_back(Entry {
+            kind,
+            at,
+            public: public.len() as u32,
+            secret: secret.len() as u32,
+        });
+    }
+
+    /// Event `id` as `text/event-stream` lines, if it is still kept.
+    fn frame(&self, id: u64, with_secret: bool) -> Option<String> {
+        let e = self
+            .entries
+            .get(usize::try_from(id.checked_sub(self.first)?).ok()?)?;
+        let mut start = (e.at - self.dropped) as usize;
+        let mut len = e.public as usize;
+        if with_secret && e.secret > 0 {
+            start += len;
+            len = e.secret as usize;
+        }
+        let data: Vec<u8> = self.bytes.range(start..start + len).copied().collect();
+        let data = String::from_utf8_lossy(&data);
+        Some(format!(
+            "id: {id}\nevent: {}\ndata: {data}\n\n",
+            e.kind.as_str()
+        ))
+    }
+}
+
 struct Inner {
     next: u64,
-    ring: VecDeque<Arc<Published>>,
+    ring: Ring,
     /// The last pairing code published per session (a code is announced once).
     codes: HashMap<String, String>,
 }
+
+/// The numbers of the events a resuming client missed.
+pub type Backlog = std::ops::Range<u64>;
 
 /// What [`EventHub::changed`] published.
 #[derive(Debug, Default)]
@@ -62,14 +156,19 @@ pub struct Changed {
 /// The hub.
 pub struct EventHub {
     inner: Mutex<Inner>,
-    tx: broadcast::Sender<Arc<Published>>,
+    /// Announces each new event's number.
+    tx: broadcast::Sender<u64>,
     closed: watch::Sender<bool>,
 }
 
 impl Default for EventHub {
     fn default() -> Self {
         EventHub {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(Inner {
+                next: 0,
+                ring: Ring::new(RING, RING_BYTES),
+                codes: HashMap::new(),
+            }),
             tx: broadcast::channel(BROADCAST).0,
             closed: watch::channel(false).0,
         }
@@ -116,26 +215,20 @@ impl EventHub {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn publish(
-        &self,
-        inner: &mut Inner,
-        kind: &'static str,
-        public: String,
-        secret: Option<String>,
-    ) {
-        inner.next += 1;
-        let event = Arc::new(Published {
-            id: inner.next,
-            kind,
-            public,
-            secret,
-        });
-        if inner.ring.len() >= RING {
-            inner.ring.pop_front();
+    fn publish(&self, inner: &mut Inner, kind: Kind, public: &str, secret: Option<&str>) {
+        if public.len() + secret.map_or(0, str::len) > RING_BYTES / 2 {
+            // Cannot happen with the fields an event has; never let one evict the ring.
+            tracing::warn!(
+                kind = kind.as_str(),
+                "event too large to keep; not published"
+            );
+            return;
         }
-        inner.ring.push_back(event.clone());
+        inner.next += 1;
+        let id = inner.next;
+        inner.ring.push(id, kind, public, secret);
         // No receivers is fine: nobody is watching.
-        let _ = self.tx.send(event);
+        let _ = self.tx.send(id);
     }
 
     /// A record changed: a state event when its state did, a pairing event for a new code.
@@ -161,8 +254,8 @@ impl EventHub {
                 at: at.clone(),
             };
             let public = json(&e);
-            out.state = Some(public.clone());
-            self.publish(&mut inner, "session.state", public, None);
+            self.publish(&mut inner, Kind::State, &public, None);
+            out.state = Some(public);
         }
         match (&rec.pairing, rec.state) {
             (Some(p), SessionState::Pairing) if inner.codes.get(&rec.user_id) != Some(&p.code) => {
@@ -176,8 +269,8 @@ impl EventHub {
                 let public = json(&e);
                 e.pairing_code = Some(&p.code);
                 let secret = json(&e);
-                out.code = Some(secret.clone());
-                self.publish(&mut inner, "session.pairing_code", public, Some(secret));
+                self.publish(&mut inner, Kind::PairingCode, &public, Some(&secret));
+                out.code = Some(secret);
             }
             (None, _) => {
                 inner.codes.remove(&rec.user_id);
@@ -195,22 +288,26 @@ impl EventHub {
             user_id,
             at: iso(now_ms()),
         };
-        self.publish(&mut inner, "session.deleted", json(&e), None);
+        self.publish(&mut inner, Kind::Deleted, &json(&e), None);
     }
 
-    /// The events after `last` still in the ring, and a receiver for the ones to come
-    /// (taken together, so none is missed or seen twice).
-    pub fn subscribe(
-        &self,
-        last: Option<u64>,
-    ) -> (Vec<Arc<Published>>, broadcast::Receiver<Arc<Published>>) {
+    /// The numbers of the events after `last` still in the ring, and a receiver for the
+    /// numbers of the ones to come (taken together, so none is missed or seen twice).
+    pub fn subscribe(&self, last: Option<u64>) -> (Backlog, broadcast::Receiver<u64>) {
         let inner = self.lock();
         let rx = self.tx.subscribe();
+        let end = inner.next + 1;
         let backlog = match last {
-            Some(last) => inner.ring.iter().filter(|e| e.id > last).cloned().collect(),
-            None => Vec::new(),
+            Some(last) => last.saturating_add(1).max(inner.ring.first).min(end)..end,
+            None => end..end,
         };
         (backlog, rx)
+    }
+
+    /// Event `id` as `text/event-stream` lines, the pairing code in it only
+    /// `with_secret`; `None` once the ring has forgotten it (or before it was published).
+    pub fn frame(&self, id: u64, with_secret: bool) -> Option<String> {
+        self.lock().ring.frame(id, with_secret)
     }
 
     /// The id of the newest event (0: none yet).
@@ -243,13 +340,15 @@ mod tests {
         }
         assert_eq!(hub.last_id(), (RING + 5) as u64);
         let (backlog, _) = hub.subscribe(Some((RING + 2) as u64));
-        assert_eq!(
-            backlog.iter().map(|e| e.id).collect::<Vec<_>>(),
-            vec![10_003, 10_004, 10_005]
-        );
+        assert_eq!(backlog.collect::<Vec<_>>(), vec![10_003, 10_004, 10_005]);
         let (all, _) = hub.subscribe(Some(0));
-        assert_eq!(all.len(), RING, "bounded");
-        assert_eq!(all[0].id, 6);
+        assert_eq!(all.clone().count(), RING, "bounded");
+        assert_eq!(all.start, 6);
+        assert!(hub.frame(5, false).is_none(), "forgotten");
+        assert!(hub
+            .frame(6, false)
+            .unwrap()
+            .starts_with("id: 6\nevent: session.state\n"));
         // A pairing code is announced once, and only the secret form carries it.
         rec.state = SessionState::Pairing;
         rec.pairing = Some(PairingCode {
@@ -259,10 +358,48 @@ mod tests {
         hub.changed(&rec, true);
         hub.changed(&rec, false);
         let (tail, _) = hub.subscribe(Some((RING + 5) as u64));
-        assert_eq!(tail.len(), 2, "one state event, one code event");
-        let code = &tail[1];
-        assert_eq!(code.kind, "session.pairing_code");
-        assert!(!code.frame(false).contains("ABCD-1234"));
-        assert!(code.frame(true).contains("ABCD-1234"));
+        assert_eq!(tail.clone().count(), 2, "one state event, one code event");
+        let public = hub.frame(tail.end - 1, false).unwrap();
+        let secret = hub.frame(tail.end - 1, true).unwrap();
+        assert!(public.contains("event: session.pairing_code\n"));
+        assert!(!public.contains("ABCD-1234"));
+        assert!(secret.contains("ABCD-1234"));
+        let state = hub.frame(tail.start, true).unwrap();
+        assert!(state.contains("\"state\":\"pairing\""), "{state}");
+        assert!(hub.frame(tail.end, false).is_none(), "not yet published");
+        // A client that has seen everything gets no backlog.
+        assert_eq!(hub.subscribe(Some(tail.end - 1)).0.count(), 0);
+        assert_eq!(hub.subscribe(Some(u64::MAX)).0.count(), 0);
+    }
+
+    #[test]
+    fn the_byte_ring_forgets_by_size_too_and_never_grows() {
+        let mut ring = Ring::new(100, 1_000);
+        let (events, bytes) = (ring.entries.capacity(), ring.bytes.capacity());
+        let big = "x".repeat(300);
+        for id in 1..=50 {
+            ring.push(id, Kind::State, &format!("{id}{big}"), Some("s"));
+            assert!(ring.bytes.len() <= bytes);
+        }
+        assert_eq!(ring.entries.len(), bytes / 304, "as many as fit");
+        assert_eq!(ring.first, 51 - ring.entries.len() as u64);
+        assert!(ring
+            .frame(50, false)
+            .unwrap()
+            .contains(&format!("data: 50{big}\n")));
+        assert!(ring.frame(50, true).unwrap().ends_with("data: s\n\n"));
+        assert!(ring.frame(ring.first - 1, false).is_none());
+        // Small events: bounded by count.
+        for id in 51..=1_000 {
+            ring.push(id, Kind::Deleted, "{}", None);
+        }
+        assert_eq!(ring.entries.len(), events);
+        assert_eq!(ring.first, 1_001 - events as u64);
+        assert_eq!(
+            ring.frame(1_000, false).unwrap(),
+            "id: 1000\nevent: session.deleted\ndata: {}\n\n"
+        );
+        assert_eq!(ring.entries.capacity(), events, "never grew");
+        assert_eq!(ring.bytes.capacity(), bytes, "never grew");
     }
 }

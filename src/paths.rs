@@ -104,7 +104,7 @@ pub struct DataDirLock {
 pub enum LockError {
     /// Another process holds it.
     #[error(
-        "the data directory {dir} is in use by another botvisor ({holder}); stop that one          first, or give this one another --data-dir"
+        "the data directory {dir} is in use by another botvisor ({holder}); stop that one first, or give this one another --data-dir"
     )]
     InUse {
         /// The directory.
@@ -171,7 +171,7 @@ pub fn io_hint(e: &std::io::Error) -> String {
             "{e}: the filesystem is read-only; remount it read-write or pick another --data-dir"
         ),
         ErrorKind::PermissionDenied => format!(
-            "{e}: botvisor runs as uid {}, which may not write there; fix the owner or mode              (chown/chmod) or pick another --data-dir",
+            "{e}: botvisor runs as uid {}, which may not write there; fix the owner or mode (chown/chmod) or pick another --data-dir",
             // SAFETY: geteuid has no preconditions and cannot fail.
             unsafe { libc::geteuid() }
         ),

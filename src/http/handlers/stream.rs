@@ -20,7 +20,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
 use tokio::sync::{broadcast, mpsc};
 
-use crate::events::EventHub;
+use crate::events::{Backlog, EventHub};
 use crate::http::auth;
 use crate::http::router::{Answer, Ctx};
 
@@ -47,10 +47,7 @@ impl hyper::body::Body for ChannelBody {
 }
 
 /// A client's backlog and its receiver for what comes next.
-type Subscribed = (
-    Vec<Arc<crate::events::Published>>,
-    broadcast::Receiver<Arc<crate::events::Published>>,
-);
+type Subscribed = (Backlog, broadcast::Receiver<u64>);
 
 /// Feeds one client: the backlog after `last`, then live events and heartbeats, until the
 /// client goes, falls behind, or the hub closes.
@@ -62,10 +59,13 @@ async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mps
         return;
     }
     // The backlog may be bigger than the buffer: wait for the client to take it, for a
-    // while.
-    for event in backlog {
-        let frame = Bytes::from(event.frame(secrets));
-        match tokio::time::timeout(HEARTBEAT, tx.send(frame)).await {
+    // while. An event the ring forgot meanwhile ends the stream: the client resumes from
+    // what it got.
+    for id in backlog {
+        let Some(frame) = hub.frame(id, secrets) else {
+            return;
+        };
+        match tokio::time::timeout(HEARTBEAT, tx.send(Bytes::from(frame))).await {
             Ok(Ok(())) => {}
             _ => return,
         }
@@ -75,7 +75,10 @@ async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mps
     loop {
         let text = tokio::select! {
             got = rx.recv() => match got {
-                Ok(event) => event.frame(secrets),
+                Ok(id) => match hub.frame(id, secrets) {
+                    Some(frame) => frame,
+                    None => return, // forgotten already: far behind
+                },
                 // Fell behind the broadcast, or the hub is gone: drop the client.
                 Err(broadcast::error::RecvError::Lagged(_) | broadcast::error::RecvError::Closed) => return,
             },
