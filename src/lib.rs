@@ -4,12 +4,15 @@
 //! multi-user HTTP API.
 //!
 //! # Layout
-//! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`]).
+//! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`], [`migrate::run`] or
+//!   [`health_check`]).
+//! - [`migrate`]: `botvisor migrate`, a whole fleet's rows copied between databases of
+//!   either engine.
 //! - [`config`]: flags, environment and TOML file merged into a `Config`.
 //! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
-//! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a storage backend; not wired into
-//!   the link yet).
+//! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a whatsapp-rust storage backend;
+//!   the real link's `--keys database`).
 //! - [`store`]: the writer thread (group commit) over a database engine, the read view
 //!   with counters, and backups.
 //! - [`events`]: the live event stream (SSE) the store feeds.
@@ -25,9 +28,10 @@
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 //!
-//! Imports point down: `http` → supervisor (`botvisor-actors`) → `link` → `keys`;
-//! `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only `lib.rs` and `config`
-//! wire the layers together.
+//! Imports point down: `migrate` → `config` → `http` → supervisor (`botvisor-actors`) →
+//! `link` → `keys`; `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only
+//! `lib.rs` and `config` wire the layers together (`migrate` opens databases through
+//! `store` and copies rows through `db`).
 
 pub mod config;
 pub mod db;
@@ -38,6 +42,7 @@ pub mod limits;
 pub mod link;
 pub mod logging;
 pub mod metrics;
+pub mod migrate;
 pub mod paths;
 pub mod qr;
 pub mod store;

@@ -46,6 +46,26 @@ fn main() {
     let cli = Cli::parse_layered();
     let args = match cli.command {
         Command::Serve(args) => args,
+        Command::Migrate {
+            from,
+            to,
+            force,
+            batch,
+        } => {
+            let options = botvisor::migrate::Options {
+                from,
+                to,
+                force,
+                batch,
+            };
+            match botvisor::migrate::run(&options, &mut std::io::stdout()) {
+                Ok(_) => std::process::exit(0),
+                Err(e) => {
+                    eprintln!("botvisor: migrate: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
         Command::Health { url } => match botvisor::health_check(&url) {
             Ok(()) => std::process::exit(0),
             Err(e) => {

@@ -8,6 +8,7 @@ use std::path::Path;
 
 /// Layers, top first: a module may import modules of a later layer only.
 const LAYERS: &[&[&str]] = &[
+    &["migrate"],
     &["config"],
     &["http"],
     &["link"],

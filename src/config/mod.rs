@@ -53,6 +53,25 @@ pub enum Command {
         #[arg(long, default_value = "http://127.0.0.1:8000/healthz")]
         url: String,
     },
+    /// Copy a whole fleet's rows (sessions, events, settings, webhook outbox, receivers)
+    /// from one database to another, SQLite or PostgreSQL either way. Stop the servers of
+    /// both first; run it again to resume a copy that was interrupted.
+    Migrate {
+        /// The database to copy from, as a --database-url (sqlite://PATH, a path, or
+        /// postgres://...).
+        #[arg(long)]
+        from: String,
+        /// The database to copy into (an SQLite file is created if missing).
+        #[arg(long)]
+        to: String,
+        /// Copy into a database that has rows already (rows of the same key are replaced
+        /// by the source's).
+        #[arg(long)]
+        force: bool,
+        /// Rows per transaction.
+        #[arg(long, default_value_t = 2_000)]
+        batch: usize,
+    },
 }
 
 /// Which network the sessions connect to.

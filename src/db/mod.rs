@@ -24,6 +24,7 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod tables;
 
 use botvisor_actors::{SessionRecord, StorageError};
 
@@ -183,6 +184,19 @@ pub trait Engine: Send {
     fn dead_letters(&mut self, limit: usize) -> Result<Vec<DeadLetter>, StorageError>;
     /// Puts the dead letters of `event_id` back in line, due at `now_ms`; how many.
     fn replay(&mut self, event_id: &str, now_ms: u64) -> Result<usize, StorageError>;
+    /// Up to `limit` rows of `table` in key order, after the key `after` (from the first
+    /// when `None`): for copying the whole database.
+    fn export(
+        &mut self,
+        table: &tables::Table,
+        after: Option<&tables::Value>,
+        limit: usize,
+    ) -> Result<Vec<tables::Row>, StorageError>;
+    /// Writes `rows` into `table` in one transaction, replacing rows of the same key (a
+    /// copy run again gives the same rows); a generated key's counter moves past them.
+    fn import(&mut self, table: &tables::Table, rows: &[tables::Row]) -> Result<(), StorageError>;
+    /// How many rows `table` has.
+    fn count(&mut self, table: &tables::Table) -> Result<i64, StorageError>;
 }
 
 /// Where the rows are, opened and migrated: hands out [`Engine`]s. Cheap to clone.

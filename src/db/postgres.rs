@@ -23,10 +23,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{error::SqlState, NoTls};
 
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
+use super::tables::{Kind, Row, Table, Value};
 use super::{Batch, Change, DeadLetter, Engine, Event, Lane, OutboxHead, Outcome, EVENTS_KEPT};
 
 // ---------------------------------------------------------------------------------------
@@ -647,6 +649,24 @@ impl Rows {
         }
     }
 
+    /// Sessions whose WhatsApp keys this database keeps (`--keys database`): 0 when it
+    /// has none, or no key tables.
+    pub fn key_sessions(&self) -> Result<i64, StorageError> {
+        self.run(|c| async move {
+            let tables: bool = c
+                .query_one("SELECT to_regclass('wa_device') IS NOT NULL", &[])
+                .await?
+                .try_get(0)?;
+            if !tables {
+                return Ok(0);
+            }
+            Ok(c.query_one("SELECT count(*) FROM wa_device", &[])
+                .await?
+                .try_get(0)?)
+        })
+        .map_err(|e| e.into_storage(&self.inner.target))
+    }
+
     /// `host:port/dbname`, for messages.
     pub fn target(&self) -> &str {
         &self.inner.target
@@ -725,6 +745,40 @@ impl PgEngine {
             .run(f)
             .map_err(|e| e.into_storage(&self.rows.inner.target))
     }
+}
+
+/// A value as a parameter of a column of `kind`.
+fn param(v: &Value, kind: Kind) -> Box<dyn ToSql + Sync + Send> {
+    match (v, kind) {
+        (Value::Text(t), _) => Box::new(t.clone()),
+        (Value::Int(i), Kind::Bool) => Box::new(*i != 0),
+        (Value::Int(i), Kind::Int32) => Box::new(i32::try_from(*i).unwrap_or(i32::MAX)),
+        (Value::Int(i), _) => Box::new(*i),
+        (Value::Null, Kind::Text) => Box::new(None::<String>),
+        (Value::Null, Kind::Bool) => Box::new(None::<bool>),
+        (Value::Null, Kind::Int32) => Box::new(None::<i32>),
+        (Value::Null, Kind::Int) => Box::new(None::<i64>),
+    }
+}
+
+/// A row read back by the columns' kinds.
+fn row_of(r: &tokio_postgres::Row, table: &Table) -> Result<Row, tokio_postgres::Error> {
+    let int = |v: Option<i64>| v.map_or(Value::Null, Value::Int);
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .map(|(i, (_, kind))| {
+            Ok(match kind {
+                Kind::Text => r
+                    .try_get::<_, Option<String>>(i)?
+                    .map_or(Value::Null, Value::Text),
+                Kind::Int => int(r.try_get(i)?),
+                Kind::Int32 => int(r.try_get::<_, Option<i32>>(i)?.map(i64::from)),
+                Kind::Bool => int(r.try_get::<_, Option<bool>>(i)?.map(i64::from)),
+            })
+        })
+        .collect()
 }
 
 fn to_i64(v: u64) -> i64 {
@@ -1159,5 +1213,86 @@ impl Engine for PgEngine {
                 .await?;
             Ok(n as usize)
         })
+    }
+
+    fn export(
+        &mut self,
+        table: &Table,
+        after: Option<&Value>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        let (name, key, columns) = (table.name, table.key(), table.column_list());
+        let filter = if after.is_some() {
+            format!("WHERE {key} > $1")
+        } else {
+            String::new()
+        };
+        let sql = format!(
+            "SELECT {columns} FROM bv_{name} {filter} ORDER BY {key} LIMIT {}",
+            limit.min(i64::MAX as usize)
+        );
+        self.run(|c| async move {
+            let params: Vec<Box<dyn ToSql + Sync + Send>> =
+                after.iter().map(|v| param(v, table.columns[0].1)).collect();
+            let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
+            let rows = c.query(&sql, &refs).await?;
+            Ok(rows
+                .iter()
+                .map(|r| row_of(r, table))
+                .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
+    }
+
+    fn import(&mut self, table: &Table, rows: &[Row]) -> Result<(), StorageError> {
+        let marks = (1..=table.columns.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let updates = table.columns[1..]
+            .iter()
+            .map(|(c, _)| format!("{c} = EXCLUDED.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let (name, key) = (table.name, table.key());
+        let overriding = if table.generated_key {
+            "OVERRIDING SYSTEM VALUE"
+        } else {
+            ""
+        };
+        let sql = format!(
+            "INSERT INTO bv_{name} ({}) {overriding} VALUES ({marks}) \
+             ON CONFLICT ({key}) DO UPDATE SET {updates}",
+            table.column_list()
+        );
+        self.run(|mut c| async move {
+            let tx = c.transaction().await?;
+            let stmt = tx.prepare(&sql).await?;
+            for row in rows {
+                let params: Vec<Box<dyn ToSql + Sync + Send>> = row
+                    .iter()
+                    .zip(table.columns)
+                    .map(|(v, (_, kind))| param(v, *kind))
+                    .collect();
+                let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| &**p as _).collect();
+                tx.execute(&stmt, &refs).await?;
+            }
+            if table.generated_key {
+                tx.execute(
+                    &format!(
+                        "SELECT setval(pg_get_serial_sequence('bv_{name}', '{key}'), \
+                         GREATEST((SELECT max({key}) FROM bv_{name}), 1))"
+                    ),
+                    &[],
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    fn count(&mut self, table: &Table) -> Result<i64, StorageError> {
+        let sql = format!("SELECT count(*) FROM bv_{}", table.name);
+        self.run(|c| async move { Ok(c.query_one(&sql, &[]).await?.try_get(0)?) })
     }
 }

@@ -4,10 +4,12 @@
 
 use std::path::Path;
 
+use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
+use super::tables::{Row, Table, Value};
 use super::{
     Batch, Change, DeadLetter, Engine, Event, EventRow, Lane, OutboxHead, OutboxRow, Outcome,
     EVENTS_KEPT,
@@ -168,6 +170,14 @@ pub struct SqliteEngine {
 impl SqliteEngine {
     fn fail(&self) -> impl Fn(rusqlite::Error) -> StorageError + '_ {
         |e| classify_on(&self.conn, &e)
+    }
+}
+
+fn to_sql(v: &Value) -> SqlValue {
+    match v {
+        Value::Null => SqlValue::Null,
+        Value::Int(i) => SqlValue::Integer(*i),
+        Value::Text(t) => SqlValue::Text(t.clone()),
     }
 }
 
@@ -474,6 +484,74 @@ impl Engine for SqliteEngine {
                  WHERE event_id = ?1 AND dead = 1",
                 params![event_id, now_ms as i64],
             )
+            .map_err(self.fail())
+    }
+
+    fn export(
+        &mut self,
+        table: &Table,
+        after: Option<&Value>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StorageError> {
+        let (name, key, columns) = (table.name, table.key(), table.column_list());
+        let filter = if after.is_some() {
+            format!("WHERE {key} > ?1")
+        } else {
+            String::new()
+        };
+        let limit = limit.min(i64::MAX as usize);
+        let sql = format!("SELECT {columns} FROM {name} {filter} ORDER BY {key} LIMIT {limit}");
+        let mut stmt = self.conn.prepare(&sql).map_err(self.fail())?;
+        let params: Vec<SqlValue> = after.iter().map(|v| to_sql(v)).collect();
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(params), |r| {
+                (0..table.columns.len())
+                    .map(|i| {
+                        Ok(match r.get_ref(i)? {
+                            ValueRef::Null => Value::Null,
+                            ValueRef::Integer(v) => Value::Int(v),
+                            ValueRef::Text(t) => Value::Text(String::from_utf8_lossy(t).into()),
+                            other => {
+                                return Err(rusqlite::Error::InvalidColumnType(
+                                    i,
+                                    table.columns[i].0.into(),
+                                    other.data_type(),
+                                ))
+                            }
+                        })
+                    })
+                    .collect::<rusqlite::Result<Row>>()
+            })
+            .map_err(self.fail())?;
+        rows.collect::<Result<_, _>>().map_err(self.fail())
+    }
+
+    fn import(&mut self, table: &Table, rows: &[Row]) -> Result<(), StorageError> {
+        let marks = (1..=table.columns.len())
+            .map(|i| format!("?{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT OR REPLACE INTO {} ({}) VALUES ({marks})",
+            table.name,
+            table.column_list()
+        );
+        let tx = self.conn.transaction().map_err(|e| classify(&e))?;
+        {
+            let mut stmt = tx.prepare_cached(&sql).map_err(|e| classify(&e))?;
+            for row in rows {
+                stmt.execute(rusqlite::params_from_iter(row.iter().map(to_sql)))
+                    .map_err(|e| classify(&e))?;
+            }
+        }
+        tx.commit().map_err(|e| classify(&e))
+    }
+
+    fn count(&mut self, table: &Table) -> Result<i64, StorageError> {
+        self.conn
+            .query_row(&format!("SELECT count(*) FROM {}", table.name), [], |r| {
+                r.get(0)
+            })
             .map_err(self.fail())
     }
 }

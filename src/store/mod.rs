@@ -34,8 +34,8 @@ pub use db::{Event, EVENTS_KEPT};
 pub use view::{Counts, View};
 use writer::Queue;
 
-use open::{claim_link, open_database, sweep};
-pub use open::{redact_password, Database, OpenError};
+use open::{claim_link, sweep};
+pub use open::{open_database, redact_password, Database, OpenError};
 
 /// Where the store keeps its files.
 #[derive(Debug, Clone)]

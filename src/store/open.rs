@@ -162,7 +162,7 @@ fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
 }
 
 /// Opens (creating a file if needed, mode 0600) and migrates the database.
-pub(super) fn open_database(database: &Database) -> Result<db::Location, OpenError> {
+pub fn open_database(database: &Database) -> Result<db::Location, OpenError> {
     let (path, uri) = match database {
         Database::Postgres { url, pool_size } => {
             let config = db::postgres::PoolConfig {
