@@ -434,3 +434,82 @@ async fn processes_opening_at_once_migrate_once_and_connections_have_the_timeout
         other => panic!("a newer schema: expected a migration error, got {other:?}"),
     }
 }
+
+/// A handled message's pending-inbound delete is deferred: it rides with the next
+/// message's insert, or goes on its own shortly after. No read sees the row meanwhile,
+/// and a message stored again after its delete is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_inbound_deletes_ride_with_the_next_insert_or_go_shortly() {
+    let test = "pending_inbound_deletes_ride_with_the_next_insert_or_go_shortly";
+    let Some(server) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = server.fresh_database(test).expect("create a database");
+    let keys = PgKeys::open(&url).await.expect("open the key store");
+    let store = keys.session("s");
+    // A second handle on the same session has no deferred deletes of its own: what it
+    // reads is what the database has.
+    let database = keys.session("s");
+    let stored = |id: &'static str| {
+        let database = database.clone();
+        async move {
+            database
+                .get_pending_inbound("chat", "sender", id)
+                .await
+                .unwrap()
+        }
+    };
+
+    // The delete rides with the next insert.
+    store
+        .store_pending_inbound("chat", "sender", "1", b"one")
+        .await
+        .unwrap();
+    store
+        .delete_pending_inbound("chat", "sender", "1")
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .get_pending_inbound("chat", "sender", "1")
+            .await
+            .unwrap(),
+        None
+    );
+    store
+        .store_pending_inbound("chat", "sender", "2", b"two")
+        .await
+        .unwrap();
+    assert_eq!(stored("1").await, None, "sent with the insert of 2");
+    assert_eq!(stored("2").await.as_deref(), Some(&b"two"[..]));
+
+    // Deleted, then received again: the new row stays.
+    store
+        .delete_pending_inbound("chat", "sender", "2")
+        .await
+        .unwrap();
+    store
+        .store_pending_inbound("chat", "sender", "2", b"two again")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(stored("2").await.as_deref(), Some(&b"two again"[..]));
+
+    // Alone, a delete goes shortly after.
+    store
+        .delete_pending_inbound("chat", "sender", "2")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored("2").await.is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the deferred delete was never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rows = server
+        .rows(&url, "SELECT count(*) FROM wa_pending_inbound")
+        .unwrap();
+    assert_eq!(rows, vec![vec![Some("0".to_string())]]);
+}

@@ -394,6 +394,7 @@ impl PgKeys {
         PgSessionKeys {
             keys: self.clone(),
             session: Arc::from(session_id),
+            deferred: Arc::default(),
         }
     }
 
@@ -529,6 +530,51 @@ impl PgKeys {
 pub struct PgSessionKeys {
     keys: PgKeys,
     session: Arc<str>,
+    /// Pending-inbound deletes not sent yet (see `delete_pending_inbound_batch`).
+    deferred: Arc<DeferredDeletes>,
+}
+
+/// A received message's pending-inbound row is deleted once botvisor has handled it. The
+/// delete is not sent at once: it rides with the next message's insert (one statement),
+/// or goes on its own after [`DEFER_DELETES`] (or once [`DEFER_MAX`] wait). A received
+/// message then costs one round trip to PostgreSQL instead of two. Lost in a crash, a
+/// deferred delete leaves a row that whatsapp-rust hands back at the next start: that
+/// message is handled again (at least once, never lost). Reads of the buffer send the
+/// deletes first, so the trait's answers are the same.
+#[derive(Default)]
+struct DeferredDeletes {
+    keys: std::sync::Mutex<Vec<(String, String, String)>>,
+    /// Held while a statement touching the buffer runs: a deferred delete and a later
+    /// insert of the same key never race on two connections.
+    writing: tokio::sync::Mutex<()>,
+}
+
+/// How long a pending-inbound delete may wait for the next insert to carry it.
+const DEFER_DELETES: std::time::Duration = std::time::Duration::from_millis(50);
+/// Deletes waiting that are sent at once.
+const DEFER_MAX: usize = 256;
+
+type InboundKey = (String, String, String);
+
+impl DeferredDeletes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InboundKey>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes every waiting delete except those of `keep` (keys about to be written again:
+    /// the write supersedes their delete).
+    fn take(&self, keep: &[(&str, &str, &str)]) -> Vec<InboundKey> {
+        let mut keys = std::mem::take(&mut *self.lock());
+        keys.retain(|(c, s, i)| !keep.contains(&(c.as_str(), s.as_str(), i.as_str())));
+        keys
+    }
+
+    /// Puts deletes back after a failed statement (ahead of newer ones).
+    fn restore(&self, mut keys: Vec<InboundKey>) {
+        let mut waiting = self.lock();
+        keys.append(&mut waiting);
+        *waiting = keys;
+    }
 }
 
 impl fmt::Debug for PgSessionKeys {
@@ -1617,6 +1663,7 @@ impl ProtocolStore for PgSessionKeys {
         sender: &str,
         id: &str,
     ) -> Result<Option<Vec<u8>>> {
+        self.send_deferred_deletes().await?;
         self.query_bytes(
             "SELECT message FROM wa_pending_inbound \
              WHERE session_id = $1 AND chat = $2 AND sender = $3 AND id = $4",
@@ -1626,16 +1673,12 @@ impl ProtocolStore for PgSessionKeys {
     }
 
     async fn delete_pending_inbound(&self, chat: &str, sender: &str, id: &str) -> Result<()> {
-        self.exec(
-            "DELETE FROM wa_pending_inbound \
-             WHERE session_id = $1 AND chat = $2 AND sender = $3 AND id = $4",
-            &[&&*self.session, &chat, &sender, &id],
-        )
-        .await
-        .map(drop)
+        self.delete_pending_inbound_batch(&[PendingInboundKey { chat, sender, id }])
+            .await
     }
 
     async fn delete_expired_pending_inbound(&self, cutoff_timestamp: i64) -> Result<u32> {
+        self.send_deferred_deletes().await?;
         self.exec(
             "DELETE FROM wa_pending_inbound WHERE session_id = $1 AND inserted_at < $2",
             &[&&*self.session, &cutoff_timestamp],
@@ -1653,52 +1696,110 @@ impl ProtocolStore for PgSessionKeys {
         let mut senders = Vec::with_capacity(rows.len());
         let mut ids = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
-        for ((chat, sender, id), message) in rows {
-            chats.push(chat);
-            senders.push(sender);
-            ids.push(id);
-            messages.push(message);
+        for ((chat, sender, id), message) in &rows {
+            chats.push(*chat);
+            senders.push(*sender);
+            ids.push(*id);
+            messages.push(*message);
         }
-        self.exec(
-            "INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
-             SELECT $1, c, s, i, m, $6 \
-             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bytea[]) AS t(c, s, i, m) \
-             ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
-             SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at",
-            &[
-                &&*self.session,
-                &chats,
-                &senders,
-                &ids,
-                &messages,
-                &now_secs(),
-            ],
-        )
-        .await
-        .map(drop)
+        let _writing = self.deferred.writing.lock().await;
+        let written: Vec<_> = rows.iter().map(|(k, _)| *k).collect();
+        let gone = self.deferred.take(&written);
+        let (gone_chats, gone_senders, gone_ids) = columns_of(&gone);
+        let result = self
+            .exec(
+                "WITH gone AS (DELETE FROM wa_pending_inbound p \
+                 USING UNNEST($7::text[], $8::text[], $9::text[]) AS k(c, s, i) \
+                 WHERE p.session_id = $1 AND p.chat = k.c AND p.sender = k.s AND p.id = k.i) \
+                 INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
+                 SELECT $1, c, s, i, m, $6 \
+                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bytea[]) AS t(c, s, i, m) \
+                 ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
+                 SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at",
+                &[
+                    &&*self.session,
+                    &chats,
+                    &senders,
+                    &ids,
+                    &messages,
+                    &now_secs(),
+                    &gone_chats,
+                    &gone_senders,
+                    &gone_ids,
+                ],
+            )
+            .await
+            .map(drop);
+        if result.is_err() {
+            self.deferred.restore(gone);
+        }
+        result
     }
 
+    /// Deferred: see [`DeferredDeletes`].
     async fn delete_pending_inbound_batch(&self, keys: &[PendingInboundKey<'_>]) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        let keys = last_wins(keys.iter().map(|k| ((k.chat, k.sender, k.id), ())));
-        let mut chats = Vec::with_capacity(keys.len());
-        let mut senders = Vec::with_capacity(keys.len());
-        let mut ids = Vec::with_capacity(keys.len());
-        for ((chat, sender, id), ()) in keys {
-            chats.push(chat);
-            senders.push(sender);
-            ids.push(id);
+        let (first, full) = {
+            let mut waiting = self.deferred.lock();
+            let first = waiting.is_empty();
+            waiting.extend(
+                keys.iter()
+                    .map(|k| (k.chat.to_string(), k.sender.to_string(), k.id.to_string())),
+            );
+            (first, waiting.len() >= DEFER_MAX)
+        };
+        if full || tokio::runtime::Handle::try_current().is_err() {
+            return self.send_deferred_deletes().await;
         }
-        self.exec(
-            "DELETE FROM wa_pending_inbound p \
-             USING UNNEST($2::text[], $3::text[], $4::text[]) AS k(c, s, i) \
-             WHERE p.session_id = $1 AND p.chat = k.c AND p.sender = k.s AND p.id = k.i",
-            &[&&*self.session, &chats, &senders, &ids],
-        )
-        .await
-        .map(drop)
+        if first {
+            let keys = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(DEFER_DELETES).await;
+                if let Err(e) = keys.send_deferred_deletes().await {
+                    // Kept for the next insert or read, which sends them again.
+                    tracing::debug!(session = %keys.session, "pending-inbound deletes deferred again: {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The columns of inbound keys, for UNNEST.
+fn columns_of(keys: &[InboundKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for (c, s, i) in keys {
+        columns.0.push(c.as_str());
+        columns.1.push(s.as_str());
+        columns.2.push(i.as_str());
+    }
+    columns
+}
+
+impl PgSessionKeys {
+    /// Sends the deferred pending-inbound deletes now.
+    async fn send_deferred_deletes(&self) -> Result<()> {
+        let _writing = self.deferred.writing.lock().await;
+        let gone = self.deferred.take(&[]);
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let (chats, senders, ids) = columns_of(&gone);
+        let result = self
+            .exec(
+                "DELETE FROM wa_pending_inbound p \
+                 USING UNNEST($2::text[], $3::text[], $4::text[]) AS k(c, s, i) \
+                 WHERE p.session_id = $1 AND p.chat = k.c AND p.sender = k.s AND p.id = k.i",
+                &[&&*self.session, &chats, &senders, &ids],
+            )
+            .await
+            .map(drop);
+        if result.is_err() {
+            self.deferred.restore(gone);
+        }
+        result
     }
 }
 

@@ -180,6 +180,52 @@ fn sql(psql: &Path, url: &str, statement: &str) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// PostgreSQL's counters of the database with the keys: transactions committed, and rows
+/// inserted, updated and deleted per table (empty for key files).
+fn activity(psql: &Path, keys: &Keys) -> Result<std::collections::BTreeMap<String, i64>, String> {
+    let Keys::Database { url, .. } = keys else {
+        return Ok(Default::default());
+    };
+    // Backends report their counters at most once a second.
+    std::thread::sleep(Duration::from_millis(1_500));
+    let text = sql(
+        psql,
+        url,
+        "SELECT 'transactions', xact_commit FROM pg_stat_database \
+         WHERE datname = current_database() \
+         UNION ALL SELECT relname || ' ins', n_tup_ins FROM pg_stat_user_tables \
+         UNION ALL SELECT relname || ' upd', n_tup_upd FROM pg_stat_user_tables \
+         UNION ALL SELECT relname || ' del', n_tup_del FROM pg_stat_user_tables",
+    )?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('|'))
+        .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+        .collect())
+}
+
+/// What the received messages cost PostgreSQL, per message.
+fn print_activity(
+    psql: &Path,
+    keys: &Keys,
+    before: &std::collections::BTreeMap<String, i64>,
+    n: usize,
+) -> Result<(), String> {
+    let after = activity(psql, keys)?;
+    let mut parts: Vec<String> = after
+        .iter()
+        .filter_map(|(k, v)| {
+            let d = v - before.get(k).copied().unwrap_or(0);
+            (d > 0).then(|| format!("{k} {:.2}", d as f64 / n as f64))
+        })
+        .collect();
+    if !parts.is_empty() {
+        parts.sort();
+        println!("  PostgreSQL per received message: {}", parts.join(", "));
+    }
+    Ok(())
+}
+
 /// `postgres://u@h:p/db?x` with the database `name` instead of `db`.
 fn with_database(url: &str, name: &str) -> Result<String, String> {
     let (base, query) = match url.split_once('?') {
@@ -306,6 +352,7 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
     }
 
     // 2. Received.
+    let activity_before = activity(psql, keys)?;
     let before = api.metric_sum("botvisor_messages_received_total")?;
     let t1 = Instant::now();
     for i in 0..n {
@@ -325,6 +372,7 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
         },
     )?;
     let received = t1.elapsed().as_secs_f64();
+    print_activity(psql, keys, &activity_before, n)?;
 
     let figures = Figures {
         sent_accepted_per_s: n as f64 / accepted.max(1e-9),
