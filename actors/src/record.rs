@@ -173,6 +173,27 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// Makes this record equal to `other`, reusing its own strings' buffers (a derived
+    /// `clone_from` would allocate every string anew). Records that live as long as their
+    /// session (the read view's) are updated on every state change: each update's fresh
+    /// small allocations would land among the session's memory and keep its freed pages
+    /// resident after a stop.
+    pub fn assign(&mut self, other: &SessionRecord) {
+        self.user_id.clone_from(&other.user_id);
+        self.phone_number.clone_from(&other.phone_number);
+        self.name.clone_from(&other.name);
+        self.state = other.state;
+        self.desired = other.desired;
+        self.restarts = other.restarts;
+        self.disconnects = other.disconnects;
+        self.last_error.clone_from(&other.last_error);
+        self.created_at_ms = other.created_at_ms;
+        self.updated_at_ms = other.updated_at_ms;
+        self.last_seen_at_ms = other.last_seen_at_ms;
+        self.pairing.clone_from(&other.pairing);
+        self.qr.clone_from(&other.qr);
+    }
+
     /// A new session, as created by the API: desired running, starting.
     pub fn new(user_id: String, phone_number: String) -> SessionRecord {
         let now = now_ms();
@@ -206,4 +227,40 @@ pub fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assign_makes_an_equal_record_in_the_same_buffers() {
+        let mut kept = SessionRecord::new("user-1".into(), "15550001111".into());
+        kept.name = Some("a name long enough".into());
+        kept.last_error = Some("an error message of some length".into());
+        let (id, name, error) = (
+            kept.user_id.as_ptr(),
+            kept.name.as_ref().unwrap().as_ptr(),
+            kept.last_error.as_ref().unwrap().as_ptr(),
+        );
+        let mut next = kept.clone();
+        next.state = SessionState::Online;
+        next.name = Some("shorter".into());
+        next.last_error = Some("short".into());
+        next.restarts = 3;
+        next.last_seen_at_ms = Some(5);
+        next.pairing = Some(PairingCode {
+            code: "ABCD-1234".into(),
+            expires_at_ms: 9,
+        });
+        kept.assign(&next);
+        assert_eq!(kept, next);
+        assert_eq!(kept.user_id.as_ptr(), id, "no new allocation");
+        assert_eq!(kept.name.as_ref().unwrap().as_ptr(), name);
+        assert_eq!(kept.last_error.as_ref().unwrap().as_ptr(), error);
+        next.pairing = None;
+        next.last_error = None;
+        kept.assign(&next);
+        assert_eq!(kept, next);
+    }
 }

@@ -46,10 +46,18 @@ fn count(counter: &AtomicUsize, before: bool, after: bool) {
 impl View {
     /// Inserts or replaces a record; returns the state it replaced, if any.
     pub fn put(&self, rec: &SessionRecord) -> Option<SessionState> {
-        let old = self
-            .records
-            .insert(rec.user_id.clone(), rec.clone())
-            .map(|old| (old.state, old.created_at_ms));
+        // Updated in place: see `SessionRecord::assign`.
+        let old = match self.records.get_mut(&rec.user_id) {
+            Some(mut kept) => {
+                let old = (kept.state, kept.created_at_ms);
+                kept.assign(rec);
+                Some(old)
+            }
+            None => self
+                .records
+                .insert(rec.user_id.clone(), rec.clone())
+                .map(|old| (old.state, old.created_at_ms)),
+        };
         // The order changes only when a record arrives (a state change leaves it alone).
         let moved = match old {
             None => {
