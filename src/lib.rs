@@ -364,12 +364,12 @@ pub async fn run(
     let (link, concrete) = make_link(&config).await?;
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let (store, boot) = open_store(&config, link.name(), &metrics).await?;
-    let mut keys_in_database = false;
+    let mut database_keys = None;
     let sim = match concrete {
         Concrete::Sim(sim) => Some(sim),
         Concrete::WhatsApp(wa) => {
             wa.keep_inbound_in(store.clone());
-            keys_in_database = wa.credentials().in_database();
+            database_keys = wa.credentials().database_keys();
             sweep_keys(wa.credentials(), &boot).await?;
             None
         }
@@ -400,7 +400,7 @@ pub async fn run(
         metrics,
         protect_metrics: config.protect_metrics,
         files_per_session: link.files_per_session(),
-        keys_in_database,
+        database_keys,
         send_limit: http::ratelimit::SendLimit::new(config.send_rate),
         send_rate: config.send_rate,
         sim,

@@ -513,3 +513,201 @@ async fn pending_inbound_deletes_ride_with_the_next_insert_or_go_shortly() {
         .unwrap();
     assert_eq!(rows, vec![vec![Some("0".to_string())]]);
 }
+
+/// A session with a row in every table is written to a whatsapp-rust key file and read
+/// back into another session (`botvisor::keys::copy`): the same rows, and the getters of
+/// the values each engine keeps in its own form answer the same. The target's old rows
+/// are replaced, and a missing file leaves it empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_with_a_row_in_every_table_goes_to_a_key_file_and_back() {
+    use botvisor::keys::copy::{file_to_session, session_to_file};
+    use whatsapp_rust::wacore::appstate::hash::HashState;
+    use whatsapp_rust::wacore::appstate::processor::AppStateMutationMAC;
+    use whatsapp_rust::wacore::store::traits::{
+        AppStateSyncKey, AppSyncStore, DeviceInfo, DeviceListRecord, DeviceStore,
+        LidPnMappingEntry, MsgSecretEntry, MsgSecretStore, TcTokenEntry,
+    };
+    use whatsapp_rust::wacore::store::Device;
+
+    let test = "a_session_with_a_row_in_every_table_goes_to_a_key_file_and_back";
+    let Some(server) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = server.fresh_database(test).expect("create a database");
+    let keys = PgKeys::open(&url).await.expect("open the key store");
+    let src = keys.session("src");
+    let mut device = Device::new();
+    device.push_name = "Copied Bot ✓".into();
+    device.pn = Some("15551234567:7@s.whatsapp.net".parse().unwrap());
+    src.save(&device).await.unwrap();
+    src.put_identity("a@lid", [1; 32]).await.unwrap();
+    src.put_session("a@lid", b"signal session").await.unwrap();
+    src.store_prekeys_batch(&[(1, Bytes::from_static(b"p1"))], false)
+        .await
+        .unwrap();
+    src.store_prekeys_batch(&[(2, Bytes::from_static(b"p2"))], true)
+        .await
+        .unwrap();
+    src.store_signed_prekey(3, b"signed").await.unwrap();
+    src.put_sender_key("g@g.us::a", b"sender key")
+        .await
+        .unwrap();
+    let sync_key = |fill: u8| AppStateSyncKey {
+        key_data: vec![fill; 32],
+        fingerprint: vec![fill, 0xf0],
+        timestamp: 1_700_000_000 + i64::from(fill),
+    };
+    // The latest key is the one stored last, which is also the highest id.
+    src.set_sync_key(&[1], sync_key(1)).await.unwrap();
+    src.set_sync_key(&[2], sync_key(2)).await.unwrap();
+    let version = HashState {
+        version: 9,
+        hash: [7; 128],
+        index_value_map: [("idx".to_string(), vec![1, 2, 3])].into_iter().collect(),
+        mac_mismatch_fatal: true,
+    };
+    src.set_version("regular", version.clone()).await.unwrap();
+    let mac = AppStateMutationMAC {
+        index_mac: vec![4; 32],
+        value_mac: vec![5; 32],
+    };
+    src.put_mutation_macs("regular", 9, &[mac]).await.unwrap();
+    src.set_sender_key_status("g@g.us", &[("b:1@lid", true), ("c:2@lid", false)])
+        .await
+        .unwrap();
+    let mapping = LidPnMappingEntry {
+        lid: "100000000000001".into(),
+        phone_number: "15557654321".into(),
+        created_at: 1_700_000_001,
+        updated_at: 1_700_000_002,
+        learning_source: "usync".into(),
+    };
+    src.put_lid_mapping(&mapping).await.unwrap();
+    src.save_base_key("a@lid", "m1", b"base").await.unwrap();
+    let devices = DeviceListRecord {
+        user: "15557654321".into(),
+        devices: vec![DeviceInfo::new(0, None), DeviceInfo::new(3, Some(2))],
+        timestamp: 1_700_000_003,
+        phash: Some("2:abc".into()),
+        raw_id: Some(77),
+    };
+    src.update_device_list(devices.clone()).await.unwrap();
+    src.put_group_metadata("g@g.us", b"group info")
+        .await
+        .unwrap();
+    let tc = TcTokenEntry {
+        token: b"token".to_vec(),
+        token_timestamp: 1_700_000_004,
+        sender_timestamp: Some(1_700_000_005),
+    };
+    src.put_tc_token("15557654321@s.whatsapp.net", &tc)
+        .await
+        .unwrap();
+    src.store_sent_message("15557654321@s.whatsapp.net", "s1", b"payload")
+        .await
+        .unwrap();
+    src.store_pending_inbound_batch(&[PendingInboundRow {
+        chat: "c",
+        sender: "s",
+        id: "i",
+        message: b"inbound",
+    }])
+    .await
+    .unwrap();
+    src.put_msg_secrets(vec![MsgSecretEntry {
+        chat: Arc::from("c"),
+        sender: Arc::from("s"),
+        msg_id: Arc::from("m"),
+        secret: [9; 32],
+        expires_at: 0,
+        message_ts: 1_700_000_006,
+    }])
+    .await
+    .unwrap();
+    let listed = src.list_rows().await.unwrap();
+    let per_table = [
+        listed.identities.len(),
+        listed.sessions.len(),
+        listed.prekeys.len(),
+        listed.signed_prekeys.len(),
+        listed.sender_keys.len(),
+        listed.sync_key_ids.len(),
+        listed.version_names.len(),
+        listed.macs.len(),
+        listed.sender_key_devices.len(),
+        listed.base_keys.len(),
+        listed.device_users.len(),
+        listed.group_metadata.len(),
+        listed.sent_messages.len(),
+        listed.pending_inbound.len(),
+        listed.msg_secrets.len(),
+    ];
+    assert_eq!(per_table, [1, 1, 2, 1, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1]);
+
+    // Out to a file; the target already has a row the copy must replace.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys.db");
+    let written = session_to_file(&src, &file).await.unwrap();
+    assert_eq!(
+        written,
+        listed.len() + 2,
+        "plus the tc token and the mapping"
+    );
+    let dst = keys.session("dst");
+    dst.put_identity("stale@lid", [8; 32]).await.unwrap();
+    assert_eq!(file_to_session(&keys, &file, "dst").await.unwrap(), written);
+    assert!(dst.list_rows().await.unwrap().same_as(&listed));
+    assert_eq!(dst.load_identity("stale@lid").await.unwrap(), None);
+    let back = dst.load().await.unwrap().expect("a device");
+    assert_eq!(back.push_name, device.push_name);
+    assert_eq!(back.registration_id, device.registration_id);
+    assert_eq!(back.adv_secret_key, device.adv_secret_key);
+    assert_eq!(back.pn, device.pn);
+    let got = dst.get_version("regular").await.unwrap();
+    assert_eq!(
+        (got.version, got.hash, got.index_value_map),
+        (version.version, version.hash, version.index_value_map)
+    );
+    assert_eq!(dst.get_latest_sync_key_id().await.unwrap(), Some(vec![2]));
+    assert_eq!(
+        dst.get_sync_key(&[1]).await.unwrap().map(|k| k.key_data),
+        Some(vec![1; 32])
+    );
+    let got = dst.get_devices("15557654321").await.unwrap().unwrap();
+    assert_eq!(
+        (got.devices.len(), got.phash, got.raw_id),
+        (2, devices.phash, devices.raw_id)
+    );
+    let got = dst
+        .get_tc_token("15557654321@s.whatsapp.net")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (got.token, got.sender_timestamp),
+        (tc.token, tc.sender_timestamp)
+    );
+    let got = dst.get_all_lid_mappings().await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].created_at, got[0].learning_source.as_str()),
+        (mapping.created_at, "usync")
+    );
+    assert_eq!(
+        dst.get_pending_inbound("c", "s", "i").await.unwrap(),
+        Some(b"inbound".to_vec())
+    );
+    // No staging rows are left.
+    assert_eq!(
+        keys.session_ids().await.unwrap().len(),
+        2,
+        "src and dst only"
+    );
+
+    // A backup without keys restores to none.
+    file_to_session(&keys, &dir.path().join("none.db"), "dst")
+        .await
+        .unwrap();
+    assert!(dst.list_rows().await.unwrap().is_empty());
+    assert!(!dst.exists().await.unwrap());
+}

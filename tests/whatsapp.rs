@@ -371,7 +371,7 @@ fn a_throttled_pair_code_request_is_a_429_with_a_retry_hint_and_leaves_nothing()
 fn stop_start_backup_restore_and_delete_on_a_real_credential_file() {
     if sqlite_only(
         "stop_start_backup_restore_and_delete_on_a_real_credential_file",
-        "backups of keys in PostgreSQL are refused (keys_in_postgresql_serve_a_real_session_and_go_with_it checks it)",
+        "it reads the key file (a_backup_carries_keys_between_postgresql_and_sqlite_nodes backs up keys in PostgreSQL)",
     ) {
         return;
     }
@@ -621,12 +621,6 @@ fn an_outdated_client_is_a_crash_under_the_restart_policy() {
 
 #[test]
 fn a_backup_from_another_link_is_refused_before_anything_stops() {
-    if sqlite_only(
-        "a_backup_from_another_link_is_refused_before_anything_stops",
-        "backups of keys in PostgreSQL are refused",
-    ) {
-        return;
-    }
     // A simulated session's backup...
     let sim_dir = tempfile::tempdir().unwrap();
     let mut sim = Server::start_in(sim_dir.path(), &[]);
@@ -1189,8 +1183,7 @@ fn send_and_see_it_decrypted(peer: &Peer, s: &Server, id: &str, text: &str) {
 /// `--keys database`: the real link's keys are rows in PostgreSQL (a database of this
 /// test's own, whatever the engine of the run). A session pairs, logs in and sends over
 /// Signal sessions kept there, and after a kill -9 logs in again with the same keys and
-/// sends again; no key file is written; a backup is refused (501) with what to do
-/// instead; a delete removes its rows, and rows of a session that no longer exists are
+/// sends again; no key file is written; a backup is one file; a delete removes its rows, and rows of a session that no longer exists are
 /// swept at the next start.
 #[test]
 fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
@@ -1230,8 +1223,15 @@ fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
         "no key file when the keys are in PostgreSQL"
     );
 
-    let refused = s.post("/api/sessions/pgk/backup", None).error(501);
-    assert!(refused.contains("pg_dump"), "{refused}");
+    // A backup copies the rows out to a key file (a_backup_carries_keys_between_
+    // postgresql_and_sqlite_nodes goes further); the scratch copy does not stay.
+    assert_eq!(s.post("/api/sessions/pgk/backup", None).status, 200);
+    let backups: Vec<String> = std::fs::read_dir(tmp.path().join("backups/pgk"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert!(!backups[0].starts_with('.'), "{backups:?}");
 
     // kill -9: the keys were durable when the library was told so; the session logs in
     // again without pairing and its Signal session goes on.
@@ -1270,4 +1270,134 @@ fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
         "a known session keeps its keys"
     );
     s.wait_state("pgk2", "pairing");
+}
+
+/// The device a key file holds: its registration id and ADV secret (random per device).
+fn file_device(path: &std::path::Path) -> (i64, Vec<u8>) {
+    let c = rusqlite::Connection::open(path).unwrap();
+    c.query_row(
+        "SELECT registration_id, adv_secret_key FROM device",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// The device session `id` holds in PostgreSQL (as [`file_device`]).
+fn database_device(url: &str, id: &str) -> (i64, Vec<u8>) {
+    let pg = common::pg::shared().expect("PostgreSQL runs");
+    let rows = pg
+        .rows(
+            url,
+            &format!(
+                "SELECT registration_id, encode(adv_secret_key, 'hex') FROM wa_device \
+                 WHERE session_id = '{id}'"
+            ),
+        )
+        .unwrap();
+    let row = &rows[0];
+    let hex = row[1].clone().unwrap();
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect();
+    (row[0].clone().unwrap().parse().unwrap(), bytes)
+}
+
+/// A backup is one file whatever the engine: a paired session's keys in PostgreSQL are
+/// backed up, restored there after its Signal sessions were lost, restored on a node
+/// that keeps key files (where the session logs in and sends without pairing), backed up
+/// there and restored back into PostgreSQL.
+#[test]
+fn a_backup_carries_keys_between_postgresql_and_sqlite_nodes() {
+    let test = "a_backup_carries_keys_between_postgresql_and_sqlite_nodes";
+    let Some(pg) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = pg.fresh_database_url("wa_move").unwrap();
+    let peer = Peer::start();
+    let peer_url = peer.url();
+    let (pg_dir, file_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args = peer_args(&peer_url).to_vec();
+    args.extend_from_slice(&["--database-url", &url, "--keys", "database"]);
+    let a = Server::start_in(pg_dir.path(), &args);
+    let rows = |table: &str| key_rows(&url, &[table], "mv");
+
+    // A paired session with a Signal session, in PostgreSQL.
+    assert_eq!(a.create("mv", "15551234567").status, 201);
+    assert_eq!(a.post("/api/sessions/mv/stop", None).status, 200);
+    seed_paired_in_database(&url, "mv", "Moving Bot");
+    assert_eq!(a.post("/api/sessions/mv/start", None).status, 200);
+    a.wait_state("mv", "online");
+    send_and_see_it_decrypted(&peer, &a, "mv", "before the backup");
+    let device = database_device(&url, "mv");
+    let signal_sessions = rows("wa_sessions");
+    assert!(signal_sessions >= 1);
+
+    // The backup is a whatsapp-rust key file with the same device.
+    let made = a.post("/api/sessions/mv/backup", None).json();
+    let backup_id = made["backupId"].as_str().unwrap().to_string();
+    let backup = pg_dir.path().join(format!("backups/mv/{backup_id}.db"));
+    assert_eq!(file_device(&backup), device);
+
+    // Restored in PostgreSQL after the Signal sessions were lost: they are back.
+    assert_eq!(a.post("/api/sessions/mv/stop", None).status, 200);
+    pg.psql(&url, "DELETE FROM wa_sessions WHERE session_id = 'mv'")
+        .unwrap();
+    let r = a.post("/api/sessions/mv/restore", None).json();
+    assert_eq!(r["backupId"], backup_id.as_str(), "{r}");
+    assert_eq!(a.post("/api/sessions/mv/start", None).status, 200);
+    a.wait_state("mv", "online");
+    assert_eq!(rows("wa_sessions"), signal_sessions);
+    assert_eq!(database_device(&url, "mv"), device);
+    let scratch: Vec<_> = std::fs::read_dir(pg_dir.path().join("backups/mv"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(scratch.is_empty(), "scratch key files stay: {scratch:?}");
+    assert_eq!(a.post("/api/sessions/mv/stop", None).status, 200);
+
+    // Restored on a node with key files: same device, online without pairing, sends.
+    let hellos = peer.stats().companion_hellos.len();
+    let b = Server::start_in(file_dir.path(), &peer_args(&peer_url));
+    assert_eq!(b.create("mv", "15551234567").status, 201);
+    assert_eq!(b.post("/api/sessions/mv/stop", None).status, 200);
+    let dest = file_dir.path().join("backups/mv");
+    std::fs::create_dir_all(&dest).unwrap();
+    std::fs::copy(&backup, dest.join(format!("{backup_id}.db"))).unwrap();
+    let r = b.post("/api/sessions/mv/restore", None).json();
+    assert_eq!(r["backupId"], backup_id.as_str(), "{r}");
+    assert_eq!(b.post("/api/sessions/mv/start", None).status, 200);
+    assert_eq!(b.wait_state("mv", "online")["name"], "Moving Bot");
+    assert_eq!(file_device(&file_dir.path().join("sessions/mv.db")), device);
+    send_and_see_it_decrypted(&peer, &b, "mv", "from the node with key files");
+    let hellos_now = peer.stats().companion_hellos.len();
+    assert!(hellos_now <= hellos + 1, "a login, not a new pairing");
+
+    // And back: the file node's backup restores into PostgreSQL.
+    let made = b.post("/api/sessions/mv/backup", None).json();
+    let back_id = made["backupId"].as_str().unwrap().to_string();
+    assert_eq!(b.post("/api/sessions/mv/stop", None).status, 200);
+    pg.psql(&url, "DELETE FROM wa_identities WHERE session_id = 'mv'")
+        .unwrap();
+    std::fs::copy(
+        dest.join(format!("{back_id}.db")),
+        pg_dir.path().join(format!("backups/mv/{back_id}.db")),
+    )
+    .unwrap();
+    let r = a
+        .post(
+            "/api/sessions/mv/restore",
+            Some(&format!(r#"{{"backupId":"{back_id}"}}"#)),
+        )
+        .json();
+    assert_eq!(r["backupId"], back_id.as_str(), "{r}");
+    assert_eq!(a.post("/api/sessions/mv/start", None).status, 200);
+    a.wait_state("mv", "online");
+    assert_eq!(database_device(&url, "mv"), device);
+    assert!(rows("wa_identities") >= 1, "the identities came back");
+    send_and_see_it_decrypted(&peer, &a, "mv", "home again in PostgreSQL");
+    let errors = peer.stats().signal_errors;
+    assert!(errors.is_empty(), "{errors:?}");
 }

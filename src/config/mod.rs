@@ -90,7 +90,7 @@ pub enum KeysAt {
     /// store).
     Files,
     /// In the PostgreSQL database of `--database-url`, every session's rows in one set of
-    /// tables. Backups of such sessions are not available yet (back the database up).
+    /// tables. A backup copies a session's rows out to a key file of the `Files` format.
     Database,
 }
 

@@ -69,9 +69,9 @@ pub struct App {
     pub protect_metrics: bool,
     /// Descriptors one idle session holds on this link (for the capacity gauge).
     pub files_per_session: u32,
-    /// The real link keeps WhatsApp keys in PostgreSQL (`--keys database`): no key files
-    /// to back up or restore.
-    pub keys_in_database: bool,
+    /// The real link's WhatsApp keys in PostgreSQL (`--keys database`): backups copy a
+    /// session's rows out to a key file, and restores copy them back.
+    pub database_keys: Option<std::sync::Arc<crate::link::credentials::DatabaseKeys>>,
     /// The per-session send rate.
     pub send_limit: ratelimit::SendLimit,
     /// `--send-rate`, for messages.

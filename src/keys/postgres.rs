@@ -416,6 +416,34 @@ impl PgKeys {
         Ok(removed)
     }
 
+    /// The id a session's restored keys are written under before
+    /// [`swap_in`](Self::swap_in) (no session id the API accepts has a control character;
+    /// a leftover is swept at boot like the keys of any unknown session).
+    pub fn staging_id(session_id: &str) -> String {
+        format!("{session_id}\u{1}restoring")
+    }
+
+    /// Replaces `session_id`'s rows with `staging_id`'s, in one transaction.
+    pub async fn swap_in(&self, staging_id: &str, session_id: &str) -> Result<()> {
+        let mut conn = self.conn().await?;
+        let tx = conn.transaction().await.map_err(pg)?;
+        for table in SESSION_TABLES {
+            tx.execute(
+                &format!("DELETE FROM {table} WHERE session_id = $1"),
+                &[&session_id],
+            )
+            .await
+            .map_err(pg)?;
+            tx.execute(
+                &format!("UPDATE {table} SET session_id = $2 WHERE session_id = $1"),
+                &[&staging_id, &session_id],
+            )
+            .await
+            .map_err(pg)?;
+        }
+        tx.commit().await.map_err(pg)
+    }
+
     /// The schema version this database is at.
     pub async fn schema_version(&self) -> Result<i32> {
         let conn = self.conn().await?;
@@ -2074,5 +2102,105 @@ impl DeviceStore for PgSessionKeys {
             memory_bytes: Some(0),
             ..StorageResourceReport::default()
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Listing a session's rows (for copies between key stores, `super::copy`)
+// ---------------------------------------------------------------------------------------
+
+impl PgSessionKeys {
+    /// Every key of this session, listed in one read-only snapshot.
+    pub async fn list_rows(&self) -> Result<super::copy::Rows> {
+        self.send_deferred_deletes().await?;
+        let mut conn = self.keys.conn().await?;
+        let tx = conn
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(pg)?;
+        let id: &str = &self.session;
+        let all = |sql: &'static str| {
+            let tx = &tx;
+            async move { tx.query(sql, &[&id]).await.map_err(pg) }
+        };
+        let text =
+            |r: &tokio_postgres::Row, i: usize| -> Result<String> { r.try_get(i).map_err(pg) };
+        let bytes =
+            |r: &tokio_postgres::Row, i: usize| -> Result<Vec<u8>> { r.try_get(i).map_err(pg) };
+        let int = |r: &tokio_postgres::Row, i: usize| -> Result<i64> { r.try_get(i).map_err(pg) };
+        let flag = |r: &tokio_postgres::Row, i: usize| -> Result<bool> { r.try_get(i).map_err(pg) };
+        let device = !all("SELECT 1 FROM wa_device WHERE session_id = $1")
+            .await?
+            .is_empty();
+        let pairs = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<(String, Vec<u8>)>> {
+            rows.iter()
+                .map(|r| Ok((text(r, 0)?, bytes(r, 1)?)))
+                .collect()
+        };
+        let texts = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<String>> {
+            rows.iter().map(|r| text(r, 0)).collect()
+        };
+        let rows = super::copy::Rows {
+            device,
+            identities: pairs(all("SELECT address, key FROM wa_identities WHERE session_id = $1").await?)?,
+            sessions: pairs(all("SELECT address, record FROM wa_sessions WHERE session_id = $1").await?)?,
+            prekeys: all("SELECT id, record, uploaded FROM wa_prekeys WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((to_u32(int(r, 0)?, "prekey id")?, bytes(r, 1)?, flag(r, 2)?)))
+                .collect::<Result<_>>()?,
+            signed_prekeys: all("SELECT id, record FROM wa_signed_prekeys WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((to_u32(int(r, 0)?, "signed prekey id")?, bytes(r, 1)?)))
+                .collect::<Result<_>>()?,
+            sender_keys: pairs(all("SELECT address, record FROM wa_sender_keys WHERE session_id = $1").await?)?,
+            // The latest key (stored last) is listed last.
+            sync_key_ids: all("SELECT key_id FROM wa_app_state_keys WHERE session_id = $1 ORDER BY stored_seq")
+                .await?
+                .iter()
+                .map(|r| bytes(r, 0))
+                .collect::<Result<_>>()?,
+            version_names: texts(all("SELECT name FROM wa_app_state_versions WHERE session_id = $1").await?)?,
+            macs: all("SELECT name, version, index_mac, value_mac FROM wa_app_state_mutation_macs WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, int(r, 1)? as u64, bytes(r, 2)?, bytes(r, 3)?)))
+                .collect::<Result<_>>()?,
+            sender_key_devices: all("SELECT group_jid, device_jid, has_key FROM wa_sender_key_devices WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, text(r, 1)?, flag(r, 2)?)))
+                .collect::<Result<_>>()?,
+            base_keys: all("SELECT address, message_id, base_key FROM wa_base_keys WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, text(r, 1)?, bytes(r, 2)?)))
+                .collect::<Result<_>>()?,
+            device_users: texts(all("SELECT user_id FROM wa_device_registry WHERE session_id = $1").await?)?,
+            group_metadata: pairs(all("SELECT group_jid, info FROM wa_group_metadata WHERE session_id = $1").await?)?,
+            sent_messages: all("SELECT chat_jid, message_id, payload FROM wa_sent_messages WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, text(r, 1)?, bytes(r, 2)?)))
+                .collect::<Result<_>>()?,
+            pending_inbound: all("SELECT chat, sender, id, message FROM wa_pending_inbound WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, bytes(r, 3)?)))
+                .collect::<Result<_>>()?,
+            msg_secrets: all("SELECT chat, sender, msg_id, secret, expires_at, message_ts FROM wa_msg_secrets WHERE session_id = $1")
+                .await?
+                .iter()
+                .map(|r| Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, bytes(r, 3)?, int(r, 4)?, int(r, 5)?)))
+                .collect::<Result<_>>()?,
+            tc_token_jids: Vec::new(),
+            lids: Vec::new(),
+        };
+        tx.commit().await.map_err(pg)?;
+        Ok(rows)
     }
 }

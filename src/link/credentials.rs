@@ -16,8 +16,9 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use botvisor_actors::{BoxFuture, LinkError};
+use botvisor_actors::{BoxFuture, LinkError, StorageError};
 use whatsapp_rust::store::{SqliteStore, SqliteStoreConfig};
+use whatsapp_rust::wacore::store::error::StoreError;
 use whatsapp_rust::wacore::store::traits::Backend;
 
 use crate::keys::PgKeys;
@@ -74,6 +75,44 @@ impl DatabaseKeys {
     }
 }
 
+impl DatabaseKeys {
+    /// Writes a session's keys to a new whatsapp-rust key file at `path` (a backup's
+    /// credentials). No file is made when the session has no keys yet.
+    pub async fn export(&self, user_id: &str, path: &Path) -> Result<(), StorageError> {
+        crate::keys::copy::session_to_file(&self.keys.session(user_id), path)
+            .await
+            .map(drop)
+            .map_err(|e| storage("cannot copy the WhatsApp keys out of PostgreSQL", &e))
+    }
+
+    /// Replaces a stopped session's keys with those of a key file (none when `path` does
+    /// not exist): a restore. All or nothing; a purge still due for this id is dropped,
+    /// since the restored keys replace what it was to remove.
+    pub async fn import(&self, user_id: &str, path: &Path) -> Result<(), StorageError> {
+        let _one = self.purging.lock().await;
+        crate::keys::copy::file_to_session(&self.keys, path, user_id)
+            .await
+            .map_err(|e| storage("cannot restore the WhatsApp keys into PostgreSQL", &e))?;
+        self.dirty_ids().remove(user_id);
+        Ok(())
+    }
+}
+
+/// A key store error for the API: unavailable when PostgreSQL cannot be reached, failed
+/// otherwise, with the whole chain of causes.
+fn storage(what: &str, e: &StoreError) -> StorageError {
+    let mut text = format!("{what}: {e}");
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    match e {
+        StoreError::Connection(_) => StorageError::Unavailable(text),
+        _ => StorageError::Failed(text),
+    }
+}
+
 impl Credentials {
     /// Keys in PostgreSQL, over `keys`' pool.
     pub fn database(keys: PgKeys) -> Credentials {
@@ -84,9 +123,12 @@ impl Credentials {
         }))
     }
 
-    /// Whether the keys are in the database (no files to back up).
-    pub fn in_database(&self) -> bool {
-        matches!(self, Credentials::Database(_))
+    /// The PostgreSQL key store, when the keys are there (backups copy them out and in).
+    pub fn database_keys(&self) -> Option<Arc<DatabaseKeys>> {
+        match self {
+            Credentials::Database(db) => Some(db.clone()),
+            Credentials::Files { .. } => None,
+        }
     }
 
     /// A name for error messages: the file, or the session in PostgreSQL.

@@ -179,6 +179,21 @@ impl Backups {
         Ok(())
     }
 
+    /// A new path (nothing there) for a scratch file of a session, `.<what>-<stamp>.db`
+    /// in its backup folder (created); [`Backups::sweep`] removes leftovers at boot.
+    pub fn scratch_file(&self, user_id: &str, what: &str) -> Result<PathBuf, BackupError> {
+        let dir = self.session_dir(user_id);
+        paths::create_private_dir(&dir).map_err(io)?;
+        let stamp = backup_stamp(now_ms());
+        let mut path = dir.join(format!(".{what}-{stamp}.db"));
+        let mut n = 1;
+        while path.exists() {
+            path = dir.join(format!(".{what}-{stamp}-{n}.db"));
+            n += 1;
+        }
+        Ok(path)
+    }
+
     /// The ids of a session's backups, newest first.
     pub fn list(&self, user_id: &str) -> Vec<String> {
         let mut ids: Vec<String> = std::fs::read_dir(self.session_dir(user_id))

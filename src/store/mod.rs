@@ -187,12 +187,27 @@ impl Store {
         self.on_reader(|conn| conn.load_sessions()).await
     }
 
-    /// Backs up a session's record and credential file (read off the runtime).
-    pub async fn backup(&self, rec: SessionRecord) -> Result<BackupInfo, BackupError> {
+    /// Backs up a session's record and credential file (read off the runtime): the
+    /// session's own file, or `credentials` (keys copied out of PostgreSQL).
+    pub async fn backup(
+        &self,
+        rec: SessionRecord,
+        credentials: Option<PathBuf>,
+    ) -> Result<BackupInfo, BackupError> {
         let backups = self.backups.clone();
-        let cred = paths::credentials(&self.config.data_dir, &rec.user_id);
+        let cred =
+            credentials.unwrap_or_else(|| paths::credentials(&self.config.data_dir, &rec.user_id));
         let link = self.config.link;
         blocking(move || backups.create(&rec, &cred, link)).await?
+    }
+
+    /// A new path for a scratch key file of a session (a copy of its keys on the way to
+    /// or from a backup). Hidden in the session's backup folder: the boot sweep removes
+    /// what a crash leaves there.
+    pub async fn scratch_file(&self, user_id: &str, what: &str) -> Result<PathBuf, BackupError> {
+        let backups = self.backups.clone();
+        let (user_id, what) = (user_id.to_string(), what.to_string());
+        blocking(move || backups.scratch_file(&user_id, &what)).await?
     }
 
     /// The ids of a session's backups, newest first.
@@ -205,10 +220,14 @@ impl Store {
     /// Finds and checks a backup (the given id, or the newest) and returns its id with
     /// the swap that restores it into the stopped session. A backup of another session
     /// or link is refused here, before anything stops.
+    ///
+    /// The credentials go to the session's own file, or to `into` (a key file that the
+    /// caller copies into PostgreSQL after `apply`; absent if the backup has none).
     pub async fn prepare_restore(
         &self,
         user_id: &str,
         wanted: Option<String>,
+        into: Option<PathBuf>,
     ) -> Result<(String, RestoreFn), BackupError> {
         let backups = self.backups.clone();
         let uid = user_id.to_string();
@@ -219,7 +238,7 @@ impl Store {
             Ok::<_, BackupError>((id, path))
         })
         .await??;
-        let cred = paths::credentials(&self.config.data_dir, user_id);
+        let cred = into.unwrap_or_else(|| paths::credentials(&self.config.data_dir, user_id));
         let apply: RestoreFn = Box::new(move |mut rec: SessionRecord| {
             Box::pin(async move {
                 blocking(move || {

@@ -3,13 +3,14 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use botvisor_actors::{Command, SupervisorMsg};
+use botvisor_actors::{CmdError, Command, RestoreFn, SupervisorMsg};
 
 use super::{ask, must_exist};
 use crate::http::errors::ApiError;
 use crate::http::request::json_body;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
+use crate::link::credentials::DatabaseKeys;
 use crate::timefmt::iso;
 
 #[derive(Deserialize)]
@@ -43,18 +44,14 @@ struct Restored<'a> {
     state: &'static str,
 }
 
-/// With `--keys database` a session's keys are rows in PostgreSQL, not a file: a backup
-/// made of the file alone would restore a session without its keys (or, restored, leave
-/// the rows it meant to replace). Refused until backups carry rows too.
-fn keys_are_files(app: &crate::http::App) -> Result<(), ApiError> {
-    if app.keys_in_database {
-        return Err(ApiError::new(
-            hyper::StatusCode::NOT_IMPLEMENTED,
-            "backups are not available when the WhatsApp keys are kept in PostgreSQL \
-             (--keys database): back up the database itself (pg_dump)",
-        ));
+/// With `--keys database` a session's keys are rows in PostgreSQL: a backup copies them
+/// out to a scratch key file first (whatsapp-rust's own SQLite format, so the backup is
+/// the same file whatever the engine), and a restore copies such a file back in. The
+/// scratch file goes once the backup or restore is done (or, after a crash, at boot).
+fn drop_scratch(file: &std::path::Path) {
+    if let Err(e) = crate::paths::remove_sqlite_files(file) {
+        tracing::warn!(file = %file.display(), error = %e, "scratch key file not removed");
     }
-    Ok(())
 }
 
 pub async fn create(c: Ctx) -> Answer {
@@ -64,8 +61,18 @@ pub async fn create(c: Ctx) -> Answer {
         .view()
         .get(&c.id)
         .ok_or_else(|| ApiError::no_session(&c.id))?;
-    keys_are_files(&c.app)?;
-    let info = c.app.store.backup(rec).await?;
+    let info = match &c.app.database_keys {
+        None => c.app.store.backup(rec, None).await?,
+        Some(keys) => {
+            let file = c.app.store.scratch_file(&c.id, "export").await?;
+            let made = match keys.export(&c.id, &file).await {
+                Ok(()) => c.app.store.backup(rec, Some(file.clone())).await,
+                Err(e) => Err(e.into()),
+            };
+            drop_scratch(&file);
+            made?
+        }
+    };
     tracing::info!(user_id = %c.id, backup_id = %info.backup_id, "session backed up");
     Ok(ok(&BackedUp {
         message: format!("Session {} backed up", c.id),
@@ -92,9 +99,19 @@ pub async fn restore(c: Ctx) -> Answer {
         Some(_) => return Err(ApiError::bad_request("backupId must be a string")),
     };
     must_exist(&c.app, &c.id)?;
-    keys_are_files(&c.app)?;
     // Refused before the session is stopped: a wrong backup must not cost a restart.
-    let (backup_id, apply) = c.app.store.prepare_restore(&c.id, wanted).await?;
+    let (backup_id, apply) = match &c.app.database_keys {
+        None => c.app.store.prepare_restore(&c.id, wanted, None).await?,
+        Some(keys) => {
+            let file = c.app.store.scratch_file(&c.id, "import").await?;
+            let (id, apply) = c
+                .app
+                .store
+                .prepare_restore(&c.id, wanted, Some(file.clone()))
+                .await?;
+            (id, into_database(apply, keys.clone(), c.id.clone(), file))
+        }
+    };
     let user_id = c.id.clone();
     let rec = ask(&c.app, Command::Stop, |reply| SupervisorMsg::Restore {
         user_id,
@@ -109,4 +126,28 @@ pub async fn restore(c: Ctx) -> Answer {
         backup_id: &backup_id,
         state: rec.state.as_str(),
     }))
+}
+
+/// A restore whose credentials go to a scratch key file, then into PostgreSQL (while the
+/// session is still stopped).
+fn into_database(
+    apply: RestoreFn,
+    keys: std::sync::Arc<DatabaseKeys>,
+    user_id: String,
+    file: std::path::PathBuf,
+) -> RestoreFn {
+    Box::new(move |rec| {
+        Box::pin(async move {
+            let restored = match apply(rec).await {
+                Ok(rec) => keys
+                    .import(&user_id, &file)
+                    .await
+                    .map(|()| rec)
+                    .map_err(CmdError::Storage),
+                Err(e) => Err(e),
+            };
+            drop_scratch(&file);
+            restored
+        })
+    })
 }
