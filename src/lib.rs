@@ -6,12 +6,13 @@
 //! # Layout
 //! - `main.rs`: the `botvisor` binary (parses flags, calls [`run`], [`migrate::run`] or
 //!   [`health_check`]).
-//! - [`migrate`]: `botvisor migrate`, a whole fleet's rows copied between databases of
-//!   either engine.
+//! - [`migrate`]: `botvisor migrate`, a whole fleet's rows (and, with `--keys`, its
+//!   WhatsApp keys) copied between databases of either engine.
 //! - [`config`]: flags, environment and TOML file merged into a `Config`.
 //! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
 //! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a whatsapp-rust storage backend;
+//!   `keys::copy`, one session's keys moved whole to or from a key file;
 //!   the real link's `--keys database`).
 //! - [`store`]: the writer thread (group commit) over a database engine, the read view
 //!   with counters, and backups.

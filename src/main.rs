@@ -51,12 +51,16 @@ fn main() {
             to,
             force,
             batch,
+            keys,
+            data_dir,
         } => {
             let options = botvisor::migrate::Options {
                 from,
                 to,
                 force,
                 batch,
+                keys,
+                data_dir,
             };
             match botvisor::migrate::run(&options, &mut std::io::stdout()) {
                 Ok(_) => std::process::exit(0),

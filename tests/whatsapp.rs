@@ -1401,3 +1401,128 @@ fn a_backup_carries_keys_between_postgresql_and_sqlite_nodes() {
     let errors = peer.stats().signal_errors;
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// Runs `botvisor migrate` with `args`; answers (exit code, stdout and stderr).
+fn migrate(args: &[&str]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(common::botvisor_bin())
+        .arg("migrate")
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("BOTVISOR_DATA_DIR")
+        .output()
+        .expect("run botvisor migrate");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), said)
+}
+
+/// `migrate --keys`: a paired fleet whose keys are in PostgreSQL moves to a node with
+/// SQLite and key files, and from there into another PostgreSQL with the keys as rows;
+/// each time the session logs in with the same device and sends. Keys with nowhere to
+/// go, and `--keys database` towards SQLite, are refused.
+#[test]
+fn migrate_carries_the_whatsapp_keys_between_postgresql_and_key_files() {
+    let test = "migrate_carries_the_whatsapp_keys_between_postgresql_and_key_files";
+    let Some(pg) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let first = pg.fresh_database_url("mk_first").unwrap();
+    let second = pg.fresh_database_url("mk_second").unwrap();
+    let peer = Peer::start();
+    let peer_url = peer.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let (pg_dir, file_dir) = (tmp.path().join("pg"), tmp.path().join("files"));
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    let on_pg = |url: &str| -> Vec<String> {
+        let mut args: Vec<String> = peer_args(&peer_url).iter().map(|a| a.to_string()).collect();
+        args.extend(["--database-url", url, "--keys", "database"].map(String::from));
+        args
+    };
+    let args: Vec<String> = on_pg(&first);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Server::start_in(&pg_dir, &args);
+    assert_eq!(a.create("mk", "15551234567").status, 201);
+    assert_eq!(a.post("/api/sessions/mk/stop", None).status, 200);
+    seed_paired_in_database(&first, "mk", "Migrated Bot");
+    assert_eq!(a.post("/api/sessions/mk/start", None).status, 200);
+    a.wait_state("mk", "online");
+    send_and_see_it_decrypted(&peer, &a, "mk", "before the move");
+    let device = database_device(&first, "mk");
+    let signal_sessions = key_rows(&first, &["wa_sessions"], "mk");
+    assert_eq!(a.terminate(), Some(0));
+
+    // PostgreSQL -> SQLite: the keys must be told where to go; not into SQLite rows.
+    let file_db = file_dir.join("botvisor.db");
+    let file_db = file_db.to_str().unwrap();
+    let file_dir_s = file_dir.to_str().unwrap();
+    let (code, said) = migrate(&["--from", &first, "--to", file_db, "--data-dir", file_dir_s]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("--keys files"), "{said}");
+    let (code, said) = migrate(&[
+        "--from",
+        &first,
+        "--to",
+        file_db,
+        "--data-dir",
+        file_dir_s,
+        "--keys",
+        "database",
+    ]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("must be a postgres:// URL"), "{said}");
+    let (code, said) = migrate(&[
+        "--from",
+        &first,
+        "--to",
+        file_db,
+        "--data-dir",
+        file_dir_s,
+        "--keys",
+        "files",
+    ]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("whatsapp keys     1 sessions"), "{said}");
+    let key_file = file_dir.join("sessions/mk.db");
+    assert_eq!(file_device(&key_file), device);
+    for sfx in ["-wal", "-shm"] {
+        let mut side = key_file.clone().into_os_string();
+        side.push(sfx);
+        assert!(
+            !std::path::Path::new(&side).exists(),
+            "no {sfx} beside the file"
+        );
+    }
+    let mut b = Server::start_in(
+        &file_dir,
+        &[&peer_args(&peer_url)[..], &["--database-url", file_db]].concat(),
+    );
+    assert_eq!(b.wait_state("mk", "online")["name"], "Migrated Bot");
+    send_and_see_it_decrypted(&peer, &b, "mk", "on key files");
+    assert_eq!(b.terminate(), Some(0));
+
+    // SQLite with key files -> another PostgreSQL, the keys as rows there.
+    let (code, said) = migrate(&[
+        "--from",
+        file_db,
+        "--to",
+        &second,
+        "--data-dir",
+        file_dir_s,
+        "--keys",
+        "database",
+    ]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(said.contains("--keys database"), "{said}");
+    assert_eq!(database_device(&second, "mk"), device);
+    assert!(key_rows(&second, &["wa_sessions"], "mk") >= signal_sessions);
+    let args: Vec<String> = on_pg(&second);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Server::start_in(&file_dir, &args);
+    c.wait_state("mk", "online");
+    send_and_see_it_decrypted(&peer, &c, "mk", "home again in PostgreSQL");
+    let errors = peer.stats().signal_errors;
+    assert!(errors.is_empty(), "{errors:?}");
+}

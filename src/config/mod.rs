@@ -71,6 +71,19 @@ pub enum Command {
         /// Rows per transaction.
         #[arg(long, default_value_t = 2_000)]
         batch: usize,
+        /// Where the WhatsApp keys go: `database` copies them into --to (PostgreSQL),
+        /// `files` writes them as key files in --data-dir. Without it key files stay
+        /// where they are, and keys kept in a PostgreSQL --from are refused.
+        #[arg(long, value_enum, value_name = "KEYS")]
+        keys: Option<KeysAt>,
+        /// The data dir whose key files are read (or written, with --keys files).
+        #[arg(
+            long,
+            env = "BOTVISOR_DATA_DIR",
+            value_name = "DIR",
+            default_value = "./data"
+        )]
+        data_dir: PathBuf,
     },
 }
 

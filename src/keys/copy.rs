@@ -275,7 +275,8 @@ async fn file_rows(store: &SqliteStore, path: &Path) -> Result<Rows> {
 }
 
 /// Writes one session's keys in PostgreSQL to a new whatsapp-rust `SqliteStore` file at
-/// `path` (which must not exist), checked by listing the file again. Returns the rows
+/// `path` (which must not exist), checked by listing the file again, and left whole in
+/// itself (no `-wal` beside it). Returns the rows
 /// copied (0: the session has no device yet, and the file is not made).
 pub async fn session_to_file(keys: &PgSessionKeys, path: &Path) -> Result<usize> {
     let rows = session_rows(keys).await?;
@@ -289,6 +290,10 @@ pub async fn session_to_file(keys: &PgSessionKeys, path: &Path) -> Result<usize>
     if !copied.same_as(&rows) {
         return Err(mismatch("written to a file", &rows, &copied));
     }
+    let sealed = path.to_path_buf();
+    tokio::task::spawn_blocking(move || files::seal(&sealed))
+        .await
+        .map_err(|e| StoreError::Database(Box::new(e)))??;
     Ok(written)
 }
 

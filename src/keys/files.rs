@@ -35,6 +35,23 @@ pub async fn open(path: &Path) -> Result<SqliteStore> {
     SqliteStore::new(url(path)?).await
 }
 
+/// Makes a key file whole in itself: its write-ahead log folded in and the journal
+/// mode back to `DELETE` (whatsapp-rust turns WAL on again when it opens it), so that
+/// the file alone can be renamed or copied. Every connection to it must be closed.
+pub fn seal(path: &Path) -> Result<()> {
+    let conn = Connection::open(path).map_err(db)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))
+        .map_err(db)?;
+    if !mode.eq_ignore_ascii_case("delete") {
+        return Err(StoreError::Validation(format!(
+            "{} stays in journal mode {mode} (is it still open?)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Lists a key file's rows of `device_id`, in one read transaction.
 pub fn list_rows(path: &Path, device_id: i32) -> Result<Rows> {
     let mut conn =

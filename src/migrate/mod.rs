@@ -13,18 +13,21 @@
 //!   written as an upsert: running it again gives the same rows (idempotent).
 //! - At the end every table's count is compared, and the sessions and a sample of the
 //!   other tables are compared row by row; any difference fails the command.
-//! - The WhatsApp keys in files (`--keys files`, the default) stay in the data dir: start
-//!   the new server with the same `--data-dir`. Keys kept in PostgreSQL (`--keys
-//!   database`) are not copied by this command yet: it refuses such a source.
+//! - The WhatsApp keys ([`keys`]): key files (`--keys files`, the default) stay in the
+//!   data dir unless `--keys database` copies them into a PostgreSQL target; keys kept in
+//!   a PostgreSQL source are copied where `--keys` says (its rows, or key files in
+//!   `--data-dir`), each session checked row by row.
 
 use std::collections::BTreeSet;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use crate::config::parse_database_url;
+use crate::config::{parse_database_url, KeysAt};
 use crate::db::tables::{Kind, Row, Table, Value, TABLES};
 use crate::db::{self, Engine};
 use crate::store::{open_database, redact_password, Database, OpenError};
+
+mod keys;
 
 /// Rows of each table compared one by one at the end (besides every session).
 const SAMPLE: usize = 500;
@@ -43,6 +46,10 @@ pub struct Options {
     pub force: bool,
     /// Rows per transaction.
     pub batch: usize,
+    /// Where the WhatsApp keys go (`None`: key files stay where they are).
+    pub keys: Option<KeysAt>,
+    /// The data dir whose key files are read or written.
+    pub data_dir: PathBuf,
 }
 
 /// One table's rows after the copy.
@@ -59,14 +66,18 @@ pub struct Report {
     /// Whether an unfinished copy of the same source was resumed.
     pub resumed: bool,
     pub tables: Vec<Copied>,
+    /// Sessions whose WhatsApp keys were copied, and their rows.
+    pub keys: (usize, usize),
 }
 
 /// One side of the copy: the database taken, and a handle on it.
 struct Side {
     name: String,
+    database: Database,
     engine: Box<dyn Engine>,
     location: db::Location,
-    _lock: Option<crate::paths::DataDirLock>,
+    /// The directory taken for an SQLite file, and its lock.
+    taken: Option<(PathBuf, crate::paths::DataDirLock)>,
 }
 
 fn open_side(url: &str, role: &str, must_exist: bool) -> Result<Side, String> {
@@ -76,7 +87,7 @@ fn open_side(url: &str, role: &str, must_exist: bool) -> Result<Side, String> {
         Database::Postgres { url, .. } => redact_password(url),
         Database::File(path) => path.display().to_string(),
     };
-    let lock = match &database {
+    let taken = match &database {
         Database::File(path) => Some(take_file(path, role, must_exist)?),
         _ => None,
     };
@@ -92,9 +103,10 @@ fn open_side(url: &str, role: &str, must_exist: bool) -> Result<Side, String> {
         .map_err(|e| format!("--{role} {name}: {e}"))?;
     Ok(Side {
         name,
+        database,
         engine,
         location,
-        _lock: lock,
+        taken,
     })
 }
 
@@ -103,7 +115,7 @@ fn take_file(
     path: &Path,
     role: &str,
     must_exist: bool,
-) -> Result<crate::paths::DataDirLock, String> {
+) -> Result<(PathBuf, crate::paths::DataDirLock), String> {
     if must_exist && !path.is_file() {
         return Err(format!(
             "--{role}: there is no database at {}",
@@ -116,7 +128,28 @@ fn take_file(
     };
     crate::paths::create_private_dir(&dir)
         .map_err(|e| format!("--{role}: cannot create {}: {e}", dir.display()))?;
-    crate::paths::lock_data_dir(&dir).map_err(|e| format!("--{role}: {e}"))
+    let lock = crate::paths::lock_data_dir(&dir).map_err(|e| format!("--{role}: {e}"))?;
+    Ok((dir, lock))
+}
+
+/// Takes `--data-dir` when the keys copy reads or writes it, unless a side's SQLite file
+/// already took it.
+fn take_data_dir(
+    dir: &Path,
+    sides: [&Side; 2],
+) -> Result<Option<crate::paths::DataDirLock>, String> {
+    crate::paths::create_private_dir(dir)
+        .map_err(|e| format!("--data-dir: cannot create {}: {e}", dir.display()))?;
+    let same = |taken: &Path| matches!((taken.canonicalize(), dir.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if sides
+        .iter()
+        .any(|s| s.taken.as_ref().is_some_and(|(d, _)| same(d)))
+    {
+        return Ok(None);
+    }
+    crate::paths::lock_data_dir(dir)
+        .map(Some)
+        .map_err(|e| format!("--data-dir: {e}"))
 }
 
 /// Copies everything from `opts.from` to `opts.to`, telling `out` what it does.
@@ -129,8 +162,26 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Report, String> {
     if same_file(&opts.from, &opts.to) {
         return Err("--from and --to are the same database".into());
     }
-    refuse_keys_in_source(&from)?;
+    let key_sessions = match &from.location {
+        db::Location::Postgres(rows) => rows
+            .key_sessions()
+            .map_err(|e| format!("--from {}: {e}", from.name))?,
+        _ => 0,
+    };
+    let keys = keys::plan(
+        opts.keys,
+        &from.database,
+        key_sessions,
+        &to.database,
+        &opts.data_dir,
+    )?;
+    let _data_dir = match keys.uses_data_dir() {
+        true => take_data_dir(&opts.data_dir, [&from, &to])?,
+        false => None,
+    };
     let resumed = check_target(&mut from, &mut to, opts.force)?;
+    let sessions = session_ids(&mut from)?;
+    keys.check_files(&sessions, opts.force || resumed)?;
     let say = |out: &mut dyn Write, text: String| {
         let _ = writeln!(out, "{text}");
     };
@@ -158,19 +209,47 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Report, String> {
         let rows = copy_table(&mut from, &mut to, table, opts.batch.max(1))?;
         say(out, format!("  {:<17} {rows} rows", table.name));
     }
+    let copied_keys = keys.run(&sessions)?;
+    if !matches!(keys.to, keys::Target::Stay) {
+        say(
+            out,
+            format!(
+                "  {:<17} {} sessions, {} rows, each checked against its source",
+                "whatsapp keys", copied_keys.0, copied_keys.1
+            ),
+        );
+    }
     let tables = verify(&mut from, &mut to, opts.force)?;
     set(&mut to, MARK_STATE, "done")?;
     say(
         out,
         format!(
             "verified: every table's count{}, every row of the tables keyed by session and \
-             the first {SAMPLE} events and outbox rows. Start botvisor with --database-url {} and the same --data-dir (the \
-             WhatsApp key files and backups stay there).",
-            if opts.force { " (at least the source's)" } else { " matches" },
-            to.name
+             the first {SAMPLE} events and outbox rows. Start botvisor with --database-url {} {}",
+            if opts.force {
+                " (at least the source's)"
+            } else {
+                " matches"
+            },
+            to.name,
+            match keys.to {
+                keys::Target::Stay =>
+                    "and the same --data-dir (the WhatsApp key files and backups stay there)."
+                        .to_string(),
+                keys::Target::Database(_) =>
+                    "--keys database and the same --data-dir (backups stay there).".to_string(),
+                keys::Target::Files => format!(
+                    "and --data-dir {} (the WhatsApp keys are files there now).",
+                    opts.data_dir.display()
+                ),
+            }
         ),
     );
-    Ok(Report { resumed, tables })
+    Ok(Report {
+        resumed,
+        tables,
+        keys: copied_keys,
+    })
 }
 
 /// Two SQLite URLs naming one file.
@@ -183,24 +262,16 @@ fn same_file(a: &str, b: &str) -> bool {
     }
 }
 
-/// The WhatsApp keys kept in a PostgreSQL source are not copied yet: refuse rather than
-/// leave them behind.
-fn refuse_keys_in_source(from: &Side) -> Result<(), String> {
-    let db::Location::Postgres(rows) = &from.location else {
-        return Ok(());
-    };
-    let sessions = rows
-        .key_sessions()
-        .map_err(|e| format!("--from {}: {e}", from.name))?;
-    if sessions > 0 {
-        return Err(format!(
-            "--from {} keeps the WhatsApp keys of {sessions} session(s) in PostgreSQL (--keys \
-             database); this command does not copy those yet: copy that database with \
-             pg_dump and pg_restore instead",
-            from.name
-        ));
-    }
-    Ok(())
+/// The ids of the source's sessions.
+fn session_ids(from: &mut Side) -> Result<Vec<String>, String> {
+    let sessions = TABLES
+        .iter()
+        .find(|t| t.name == "sessions")
+        .expect("the sessions table is described");
+    Ok(all_rows(from, sessions, usize::MAX)?
+        .iter()
+        .filter_map(|r| r.first().and_then(Value::as_text).map(str::to_string))
+        .collect())
 }
 
 /// Refuses a target with rows of its own (unless `force`); true when it is an unfinished
