@@ -1402,10 +1402,22 @@ fn a_backup_carries_keys_between_postgresql_and_sqlite_nodes() {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
-/// Runs `botvisor migrate` with `args`; answers (exit code, stdout and stderr).
-fn migrate(args: &[&str]) -> (Option<i32>, String) {
+/// Runs `botvisor migrate --from --to --data-dir [--keys]`; answers (exit code, stdout
+/// and stderr).
+fn migrate(from: &str, to: &str, data_dir: &str, keys: Option<&str>) -> (Option<i32>, String) {
+    let mut args = vec![
+        "migrate",
+        "--from",
+        from,
+        "--to",
+        to,
+        "--data-dir",
+        data_dir,
+    ];
+    if let Some(keys) = keys {
+        args.extend(["--keys", keys]);
+    }
     let out = std::process::Command::new(common::botvisor_bin())
-        .arg("migrate")
         .args(args)
         .env_remove("DATABASE_URL")
         .env_remove("BOTVISOR_DATA_DIR")
@@ -1458,31 +1470,13 @@ fn migrate_carries_the_whatsapp_keys_between_postgresql_and_key_files() {
     let file_db = file_dir.join("botvisor.db");
     let file_db = file_db.to_str().unwrap();
     let file_dir_s = file_dir.to_str().unwrap();
-    let (code, said) = migrate(&["--from", &first, "--to", file_db, "--data-dir", file_dir_s]);
+    let (code, said) = migrate(&first, file_db, file_dir_s, None);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("--keys files"), "{said}");
-    let (code, said) = migrate(&[
-        "--from",
-        &first,
-        "--to",
-        file_db,
-        "--data-dir",
-        file_dir_s,
-        "--keys",
-        "database",
-    ]);
+    let (code, said) = migrate(&first, file_db, file_dir_s, Some("database"));
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("must be a postgres:// URL"), "{said}");
-    let (code, said) = migrate(&[
-        "--from",
-        &first,
-        "--to",
-        file_db,
-        "--data-dir",
-        file_dir_s,
-        "--keys",
-        "files",
-    ]);
+    let (code, said) = migrate(&first, file_db, file_dir_s, Some("files"));
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("whatsapp keys     1 sessions"), "{said}");
     let key_file = file_dir.join("sessions/mk.db");
@@ -1504,16 +1498,7 @@ fn migrate_carries_the_whatsapp_keys_between_postgresql_and_key_files() {
     assert_eq!(b.terminate(), Some(0));
 
     // SQLite with key files -> another PostgreSQL, the keys as rows there.
-    let (code, said) = migrate(&[
-        "--from",
-        file_db,
-        "--to",
-        &second,
-        "--data-dir",
-        file_dir_s,
-        "--keys",
-        "database",
-    ]);
+    let (code, said) = migrate(file_db, &second, file_dir_s, Some("database"));
     assert_eq!(code, Some(0), "{said}");
     assert!(said.contains("--keys database"), "{said}");
     assert_eq!(database_device(&second, "mk"), device);

@@ -64,7 +64,100 @@ pub struct Rows {
     pub lids: Vec<String>,
 }
 
+/// A value as an engine lists it.
+#[derive(Debug)]
+pub enum Cell {
+    Int(i64),
+    Bool(bool),
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+/// What each engine lists, in this order (its own SQL for each, see `LISTINGS` in
+/// `files.rs` and `postgres.rs`): the columns of each line of [`Rows`] after `device`.
+pub const LISTED: usize = 15;
+
+/// One listing's rows.
+pub type Listing = Vec<Vec<Cell>>;
+
+fn cell_error(what: &str, cell: Option<&Cell>) -> StoreError {
+    StoreError::Validation(format!(
+        "a listed key has {cell:?} where {what} was expected"
+    ))
+}
+
+fn text(row: &[Cell], i: usize) -> Result<String> {
+    match row.get(i) {
+        Some(Cell::Text(t)) => Ok(t.clone()),
+        other => Err(cell_error("text", other)),
+    }
+}
+
+fn bytes(row: &[Cell], i: usize) -> Result<Vec<u8>> {
+    match row.get(i) {
+        Some(Cell::Bytes(b)) => Ok(b.clone()),
+        other => Err(cell_error("bytes", other)),
+    }
+}
+
+fn int(row: &[Cell], i: usize) -> Result<i64> {
+    match row.get(i) {
+        Some(Cell::Int(n)) => Ok(*n),
+        other => Err(cell_error("an integer", other)),
+    }
+}
+
+fn flag(row: &[Cell], i: usize) -> Result<bool> {
+    match row.get(i) {
+        Some(Cell::Bool(b)) => Ok(*b),
+        Some(Cell::Int(n)) => Ok(*n != 0),
+        other => Err(cell_error("a flag", other)),
+    }
+}
+
+fn id(row: &[Cell], i: usize) -> Result<u32> {
+    let n = int(row, i)?;
+    u32::try_from(n).map_err(|_| StoreError::Validation(format!("key id {n} is out of range")))
+}
+
+fn each<T>(listing: &Listing, f: impl Fn(&[Cell]) -> Result<T>) -> Result<Vec<T>> {
+    listing.iter().map(|r| f(r)).collect()
+}
+
 impl Rows {
+    /// Rows from an engine's [`LISTED`] listings, in the order of [`Rows`]' fields.
+    pub fn from_listings(device: bool, l: &[Listing; LISTED]) -> Result<Rows> {
+        let pair = |r: &[Cell]| Ok((text(r, 0)?, bytes(r, 1)?));
+        let triple = |r: &[Cell]| Ok((text(r, 0)?, text(r, 1)?, bytes(r, 2)?));
+        Ok(Rows {
+            device,
+            identities: each(&l[0], pair)?,
+            sessions: each(&l[1], pair)?,
+            prekeys: each(&l[2], |r| Ok((id(r, 0)?, bytes(r, 1)?, flag(r, 2)?)))?,
+            signed_prekeys: each(&l[3], |r| Ok((id(r, 0)?, bytes(r, 1)?)))?,
+            sender_keys: each(&l[4], pair)?,
+            sync_key_ids: each(&l[5], |r| bytes(r, 0))?,
+            version_names: each(&l[6], |r| text(r, 0))?,
+            macs: each(&l[7], |r| {
+                Ok((text(r, 0)?, int(r, 1)? as u64, bytes(r, 2)?, bytes(r, 3)?))
+            })?,
+            sender_key_devices: each(&l[8], |r| Ok((text(r, 0)?, text(r, 1)?, flag(r, 2)?)))?,
+            base_keys: each(&l[9], triple)?,
+            device_users: each(&l[10], |r| text(r, 0))?,
+            group_metadata: each(&l[11], pair)?,
+            sent_messages: each(&l[12], triple)?,
+            pending_inbound: each(&l[13], |r| {
+                Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, bytes(r, 3)?))
+            })?,
+            msg_secrets: each(&l[14], |r| {
+                let (chat, sender, msg_id) = (text(r, 0)?, text(r, 1)?, text(r, 2)?);
+                Ok((chat, sender, msg_id, bytes(r, 3)?, int(r, 4)?, int(r, 5)?))
+            })?,
+            tc_token_jids: Vec::new(),
+            lids: Vec::new(),
+        })
+    }
+
     /// Every list sorted, except `sync_key_ids`, whose order says which key is the
     /// latest (compare two listings with [`Rows::same_as`]).
     fn sorted(mut self) -> Rows {

@@ -3,11 +3,12 @@
 
 use std::path::Path;
 
+use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use whatsapp_rust::store::SqliteStore;
 use whatsapp_rust::wacore::store::error::{Result, StoreError};
 
-use super::copy::Rows;
+use super::copy::{Cell, Listing, Rows, LISTED};
 
 fn db(e: rusqlite::Error) -> StoreError {
     StoreError::Database(Box::new(e))
@@ -57,131 +58,67 @@ pub fn list_rows(path: &Path, device_id: i32) -> Result<Rows> {
     let mut conn =
         Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(db)?;
     let tx = conn.transaction().map_err(db)?;
-    let rows = list(&tx, device_id).map_err(db)?;
+    let rows = list(&tx, device_id)?;
     tx.finish().map_err(db)?;
     Ok(rows)
 }
 
-fn list(c: &Connection, device: i32) -> rusqlite::Result<Rows> {
-    let has_device: bool = c.query_row(
-        "SELECT EXISTS (SELECT 1 FROM device WHERE id = ?1)",
-        [device],
-        |r| r.get(0),
-    )?;
-    Ok(Rows {
-        device: has_device,
-        identities: all(
-            c,
-            "SELECT address, key FROM identities WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-        sessions: all(
-            c,
-            "SELECT address, record FROM sessions WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-        prekeys: all(
-            c,
-            "SELECT id, key, uploaded FROM prekeys WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?,
-        signed_prekeys: all(
-            c,
-            "SELECT id, record FROM signed_prekeys WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-        sender_keys: all(
-            c,
-            "SELECT address, record FROM sender_keys WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-        // SqliteStore's latest key is the highest id: listed last.
-        sync_key_ids: all(
-            c,
-            "SELECT key_id FROM app_state_keys WHERE device_id = ?1 ORDER BY key_id",
-            device,
+/// Each of [`LISTED`]'s listings in SqliteStore's schema.
+const LISTINGS: [&str; LISTED] = [
+    "SELECT address, key FROM identities WHERE device_id = ?1",
+    "SELECT address, record FROM sessions WHERE device_id = ?1",
+    "SELECT id, key, uploaded FROM prekeys WHERE device_id = ?1",
+    "SELECT id, record FROM signed_prekeys WHERE device_id = ?1",
+    "SELECT address, record FROM sender_keys WHERE device_id = ?1",
+    // SqliteStore's latest key is the highest id: listed last.
+    "SELECT key_id FROM app_state_keys WHERE device_id = ?1 ORDER BY key_id",
+    "SELECT name FROM app_state_versions WHERE device_id = ?1",
+    "SELECT name, version, index_mac, value_mac FROM app_state_mutation_macs WHERE device_id = ?1",
+    "SELECT group_jid, device_jid, has_key FROM sender_key_devices WHERE device_id = ?1",
+    "SELECT address, message_id, base_key FROM base_keys WHERE device_id = ?1",
+    "SELECT user_id FROM device_registry WHERE device_id = ?1",
+    "SELECT group_jid, info FROM group_metadata WHERE device_id = ?1",
+    "SELECT chat_jid, message_id, payload FROM sent_messages WHERE device_id = ?1",
+    "SELECT chat, sender, id, message FROM pending_inbound_messages WHERE device_id = ?1",
+    "SELECT chat, sender, msg_id, secret, expires_at, message_ts FROM msg_secrets \
+     WHERE device_id = ?1",
+];
+
+fn list(c: &Connection, device: i32) -> Result<Rows> {
+    let has_device: bool = c
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM device WHERE id = ?1)",
+            [device],
             |r| r.get(0),
-        )?,
-        version_names: all(
-            c,
-            "SELECT name FROM app_state_versions WHERE device_id = ?1",
-            device,
-            |r| r.get(0),
-        )?,
-        macs: all(
-            c,
-            "SELECT name, version, index_mac, value_mac FROM app_state_mutation_macs \
-             WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?, r.get(3)?)),
-        )?,
-        sender_key_devices: all(
-            c,
-            "SELECT group_jid, device_jid, has_key FROM sender_key_devices WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? != 0)),
-        )?,
-        base_keys: all(
-            c,
-            "SELECT address, message_id, base_key FROM base_keys WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?,
-        device_users: all(
-            c,
-            "SELECT user_id FROM device_registry WHERE device_id = ?1",
-            device,
-            |r| r.get(0),
-        )?,
-        group_metadata: all(
-            c,
-            "SELECT group_jid, info FROM group_metadata WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?,
-        sent_messages: all(
-            c,
-            "SELECT chat_jid, message_id, payload FROM sent_messages WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )?,
-        pending_inbound: all(
-            c,
-            "SELECT chat, sender, id, message FROM pending_inbound_messages WHERE device_id = ?1",
-            device,
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-        )?,
-        msg_secrets: all(
-            c,
-            "SELECT chat, sender, msg_id, secret, expires_at, message_ts FROM msg_secrets \
-             WHERE device_id = ?1",
-            device,
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                ))
-            },
-        )?,
-        tc_token_jids: Vec::new(),
-        lids: Vec::new(),
-    })
+        )
+        .map_err(db)?;
+    let mut listings: [Listing; LISTED] = Default::default();
+    for (sql, out) in LISTINGS.iter().zip(listings.iter_mut()) {
+        *out = listing(c, sql, device).map_err(db)?;
+    }
+    Rows::from_listings(has_device, &listings)
 }
 
-fn all<T>(
-    c: &Connection,
-    sql: &str,
-    device: i32,
-    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<Vec<T>> {
-    c.prepare(sql)?.query_map([device], row)?.collect()
+fn listing(c: &Connection, sql: &str, device: i32) -> rusqlite::Result<Listing> {
+    let mut statement = c.prepare(sql)?;
+    let columns = statement.column_count();
+    let rows = statement.query_map([device], |r| {
+        (0..columns)
+            .map(|i| {
+                Ok(match r.get_ref(i)? {
+                    ValueRef::Integer(n) => Cell::Int(n),
+                    ValueRef::Text(t) => Cell::Text(String::from_utf8_lossy(t).into_owned()),
+                    ValueRef::Blob(b) => Cell::Bytes(b.to_vec()),
+                    other => {
+                        return Err(rusqlite::Error::InvalidColumnType(
+                            i,
+                            format!("{other:?}"),
+                            other.data_type(),
+                        ))
+                    }
+                })
+            })
+            .collect()
+    })?;
+    rows.collect()
 }

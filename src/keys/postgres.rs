@@ -2109,6 +2109,47 @@ impl DeviceStore for PgSessionKeys {
 // Listing a session's rows (for copies between key stores, `super::copy`)
 // ---------------------------------------------------------------------------------------
 
+/// Each of `copy::LISTED`'s listings in this schema.
+const LISTINGS: [&str; super::copy::LISTED] = [
+    "SELECT address, key FROM wa_identities WHERE session_id = $1",
+    "SELECT address, record FROM wa_sessions WHERE session_id = $1",
+    "SELECT id, record, uploaded FROM wa_prekeys WHERE session_id = $1",
+    "SELECT id, record FROM wa_signed_prekeys WHERE session_id = $1",
+    "SELECT address, record FROM wa_sender_keys WHERE session_id = $1",
+    // The latest key (stored last) is listed last.
+    "SELECT key_id FROM wa_app_state_keys WHERE session_id = $1 ORDER BY stored_seq",
+    "SELECT name FROM wa_app_state_versions WHERE session_id = $1",
+    "SELECT name, version, index_mac, value_mac FROM wa_app_state_mutation_macs \
+     WHERE session_id = $1",
+    "SELECT group_jid, device_jid, has_key FROM wa_sender_key_devices WHERE session_id = $1",
+    "SELECT address, message_id, base_key FROM wa_base_keys WHERE session_id = $1",
+    "SELECT user_id FROM wa_device_registry WHERE session_id = $1",
+    "SELECT group_jid, info FROM wa_group_metadata WHERE session_id = $1",
+    "SELECT chat_jid, message_id, payload FROM wa_sent_messages WHERE session_id = $1",
+    "SELECT chat, sender, id, message FROM wa_pending_inbound WHERE session_id = $1",
+    "SELECT chat, sender, msg_id, secret, expires_at, message_ts FROM wa_msg_secrets \
+     WHERE session_id = $1",
+];
+
+/// A listed row's cells, by their column types.
+fn cells(row: &tokio_postgres::Row) -> Result<Vec<super::copy::Cell>> {
+    use super::copy::Cell;
+    use tokio_postgres::types::Type;
+    (0..row.len())
+        .map(|i| {
+            let ty = row.columns()[i].type_();
+            Ok(match *ty {
+                Type::INT8 => Cell::Int(row.try_get(i).map_err(pg)?),
+                Type::INT4 => Cell::Int(i64::from(row.try_get::<_, i32>(i).map_err(pg)?)),
+                Type::BOOL => Cell::Bool(row.try_get(i).map_err(pg)?),
+                Type::TEXT | Type::VARCHAR => Cell::Text(row.try_get(i).map_err(pg)?),
+                Type::BYTEA => Cell::Bytes(row.try_get(i).map_err(pg)?),
+                _ => return Err(invalid(format!("a listed column of type {ty}"))),
+            })
+        })
+        .collect()
+}
+
 impl PgSessionKeys {
     /// Every key of this session, listed in one read-only snapshot.
     pub async fn list_rows(&self) -> Result<super::copy::Rows> {
@@ -2122,85 +2163,17 @@ impl PgSessionKeys {
             .await
             .map_err(pg)?;
         let id: &str = &self.session;
-        let all = |sql: &'static str| {
-            let tx = &tx;
-            async move { tx.query(sql, &[&id]).await.map_err(pg) }
-        };
-        let text =
-            |r: &tokio_postgres::Row, i: usize| -> Result<String> { r.try_get(i).map_err(pg) };
-        let bytes =
-            |r: &tokio_postgres::Row, i: usize| -> Result<Vec<u8>> { r.try_get(i).map_err(pg) };
-        let int = |r: &tokio_postgres::Row, i: usize| -> Result<i64> { r.try_get(i).map_err(pg) };
-        let flag = |r: &tokio_postgres::Row, i: usize| -> Result<bool> { r.try_get(i).map_err(pg) };
-        let device = !all("SELECT 1 FROM wa_device WHERE session_id = $1")
-            .await?
-            .is_empty();
-        let pairs = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<(String, Vec<u8>)>> {
-            rows.iter()
-                .map(|r| Ok((text(r, 0)?, bytes(r, 1)?)))
-                .collect()
-        };
-        let texts = |rows: Vec<tokio_postgres::Row>| -> Result<Vec<String>> {
-            rows.iter().map(|r| text(r, 0)).collect()
-        };
-        let rows = super::copy::Rows {
-            device,
-            identities: pairs(all("SELECT address, key FROM wa_identities WHERE session_id = $1").await?)?,
-            sessions: pairs(all("SELECT address, record FROM wa_sessions WHERE session_id = $1").await?)?,
-            prekeys: all("SELECT id, record, uploaded FROM wa_prekeys WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((to_u32(int(r, 0)?, "prekey id")?, bytes(r, 1)?, flag(r, 2)?)))
-                .collect::<Result<_>>()?,
-            signed_prekeys: all("SELECT id, record FROM wa_signed_prekeys WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((to_u32(int(r, 0)?, "signed prekey id")?, bytes(r, 1)?)))
-                .collect::<Result<_>>()?,
-            sender_keys: pairs(all("SELECT address, record FROM wa_sender_keys WHERE session_id = $1").await?)?,
-            // The latest key (stored last) is listed last.
-            sync_key_ids: all("SELECT key_id FROM wa_app_state_keys WHERE session_id = $1 ORDER BY stored_seq")
-                .await?
-                .iter()
-                .map(|r| bytes(r, 0))
-                .collect::<Result<_>>()?,
-            version_names: texts(all("SELECT name FROM wa_app_state_versions WHERE session_id = $1").await?)?,
-            macs: all("SELECT name, version, index_mac, value_mac FROM wa_app_state_mutation_macs WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, int(r, 1)? as u64, bytes(r, 2)?, bytes(r, 3)?)))
-                .collect::<Result<_>>()?,
-            sender_key_devices: all("SELECT group_jid, device_jid, has_key FROM wa_sender_key_devices WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, text(r, 1)?, flag(r, 2)?)))
-                .collect::<Result<_>>()?,
-            base_keys: all("SELECT address, message_id, base_key FROM wa_base_keys WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, text(r, 1)?, bytes(r, 2)?)))
-                .collect::<Result<_>>()?,
-            device_users: texts(all("SELECT user_id FROM wa_device_registry WHERE session_id = $1").await?)?,
-            group_metadata: pairs(all("SELECT group_jid, info FROM wa_group_metadata WHERE session_id = $1").await?)?,
-            sent_messages: all("SELECT chat_jid, message_id, payload FROM wa_sent_messages WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, text(r, 1)?, bytes(r, 2)?)))
-                .collect::<Result<_>>()?,
-            pending_inbound: all("SELECT chat, sender, id, message FROM wa_pending_inbound WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, bytes(r, 3)?)))
-                .collect::<Result<_>>()?,
-            msg_secrets: all("SELECT chat, sender, msg_id, secret, expires_at, message_ts FROM wa_msg_secrets WHERE session_id = $1")
-                .await?
-                .iter()
-                .map(|r| Ok((text(r, 0)?, text(r, 1)?, text(r, 2)?, bytes(r, 3)?, int(r, 4)?, int(r, 5)?)))
-                .collect::<Result<_>>()?,
-            tc_token_jids: Vec::new(),
-            lids: Vec::new(),
-        };
+        let device = tx
+            .query_opt("SELECT 1 FROM wa_device WHERE session_id = $1", &[&id])
+            .await
+            .map_err(pg)?
+            .is_some();
+        let mut listings: [super::copy::Listing; super::copy::LISTED] = Default::default();
+        for (sql, out) in LISTINGS.iter().zip(listings.iter_mut()) {
+            let rows = tx.query(*sql, &[&id]).await.map_err(pg)?;
+            *out = rows.iter().map(cells).collect::<Result<_>>()?;
+        }
         tx.commit().await.map_err(pg)?;
-        Ok(rows)
+        super::copy::Rows::from_listings(device, &listings)
     }
 }
