@@ -90,8 +90,8 @@ pub struct WebhookCounts {
     pub failed: Counter,
     /// Deliveries that became dead letters.
     pub dead: Counter,
-    /// Events not queued because the backlog was full.
-    pub dropped: Counter,
+    /// Messages refused upstream because the backlog was full (503, or left unacked).
+    pub refused: Counter,
     /// Deliveries waiting (the backlog on disk, plus events queued since it was counted).
     pub backlog: Gauge,
     /// Receivers taken for down (being probed).
@@ -270,9 +270,9 @@ fn register_counts(registry: &mut Registry, messages: &MessageCounts, webhooks: 
             &webhooks.dead,
         ),
         (
-            "webhook_dropped_events",
-            "Events not queued because the webhook backlog was full",
-            &webhooks.dropped,
+            "webhook_refused_messages",
+            "Messages refused upstream because the webhook backlog was full (503 with Retry-After, or left unacknowledged to WhatsApp)",
+            &webhooks.refused,
         ),
     ];
     for (name, help, counter) in plain {

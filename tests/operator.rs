@@ -144,7 +144,7 @@ fn message_and_webhook_metrics_follow_what_happened() {
     assert_eq!(v("botvisor_messages_failed_total"), 0.0);
     assert_eq!(v(r#"botvisor_messages_received_total{kind="text"}"#), 1.0);
     assert_eq!(v("botvisor_webhook_failed_attempts_total"), 7.0);
-    assert_eq!(v("botvisor_webhook_dropped_events_total"), 0.0);
+    assert_eq!(v("botvisor_webhook_refused_messages_total"), 0.0);
     assert_eq!(v("botvisor_webhook_receivers_down"), 1.0, "the refused one");
 }
 

@@ -1177,3 +1177,88 @@ fn https_receivers_are_verified_and_a_ca_file_adds_trust() {
         "{stderr}"
     );
 }
+
+/// Past `--webhook-backlog-max` nothing accepted is dropped: with the receiver down, a
+/// burst of received messages (sim inbound) and sends larger than the backlog is answered
+/// 2xx while there is room, then 503 with Retry-After. When the receiver comes back,
+/// every accepted message's event arrives exactly once, and no refused one does.
+#[test]
+fn a_burst_past_the_backlog_is_refused_and_every_accepted_event_arrives_once() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(
+        &[&url],
+        &[
+            "--webhook-backlog-max",
+            "40",
+            "--webhook-retry-max",
+            "1s",
+            "--webhook-max-attempts",
+            "1000",
+            "--send-rate",
+            "100000",
+        ],
+    );
+    assert_eq!(s.create("bp", "15550001111").status, 201);
+    s.wait_state("bp", "online");
+    r.wait(20, "the session's state events", |g| g.len() == 4);
+    r.down();
+    let (mut accepted, mut refused) = (BTreeSet::new(), 0);
+    for i in 0..150 {
+        let text = format!("burst-{i}");
+        let resp = if i % 3 == 0 {
+            s.post(
+                "/api/sessions/bp/messages",
+                Some(&format!(r#"{{"to":"15557654321","text":"{text}"}}"#)),
+            )
+        } else {
+            s.post(
+                "/api/sim/bp/inbound",
+                Some(&format!(r#"{{"from":"15557654321","text":"{text}"}}"#)),
+            )
+        };
+        match resp.status {
+            200 | 201 => assert!(accepted.insert(text)),
+            503 => {
+                assert_eq!(resp.header("retry-after"), Some("5"), "{resp:?}");
+                assert!(
+                    resp.body.contains("webhook backlog is full"),
+                    "{}",
+                    resp.body
+                );
+                refused += 1;
+            }
+            other => panic!("{other}: {}", resp.body),
+        }
+    }
+    assert!(
+        (30..=40).contains(&accepted.len()),
+        "{} accepted",
+        accepted.len()
+    );
+    assert_eq!(accepted.len() + refused, 150);
+    let metrics = s.get("/metrics").body;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("botvisor_webhook_refused_messages_total {refused}")),
+        "{metrics}"
+    );
+
+    r.up();
+    let texts = |g: &[Delivery]| -> BTreeSet<String> {
+        g.iter()
+            .filter(|d| d.kind.starts_with("message."))
+            .map(|d| d.json()["data"]["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    r.wait(30, "every accepted message's event", |g| {
+        texts(g).len() >= accepted.len()
+    });
+    // Longer than a retry: a duplicate or a late refused event would show up by now.
+    std::thread::sleep(Duration::from_secs(3));
+    let got = r.deliveries();
+    assert_once(&got);
+    assert_eq!(texts(&got), accepted);
+    assert_eq!(got.len(), 4 + accepted.len());
+}

@@ -1183,8 +1183,8 @@ fn send_and_see_it_decrypted(peer: &Peer, s: &Server, id: &str, text: &str) {
 /// `--keys database`: the real link's keys are rows in PostgreSQL (a database of this
 /// test's own, whatever the engine of the run). A session pairs, logs in and sends over
 /// Signal sessions kept there, and after a kill -9 logs in again with the same keys and
-/// sends again; no key file is written; a backup is one file; a delete removes its rows, and rows of a session that no longer exists are
-/// swept at the next start.
+/// sends again; no key file is written; a backup is one file; a delete removes its rows,
+/// and rows of a session that no longer exists are swept at the next start.
 #[test]
 fn keys_in_postgresql_serve_a_real_session_and_go_with_it() {
     let test = "keys_in_postgresql_serve_a_real_session_and_go_with_it";
@@ -1510,4 +1510,81 @@ fn migrate_carries_the_whatsapp_keys_between_postgresql_and_key_files() {
     send_and_see_it_decrypted(&peer, &c, "mk", "home again in PostgreSQL");
     let errors = peer.stats().signal_errors;
     assert!(errors.is_empty(), "{errors:?}");
+}
+
+/// With the webhook backlog full (its receiver failing), a received message is not taken:
+/// the durability hook refuses it, so it stays unacknowledged rather than acknowledged
+/// with its event dropped. Once the receiver answers and the backlog drains, WhatsApp's
+/// redelivery at the next login brings it, and it is kept, acknowledged and delivered.
+#[test]
+fn a_full_webhook_backlog_leaves_received_messages_unacknowledged() {
+    let peer = Peer::start();
+    let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (hook, got) = common::json_receiver_while(up.clone());
+    let s = start(
+        &peer,
+        &[
+            "--webhook-url",
+            &hook,
+            "--webhook-secret",
+            "real-link-webhook-secret-0123",
+            "--webhook-backlog-max",
+            "3",
+            "--webhook-retry-max",
+            "1s",
+            "--webhook-max-attempts",
+            "1000",
+        ],
+    );
+    s.create("wa_full", "15551234567");
+    assert_eq!(s.post("/api/sessions/wa_full/stop", None).status, 200);
+    seed_paired(&s, "wa_full", "Sender");
+    assert_eq!(s.post("/api/sessions/wa_full/start", None).status, 200);
+    s.wait_state("wa_full", "online");
+    wait_until(10, "the client uploads its pre-keys", || {
+        peer.stats().pre_key_uploads >= 1
+    });
+    // The session's state events fill the backlog: its receiver answers 500.
+    let id = "3EB0FULL000000000001";
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: id.into(),
+        content: Content::Text("wait for room".into()),
+    });
+    let log = s.data_dir.join(common::SERVER_LOG);
+    wait_until(30, "the hook refuses the message", || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("webhook backlog is full")
+    });
+    let acked = |peer: &Peer| {
+        peer.stats()
+            .receipts
+            .iter()
+            .any(|(r, kind)| r == id && (kind == "delivery" || kind == "inactive"))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!acked(&peer), "not acknowledged while it cannot be kept");
+    let metrics = s.get("/metrics").body;
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("botvisor_webhook_refused_messages_total ") && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+
+    // The receiver answers again; the backlog drains; the next login brings the message.
+    up.store(true, std::sync::atomic::Ordering::SeqCst);
+    wait_until(20, "the backlog drains", || got.lock().unwrap().len() >= 4);
+    peer.command(Command::Close);
+    wait_until(30, "the redelivered message is acknowledged", || {
+        acked(&peer)
+    });
+    wait_until(15, "the webhook gets it", || {
+        got.lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["data"]["messageId"] == id)
+    });
 }

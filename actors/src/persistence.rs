@@ -18,6 +18,13 @@ pub trait Persistence: Send + Sync + 'static {
     fn delete(&self, user_id: &str);
     /// Resolves once every write queued before this call is durable (or failed).
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>>;
+    /// Whether a received message of `user_id` can be taken now. When not (the webhook
+    /// backlog is full), the link leaves it unacknowledged and WhatsApp delivers it again
+    /// later, rather than it being taken and its event dropped.
+    fn has_room(&self, user_id: &str) -> bool {
+        let _ = user_id;
+        true
+    }
     /// A message arrived for a session (for its webhooks); by default nothing is kept.
     fn inbound(&self, user_id: &str, msg: &InboundMessage) {
         let _ = (user_id, msg);

@@ -55,6 +55,20 @@ impl ApiError {
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::SERVICE_UNAVAILABLE, message)
     }
+    /// 503 with `Retry-After`: the webhook backlog is full, so a message that would add
+    /// to it is refused rather than accepted and its event dropped.
+    pub fn backlog_full() -> Response<Body> {
+        let mut resp = ApiError::unavailable(
+            "the webhook backlog is full (--webhook-backlog-max): the receivers are behind; \
+             retry later",
+        )
+        .response();
+        resp.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(5u64),
+        );
+        resp
+    }
     /// 404 for an unknown session.
     pub fn no_session(user_id: &str) -> ApiError {
         ApiError::not_found(format!("Session {user_id} not found"))

@@ -127,28 +127,33 @@ impl SimLink {
     }
 
     /// A message from `from` arrives for a session (as if someone wrote to the bot);
-    /// `Err` when the session has no live connection. Returns the message's id. The
-    /// bot answers `!ping` as on the real link (its `pong` is listed among what the
-    /// session sent, addressed to the chat the ping came from).
-    pub fn deliver(&self, user_id: &str, from: &str, text: &str) -> Result<String, LinkError> {
+    /// `Err` when the session has no live connection. Returns the message, for the caller
+    /// to keep durably before it answers (as the real link does before it acknowledges
+    /// one). The bot answers `!ping` as on the real link (its `pong` is listed among what
+    /// the session sent, addressed to the chat the ping came from).
+    pub fn deliver(
+        &self,
+        user_id: &str,
+        from: &str,
+        text: &str,
+    ) -> Result<InboundMessage, LinkError> {
         let live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
-        let (sink, connected) = live
+        let (_, connected) = live
             .get(user_id)
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
-        let id = format!("SIMIN{:016X}", random_u64());
         let chat = if from.contains('@') {
             from.to_string()
         } else {
             format!("{from}@s.whatsapp.net")
         };
-        sink.emit(LinkEvent::Message(InboundMessage {
-            id: id.clone(),
+        let msg = InboundMessage {
+            id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
             from: chat.clone(),
             timestamp_ms: now_ms(),
             text: Some(text.to_string()),
             kind: "text".into(),
-        }));
+        };
         let reply = self
             .settings
             .builtin_commands
@@ -158,7 +163,7 @@ impl SimLink {
         if let Some(reply) = reply {
             self.network.record_sent(user_id, &chat, &reply);
         }
-        Ok(id)
+        Ok(msg)
     }
 }
 

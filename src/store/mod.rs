@@ -339,6 +339,10 @@ impl Persistence for Store {
         }
     }
 
+    fn has_room(&self, user_id: &str) -> bool {
+        self.webhook_room(user_id)
+    }
+
     fn inbound(&self, user_id: &str, msg: &botvisor_actors::InboundMessage) {
         if let Some(m) = &self.config.messages {
             m.received(&msg.kind);

@@ -26,9 +26,10 @@ impl Store {
             return;
         };
         let urls = hooks.destinations(user_id);
-        if urls.is_empty() || !hooks.admit(urls.len() as u64) {
+        if urls.is_empty() {
             return;
         }
+        hooks.count(urls.len() as u64);
         let at_ms = botvisor_actors::now_ms();
         let Some(body) = envelope(&event_id, kind, at_ms, data) else {
             tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
@@ -46,6 +47,15 @@ impl Store {
             })
             .collect();
         self.queue.outbox(rows);
+    }
+
+    /// Whether a message event of `user_id` can be taken now: no receivers, or room in
+    /// the backlog (see `Webhooks::has_room`). Its sources ask before they accept.
+    pub fn webhook_room(&self, user_id: &str) -> bool {
+        match &self.webhooks {
+            Some(hooks) => hooks.destinations(user_id).is_empty() || hooks.has_room(),
+            None => true,
+        }
     }
 
     pub(super) fn webhook_changes(&self, rec: &SessionRecord, published: crate::events::Changed) {

@@ -21,8 +21,11 @@
 //! - At shutdown attempts in flight are abandoned: their rows stay, so they are delivered
 //!   after the restart (at least once, like a kill between a 2xx and the delete).
 //!
-//! A receiver that is down costs disk, not memory (the backlog is capped, with a warning
-//! past the cap).
+//! A receiver that is down costs disk, not memory. Past `--webhook-backlog-max` nothing
+//! accepted is dropped: new messages are refused where they come in (a send or a sim
+//! inbound answers 503 with `Retry-After`, a received WhatsApp batch stays unacknowledged
+//! and is delivered again), while state changes, which cannot be refused, are still
+//! queued.
 //!
 //! Each POST carries `X-Botvisor-Event-Id` (stable across retries: the receiver's
 //! idempotency key), `X-Botvisor-Event`, `X-Botvisor-Timestamp` (Unix seconds) and
@@ -159,23 +162,32 @@ impl Webhooks {
         })
     }
 
-    /// Whether a new event fits in the backlog (counting it); warns when it does not.
-    pub fn admit(&self, deliveries: u64) -> bool {
-        let pending = self.counts.backlog.inc_by(deliveries as i64).max(0) as u64;
+    /// Whether the backlog has room for events that can be refused upstream (a message
+    /// received or sent): below `--webhook-backlog-max`. Past it their sources push back
+    /// (503 with `Retry-After`, or a received batch left unacknowledged for WhatsApp to
+    /// deliver again) instead of an accepted event being dropped; counted and warned.
+    pub fn has_room(&self) -> bool {
+        let pending = self.counts.backlog.get().max(0) as u64;
         if pending < self.settings.backlog_max {
             return true;
         }
-        self.counts.backlog.dec_by(deliveries as i64);
-        let dropped = self.counts.dropped.inc();
-        if dropped.is_power_of_two() {
+        let refused = self.counts.refused.inc();
+        if refused.is_power_of_two() {
             tracing::warn!(
                 pending,
                 cap = self.settings.backlog_max,
-                dropped = dropped + 1,
-                "webhook backlog full (are the receivers down?): new events are dropped"
+                refused = refused + 1,
+                "webhook backlog full (are the receivers down?): new messages are refused \
+                 until it drains"
             );
         }
         false
+    }
+
+    /// Counts new deliveries into the backlog. Never refused: an event whose cause was
+    /// accepted (or cannot be refused, as a state change) is always queued.
+    pub fn count(&self, deliveries: u64) {
+        self.counts.backlog.inc_by(deliveries as i64);
     }
 
     /// Starts delivering: the dispatcher, with its own handle on the database, and the
@@ -329,7 +341,7 @@ mod tests {
     }
 
     #[test]
-    fn the_backlog_cap_drops_new_events_and_counts_them() {
+    fn past_the_backlog_cap_messages_are_refused_and_accepted_events_still_count() {
         let hooks = Webhooks::new(
             WebhookSettings {
                 urls: vec!["http://127.0.0.1:9/h".into()],
@@ -344,18 +356,21 @@ mod tests {
             },
             crate::metrics::WebhookCounts::default(),
         );
-        assert!(hooks.admit(1));
-        assert!(hooks.admit(1));
-        assert!(!hooks.admit(1), "past the cap");
-        assert!(!hooks.admit(2));
+        assert!(hooks.has_room());
+        hooks.count(1);
+        assert!(hooks.has_room());
+        hooks.count(1);
+        assert!(!hooks.has_room(), "at the cap");
+        assert!(!hooks.has_room());
+        hooks.count(3);
         assert_eq!(
             hooks.counts.backlog.get(),
-            2,
-            "a dropped event is not counted in"
+            5,
+            "what was accepted is counted, past the cap too"
         );
-        assert_eq!(hooks.counts.dropped.get(), 2);
+        assert_eq!(hooks.counts.refused.get(), 2);
         // The dispatcher's count of the outbox is the truth again.
         hooks.counts.backlog.set(0);
-        assert!(hooks.admit(2));
+        assert!(hooks.has_room());
     }
 }

@@ -11,7 +11,8 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -668,6 +669,11 @@ pub type Received = std::sync::Arc<Mutex<Vec<Value>>>;
 /// A webhook receiver on 127.0.0.1 that answers 200 to every POST and keeps each JSON
 /// body; returns its URL.
 pub fn json_receiver() -> (String, Received) {
+    json_receiver_while(Arc::new(AtomicBool::new(true)))
+}
+
+/// As [`json_receiver`], answering 500 (and keeping nothing) while `up` is false.
+pub fn json_receiver_while(up: Arc<AtomicBool>) -> (String, Received) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let got = Received::default();
@@ -675,10 +681,14 @@ pub fn json_receiver() -> (String, Received) {
     std::thread::spawn(move || {
         for conn in listener.incoming() {
             let Ok(mut conn) = conn else { continue };
-            let g = g.clone();
+            let (g, up) = (g.clone(), up.clone());
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 while let Some((_, body)) = read_request(&mut reader) {
+                    if !up.load(Ordering::SeqCst) {
+                        let _ = write!(conn, "HTTP/1.1 500 Down\r\nContent-Length: 0\r\n\r\n");
+                        continue;
+                    }
                     if let Ok(v) = serde_json::from_slice(&body) {
                         g.lock().unwrap().push(v);
                     }

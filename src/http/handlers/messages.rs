@@ -86,6 +86,9 @@ pub async fn send(c: Ctx) -> Answer {
             .insert(RETRY_AFTER, HeaderValue::from(secs));
         return Ok(resp);
     }
+    if !c.app.store.webhook_room(&c.id) {
+        return Ok(ApiError::backlog_full());
+    }
     let (user_id, dest, words) = (c.id.clone(), to.clone(), text.clone());
     let sent = ask(&c.app, Command::Send, |reply| SupervisorMsg::Send {
         user_id,

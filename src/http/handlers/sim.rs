@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use botvisor_actors::{Command, Fault, SupervisorMsg};
+use botvisor_actors::{Command, Fault, Persistence, SupervisorMsg};
 
 use super::ask;
 use crate::http::errors::{ApiError, SIM_ONLY};
@@ -92,11 +92,19 @@ pub async fn inbound(c: Ctx) -> Answer {
         .ok_or_else(|| ApiError::bad_request("text must be a non-empty string"))?
         .to_string();
     super::must_exist(&c.app, &user_id)?;
-    let id = sim
+    // Refused, not accepted and dropped, when the webhooks are behind.
+    if !c.app.store.webhook_room(&user_id) {
+        return Ok(ApiError::backlog_full());
+    }
+    let msg = sim
         .deliver(&user_id, &from, &text)
         .map_err(|e| ApiError::new(hyper::StatusCode::CONFLICT, e.to_string()))?;
+    // Its message.received event is on disk before the answer, as the real link keeps a
+    // message before it acknowledges it.
+    c.app.store.inbound(&user_id, &msg);
+    c.app.store.flush().await?;
     Ok(ok(&Delivered {
-        message_id: &id,
+        message_id: &msg.id,
         user_id: &user_id,
     }))
 }

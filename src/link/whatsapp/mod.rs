@@ -130,6 +130,12 @@ impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInb
         _client: Arc<Client>,
         batch: &[InboundMessage],
     ) -> anyhow::Result<()> {
+        if !self.store.has_room(&self.shared.user_id) {
+            anyhow::bail!(
+                "the webhook backlog is full (--webhook-backlog-max): the messages stay \
+                 unacknowledged and WhatsApp delivers them again"
+            );
+        }
         for m in batch {
             if let Some(msg) = received(m) {
                 self.store.inbound(&self.shared.user_id, &msg);
