@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use serde_json::Value;
 
+mod inbound;
+
 /// Measures botvisor with the simulated link, and a Node.js baseline on the read path.
 #[derive(Parser, Debug)]
 #[command(name = "botvisor-bench")]
@@ -88,6 +90,21 @@ struct Args {
     /// Upper bound on any wait for sessions to come online, seconds.
     #[arg(long, default_value_t = 600)]
     max_wait: u64,
+    /// Seconds of the inbound burst (sim inbound to signed webhooks); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    inbound_burst: u64,
+    /// Sessions of the inbound burst.
+    #[arg(long, default_value_t = 100)]
+    inbound_sessions: usize,
+    /// Concurrent HTTP clients of the inbound burst.
+    #[arg(long, default_value_t = 16)]
+    inbound_clients: usize,
+    /// `--webhook-backlog-max` of the inbound burst's server.
+    #[arg(long, default_value_t = 100_000)]
+    inbound_backlog_max: u64,
+    /// Run the inbound burst only (no fleet phases).
+    #[arg(long)]
+    only_inbound: bool,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1073,6 +1090,10 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         api: agent(Duration::from_secs(30)),
     };
 
+    if args.only_inbound {
+        return inbound::inbound_burst(&ctx, report);
+    }
+
     // ---- 1. Footprint, creates, idle CPU.
     println!("\n== footprint and creates");
     let mut server = spawn_server(&ctx.main_server(&[], "server-1.log"))?;
@@ -1108,6 +1129,11 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     // ---- 6. How many sessions one process holds with an fd limit.
     if args.fd_cap > 0 {
         open_files_cap(&ctx, report)?;
+    }
+
+    // ---- 7. Inbound burst to signed webhooks.
+    if args.inbound_burst > 0 {
+        inbound::inbound_burst(&ctx, report)?;
     }
     Ok(())
 }

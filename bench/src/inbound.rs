@@ -1,0 +1,246 @@
+//! The inbound burst (`--inbound-burst SECS`, issue 22's "push back instead of dropping"):
+//! a server with signed webhooks to a receiver in this process that answers 200 at once;
+//! `--inbound-sessions` simulated sessions; `--inbound-clients` clients post
+//! `POST /api/sim/:id/inbound` as fast as they are answered for SECS seconds. Then the
+//! backlog drains. It prints what was offered, accepted (2xx) and refused (503), the
+//! deliveries per second during the burst and until drained, and how many accepted
+//! messages never reached the receiver (must be 0) or reached it twice.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{
+    agent, create_sessions, lock, post, spawn_server, wait_online, Ctx, Nofile, Report, ServerSpec,
+};
+
+/// The message ids the receiver got, with how many times, and when the last arrived.
+#[derive(Default)]
+struct Got {
+    times: HashMap<String, u32>,
+    /// Deliveries of `message.received`, with the time each arrived.
+    at: Vec<Instant>,
+}
+
+/// A receiver answering 200 to every POST at once; it records `data.messageId`.
+fn receiver() -> Result<(String, Arc<Mutex<Got>>), String> {
+    let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| format!("receiver: {e}"))?;
+    let url = format!(
+        "http://{}/hook",
+        listener.local_addr().map_err(|e| e.to_string())?
+    );
+    let got = Arc::new(Mutex::new(Got::default()));
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let g = g.clone();
+            std::thread::spawn(move || serve(conn, &g));
+        }
+    });
+    Ok((url, got))
+}
+
+fn serve(conn: TcpStream, got: &Mutex<Got>) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut length = 0usize;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            match reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+        if v["event"] == "message.received" {
+            if let Some(id) = v["data"]["messageId"].as_str() {
+                let mut g = lock(got);
+                *g.times.entry(id.to_string()).or_default() += 1;
+                g.at.push(Instant::now());
+            }
+        }
+        if out
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// What the clients saw during the burst.
+#[derive(Default)]
+struct Burst {
+    accepted: Vec<String>,
+    refused: usize,
+    other: usize,
+}
+
+fn burst(base: &str, sessions: usize, clients: usize, secs: u64) -> Burst {
+    let stop = AtomicBool::new(false);
+    let next = AtomicUsize::new(0);
+    let out = Mutex::new(Burst::default());
+    std::thread::scope(|scope| {
+        for _ in 0..clients.max(1) {
+            let (stop, next, out) = (&stop, &next, &out);
+            scope.spawn(move || {
+                let a = agent(Duration::from_secs(30));
+                let mut mine = Burst::default();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let url = format!("{base}/api/sim/bench_{}/inbound", i % sessions);
+                    let body = format!(r#"{{"from":"15557654321","text":"burst {i}"}}"#);
+                    match post(&a, &url, &body) {
+                        Ok((200 | 201, text)) => {
+                            let v: serde_json::Value =
+                                serde_json::from_str(&text).unwrap_or_default();
+                            match v["messageId"].as_str() {
+                                Some(id) => mine.accepted.push(id.to_string()),
+                                None => mine.other += 1,
+                            }
+                        }
+                        Ok((503, _)) => mine.refused += 1,
+                        _ => mine.other += 1,
+                    }
+                }
+                let mut all = lock(out);
+                all.accepted.append(&mut mine.accepted);
+                all.refused += mine.refused;
+                all.other += mine.other;
+            });
+        }
+        std::thread::sleep(Duration::from_secs(secs));
+        stop.store(true, Ordering::Relaxed);
+    });
+    out.into_inner().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The phase: its own server and data dir.
+pub(super) fn inbound_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
+    let args = ctx.args;
+    let (secs, sessions) = (args.inbound_burst, args.inbound_sessions.max(1));
+    println!(
+        "\n== inbound burst: {sessions} sessions, {} clients, {secs} s, receiver answering at once",
+        args.inbound_clients
+    );
+    let (url, got) = receiver()?;
+    let extra: Vec<String> = [
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        "bench-webhook-secret-0123456789",
+        "--webhook-backlog-max",
+        &args.inbound_backlog_max.to_string(),
+        "--send-rate",
+        "1000000",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let data = ctx.work.join("data-inbound");
+    let server = spawn_server(&ServerSpec {
+        database_url: None,
+        bin: &ctx.bin,
+        data: &data,
+        pair_delay: &args.pair_delay,
+        nofile: Nofile::Raise,
+        extra: &extra,
+        log: ctx.work.join("server-inbound.log"),
+    })?;
+    let base = server.base.clone();
+    let c = create_sessions(&base, sessions, args.clients);
+    if c.created < sessions {
+        return Err(format!(
+            "inbound burst: {} of {sessions} sessions created",
+            c.created
+        ));
+    }
+    wait_online(
+        &ctx.api,
+        &base,
+        sessions,
+        Instant::now(),
+        Duration::from_secs(120),
+    )
+    .ok_or("inbound burst: the sessions did not come online")?;
+    let start = Instant::now();
+    let b = burst(&base, sessions, args.inbound_clients, secs);
+    let burst_time = start.elapsed();
+    let during = lock(&got).at.len();
+    // Drained: every accepted message delivered, or nothing new for 10 s.
+    let mut last = (during, Instant::now());
+    let drained = loop {
+        let g = lock(&got);
+        let n = g.at.len();
+        if b.accepted.iter().all(|id| g.times.contains_key(id)) {
+            break g.at.last().map(|t| t.duration_since(start));
+        }
+        drop(g);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let g = lock(&got);
+    let missing = b
+        .accepted
+        .iter()
+        .filter(|id| !g.times.contains_key(*id))
+        .count();
+    let twice = g.times.values().filter(|n| **n > 1).count();
+    let per_s = |n: usize, d: Duration| format!("{:.0}/s", n as f64 / d.as_secs_f64().max(1e-9));
+    let offered = b.accepted.len() + b.refused + b.other;
+    report.row(
+        "inbound offered (answered requests)",
+        per_s(offered, burst_time),
+    );
+    report.row(
+        "inbound accepted (2xx: event committed)",
+        format!(
+            "{} ({})",
+            b.accepted.len(),
+            per_s(b.accepted.len(), burst_time)
+        ),
+    );
+    report.row(
+        "inbound refused (503, webhook backlog full)",
+        format!("{} (other answers: {})", b.refused, b.other),
+    );
+    report.row(
+        "webhook deliveries during the burst",
+        format!("{during} ({})", per_s(during, burst_time)),
+    );
+    match drained {
+        Some(t) => report.row(
+            "every accepted message delivered, from the burst's start",
+            format!("{:.1} s ({})", t.as_secs_f64(), per_s(b.accepted.len(), t)),
+        ),
+        None => report.row("every accepted message delivered", "NO: stalled for 10 s"),
+    }
+    report.row(
+        "accepted but never delivered / delivered twice",
+        format!("{missing} / {twice}"),
+    );
+    Ok(())
+}
