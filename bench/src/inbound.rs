@@ -203,6 +203,19 @@ pub(super) fn inbound_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String
         std::thread::sleep(Duration::from_millis(50));
     };
     let g = lock(&got);
+    print_burst(report, &b, &g, during, burst_time, drained);
+    Ok(())
+}
+
+/// The figures of one burst.
+fn print_burst(
+    report: &mut Report,
+    b: &Burst,
+    g: &Got,
+    during: usize,
+    burst_time: Duration,
+    drained: Option<Duration>,
+) {
     let missing = b
         .accepted
         .iter()
@@ -242,5 +255,4 @@ pub(super) fn inbound_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String
         "accepted but never delivered / delivered twice",
         format!("{missing} / {twice}"),
     );
-    Ok(())
 }

@@ -263,6 +263,13 @@ async fn write(src: &dyn Backend, rows: &Rows, dst: &dyn Backend) -> Result<usiz
         dst.store_signed_prekey(*id, record).await?;
     }
     dst.put_sender_keys_batch(&pairs(&rows.sender_keys)).await?;
+    write_app_state(src, rows, dst).await?;
+    write_protocol(src, rows, dst).await?;
+    Ok(rows.len())
+}
+
+/// The app-state part of [`write`]: sync keys (the latest last), versions, MACs.
+async fn write_app_state(src: &dyn Backend, rows: &Rows, dst: &dyn Backend) -> Result<()> {
     for key_id in &rows.sync_key_ids {
         if let Some(key) = src.get_sync_key(key_id).await? {
             dst.set_sync_key(key_id, key).await?;
@@ -278,6 +285,12 @@ async fn write(src: &dyn Backend, rows: &Rows, dst: &dyn Backend) -> Result<usiz
         };
         dst.put_mutation_macs(name, *version, &[mac]).await?;
     }
+    Ok(())
+}
+
+/// The protocol part of [`write`]: what whatsapp-rust keeps about groups, devices,
+/// messages and contacts.
+async fn write_protocol(src: &dyn Backend, rows: &Rows, dst: &dyn Backend) -> Result<()> {
     for (group, device, has_key) in &rows.sender_key_devices {
         dst.set_sender_key_status(group, &[(device.as_str(), *has_key)])
             .await?;
@@ -334,7 +347,7 @@ async fn write(src: &dyn Backend, rows: &Rows, dst: &dyn Backend) -> Result<usiz
     if !mappings.is_empty() {
         dst.put_lid_mappings(&mappings).await?;
     }
-    Ok(rows.len())
+    Ok(())
 }
 
 fn mismatch(what: &str, from: &Rows, to: &Rows) -> StoreError {

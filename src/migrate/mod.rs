@@ -162,23 +162,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Report, String> {
     if same_file(&opts.from, &opts.to) {
         return Err("--from and --to are the same database".into());
     }
-    let key_sessions = match &from.location {
-        db::Location::Postgres(rows) => rows
-            .key_sessions()
-            .map_err(|e| format!("--from {}: {e}", from.name))?,
-        _ => 0,
-    };
-    let keys = keys::plan(
-        opts.keys,
-        &from.database,
-        key_sessions,
-        &to.database,
-        &opts.data_dir,
-    )?;
-    let _data_dir = match keys.uses_data_dir() {
-        true => take_data_dir(&opts.data_dir, [&from, &to])?,
-        false => None,
-    };
+    let (keys, _data_dir) = plan_keys(opts, &from, &to)?;
     let resumed = check_target(&mut from, &mut to, opts.force)?;
     let sessions = session_ids(&mut from)?;
     keys.check_files(&sessions, opts.force || resumed)?;
@@ -221,35 +205,61 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> Result<Report, String> {
     }
     let tables = verify(&mut from, &mut to, opts.force)?;
     set(&mut to, MARK_STATE, "done")?;
-    say(
-        out,
-        format!(
-            "verified: every table's count{}, every row of the tables keyed by session and \
-             the first {SAMPLE} events and outbox rows. Start botvisor with --database-url {} {}",
-            if opts.force {
-                " (at least the source's)"
-            } else {
-                " matches"
-            },
-            to.name,
-            match keys.to {
-                keys::Target::Stay =>
-                    "and the same --data-dir (the WhatsApp key files and backups stay there)."
-                        .to_string(),
-                keys::Target::Database(_) =>
-                    "--keys database and the same --data-dir (backups stay there).".to_string(),
-                keys::Target::Files => format!(
-                    "and --data-dir {} (the WhatsApp keys are files there now).",
-                    opts.data_dir.display()
-                ),
-            }
-        ),
-    );
+    say(out, finished(opts, &to.name, &keys.to));
     Ok(Report {
         resumed,
         tables,
         keys: copied_keys,
     })
+}
+
+/// Where the WhatsApp keys come from and go, and `--data-dir` taken if that copy uses it.
+fn plan_keys(
+    opts: &Options,
+    from: &Side,
+    to: &Side,
+) -> Result<(keys::Plan, Option<crate::paths::DataDirLock>), String> {
+    let key_sessions = match &from.location {
+        db::Location::Postgres(rows) => rows
+            .key_sessions()
+            .map_err(|e| format!("--from {}: {e}", from.name))?,
+        _ => 0,
+    };
+    let plan = keys::plan(
+        opts.keys,
+        &from.database,
+        key_sessions,
+        &to.database,
+        &opts.data_dir,
+    )?;
+    let lock = match plan.uses_data_dir() {
+        true => take_data_dir(&opts.data_dir, [from, to])?,
+        false => None,
+    };
+    Ok((plan, lock))
+}
+
+/// The last line: what was verified and how to start the server on the target.
+fn finished(opts: &Options, target: &str, keys: &keys::Target) -> String {
+    format!(
+        "verified: every table's count{}, every row of the tables keyed by session and the \
+         first {SAMPLE} events and outbox rows. Start botvisor with --database-url {target} {}",
+        if opts.force {
+            " (at least the source's)"
+        } else {
+            " matches"
+        },
+        match keys {
+            keys::Target::Stay =>
+                "and the same --data-dir (the WhatsApp key files and backups stay there).".into(),
+            keys::Target::Database(_) =>
+                "--keys database and the same --data-dir (backups stay there).".into(),
+            keys::Target::Files => format!(
+                "and --data-dir {} (the WhatsApp keys are files there now).",
+                opts.data_dir.display()
+            ),
+        }
+    )
 }
 
 /// Two SQLite URLs naming one file.
