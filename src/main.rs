@@ -42,6 +42,32 @@ fn backtraces_for_panics_only() -> bool {
     wanted("RUST_BACKTRACE")
 }
 
+/// `botvisor migrate`: exits 0 once the copy is verified, 1 with the reason otherwise.
+fn migrate(options: &botvisor::migrate::Options) -> ! {
+    match botvisor::migrate::run(options, &mut std::io::stdout()) {
+        Ok(_) => std::process::exit(0),
+        Err(e) => {
+            eprintln!("botvisor: migrate: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// Panics (a session's, caught and restarted by the supervisor) go to the log as one
+/// line; the backtrace only when RUST_BACKTRACE asks for it.
+fn install_panic_hook(panic_backtraces: bool) {
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload_as_str().unwrap_or("(no message)");
+        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+        if panic_backtraces {
+            let backtrace = std::backtrace::Backtrace::force_capture();
+            tracing::error!(%message, %at, %backtrace, "panic")
+        } else {
+            tracing::error!(%message, %at, "panic")
+        }
+    }));
+}
+
 fn main() {
     let cli = Cli::parse_layered();
     let args = match cli.command {
@@ -53,23 +79,14 @@ fn main() {
             batch,
             keys,
             data_dir,
-        } => {
-            let options = botvisor::migrate::Options {
-                from,
-                to,
-                force,
-                batch,
-                keys,
-                data_dir,
-            };
-            match botvisor::migrate::run(&options, &mut std::io::stdout()) {
-                Ok(_) => std::process::exit(0),
-                Err(e) => {
-                    eprintln!("botvisor: migrate: {e}");
-                    std::process::exit(1);
-                }
-            }
-        }
+        } => migrate(&botvisor::migrate::Options {
+            from,
+            to,
+            force,
+            batch,
+            keys,
+            data_dir,
+        }),
         Command::Health { url } => match botvisor::health_check(&url) {
             Ok(()) => std::process::exit(0),
             Err(e) => {
@@ -90,18 +107,7 @@ fn main() {
     }
     let panic_backtraces = backtraces_for_panics_only();
     botvisor::logging::init(config.log_format);
-    // Panics (a session's, caught and restarted by the supervisor) go to the log as one
-    // line; the backtrace only when RUST_BACKTRACE asks for it.
-    std::panic::set_hook(Box::new(move |info| {
-        let message = info.payload_as_str().unwrap_or("(no message)");
-        let at = info.location().map(|l| l.to_string()).unwrap_or_default();
-        if panic_backtraces {
-            let backtrace = std::backtrace::Backtrace::force_capture();
-            tracing::error!(%message, %at, %backtrace, "panic")
-        } else {
-            tracing::error!(%message, %at, "panic")
-        }
-    }));
+    install_panic_hook(panic_backtraces);
     if config.api_key.is_none() && config.protect_reads {
         tracing::warn!("--protect-reads has no effect without an API key (--api-key / API_KEY)");
     }

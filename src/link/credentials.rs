@@ -131,11 +131,13 @@ impl Credentials {
         }
     }
 
-    /// A name for error messages: the file, or the session in PostgreSQL.
-    pub fn describe(&self, user_id: &str) -> PathBuf {
+    /// A name for error messages: the file's, or the session in PostgreSQL.
+    pub fn describe(&self, user_id: &str) -> String {
         match self {
-            Credentials::Files { data_dir } => paths::credentials(data_dir, user_id),
-            Credentials::Database(_) => PathBuf::from(format!("{user_id} (PostgreSQL)")),
+            Credentials::Files { data_dir } => {
+                super::file_name(&paths::credentials(data_dir, user_id))
+            }
+            Credentials::Database(_) => format!("{user_id} (PostgreSQL)"),
         }
     }
 
@@ -259,7 +261,13 @@ async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
     tokio::task::spawn_blocking(move || check_store(&checked))
         .await
         .map_err(|e| LinkError::new(e.to_string()))?
-        .map_err(|e| super::credential_error("cannot open the credential store", path, &e))?;
+        .map_err(|e| {
+            super::credential_error(
+                "cannot open the credential store",
+                &super::file_name(path),
+                &e,
+            )
+        })?;
     let url = path
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;
@@ -268,7 +276,7 @@ async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
         .map_err(|e| {
             super::credential_error(
                 "cannot open the credential store",
-                path,
+                &super::file_name(path),
                 &crate::limits::open_error_hint(e.to_string()),
             )
         })

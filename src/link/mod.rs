@@ -30,15 +30,19 @@ pub fn uptime(d: Duration) -> String {
     }
 }
 
+/// The last part of a path, for messages.
+pub fn file_name(path: &Path) -> String {
+    path.file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// A session's credential store could not be opened or read. SQLite saying the file is
 /// not a database, or is malformed, is lasting: a restart reads the same bytes, so the
 /// session fails at once (with what to do) instead of spending its restart budget.
-pub fn credential_error(context: &str, path: &Path, error: &str) -> LinkError {
+/// `file` names the store in the message (a file's name; see [`file_name`]).
+pub fn credential_error(context: &str, file: &str, error: &str) -> LinkError {
     let lower = error.to_ascii_lowercase();
-    let file = path
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_default();
     if lower.contains("not a database") || lower.contains("malformed") {
         LinkError::lasting(format!(
             "{context}: the credential file {file} is corrupt ({error}); restore a backup \
@@ -56,11 +60,11 @@ mod tests {
     #[test]
     fn a_corrupt_store_is_lasting_and_a_busy_one_is_not() {
         let p = Path::new("/d/sessions/u1.db");
-        let e = credential_error("x", p, "file is not a database");
+        let e = credential_error("x", &file_name(p), "file is not a database");
         assert!(e.lasting && e.message().contains("u1.db is corrupt"), "{e}");
-        assert!(credential_error("x", p, "database disk image is malformed").lasting);
-        assert!(!credential_error("x", p, "database is locked").lasting);
-        assert!(!credential_error("x", p, "Too many open files").lasting);
+        assert!(credential_error("x", &file_name(p), "database disk image is malformed").lasting);
+        assert!(!credential_error("x", &file_name(p), "database is locked").lasting);
+        assert!(!credential_error("x", &file_name(p), "Too many open files").lasting);
     }
 
     #[test]

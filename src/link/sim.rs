@@ -349,7 +349,13 @@ impl Link for SimLink {
             let read = path.clone();
             let creds = file_work(&slots, move || read_creds(&read))
                 .await
-                .map_err(|e| super::credential_error("sim: cannot read credentials", &path, &e))?;
+                .map_err(|e| {
+                    super::credential_error(
+                        "sim: cannot read credentials",
+                        &super::file_name(&path),
+                        &e,
+                    )
+                })?;
             let sink = events.clone();
             let user_id = spec.user_id.clone();
             network
