@@ -234,22 +234,22 @@ fn store_config() -> SqliteStoreConfig {
 /// Checks that an existing store file is a sound SQLite database. whatsapp-rust's pool
 /// retries a connection that fails its set-up for 30 s before giving up, so a corrupt
 /// file is caught here first, in milliseconds, and reported as lasting.
-fn check_store(path: &Path) -> Result<(), String> {
+fn check_store(path: &Path) -> Result<(), super::StoreFailure> {
     if std::fs::metadata(path).map(|m| m.len()).unwrap_or(0) == 0 {
         return Ok(()); // new: whatsapp-rust creates its schema
     }
     let conn = rusqlite::Connection::open_with_flags(
         path,
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|e| e.to_string())?;
-    let check: String = conn
-        .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-        .map_err(|e| e.to_string())?;
+    )?;
+    let check: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
     if check == "ok" {
         Ok(())
     } else {
-        Err(format!("database disk image is malformed: {check}"))
+        Err(super::StoreFailure {
+            text: format!("database disk image is malformed: {check}"),
+            corrupt: true,
+        })
     }
 }
 
@@ -257,6 +257,7 @@ fn check_store(path: &Path) -> Result<(), String> {
 async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
     paths::create_private_file(path)
         .map_err(|e| LinkError::new(format!("cannot create {}: {e}", path.display())))?;
+    let file = super::file_name(path);
     let checked = path.to_path_buf();
     tokio::task::spawn_blocking(move || check_store(&checked))
         .await
@@ -276,8 +277,8 @@ async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
         .map_err(|e| {
             super::credential_error(
                 "cannot open the credential store",
-                &super::file_name(path),
-                &crate::limits::open_error_hint(e.to_string()),
+                &file,
+                &super::StoreFailure::other(crate::limits::open_error_hint(e.to_string())),
             )
         })
 }

@@ -37,19 +37,53 @@ pub fn file_name(path: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// A session's credential store could not be opened or read. SQLite saying the file is
-/// not a database, or is malformed, is lasting: a restart reads the same bytes, so the
-/// session fails at once (with what to do) instead of spending its restart budget.
-/// `file` names the store in the message (a file's name; see [`file_name`]).
-pub fn credential_error(context: &str, file: &str, error: &str) -> LinkError {
-    let lower = error.to_ascii_lowercase();
-    if lower.contains("not a database") || lower.contains("malformed") {
+/// Why a credential store could not be opened or read: what went wrong, and whether the
+/// file itself is corrupt, told by SQLite's result code (never by the text).
+#[derive(Debug)]
+pub struct StoreFailure {
+    /// What went wrong.
+    pub text: String,
+    /// The file is not a database, or a damaged one.
+    pub corrupt: bool,
+}
+
+impl StoreFailure {
+    /// A failure that says nothing of the file's bytes.
+    pub fn other(text: impl Into<String>) -> StoreFailure {
+        StoreFailure {
+            text: text.into(),
+            corrupt: false,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for StoreFailure {
+    fn from(e: rusqlite::Error) -> StoreFailure {
+        use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+        StoreFailure {
+            corrupt: matches!(e.sqlite_error_code(), Some(NotADatabase | DatabaseCorrupt)),
+            text: crate::limits::open_error_hint(e.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for StoreFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A session's credential store could not be opened or read. A corrupt file is lasting:
+/// a restart reads the same bytes, so the session fails at once (with what to do)
+/// instead of spending its restart budget. `file` names the store (see [`file_name`]).
+pub fn credential_error(context: &str, file: &str, failure: &StoreFailure) -> LinkError {
+    if failure.corrupt {
         LinkError::lasting(format!(
-            "{context}: the credential file {file} is corrupt ({error}); restore a backup \
+            "{context}: the credential file {file} is corrupt ({failure}); restore a backup \
              (POST /api/sessions/:userId/restore) or delete the session and pair again"
         ))
     } else {
-        LinkError::new(format!("{context}: {error}"))
+        LinkError::new(format!("{context}: {failure}"))
     }
 }
 
@@ -59,12 +93,32 @@ mod tests {
 
     #[test]
     fn a_corrupt_store_is_lasting_and_a_busy_one_is_not() {
-        let p = Path::new("/d/sessions/u1.db");
-        let e = credential_error("x", &file_name(p), "file is not a database");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("u1.db");
+        std::fs::write(&path, vec![0x5a; 8192]).unwrap();
+        let garbage = rusqlite::Connection::open(&path)
+            .and_then(|c| {
+                c.query_row("SELECT count(*) FROM sqlite_master", [], |r| {
+                    r.get::<_, i64>(0)
+                })
+            })
+            .unwrap_err();
+        let e = credential_error("x", &file_name(&path), &garbage.into());
         assert!(e.lasting && e.message().contains("u1.db is corrupt"), "{e}");
-        assert!(credential_error("x", &file_name(p), "database disk image is malformed").lasting);
-        assert!(!credential_error("x", &file_name(p), "database is locked").lasting);
-        assert!(!credential_error("x", &file_name(p), "Too many open files").lasting);
+
+        let ok = dir.path().join("ok.db");
+        let holder = rusqlite::Connection::open(&ok).unwrap();
+        holder
+            .execute_batch("CREATE TABLE t (x); BEGIN EXCLUSIVE")
+            .unwrap();
+        let busy = rusqlite::Connection::open(&ok)
+            .and_then(|c| c.execute("INSERT INTO t VALUES (1)", []))
+            .unwrap_err();
+        let e = credential_error("x", "ok.db", &busy.into());
+        assert!(!e.lasting, "{e}");
+        assert!(
+            !credential_error("x", "u1.db", &StoreFailure::other("Too many open files")).lasting
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ use rusqlite::{params, Connection};
 use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 
+use super::StoreFailure;
+
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, InboundMessage,
     Link, LinkError, LinkEvent, PairingCode, PairingQr, SessionSpec,
@@ -170,12 +172,15 @@ impl SimLink {
 /// Runs credential file work on the blocking pool, a few at a time.
 async fn file_work<T: Send + 'static>(
     slots: &Semaphore,
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    let _slot = slots.acquire().await.map_err(|e| e.to_string())?;
+    f: impl FnOnce() -> Result<T, StoreFailure> + Send + 'static,
+) -> Result<T, StoreFailure> {
+    let _slot = slots
+        .acquire()
+        .await
+        .map_err(|e| StoreFailure::other(e.to_string()))?;
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| e.to_string())
+        .map_err(|e| StoreFailure::other(e.to_string()))
         .and_then(|r| r)
 }
 
@@ -223,37 +228,32 @@ struct Creds {
     name: Option<String>,
 }
 
-fn open_creds(path: &Path) -> Result<Connection, String> {
+fn open_creds(path: &Path) -> Result<Connection, StoreFailure> {
     if !path.exists() {
         paths::create_private_file(path)
-            .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            .map_err(|e| StoreFailure::other(format!("cannot create {}: {e}", path.display())))?;
     }
-    let conn = Connection::open(path).map_err(|e| crate::limits::open_error_hint(e.to_string()))?;
+    let conn = Connection::open(path)?;
     conn.execute_batch(
         "PRAGMA busy_timeout = 5000; PRAGMA synchronous = NORMAL;
          CREATE TABLE IF NOT EXISTS sim_credentials (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);",
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     Ok(conn)
 }
 
 /// Reads a session's credentials (creating the file, with an identity, on first use).
-fn read_creds(path: &Path) -> Result<Creds, String> {
+fn read_creds(path: &Path) -> Result<Creds, StoreFailure> {
     let conn = open_creds(path)?;
-    let mut stmt = conn
-        .prepare("SELECT key, value FROM sim_credentials")
-        .map_err(|e| e.to_string())?;
+    let mut stmt = conn.prepare("SELECT key, value FROM sim_credentials")?;
     let rows: Vec<(String, String)> = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .and_then(|rows| rows.collect())
-        .map_err(|e| e.to_string())?;
+        .and_then(|rows| rows.collect())?;
     let value = |key: &str| rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
     if value("identity").is_none() {
         conn.execute(
             "INSERT OR IGNORE INTO sim_credentials (key, value) VALUES ('identity', ?1)",
             params![format!("{:016x}{:016x}", random_u64(), random_u64())],
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
     }
     Ok(Creds {
         paired: value("paired").is_some(),
@@ -262,14 +262,14 @@ fn read_creds(path: &Path) -> Result<Creds, String> {
 }
 
 /// Records that the phone paired.
-fn write_paired(path: &Path, name: &str) -> Result<(), String> {
+fn write_paired(path: &Path, name: &str) -> Result<(), StoreFailure> {
     let conn = open_creds(path)?;
     conn.execute(
         "INSERT OR REPLACE INTO sim_credentials (key, value) VALUES ('paired', ?1), ('name', ?2)",
         params![now_ms().to_string(), name],
     )
     .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(StoreFailure::from)
 }
 
 /// A simulated session's live connection.

@@ -238,7 +238,8 @@ impl Link for WhatsAppLink {
             let bot = build_bot(&settings, store, &shared, inbound, tasks.clone())
                 .await
                 .map_err(|e| {
-                    super::credential_error("cannot build the WhatsApp client", &path, &e)
+                    let failure = super::StoreFailure::other(e);
+                    super::credential_error("cannot build the WhatsApp client", &path, &failure)
                 })?;
             let client = bot.client();
             let paired = client.pn().is_some();
