@@ -674,3 +674,65 @@ fn credential_and_database_files_are_private() {
         assert_eq!(mode, 0o600, "{f}");
     }
 }
+
+/// `POST /api/sessions/:userId/contacts/check` on the simulated link: one answer per
+/// number in the order asked (every number has an account but those starting with 999);
+/// bad shapes are 400s, a session that is not online is a 409, an unknown one a 404.
+#[test]
+fn a_number_check_answers_each_number_in_order() {
+    let s = Server::start(&["--sim-pair-delay", "50ms"]);
+    assert_eq!(s.create("chk", "15550001111").status, 201);
+    s.wait_state("chk", "online");
+    let r = s.post(
+        "/api/sessions/chk/contacts/check",
+        Some(r#"{"phones":["15551234567","+99912345678","15551234567"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["success"], true);
+    assert_eq!(v["userId"], "chk");
+    let results = v["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        results[0],
+        serde_json::json!({"phone": "15551234567", "onWhatsApp": true,
+            "jid": "15551234567@s.whatsapp.net", "lid": null})
+    );
+    assert_eq!(
+        results[1],
+        serde_json::json!({"phone": "99912345678", "onWhatsApp": false, "jid": null, "lid": null})
+    );
+    assert_eq!(results[2], results[0]);
+
+    for (body, says) in [
+        (r#"{}"#, "phones must be an array"),
+        (r#"{"phones":[]}"#, "phones must be an array"),
+        (r#"{"phones":"15551234567"}"#, "phones must be an array"),
+        (
+            r#"{"phones":["555-1234"]}"#,
+            "'555-1234' is not a phone number",
+        ),
+        (r#"{"phones":[15551234567]}"#, "phones must be an array"),
+    ] {
+        let msg = s
+            .post("/api/sessions/chk/contacts/check", Some(body))
+            .error(400);
+        assert!(msg.contains(says), "{body}: {msg}");
+    }
+    let many = serde_json::json!({ "phones": vec!["15551234567"; 51] }).to_string();
+    assert!(s
+        .post("/api/sessions/chk/contacts/check", Some(&many))
+        .error(400)
+        .contains("1 to 50"));
+    let body = Some(r#"{"phones":["15551234567"]}"#);
+    assert!(s
+        .post("/api/sessions/nobody/contacts/check", body)
+        .error(404)
+        .contains("not found"));
+    assert_eq!(s.post("/api/sessions/chk/stop", None).status, 200);
+    let msg = s.post("/api/sessions/chk/contacts/check", body).error(409);
+    assert!(
+        msg.contains("numbers can be checked only from an online session"),
+        "{msg}"
+    );
+}

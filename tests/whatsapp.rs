@@ -1588,3 +1588,24 @@ fn a_full_webhook_backlog_leaves_received_messages_unacknowledged() {
             .any(|v| v["data"]["messageId"] == id)
     });
 }
+
+/// A number check goes to WhatsApp (the peer) as a usync contact query: a number with an
+/// account is answered with its JID, one without (`without_account`) is not.
+#[test]
+fn a_number_check_asks_whatsapp_which_numbers_have_an_account() {
+    let (peer, s, _) = online_with_webhook("wa_chk");
+    peer.without_account("15550000000");
+    let r = s.post(
+        "/api/sessions/wa_chk/contacts/check",
+        Some(r#"{"phones":["15557654321","+15550000000"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0]["phone"], "15557654321");
+    assert_eq!(results[0]["onWhatsApp"], true, "{results:?}");
+    assert_eq!(results[0]["jid"], "15557654321@s.whatsapp.net");
+    assert_eq!(results[1]["phone"], "15550000000");
+    assert_eq!(results[1]["onWhatsApp"], false, "{results:?}");
+    assert!(results[1]["jid"].is_null());
+}

@@ -20,8 +20,8 @@ pub mod supervisor;
 
 pub use error::{CmdError, StorageError};
 pub use link::{
-    BoxFuture, Connection, EventSink, Fault, FaultEffect, InboundMessage, Link, LinkError,
-    LinkEvent, Receipt, ReceiptStatus, SessionSpec,
+    Action, BoxFuture, Connection, Done, EventSink, Fault, FaultEffect, InboundMessage, Link,
+    LinkError, LinkEvent, NumberCheck, Receipt, ReceiptStatus, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

@@ -264,6 +264,55 @@ pub trait Link: Send + Sync + 'static {
     }
 }
 
+/// What a session does on the network besides its lifecycle, run off its actor.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// A text message to `to` (phone digits or a JID).
+    SendText {
+        /// The recipient.
+        to: String,
+        /// The text.
+        text: String,
+    },
+    /// Which of these phone numbers (digits) have a WhatsApp account.
+    CheckNumbers {
+        /// The numbers.
+        phones: Vec<String>,
+    },
+}
+
+impl Action {
+    /// What the action does, for "… only from an online session".
+    pub fn what(&self) -> &'static str {
+        match self {
+            Action::SendText { .. } => "messages can be sent",
+            Action::CheckNumbers { .. } => "numbers can be checked",
+        }
+    }
+}
+
+/// What an [`Action`] answered.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Done {
+    /// The network's id of the message sent.
+    Sent(String),
+    /// One answer per number asked, in order.
+    Checked(Vec<NumberCheck>),
+}
+
+/// Whether one phone number has a WhatsApp account.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NumberCheck {
+    /// The number as asked (digits).
+    pub phone: String,
+    /// Whether it has an account.
+    pub on_whatsapp: bool,
+    /// Its phone JID, when it has an account.
+    pub jid: Option<String>,
+    /// Its LID, when WhatsApp gave one.
+    pub lid: Option<String>,
+}
+
 /// One session's live connection. Dropping it must release everything (abort tasks,
 /// close sockets): a panicking or killed actor never gets to call `close`.
 pub trait Connection: Send + 'static {
@@ -279,6 +328,29 @@ pub trait Connection: Send + 'static {
     fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
         let _ = (to, text);
         Box::pin(async { Err(LinkError::new("this link cannot send messages")) })
+    }
+
+    /// Which of `phones` (digits) have a WhatsApp account, with their JIDs.
+    fn check_numbers(
+        &self,
+        phones: &[String],
+    ) -> BoxFuture<'static, Result<Vec<NumberCheck>, LinkError>> {
+        let _ = phones;
+        Box::pin(async { Err(LinkError::new("this link cannot check numbers")) })
+    }
+
+    /// Runs an [`Action`] (what a session does on the network besides its lifecycle).
+    fn act(&self, action: Action) -> BoxFuture<'static, Result<Done, LinkError>> {
+        match action {
+            Action::SendText { to, text } => {
+                let sending = self.send_text(&to, &text);
+                Box::pin(async move { sending.await.map(Done::Sent) })
+            }
+            Action::CheckNumbers { phones } => {
+                let checking = self.check_numbers(&phones);
+                Box::pin(async move { checking.await.map(Done::Checked) })
+            }
+        }
     }
 
     /// Injects a fault; only the simulated link accepts them.

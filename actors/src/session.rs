@@ -8,7 +8,9 @@ use std::time::Duration;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::error::CmdError;
-use crate::link::{Connection, EventSink, Fault, FaultEffect, Link, LinkEvent, SessionSpec};
+use crate::link::{
+    Action, Connection, Done, EventSink, Fault, FaultEffect, Link, LinkEvent, SessionSpec,
+};
 
 /// Why a session actor stopped by itself; read by the supervisor when the child exits.
 /// (Supervision events overtake ordinary messages in ractor, so the reason travels
@@ -45,14 +47,12 @@ pub enum SessionMsg {
     Fault(Fault, RpcReplyPort<Result<(), CmdError>>),
     /// Unlink the device, then stop.
     Logout,
-    /// Send a text message; answered when the network took it (or refused it).
-    SendText {
-        /// Phone digits or a JID.
-        to: String,
-        /// The text.
-        text: String,
-        /// The network's message id.
-        reply: RpcReplyPort<Result<String, CmdError>>,
+    /// Run an action on the network; answered when the network answered (or refused).
+    Act {
+        /// What to do.
+        action: Action,
+        /// What the network answered.
+        reply: RpcReplyPort<Result<Done, CmdError>>,
     },
 }
 
@@ -120,17 +120,17 @@ impl SessionActorState {
         }
     }
 
-    /// Sends on its own task (the actor keeps answering meanwhile); answers when the
-    /// network took the message or refused it.
-    fn send_text(&self, to: &str, text: &str, reply: RpcReplyPort<Result<String, CmdError>>) {
+    /// Acts on its own task (the actor keeps answering meanwhile); answers when the
+    /// network answered or refused.
+    fn act(&self, action: Action, reply: RpcReplyPort<Result<Done, CmdError>>) {
         match self.conn.as_ref() {
             Some(conn) => {
-                let sending = conn.send_text(to, text);
+                let acting = conn.act(action);
                 tokio::spawn(async move {
-                    let sent = sending
+                    let done = acting
                         .await
                         .map_err(|e| CmdError::Upstream(e.message().to_string()));
-                    let _ = reply.send(sent);
+                    let _ = reply.send(done);
                 });
             }
             None => {
@@ -208,7 +208,7 @@ impl Actor for SessionActor {
                 other => state.report(other),
             },
             SessionMsg::Fault(fault, reply) => state.inject(fault, reply).await,
-            SessionMsg::SendText { to, text, reply } => state.send_text(&to, &text, reply),
+            SessionMsg::Act { action, reply } => state.act(action, reply),
             SessionMsg::Logout => {
                 let warning = state.logout().await;
                 state.exit_with(&myself, ChildExit::LogoutDone(warning));

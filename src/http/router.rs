@@ -12,7 +12,7 @@ use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    backups, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
+    backups, contacts, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
@@ -73,7 +73,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 30] = [
+pub static ROUTES: [Route; 31] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -116,6 +116,12 @@ pub static ROUTES: [Route; 30] = [
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
     }),
+    route(
+        Method::POST,
+        "/api/sessions/:id/contacts/check",
+        true,
+        |c| Box::pin(contacts::check(c)),
+    ),
     route(Method::GET, "/api/sessions/:id/webhook", true, |c| {
         Box::pin(webhooks::get_session(c))
     }),

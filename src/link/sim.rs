@@ -19,7 +19,7 @@ use super::StoreFailure;
 
 use botvisor_actors::{
     now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, InboundMessage,
-    Link, LinkError, LinkEvent, PairingCode, PairingQr, SessionSpec,
+    Link, LinkError, LinkEvent, NumberCheck, PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -169,6 +169,9 @@ impl SimLink {
     }
 }
 
+/// Numbers with this prefix have no account on the simulated network.
+pub const SIM_NO_ACCOUNT: &str = "999";
+
 /// Runs credential file work on the blocking pool, a few at a time.
 async fn file_work<T: Send + 'static>(
     slots: &Semaphore,
@@ -307,6 +310,27 @@ impl LinkConnection for SimConnection {
     fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
         let id = self.network.record_sent(&self.user_id, to, text);
         Box::pin(async move { Ok(id) })
+    }
+
+    /// The simulated network has an account for every number except those starting
+    /// with `999` (so that both answers can be seen); it gives no LIDs.
+    fn check_numbers(
+        &self,
+        phones: &[String],
+    ) -> BoxFuture<'static, Result<Vec<NumberCheck>, LinkError>> {
+        let checks = phones
+            .iter()
+            .map(|phone| {
+                let on_whatsapp = !phone.starts_with(SIM_NO_ACCOUNT);
+                NumberCheck {
+                    phone: phone.clone(),
+                    on_whatsapp,
+                    jid: on_whatsapp.then(|| format!("{phone}@s.whatsapp.net")),
+                    lid: None,
+                }
+            })
+            .collect();
+        Box::pin(async move { Ok(checks) })
     }
 
     fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {

@@ -6,7 +6,7 @@ use ractor::rpc::CallResult;
 use ractor::ActorRef;
 
 use crate::error::CmdError;
-use crate::link::Fault;
+use crate::link::{Action, Done, Fault};
 use crate::record::{Desired, SessionRecord, SessionState};
 use crate::session::SessionMsg;
 
@@ -157,15 +157,10 @@ impl SupervisorState {
         }
     }
 
-    /// Hands a message to an online session; its link sends it off the actor, and the
-    /// caller is answered with the message id (or why not) within [`SEND_TIMEOUT`].
-    pub(super) fn send_text(
-        &mut self,
-        user_id: &str,
-        to: String,
-        text: String,
-        reply: Reply<String>,
-    ) {
+    /// Hands an action (a send, a number check) to an online session; its link runs it
+    /// off the actor, and the caller is answered with what the network answered (or why
+    /// not) within [`SEND_TIMEOUT`].
+    pub(super) fn act(&mut self, user_id: &str, action: Action, reply: Reply<Done>) {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
@@ -173,8 +168,9 @@ impl SupervisorState {
             Some(c) if entry.rec.state == SessionState::Online => c,
             _ => {
                 let _ = reply.send(Err(CmdError::Conflict(format!(
-                    "Session {user_id} is not online (state: {}); messages can be sent only from an online session",
-                    entry.rec.state
+                    "Session {user_id} is not online (state: {}); {} only from an online session",
+                    entry.rec.state,
+                    action.what()
                 ))));
                 return;
             }
@@ -183,19 +179,16 @@ impl SupervisorState {
         let user_id = user_id.to_string();
         tokio::spawn(async move {
             let answer = match actor
-                .call(
-                    |r| SessionMsg::SendText { to, text, reply: r },
-                    Some(SEND_TIMEOUT),
-                )
+                .call(|r| SessionMsg::Act { action, reply: r }, Some(SEND_TIMEOUT))
                 .await
             {
                 Ok(CallResult::Success(r)) => r,
                 Ok(CallResult::Timeout) => Err(CmdError::Unavailable(format!(
-                    "Sending from session {user_id} timed out after {} s",
+                    "Session {user_id} got no answer from the network within {} s",
                     SEND_TIMEOUT.as_secs()
                 ))),
                 Ok(CallResult::SenderError) | Err(_) => Err(CmdError::Conflict(format!(
-                    "Session {user_id} stopped before the message was sent"
+                    "Session {user_id} stopped before the network answered"
                 ))),
             };
             let _ = reply.send(answer);

@@ -3,7 +3,7 @@
 use ractor::RpcReplyPort;
 
 use crate::error::{CmdError, StorageError};
-use crate::link::{BoxFuture, Fault, LinkEvent};
+use crate::link::{Action, BoxFuture, Done, Fault, LinkEvent};
 use crate::record::SessionRecord;
 
 /// A reply port for a command.
@@ -85,16 +85,14 @@ pub enum SupervisorMsg {
         /// Answered by the session, or with 503 if it does not answer in time.
         reply: Reply<()>,
     },
-    /// Send a text message from an online session.
-    Send {
+    /// An action of an online session on the network (a send, a number check).
+    Act {
         /// Which.
         user_id: String,
-        /// Phone digits or a JID.
-        to: String,
-        /// The text.
-        text: String,
-        /// Answered with the network's message id.
-        reply: Reply<String>,
+        /// What.
+        action: Action,
+        /// Answered with what the network answered.
+        reply: Reply<Done>,
     },
     /// Stop the session, run `apply` on its files, start it again if it should run.
     Restore {

@@ -200,12 +200,11 @@ impl SupervisorState {
                 fault,
                 reply,
             } => self.fault(myself, &user_id, fault, reply),
-            SupervisorMsg::Send {
+            SupervisorMsg::Act {
                 user_id,
-                to,
-                text,
+                action,
                 reply,
-            } => self.send_text(&user_id, to, text, reply),
+            } => self.act(&user_id, action, reply),
             SupervisorMsg::Restore {
                 user_id,
                 apply,

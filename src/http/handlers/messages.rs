@@ -3,17 +3,18 @@
 use std::time::Instant;
 
 use hyper::header::{HeaderValue, RETRY_AFTER};
-use hyper::StatusCode;
+use hyper::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use botvisor_actors::{Command, Persistence, SupervisorMsg};
+use botvisor_actors::{Action, Done, Persistence};
 
-use super::ask;
+use super::act;
 use crate::http::errors::ApiError;
 use crate::http::request::{json_body, valid_phone};
-use crate::http::response::{json_response, Success};
+use crate::http::response::{json_response, Body, Success};
 use crate::http::router::{Answer, Ctx};
+use crate::http::App;
 
 /// Longest text accepted (WhatsApp's own limit is about 65,000 characters).
 pub const MAX_TEXT: usize = 4_096;
@@ -47,6 +48,24 @@ pub fn valid_recipient(to: &str) -> bool {
     }
 }
 
+/// 429 with `Retry-After` when the session is past `--send-rate` (a send, or a number
+/// check, takes one from its bucket); `None` when it may go on.
+pub fn over_send_rate(app: &App, user_id: &str) -> Option<Response<Body>> {
+    let wait = app.send_limit.take(user_id, Instant::now()).err()?;
+    let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let mut resp = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "Session {user_id} is sending faster than --send-rate ({} a minute); retry in {secs} s",
+            app.send_rate
+        ),
+    )
+    .response();
+    resp.headers_mut()
+        .insert(RETRY_AFTER, HeaderValue::from(secs));
+    Some(resp)
+}
+
 pub async fn send(c: Ctx) -> Answer {
     let body: SendBody = json_body(c.req, false, c.app.request_timeout)
         .await?
@@ -72,31 +91,25 @@ pub async fn send(c: Ctx) -> Answer {
     };
     // No bucket and no event for a session that does not exist (ids are free to invent).
     super::must_exist(&c.app, &c.id)?;
-    if let Err(wait) = c.app.send_limit.take(&c.id, Instant::now()) {
-        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-        let mut resp = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "Session {} is sending faster than --send-rate ({} a minute); retry in {secs} s",
-                c.id, c.app.send_rate
-            ),
-        )
-        .response();
-        resp.headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(secs));
-        return Ok(resp);
+    if let Some(refused) = over_send_rate(&c.app, &c.id) {
+        return Ok(refused);
     }
     if !c.app.store.webhook_room(&c.id) {
         return Ok(ApiError::backlog_full());
     }
-    let (user_id, dest, words) = (c.id.clone(), to.clone(), text.clone());
-    let sent = ask(&c.app, Command::Send, |reply| SupervisorMsg::Send {
-        user_id,
-        to: dest,
-        text: words,
-        reply,
-    })
-    .await;
+    let action = Action::SendText {
+        to: to.clone(),
+        text: text.clone(),
+    };
+    let sent = act(&c.app, &c.id, action)
+        .await
+        .and_then(|done| match done {
+            Done::Sent(id) => Ok(id),
+            other => Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("a send answered {other:?}"),
+            )),
+        });
     let outcome = sent.as_ref().map_err(|e| e.message.clone());
     // A session deleted meanwhile has no one to tell.
     if !matches!(&sent, Err(e) if e.status == StatusCode::NOT_FOUND) {

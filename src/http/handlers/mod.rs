@@ -2,6 +2,7 @@
 //! reads the store's view) and shapes the answer.
 
 pub mod backups;
+pub mod contacts;
 pub mod fleet;
 pub mod health;
 pub mod lifecycle;
@@ -13,7 +14,7 @@ pub mod webhooks;
 
 use ractor::rpc::CallResult;
 
-use botvisor_actors::{Command, Reply, SupervisorMsg};
+use botvisor_actors::{Action, Command, Done, Reply, SupervisorMsg};
 
 use super::errors::ApiError;
 use super::App;
@@ -33,6 +34,18 @@ pub async fn ask<T: Send + 'static>(
             "The supervisor is not available (shutting down?)",
         )),
     }
+}
+
+/// Runs an action of an online session (a send, a number check): what the network
+/// answered, or why not.
+pub async fn act(app: &App, user_id: &str, action: Action) -> Result<Done, ApiError> {
+    let user_id = user_id.to_string();
+    ask(app, Command::Send, |reply| SupervisorMsg::Act {
+        user_id,
+        action,
+        reply,
+    })
+    .await
 }
 
 /// 404 unless the session exists.

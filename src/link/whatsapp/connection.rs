@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use whatsapp_rust::prelude::*;
 
-use botvisor_actors::{BoxFuture, Connection as LinkConnection, LinkError};
+use botvisor_actors::{BoxFuture, Connection as LinkConnection, LinkError, NumberCheck};
 
 use super::events::Shared;
 use super::tasks::SessionTasks;
@@ -104,6 +104,41 @@ impl LinkConnection for WhatsAppConnection {
                 .await
                 .map(|sent| sent.message_id)
                 .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+        })
+    }
+
+    /// A usync contact query (`contacts().is_on_whatsapp`); the LIDs WhatsApp gives
+    /// are kept by the client as LID-PN mappings.
+    fn check_numbers(
+        &self,
+        phones: &[String],
+    ) -> BoxFuture<'static, Result<Vec<NumberCheck>, LinkError>> {
+        let client = self.client.clone();
+        let phones = phones.to_vec();
+        Box::pin(async move {
+            let jids: Vec<Jid> = phones.iter().map(|p| Jid::pn(p.as_str())).collect();
+            let answers =
+                client.contacts().is_on_whatsapp(&jids).await.map_err(|e| {
+                    LinkError::new(format!("WhatsApp did not answer the check: {e}"))
+                })?;
+            Ok(phones
+                .into_iter()
+                .map(|phone| {
+                    let found = answers.iter().find(|a| {
+                        a.jid.user == phone || a.pn_jid.as_ref().is_some_and(|p| p.user == phone)
+                    });
+                    let on_whatsapp = found.is_some_and(|a| a.is_registered);
+                    NumberCheck {
+                        jid: on_whatsapp.then(|| format!("{phone}@s.whatsapp.net")),
+                        lid: found
+                            .filter(|_| on_whatsapp)
+                            .and_then(|a| a.lid.as_ref().or(a.jid.is_lid().then_some(&a.jid)))
+                            .map(|l| l.to_non_ad().to_string()),
+                        on_whatsapp,
+                        phone,
+                    }
+                })
+                .collect())
         })
     }
 

@@ -154,6 +154,8 @@ struct Inner {
     signal: tokio::sync::Mutex<signal::SignalPeer>,
     /// Phone numbers whose pre-key fetch is refused (`<error code="404">`).
     refused: Mutex<Vec<String>>,
+    /// Phone numbers with no WhatsApp account (usync `<contact type="out"/>`).
+    absent: Mutex<Vec<String>>,
     /// Messages sent to clients that no delivery receipt acknowledged yet, by the client's
     /// phone number: like WhatsApp's offline queue, they are sent again at its next login.
     unacked: Mutex<Vec<(String, Node)>>,
@@ -186,6 +188,7 @@ impl Peer {
             commands,
             signal: tokio::sync::Mutex::default(),
             refused: Mutex::default(),
+            absent: Mutex::default(),
             unacked: Mutex::default(),
         });
         let listener = runtime
@@ -239,6 +242,14 @@ impl Peer {
     pub fn serve_keys_for(&self, phone: &str) {
         if let Ok(mut r) = self.inner.refused.lock() {
             r.retain(|p| p != phone);
+        }
+    }
+
+    /// From now on `phone` has no WhatsApp account: a number check (usync `contact`)
+    /// answers `type="out"` for it. Every other number has one.
+    pub fn without_account(&self, phone: &str) {
+        if let Ok(mut a) = self.inner.absent.lock() {
+            a.push(phone.to_string());
         }
     }
 
@@ -701,7 +712,8 @@ async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Opti
             if wants("devices") {
                 record(inner, |s| s.device_queries += 1);
             }
-            // Every user exists, with one device: its phone (device 0).
+            // Every user exists (but those marked `without_account`), with one device: its
+            // phone (device 0).
             let users = usync
                 .get_optional_child("list")
                 .map(|l| {
@@ -716,7 +728,22 @@ async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Opti
                                 .and_then(|c| c.content_as_string());
                             let mut children = Vec::new();
                             if wants("contact") {
-                                let mut c = NodeBuilder::new("contact").attr("type", "in");
+                                let phone = jid
+                                    .as_ref()
+                                    .map(|j| j.user.to_string())
+                                    .or_else(|| {
+                                        contact
+                                            .as_deref()
+                                            .map(|t| t.trim_start_matches('+').to_string())
+                                    })
+                                    .unwrap_or_default();
+                                let absent = inner
+                                    .absent
+                                    .lock()
+                                    .map(|a| a.contains(&phone))
+                                    .unwrap_or(false);
+                                let kind = if absent { "out" } else { "in" };
+                                let mut c = NodeBuilder::new("contact").attr("type", kind);
                                 if let Some(text) = &contact {
                                     c = c.string_content(text.to_string());
                                 }
