@@ -736,3 +736,77 @@ fn a_number_check_answers_each_number_in_order() {
         "{msg}"
     );
 }
+
+/// Read receipts and chat presence on the simulated link: taken when online, the chat
+/// given as digits or a JID (its `@` percent-encoded or not); bad shapes are 400s.
+#[test]
+fn chats_take_read_receipts_and_presence() {
+    let s = Server::start(&["--sim-pair-delay", "50ms"]);
+    assert_eq!(s.create("cr", "15550001111").status, 201);
+    s.wait_state("cr", "online");
+    let r = s.post(
+        "/api/sessions/cr/chats/15551234567/read",
+        Some(r#"{"messageIds":["3EB0AB12","3EB0AB13"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json()["message"],
+        "2 message(s) of 15551234567 marked read"
+    );
+    let r = s.post(
+        "/api/sessions/cr/chats/15551234567%40s.whatsapp.net/presence",
+        Some(r#"{"state":"typing"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["chat"], "15551234567@s.whatsapp.net");
+    assert_eq!(
+        r.json()["message"],
+        "typing shown in 15551234567@s.whatsapp.net"
+    );
+    for (path, body, says) in [
+        (
+            "/api/sessions/cr/chats/abc/read",
+            r#"{"messageIds":["A"]}"#,
+            "chatId must be",
+        ),
+        (
+            "/api/sessions/cr/chats/%zz/read",
+            r#"{"messageIds":["A"]}"#,
+            "chat id in the path",
+        ),
+        (
+            "/api/sessions/cr/chats/15551234567/read",
+            r#"{"messageIds":[]}"#,
+            "messageIds must be",
+        ),
+        (
+            "/api/sessions/cr/chats/15551234567/read",
+            r#"{"messageIds":["a/b"]}"#,
+            "messageIds must be",
+        ),
+        (
+            "/api/sessions/cr/chats/15551234567/presence",
+            r#"{"state":"dancing"}"#,
+            "state must be",
+        ),
+        (
+            "/api/sessions/cr/chats/15551234567/presence",
+            r#"{}"#,
+            "state must be",
+        ),
+    ] {
+        let msg = s.post(path, Some(body)).error(400);
+        assert!(msg.contains(says), "{path} {body}: {msg}");
+    }
+    assert_eq!(s.post("/api/sessions/cr/stop", None).status, 200);
+    let msg = s
+        .post(
+            "/api/sessions/cr/chats/15551234567/presence",
+            Some(r#"{"state":"paused"}"#),
+        )
+        .error(409);
+    assert!(
+        msg.contains("presence can be shown only from an online session"),
+        "{msg}"
+    );
+}

@@ -1609,3 +1609,51 @@ fn a_number_check_asks_whatsapp_which_numbers_have_an_account() {
     assert_eq!(results[1]["onWhatsApp"], false, "{results:?}");
     assert!(results[1]["jid"].is_null());
 }
+
+/// Read receipts and typing go to WhatsApp (the peer): a received message marked read
+/// through the API is receipted `read`; presence arrives as a `chatstate`.
+#[test]
+fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
+    let (peer, s, _) = online_with_webhook("wa_read");
+    let id = "3EB0READ000000000001";
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: id.into(),
+        content: Content::Text("read me".into()),
+    });
+    wait_until(20, "the message is acknowledged", || {
+        peer.stats()
+            .receipts
+            .iter()
+            .any(|(r, kind)| r == id && (kind == "delivery" || kind == "inactive"))
+    });
+    let r = s.post(
+        "/api/sessions/wa_read/chats/15557654321/read",
+        Some(&format!(r#"{{"messageIds":["{id}"]}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until(10, "the peer gets the read receipt", || {
+        peer.stats()
+            .receipts
+            .iter()
+            .any(|(r, kind)| r == id && kind == "read")
+    });
+    for (state, shown) in [
+        ("typing", "composing"),
+        ("recording", "composing audio"),
+        ("paused", "paused"),
+    ] {
+        let r = s.post(
+            "/api/sessions/wa_read/chats/15557654321%40s.whatsapp.net/presence",
+            Some(&format!(r#"{{"state":"{state}"}}"#)),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        wait_until(10, "the peer gets the chat state", || {
+            peer.stats()
+                .chat_states
+                .iter()
+                .any(|(to, st)| to.starts_with("15557654321@") && st == shown)
+        });
+    }
+}

@@ -279,6 +279,33 @@ pub enum Action {
         /// The numbers.
         phones: Vec<String>,
     },
+    /// Read receipts for messages of a chat (phone digits or a JID).
+    MarkRead {
+        /// The chat.
+        chat: String,
+        /// In a group, who wrote the messages.
+        sender: Option<String>,
+        /// The messages' ids.
+        message_ids: Vec<String>,
+    },
+    /// Typing, recording or paused, shown in a chat.
+    ChatPresence {
+        /// The chat.
+        chat: String,
+        /// What to show.
+        state: ChatPresence,
+    },
+}
+
+/// What a session shows in a chat while it prepares an answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatPresence {
+    /// Typing.
+    Typing,
+    /// Recording a voice note.
+    Recording,
+    /// Stopped typing or recording.
+    Paused,
 }
 
 impl Action {
@@ -287,6 +314,8 @@ impl Action {
         match self {
             Action::SendText { .. } => "messages can be sent",
             Action::CheckNumbers { .. } => "numbers can be checked",
+            Action::MarkRead { .. } => "chats can be marked read",
+            Action::ChatPresence { .. } => "presence can be shown",
         }
     }
 }
@@ -298,6 +327,8 @@ pub enum Done {
     Sent(String),
     /// One answer per number asked, in order.
     Checked(Vec<NumberCheck>),
+    /// The network took it (nothing to answer).
+    Taken,
 }
 
 /// Whether one phone number has a WhatsApp account.
@@ -339,6 +370,28 @@ pub trait Connection: Send + 'static {
         Box::pin(async { Err(LinkError::new("this link cannot check numbers")) })
     }
 
+    /// Sends read receipts for `message_ids` of `chat` (`sender`: their author, in a
+    /// group).
+    fn mark_read(
+        &self,
+        chat: &str,
+        sender: Option<&str>,
+        message_ids: &[String],
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        let _ = (chat, sender, message_ids);
+        Box::pin(async { Err(LinkError::new("this link cannot mark chats read")) })
+    }
+
+    /// Shows typing, recording or paused in `chat`.
+    fn chat_presence(
+        &self,
+        chat: &str,
+        state: ChatPresence,
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        let _ = (chat, state);
+        Box::pin(async { Err(LinkError::new("this link cannot show presence")) })
+    }
+
     /// Runs an [`Action`] (what a session does on the network besides its lifecycle).
     fn act(&self, action: Action) -> BoxFuture<'static, Result<Done, LinkError>> {
         match action {
@@ -349,6 +402,18 @@ pub trait Connection: Send + 'static {
             Action::CheckNumbers { phones } => {
                 let checking = self.check_numbers(&phones);
                 Box::pin(async move { checking.await.map(Done::Checked) })
+            }
+            Action::MarkRead {
+                chat,
+                sender,
+                message_ids,
+            } => {
+                let marking = self.mark_read(&chat, sender.as_deref(), &message_ids);
+                Box::pin(async move { marking.await.map(|()| Done::Taken) })
+            }
+            Action::ChatPresence { chat, state } => {
+                let showing = self.chat_presence(&chat, state);
+                Box::pin(async move { showing.await.map(|()| Done::Taken) })
             }
         }
     }

@@ -12,14 +12,14 @@ use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    backups, contacts, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
+    backups, chats, contacts, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
 
-/// What a handler gets: the app, the request, and the `:id` (or `:eventId`) of its path
-/// (or "").
+/// What a handler gets: the app, the request, the `:id` (or `:eventId`) of its path and
+/// its second parameter (`:chatId`), each "" when the path has none.
 pub struct Ctx {
     /// Everything a handler can reach.
     pub app: Arc<App>,
@@ -27,6 +27,8 @@ pub struct Ctx {
     pub req: Request<Incoming>,
     /// The session id from the path, already checked.
     pub id: String,
+    /// The second parameter (`:chatId`), percent-decoded; the handler checks it.
+    pub sub: String,
 }
 
 /// A handler's answer.
@@ -73,7 +75,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 31] = [
+pub static ROUTES: [Route; 33] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -116,6 +118,18 @@ pub static ROUTES: [Route; 31] = [
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
     }),
+    route(
+        Method::POST,
+        "/api/sessions/:id/chats/:chatId/read",
+        true,
+        |c| Box::pin(chats::read(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/chats/:chatId/presence",
+        true,
+        |c| Box::pin(chats::presence(c)),
+    ),
     route(
         Method::POST,
         "/api/sessions/:id/contacts/check",
@@ -188,20 +202,41 @@ pub static ROUTES: [Route; 31] = [
 static SEGMENTS: LazyLock<Vec<Vec<&'static str>>> =
     LazyLock::new(|| ROUTES.iter().map(|r| r.path.split('/').collect()).collect());
 
-/// Matches a split path against a split pattern; `Some(id)` ("" when the pattern has none).
-fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<&'p str> {
+/// Matches a split path against a split pattern; `Some((id, sub))`, each "" when the
+/// pattern has none.
+fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)> {
     if pattern.len() != path.len() {
         return None;
     }
-    let mut id = "";
+    let (mut id, mut sub) = ("", "");
     for (want, got) in pattern.iter().zip(path) {
         match *want {
             ":id" | ":eventId" => id = got,
+            ":chatId" => sub = got,
             w if w == *got => {}
             _ => return None,
         }
     }
-    Some(id)
+    Some((id, sub))
+}
+
+/// `%XX` escapes decoded (a JID's `@` may come as `%40`); `None` for a bad escape or
+/// bytes that are not UTF-8.
+fn percent_decoded(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Answers one request (everything but CORS, which the caller adds), with the pattern of
@@ -230,18 +265,18 @@ async fn route_and_answer(
         .iter()
         .zip(SEGMENTS.iter())
         .filter_map(|(r, pattern)| matches(pattern, &segments).map(|id| (r, id)));
-    let Some((first, first_id)) = found.next() else {
+    let Some((first, first_params)) = found.next() else {
         return Err(ApiError::not_found(format!("Not found: {method} {raw}")));
     };
     if first.faults_only && !app.faults {
         return Err(ApiError::not_found(SIM_ONLY));
     }
     let chosen = if first.method == method {
-        Some((first, first_id))
+        Some((first, first_params))
     } else {
         found.find(|(r, _)| r.method == method)
     };
-    let Some((route, id)) = chosen else {
+    let Some((route, (id, sub))) = chosen else {
         let allowed: Vec<&str> = ROUTES
             .iter()
             .zip(SEGMENTS.iter())
@@ -274,7 +309,9 @@ async fn route_and_answer(
         return Err(ApiError::bad_request(refusal));
     }
     let id = id.to_string();
-    (route.handler)(Ctx { app, req, id }).await
+    let sub = percent_decoded(sub)
+        .ok_or_else(|| ApiError::bad_request("the chat id in the path is not valid"))?;
+    (route.handler)(Ctx { app, req, id, sub }).await
 }
 
 /// 401 unless the request carries the API key (when one is set).
@@ -297,21 +334,40 @@ mod tests {
     use super::*;
 
     #[test]
-    fn patterns_capture_one_segment() {
+    fn patterns_capture_their_segments() {
         let m = |pattern: &str, path: &'static str| {
             let p: Vec<&str> = pattern.split('/').collect();
             let s: Vec<&'static str> = path.split('/').collect();
             matches(&p, &s)
         };
-        assert_eq!(m("/api/sessions/:id", "/api/sessions/a1"), Some("a1"));
+        assert_eq!(m("/api/sessions/:id", "/api/sessions/a1"), Some(("a1", "")));
         assert_eq!(
             m("/api/sessions/:id/stop", "/api/sessions/a1/stop"),
-            Some("a1")
+            Some(("a1", ""))
+        );
+        assert_eq!(
+            m(
+                "/api/sessions/:id/chats/:chatId/read",
+                "/api/sessions/a1/chats/1555%40s.whatsapp.net/read"
+            ),
+            Some(("a1", "1555%40s.whatsapp.net"))
         );
         assert_eq!(m("/api/sessions/:id", "/api/sessions/a/b"), None);
-        assert_eq!(m("/api/stats", "/api/stats"), Some(""));
-        assert_eq!(m("/", "/"), Some(""));
+        assert_eq!(m("/api/stats", "/api/stats"), Some(("", "")));
+        assert_eq!(m("/", "/"), Some(("", "")));
         assert_eq!(m("/api/sessions/:id", "/api/sessions"), None);
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded_or_refused() {
+        assert_eq!(
+            percent_decoded("1555%40s.whatsapp.net").as_deref(),
+            Some("1555@s.whatsapp.net")
+        );
+        assert_eq!(percent_decoded("plain").as_deref(), Some("plain"));
+        assert_eq!(percent_decoded("%4"), None);
+        assert_eq!(percent_decoded("%zz"), None);
+        assert_eq!(percent_decoded("%ff"), None, "not UTF-8");
     }
 
     #[test]

@@ -18,8 +18,8 @@ use tokio::task::JoinHandle;
 use super::StoreFailure;
 
 use botvisor_actors::{
-    now_ms, BoxFuture, Connection as LinkConnection, EventSink, Fault, FaultEffect, InboundMessage,
-    Link, LinkError, LinkEvent, NumberCheck, PairingCode, PairingQr, SessionSpec,
+    now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, EventSink, Fault, FaultEffect,
+    InboundMessage, Link, LinkError, LinkEvent, NumberCheck, PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -331,6 +331,25 @@ impl LinkConnection for SimConnection {
             })
             .collect();
         Box::pin(async move { Ok(checks) })
+    }
+
+    /// The simulated network takes read receipts (it keeps no read state).
+    fn mark_read(
+        &self,
+        _chat: &str,
+        _sender: Option<&str>,
+        _message_ids: &[String],
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The simulated network takes chat presence (nobody watches it).
+    fn chat_presence(
+        &self,
+        _chat: &str,
+        _state: ChatPresence,
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
     }
 
     fn inject(&mut self, fault: Fault) -> Result<FaultEffect, LinkError> {

@@ -2,6 +2,7 @@
 //! reads the store's view) and shapes the answer.
 
 pub mod backups;
+pub mod chats;
 pub mod contacts;
 pub mod fleet;
 pub mod health;

@@ -7,7 +7,9 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use whatsapp_rust::prelude::*;
 
-use botvisor_actors::{BoxFuture, Connection as LinkConnection, LinkError, NumberCheck};
+use botvisor_actors::{
+    BoxFuture, ChatPresence, Connection as LinkConnection, LinkError, NumberCheck,
+};
 
 use super::events::Shared;
 use super::tasks::SessionTasks;
@@ -139,6 +141,48 @@ impl LinkConnection for WhatsAppConnection {
                     }
                 })
                 .collect())
+        })
+    }
+
+    fn mark_read(
+        &self,
+        chat: &str,
+        sender: Option<&str>,
+        message_ids: &[String],
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        let client = self.client.clone();
+        let (chat, sender) = (recipient(chat), sender.map(recipient));
+        let ids = message_ids.to_vec();
+        Box::pin(async move {
+            let chat = chat?;
+            let sender = sender.transpose()?;
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            client
+                .mark_as_read(&chat, sender.as_ref(), &ids)
+                .await
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the receipt: {e}")))
+        })
+    }
+
+    fn chat_presence(
+        &self,
+        chat: &str,
+        state: ChatPresence,
+    ) -> BoxFuture<'static, Result<(), LinkError>> {
+        use whatsapp_rust::features::ChatStateType;
+        let client = self.client.clone();
+        let chat = recipient(chat);
+        Box::pin(async move {
+            let state = match state {
+                ChatPresence::Typing => ChatStateType::Composing,
+                ChatPresence::Recording => ChatStateType::Recording,
+                ChatPresence::Paused => ChatStateType::Paused,
+            };
+            client
+                .chatstate()
+                .send(&chat?, state)
+                .await
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the presence: {e}")))
         })
     }
 

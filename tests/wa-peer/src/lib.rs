@@ -145,6 +145,8 @@ pub struct Stats {
     pub receipts: Vec<(String, String)>,
     /// Unacknowledged messages sent again at a client's login.
     pub redelivered: usize,
+    /// Chat states the clients showed: (to, `composing` | `composing audio` | `paused`).
+    pub chat_states: Vec<(String, String)>,
 }
 
 struct Inner {
@@ -619,6 +621,22 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                             }
                         }
                         record(&inner, |s| s.receipts.push((id, kind)));
+                        continue;
+                    }
+                    "chatstate" => {
+                        let to = node.get_attr("to").map(|v| v.as_str().to_string()).unwrap_or_default();
+                        let state = node
+                            .children()
+                            .and_then(|c| c.first())
+                            .map(|c| {
+                                let media = c.get_attr("media").map(|v| v.as_str().to_string());
+                                match media {
+                                    Some(m) => format!("{} {m}", c.tag),
+                                    None => c.tag.to_string(),
+                                }
+                            })
+                            .unwrap_or_default();
+                        record(&inner, |s| s.chat_states.push((to, state)));
                         continue;
                     }
                     _ => continue,
