@@ -798,6 +798,16 @@ fn chats_take_read_receipts_and_presence() {
         let msg = s.post(path, Some(body)).error(400);
         assert!(msg.contains(says), "{path} {body}: {msg}");
     }
+    let r = s.post(
+        "/api/sessions/cr/presence",
+        Some(r#"{"state":"unavailable"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], "Session cr shows itself unavailable");
+    let msg = s
+        .post("/api/sessions/cr/presence", Some(r#"{"state":"away"}"#))
+        .error(400);
+    assert!(msg.contains("available"), "{msg}");
     assert_eq!(s.post("/api/sessions/cr/stop", None).status, 200);
     let msg = s
         .post(

@@ -1610,8 +1610,9 @@ fn a_number_check_asks_whatsapp_which_numbers_have_an_account() {
     assert!(results[1]["jid"].is_null());
 }
 
-/// Read receipts and typing go to WhatsApp (the peer): a received message marked read
-/// through the API is receipted `read`; presence arrives as a `chatstate`.
+/// Read receipts and presence go to WhatsApp (the peer): a received message marked read
+/// through the API is receipted `read`; typing, recording and paused arrive as a
+/// `chatstate`; the session's own presence as a `presence` stanza.
 #[test]
 fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
     let (peer, s, _) = online_with_webhook("wa_read");
@@ -1654,6 +1655,27 @@ fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
                 .chat_states
                 .iter()
                 .any(|(to, st)| to.starts_with("15557654321@") && st == shown)
+        });
+    }
+    for state in ["unavailable", "available"] {
+        let before = peer
+            .stats()
+            .presences
+            .iter()
+            .filter(|p| *p == state)
+            .count();
+        let r = s.post(
+            "/api/sessions/wa_read/presence",
+            Some(&format!(r#"{{"state":"{state}"}}"#)),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        wait_until(10, "the peer gets the presence", || {
+            peer.stats()
+                .presences
+                .iter()
+                .filter(|p| *p == state)
+                .count()
+                > before
         });
     }
 }

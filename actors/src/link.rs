@@ -288,6 +288,11 @@ pub enum Action {
         /// The messages' ids.
         message_ids: Vec<String>,
     },
+    /// The session shows itself available (online) or unavailable to its contacts.
+    OwnPresence {
+        /// Available, or not.
+        available: bool,
+    },
     /// Typing, recording or paused, shown in a chat.
     ChatPresence {
         /// The chat.
@@ -315,7 +320,7 @@ impl Action {
             Action::SendText { .. } => "messages can be sent",
             Action::CheckNumbers { .. } => "numbers can be checked",
             Action::MarkRead { .. } => "chats can be marked read",
-            Action::ChatPresence { .. } => "presence can be shown",
+            Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
         }
     }
 }
@@ -392,6 +397,12 @@ pub trait Connection: Send + 'static {
         Box::pin(async { Err(LinkError::new("this link cannot show presence")) })
     }
 
+    /// Shows the session available (online) or unavailable to its contacts.
+    fn own_presence(&self, available: bool) -> BoxFuture<'static, Result<(), LinkError>> {
+        let _ = available;
+        Box::pin(async { Err(LinkError::new("this link cannot show presence")) })
+    }
+
     /// Runs an [`Action`] (what a session does on the network besides its lifecycle).
     fn act(&self, action: Action) -> BoxFuture<'static, Result<Done, LinkError>> {
         match action {
@@ -410,6 +421,10 @@ pub trait Connection: Send + 'static {
             } => {
                 let marking = self.mark_read(&chat, sender.as_deref(), &message_ids);
                 Box::pin(async move { marking.await.map(|()| Done::Taken) })
+            }
+            Action::OwnPresence { available } => {
+                let showing = self.own_presence(available);
+                Box::pin(async move { showing.await.map(|()| Done::Taken) })
             }
             Action::ChatPresence { chat, state } => {
                 let showing = self.chat_presence(&chat, state);

@@ -75,7 +75,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 33] = [
+pub static ROUTES: [Route; 34] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -117,6 +117,9 @@ pub static ROUTES: [Route; 33] = [
     }),
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
+    }),
+    route(Method::POST, "/api/sessions/:id/presence", true, |c| {
+        Box::pin(chats::own_presence(c))
     }),
     route(
         Method::POST,

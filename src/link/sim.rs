@@ -343,6 +343,11 @@ impl LinkConnection for SimConnection {
         Box::pin(async { Ok(()) })
     }
 
+    /// The simulated network takes the session's presence (nobody watches it).
+    fn own_presence(&self, _available: bool) -> BoxFuture<'static, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The simulated network takes chat presence (nobody watches it).
     fn chat_presence(
         &self,

@@ -1,5 +1,6 @@
 //! A session's chats: `POST /api/sessions/:userId/chats/:chatId/read` (read receipts)
-//! and `POST /api/sessions/:userId/chats/:chatId/presence` (typing, recording, paused).
+//! and `POST /api/sessions/:userId/chats/:chatId/presence` (typing, recording, paused);
+//! and its own presence, `POST /api/sessions/:userId/presence` (available, unavailable).
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -133,6 +134,38 @@ pub async fn presence(c: Ctx) -> Answer {
         message: format!("{state:?} shown in {chat}").to_lowercase(),
         user_id: &c.id,
         chat: &chat,
+    }))
+}
+
+pub async fn own_presence(c: Ctx) -> Answer {
+    let body: PresenceBody = json_body(c.req, false, c.app.request_timeout)
+        .await?
+        .ok_or_else(|| ApiError::bad_request("state is required"))?;
+    let available = match body.state.as_ref().and_then(Value::as_str) {
+        Some("available") => true,
+        Some("unavailable") => false,
+        _ => {
+            return Err(ApiError::bad_request(
+                "state must be \"available\" or \"unavailable\"",
+            ))
+        }
+    };
+    must_exist(&c.app, &c.id)?;
+    act(&c.app, &c.id, Action::OwnPresence { available }).await?;
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Shown<'a> {
+        message: String,
+        user_id: &'a str,
+    }
+    let state = if available {
+        "available"
+    } else {
+        "unavailable"
+    };
+    Ok(ok(&Shown {
+        message: format!("Session {} shows itself {state}", c.id),
+        user_id: &c.id,
     }))
 }
 

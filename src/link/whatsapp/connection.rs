@@ -186,6 +186,19 @@ impl LinkConnection for WhatsAppConnection {
         })
     }
 
+    fn own_presence(&self, available: bool) -> BoxFuture<'static, Result<(), LinkError>> {
+        let client = self.client.clone();
+        Box::pin(async move {
+            let presence = client.presence();
+            let set = if available {
+                presence.set_available().await
+            } else {
+                presence.set_unavailable().await
+            };
+            set.map_err(|e| LinkError::new(format!("WhatsApp did not take the presence: {e}")))
+        })
+    }
+
     fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
         Box::pin(async move {
             self.shared.closing.store(true, Ordering::SeqCst);

@@ -147,6 +147,8 @@ pub struct Stats {
     pub redelivered: usize,
     /// Chat states the clients showed: (to, `composing` | `composing audio` | `paused`).
     pub chat_states: Vec<(String, String)>,
+    /// Presence the clients set for themselves: `available` | `unavailable`.
+    pub presences: Vec<String>,
 }
 
 struct Inner {
@@ -621,6 +623,11 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                             }
                         }
                         record(&inner, |s| s.receipts.push((id, kind)));
+                        continue;
+                    }
+                    "presence" => {
+                        let kind = node.get_attr("type").map(|v| v.as_str().to_string()).unwrap_or_default();
+                        record(&inner, |s| s.presences.push(kind));
                         continue;
                     }
                     "chatstate" => {
