@@ -18,6 +18,22 @@ use tracing_subscriber::layer::{Context, Filter, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
+/// An error with its causes, each said once (`client error (Connect): tcp connect
+/// error: Connection refused`): for a log line or an error message.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 /// whatsapp-rust logs secrets under these targets: pairing codes at info, and at debug
 /// every node it sends and receives (QR refs, keys, pairing material). Each is capped at
 /// the given level unless the operator names the target in `RUST_LOG` explicitly.

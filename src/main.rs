@@ -42,12 +42,13 @@ fn backtraces_for_panics_only() -> bool {
     wanted("RUST_BACKTRACE")
 }
 
-/// `botvisor migrate`: exits 0 once the copy is verified, 1 with the reason otherwise.
-fn migrate(options: &botvisor::migrate::Options) -> ! {
-    match botvisor::migrate::run(options, &mut std::io::stdout()) {
+/// Exits 0 on `Ok`, else 1 after one line on stderr, `botvisor: <what>: <why>` (the
+/// one-shot commands: `migrate`, `health`).
+fn exit_with<T>(result: Result<T, impl std::fmt::Display>, what: &str) -> ! {
+    match result {
         Ok(_) => std::process::exit(0),
         Err(e) => {
-            eprintln!("botvisor: migrate: {e}");
+            eprintln!("botvisor: {what}: {e}");
             std::process::exit(1);
         }
     }
@@ -72,28 +73,11 @@ fn main() {
     let cli = Cli::parse_layered();
     let args = match cli.command {
         Command::Serve(args) => args,
-        Command::Migrate {
-            from,
-            to,
-            force,
-            batch,
-            keys,
-            data_dir,
-        } => migrate(&botvisor::migrate::Options {
-            from,
-            to,
-            force,
-            batch,
-            keys,
-            data_dir,
-        }),
-        Command::Health { url } => match botvisor::health_check(&url) {
-            Ok(()) => std::process::exit(0),
-            Err(e) => {
-                eprintln!("botvisor: unhealthy: {e}");
-                std::process::exit(1);
-            }
-        },
+        Command::Migrate(options) => exit_with(
+            botvisor::migrate::run(&options, &mut std::io::stdout()),
+            "migrate",
+        ),
+        Command::Health { url } => exit_with(botvisor::health_check(&url), "unhealthy"),
     };
     let config = match Config::resolve(&args) {
         Ok(c) => c,

@@ -56,35 +56,39 @@ pub enum Command {
     /// Copy a whole fleet's rows (sessions, events, settings, webhook outbox, receivers)
     /// from one database to another, SQLite or PostgreSQL either way. Stop the servers of
     /// both first; run it again to resume a copy that was interrupted.
-    Migrate {
-        /// The database to copy from, as a --database-url (sqlite://PATH, a path, or
-        /// postgres://...).
-        #[arg(long)]
-        from: String,
-        /// The database to copy into (an SQLite file is created if missing).
-        #[arg(long)]
-        to: String,
-        /// Copy into a database that has rows already (rows of the same key are replaced
-        /// by the source's).
-        #[arg(long)]
-        force: bool,
-        /// Rows per transaction.
-        #[arg(long, default_value_t = 2_000)]
-        batch: usize,
-        /// Where the WhatsApp keys go: `database` copies them into --to (PostgreSQL),
-        /// `files` writes them as key files in --data-dir. Without it key files stay
-        /// where they are, and keys kept in a PostgreSQL --from are refused.
-        #[arg(long, value_enum, value_name = "KEYS")]
-        keys: Option<KeysAt>,
-        /// The data dir whose key files are read (or written, with --keys files).
-        #[arg(
-            long,
-            env = "BOTVISOR_DATA_DIR",
-            value_name = "DIR",
-            default_value = "./data"
-        )]
-        data_dir: PathBuf,
-    },
+    Migrate(MigrateArgs),
+}
+
+/// What `botvisor migrate` copies where (`migrate::run` takes it as its options).
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// The database to copy from, as a --database-url (sqlite://PATH, a path, or
+    /// postgres://...).
+    #[arg(long)]
+    pub from: String,
+    /// The database to copy into (an SQLite file is created if missing).
+    #[arg(long)]
+    pub to: String,
+    /// Copy into a database that has rows already (rows of the same key are replaced
+    /// by the source's).
+    #[arg(long)]
+    pub force: bool,
+    /// Rows per transaction.
+    #[arg(long, default_value_t = 2_000)]
+    pub batch: usize,
+    /// Where the WhatsApp keys go: `database` copies them into --to (PostgreSQL),
+    /// `files` writes them as key files in --data-dir. Without it key files stay
+    /// where they are, and keys kept in a PostgreSQL --from are refused.
+    #[arg(long, value_enum, value_name = "KEYS")]
+    pub keys: Option<KeysAt>,
+    /// The data dir whose key files are read (or written, with --keys files).
+    #[arg(
+        long,
+        env = "BOTVISOR_DATA_DIR",
+        value_name = "DIR",
+        default_value = "./data"
+    )]
+    pub data_dir: PathBuf,
 }
 
 /// Which network the sessions connect to.

@@ -338,6 +338,24 @@ const SESSION_TABLES: &[&str] = &[
     "wa_msg_secrets",
 ];
 
+/// Deletes every row of `session_id` within `tx`; answers how many.
+async fn delete_session_rows(
+    tx: &tokio_postgres::Transaction<'_>,
+    session_id: &str,
+) -> Result<u64> {
+    let mut removed = 0;
+    for table in SESSION_TABLES {
+        removed += tx
+            .execute(
+                &format!("DELETE FROM {table} WHERE session_id = $1"),
+                &[&session_id],
+            )
+            .await
+            .map_err(pg)?;
+    }
+    Ok(removed)
+}
+
 // ---------------------------------------------------------------------------------------
 // The pool
 // ---------------------------------------------------------------------------------------
@@ -402,16 +420,7 @@ impl PgKeys {
     pub async fn purge_session(&self, session_id: &str) -> Result<u64> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(pg)?;
-        let mut removed = 0;
-        for table in SESSION_TABLES {
-            removed += tx
-                .execute(
-                    &format!("DELETE FROM {table} WHERE session_id = $1"),
-                    &[&session_id],
-                )
-                .await
-                .map_err(pg)?;
-        }
+        let removed = delete_session_rows(&tx, session_id).await?;
         tx.commit().await.map_err(pg)?;
         Ok(removed)
     }
@@ -427,13 +436,8 @@ impl PgKeys {
     pub async fn swap_in(&self, staging_id: &str, session_id: &str) -> Result<()> {
         let mut conn = self.conn().await?;
         let tx = conn.transaction().await.map_err(pg)?;
+        delete_session_rows(&tx, session_id).await?;
         for table in SESSION_TABLES {
-            tx.execute(
-                &format!("DELETE FROM {table} WHERE session_id = $1"),
-                &[&session_id],
-            )
-            .await
-            .map_err(pg)?;
             tx.execute(
                 &format!("UPDATE {table} SET session_id = $2 WHERE session_id = $1"),
                 &[&staging_id, &session_id],

@@ -101,12 +101,7 @@ impl DatabaseKeys {
 /// A key store error for the API: unavailable when PostgreSQL cannot be reached, failed
 /// otherwise, with the whole chain of causes.
 fn storage(what: &str, e: &StoreError) -> StorageError {
-    let mut text = format!("{what}: {e}");
-    let mut cause = std::error::Error::source(e);
-    while let Some(c) = cause {
-        text.push_str(&format!(": {c}"));
-        cause = c.source();
-    }
+    let text = format!("{what}: {}", crate::logging::error_chain(e));
     match e {
         StoreError::Connection(_) => StorageError::Unavailable(text),
         _ => StorageError::Failed(text),
@@ -262,13 +257,7 @@ async fn open_store(path: &Path) -> Result<SqliteStore, LinkError> {
     tokio::task::spawn_blocking(move || check_store(&checked))
         .await
         .map_err(|e| LinkError::new(e.to_string()))?
-        .map_err(|e| {
-            super::credential_error(
-                "cannot open the credential store",
-                &super::file_name(path),
-                &e,
-            )
-        })?;
+        .map_err(|e| super::credential_error("cannot open the credential store", &file, &e))?;
     let url = path
         .to_str()
         .ok_or_else(|| LinkError::new("the data directory path is not valid UTF-8"))?;

@@ -73,8 +73,9 @@ pub struct SentMessage {
     pub at_ms: u64,
 }
 
-/// The simulated network's memory: what each session sent, and where to deliver
-/// messages to a session (its live connection's event sink, and when it connected).
+/// The simulated network's memory: what each session sent, and which sessions are
+/// connected (the live connection's event sink, which tells that connection's entry from
+/// a newer one's, and when it connected).
 #[derive(Default)]
 struct Network {
     sent: std::sync::Mutex<HashMap<String, VecDeque<SentMessage>>>,

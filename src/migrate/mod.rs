@@ -22,7 +22,7 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use crate::config::{parse_database_url, KeysAt};
+use crate::config::parse_database_url;
 use crate::db::tables::{Kind, Row, Table, Value, TABLES};
 use crate::db::{self, Engine};
 use crate::store::{open_database, redact_password, Database, OpenError};
@@ -35,22 +35,8 @@ const SAMPLE: usize = 500;
 const MARK_SOURCE: &str = "migrate.source";
 const MARK_STATE: &str = "migrate.state";
 
-/// What to copy where.
-#[derive(Debug, Clone)]
-pub struct Options {
-    /// The source's `--database-url`.
-    pub from: String,
-    /// The target's `--database-url`.
-    pub to: String,
-    /// Copy into a target that has rows already (same keys replaced).
-    pub force: bool,
-    /// Rows per transaction.
-    pub batch: usize,
-    /// Where the WhatsApp keys go (`None`: key files stay where they are).
-    pub keys: Option<KeysAt>,
-    /// The data dir whose key files are read or written.
-    pub data_dir: PathBuf,
-}
+/// What to copy where: the flags of `botvisor migrate`.
+pub use crate::config::MigrateArgs as Options;
 
 /// One table's rows after the copy.
 #[derive(Debug, Clone, PartialEq)]

@@ -53,7 +53,7 @@ impl Store {
     /// the backlog (see `Webhooks::has_room`). Its sources ask before they accept.
     pub fn webhook_room(&self, user_id: &str) -> bool {
         match &self.webhooks {
-            Some(hooks) => hooks.destinations(user_id).is_empty() || hooks.has_room(),
+            Some(hooks) => !hooks.has_destinations(user_id) || hooks.has_room(),
             None => true,
         }
     }

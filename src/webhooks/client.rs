@@ -47,21 +47,6 @@ pub(super) fn http_client(settings: &WebhookSettings) -> Result<HttpClient, Stri
         .build(https))
 }
 
-/// An error with its causes (`client error (Connect): tcp connect error: Connection refused`).
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        let more = cause.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// One signed POST of `head` to `url`; `Err` says why it failed.
 pub(super) async fn attempt(
     client: &HttpClient,
@@ -97,7 +82,7 @@ pub(super) async fn attempt(
                 humantime::format_duration(timeout)
             ))
         }
-        Ok(Err(e)) => return Err(chain(&e)),
+        Ok(Err(e)) => return Err(crate::logging::error_chain(&e)),
         Ok(Ok(answer)) => answer,
     };
     let status = answer.status();

@@ -268,6 +268,12 @@ impl Webhooks {
         self.tell(Msg::Rescan);
     }
 
+    /// Whether `user_id`'s events go anywhere ([`Webhooks::destinations`] is not empty),
+    /// without building the list.
+    pub fn has_destinations(&self, user_id: &str) -> bool {
+        !self.settings.urls.is_empty() || self.session_urls.contains_key(user_id)
+    }
+
     /// Where a session's events go: the global receivers, then its own.
     pub fn destinations(&self, user_id: &str) -> Vec<String> {
         let mut urls = self.settings.urls.clone();

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use botvisor_actors::{Action, Done, NumberCheck};
 
-use super::{act, must_exist};
+use super::{act, must_exist, wrong_answer};
 use crate::http::errors::ApiError;
 use crate::http::handlers::messages::over_send_rate;
 use crate::http::request::{json_body, valid_phone};
@@ -93,12 +93,7 @@ pub async fn check(c: Ctx) -> Answer {
     }
     let results = match act(&c.app, &c.id, Action::CheckNumbers { phones }).await? {
         Done::Checked(results) => results.into_iter().map(Result_::from).collect(),
-        other => {
-            return Err(ApiError::new(
-                hyper::StatusCode::INTERNAL_SERVER_ERROR,
-                format!("a number check answered {other:?}"),
-            ))
-        }
+        other => return Err(wrong_answer("number check", &other)),
     };
     Ok(ok(&Checked {
         user_id: &c.id,

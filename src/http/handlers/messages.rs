@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use botvisor_actors::{Action, Done, Persistence};
 
-use super::act;
+use super::{act, wrong_answer};
 use crate::http::errors::ApiError;
 use crate::http::request::{json_body, valid_phone};
 use crate::http::response::{json_response, Body, Success};
@@ -105,10 +105,7 @@ pub async fn send(c: Ctx) -> Answer {
         .await
         .and_then(|done| match done {
             Done::Sent(id) => Ok(id),
-            other => Err(ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("a send answered {other:?}"),
-            )),
+            other => Err(wrong_answer("send", &other)),
         });
     let outcome = sent.as_ref().map_err(|e| e.message.clone());
     // A session deleted meanwhile has no one to tell.

@@ -49,6 +49,14 @@ pub async fn act(app: &App, user_id: &str, action: Action) -> Result<Done, ApiEr
     .await
 }
 
+/// 500: an action answered with another kind of [`Done`] than its own (a bug).
+pub fn wrong_answer(action: &str, done: &Done) -> ApiError {
+    ApiError::new(
+        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+        format!("a {action} answered {done:?}"),
+    )
+}
+
 /// 404 unless the session exists.
 pub fn must_exist(app: &App, id: &str) -> Result<(), ApiError> {
     match app.store.view().read(id, |_| ()) {
