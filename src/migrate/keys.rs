@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use crate::config::KeysAt;
 use crate::keys::copy::{file_to_session, session_to_file};
 use crate::keys::PgKeys;
+use crate::logging::error_chain;
 use crate::paths;
 use crate::store::Database;
 
@@ -130,7 +131,7 @@ impl Plan {
             async move {
                 PgKeys::open(&url)
                     .await
-                    .map_err(|e| format!("--{role}: the WhatsApp key tables: {e}"))
+                    .map_err(|e| format!("--{role}: the WhatsApp key tables: {}", error_chain(&e)))
             }
         };
         let source = match &self.from {
@@ -145,34 +146,37 @@ impl Plan {
         paths::create_private_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let (mut with_keys, mut rows) = (0, 0);
         for id in sessions {
-            let fail = |e: String| format!("the WhatsApp keys of session {id}: {e}");
+            // StoreError says little by itself: its causes carry the reason.
+            let fail = |e: &(dyn std::error::Error + 'static)| {
+                format!("the WhatsApp keys of session {id}: {}", error_chain(e))
+            };
             let file = paths::credentials(&self.data_dir, id);
             let scratch = dir.join(format!(".{id}.migrating.db"));
-            paths::remove_sqlite_files(&scratch).map_err(|e| fail(e.to_string()))?;
+            paths::remove_sqlite_files(&scratch).map_err(|e| fail(&e))?;
             // Out of the source, into a key file: the scratch one unless the source is
             // the file itself.
             let copied = match &source {
                 Some(keys) => session_to_file(&keys.session(id), &scratch)
                     .await
-                    .map_err(|e| fail(e.to_string()))?,
+                    .map_err(|e| fail(&e))?,
                 None => 0,
             };
             let file_in = if source.is_some() { &scratch } else { &file };
             let written = match &target {
                 Some(keys) => file_to_session(keys, file_in, id)
                     .await
-                    .map_err(|e| fail(e.to_string()))?,
+                    .map_err(|e| fail(&e))?,
                 None => {
                     // Into the data dir: the checked copy replaces the file by a rename.
-                    paths::remove_sqlite_files(&file).map_err(|e| fail(e.to_string()))?;
+                    paths::remove_sqlite_files(&file).map_err(|e| fail(&e))?;
                     if copied > 0 {
-                        std::fs::rename(&scratch, &file).map_err(|e| fail(e.to_string()))?;
-                        paths::sync_dir(&dir).map_err(|e| fail(e.to_string()))?;
+                        std::fs::rename(&scratch, &file).map_err(|e| fail(&e))?;
+                        paths::sync_dir(&dir).map_err(|e| fail(&e))?;
                     }
                     copied
                 }
             };
-            paths::remove_sqlite_files(&scratch).map_err(|e| fail(e.to_string()))?;
+            paths::remove_sqlite_files(&scratch).map_err(|e| fail(&e))?;
             if written > 0 {
                 with_keys += 1;
                 rows += written;
