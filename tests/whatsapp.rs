@@ -101,6 +101,20 @@ fn is_code(code: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric())
 }
 
+/// Whether the client sent the peer a receipt for message `id` of one of `kinds`.
+fn receipted(peer: &Peer, id: &str, kinds: &[&str]) -> bool {
+    peer.stats()
+        .receipts
+        .iter()
+        .any(|(r, kind)| r == id && kinds.contains(&kind.as_str()))
+}
+
+/// Whether the client acknowledged message `id` to the peer (`inactive`: delivered to a
+/// device that is not in the foreground, as in an offline batch).
+fn acknowledged(peer: &Peer, id: &str) -> bool {
+    receipted(peer, id, &["delivery", "inactive"])
+}
+
 fn code_of(s: &Server, id: &str) -> Option<String> {
     let r = s.get(&format!("/api/sessions/{id}/pairing"));
     (r.status == 200).then(|| r.json()["pairingCode"].as_str().unwrap().to_string())
@@ -1043,9 +1057,7 @@ fn a_received_message_is_acknowledged_only_once_it_is_kept() {
     // (A message delivered in the offline batch is receipted `inactive`: delivered to a
     // device that is not in the foreground.)
     wait_until(20, "the redelivered message is acknowledged", || {
-        peer.stats().receipts.iter().any(|(id, kind)| {
-            id == "3EB0KEEP000000000001" && (kind == "delivery" || kind == "inactive")
-        })
+        acknowledged(&peer, "3EB0KEEP000000000001")
     });
     assert!(peer.stats().redelivered >= 1);
     wait_until(15, "the webhook gets it", || {
@@ -1558,14 +1570,11 @@ fn a_full_webhook_backlog_leaves_received_messages_unacknowledged() {
             .unwrap_or_default()
             .contains("webhook backlog is full")
     });
-    let acked = |peer: &Peer| {
-        peer.stats()
-            .receipts
-            .iter()
-            .any(|(r, kind)| r == id && (kind == "delivery" || kind == "inactive"))
-    };
     std::thread::sleep(Duration::from_millis(500));
-    assert!(!acked(&peer), "not acknowledged while it cannot be kept");
+    assert!(
+        !acknowledged(&peer, id),
+        "not acknowledged while it cannot be kept"
+    );
     let metrics = s.get("/metrics").body;
     assert!(
         metrics.lines().any(
@@ -1579,7 +1588,7 @@ fn a_full_webhook_backlog_leaves_received_messages_unacknowledged() {
     wait_until(20, "the backlog drains", || got.lock().unwrap().len() >= 4);
     peer.command(Command::Close);
     wait_until(30, "the redelivered message is acknowledged", || {
-        acked(&peer)
+        acknowledged(&peer, id)
     });
     wait_until(15, "the webhook gets it", || {
         got.lock()
@@ -1624,10 +1633,7 @@ fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
         content: Content::Text("read me".into()),
     });
     wait_until(20, "the message is acknowledged", || {
-        peer.stats()
-            .receipts
-            .iter()
-            .any(|(r, kind)| r == id && (kind == "delivery" || kind == "inactive"))
+        acknowledged(&peer, id)
     });
     let r = s.post(
         "/api/sessions/wa_read/chats/15557654321/read",
@@ -1635,10 +1641,7 @@ fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     wait_until(10, "the peer gets the read receipt", || {
-        peer.stats()
-            .receipts
-            .iter()
-            .any(|(r, kind)| r == id && kind == "read")
+        receipted(&peer, id, &["read"])
     });
     for (state, shown) in [
         ("typing", "composing"),
