@@ -12,7 +12,8 @@
 //! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
 //! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a whatsapp-rust storage backend;
-//!   `keys::copy`, one session's keys moved whole to or from a key file;
+//!   `keys::copy`, one session's keys moved whole to or from a key file; the received
+//!   messages' pending-inbound rows of every session group-committed;
 //!   the real link's `--keys database`).
 //! - [`store`]: the writer thread (group commit) over a database engine, the read view
 //!   with counters, and backups.

@@ -271,7 +271,7 @@ pub fn target(pg: &tokio_postgres::Config) -> String {
 
 /// A PostgreSQL error: the server's message and SQLSTATE, or the client's reason when
 /// there was no answer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct PgError {
     code: Option<SqlState>,
     message: String,

@@ -4,6 +4,8 @@
 //! - [`postgres`]: [`PgKeys`], every session's keys in one PostgreSQL database (one pool,
 //!   every table keyed by the session id), and [`PgSessionKeys`], one session's view of it,
 //!   which is a whatsapp-rust storage `Backend`.
+//! - `inbound`: the received messages' pending-inbound rows of every session, written
+//!   through one queue (group commit).
 //! - [`copy`]: one session's keys moved whole between PostgreSQL and a `SqliteStore` file
 //!   (portable backups and their restore), with [`files`] listing such a file's rows.
 //!
@@ -14,6 +16,7 @@
 
 pub mod copy;
 pub mod files;
+mod inbound;
 pub mod postgres;
 
 pub use postgres::{PgError, PgKeys, PgKeysConfig, PgSessionKeys};

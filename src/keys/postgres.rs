@@ -9,7 +9,9 @@
 //!
 //! Durability: every write is one autocommit statement (or, for migrations and
 //! [`PgKeys::purge_session`], one explicit transaction), and its future resolves only
-//! after the server's `ReadyForQuery`, i.e. after the commit. Nothing is buffered here:
+//! after the server's `ReadyForQuery`, i.e. after the commit. The pending-inbound buffer's
+//! rows share their statement with other sessions' (`keys::inbound`, group commit); the
+//! same holds for them. Nothing is buffered here:
 //! the library saves a Signal counter before it sends the ciphertext that used it, and
 //! must not be told a write was kept when it was not. (The server's `synchronous_commit`
 //! decides whether a commit survives a crash of the server; `open` warns when it is off.)
@@ -37,6 +39,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
+
+use super::inbound::{self, InboundQueue};
 
 use async_trait::async_trait;
 use deadpool_postgres::{Pool, PoolError};
@@ -370,6 +374,8 @@ pub struct PgKeys {
 struct Inner {
     pool: Pool,
     config: PgKeysConfig,
+    /// Every session's pending-inbound writes, group-committed.
+    inbound: InboundQueue,
 }
 
 impl fmt::Debug for PgKeys {
@@ -400,7 +406,11 @@ impl PgKeys {
             .map_err(StoreError::InvalidConfig)?;
         let pool = postgres::pool(connect, &config).map_err(StoreError::InvalidConfig)?;
         let keys = Self {
-            inner: Arc::new(Inner { pool, config }),
+            inner: Arc::new(Inner {
+                pool,
+                config,
+                inbound: InboundQueue::default(),
+            }),
         };
         keys.migrate().await?;
         keys.warn_if_commits_are_not_durable().await;
@@ -412,7 +422,6 @@ impl PgKeys {
         PgSessionKeys {
             keys: self.clone(),
             session: Arc::from(session_id),
-            deferred: Arc::default(),
         }
     }
 
@@ -562,51 +571,6 @@ impl PgKeys {
 pub struct PgSessionKeys {
     keys: PgKeys,
     session: Arc<str>,
-    /// Pending-inbound deletes not sent yet (see `delete_pending_inbound_batch`).
-    deferred: Arc<DeferredDeletes>,
-}
-
-/// A received message's pending-inbound row is deleted once botvisor has handled it. The
-/// delete is not sent at once: it rides with the next message's insert (one statement),
-/// or goes on its own after [`DEFER_DELETES`] (or once [`DEFER_MAX`] wait). A received
-/// message then costs one round trip to PostgreSQL instead of two. Lost in a crash, a
-/// deferred delete leaves a row that whatsapp-rust hands back at the next start: that
-/// message is handled again (at least once, never lost). Reads of the buffer send the
-/// deletes first, so the trait's answers are the same.
-#[derive(Default)]
-struct DeferredDeletes {
-    keys: std::sync::Mutex<Vec<(String, String, String)>>,
-    /// Held while a statement touching the buffer runs: a deferred delete and a later
-    /// insert of the same key never race on two connections.
-    writing: tokio::sync::Mutex<()>,
-}
-
-/// How long a pending-inbound delete may wait for the next insert to carry it.
-const DEFER_DELETES: std::time::Duration = std::time::Duration::from_millis(50);
-/// Deletes waiting that are sent at once.
-const DEFER_MAX: usize = 256;
-
-type InboundKey = (String, String, String);
-
-impl DeferredDeletes {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<InboundKey>> {
-        self.keys.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Takes every waiting delete except those of `keep` (keys about to be written again:
-    /// the write supersedes their delete).
-    fn take(&self, keep: &[(&str, &str, &str)]) -> Vec<InboundKey> {
-        let mut keys = std::mem::take(&mut *self.lock());
-        keys.retain(|(c, s, i)| !keep.contains(&(c.as_str(), s.as_str(), i.as_str())));
-        keys
-    }
-
-    /// Puts deletes back after a failed statement (ahead of newer ones).
-    fn restore(&self, mut keys: Vec<InboundKey>) {
-        let mut waiting = self.lock();
-        keys.append(&mut waiting);
-        *waiting = keys;
-    }
 }
 
 impl fmt::Debug for PgSessionKeys {
@@ -1719,120 +1683,105 @@ impl ProtocolStore for PgSessionKeys {
         .map(count)
     }
 
+    /// Group-committed with every session's: see `keys::inbound`.
     async fn store_pending_inbound_batch(&self, rows: &[PendingInboundRow<'_>]) -> Result<()> {
         if rows.is_empty() {
             return Ok(());
         }
-        let rows = last_wins(rows.iter().map(|r| ((r.chat, r.sender, r.id), r.message)));
-        let mut chats = Vec::with_capacity(rows.len());
-        let mut senders = Vec::with_capacity(rows.len());
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut messages = Vec::with_capacity(rows.len());
-        for ((chat, sender, id), message) in &rows {
-            chats.push(*chat);
-            senders.push(*sender);
-            ids.push(*id);
-            messages.push(*message);
-        }
-        let _writing = self.deferred.writing.lock().await;
-        let written: Vec<_> = rows.iter().map(|(k, _)| *k).collect();
-        let gone = self.deferred.take(&written);
-        let (gone_chats, gone_senders, gone_ids) = columns_of(&gone);
-        let result = self
-            .exec(
-                "WITH gone AS (DELETE FROM wa_pending_inbound p \
-                 USING UNNEST($7::text[], $8::text[], $9::text[]) AS k(c, s, i) \
-                 WHERE p.session_id = $1 AND p.chat = k.c AND p.sender = k.s AND p.id = k.i) \
-                 INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
-                 SELECT $1, c, s, i, m, $6 \
-                 FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bytea[]) AS t(c, s, i, m) \
-                 ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
-                 SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at",
-                &[
-                    &&*self.session,
-                    &chats,
-                    &senders,
-                    &ids,
-                    &messages,
-                    &now_secs(),
-                    &gone_chats,
-                    &gone_senders,
-                    &gone_ids,
-                ],
-            )
-            .await
-            .map(drop);
-        if result.is_err() {
-            self.deferred.restore(gone);
-        }
-        result
+        let rows = rows
+            .iter()
+            .map(|r| (self.inbound_key(r.chat, r.sender, r.id), r.message.to_vec()))
+            .collect();
+        inbound::put(&self.keys, rows).await
     }
 
-    /// Deferred: see [`DeferredDeletes`].
+    /// Deferred: see `keys::inbound`.
     async fn delete_pending_inbound_batch(&self, keys: &[PendingInboundKey<'_>]) -> Result<()> {
         if keys.is_empty() {
             return Ok(());
         }
-        let (first, full) = {
-            let mut waiting = self.deferred.lock();
-            let first = waiting.is_empty();
-            waiting.extend(
-                keys.iter()
-                    .map(|k| (k.chat.to_string(), k.sender.to_string(), k.id.to_string())),
-            );
-            (first, waiting.len() >= DEFER_MAX)
-        };
-        if full || tokio::runtime::Handle::try_current().is_err() {
-            return self.send_deferred_deletes().await;
-        }
-        if first {
-            let keys = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(DEFER_DELETES).await;
-                if let Err(e) = keys.send_deferred_deletes().await {
-                    // Kept for the next insert or read, which sends them again.
-                    tracing::debug!(session = %keys.session, "pending-inbound deletes deferred again: {e}");
-                }
-            });
-        }
-        Ok(())
+        let keys = keys
+            .iter()
+            .map(|k| self.inbound_key(k.chat, k.sender, k.id))
+            .collect();
+        inbound::delete(&self.keys, keys).await
     }
-}
-
-/// The columns of inbound keys, for UNNEST.
-fn columns_of(keys: &[InboundKey]) -> (Vec<&str>, Vec<&str>, Vec<&str>) {
-    let mut columns = (Vec::new(), Vec::new(), Vec::new());
-    for (c, s, i) in keys {
-        columns.0.push(c.as_str());
-        columns.1.push(s.as_str());
-        columns.2.push(i.as_str());
-    }
-    columns
 }
 
 impl PgSessionKeys {
-    /// Sends the deferred pending-inbound deletes now.
+    fn inbound_key(&self, chat: &str, sender: &str, id: &str) -> inbound::Key {
+        (
+            self.session.clone(),
+            chat.to_string(),
+            sender.to_string(),
+            id.to_string(),
+        )
+    }
+
+    /// Sends the deferred pending-inbound deletes (every session's) now.
     async fn send_deferred_deletes(&self) -> Result<()> {
-        let _writing = self.deferred.writing.lock().await;
-        let gone = self.deferred.take(&[]);
-        if gone.is_empty() {
-            return Ok(());
-        }
-        let (chats, senders, ids) = columns_of(&gone);
-        let result = self
-            .exec(
-                "DELETE FROM wa_pending_inbound p \
-                 USING UNNEST($2::text[], $3::text[], $4::text[]) AS k(c, s, i) \
-                 WHERE p.session_id = $1 AND p.chat = k.c AND p.sender = k.s AND p.id = k.i",
-                &[&&*self.session, &chats, &senders, &ids],
+        inbound::flush(&self.keys).await
+    }
+}
+
+impl inbound::Writer for PgKeys {
+    /// One statement: the deletes, then the inserts (each key is in one list only).
+    async fn write(&self, write: inbound::Write) -> Result<()> {
+        let gone = columns(write.deletes.iter());
+        let put = columns(write.puts.iter().map(|(k, _)| k));
+        let messages: Vec<&[u8]> = write.puts.iter().map(|(_, m)| m.as_slice()).collect();
+        on_conn!(self, |c| {
+            let statement = c
+                .prepare_cached(
+                    "WITH gone AS (DELETE FROM wa_pending_inbound p \
+                     USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(n, c, s, i) \
+                     WHERE p.session_id = k.n AND p.chat = k.c AND p.sender = k.s AND p.id = k.i) \
+                     INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
+                     SELECT n, c, s, i, m, $10 FROM UNNEST($5::text[], $6::text[], $7::text[], \
+                     $8::text[], $9::bytea[]) AS t(n, c, s, i, m) \
+                     ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
+                     SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at",
+                )
+                .await
+                .map_err(pg)?;
+            c.execute(
+                &statement,
+                &[
+                    &gone.0,
+                    &gone.1,
+                    &gone.2,
+                    &gone.3,
+                    &put.0,
+                    &put.1,
+                    &put.2,
+                    &put.3,
+                    &messages,
+                    &now_secs(),
+                ],
             )
             .await
-            .map(drop);
-        if result.is_err() {
-            self.deferred.restore(gone);
-        }
-        result
+            .map(drop)
+            .map_err(pg)
+        })
     }
+
+    fn queue(&self) -> &InboundQueue {
+        &self.inner.inbound
+    }
+}
+
+/// The columns of pending-inbound keys, for UNNEST.
+fn columns<'a>(
+    keys: impl Iterator<Item = &'a inbound::Key>,
+) -> (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>, Vec<&'a str>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (n, c, s, i) in keys {
+        columns.0.push(&**n);
+        columns.1.push(c.as_str());
+        columns.2.push(s.as_str());
+        columns.3.push(i.as_str());
+    }
+    columns
 }
 
 // ---------------------------------------------------------------------------------------

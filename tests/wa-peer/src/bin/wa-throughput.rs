@@ -223,7 +223,38 @@ fn print_activity(
         parts.sort();
         println!("  PostgreSQL per received message: {}", parts.join(", "));
     }
+    if let Keys::Database { url, .. } = keys {
+        print_statements(psql, url, n);
+    }
     Ok(())
+}
+
+/// The statements the received messages ran, per message, where pg_stat_statements is
+/// loaded (`-c shared_preload_libraries=pg_stat_statements`); nothing otherwise.
+fn print_statements(psql: &Path, url: &str, n: usize) {
+    let Ok(text) = sql(
+        psql,
+        url,
+        "SELECT calls, round(total_exec_time::numeric, 1), \
+         regexp_replace(left(query, 90), '\\s+', ' ', 'g') \
+         FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database \
+         WHERE datname = current_database()) AND query NOT LIKE '%pg_stat_statements%' \
+         ORDER BY calls DESC LIMIT 12",
+    ) else {
+        return;
+    };
+    for line in text.lines() {
+        let mut cols = line.splitn(3, '|');
+        let (Some(calls), Some(ms), Some(query)) = (cols.next(), cols.next(), cols.next()) else {
+            continue;
+        };
+        let calls: f64 = calls.parse().unwrap_or(0.0);
+        println!(
+            "    {:>6.2} calls/msg {:>8} ms  {query}",
+            calls / n as f64,
+            ms
+        );
+    }
 }
 
 /// `postgres://u@h:p/db?x` with the database `name` instead of `db`.
@@ -353,7 +384,17 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
 
     // 2. Received.
     let activity_before = activity(psql, keys)?;
+    if let Keys::Database { url, .. } = keys {
+        // Statement counts, where the server loads pg_stat_statements (counted at once,
+        // where the table counters may lag by up to 10 s).
+        let _ = sql(
+            psql,
+            url,
+            "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; SELECT pg_stat_statements_reset()",
+        );
+    }
     let before = api.metric_sum("botvisor_messages_received_total")?;
+    let cpu_before = Cpu::now(bv.pid);
     let t1 = Instant::now();
     for i in 0..n {
         peer.command(PeerCommand::Send {
@@ -372,6 +413,7 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
         },
     )?;
     let received = t1.elapsed().as_secs_f64();
+    let cpu = Cpu::now(bv.pid).since(cpu_before);
     print_activity(psql, keys, &activity_before, n)?;
 
     let figures = Figures {
@@ -384,7 +426,7 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
         figures.sent_accepted_per_s, figures.sent_decrypted_per_s
     );
     println!(
-        "  received: {n} counted in {received:.2} s ({:.0}/s)",
+        "  received: {n} counted in {received:.2} s ({:.0}/s); {cpu}",
         figures.received_per_s
     );
     println!(
@@ -393,6 +435,53 @@ fn measure(args: &Args, psql: &Path, keys: &Keys) -> Result<Figures, String> {
     );
     drop(bv);
     Ok(figures)
+}
+
+/// CPU seconds (user + system) used so far by botvisor, by every `postgres` process
+/// (server and backends), and by this process (the peer).
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    botvisor: f64,
+    postgres: f64,
+    peer: f64,
+}
+
+impl Cpu {
+    fn now(botvisor: u32) -> Cpu {
+        let mut cpu = Cpu {
+            botvisor: stat_cpu(&format!("/proc/{botvisor}/stat")).map_or(0.0, |(_, s)| s),
+            peer: stat_cpu("/proc/self/stat").map_or(0.0, |(_, s)| s),
+            postgres: 0.0,
+        };
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Some((comm, s)) = stat_cpu(&format!("{}/stat", entry.path().display())) {
+                if comm == "postgres" {
+                    cpu.postgres += s;
+                }
+            }
+        }
+        cpu
+    }
+
+    fn since(self, before: Cpu) -> String {
+        format!(
+            "CPU s: botvisor {:.2}, postgres {:.2}, peer {:.2}",
+            self.botvisor - before.botvisor,
+            self.postgres - before.postgres,
+            self.peer - before.peer
+        )
+    }
+}
+
+/// A process's name and CPU seconds, from its `/proc/PID/stat`.
+fn stat_cpu(path: &str) -> Option<(String, f64)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let (head, tail) = text.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_string();
+    // After the name: state is field 3; utime and stime are fields 14 and 15.
+    let fields: Vec<&str> = tail.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some((comm, ticks / 100.0))
 }
 
 /// Polls `pred` every 50 ms for at most `limit`.
