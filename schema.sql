@@ -1,8 +1,8 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 6; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 7; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
 -- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
--- `outbox_lane`, v6 added `outbox_event`).
+-- `outbox_lane`, v6 added `outbox_event`, v7 `messages`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -66,3 +66,17 @@ CREATE TABLE IF NOT EXISTS session_webhooks (
     user_id TEXT PRIMARY KEY NOT NULL,
     url     TEXT NOT NULL
 ) STRICT;
+
+-- Messages sent and received, by id (v7): what a reaction, an edit, a revoke or a reply
+-- needs to name a message on the network. Kept 30 days (db::MESSAGES_KEPT_MS).
+CREATE TABLE IF NOT EXISTS messages (
+    id         INTEGER PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    chat       TEXT NOT NULL,
+    author     TEXT,
+    from_me    INTEGER NOT NULL,
+    at         INTEGER NOT NULL
+) STRICT;
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (user_id, message_id);
+CREATE INDEX IF NOT EXISTS messages_at ON messages (at);

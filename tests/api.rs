@@ -820,3 +820,169 @@ fn chats_take_read_receipts_and_presence() {
         "{msg}"
     );
 }
+
+/// Reactions, edits, revokes and replies name a message by its id; botvisor remembers
+/// the messages a session sent or received (here on the simulated link, which takes them
+/// all). Own messages only for edits and revokes; unknown ids are 404s (400 in
+/// `replyTo`); the ids survive a kill -9 once their commit (≤ 200 ms) has run.
+#[test]
+fn messages_are_reacted_to_edited_revoked_and_answered_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let flags = ["--sim-pair-delay", "50ms"];
+    let mut s = Server::start_in(tmp.path(), &flags);
+    assert_eq!(s.create("ra", "15550001111").status, 201);
+    s.wait_state("ra", "online");
+    let sent = s.post(
+        "/api/sessions/ra/messages",
+        Some(r#"{"to":"15551234567","text":"hello"}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let mine = sent.json()["messageId"].as_str().unwrap().to_string();
+    let got = s.post(
+        "/api/sim/ra/inbound",
+        Some(r#"{"from":"15557654321","text":"hi bot"}"#),
+    );
+    assert_eq!(got.status, 200, "{}", got.body);
+    let theirs = got.json()["messageId"].as_str().unwrap().to_string();
+
+    let r = s.post(
+        &format!("/api/sessions/ra/messages/{theirs}/reaction"),
+        Some(r#"{"emoji":"👍"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["message"], "Reaction sent");
+    assert_eq!(v["messageId"], theirs.as_str());
+    assert_eq!(v["chat"], "15557654321@s.whatsapp.net");
+    assert!(v["sentId"].as_str().is_some_and(|i| !i.is_empty()), "{v}");
+    let r = s.post(
+        &format!("/api/sessions/ra/messages/{mine}/reaction"),
+        Some(r#"{"emoji":""}"#),
+    );
+    assert_eq!(r.json()["message"], "Reaction removed", "{}", r.body);
+    let r = s.req(
+        "PUT",
+        &format!("/api/sessions/ra/messages/{mine}"),
+        Some(r#"{"text":"hello, corrected"}"#),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], "Message edited");
+    assert_eq!(r.json()["chat"], "15551234567@s.whatsapp.net");
+    let reply = s.post(
+        "/api/sessions/ra/messages",
+        Some(&format!(
+            r#"{{"to":"15557654321","text":"answering","replyTo":"{theirs}"}}"#
+        )),
+    );
+    assert_eq!(reply.status, 201, "{}", reply.body);
+
+    // Only the session's own messages are edited or revoked.
+    let msg = s
+        .req(
+            "PUT",
+            &format!("/api/sessions/ra/messages/{theirs}"),
+            Some(r#"{"text":"x"}"#),
+            &[],
+        )
+        .error(409);
+    assert!(msg.contains("only its own messages can be edited"), "{msg}");
+    let msg = s
+        .req(
+            "DELETE",
+            &format!("/api/sessions/ra/messages/{theirs}"),
+            None,
+            &[],
+        )
+        .error(409);
+    assert!(
+        msg.contains("only its own messages can be revoked"),
+        "{msg}"
+    );
+
+    // Bad shapes and unknown ids.
+    let unknown = "/api/sessions/ra/messages/3EB0FFFFFFFF/reaction";
+    let msg = s.post(unknown, Some(r#"{"emoji":"👍"}"#)).error(404);
+    assert!(msg.contains("is not known to session ra"), "{msg}");
+    let msg = s
+        .post(
+            "/api/sessions/ra/messages",
+            Some(r#"{"to":"15551234567","text":"x","replyTo":"3EB0FFFFFFFF"}"#),
+        )
+        .error(400);
+    assert!(msg.starts_with("replyTo: Message 3EB0FFFFFFFF"), "{msg}");
+    let msg = s
+        .post(
+            "/api/sessions/ra/messages",
+            Some(r#"{"to":"15551234567","text":"x","replyTo":"../x"}"#),
+        )
+        .error(400);
+    assert!(msg.contains("replyTo must be"), "{msg}");
+    for (path, body, says) in [
+        (
+            format!("/api/sessions/ra/messages/{mine}/reaction"),
+            r#"{"emoji":"two words"}"#,
+            "emoji must be",
+        ),
+        (
+            format!("/api/sessions/ra/messages/{mine}/reaction"),
+            r#"{"emoji":5}"#,
+            "emoji must be",
+        ),
+        (
+            format!("/api/sessions/ra/messages/{mine}/reaction"),
+            r#"{}"#,
+            "emoji must be",
+        ),
+        (
+            "/api/sessions/ra/messages/a-b/reaction".to_string(),
+            r#"{"emoji":"👍"}"#,
+            "messageId must be",
+        ),
+        (
+            "/api/sessions/ra/messages/%zz/reaction".to_string(),
+            r#"{"emoji":"👍"}"#,
+            "message id in the path",
+        ),
+    ] {
+        let msg = s.post(&path, Some(body)).error(400);
+        assert!(msg.contains(says), "{path} {body}: {msg}");
+    }
+    let msg = s
+        .post(
+            &format!("/api/sessions/nobody/messages/{mine}/reaction"),
+            Some(r#"{"emoji":"👍"}"#),
+        )
+        .error(404);
+    assert!(msg.contains("not found"), "{msg}");
+
+    // Remembered across a kill -9 (the commit of what was remembered runs within 200 ms).
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    s.kill9();
+    let s = Server::start_in(tmp.path(), &flags);
+    s.wait_state("ra", "online");
+    let r = s.req(
+        "DELETE",
+        &format!("/api/sessions/ra/messages/{mine}"),
+        None,
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["message"], "Message revoked");
+    let r = s.post(
+        &format!("/api/sessions/ra/messages/{theirs}/reaction"),
+        Some(r#"{"emoji":"🎉"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.post("/api/sessions/ra/stop", None).status, 200);
+    let msg = s
+        .post(
+            &format!("/api/sessions/ra/messages/{theirs}/reaction"),
+            Some(r#"{"emoji":"👍"}"#),
+        )
+        .error(409);
+    assert!(
+        msg.contains("reactions can be sent only from an online session"),
+        "{msg}"
+    );
+}

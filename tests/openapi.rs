@@ -28,6 +28,7 @@ fn openapi_path(path: &str) -> String {
     path.replace(":id", "{userId}")
         .replace(":eventId", "{eventId}")
         .replace(":chatId", "{chatId}")
+        .replace(":messageId", "{messageId}")
 }
 
 /// (method, path) of every operation in the document.
@@ -116,11 +117,14 @@ fn every_route_is_documented_and_every_operation_is_a_route() {
                 .find(|p| p["in"] == "path" && p["name"] == name)
                 .unwrap();
             assert_eq!(param["required"], true, "{method} {path}");
-            // Ids share one alphabet; a chat is a phone number or a JID.
-            let pattern = if name == "chatId" {
-                r"^([0-9]{7,15}|[0-9:.-]{1,64}(@|%40)(s\.whatsapp\.net|g\.us|lid|newsletter))$"
-            } else {
-                "^[A-Za-z0-9_-]{1,64}$"
+            // Ids share one alphabet; a chat is a phone number or a JID; a message id is
+            // WhatsApp's (letters and digits).
+            let pattern = match name {
+                "chatId" => {
+                    r"^([0-9]{7,15}|[0-9:.-]{1,64}(@|%40)(s\.whatsapp\.net|g\.us|lid|newsletter))$"
+                }
+                "messageId" => "^[A-Za-z0-9]{1,128}$",
+                _ => "^[A-Za-z0-9_-]{1,64}$",
             };
             assert_eq!(param["schema"]["pattern"], pattern, "{method} {path}");
         }

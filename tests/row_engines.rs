@@ -8,7 +8,7 @@
 //! SKIPPED (or fails, with BOTVISOR_REQUIRE_POSTGRES=1).
 
 use botvisor::db::{
-    self, Batch, Change, Engine, EventRow, Location, OutboxRow, Outcome, EVENTS_KEPT,
+    self, Batch, Change, Engine, EventRow, Location, MessageRow, OutboxRow, Outcome, EVENTS_KEPT,
 };
 use botvisor_actors::{SessionRecord, SessionState};
 
@@ -59,23 +59,61 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         outbox("e3", "http://r2/h", "a", 12),
         outbox("e4", "http://r1/h", "b", 13),
     ];
+    let message =
+        |user: &str, id: &str, author: Option<&str>, from_me: bool, at_ms: u64| MessageRow {
+            user_id: user.into(),
+            message_id: id.into(),
+            chat: format!("{id}-chat@g.us"),
+            author: author.map(Into::into),
+            from_me,
+            at_ms,
+        };
+    let messages = vec![
+        message("a", "M1", Some("1555@s.whatsapp.net"), false, 100),
+        message("a", "M2", None, true, 5_000),
+        // Known already: the first row stays.
+        message("a", "M1", None, true, 200),
+        message("c", "M3", None, true, 300),
+    ];
     let first = Batch {
         changes: vec![Change::Insert(&a), Change::Insert(&b), Change::Insert(&c)],
         rows: vec![],
         events: events.iter().collect(),
         outbox: &rows,
+        messages: &messages,
+        forget_messages_before: None,
     };
     engine.commit(&first).unwrap();
     b.state = SessionState::Online;
     b.restarts = 3;
     b.last_seen_at_ms = Some(9_999);
+    note(
+        "messages",
+        format!(
+            "{:?} {:?} {:?}",
+            engine.message("a", "M1").unwrap(),
+            engine.message("a", "M2").unwrap(),
+            engine.message("b", "M1").unwrap()
+        ),
+    );
     let second = Batch {
         changes: vec![Change::Delete("c")],
         rows: vec![&b],
         events: vec![],
         outbox: &[],
+        messages: &[],
+        forget_messages_before: Some(1_000),
     };
     engine.commit(&second).unwrap();
+    note(
+        "messages forgotten and deleted with their session",
+        format!(
+            "{:?} {:?} {:?}",
+            engine.message("a", "M1").unwrap(),
+            engine.message("a", "M2").unwrap().map(|m| m.at_ms),
+            engine.message("c", "M3").unwrap()
+        ),
+    );
     let sessions = engine.load_sessions().unwrap();
     note("sessions", format!("{sessions:?}"));
     let log = engine.events("b", 1_000).unwrap();

@@ -21,7 +21,8 @@ pub mod supervisor;
 pub use error::{CmdError, StorageError};
 pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Done, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, NumberCheck, Receipt, ReceiptStatus, SessionSpec,
+    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Receipt, ReceiptStatus,
+    SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

@@ -273,6 +273,27 @@ pub enum Action {
         to: String,
         /// The text.
         text: String,
+        /// The message it answers (quoted).
+        reply_to: Option<MessageRef>,
+    },
+    /// A reaction to a message (`""` removes the session's reaction).
+    React {
+        /// The message.
+        message: MessageRef,
+        /// One emoji, or empty.
+        emoji: String,
+    },
+    /// A new text for a message the session sent.
+    Edit {
+        /// The message.
+        message: MessageRef,
+        /// Its new text.
+        text: String,
+    },
+    /// Deletes a message the session sent, for everyone.
+    Revoke {
+        /// The message.
+        message: MessageRef,
     },
     /// Which of these phone numbers (digits) have a WhatsApp account.
     CheckNumbers {
@@ -302,6 +323,20 @@ pub enum Action {
     },
 }
 
+/// A message as the network names it: what a reaction, an edit, a revoke or a quote
+/// needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRef {
+    /// The chat's JID.
+    pub chat: String,
+    /// The message's id.
+    pub id: String,
+    /// Whether the session wrote it.
+    pub from_me: bool,
+    /// Who wrote it, in a group.
+    pub author: Option<String>,
+}
+
 /// What a session shows in a chat while it prepares an answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChatPresence {
@@ -318,6 +353,9 @@ impl Action {
     pub fn what(&self) -> &'static str {
         match self {
             Action::SendText { .. } => "messages can be sent",
+            Action::React { .. } => "reactions can be sent",
+            Action::Edit { .. } => "messages can be edited",
+            Action::Revoke { .. } => "messages can be revoked",
             Action::CheckNumbers { .. } => "numbers can be checked",
             Action::MarkRead { .. } => "chats can be marked read",
             Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
@@ -361,9 +399,41 @@ pub trait Connection: Send + 'static {
     /// Sends a text message to `to` (a phone number's digits, or a full JID). The future
     /// owns what it needs (it runs off the session actor, which keeps answering); it
     /// resolves to the network's message id.
-    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
-        let _ = (to, text);
+    fn send_text(
+        &self,
+        to: &str,
+        text: &str,
+        reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let _ = (to, text, reply_to);
         Box::pin(async { Err(LinkError::new("this link cannot send messages")) })
+    }
+
+    /// Reacts to `message` with `emoji` (`""` removes the reaction); resolves to the
+    /// reaction's own message id.
+    fn react(
+        &self,
+        message: &MessageRef,
+        emoji: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let _ = (message, emoji);
+        Box::pin(async { Err(LinkError::new("this link cannot send reactions")) })
+    }
+
+    /// Replaces the text of `message` (the session's own); resolves to the edit's id.
+    fn edit(
+        &self,
+        message: &MessageRef,
+        text: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let _ = (message, text);
+        Box::pin(async { Err(LinkError::new("this link cannot edit messages")) })
+    }
+
+    /// Deletes `message` (the session's own) for everyone.
+    fn revoke(&self, message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
+        let _ = message;
+        Box::pin(async { Err(LinkError::new("this link cannot revoke messages")) })
     }
 
     /// Which of `phones` (digits) have a WhatsApp account, with their JIDs.
@@ -406,9 +476,21 @@ pub trait Connection: Send + 'static {
     /// Runs an [`Action`] (what a session does on the network besides its lifecycle).
     fn act(&self, action: Action) -> BoxFuture<'static, Result<Done, LinkError>> {
         match action {
-            Action::SendText { to, text } => {
-                let sending = self.send_text(&to, &text);
+            Action::SendText { to, text, reply_to } => {
+                let sending = self.send_text(&to, &text, reply_to.as_ref());
                 Box::pin(async move { sending.await.map(Done::Sent) })
+            }
+            Action::React { message, emoji } => {
+                let reacting = self.react(&message, &emoji);
+                Box::pin(async move { reacting.await.map(Done::Sent) })
+            }
+            Action::Edit { message, text } => {
+                let editing = self.edit(&message, &text);
+                Box::pin(async move { editing.await.map(Done::Sent) })
+            }
+            Action::Revoke { message } => {
+                let revoking = self.revoke(&message);
+                Box::pin(async move { revoking.await.map(|()| Done::Taken) })
             }
             Action::CheckNumbers { phones } => {
                 let checking = self.check_numbers(&phones);

@@ -80,6 +80,28 @@ pub struct OutboxRow {
     pub at_ms: u64,
 }
 
+/// A message a session sent or received, remembered by its id: what a reaction, an edit,
+/// a revoke or a reply needs to name it on the network (its chat, author, whether the
+/// session wrote it). Kept [`MESSAGES_KEPT_MS`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MessageRow {
+    /// The session.
+    pub user_id: String,
+    /// The network's message id.
+    pub message_id: String,
+    /// The chat's JID.
+    pub chat: String,
+    /// Who wrote it in a group (`None` in a one-to-one chat).
+    pub author: Option<String>,
+    /// Whether the session itself wrote it.
+    pub from_me: bool,
+    /// Milliseconds since the epoch.
+    pub at_ms: u64,
+}
+
+/// How long a message is remembered by its id (30 days).
+pub const MESSAGES_KEPT_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// A structural change, applied in the order it was made.
 #[derive(Debug, Clone, Copy)]
 pub enum Change<'a> {
@@ -98,6 +120,10 @@ pub struct Batch<'a> {
     pub rows: Vec<&'a SessionRecord>,
     pub events: Vec<&'a EventRow>,
     pub outbox: &'a [OutboxRow],
+    /// Messages to remember (a message id already known keeps its first row).
+    pub messages: &'a [MessageRow],
+    /// Forget messages older than this (milliseconds since the epoch).
+    pub forget_messages_before: Option<u64>,
 }
 
 /// A webhook lane: deliveries to one receiver about one session, made in order.
@@ -161,6 +187,12 @@ pub trait Engine: Send {
     fn load_sessions(&mut self) -> Result<Vec<SessionRecord>, StorageError>;
     /// The newest state changes of a session, newest first.
     fn events(&mut self, user_id: &str, limit: usize) -> Result<Vec<Event>, StorageError>;
+    /// A message the session sent or received, by its id.
+    fn message(
+        &mut self,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<Option<MessageRow>, StorageError>;
     /// A stored setting.
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError>;
     /// Stores a setting.

@@ -29,7 +29,9 @@ use tokio_postgres::{error::SqlState, NoTls};
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 use super::tables::{Kind, Row, Table, Value};
-use super::{Batch, Change, DeadLetter, Engine, Event, Lane, OutboxHead, Outcome, EVENTS_KEPT};
+use super::{
+    Batch, Change, DeadLetter, Engine, Event, Lane, MessageRow, OutboxHead, Outcome, EVENTS_KEPT,
+};
 
 // ---------------------------------------------------------------------------------------
 // Shared: pool settings, errors, migrations
@@ -458,7 +460,7 @@ const MIGRATION_LOCK: i64 = 0x626f_7476_726f_7773; // "botvrows"
 const OWNER_LOCK: i64 = 0x626f_7476_6f77_6e72; // "botvownr"
 
 /// The rows' numbered migrations (`bv_schema_version`).
-pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1)];
+pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1), (2, MIGRATION_2)];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
 /// prefix (the database may be shared). Times are milliseconds since the epoch.
@@ -508,6 +510,21 @@ CREATE TABLE bv_session_webhooks (
     user_id TEXT PRIMARY KEY,
     url     TEXT NOT NULL
 );
+"#;
+
+/// Migration 2: messages sent and received, by id (schema.sql v7).
+const MIGRATION_2: &str = r#"
+CREATE TABLE bv_messages (
+    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_id    TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    chat       TEXT NOT NULL,
+    author     TEXT,
+    from_me    BOOLEAN NOT NULL,
+    at         BIGINT NOT NULL
+);
+CREATE UNIQUE INDEX bv_messages_by_id ON bv_messages (user_id, message_id);
+CREATE INDEX bv_messages_at ON bv_messages (at);
 "#;
 
 const SESSION_COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, \
@@ -904,7 +921,12 @@ async fn commit(
         match change {
             Change::Insert(rec) => insert_session(&tx, rec).await?,
             Change::Delete(id) => {
-                for table in ["bv_sessions", "bv_events", "bv_session_webhooks"] {
+                for table in [
+                    "bv_sessions",
+                    "bv_events",
+                    "bv_session_webhooks",
+                    "bv_messages",
+                ] {
                     let stmt = tx
                         .prepare_cached(&format!("DELETE FROM {table} WHERE user_id = $1"))
                         .await?;
@@ -971,7 +993,40 @@ async fn commit(
         tx.execute(&stmt, &[&ids, &dests, &users, &kinds, &bodies, &ats])
             .await?;
     }
+    if !batch.messages.is_empty() {
+        remember_messages(&tx, batch.messages).await?;
+    }
+    if let Some(before) = batch.forget_messages_before {
+        let stmt = tx
+            .prepare_cached("DELETE FROM bv_messages WHERE at < $1")
+            .await?;
+        tx.execute(&stmt, &[&to_i64(before)]).await?;
+    }
     tx.commit().await
+}
+
+/// One multi-row statement; a message id already known keeps its first row.
+async fn remember_messages(
+    tx: &deadpool_postgres::Transaction<'_>,
+    messages: &[MessageRow],
+) -> Result<(), tokio_postgres::Error> {
+    let users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
+    let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+    let chats: Vec<&str> = messages.iter().map(|m| m.chat.as_str()).collect();
+    let authors: Vec<Option<&str>> = messages.iter().map(|m| m.author.as_deref()).collect();
+    let mine: Vec<bool> = messages.iter().map(|m| m.from_me).collect();
+    let ats: Vec<i64> = messages.iter().map(|m| to_i64(m.at_ms)).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO bv_messages (user_id, message_id, chat, author, from_me, at) \
+             SELECT u, i, c, a, f, t FROM UNNEST($1::text[], $2::text[], $3::text[], \
+             $4::text[], $5::bool[], $6::bigint[]) WITH ORDINALITY AS x(u, i, c, a, f, t, n) \
+             ORDER BY n ON CONFLICT (user_id, message_id) DO NOTHING",
+        )
+        .await?;
+    tx.execute(&stmt, &[&users, &ids, &chats, &authors, &mine, &ats])
+        .await?;
+    Ok(())
 }
 
 async fn write_outcomes(
@@ -1054,6 +1109,32 @@ impl Engine for PgEngine {
                 })
                 .collect::<Result<_, tokio_postgres::Error>>()?;
             Ok(events)
+        })
+    }
+
+    fn message(
+        &mut self,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<Option<MessageRow>, StorageError> {
+        self.run(|c| async move {
+            let stmt = c
+                .prepare_cached(
+                    "SELECT chat, author, from_me, at FROM bv_messages \
+                     WHERE user_id = $1 AND message_id = $2",
+                )
+                .await?;
+            let Some(r) = c.query_opt(&stmt, &[&user_id, &message_id]).await? else {
+                return Ok(None);
+            };
+            Ok(Some(MessageRow {
+                user_id: user_id.to_string(),
+                message_id: message_id.to_string(),
+                chat: r.try_get(0)?,
+                author: r.try_get(1)?,
+                from_me: r.try_get(2)?,
+                at_ms: to_u64(r.try_get(3)?),
+            }))
         })
     }
 

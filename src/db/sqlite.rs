@@ -11,13 +11,13 @@ use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 use super::tables::{Row, Table, Value};
 use super::{
-    Batch, Change, DeadLetter, Engine, Event, EventRow, Lane, OutboxHead, OutboxRow, Outcome,
-    EVENTS_KEPT,
+    Batch, Change, DeadLetter, Engine, Event, EventRow, Lane, MessageRow, OutboxHead, OutboxRow,
+    Outcome, EVENTS_KEPT,
 };
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 6;
+pub const SCHEMA_VERSION: i64 = 7;
 
 /// The sessions table's columns, in the order `write_row` binds them.
 const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
@@ -205,6 +205,7 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         "DELETE FROM sessions WHERE user_id = ?1",
         "DELETE FROM events WHERE user_id = ?1",
         "DELETE FROM session_webhooks WHERE user_id = ?1",
+        "DELETE FROM messages WHERE user_id = ?1",
     ] {
         conn.prepare_cached(sql)?.execute([user_id])?;
     }
@@ -271,6 +272,24 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
     }
     for row in batch.outbox {
         insert_outbox(&tx, row)?;
+    }
+    for m in batch.messages {
+        tx.prepare_cached(
+            "INSERT INTO messages (user_id, message_id, chat, author, from_me, at) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (user_id, message_id) DO NOTHING",
+        )?
+        .execute(params![
+            m.user_id,
+            m.message_id,
+            m.chat,
+            m.author,
+            m.from_me,
+            m.at_ms as i64
+        ])?;
+    }
+    if let Some(before) = batch.forget_messages_before {
+        tx.prepare_cached("DELETE FROM messages WHERE at < ?1")?
+            .execute([before as i64])?;
     }
     tx.commit()
 }
@@ -357,6 +376,32 @@ impl Engine for SqliteEngine {
             })
             .map_err(self.fail())?;
         rows.collect::<Result<_, _>>().map_err(self.fail())
+    }
+
+    fn message(
+        &mut self,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<Option<MessageRow>, StorageError> {
+        self.conn
+            .prepare_cached(
+                "SELECT chat, author, from_me, at FROM messages \
+                 WHERE user_id = ?1 AND message_id = ?2",
+            )
+            .and_then(|mut stmt| {
+                stmt.query_row([user_id, message_id], |r| {
+                    Ok(MessageRow {
+                        user_id: user_id.to_string(),
+                        message_id: message_id.to_string(),
+                        chat: r.get(0)?,
+                        author: r.get(1)?,
+                        from_me: r.get(2)?,
+                        at_ms: r.get::<_, i64>(3)? as u64,
+                    })
+                })
+                .optional()
+            })
+            .map_err(self.fail())
     }
 
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError> {

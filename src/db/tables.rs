@@ -101,6 +101,19 @@ pub const TABLES: &[Table] = &[
         ],
         generated_key: true,
     },
+    Table {
+        name: "messages",
+        columns: &[
+            ("id", Kind::Int),
+            ("user_id", Kind::Text),
+            ("message_id", Kind::Text),
+            ("chat", Kind::Text),
+            ("author", Kind::Text),
+            ("from_me", Kind::Bool),
+            ("at", Kind::Int),
+        ],
+        generated_key: true,
+    },
 ];
 
 /// One value of a row.

@@ -12,14 +12,15 @@ use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    backups, chats, contacts, fleet, health, lifecycle, messages, sessions, sim, stream, webhooks,
+    backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, sessions, sim,
+    stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
 use super::{auth, App};
 
 /// What a handler gets: the app, the request, the `:id` (or `:eventId`) of its path and
-/// its second parameter (`:chatId`), each "" when the path has none.
+/// its second parameter (`:chatId`, `:messageId`), each "" when the path has none.
 pub struct Ctx {
     /// Everything a handler can reach.
     pub app: Arc<App>,
@@ -27,7 +28,8 @@ pub struct Ctx {
     pub req: Request<Incoming>,
     /// The session id from the path, already checked.
     pub id: String,
-    /// The second parameter (`:chatId`), percent-decoded; the handler checks it.
+    /// The second parameter (`:chatId`, `:messageId`), percent-decoded; the handler
+    /// checks it.
     pub sub: String,
 }
 
@@ -75,7 +77,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 34] = [
+pub static ROUTES: [Route; 37] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -118,6 +120,24 @@ pub static ROUTES: [Route; 34] = [
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
     }),
+    route(
+        Method::PUT,
+        "/api/sessions/:id/messages/:messageId",
+        true,
+        |c| Box::pin(message_acts::edit(c)),
+    ),
+    route(
+        Method::DELETE,
+        "/api/sessions/:id/messages/:messageId",
+        true,
+        |c| Box::pin(message_acts::revoke(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/messages/:messageId/reaction",
+        true,
+        |c| Box::pin(message_acts::react(c)),
+    ),
     route(Method::POST, "/api/sessions/:id/presence", true, |c| {
         Box::pin(chats::own_presence(c))
     }),
@@ -215,7 +235,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
     for (want, got) in pattern.iter().zip(path) {
         match *want {
             ":id" | ":eventId" => id = got,
-            ":chatId" => sub = got,
+            ":chatId" | ":messageId" => sub = got,
             w if w == *got => {}
             _ => return None,
         }
@@ -312,8 +332,13 @@ async fn route_and_answer(
         return Err(ApiError::bad_request(refusal));
     }
     let id = id.to_string();
-    let sub = percent_decoded(sub)
-        .ok_or_else(|| ApiError::bad_request("the chat id in the path is not valid"))?;
+    let sub = percent_decoded(sub).ok_or_else(|| {
+        ApiError::bad_request(if route.path.contains(":messageId") {
+            "the message id in the path is not valid"
+        } else {
+            "the chat id in the path is not valid"
+        })
+    })?;
     (route.handler)(Ctx { app, req, id, sub }).await
 }
 

@@ -19,7 +19,8 @@ use super::StoreFailure;
 
 use botvisor_actors::{
     now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, NumberCheck, PairingCode, PairingQr, SessionSpec,
+    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, PairingCode, PairingQr,
+    SessionSpec,
 };
 
 use crate::paths;
@@ -308,9 +309,40 @@ impl LinkConnection for SimConnection {
         Box::pin(async {})
     }
 
-    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+    fn send_text(
+        &self,
+        to: &str,
+        text: &str,
+        _reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
         let id = self.network.record_sent(&self.user_id, to, text);
         Box::pin(async move { Ok(id) })
+    }
+
+    /// The simulated network takes reactions (it keeps no reaction state); a reaction
+    /// has a message id of its own, as on WhatsApp.
+    fn react(
+        &self,
+        _message: &MessageRef,
+        _emoji: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let id = format!("SIM{:016X}", random_u64());
+        Box::pin(async move { Ok(id) })
+    }
+
+    /// The simulated network takes edits (it keeps no message bodies).
+    fn edit(
+        &self,
+        _message: &MessageRef,
+        _text: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let id = format!("SIM{:016X}", random_u64());
+        Box::pin(async move { Ok(id) })
+    }
+
+    /// The simulated network takes revokes (it keeps no message bodies).
+    fn revoke(&self, _message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// The simulated network has an account for every number except those starting

@@ -177,6 +177,39 @@ impl Store {
             .await
     }
 
+    /// Remembers a message the session sent to `chat` (a JID), for reactions, edits,
+    /// revokes and replies.
+    pub fn sent_message(&self, user_id: &str, message_id: &str, chat: &str) {
+        self.queue.message(db::MessageRow {
+            user_id: user_id.to_string(),
+            message_id: message_id.to_string(),
+            chat: chat.to_string(),
+            author: None,
+            from_me: true,
+            at_ms: botvisor_actors::now_ms(),
+        });
+    }
+
+    /// A message the session sent or received, by its id (still queued, or committed).
+    pub async fn message(
+        &self,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<Option<db::MessageRow>, StorageError> {
+        if let Some(m) = self.queue.queued_message(user_id, message_id) {
+            return Ok(Some(m));
+        }
+        // A commit in flight may hold it: the flush is answered after that commit. (A
+        // failing disk answers at once; what it could not write is still queued.)
+        let _ = self.queue.flush().await;
+        if let Some(m) = self.queue.queued_message(user_id, message_id) {
+            return Ok(Some(m));
+        }
+        let (user_id, message_id) = (user_id.to_string(), message_id.to_string());
+        self.on_reader(move |conn| conn.message(&user_id, &message_id))
+            .await
+    }
+
     /// Why commits are failing right now (`None`: the last one succeeded).
     pub fn failing(&self) -> Option<StorageError> {
         self.queue.failing()
@@ -372,6 +405,15 @@ impl Persistence for Store {
         // is durable): the event id comes from the message, so receivers see one id.
         let event_id = crate::webhooks::derived_event_id(&[user_id, &msg.chat, &msg.from, &msg.id]);
         self.webhook_as(user_id, "message.received", &data, event_id);
+        let group = msg.chat.ends_with("@g.us");
+        self.queue.message(db::MessageRow {
+            user_id: user_id.to_string(),
+            message_id: msg.id.clone(),
+            chat: msg.chat.clone(),
+            author: group.then(|| msg.from.clone()),
+            from_me: false,
+            at_ms: botvisor_actors::now_ms(),
+        });
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {

@@ -10,17 +10,26 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Condvar, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
 use botvisor_actors::{SessionRecord, StorageError};
 
 use super::backup::Backups;
-use crate::db::{Batch, Change, Engine, EventRow, OutboxRow};
+use crate::db::{Batch, Change, Engine, EventRow, MessageRow, OutboxRow, MESSAGES_KEPT_MS};
 
 /// State-change events held while the disk is failing; older ones are dropped past this.
 const EVENTS_QUEUED_MAX: usize = 200_000;
+/// Messages to remember wait at most this long for a commit that has other writes to
+/// carry them (a received message with no webhook to queue commits nothing else).
+const MESSAGES_WAIT: Duration = Duration::from_millis(200);
+/// Messages waiting that are committed at once.
+const MESSAGES_MAX: usize = 1_000;
+/// Messages held while the disk is failing; older ones are dropped past this.
+const MESSAGES_QUEUED_MAX: usize = 200_000;
+/// How often messages older than [`MESSAGES_KEPT_MS`] are forgotten.
+const FORGET_EVERY: Duration = Duration::from_secs(3600);
 /// Longest pause between retries of a failing commit.
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
@@ -43,6 +52,10 @@ struct Pending {
     dropped_events: u64,
     /// Webhook deliveries, committed with the changes queued with them.
     outbox: Vec<OutboxRow>,
+    /// Messages to remember, and since when the oldest waits (see [`MESSAGES_WAIT`]).
+    messages: Vec<MessageRow>,
+    messages_since: Option<Instant>,
+    forget_messages_before: Option<u64>,
     closing: bool,
     /// Why the last commit failed, until one succeeds: a flush asked meanwhile is
     /// answered at once (a full or read-only disk is a prompt 507/503, not a wait for the
@@ -52,10 +65,23 @@ struct Pending {
 
 impl Pending {
     fn is_empty(&self) -> bool {
-        self.ops.is_empty()
-            && self.dirty.is_empty()
-            && self.events.is_empty()
-            && self.outbox.is_empty()
+        self.ops.is_empty() && !self.writes() && self.messages.is_empty()
+    }
+
+    /// Writes that commit at once (everything but flushes and messages to remember).
+    fn writes(&self) -> bool {
+        self.ops.iter().any(|op| !matches!(op, Op::Flush(_)))
+            || !self.dirty.is_empty()
+            || !self.events.is_empty()
+            || !self.outbox.is_empty()
+    }
+
+    /// Whether the messages to remember have waited long enough (or are many enough).
+    fn messages_due(&self) -> bool {
+        self.messages.len() >= MESSAGES_MAX
+            || self
+                .messages_since
+                .is_some_and(|since| since.elapsed() >= MESSAGES_WAIT)
     }
 
     fn push_event(&mut self, row: EventRow) {
@@ -115,10 +141,36 @@ impl Queue {
         self.ready.notify_one();
     }
 
+    /// Queues a message to remember; it commits with the next commit that has other
+    /// writes, or within [`MESSAGES_WAIT`]. A flush does not wait for it.
+    pub fn message(&self, row: MessageRow) {
+        let mut p = self.lock();
+        if p.messages.len() >= MESSAGES_QUEUED_MAX {
+            p.messages.remove(0);
+        }
+        p.messages.push(row);
+        let wake = p.messages_since.is_none() || p.messages.len() >= MESSAGES_MAX;
+        p.messages_since.get_or_insert_with(Instant::now);
+        drop(p);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+
+    /// A message to remember that is still queued.
+    pub fn queued_message(&self, user_id: &str, message_id: &str) -> Option<MessageRow> {
+        self.lock()
+            .messages
+            .iter()
+            .find(|m| m.user_id == user_id && m.message_id == message_id)
+            .cloned()
+    }
+
     /// Queues a session's removal.
     pub fn delete(&self, user_id: &str) {
         let mut p = self.lock();
         p.forget(user_id);
+        p.messages.retain(|m| m.user_id != user_id);
         p.ops.push(Op::Delete(user_id.to_string()));
         drop(p);
         self.ready.notify_one();
@@ -154,12 +206,29 @@ impl Queue {
     /// Waits for work; `None` once closing and drained.
     fn take(&self) -> Option<Pending> {
         let mut p = self.lock();
-        while p.is_empty() && !p.closing {
-            p = self.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+        loop {
+            if !p.ops.is_empty() || p.writes() || p.messages_due() {
+                break;
+            }
+            if p.closing {
+                if p.messages.is_empty() {
+                    return None;
+                }
+                break;
+            }
+            p = match p.messages_since {
+                Some(since) => {
+                    let left = MESSAGES_WAIT.saturating_sub(since.elapsed());
+                    self.ready
+                        .wait_timeout(p, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                None => self.ready.wait(p).unwrap_or_else(|e| e.into_inner()),
+            };
         }
-        if p.is_empty() {
-            return None;
-        }
+        // Messages ride along with other writes, or go once due; a flush alone leaves them.
+        let with_messages = p.writes() || p.messages_due() || p.closing;
         let closing = p.closing;
         let dropped = std::mem::take(&mut p.dropped_events);
         if dropped > 0 {
@@ -168,8 +237,12 @@ impl Queue {
                 "the event log fell behind a failing disk; oldest state-change events dropped"
             );
         }
-        let batch = std::mem::take(&mut *p);
+        let mut batch = std::mem::take(&mut *p);
         p.closing = closing;
+        if !with_messages {
+            p.messages = std::mem::take(&mut batch.messages);
+            p.messages_since = batch.messages_since.take();
+        }
         Some(batch)
     }
 
@@ -207,6 +280,12 @@ impl Queue {
         let mut outbox = batch.outbox;
         outbox.append(&mut p.outbox);
         p.outbox = outbox;
+        let mut messages = batch.messages;
+        messages.append(&mut p.messages);
+        let over = messages.len().saturating_sub(MESSAGES_QUEUED_MAX);
+        messages.drain(..over);
+        p.messages = messages;
+        p.messages_since = batch.messages_since.or(p.messages_since);
     }
 }
 
@@ -226,6 +305,8 @@ impl Pending {
             rows: self.dirty.values().collect(),
             events: self.events.iter().collect(),
             outbox: &self.outbox,
+            messages: &self.messages,
+            forget_messages_before: self.forget_messages_before,
         }
     }
 }
@@ -241,11 +322,17 @@ pub fn run(
     webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
 ) {
     let mut retry = Duration::from_millis(50);
+    let mut forgot: Option<Instant> = None;
     while let Some(mut batch) = queue.take() {
         let (flushes, writes): (Vec<Op>, Vec<Op>) = std::mem::take(&mut batch.ops)
             .into_iter()
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
+        let forget = !batch.is_empty() && forgot.is_none_or(|t| t.elapsed() >= FORGET_EVERY);
+        if forget {
+            let now = botvisor_actors::now_ms();
+            batch.forget_messages_before = Some(now.saturating_sub(MESSAGES_KEPT_MS));
+        }
         let result = if batch.is_empty() {
             // Only flushes: what was queued before them is committed already (this thread
             // commits in order), so they are answered without an empty transaction. A
@@ -288,6 +375,9 @@ pub fn run(
         queue.lock().failing = result.clone().err();
         match result {
             Ok(()) => {
+                if forget {
+                    forgot = Some(Instant::now());
+                }
                 retry = Duration::from_millis(50);
             }
             Err(e) => {

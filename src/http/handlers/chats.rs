@@ -48,6 +48,11 @@ fn chat(c: &Ctx) -> Result<String, ApiError> {
     }
 }
 
+/// A message id as WhatsApp makes them: 1 to 128 letters and digits.
+pub fn valid_message_id(id: &str) -> bool {
+    (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
 /// 1 to [`MAX_IDS`] message ids (letters and digits, as WhatsApp makes them).
 fn message_ids(v: Option<Value>) -> Result<Vec<String>, ApiError> {
     let refused = || {
@@ -64,12 +69,7 @@ fn message_ids(v: Option<Value>) -> Result<Vec<String>, ApiError> {
     items
         .iter()
         .map(|i| match i.as_str() {
-            Some(id)
-                if (1..=128).contains(&id.len())
-                    && id.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-            {
-                Ok(id.to_string())
-            }
+            Some(id) if valid_message_id(id) => Ok(id.to_string()),
             _ => Err(refused()),
         })
         .collect()

@@ -1,4 +1,5 @@
-//! `POST /api/sessions/:id/messages`: send a text message from an online session.
+//! `POST /api/sessions/:id/messages`: send a text message from an online session,
+//! optionally as a reply (`replyTo`, a message the session sent or received).
 
 use std::time::Instant;
 
@@ -7,8 +8,9 @@ use hyper::{Response, StatusCode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use botvisor_actors::{Action, Done, Persistence};
+use botvisor_actors::{Action, Done, MessageRef, Persistence};
 
+use super::chats::valid_message_id;
 use super::{act, wrong_answer};
 use crate::http::errors::ApiError;
 use crate::http::request::{json_body, valid_phone};
@@ -20,9 +22,11 @@ use crate::http::App;
 pub const MAX_TEXT: usize = 4_096;
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct SendBody {
     to: Option<Value>,
     text: Option<Value>,
+    reply_to: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +49,47 @@ pub fn valid_recipient(to: &str) -> bool {
                     .all(|b| b.is_ascii_digit() || b == b'-' || b == b':' || b == b'.')
                 && matches!(server, "s.whatsapp.net" | "g.us" | "lid" | "newsletter")
         }
+    }
+}
+
+/// A non-empty text of at most [`MAX_TEXT`] characters.
+pub fn text_of(v: Option<Value>) -> Result<String, ApiError> {
+    match v {
+        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_TEXT => Ok(s),
+        Some(Value::String(s)) if !s.trim().is_empty() => Err(ApiError::bad_request(format!(
+            "text is too long ({} characters; at most {MAX_TEXT})",
+            s.chars().count()
+        ))),
+        _ => Err(ApiError::bad_request("text must be a non-empty string")),
+    }
+}
+
+/// A recipient as a chat JID: phone digits become `<digits>@s.whatsapp.net`.
+pub fn chat_jid(to: &str) -> String {
+    if to.contains('@') {
+        to.to_string()
+    } else {
+        format!("{to}@s.whatsapp.net")
+    }
+}
+
+/// A message the session sent or received, as the network names it; 404 when botvisor
+/// does not know it.
+pub async fn known_message(app: &App, user_id: &str, id: &str) -> Result<MessageRef, ApiError> {
+    match app.store.message(user_id, id).await? {
+        Some(m) => Ok(MessageRef {
+            chat: m.chat,
+            id: m.message_id,
+            from_me: m.from_me,
+            author: m.author,
+        }),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "Message {id} is not known to session {user_id} (botvisor remembers the \
+                 messages a session sent or received in the last 30 days)"
+            ),
+        )),
     }
 }
 
@@ -79,18 +124,28 @@ pub async fn send(c: Ctx) -> Answer {
             ))
         }
     };
-    let text = match body.text {
-        Some(Value::String(s)) if !s.trim().is_empty() && s.chars().count() <= MAX_TEXT => s,
-        Some(Value::String(s)) if !s.trim().is_empty() => {
-            return Err(ApiError::bad_request(format!(
-                "text is too long ({} characters; at most {MAX_TEXT})",
-                s.chars().count()
-            )))
+    let text = text_of(body.text)?;
+    let reply_to = match body.reply_to {
+        None | Some(Value::Null) => None,
+        Some(Value::String(id)) if valid_message_id(&id) => Some(id),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "replyTo must be the id of a message the session sent or received",
+            ))
         }
-        _ => return Err(ApiError::bad_request("text must be a non-empty string")),
     };
     // No bucket and no event for a session that does not exist (ids are free to invent).
     super::must_exist(&c.app, &c.id)?;
+    let reply_to = match reply_to {
+        None => None,
+        Some(id) => Some(known_message(&c.app, &c.id, &id).await.map_err(|e| {
+            if e.status == StatusCode::NOT_FOUND {
+                ApiError::bad_request(format!("replyTo: {}", e.message))
+            } else {
+                e
+            }
+        })?),
+    };
     if let Some(refused) = over_send_rate(&c.app, &c.id) {
         return Ok(refused);
     }
@@ -100,6 +155,7 @@ pub async fn send(c: Ctx) -> Answer {
     let action = Action::SendText {
         to: to.clone(),
         text: text.clone(),
+        reply_to,
     };
     let sent = act(&c.app, &c.id, action)
         .await
@@ -113,6 +169,7 @@ pub async fn send(c: Ctx) -> Answer {
         c.app.store.message_event(&c.id, &to, &text, &outcome);
     }
     let message_id = sent?;
+    c.app.store.sent_message(&c.id, &message_id, &chat_jid(&to));
     // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
     c.app.store.flush().await?;
     Ok(json_response(

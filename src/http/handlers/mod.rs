@@ -7,6 +7,7 @@ pub mod contacts;
 pub mod fleet;
 pub mod health;
 pub mod lifecycle;
+pub mod message_acts;
 pub mod messages;
 pub mod sessions;
 pub mod sim;

@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{
-    BoxFuture, ChatPresence, Connection as LinkConnection, LinkError, NumberCheck,
+    BoxFuture, ChatPresence, Connection as LinkConnection, LinkError, MessageRef, NumberCheck,
 };
 
 use super::events::Shared;
@@ -94,18 +94,97 @@ fn recipient(to: &str) -> Result<Jid, LinkError> {
         .map_err(|e| LinkError::new(format!("'{to}' is not a WhatsApp recipient: {e}")))
 }
 
+/// The context of a reply: the quoted message's id and author (the session itself, the
+/// other side of a one-to-one chat, or the group member who wrote it). botvisor keeps no
+/// message bodies, so the quote carries no copy of the quoted text.
+fn quote(client: &Client, quoted: &MessageRef) -> Result<wa::ContextInfo, LinkError> {
+    let author = match (&quoted.author, quoted.from_me) {
+        (Some(author), _) => author.clone(),
+        (None, true) => client
+            .pn()
+            .map(|j| j.to_non_ad().to_string())
+            .ok_or_else(|| LinkError::new("the session is not logged in"))?,
+        (None, false) => quoted.chat.clone(),
+    };
+    Ok(wa::ContextInfo {
+        stanza_id: Some(quoted.id.clone()),
+        participant: Some(author),
+        ..Default::default()
+    })
+}
+
 impl LinkConnection for WhatsAppConnection {
-    fn send_text(&self, to: &str, text: &str) -> BoxFuture<'static, Result<String, LinkError>> {
+    fn send_text(
+        &self,
+        to: &str,
+        text: &str,
+        reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
         let client = self.client.clone();
         let to = recipient(to);
-        let text = text.to_string();
+        let message = match reply_to {
+            None => Ok(wa::Message::text(text)),
+            Some(quoted) => {
+                quote(&client, quoted).map(|context| wa::Message::text_with_context(text, context))
+            }
+        };
         Box::pin(async move {
-            let to = to?;
             client
-                .send_message(to, wa::Message::text(text))
+                .send_message(to?, message?)
                 .await
                 .map(|sent| sent.message_id)
                 .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+        })
+    }
+
+    fn react(
+        &self,
+        message: &MessageRef,
+        emoji: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let client = self.client.clone();
+        let chat = recipient(&message.chat);
+        let key = wa::MessageKey {
+            remote_jid: Some(message.chat.clone()),
+            from_me: Some(message.from_me),
+            id: Some(message.id.clone()),
+            participant: message.author.clone(),
+        };
+        let emoji = emoji.to_string();
+        Box::pin(async move {
+            client
+                .send_reaction(chat?, key, &emoji)
+                .await
+                .map(|sent| sent.message_id)
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the reaction: {e}")))
+        })
+    }
+
+    fn edit(
+        &self,
+        message: &MessageRef,
+        text: &str,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let client = self.client.clone();
+        let chat = recipient(&message.chat);
+        let (id, text) = (message.id.clone(), text.to_string());
+        Box::pin(async move {
+            client
+                .edit_message(chat?, id, wa::Message::text(text))
+                .await
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the edit: {e}")))
+        })
+    }
+
+    fn revoke(&self, message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
+        let client = self.client.clone();
+        let chat = recipient(&message.chat);
+        let id = message.id.clone();
+        Box::pin(async move {
+            client
+                .revoke_message(chat?, id, whatsapp_rust::RevokeType::Sender)
+                .await
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the revoke: {e}")))
         })
     }
 
