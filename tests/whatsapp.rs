@@ -1690,3 +1690,92 @@ fn a_chat_is_marked_read_and_shown_typing_on_whatsapp() {
         });
     }
 }
+
+/// The peer's decrypted messages that say something about `target` (`reaction …`,
+/// `edit …`, `revoke …`, `reply to …`), as the peer's user saw them.
+fn abouts(peer: &Peer, target: &str) -> Vec<String> {
+    peer.stats()
+        .decrypted
+        .iter()
+        .filter(|d| d.to.starts_with("15557654321"))
+        .filter_map(|d| d.about.clone())
+        .filter(|a| a.contains(target))
+        .collect()
+}
+
+/// Reactions, a reply, an edit and a revoke go to WhatsApp (the peer) over Signal, each
+/// naming its message by the id botvisor remembered: a reaction to a received message
+/// and to a sent one (and its removal), a reply quoting the received message with its
+/// author, an edit and a revoke of the sent one.
+#[test]
+fn reactions_replies_edits_and_revokes_reach_whatsapp() {
+    let (peer, s, _) = online_with_webhook("wa_react");
+    let theirs = "3EB0REACT00000000001";
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: theirs.into(),
+        content: Content::Text("react to me".into()),
+    });
+    wait_until(20, "the message is acknowledged", || {
+        acknowledged(&peer, theirs)
+    });
+    let r = s.post(
+        &format!("/api/sessions/wa_react/messages/{theirs}/reaction"),
+        Some(r#"{"emoji":"👍"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["chat"], "15557654321@s.whatsapp.net");
+    wait_until(15, "the peer decrypts the reaction", || {
+        abouts(&peer, theirs).contains(&format!("reaction 👍 to {theirs}"))
+    });
+    let r = s.post(
+        "/api/sessions/wa_react/messages",
+        Some(&format!(
+            r#"{{"to":"15557654321","text":"an answer","replyTo":"{theirs}"}}"#
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until(15, "the peer decrypts the reply", || {
+        abouts(&peer, theirs).contains(&format!("reply to {theirs} by 15557654321@s.whatsapp.net"))
+    });
+
+    let sent = s.post(
+        "/api/sessions/wa_react/messages",
+        Some(r#"{"to":"15557654321","text":"first text"}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let mine = sent.json()["messageId"].as_str().unwrap().to_string();
+    for (emoji, seen) in [("🎉", "reaction 🎉 "), ("", "reaction  ")] {
+        let r = s.post(
+            &format!("/api/sessions/wa_react/messages/{mine}/reaction"),
+            Some(&format!(r#"{{"emoji":"{emoji}"}}"#)),
+        );
+        assert_eq!(r.status, 200, "{}", r.body);
+        wait_until(15, "the peer decrypts the reaction", || {
+            abouts(&peer, &mine).contains(&format!("{seen}to {mine}"))
+        });
+    }
+    let r = s.req(
+        "PUT",
+        &format!("/api/sessions/wa_react/messages/{mine}"),
+        Some(r#"{"text":"second text"}"#),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until(15, "the peer decrypts the edit", || {
+        abouts(&peer, &mine).contains(&format!("edit {mine}: second text"))
+    });
+    let r = s.req(
+        "DELETE",
+        &format!("/api/sessions/wa_react/messages/{mine}"),
+        None,
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until(15, "the peer decrypts the revoke", || {
+        abouts(&peer, &mine).contains(&format!("revoke {mine}"))
+    });
+    let errors = peer.stats().signal_errors;
+    assert!(errors.is_empty(), "{errors:?}");
+}

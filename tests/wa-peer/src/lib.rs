@@ -909,13 +909,14 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
     let mut replies = vec![ack];
     for (jid, kind, bytes) in targets {
         match signal.decrypt(&client, &jid, &kind, &bytes).await {
-            Ok(text) => {
+            Ok(plain) => {
                 record(inner, |s| {
                     s.decrypted.push(signal::Decrypted {
                         to: jid.to_string(),
                         id: id.clone(),
                         kind: kind.clone(),
-                        text,
+                        text: plain.text,
+                        about: plain.about,
                     })
                 });
                 if jid.user != client.user {

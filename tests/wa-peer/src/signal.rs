@@ -273,6 +273,18 @@ pub struct Decrypted {
     /// The text, if the message carried one (a `DeviceSentMessage` for the sender's own
     /// devices is unwrapped).
     pub text: Option<String>,
+    /// What the message does to another one, when it does: `reaction 👍 to ID`,
+    /// `revoke ID`, `edit ID: TEXT`, `reply to ID by JID`.
+    pub about: Option<String>,
+}
+
+/// What a decrypted message says.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plain {
+    /// Its text.
+    pub text: Option<String>,
+    /// See [`Decrypted::about`].
+    pub about: Option<String>,
 }
 
 /// Every Signal identity the peer plays, and what clients uploaded.
@@ -319,6 +331,54 @@ fn text_of(m: &wap::Message) -> Option<String> {
         .as_option()
         .and_then(|d| d.message.as_option())
         .and_then(text_of)
+}
+
+/// What a message does to another one (see [`Decrypted::about`]), unwrapping a
+/// `DeviceSentMessage`.
+fn about_of(m: &wap::Message) -> Option<String> {
+    use wap::message::protocol_message::Type;
+    if let Some(r) = m.reaction_message.as_option() {
+        let target = r
+            .key
+            .as_option()
+            .and_then(|k| k.id.clone())
+            .unwrap_or_default();
+        return Some(format!(
+            "reaction {} to {target}",
+            r.text.clone().unwrap_or_default()
+        ));
+    }
+    if let Some(p) = m.protocol_message.as_option() {
+        let target = p
+            .key
+            .as_option()
+            .and_then(|k| k.id.clone())
+            .unwrap_or_default();
+        match p.r#type {
+            Some(Type::Revoke) => return Some(format!("revoke {target}")),
+            Some(Type::MessageEdit) => {
+                let text = p.edited_message.as_option().and_then(text_of);
+                return Some(format!("edit {target}: {}", text.unwrap_or_default()));
+            }
+            _ => {}
+        }
+    }
+    if let Some(c) = m
+        .extended_text_message
+        .as_option()
+        .and_then(|e| e.context_info.as_option())
+        .filter(|c| c.stanza_id.is_some())
+    {
+        return Some(format!(
+            "reply to {} by {}",
+            c.stanza_id.clone().unwrap_or_default(),
+            c.participant.clone().unwrap_or_default()
+        ));
+    }
+    m.device_sent_message
+        .as_option()
+        .and_then(|d| d.message.as_option())
+        .and_then(about_of)
 }
 
 impl SignalPeer {
@@ -412,7 +472,7 @@ impl SignalPeer {
         to: &Jid,
         kind: &str,
         ciphertext: &[u8],
-    ) -> Result<Option<String>, String> {
+    ) -> Result<Plain, String> {
         let device = self
             .devices
             .get_mut(&device_key(to))
@@ -442,7 +502,10 @@ impl SignalPeer {
             device.pre_keys.0.remove(&id);
         }
         let message = decode_plaintext(&result.plaintext, 2).map_err(|e| e.to_string())?;
-        Ok(text_of(&message))
+        Ok(Plain {
+            text: text_of(&message),
+            about: about_of(&message),
+        })
     }
 
     /// Encrypts `message` from the peer's user `from` to the client device `to`: on the
