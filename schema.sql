@@ -70,13 +70,9 @@ CREATE TABLE IF NOT EXISTS session_webhooks (
 -- Messages sent and received, by id (v7): what a reaction, an edit, a revoke or a reply
 -- needs to name a message on the network. Kept 30 days (db::MESSAGES_KEPT_MS).
 CREATE TABLE IF NOT EXISTS messages (
-    id         INTEGER PRIMARY KEY,
-    user_id    TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    chat       TEXT NOT NULL,
-    author     TEXT,
-    from_me    INTEGER NOT NULL,
-    at         INTEGER NOT NULL
-) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (user_id, message_id);
-CREATE INDEX IF NOT EXISTS messages_at ON messages (at);
+    key     TEXT PRIMARY KEY NOT NULL, -- '<user_id>/<message_id>': one b-tree, a session is a range
+    chat    TEXT NOT NULL,
+    author  TEXT,
+    from_me INTEGER NOT NULL,
+    at      INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;

@@ -99,6 +99,26 @@ pub struct MessageRow {
     pub at_ms: u64,
 }
 
+impl MessageRow {
+    /// Its key in the table: `<user_id>/<message_id>` (a user id has no `/`, a message id
+    /// only letters and digits), so one b-tree serves the lookup and a session's rows are
+    /// one key range ([`message_keys_of`]).
+    pub fn key(&self) -> String {
+        message_key(&self.user_id, &self.message_id)
+    }
+}
+
+/// The key of a session's message (see [`MessageRow::key`]).
+pub fn message_key(user_id: &str, message_id: &str) -> String {
+    format!("{user_id}/{message_id}")
+}
+
+/// The key range of a session's messages, `[start, end)` in byte order.
+pub fn message_keys_of(user_id: &str) -> (String, String) {
+    // '0' is the byte after '/'.
+    (format!("{user_id}/"), format!("{user_id}0"))
+}
+
 /// How long a message is remembered by its id (30 days).
 pub const MESSAGES_KEPT_MS: u64 = 30 * 24 * 3600 * 1000;
 

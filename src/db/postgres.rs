@@ -515,16 +515,12 @@ CREATE TABLE bv_session_webhooks (
 /// Migration 2: messages sent and received, by id (schema.sql v7).
 const MIGRATION_2: &str = r#"
 CREATE TABLE bv_messages (
-    id         BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    user_id    TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    chat       TEXT NOT NULL,
-    author     TEXT,
-    from_me    BOOLEAN NOT NULL,
-    at         BIGINT NOT NULL
+    key     TEXT COLLATE "C" PRIMARY KEY,
+    chat    TEXT NOT NULL,
+    author  TEXT,
+    from_me BOOLEAN NOT NULL,
+    at      BIGINT NOT NULL
 );
-CREATE UNIQUE INDEX bv_messages_by_id ON bv_messages (user_id, message_id);
-CREATE INDEX bv_messages_at ON bv_messages (at);
 "#;
 
 const SESSION_COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, \
@@ -921,17 +917,17 @@ async fn commit(
         match change {
             Change::Insert(rec) => insert_session(&tx, rec).await?,
             Change::Delete(id) => {
-                for table in [
-                    "bv_sessions",
-                    "bv_events",
-                    "bv_session_webhooks",
-                    "bv_messages",
-                ] {
+                for table in ["bv_sessions", "bv_events", "bv_session_webhooks"] {
                     let stmt = tx
                         .prepare_cached(&format!("DELETE FROM {table} WHERE user_id = $1"))
                         .await?;
                     tx.execute(&stmt, &[id]).await?;
                 }
+                let (from, to) = super::message_keys_of(id);
+                let stmt = tx
+                    .prepare_cached("DELETE FROM bv_messages WHERE key >= $1 AND key < $2")
+                    .await?;
+                tx.execute(&stmt, &[&from, &to]).await?;
             }
         }
     }
@@ -1010,21 +1006,20 @@ async fn remember_messages(
     tx: &deadpool_postgres::Transaction<'_>,
     messages: &[MessageRow],
 ) -> Result<(), tokio_postgres::Error> {
-    let users: Vec<&str> = messages.iter().map(|m| m.user_id.as_str()).collect();
-    let ids: Vec<&str> = messages.iter().map(|m| m.message_id.as_str()).collect();
+    let keys: Vec<String> = messages.iter().map(MessageRow::key).collect();
     let chats: Vec<&str> = messages.iter().map(|m| m.chat.as_str()).collect();
     let authors: Vec<Option<&str>> = messages.iter().map(|m| m.author.as_deref()).collect();
     let mine: Vec<bool> = messages.iter().map(|m| m.from_me).collect();
     let ats: Vec<i64> = messages.iter().map(|m| to_i64(m.at_ms)).collect();
     let stmt = tx
         .prepare_cached(
-            "INSERT INTO bv_messages (user_id, message_id, chat, author, from_me, at) \
-             SELECT u, i, c, a, f, t FROM UNNEST($1::text[], $2::text[], $3::text[], \
-             $4::text[], $5::bool[], $6::bigint[]) WITH ORDINALITY AS x(u, i, c, a, f, t, n) \
-             ORDER BY n ON CONFLICT (user_id, message_id) DO NOTHING",
+            "INSERT INTO bv_messages (key, chat, author, from_me, at) \
+             SELECT k, c, a, f, t FROM UNNEST($1::text[], $2::text[], $3::text[], \
+             $4::bool[], $5::bigint[]) WITH ORDINALITY AS x(k, c, a, f, t, n) \
+             ORDER BY n ON CONFLICT (key) DO NOTHING",
         )
         .await?;
-    tx.execute(&stmt, &[&users, &ids, &chats, &authors, &mine, &ats])
+    tx.execute(&stmt, &[&keys, &chats, &authors, &mine, &ats])
         .await?;
     Ok(())
 }
@@ -1119,12 +1114,10 @@ impl Engine for PgEngine {
     ) -> Result<Option<MessageRow>, StorageError> {
         self.run(|c| async move {
             let stmt = c
-                .prepare_cached(
-                    "SELECT chat, author, from_me, at FROM bv_messages \
-                     WHERE user_id = $1 AND message_id = $2",
-                )
+                .prepare_cached("SELECT chat, author, from_me, at FROM bv_messages WHERE key = $1")
                 .await?;
-            let Some(r) = c.query_opt(&stmt, &[&user_id, &message_id]).await? else {
+            let key = super::message_key(user_id, message_id);
+            let Some(r) = c.query_opt(&stmt, &[&key]).await? else {
                 return Ok(None);
             };
             Ok(Some(MessageRow {

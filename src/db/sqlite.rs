@@ -205,10 +205,12 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         "DELETE FROM sessions WHERE user_id = ?1",
         "DELETE FROM events WHERE user_id = ?1",
         "DELETE FROM session_webhooks WHERE user_id = ?1",
-        "DELETE FROM messages WHERE user_id = ?1",
     ] {
         conn.prepare_cached(sql)?.execute([user_id])?;
     }
+    let (from, to) = super::message_keys_of(user_id);
+    conn.prepare_cached("DELETE FROM messages WHERE key >= ?1 AND key < ?2")?
+        .execute([from, to])?;
     Ok(())
 }
 
@@ -275,12 +277,11 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
     }
     for m in batch.messages {
         tx.prepare_cached(
-            "INSERT INTO messages (user_id, message_id, chat, author, from_me, at) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (user_id, message_id) DO NOTHING",
+            "INSERT INTO messages (key, chat, author, from_me, at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (key) DO NOTHING",
         )?
         .execute(params![
-            m.user_id,
-            m.message_id,
+            m.key(),
             m.chat,
             m.author,
             m.from_me,
@@ -384,12 +385,9 @@ impl Engine for SqliteEngine {
         message_id: &str,
     ) -> Result<Option<MessageRow>, StorageError> {
         self.conn
-            .prepare_cached(
-                "SELECT chat, author, from_me, at FROM messages \
-                 WHERE user_id = ?1 AND message_id = ?2",
-            )
+            .prepare_cached("SELECT chat, author, from_me, at FROM messages WHERE key = ?1")
             .and_then(|mut stmt| {
-                stmt.query_row([user_id, message_id], |r| {
+                stmt.query_row([super::message_key(user_id, message_id)], |r| {
                     Ok(MessageRow {
                         user_id: user_id.to_string(),
                         message_id: message_id.to_string(),

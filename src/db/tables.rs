@@ -104,15 +104,13 @@ pub const TABLES: &[Table] = &[
     Table {
         name: "messages",
         columns: &[
-            ("id", Kind::Int),
-            ("user_id", Kind::Text),
-            ("message_id", Kind::Text),
+            ("key", Kind::Text),
             ("chat", Kind::Text),
             ("author", Kind::Text),
             ("from_me", Kind::Bool),
             ("at", Kind::Int),
         ],
-        generated_key: true,
+        generated_key: false,
     },
 ];
 
