@@ -404,16 +404,20 @@ impl Persistence for Store {
         // WhatsApp may deliver a message again (it is acknowledged only once this event
         // is durable): the event id comes from the message, so receivers see one id.
         let event_id = crate::webhooks::derived_event_id(&[user_id, &msg.chat, &msg.from, &msg.id]);
-        self.webhook_as(user_id, "message.received", &data, event_id);
+        let rows = self.webhook_rows(user_id, "message.received", &data, event_id);
         let group = msg.chat.ends_with("@g.us");
-        self.queue.message(db::MessageRow {
-            user_id: user_id.to_string(),
-            message_id: msg.id.clone(),
-            chat: msg.chat.clone(),
-            author: group.then(|| msg.from.clone()),
-            from_me: false,
-            at_ms: botvisor_actors::now_ms(),
-        });
+        // The deliveries and the message to remember are queued together (one lock).
+        self.queue.received(
+            rows,
+            db::MessageRow {
+                user_id: user_id.to_string(),
+                message_id: msg.id.clone(),
+                chat: msg.chat.clone(),
+                author: group.then(|| msg.from.clone()),
+                from_me: false,
+                at_ms: botvisor_actors::now_ms(),
+            },
+        );
     }
 
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {

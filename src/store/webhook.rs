@@ -22,21 +22,34 @@ impl Store {
         data: &str,
         event_id: String,
     ) {
+        let rows = self.webhook_rows(user_id, kind, data, event_id);
+        if !rows.is_empty() {
+            self.queue.outbox(rows);
+        }
+    }
+
+    /// The deliveries of one event, one per receiver of `user_id` (none without any).
+    pub(super) fn webhook_rows(
+        &self,
+        user_id: &str,
+        kind: &'static str,
+        data: &str,
+        event_id: String,
+    ) -> Vec<OutboxRow> {
         let Some(hooks) = &self.webhooks else {
-            return;
+            return Vec::new();
         };
         let urls = hooks.destinations(user_id);
         if urls.is_empty() {
-            return;
+            return Vec::new();
         }
         hooks.count(urls.len() as u64);
         let at_ms = botvisor_actors::now_ms();
         let Some(body) = envelope(&event_id, kind, at_ms, data) else {
             tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
-            return;
+            return Vec::new();
         };
-        let rows = urls
-            .iter()
+        urls.iter()
             .map(|url| OutboxRow {
                 event_id: event_id.clone(),
                 destination: url.clone(),
@@ -45,8 +58,7 @@ impl Store {
                 body: body.clone(),
                 at_ms,
             })
-            .collect();
-        self.queue.outbox(rows);
+            .collect()
     }
 
     /// Whether a message event of `user_id` can be taken now: no receivers, or room in

@@ -144,12 +144,20 @@ impl Queue {
     /// Queues a message to remember; it is committed within [`MESSAGES_WAIT`] (or once
     /// [`MESSAGES_MAX`] wait). A flush does not wait for it.
     pub fn message(&self, row: MessageRow) {
+        self.received(Vec::new(), row);
+    }
+
+    /// Queues a received message's webhook deliveries (see [`Queue::outbox`]) and the
+    /// message to remember (see [`Queue::message`]), under one lock.
+    pub fn received(&self, deliveries: Vec<OutboxRow>, row: MessageRow) {
         let mut p = self.lock();
+        let mut wake = !deliveries.is_empty();
+        p.outbox.extend(deliveries);
         if p.messages.len() >= MESSAGES_QUEUED_MAX {
             p.messages.remove(0);
         }
         p.messages.push(row);
-        let wake = p.messages_since.is_none() || p.messages.len() >= MESSAGES_MAX;
+        wake |= p.messages_since.is_none() || p.messages.len() >= MESSAGES_MAX;
         p.messages_since.get_or_insert_with(Instant::now);
         drop(p);
         if wake {
