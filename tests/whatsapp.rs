@@ -1779,3 +1779,94 @@ fn reactions_replies_edits_and_revokes_reach_whatsapp() {
     let errors = peer.stats().signal_errors;
     assert!(errors.is_empty(), "{errors:?}");
 }
+
+/// What WhatsApp (the peer) sends about other messages reaches the bot as events of their
+/// own: a reply is a `message.received` with `replyTo`; a reaction, to a message the peer
+/// sent and to one the session sent, is a `message.reaction` with `targetMessageId` and
+/// `emoji`.
+#[test]
+fn received_replies_and_reactions_name_their_message() {
+    let (peer, s, got) = online_with_webhook("wa_got");
+    let first = "3EB0GOT0000000000001";
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: first.into(),
+        content: Content::Text("first".into()),
+    });
+    let sent = s.post(
+        "/api/sessions/wa_got/messages",
+        Some(r#"{"to":"15557654321","text":"from the bot"}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let mine = sent.json()["messageId"].as_str().unwrap().to_string();
+    for (id, content) in [
+        (
+            "3EB0GOT0000000000002",
+            Content::Reply {
+                text: "an answer".into(),
+                quoted: first.into(),
+                author: "15557654321@s.whatsapp.net".into(),
+            },
+        ),
+        (
+            "3EB0GOT0000000000003",
+            Content::Reaction {
+                target: first.into(),
+                target_from_client: false,
+                emoji: "❤".into(),
+            },
+        ),
+        (
+            "3EB0GOT0000000000004",
+            Content::Reaction {
+                target: mine.clone(),
+                target_from_client: true,
+                emoji: "👍".into(),
+            },
+        ),
+    ] {
+        peer.command(Command::Send {
+            from: "15557654321".into(),
+            to: "15551234567".into(),
+            id: id.into(),
+            content,
+        });
+    }
+    let event = |id: &str| {
+        got_all(&got)
+            .into_iter()
+            .find(|v| v["data"]["messageId"] == id)
+    };
+    wait_until(20, "the three webhooks", || {
+        [
+            "3EB0GOT0000000000002",
+            "3EB0GOT0000000000003",
+            "3EB0GOT0000000000004",
+        ]
+        .iter()
+        .all(|id| event(id).is_some())
+    });
+    let reply = event("3EB0GOT0000000000002").unwrap();
+    assert_eq!(reply["event"], "message.received", "{reply}");
+    assert_eq!(reply["data"]["replyTo"], first, "{reply}");
+    assert_eq!(reply["data"]["text"], "an answer", "{reply}");
+    let heart = event("3EB0GOT0000000000003").unwrap();
+    assert_eq!(heart["event"], "message.reaction", "{heart}");
+    assert_eq!(heart["data"]["targetMessageId"], first, "{heart}");
+    assert_eq!(heart["data"]["emoji"], "❤", "{heart}");
+    let thumb = event("3EB0GOT0000000000004").unwrap();
+    assert_eq!(thumb["event"], "message.reaction", "{thumb}");
+    assert_eq!(thumb["data"]["targetMessageId"], mine.as_str(), "{thumb}");
+    // The reply is itself a message the bot can react to; a reaction is not.
+    let r = s.post(
+        "/api/sessions/wa_got/messages/3EB0GOT0000000000002/reaction",
+        Some(r#"{"emoji":"👍"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = s.post(
+        "/api/sessions/wa_got/messages/3EB0GOT0000000000003/reaction",
+        Some(r#"{"emoji":"👍"}"#),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+}

@@ -22,7 +22,7 @@ pub use error::{CmdError, StorageError};
 pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Done, EventSink, Fault, FaultEffect,
     InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Receipt, ReceiptStatus,
-    SessionSpec,
+    Refers, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

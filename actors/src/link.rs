@@ -115,6 +115,32 @@ pub struct InboundMessage {
     pub text: Option<String>,
     /// `text`, or the kind of a message that is not text (`image`, `audio`, ...).
     pub kind: String,
+    /// The message it answers (quotes), by id.
+    pub reply_to: Option<String>,
+    /// What it does to another message (a reaction, an edit, a revoke), if anything.
+    pub refers: Option<Refers>,
+}
+
+/// What a received message does to another message, named by id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refers {
+    /// A reaction (an empty emoji removes the sender's reaction).
+    Reaction {
+        /// The message reacted to.
+        message_id: String,
+        /// The emoji.
+        emoji: String,
+    },
+    /// A new text for a message its sender sent.
+    Edit {
+        /// The message edited.
+        message_id: String,
+    },
+    /// The sender deleted one of its messages for everyone.
+    Revoke {
+        /// The message deleted.
+        message_id: String,
+    },
 }
 
 impl fmt::Debug for InboundMessage {

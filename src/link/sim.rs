@@ -157,6 +157,8 @@ impl SimLink {
             timestamp_ms: now_ms(),
             text: Some(text.to_string()),
             kind: "text".into(),
+            reply_to: None,
+            refers: None,
         };
         let reply = self
             .settings

@@ -377,6 +377,7 @@ impl Persistence for Store {
     }
 
     fn inbound(&self, user_id: &str, msg: &botvisor_actors::InboundMessage) {
+        use botvisor_actors::Refers;
         if let Some(m) = &self.config.messages {
             m.received(&msg.kind);
         }
@@ -389,8 +390,24 @@ impl Persistence for Store {
             chat: &'a str,
             kind: &'a str,
             text: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            reply_to: Option<&'a str>,
+            /// The message a reaction, an edit or a revoke is about.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            target_message_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            emoji: Option<&'a str>,
             timestamp: String,
         }
+        // A reaction, an edit or a revoke is an event of its own, about its target.
+        let (event, target, emoji) = match &msg.refers {
+            None => ("message.received", None, None),
+            Some(Refers::Reaction { message_id, emoji }) => {
+                ("message.reaction", Some(message_id), Some(emoji.as_str()))
+            }
+            Some(Refers::Edit { message_id }) => ("message.edited", Some(message_id), None),
+            Some(Refers::Revoke { message_id }) => ("message.revoked", Some(message_id), None),
+        };
         let data = serde_json::to_string(&Received {
             user_id,
             message_id: &msg.id,
@@ -398,13 +415,22 @@ impl Persistence for Store {
             chat: &msg.chat,
             kind: &msg.kind,
             text: msg.text.as_deref(),
+            reply_to: msg.reply_to.as_deref(),
+            target_message_id: target.map(String::as_str),
+            emoji,
             timestamp: crate::timefmt::iso(msg.timestamp_ms),
         })
         .unwrap_or_default();
         // WhatsApp may deliver a message again (it is acknowledged only once this event
         // is durable): the event id comes from the message, so receivers see one id.
         let event_id = crate::webhooks::derived_event_id(&[user_id, &msg.chat, &msg.from, &msg.id]);
-        let rows = self.webhook_rows(user_id, "message.received", &data, event_id);
+        let rows = self.webhook_rows(user_id, event, &data, event_id);
+        if target.is_some() {
+            if !rows.is_empty() {
+                self.queue.outbox(rows);
+            }
+            return;
+        }
         let group = msg.chat.ends_with("@g.us");
         // The deliveries and the message to remember are queued together (one lock).
         self.queue.received(

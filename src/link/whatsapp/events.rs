@@ -8,7 +8,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use whatsapp_rust::prelude::*;
 
-use botvisor_actors::{now_ms, EventSink, LinkEvent, PairingQr};
+use botvisor_actors::{now_ms, EventSink, LinkEvent, PairingQr, Refers};
 
 use super::pairing::is_lasting;
 
@@ -17,15 +17,66 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
     if m.info.source.is_from_me {
         return None;
     }
-    let text = m.message.text_content().map(str::to_string);
+    let refers = refers(&m.message);
+    let text = match &refers {
+        // An edit's text is the new one.
+        Some(Refers::Edit { .. }) => edited_text(&m.message),
+        _ => m.message.text_content().map(str::to_string),
+    };
     Some(botvisor_actors::InboundMessage {
         id: m.info.id.to_string(),
         from: m.info.source.sender.to_string(),
         chat: m.info.source.chat.to_string(),
         timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
         kind: message_kind(&m.message, text.is_some()).into(),
+        reply_to: reply_to(&m.message),
+        refers,
         text,
     })
+}
+
+/// What a message does to another one: a reaction, an edit, a revoke.
+fn refers(m: &wa::Message) -> Option<Refers> {
+    use wa::message::protocol_message::Type;
+    let m = m.get_base_message();
+    let target = |key: &whatsapp_rust::buffa::MessageField<wa::MessageKey>| {
+        key.as_option()
+            .and_then(|k| k.id.clone())
+            .unwrap_or_default()
+    };
+    if let Some(r) = m.reaction_message.as_option() {
+        return Some(Refers::Reaction {
+            message_id: target(&r.key),
+            emoji: r.text.clone().unwrap_or_default(),
+        });
+    }
+    let p = m.protocol_message.as_option()?;
+    match p.r#type {
+        Some(Type::Revoke) => Some(Refers::Revoke {
+            message_id: target(&p.key),
+        }),
+        Some(Type::MessageEdit) => Some(Refers::Edit {
+            message_id: target(&p.key),
+        }),
+        _ => None,
+    }
+}
+
+/// The new text of an edit.
+fn edited_text(m: &wa::Message) -> Option<String> {
+    let p = m.get_base_message().protocol_message.as_option()?;
+    p.edited_message
+        .as_option()
+        .and_then(|e| e.text_content().map(str::to_string))
+}
+
+/// The id of the message a message quotes (a reply).
+fn reply_to(m: &wa::Message) -> Option<String> {
+    m.get_base_message()
+        .extended_text_message
+        .as_option()
+        .and_then(|e| e.context_info.as_option())
+        .and_then(|c| c.stanza_id.clone())
 }
 
 /// `ABCD1234` → `ABCD-1234` (as WhatsApp shows it and the LD7 API documents it).

@@ -218,6 +218,24 @@ pub enum Content {
         /// Degrees east.
         longitude: f64,
     },
+    /// A text quoting another message (a reply).
+    Reply {
+        /// The text.
+        text: String,
+        /// The quoted message's id.
+        quoted: String,
+        /// Who wrote the quoted message (JID).
+        author: String,
+    },
+    /// A reaction to a message of the chat (`""` removes it).
+    Reaction {
+        /// The message reacted to.
+        target: String,
+        /// Whether the client wrote that message.
+        target_from_client: bool,
+        /// The emoji.
+        emoji: String,
+    },
 }
 
 impl Content {
@@ -241,21 +259,59 @@ impl Content {
                 ),
                 ..Default::default()
             },
+            Content::Reply {
+                text,
+                quoted,
+                author,
+            } => wap::Message {
+                extended_text_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ExtendedTextMessage {
+                        text: Some(text.clone()),
+                        context_info: whatsapp_rust::buffa::MessageField::some(wap::ContextInfo {
+                            stanza_id: Some(quoted.clone()),
+                            participant: Some(author.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::Reaction {
+                target,
+                target_from_client,
+                emoji,
+            } => wap::Message {
+                reaction_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ReactionMessage {
+                        key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
+                            id: Some(target.clone()),
+                            from_me: Some(!*target_from_client),
+                            ..Default::default()
+                        }),
+                        text: Some(emoji.clone()),
+                        sender_timestamp_ms: Some(0),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
         }
     }
 
     /// The stanza's `type`.
     pub fn stanza_type(&self) -> &'static str {
         match self {
-            Content::Text(_) => "text",
+            Content::Text(_) | Content::Reply { .. } => "text",
             Content::Location { .. } => "media",
+            Content::Reaction { .. } => "reaction",
         }
     }
 
     /// The `<enc mediatype>`, for media kinds.
     pub fn media_type(&self) -> Option<&'static str> {
         match self {
-            Content::Text(_) => None,
+            Content::Text(_) | Content::Reply { .. } | Content::Reaction { .. } => None,
             Content::Location { .. } => Some("location"),
         }
     }
