@@ -46,7 +46,7 @@ pub(super) struct Write {
 
 /// Runs a [`Write`] as one statement (the PostgreSQL side, in `postgres.rs`).
 pub(super) trait Writer: Clone + Send + Sync + 'static {
-    fn write(&self, write: Write) -> impl std::future::Future<Output = Result<()>> + Send;
+    fn write(&self, write: &Write) -> impl std::future::Future<Output = Result<()>> + Send;
     fn queue(&self) -> &InboundQueue;
 }
 
@@ -161,32 +161,28 @@ fn spawn_or_run(task: impl std::future::Future<Output = ()> + Send + 'static) {
 /// Sends statements until nothing urgent is queued. Only one runs at a time (`sending`).
 async fn drain<W: Writer>(writer: W) {
     loop {
-        let (requests, write) = {
+        let (ops, dones) = {
             let mut s = writer.queue().lock();
             if !s.has_work() {
                 s.sending = false;
                 return;
             }
-            let requests = take(&mut s);
-            let write = merge(&requests_ops(&requests));
-            (requests, write)
+            take(&mut s)
         };
-        let deletes: Vec<Key> = write.deletes.clone();
-        let result = writer.write(write).await;
+        let write = merge(ops);
+        let result = writer.write(&write).await;
         let failed = result.as_ref().err().map(copy_error);
-        if failed.is_some() {
+        if let Err(e) = &result {
             // The deletes go again with the next statement; the inserts' callers are told.
+            tracing::debug!("pending-inbound rows not written: {e}");
             let mut s = writer.queue().lock();
-            s.deletes += deletes.len();
+            s.deletes += write.deletes.len();
             s.requests.push_front(Request {
-                ops: deletes.into_iter().map(|k| (k, None)).collect(),
+                ops: write.deletes.into_iter().map(|k| (k, None)).collect(),
                 done: None,
             });
-            if let Err(e) = &result {
-                tracing::debug!("pending-inbound rows not written: {e}");
-            }
         }
-        for done in requests.into_iter().filter_map(|r| r.done) {
+        for done in dones {
             let _ = done.send(match &failed {
                 None => Ok(()),
                 Some(e) => Err(copy_error(e)),
@@ -196,43 +192,44 @@ async fn drain<W: Writer>(writer: W) {
 }
 
 /// Takes the requests the next statement carries: from the front, up to
-/// [`STATEMENT_BYTES`] of messages (at least one request).
-fn take(s: &mut State) -> Vec<Request> {
-    let mut taken = Vec::new();
-    let mut bytes = 0;
+/// [`STATEMENT_BYTES`] of messages (at least one request). Answers their ops, in order,
+/// and who waits for them.
+type Taken = (
+    Vec<(Key, Option<Vec<u8>>)>,
+    Vec<oneshot::Sender<Result<()>>>,
+);
+
+fn take(s: &mut State) -> Taken {
+    let (mut ops, mut dones) = (Vec::new(), Vec::new());
+    let (mut taken, mut bytes) = (0, 0);
     while let Some(r) = s.requests.front() {
         let size: usize = r
             .ops
             .iter()
             .map(|(_, m)| m.as_ref().map_or(0, Vec::len))
             .sum();
-        if !taken.is_empty() && bytes + size > STATEMENT_BYTES {
+        if taken > 0 && bytes + size > STATEMENT_BYTES {
             break;
         }
+        taken += 1;
         bytes += size;
         let r = s.requests.pop_front().expect("front");
         s.deletes -= r.ops.iter().filter(|(_, m)| m.is_none()).count();
-        taken.push(r);
+        ops.extend(r.ops);
+        dones.extend(r.done);
     }
     s.due = false;
-    taken
-}
-
-fn requests_ops(requests: &[Request]) -> Vec<&(Key, Option<Vec<u8>>)> {
-    requests.iter().flat_map(|r| r.ops.iter()).collect()
+    (ops, dones)
 }
 
 /// The ops in order, the last of each key winning, split into inserts and deletes.
-fn merge(ops: &[&(Key, Option<Vec<u8>>)]) -> Write {
-    let mut last: BTreeMap<&Key, Option<&Vec<u8>>> = BTreeMap::new();
-    for (key, message) in ops {
-        last.insert(key, message.as_ref());
-    }
+fn merge(ops: Vec<(Key, Option<Vec<u8>>)>) -> Write {
+    let last: BTreeMap<Key, Option<Vec<u8>>> = ops.into_iter().collect();
     let mut write = Write::default();
     for (key, message) in last {
         match message {
-            Some(m) => write.puts.push((key.clone(), m.clone())),
-            None => write.deletes.push(key.clone()),
+            Some(m) => write.puts.push((key, m)),
+            None => write.deletes.push(key),
         }
     }
     write
@@ -275,7 +272,7 @@ mod tests {
     }
 
     impl Writer for Recorder {
-        async fn write(&self, write: Write) -> Result<()> {
+        async fn write(&self, write: &Write) -> Result<()> {
             let _permit = self.gate.acquire().await.expect("gate");
             if self.fail.load(Ordering::SeqCst) {
                 return Err(StoreError::Database("refused".into()));

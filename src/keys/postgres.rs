@@ -1726,7 +1726,7 @@ impl PgSessionKeys {
 
 impl inbound::Writer for PgKeys {
     /// One statement: the deletes, then the inserts (each key is in one list only).
-    async fn write(&self, write: inbound::Write) -> Result<()> {
+    async fn write(&self, write: &inbound::Write) -> Result<()> {
         let gone = columns(write.deletes.iter());
         let put = columns(write.puts.iter().map(|(k, _)| k));
         let messages: Vec<&[u8]> = write.puts.iter().map(|(_, m)| m.as_slice()).collect();
