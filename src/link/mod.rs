@@ -30,6 +30,16 @@ pub fn uptime(d: Duration) -> String {
     }
 }
 
+/// A recipient or sender as a chat JID: phone digits become `<digits>@s.whatsapp.net`;
+/// a JID is taken as it is.
+pub fn chat_jid(to: &str) -> String {
+    if to.contains('@') {
+        to.to_string()
+    } else {
+        format!("{to}@s.whatsapp.net")
+    }
+}
+
 /// The last part of a path, for messages.
 pub fn file_name(path: &Path) -> String {
     path.file_name()

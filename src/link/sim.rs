@@ -87,7 +87,7 @@ impl Network {
     /// Records a message the session sent; returns its id.
     fn record_sent(&self, user_id: &str, to: &str, text: &str) -> String {
         let message = SentMessage {
-            message_id: format!("SIM{:016X}", random_u64()),
+            message_id: sim_message_id(),
             to: to.to_string(),
             text: text.to_string(),
             at_ms: now_ms(),
@@ -145,11 +145,7 @@ impl SimLink {
         let (_, connected) = live
             .get(user_id)
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
-        let chat = if from.contains('@') {
-            from.to_string()
-        } else {
-            format!("{from}@s.whatsapp.net")
-        };
+        let chat = super::chat_jid(from);
         let msg = InboundMessage {
             id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
@@ -216,6 +212,11 @@ pub fn qr_payload() -> String {
         random_u64(),
         random_u64()
     )
+}
+
+/// A message id of the simulated network (what a send, a reaction or an edit answers).
+fn sim_message_id() -> String {
+    format!("SIM{:016X}", random_u64())
 }
 
 fn random_u64() -> u64 {
@@ -328,7 +329,7 @@ impl LinkConnection for SimConnection {
         _message: &MessageRef,
         _emoji: &str,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let id = format!("SIM{:016X}", random_u64());
+        let id = sim_message_id();
         Box::pin(async move { Ok(id) })
     }
 
@@ -338,7 +339,7 @@ impl LinkConnection for SimConnection {
         _message: &MessageRef,
         _text: &str,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let id = format!("SIM{:016X}", random_u64());
+        let id = sim_message_id();
         Box::pin(async move { Ok(id) })
     }
 

@@ -64,15 +64,6 @@ pub fn text_of(v: Option<Value>) -> Result<String, ApiError> {
     }
 }
 
-/// A recipient as a chat JID: phone digits become `<digits>@s.whatsapp.net`.
-pub fn chat_jid(to: &str) -> String {
-    if to.contains('@') {
-        to.to_string()
-    } else {
-        format!("{to}@s.whatsapp.net")
-    }
-}
-
 /// A message the session sent or received, as the network names it; 404 when botvisor
 /// does not know it.
 pub async fn known_message(app: &App, user_id: &str, id: &str) -> Result<MessageRef, ApiError> {
@@ -169,7 +160,9 @@ pub async fn send(c: Ctx) -> Answer {
         c.app.store.message_event(&c.id, &to, &text, &outcome);
     }
     let message_id = sent?;
-    c.app.store.sent_message(&c.id, &message_id, &chat_jid(&to));
+    c.app
+        .store
+        .sent_message(&c.id, &message_id, &crate::link::chat_jid(&to));
     // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
     c.app.store.flush().await?;
     Ok(json_response(

@@ -85,12 +85,8 @@ impl Drop for WhatsAppConnection {
 
 /// `15551234567` → its user JID; a full JID is taken as it is.
 fn recipient(to: &str) -> Result<Jid, LinkError> {
-    let jid = if to.contains('@') {
-        to.to_string()
-    } else {
-        format!("{to}@s.whatsapp.net")
-    };
-    jid.parse::<Jid>()
+    crate::link::chat_jid(to)
+        .parse::<Jid>()
         .map_err(|e| LinkError::new(format!("'{to}' is not a WhatsApp recipient: {e}")))
 }
 
