@@ -68,7 +68,7 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
             from_me,
             at_ms,
         };
-    let messages = vec![
+    let messages = [
         message("a", "M1", Some("1555@s.whatsapp.net"), false, 100),
         message("a", "M2", None, true, 5_000),
         // Known already: the first row stays.
@@ -80,7 +80,7 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         rows: vec![],
         events: events.iter().collect(),
         outbox: &rows,
-        messages: &messages,
+        messages: messages.iter().collect(),
         forget_messages_before: None,
     };
     engine.commit(&first).unwrap();
@@ -101,7 +101,7 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         rows: vec![&b],
         events: vec![],
         outbox: &[],
-        messages: &[],
+        messages: vec![],
         forget_messages_before: Some(1_000),
     };
     engine.commit(&second).unwrap();

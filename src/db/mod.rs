@@ -141,7 +141,7 @@ pub struct Batch<'a> {
     pub events: Vec<&'a EventRow>,
     pub outbox: &'a [OutboxRow],
     /// Messages to remember (a message id already known keeps its first row).
-    pub messages: &'a [MessageRow],
+    pub messages: Vec<&'a MessageRow>,
     /// Forget messages older than this (milliseconds since the epoch).
     pub forget_messages_before: Option<u64>,
 }

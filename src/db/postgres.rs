@@ -990,7 +990,7 @@ async fn commit(
             .await?;
     }
     if !batch.messages.is_empty() {
-        remember_messages(&tx, batch.messages).await?;
+        remember_messages(&tx, &batch.messages).await?;
     }
     if let Some(before) = batch.forget_messages_before {
         let stmt = tx
@@ -1004,9 +1004,9 @@ async fn commit(
 /// One multi-row statement; a message id already known keeps its first row.
 async fn remember_messages(
     tx: &deadpool_postgres::Transaction<'_>,
-    messages: &[MessageRow],
+    messages: &[&MessageRow],
 ) -> Result<(), tokio_postgres::Error> {
-    let keys: Vec<String> = messages.iter().map(MessageRow::key).collect();
+    let keys: Vec<String> = messages.iter().map(|m| m.key()).collect();
     let chats: Vec<&str> = messages.iter().map(|m| m.chat.as_str()).collect();
     let authors: Vec<Option<&str>> = messages.iter().map(|m| m.author.as_deref()).collect();
     let mine: Vec<bool> = messages.iter().map(|m| m.from_me).collect();

@@ -275,7 +275,7 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
     for row in batch.outbox {
         insert_outbox(&tx, row)?;
     }
-    for m in batch.messages {
+    for m in &batch.messages {
         tx.prepare_cached(
             "INSERT INTO messages (key, chat, author, from_me, at) VALUES (?1, ?2, ?3, ?4, ?5) \
              ON CONFLICT (key) DO NOTHING",

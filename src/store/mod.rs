@@ -426,9 +426,7 @@ impl Persistence for Store {
         let event_id = crate::webhooks::derived_event_id(&[user_id, &msg.chat, &msg.from, &msg.id]);
         let rows = self.webhook_rows(user_id, event, &data, event_id);
         if target.is_some() {
-            if !rows.is_empty() {
-                self.queue.outbox(rows);
-            }
+            self.queue.outbox(rows);
             return;
         }
         let group = msg.chat.ends_with("@g.us");

@@ -22,10 +22,8 @@ impl Store {
         data: &str,
         event_id: String,
     ) {
-        let rows = self.webhook_rows(user_id, kind, data, event_id);
-        if !rows.is_empty() {
-            self.queue.outbox(rows);
-        }
+        self.queue
+            .outbox(self.webhook_rows(user_id, kind, data, event_id));
     }
 
     /// The deliveries of one event, one per receiver of `user_id` (none without any).

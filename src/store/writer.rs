@@ -53,9 +53,8 @@ struct Pending {
     /// Webhook deliveries, committed with the changes queued with them.
     outbox: Vec<OutboxRow>,
     /// Messages to remember, and since when the oldest waits (see [`MESSAGES_WAIT`]).
-    messages: Vec<MessageRow>,
+    messages: VecDeque<MessageRow>,
     messages_since: Option<Instant>,
-    forget_messages_before: Option<u64>,
     closing: bool,
     /// Why the last commit failed, until one succeeds: a flush asked meanwhile is
     /// answered at once (a full or read-only disk is a prompt 507/503, not a wait for the
@@ -133,8 +132,11 @@ impl Queue {
     }
 
     /// Queues webhook deliveries; they commit in the same transaction as what was queued
-    /// before them.
+    /// before them. None is nothing to do.
     pub fn outbox(&self, rows: Vec<OutboxRow>) {
+        if rows.is_empty() {
+            return;
+        }
         let mut p = self.lock();
         p.outbox.extend(rows);
         drop(p);
@@ -154,9 +156,9 @@ impl Queue {
         let mut wake = !deliveries.is_empty();
         p.outbox.extend(deliveries);
         if p.messages.len() >= MESSAGES_QUEUED_MAX {
-            p.messages.remove(0);
+            p.messages.pop_front();
         }
-        p.messages.push(row);
+        p.messages.push_back(row);
         wake |= p.messages_since.is_none() || p.messages.len() >= MESSAGES_MAX;
         p.messages_since.get_or_insert_with(Instant::now);
         drop(p);
@@ -300,8 +302,9 @@ impl Queue {
 }
 
 impl Pending {
-    /// What the engine commits of this batch (its flushes taken out before).
-    fn as_batch(&self) -> Batch<'_> {
+    /// What the engine commits of this batch (its flushes taken out before), forgetting
+    /// messages older than `forget_messages_before` when given.
+    fn as_batch(&self, forget_messages_before: Option<u64>) -> Batch<'_> {
         Batch {
             changes: self
                 .ops
@@ -315,8 +318,8 @@ impl Pending {
             rows: self.dirty.values().collect(),
             events: self.events.iter().collect(),
             outbox: &self.outbox,
-            messages: &self.messages,
-            forget_messages_before: self.forget_messages_before,
+            messages: self.messages.iter().collect(),
+            forget_messages_before,
         }
     }
 }
@@ -339,10 +342,8 @@ pub fn run(
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
         let forget = !batch.is_empty() && forgot.is_none_or(|t| t.elapsed() >= FORGET_EVERY);
-        if forget {
-            let now = botvisor_actors::now_ms();
-            batch.forget_messages_before = Some(now.saturating_sub(MESSAGES_KEPT_MS));
-        }
+        let forget_before =
+            forget.then(|| botvisor_actors::now_ms().saturating_sub(MESSAGES_KEPT_MS));
         let result = if batch.is_empty() {
             // Only flushes: what was queued before them is committed already (this thread
             // commits in order), so they are answered without an empty transaction. A
@@ -350,7 +351,7 @@ pub fn run(
             Ok(())
         } else {
             let started = std::time::Instant::now();
-            let result = conn.commit(&batch.as_batch());
+            let result = conn.commit(&batch.as_batch(forget_before));
             if let Some(h) = &commit_seconds {
                 h.observe(started.elapsed().as_secs_f64());
             }
