@@ -66,13 +66,23 @@ fn release_freed_memory_soon() {
             // them, and for the rest of a mass stop.
             tokio::time::sleep(Duration::from_secs(1)).await;
             PENDING.store(false, Ordering::SeqCst);
-            let _ = tokio::task::spawn_blocking(|| {
-                // SAFETY: malloc_trim only walks glibc's own arenas; it is thread-safe.
-                unsafe { libc::malloc_trim(0) }
-            })
-            .await;
+            trim().await;
+            // Then once more after tokio's idle blocking threads have exited (10 s idle):
+            // each gives its thread cache of freed chunks back to the arena only then.
+            tokio::time::sleep(Duration::from_secs(12)).await;
+            trim().await;
         });
     }
+}
+
+/// `malloc_trim(0)` on the blocking pool.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim() {
+    let _ = tokio::task::spawn_blocking(|| {
+        // SAFETY: malloc_trim only walks glibc's own arenas; it is thread-safe.
+        unsafe { libc::malloc_trim(0) }
+    })
+    .await;
 }
 
 impl Drop for WhatsAppConnection {

@@ -56,8 +56,11 @@ where
             max_size: 10,
             min_idle: None,
             test_on_check_out: true,
-            idle_timeout: Some(Duration::from_secs(10 * 60)),
-            max_lifetime: Some(Duration::from_secs(30 * 60)),
+            // botvisor's patch 2 (see VENDORED.md): no idle timeout and no maximum
+            // lifetime by default, so a pool schedules no reaper job. Upstream: 10 and
+            // 30 minutes.
+            idle_timeout: None,
+            max_lifetime: None,
             connection_timeout: Duration::from_secs(30),
             error_handler: Box::new(LoggingErrorHandler),
             event_handler: Box::new(NopEventHandler),
@@ -130,7 +133,7 @@ where
     /// If a connection reaches its maximum lifetime while checked out it will
     /// be closed when it is returned to the pool.
     ///
-    /// Defaults to 30 minutes.
+    /// Defaults to `None` (botvisor's patch; upstream: 30 minutes).
     ///
     /// # Panics
     ///
@@ -146,7 +149,7 @@ where
     /// If set, connections will be closed after sitting idle for at most 30
     /// seconds beyond this duration.
     ///
-    /// Defaults to 10 minutes.
+    /// Defaults to `None` (botvisor's patch; upstream: 10 minutes).
     ///
     /// # Panics
     ///

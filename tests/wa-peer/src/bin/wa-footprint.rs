@@ -334,14 +334,39 @@ fn run(args: &Args) -> Result<(), String> {
     if args.smaps {
         print_smaps(pid, "after mass stop");
     }
+    // Again once botvisor's late trim has run (12 s after its first, itself 1 s after the
+    // last stop: once tokio's idle blocking threads have exited).
+    std::thread::sleep(Duration::from_secs(11));
+    let later = sample(pid)?;
+    show("16 s after mass stop", &later);
+    let kept_later = later.rss_kib as f64 - idle.rss_kib as f64;
+    let kept_anon = later.anon_kib as f64 - idle.anon_kib as f64;
+    let peak_anon = online.anon_kib as f64 - idle.anon_kib as f64;
+    let pct = |part: f64, whole: f64| {
+        if whole > 0.0 {
+            100.0 * part / whole
+        } else {
+            0.0
+        }
+    };
     println!(
-        "SUMMARY label={} n={n} idle_rss_kib={} idle_fds={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} stopped_pairing_fds={stopped_pairing_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0} kept_pct={:.0} stopped_fds={stopped_fds:.2} stopped_store_fds={}",
+        "  16 s after mass stop: {kept_later:.0} KiB above idle ({:.0}% of the online growth kept; anonymous memory alone: {:.0}%)",
+        pct(kept_later, peak),
+        pct(kept_anon, peak_anon)
+    );
+    if args.smaps {
+        print_smaps(pid, "16 s after mass stop");
+    }
+    println!(
+        "SUMMARY label={} n={n} idle_rss_kib={} idle_fds={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} stopped_pairing_fds={stopped_pairing_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0} kept_pct={:.0} later_kept_pct={:.0} later_kept_anon_pct={:.0} stopped_fds={stopped_fds:.2} stopped_store_fds={}",
         args.label,
         idle.rss_kib,
         idle.fds,
         online.rss_kib,
         after.rss_kib,
-        if peak > 0.0 { 100.0 * kept / peak } else { 0.0 },
+        pct(kept, peak),
+        pct(kept_later, peak),
+        pct(kept_anon, peak_anon),
         after.store_fds
     );
     if args.linger > 0 {
