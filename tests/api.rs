@@ -825,6 +825,103 @@ fn chats_take_read_receipts_and_presence() {
 /// the messages a session sent or received (here on the simulated link, which takes them
 /// all). Own messages only for edits and revokes; unknown ids are 404s (400 in
 /// `replyTo`); the ids survive a kill -9 once their commit (≤ 200 ms) has run.
+/// A location, a contact card and a poll are sent like a text: 201 with their kind, and
+/// the simulated network keeps each with its fields; every bad shape is a 400 naming the
+/// field (a media kind too, not sent yet), and nothing bad reaches the network.
+#[test]
+fn locations_contacts_and_polls_are_sent_and_bad_shapes_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = Server::start_in(tmp.path(), &["--sim-pair-delay", "50ms"]);
+    assert_eq!(s.create("kinds", "15550001111").status, 201);
+    s.wait_state("kinds", "online");
+    let good = [
+        (
+            r#"{"to":"15551234567","location":{"latitude":-33.8568,"longitude":151.2153,"name":"Opera House","address":"Bennelong Point"}}"#,
+            "location",
+            "Opera House",
+        ),
+        (
+            r#"{"to":"15551234567","contact":{"name":"Ada Lovelace","phone":"15550002222"}}"#,
+            "contact",
+            "Ada Lovelace",
+        ),
+        (
+            r#"{"to":"15551234567","poll":{"question":"Lunch? 🍕","options":["pizza","soup"]}}"#,
+            "poll",
+            "Lunch? 🍕",
+        ),
+        (r#"{"to":"15551234567","text":"plain"}"#, "text", "plain"),
+    ];
+    for (body, kind, _) in good {
+        let r = s.post("/api/sessions/kinds/messages", Some(body));
+        assert_eq!(r.status, 201, "{body}: {}", r.body);
+        assert_eq!(r.json()["kind"], kind);
+        assert_eq!(r.json()["message"], "Message sent");
+    }
+    let bad = [
+        (
+            r#"{"to":"15551234567","text":"a","location":{"latitude":1,"longitude":2}}"#,
+            400,
+            "exactly one of",
+        ),
+        (
+            r#"{"to":"15551234567","location":{"latitude":100,"longitude":2}}"#,
+            400,
+            "location.latitude",
+        ),
+        (
+            r#"{"to":"15551234567","location":"here"}"#,
+            400,
+            "location must be an object",
+        ),
+        (
+            r#"{"to":"15551234567","contact":{"name":"A","phone":"+1 555"}}"#,
+            400,
+            "contact.phone",
+        ),
+        (
+            r#"{"to":"15551234567","poll":{"question":"Q","options":["a"]}}"#,
+            400,
+            "poll.options",
+        ),
+        (
+            r#"{"to":"15551234567","poll":{"question":"Q","options":["a","b"],"selectable":0}}"#,
+            400,
+            "poll.selectable",
+        ),
+        (
+            r#"{"to":"15551234567","image":{"url":"https://example.com/a.png"}}"#,
+            400,
+            "image messages is not supported yet",
+        ),
+        (
+            r#"{"to":"15551234567"}"#,
+            400,
+            "text must be a non-empty string",
+        ),
+    ];
+    for (body, status, needle) in bad {
+        let r = s.post("/api/sessions/kinds/messages", Some(body));
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert_eq!(r.json()["success"], false);
+        let message = r.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    let listed = s.get("/api/sim/kinds/messages").json();
+    let messages = listed["messages"].as_array().unwrap();
+    assert_eq!(messages.len(), good.len(), "{listed}");
+    for (m, (_, kind, text)) in messages.iter().zip(good) {
+        assert_eq!(m["kind"], kind, "{m}");
+        assert_eq!(m["text"], text, "{m}");
+    }
+    assert_eq!(messages[0]["location"]["latitude"], -33.8568);
+    assert_eq!(messages[0]["location"]["address"], "Bennelong Point");
+    assert_eq!(messages[1]["contact"]["phone"], "15550002222");
+    assert_eq!(messages[2]["poll"]["options"][1], "soup");
+    assert_eq!(messages[2]["poll"]["selectable"], 1);
+    assert!(messages[3].get("poll").is_none() && messages[3].get("location").is_none());
+}
+
 #[test]
 fn messages_are_reacted_to_edited_revoked_and_answered_by_id() {
     let tmp = tempfile::tempdir().unwrap();

@@ -423,6 +423,21 @@ fn sends_and_receives_reach_a_signed_webhook_in_order() {
         &d.body,
         &d.signature
     ));
+    // A text's event keeps the contract's shape; a poll's names its kind and carries it.
+    assert!(sent_event["data"].get("kind").is_none(), "{sent_event}");
+    let poll = s.post(
+        "/api/sessions/wh1/messages",
+        Some(r#"{"to":"15557654321","poll":{"question":"Lunch?","options":["pizza","soup"]}}"#),
+    );
+    assert_eq!(poll.status, 201, "{}", poll.body);
+    let is_poll = |d: &Delivery| d.kind == "message.sent" && d.json()["data"]["kind"] == "poll";
+    let got = r.wait(15, "the poll's message.sent webhook", |g| {
+        g.iter().any(is_poll)
+    });
+    let v = got.iter().find(|d| is_poll(d)).unwrap().json();
+    assert_eq!(v["data"]["text"], "Lunch?");
+    assert_eq!(v["data"]["poll"]["options"][1], "soup");
+    assert_eq!(v["data"]["poll"]["selectable"], 1);
 }
 
 #[test]

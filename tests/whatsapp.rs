@@ -1780,6 +1780,77 @@ fn reactions_replies_edits_and_revokes_reach_whatsapp() {
     assert!(errors.is_empty(), "{errors:?}");
 }
 
+/// A location (quoting a received message), a contact card and a poll go to WhatsApp (the
+/// peer) over Signal as the messages WhatsApp's apps send: the peer decrypts each and
+/// reads its fields.
+#[test]
+fn locations_contacts_and_polls_reach_whatsapp() {
+    let (peer, s, _) = online_with_webhook("wa_kinds");
+    let theirs = "3EB0KINDS00000000001";
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: theirs.into(),
+        content: Content::Text("where are you?".into()),
+    });
+    wait_until(20, "the message is acknowledged", || {
+        acknowledged(&peer, theirs)
+    });
+    let send = |body: &str| {
+        let r = s.post("/api/sessions/wa_kinds/messages", Some(body));
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.json()
+    };
+    let sent = send(&format!(
+        r#"{{"to":"15557654321","location":{{"latitude":52.52,"longitude":13.405,"name":"Alexanderplatz"}},"replyTo":"{theirs}"}}"#
+    ));
+    assert_eq!(sent["kind"], "location");
+    let place = sent["messageId"].as_str().unwrap().to_string();
+    let sent =
+        send(r#"{"to":"15557654321","contact":{"name":"Ada; Lovelace","phone":"15550001111"}}"#);
+    let card = sent["messageId"].as_str().unwrap().to_string();
+    let sent = send(
+        r#"{"to":"15557654321","poll":{"question":"Lunch?","options":["pizza","soup","salad"],"selectable":2}}"#,
+    );
+    let poll = sent["messageId"].as_str().unwrap().to_string();
+    let about = |id: &str| {
+        peer.stats()
+            .decrypted
+            .iter()
+            .filter(|d| d.to.starts_with("15557654321") && d.id == id)
+            .filter_map(|d| d.about.clone())
+            .next()
+    };
+    wait_until(15, "the peer decrypts all three", || {
+        [&place, &card, &poll].iter().all(|id| about(id).is_some())
+    });
+    assert_eq!(
+        about(&place).unwrap(),
+        "location 52.52,13.405 Alexanderplatz"
+    );
+    let contact = about(&card).unwrap();
+    assert!(
+        contact.starts_with("contact Ada; Lovelace | BEGIN:VCARD")
+            && contact.contains("FN:Ada\\; Lovelace")
+            && contact.contains("waid=15550001111:+15550001111"),
+        "{contact}"
+    );
+    assert_eq!(
+        about(&poll).unwrap(),
+        "poll Lunch? [pizza|soup|salad] pick 2"
+    );
+    // A poll is never a reply.
+    let r = s.post(
+        "/api/sessions/wa_kinds/messages",
+        Some(&format!(
+            r#"{{"to":"15557654321","poll":{{"question":"Q","options":["a","b"]}},"replyTo":"{theirs}"}}"#
+        )),
+    );
+    assert_eq!(r.status, 400, "{}", r.body);
+    let errors = peer.stats().signal_errors;
+    assert!(errors.is_empty(), "{errors:?}");
+}
+
 /// What WhatsApp (the peer) sends about other messages reaches the bot as events of their
 /// own: a reply is a `message.received` with `replyTo`; a reaction, to a message the peer
 /// sent and to one the session sent, is a `message.reaction` with `targetMessageId` and

@@ -20,9 +20,9 @@ pub mod supervisor;
 
 pub use error::{CmdError, StorageError};
 pub use link::{
-    Action, BoxFuture, ChatPresence, Connection, Done, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Receipt, ReceiptStatus,
-    Refers, SessionSpec,
+    Action, BoxFuture, ChatPresence, Connection, Contact, Done, EventSink, Fault, FaultEffect,
+    InboundMessage, Link, LinkError, LinkEvent, Location, MessageRef, NumberCheck, Outgoing, Poll,
+    Receipt, ReceiptStatus, Refers, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

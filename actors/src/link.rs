@@ -293,12 +293,12 @@ pub trait Link: Send + Sync + 'static {
 /// What a session does on the network besides its lifecycle, run off its actor.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// A text message to `to` (phone digits or a JID).
-    SendText {
+    /// A message to `to` (phone digits or a JID).
+    Send {
         /// The recipient.
         to: String,
-        /// The text.
-        text: String,
+        /// What it carries.
+        content: Outgoing,
         /// The message it answers (quoted).
         reply_to: Option<MessageRef>,
     },
@@ -378,13 +378,85 @@ impl Action {
     /// What the action does, for "… only from an online session".
     pub fn what(&self) -> &'static str {
         match self {
-            Action::SendText { .. } => "messages can be sent",
+            Action::Send { .. } => "messages can be sent",
             Action::React { .. } => "reactions can be sent",
             Action::Edit { .. } => "messages can be edited",
             Action::Revoke { .. } => "messages can be revoked",
             Action::CheckNumbers { .. } => "numbers can be checked",
             Action::MarkRead { .. } => "chats can be marked read",
             Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
+        }
+    }
+}
+
+/// What a message sent carries.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outgoing {
+    /// A text.
+    Text(String),
+    /// A location pin.
+    Location(Location),
+    /// A contact card.
+    Contact(Contact),
+    /// A poll.
+    Poll(Poll),
+}
+
+/// A location pin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Location {
+    /// Degrees north, -90 to 90.
+    pub latitude: f64,
+    /// Degrees east, -180 to 180.
+    pub longitude: f64,
+    /// The place's name.
+    pub name: Option<String>,
+    /// Its address.
+    pub address: Option<String>,
+}
+
+/// A contact card: a name and a phone number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Contact {
+    /// The name shown.
+    pub name: String,
+    /// The phone number's digits (with the country code).
+    pub phone: String,
+}
+
+/// A poll.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Poll {
+    /// The question.
+    pub question: String,
+    /// The options, distinct, 2 to 12.
+    pub options: Vec<String>,
+    /// How many options a voter may pick (1 to the number of options).
+    pub selectable: u32,
+}
+
+impl Outgoing {
+    /// `text`, `location`, `contact` or `poll`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outgoing::Text(_) => "text",
+            Outgoing::Location(_) => "location",
+            Outgoing::Contact(_) => "contact",
+            Outgoing::Poll(_) => "poll",
+        }
+    }
+
+    /// One line that stands for the message: the text, the place's name (or its
+    /// coordinates), the contact's name, the poll's question.
+    pub fn summary(&self) -> String {
+        match self {
+            Outgoing::Text(text) => text.clone(),
+            Outgoing::Location(l) => match &l.name {
+                Some(name) => name.clone(),
+                None => format!("{}, {}", l.latitude, l.longitude),
+            },
+            Outgoing::Contact(c) => c.name.clone(),
+            Outgoing::Poll(p) => p.question.clone(),
         }
     }
 }
@@ -433,6 +505,24 @@ pub trait Connection: Send + 'static {
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         let _ = (to, text, reply_to);
         Box::pin(async { Err(LinkError::new("this link cannot send messages")) })
+    }
+
+    /// Sends `content` to `to`; texts go through [`Connection::send_text`], and a link
+    /// that sends more kinds overrides this. Resolves to the network's message id.
+    fn send(
+        &self,
+        to: &str,
+        content: &Outgoing,
+        reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        match content {
+            Outgoing::Text(text) => self.send_text(to, text, reply_to),
+            other => {
+                let error =
+                    LinkError::new(format!("this link cannot send {} messages", other.kind()));
+                Box::pin(async move { Err(error) })
+            }
+        }
     }
 
     /// Reacts to `message` with `emoji` (`""` removes the reaction); resolves to the
@@ -502,8 +592,12 @@ pub trait Connection: Send + 'static {
     /// Runs an [`Action`] (what a session does on the network besides its lifecycle).
     fn act(&self, action: Action) -> BoxFuture<'static, Result<Done, LinkError>> {
         match action {
-            Action::SendText { to, text, reply_to } => {
-                let sending = self.send_text(&to, &text, reply_to.as_ref());
+            Action::Send {
+                to,
+                content,
+                reply_to,
+            } => {
+                let sending = self.send(&to, &content, reply_to.as_ref());
                 Box::pin(async move { sending.await.map(Done::Sent) })
             }
             Action::React { message, emoji } => {

@@ -19,8 +19,8 @@ use super::StoreFailure;
 
 use botvisor_actors::{
     now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, PairingCode, PairingQr,
-    SessionSpec,
+    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Outgoing, PairingCode,
+    PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -68,8 +68,14 @@ pub struct SentMessage {
     pub message_id: String,
     /// The recipient as given.
     pub to: String,
-    /// The text.
+    /// The text (for another kind, its one-line summary: see `Outgoing::summary`).
     pub text: String,
+    /// `text`, `location`, `contact` or `poll`.
+    pub kind: &'static str,
+    /// The structured part of a message that is not a text, under its kind's name
+    /// (`location`, `contact`, `poll`), as in the send body.
+    #[serde(flatten)]
+    pub content: serde_json::Map<String, serde_json::Value>,
     /// When (ms since the epoch).
     pub at_ms: u64,
 }
@@ -85,11 +91,16 @@ struct Network {
 
 impl Network {
     /// Records a message the session sent; returns its id.
-    fn record_sent(&self, user_id: &str, to: &str, text: &str) -> String {
+    fn record_sent(&self, user_id: &str, to: &str, content: &Outgoing) -> String {
         let message = SentMessage {
             message_id: sim_message_id(),
             to: to.to_string(),
-            text: text.to_string(),
+            text: content.summary(),
+            kind: content.kind(),
+            content: super::content_json(content)
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             at_ms: now_ms(),
         };
         let id = message.message_id.clone();
@@ -163,7 +174,8 @@ impl SimLink {
             .flatten();
         drop(live);
         if let Some(reply) = reply {
-            self.network.record_sent(user_id, &chat, &reply);
+            self.network
+                .record_sent(user_id, &chat, &Outgoing::Text(reply));
         }
         Ok(msg)
     }
@@ -312,13 +324,14 @@ impl LinkConnection for SimConnection {
         Box::pin(async {})
     }
 
-    fn send_text(
+    /// The simulated network takes every kind the API sends.
+    fn send(
         &self,
         to: &str,
-        text: &str,
+        content: &Outgoing,
         _reply_to: Option<&MessageRef>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let id = self.network.record_sent(&self.user_id, to, text);
+        let id = self.network.record_sent(&self.user_id, to, content);
         Box::pin(async move { Ok(id) })
     }
 

@@ -81,12 +81,14 @@ impl Store {
         }
     }
 
-    /// A message sent through the API (`Ok`: its id), or one that could not be.
+    /// A message sent through the API (`Ok`: its id), or one that could not be. `text`
+    /// is the content's one-line summary; a message that is not a text also carries
+    /// `kind` and its structured part (`location`, `contact` or `poll`).
     pub fn message_event<E: std::fmt::Display>(
         &self,
         user_id: &str,
         to: &str,
-        text: &str,
+        content: &botvisor_actors::Outgoing,
         result: &Result<&String, E>,
     ) {
         if let Some(m) = &self.config.messages {
@@ -99,7 +101,8 @@ impl Store {
             return;
         }
         let at = crate::timefmt::iso(botvisor_actors::now_ms());
-        let (kind, data) = match result {
+        let text = content.summary();
+        let (kind, mut data) = match result {
             Ok(id) => (
                 "message.sent",
                 serde_json::json!({"userId": user_id, "messageId": id, "to": to, "text": text, "at": at}),
@@ -109,6 +112,10 @@ impl Store {
                 serde_json::json!({"userId": user_id, "to": to, "text": text, "error": e.to_string(), "at": at}),
             ),
         };
+        if let Some((key, part)) = crate::link::content_json(content) {
+            data["kind"] = content.kind().into();
+            data[key] = part;
+        }
         self.webhook(user_id, kind, &data.to_string());
     }
 

@@ -1,11 +1,12 @@
-//! `POST /api/sessions/:id/messages`: send a text message from an online session,
-//! optionally as a reply (`replyTo`, a message the session sent or received).
+//! `POST /api/sessions/:id/messages`: send a message from an online session (a text, a
+//! location, a contact card or a poll: see `content.rs`), optionally as a reply
+//! (`replyTo`, a message the session sent or received).
 
 use std::time::Instant;
 
 use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
 use botvisor_actors::{Action, Done, MessageRef, Persistence};
@@ -21,14 +22,6 @@ use crate::http::App;
 /// Longest text accepted (WhatsApp's own limit is about 65,000 characters).
 pub const MAX_TEXT: usize = 4_096;
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct SendBody {
-    to: Option<Value>,
-    text: Option<Value>,
-    reply_to: Option<Value>,
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Sent<'a> {
@@ -36,6 +29,8 @@ struct Sent<'a> {
     message_id: &'a str,
     user_id: &'a str,
     to: &'a str,
+    /// `text`, `location`, `contact` or `poll`.
+    kind: &'static str,
 }
 
 /// A phone number's digits, or a JID (`<digits>@s.whatsapp.net`, `...@g.us`, `...@lid`).
@@ -103,10 +98,10 @@ pub fn over_send_rate(app: &App, user_id: &str) -> Option<Response<Body>> {
 }
 
 pub async fn send(c: Ctx) -> Answer {
-    let body: SendBody = json_body(c.req, false, c.app.request_timeout)
+    let body: serde_json::Map<String, Value> = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
-    let to = match body.to {
+    let to = match body.get("to").cloned() {
         Some(Value::String(s)) if valid_recipient(&s) => s,
         None | Some(Value::Null) => return Err(ApiError::bad_request("to is required")),
         Some(_) => {
@@ -115,8 +110,8 @@ pub async fn send(c: Ctx) -> Answer {
             ))
         }
     };
-    let text = text_of(body.text)?;
-    let reply_to = match body.reply_to {
+    let content = super::content::outgoing_of(&body)?;
+    let reply_to = match body.get("replyTo").cloned() {
         None | Some(Value::Null) => None,
         Some(Value::String(id)) if valid_message_id(&id) => Some(id),
         Some(_) => {
@@ -125,6 +120,11 @@ pub async fn send(c: Ctx) -> Answer {
             ))
         }
     };
+    if reply_to.is_some() && matches!(content, botvisor_actors::Outgoing::Poll(_)) {
+        return Err(ApiError::bad_request(
+            "replyTo cannot be used with a poll (WhatsApp sends polls on their own)",
+        ));
+    }
     // No bucket and no event for a session that does not exist (ids are free to invent).
     super::must_exist(&c.app, &c.id)?;
     let reply_to = match reply_to {
@@ -143,9 +143,10 @@ pub async fn send(c: Ctx) -> Answer {
     if !c.app.store.webhook_room(&c.id) {
         return Ok(ApiError::backlog_full());
     }
-    let action = Action::SendText {
+    let kind = content.kind();
+    let action = Action::Send {
         to: to.clone(),
-        text: text.clone(),
+        content: content.clone(),
         reply_to,
     };
     let sent = act(&c.app, &c.id, action)
@@ -157,7 +158,7 @@ pub async fn send(c: Ctx) -> Answer {
     let outcome = sent.as_ref().map_err(|e| e.message.clone());
     // A session deleted meanwhile has no one to tell.
     if !matches!(&sent, Err(e) if e.status == StatusCode::NOT_FOUND) {
-        c.app.store.message_event(&c.id, &to, &text, &outcome);
+        c.app.store.message_event(&c.id, &to, &content, &outcome);
     }
     let message_id = sent?;
     c.app
@@ -172,6 +173,7 @@ pub async fn send(c: Ctx) -> Answer {
             message_id: &message_id,
             user_id: &c.id,
             to: &to,
+            kind,
         }),
     ))
 }

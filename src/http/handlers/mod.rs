@@ -4,6 +4,7 @@
 pub mod backups;
 pub mod chats;
 pub mod contacts;
+pub mod content;
 pub mod fleet;
 pub mod health;
 pub mod lifecycle;

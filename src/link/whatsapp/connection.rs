@@ -9,6 +9,7 @@ use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{
     BoxFuture, ChatPresence, Connection as LinkConnection, LinkError, MessageRef, NumberCheck,
+    Outgoing,
 };
 
 use super::events::Shared;
@@ -93,6 +94,48 @@ impl Drop for WhatsAppConnection {
     }
 }
 
+impl WhatsAppConnection {
+    /// Sends `text` to `to` with `client`, quoting `reply_to`.
+    fn send_text_as(
+        &self,
+        client: Arc<Client>,
+        to: Result<Jid, LinkError>,
+        text: &str,
+        reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        let message = match reply_to {
+            None => Ok(wa::Message::text(text)),
+            Some(quoted) => {
+                quote(&client, quoted).map(|context| wa::Message::text_with_context(text, context))
+            }
+        };
+        Box::pin(async move {
+            client
+                .send_message(to?, message?)
+                .await
+                .map(|sent| sent.message_id)
+                .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+        })
+    }
+}
+
+/// A contact card as WhatsApp's apps write it: vCard 3.0 with the number's WhatsApp id.
+fn vcard(name: &str, phone: &str) -> String {
+    // vCard text values escape backslashes, commas, semicolons and newlines.
+    let name: String = name
+        .chars()
+        .flat_map(|c| match c {
+            '\\' | ',' | ';' => vec!['\\', c],
+            '\n' => vec!['\\', 'n'],
+            '\r' => vec![],
+            c => vec![c],
+        })
+        .collect();
+    format!(
+        "BEGIN:VCARD\nVERSION:3.0\nFN:{name}\nTEL;type=CELL;type=VOICE;waid={phone}:+{phone}\nEND:VCARD"
+    )
+}
+
 /// `15551234567` → its user JID; a full JID is taken as it is.
 fn recipient(to: &str) -> Result<Jid, LinkError> {
     crate::link::chat_jid(to)
@@ -126,21 +169,72 @@ impl LinkConnection for WhatsAppConnection {
         text: &str,
         reply_to: Option<&MessageRef>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
+        self.send_text_as(self.client.clone(), recipient(to), text, reply_to)
+    }
+
+    fn send(
+        &self,
+        to: &str,
+        content: &Outgoing,
+        reply_to: Option<&MessageRef>,
+    ) -> BoxFuture<'static, Result<String, LinkError>> {
+        use whatsapp_rust::buffa::MessageField;
         let client = self.client.clone();
         let to = recipient(to);
-        let message = match reply_to {
-            None => Ok(wa::Message::text(text)),
-            Some(quoted) => {
-                quote(&client, quoted).map(|context| wa::Message::text_with_context(text, context))
+        let context = reply_to.map(|quoted| quote(&client, quoted)).transpose();
+        let message = context.map(|context| {
+            let context = context.map_or_else(MessageField::none, MessageField::some);
+            match content {
+                Outgoing::Text(_) | Outgoing::Poll(_) => None,
+                Outgoing::Location(l) => Some(wa::Message {
+                    location_message: MessageField::some(wa::message::LocationMessage {
+                        degrees_latitude: Some(l.latitude),
+                        degrees_longitude: Some(l.longitude),
+                        name: l.name.clone(),
+                        address: l.address.clone(),
+                        context_info: context,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                Outgoing::Contact(c) => Some(wa::Message {
+                    contact_message: MessageField::some(wa::message::ContactMessage {
+                        display_name: Some(c.name.clone()),
+                        vcard: Some(vcard(&c.name, &c.phone)),
+                        context_info: context,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
             }
-        };
-        Box::pin(async move {
-            client
-                .send_message(to?, message?)
-                .await
-                .map(|sent| sent.message_id)
-                .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
-        })
+        });
+        match (content, message) {
+            (Outgoing::Text(text), _) => self.send_text_as(client, to, text, reply_to),
+            (Outgoing::Poll(poll), _) => {
+                let poll = poll.clone();
+                let quoted = reply_to.is_some();
+                Box::pin(async move {
+                    if quoted {
+                        return Err(LinkError::new("a poll cannot be sent as a reply"));
+                    }
+                    // The poll's secret (needed to read votes) is not kept: botvisor
+                    // does not count votes yet.
+                    client
+                        .polls()
+                        .create(to?, &poll.question, &poll.options, poll.selectable)
+                        .await
+                        .map(|(sent, _secret)| sent.message_id)
+                        .map_err(|e| LinkError::new(format!("WhatsApp did not take the poll: {e}")))
+                })
+            }
+            (_, message) => Box::pin(async move {
+                client
+                    .send_message(to?, message?.expect("a location or a contact"))
+                    .await
+                    .map(|sent| sent.message_id)
+                    .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+            }),
+        }
     }
 
     fn react(

@@ -393,6 +393,38 @@ fn text_of(m: &wap::Message) -> Option<String> {
 /// `DeviceSentMessage`.
 fn about_of(m: &wap::Message) -> Option<String> {
     use wap::message::protocol_message::Type;
+    if let Some(l) = m.location_message.as_option() {
+        return Some(format!(
+            "location {},{} {}",
+            l.degrees_latitude.unwrap_or_default(),
+            l.degrees_longitude.unwrap_or_default(),
+            l.name.clone().unwrap_or_default()
+        ));
+    }
+    if let Some(c) = m.contact_message.as_option() {
+        return Some(format!(
+            "contact {} | {}",
+            c.display_name.clone().unwrap_or_default(),
+            c.vcard.clone().unwrap_or_default().replace('\n', " ")
+        ));
+    }
+    let poll = m
+        .poll_creation_message_v3
+        .as_option()
+        .or(m.poll_creation_message.as_option());
+    if let Some(p) = poll {
+        let options: Vec<String> = p
+            .options
+            .iter()
+            .filter_map(|o| o.option_name.clone())
+            .collect();
+        return Some(format!(
+            "poll {} [{}] pick {}",
+            p.name.clone().unwrap_or_default(),
+            options.join("|"),
+            p.selectable_options_count.unwrap_or_default()
+        ));
+    }
     if let Some(r) = m.reaction_message.as_option() {
         let target = r
             .key
