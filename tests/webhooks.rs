@@ -440,6 +440,102 @@ fn sends_and_receives_reach_a_signed_webhook_in_order() {
     assert_eq!(v["data"]["poll"]["selectable"], 1);
 }
 
+/// The simulated network's inbound takes what WhatsApp users send besides a text: a reply
+/// (`message.received` with `replyTo`), another kind (`text` null), a reaction, an edit and
+/// a revoke (events of their own, naming their message), shaped as the real link
+/// reports them; a reaction with content, or a bad id, is a 400 and delivers nothing.
+#[test]
+fn simulated_inbound_replies_reactions_edits_and_revokes() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(&[&url], &[]);
+    assert_eq!(s.create("wh_in", "15550001111").status, 201);
+    s.wait_state("wh_in", "online");
+    let inbound = |body: &str| {
+        let got = s.post("/api/sim/wh_in/inbound", Some(body));
+        assert_eq!(got.status, 200, "{body}: {}", got.body);
+        got.json()["messageId"].as_str().unwrap().to_string()
+    };
+    let first = inbound(r#"{"from":"15557654321","text":"first"}"#);
+    let reply = inbound(&format!(
+        r#"{{"from":"15557654321","text":"an answer","replyTo":"{first}"}}"#
+    ));
+    inbound(r#"{"from":"15557654321","location":{"latitude":1.5,"longitude":2.5}}"#);
+    inbound(&format!(
+        r#"{{"from":"15557654321","reaction":{{"messageId":"{first}","emoji":"👍"}}}}"#
+    ));
+    inbound(&format!(
+        r#"{{"from":"15557654321","edit":{{"messageId":"{first}","text":"first, fixed"}}}}"#
+    ));
+    inbound(&format!(
+        r#"{{"from":"15557654321","revoke":{{"messageId":"{reply}"}}}}"#
+    ));
+    for (body, needle) in [
+        (
+            format!(
+                r#"{{"from":"15557654321","text":"x","reaction":{{"messageId":"{first}","emoji":"👍"}}}}"#
+            ),
+            "reaction comes alone",
+        ),
+        (
+            r#"{"from":"15557654321","reaction":{"messageId":"../x","emoji":"👍"}}"#.to_string(),
+            "reaction.messageId",
+        ),
+        (
+            format!(
+                r#"{{"from":"15557654321","reaction":{{"messageId":"{first}","emoji":"a b"}}}}"#
+            ),
+            "emoji must be one emoji",
+        ),
+        (
+            format!(r#"{{"from":"15557654321","edit":{{"messageId":"{first}"}}}}"#),
+            "text must be a non-empty string",
+        ),
+        (
+            r#"{"from":"15557654321","replyTo":"a/b","text":"x"}"#.to_string(),
+            "replyTo",
+        ),
+    ] {
+        let got = s.post("/api/sim/wh_in/inbound", Some(&body));
+        assert_eq!(got.status, 400, "{body}: {}", got.body);
+        let message = got.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    let got = r.wait(15, "the revoke's webhook", |g| {
+        g.iter().any(|d| d.kind == "message.revoked")
+    });
+    let events: Vec<serde_json::Value> = got
+        .iter()
+        .filter(|d| d.kind.starts_with("message.") && d.json()["data"]["userId"] == "wh_in")
+        .map(|d| d.json())
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|v| v["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "message.received",
+            "message.received",
+            "message.received",
+            "message.reaction",
+            "message.edited",
+            "message.revoked"
+        ],
+        "{events:?}"
+    );
+    assert!(events[0]["data"].get("replyTo").is_none_or(|v| v.is_null()));
+    assert_eq!(events[1]["data"]["replyTo"], first.as_str());
+    assert_eq!(events[2]["data"]["kind"], "location");
+    assert!(events[2]["data"]["text"].is_null());
+    assert_eq!(events[3]["data"]["targetMessageId"], first.as_str());
+    assert_eq!(events[3]["data"]["emoji"], "👍");
+    assert_eq!(events[4]["data"]["targetMessageId"], first.as_str());
+    assert_eq!(events[4]["data"]["text"], "first, fixed");
+    assert_eq!(events[5]["data"]["targetMessageId"], reply.as_str());
+}
+
 #[test]
 fn the_send_api_refuses_clearly_and_limits_the_rate() {
     let s = Server::start(&["--send-rate", "3", "--sim-pair-delay", "30s"]);

@@ -150,23 +150,28 @@ impl SimLink {
         &self,
         user_id: &str,
         from: &str,
-        text: &str,
+        arrival: Arrival,
     ) -> Result<InboundMessage, LinkError> {
         let live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
         let (_, connected) = live
             .get(user_id)
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
         let chat = super::chat_jid(from);
+        let text = arrival.text;
         let msg = InboundMessage {
             id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
             from: chat.clone(),
             timestamp_ms: now_ms(),
-            text: Some(text.to_string()),
-            kind: "text".into(),
-            reply_to: None,
-            refers: None,
+            text: text.clone(),
+            kind: arrival.kind.into(),
+            reply_to: arrival.reply_to,
+            refers: arrival.refers,
         };
+        let text = text
+            .as_deref()
+            .filter(|_| msg.refers.is_none())
+            .unwrap_or("");
         let reply = self
             .settings
             .builtin_commands
@@ -179,6 +184,21 @@ impl SimLink {
         }
         Ok(msg)
     }
+}
+
+/// What arrives for a simulated session, shaped as the real link reports it: a text
+/// (`kind` "text"), another kind (`text` `None`), a reaction (`kind` "reaction"), an edit
+/// (`kind` "text", the new text) or a revoke (`kind` "other"), maybe quoting a message.
+#[derive(Debug, Clone, Default)]
+pub struct Arrival {
+    /// The text of a text, or an edit's new text.
+    pub text: Option<String>,
+    /// As `InboundMessage::kind`.
+    pub kind: &'static str,
+    /// The message it quotes.
+    pub reply_to: Option<String>,
+    /// What it does to another message.
+    pub refers: Option<botvisor_actors::Refers>,
 }
 
 /// Numbers with this prefix have no account on the simulated network.

@@ -77,24 +77,27 @@ fn own(message: &MessageRef, what: &str) -> Result<(), ApiError> {
     }
 }
 
+/// One emoji (at most [`MAX_EMOJI`] characters, no spaces or controls), or `""`.
+pub fn emoji_of(v: Option<Value>) -> Result<String, ApiError> {
+    match v {
+        Some(Value::String(e))
+            if e.chars().count() <= MAX_EMOJI
+                && !e.chars().any(|ch| ch.is_control() || ch.is_whitespace()) =>
+        {
+            Ok(e)
+        }
+        _ => Err(ApiError::bad_request(format!(
+            "emoji must be one emoji (at most {MAX_EMOJI} characters, no spaces), or \"\" to remove the reaction"
+        ))),
+    }
+}
+
 pub async fn react(c: Ctx) -> Answer {
     let id = message_id(&c)?;
     let body: ReactionBody = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("emoji is required"))?;
-    let emoji = match body.emoji {
-        Some(Value::String(e))
-            if e.chars().count() <= MAX_EMOJI
-                && !e.chars().any(|ch| ch.is_control() || ch.is_whitespace()) =>
-        {
-            e
-        }
-        _ => {
-            return Err(ApiError::bad_request(format!(
-                "emoji must be one emoji (at most {MAX_EMOJI} characters, no spaces), or \"\" to remove the reaction"
-            )))
-        }
-    };
+    let emoji = emoji_of(body.emoji)?;
     let message = target(&c.app, &c.id, &id).await?;
     if let Some(refused) = over_send_rate(&c.app, &c.id) {
         return Ok(refused);

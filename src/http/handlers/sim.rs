@@ -1,14 +1,20 @@
 //! `POST /api/sim/:id/fault`: inject a fault into a simulated session.
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use botvisor_actors::{Command, Fault, Persistence, SupervisorMsg};
+use botvisor_actors::{Command, Fault, Outgoing, Persistence, Refers, SupervisorMsg};
 
 use super::ask;
+use super::chats::valid_message_id;
+use super::content::{outgoing_of, KINDS};
+use super::message_acts::emoji_of;
+use super::messages::text_of;
 use crate::http::errors::{ApiError, SIM_ONLY};
 use crate::http::request::json_body;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
+use crate::link::sim::Arrival;
 
 #[derive(Deserialize)]
 struct FaultBody {
@@ -56,12 +62,6 @@ pub async fn sent(c: Ctx) -> Answer {
     }))
 }
 
-#[derive(Deserialize)]
-struct InboundBody {
-    from: Option<serde_json::Value>,
-    text: Option<serde_json::Value>,
-}
-
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct Delivered<'a> {
@@ -70,34 +70,30 @@ struct Delivered<'a> {
 }
 
 /// `POST /api/sim/:id/inbound`: a message arrives for a simulated session, as if someone
-/// wrote to the bot (it goes through the session like a real one: webhooks see it).
+/// wrote to the bot (it goes through the session like a real one: webhooks see it). The
+/// body is a send's (`text`, `location`, `contact` or `poll`, `replyTo`) with `from`, or
+/// `from` with one of `reaction` `{messageId, emoji}`, `edit` `{messageId, text}` or
+/// `revoke` `{messageId}`.
 pub async fn inbound(c: Ctx) -> Answer {
     let sim = simulated(&c)?;
     let user_id = c.id.clone();
-    let body: InboundBody = json_body(c.req, false, c.app.request_timeout)
+    let body: serde_json::Map<String, Value> = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("from and text are required"))?;
     let from = body
-        .from
-        .as_ref()
-        .and_then(serde_json::Value::as_str)
+        .get("from")
+        .and_then(Value::as_str)
         .filter(|f| crate::http::handlers::messages::valid_recipient(f))
         .ok_or_else(|| ApiError::bad_request("from must be a phone number (digits) or a JID"))?
         .to_string();
-    let text = body
-        .text
-        .as_ref()
-        .and_then(serde_json::Value::as_str)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| ApiError::bad_request("text must be a non-empty string"))?
-        .to_string();
+    let arrival = arrival_of(&body)?;
     super::must_exist(&c.app, &user_id)?;
     // Refused, not accepted and dropped, when the webhooks are behind.
     if !c.app.store.webhook_room(&user_id) {
         return Ok(ApiError::backlog_full());
     }
     let msg = sim
-        .deliver(&user_id, &from, &text)
+        .deliver(&user_id, &from, arrival)
         .map_err(|e| ApiError::new(hyper::StatusCode::CONFLICT, e.to_string()))?;
     // Its message.received event is on disk before the answer, as the real link keeps a
     // message before it acknowledges it.
@@ -107,6 +103,80 @@ pub async fn inbound(c: Ctx) -> Answer {
         message_id: &msg.id,
         user_id: &user_id,
     }))
+}
+
+/// What acts on another message, besides a message's own content.
+const ACTS: [&str; 3] = ["reaction", "edit", "revoke"];
+
+/// What an inbound body carries, as the real link would report it.
+fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError> {
+    let reply_to = match body.get("replyTo") {
+        None => None,
+        Some(Value::String(id)) if valid_message_id(id) => Some(id.clone()),
+        Some(_) => return Err(ApiError::bad_request("replyTo must be a message id")),
+    };
+    let acts: Vec<&str> = ACTS
+        .iter()
+        .copied()
+        .filter(|k| body.contains_key(*k))
+        .collect();
+    let Some(act) = acts.first() else {
+        let content = outgoing_of(body)?;
+        let kind = content.kind();
+        let text = match content {
+            Outgoing::Text(text) => Some(text),
+            _ => None,
+        };
+        return Ok(Arrival {
+            text,
+            kind,
+            reply_to,
+            refers: None,
+        });
+    };
+    let others = KINDS.iter().any(|k| body.contains_key(*k)) || acts.len() > 1;
+    if others || reply_to.is_some() {
+        return Err(ApiError::bad_request(format!(
+            "{act} comes alone (with from): not with another of {}, {} or replyTo",
+            ACTS.join(", "),
+            KINDS.join(", ")
+        )));
+    }
+    let shape = match *act {
+        "reaction" => r#"{"messageId": "...", "emoji": "👍"}"#,
+        "edit" => r#"{"messageId": "...", "text": "..."}"#,
+        _ => r#"{"messageId": "..."}"#,
+    };
+    let o = body[*act]
+        .as_object()
+        .ok_or_else(|| ApiError::bad_request(format!("{act} must be an object: {shape}")))?;
+    let message_id = o
+        .get("messageId")
+        .and_then(Value::as_str)
+        .filter(|id| valid_message_id(id))
+        .ok_or_else(|| ApiError::bad_request(format!("{act}.messageId must be a message id")))?
+        .to_string();
+    Ok(match *act {
+        "reaction" => Arrival {
+            kind: "reaction",
+            refers: Some(Refers::Reaction {
+                message_id,
+                emoji: emoji_of(o.get("emoji").cloned())?,
+            }),
+            ..Arrival::default()
+        },
+        "edit" => Arrival {
+            text: Some(text_of(o.get("text").cloned())?),
+            kind: "text",
+            refers: Some(Refers::Edit { message_id }),
+            ..Arrival::default()
+        },
+        _ => Arrival {
+            kind: "other",
+            refers: Some(Refers::Revoke { message_id }),
+            ..Arrival::default()
+        },
+    })
 }
 
 fn simulated(c: &Ctx) -> Result<std::sync::Arc<crate::link::sim::SimLink>, ApiError> {
