@@ -1854,7 +1854,7 @@ fn locations_contacts_and_polls_reach_whatsapp() {
 /// What WhatsApp (the peer) sends about other messages reaches the bot as events of their
 /// own: a reply is a `message.received` with `replyTo`; a reaction, to a message the peer
 /// sent and to one the session sent, is a `message.reaction` with `targetMessageId` and
-/// `emoji`.
+/// `emoji`; an edit is a `message.edited` with the new text, a revoke a `message.revoked`.
 #[test]
 fn received_replies_and_reactions_name_their_message() {
     let (peer, s, got) = online_with_webhook("wa_got");
@@ -1896,6 +1896,19 @@ fn received_replies_and_reactions_name_their_message() {
                 emoji: "👍".into(),
             },
         ),
+        (
+            "3EB0GOT0000000000005",
+            Content::Edit {
+                target: first.into(),
+                text: "first, fixed".into(),
+            },
+        ),
+        (
+            "3EB0GOT0000000000006",
+            Content::Revoke {
+                target: "3EB0GOT0000000000002".into(),
+            },
+        ),
     ] {
         peer.command(Command::Send {
             from: "15557654321".into(),
@@ -1909,11 +1922,13 @@ fn received_replies_and_reactions_name_their_message() {
             .into_iter()
             .find(|v| v["data"]["messageId"] == id)
     };
-    wait_until(20, "the three webhooks", || {
+    wait_until(20, "the five webhooks", || {
         [
             "3EB0GOT0000000000002",
             "3EB0GOT0000000000003",
             "3EB0GOT0000000000004",
+            "3EB0GOT0000000000005",
+            "3EB0GOT0000000000006",
         ]
         .iter()
         .all(|id| event(id).is_some())
@@ -1929,6 +1944,16 @@ fn received_replies_and_reactions_name_their_message() {
     let thumb = event("3EB0GOT0000000000004").unwrap();
     assert_eq!(thumb["event"], "message.reaction", "{thumb}");
     assert_eq!(thumb["data"]["targetMessageId"], mine.as_str(), "{thumb}");
+    let edit = event("3EB0GOT0000000000005").unwrap();
+    assert_eq!(edit["event"], "message.edited", "{edit}");
+    assert_eq!(edit["data"]["targetMessageId"], first, "{edit}");
+    assert_eq!(edit["data"]["text"], "first, fixed", "{edit}");
+    let revoke = event("3EB0GOT0000000000006").unwrap();
+    assert_eq!(revoke["event"], "message.revoked", "{revoke}");
+    assert_eq!(
+        revoke["data"]["targetMessageId"], "3EB0GOT0000000000002",
+        "{revoke}"
+    );
     // The reply is itself a message the bot can react to; a reaction is not.
     let r = s.post(
         "/api/sessions/wa_got/messages/3EB0GOT0000000000002/reaction",

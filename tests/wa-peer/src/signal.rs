@@ -227,6 +227,19 @@ pub enum Content {
         /// Who wrote the quoted message (JID).
         author: String,
     },
+    /// A new text for a message the peer's user sent (`protocolMessage` MESSAGE_EDIT).
+    Edit {
+        /// The message edited.
+        target: String,
+        /// Its new text.
+        text: String,
+    },
+    /// The peer's user deletes one of its messages for everyone (`protocolMessage`
+    /// REVOKE).
+    Revoke {
+        /// The message deleted.
+        target: String,
+    },
     /// A reaction to a message of the chat (`""` removes it).
     Reaction {
         /// The message reacted to.
@@ -277,6 +290,38 @@ impl Content {
                 ),
                 ..Default::default()
             },
+            Content::Edit { target, text } => wap::Message {
+                protocol_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ProtocolMessage {
+                        key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
+                            id: Some(target.clone()),
+                            from_me: Some(true),
+                            ..Default::default()
+                        }),
+                        r#type: Some(wap::message::protocol_message::Type::MessageEdit),
+                        edited_message: whatsapp_rust::buffa::MessageField::some(wap::Message {
+                            conversation: Some(text.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::Revoke { target } => wap::Message {
+                protocol_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ProtocolMessage {
+                        key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
+                            id: Some(target.clone()),
+                            from_me: Some(true),
+                            ..Default::default()
+                        }),
+                        r#type: Some(wap::message::protocol_message::Type::Revoke),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
             Content::Reaction {
                 target,
                 target_from_client,
@@ -302,7 +347,8 @@ impl Content {
     /// The stanza's `type`.
     pub fn stanza_type(&self) -> &'static str {
         match self {
-            Content::Text(_) | Content::Reply { .. } => "text",
+            Content::Text(_) | Content::Reply { .. } | Content::Edit { .. } => "text",
+            Content::Revoke { .. } => "text",
             Content::Location { .. } => "media",
             Content::Reaction { .. } => "reaction",
         }
@@ -311,7 +357,11 @@ impl Content {
     /// The `<enc mediatype>`, for media kinds.
     pub fn media_type(&self) -> Option<&'static str> {
         match self {
-            Content::Text(_) | Content::Reply { .. } | Content::Reaction { .. } => None,
+            Content::Text(_)
+            | Content::Reply { .. }
+            | Content::Reaction { .. }
+            | Content::Edit { .. }
+            | Content::Revoke { .. } => None,
             Content::Location { .. } => Some("location"),
         }
     }
