@@ -850,7 +850,11 @@ fn locations_contacts_and_polls_are_sent_and_bad_shapes_refused() {
             "poll",
             "Lunch? 🍕",
         ),
-        (r#"{"to":"15551234567","text":"plain"}"#, "text", "plain"),
+        (
+            r#"{"to":"15551234567","text":"plain @15550002222","mentions":["15550002222","77@lid"]}"#,
+            "text",
+            "plain @15550002222",
+        ),
     ];
     for (body, kind, _) in good {
         let r = s.post("/api/sessions/kinds/messages", Some(body));
@@ -899,6 +903,16 @@ fn locations_contacts_and_polls_are_sent_and_bad_shapes_refused() {
             400,
             "text must be a non-empty string",
         ),
+        (
+            r#"{"to":"15551234567","location":{"latitude":1,"longitude":2},"mentions":["15550002222"]}"#,
+            400,
+            "mentions go with a text",
+        ),
+        (
+            r#"{"to":"15551234567","text":"x","mentions":["120363025246125486@g.us"]}"#,
+            400,
+            "mentions must be a list",
+        ),
     ];
     for (body, status, needle) in bad {
         let r = s.post("/api/sessions/kinds/messages", Some(body));
@@ -920,6 +934,11 @@ fn locations_contacts_and_polls_are_sent_and_bad_shapes_refused() {
     assert_eq!(messages[2]["poll"]["options"][1], "soup");
     assert_eq!(messages[2]["poll"]["selectable"], 1);
     assert!(messages[3].get("poll").is_none() && messages[3].get("location").is_none());
+    assert_eq!(
+        messages[3]["mentions"],
+        serde_json::json!(["15550002222@s.whatsapp.net", "77@lid"])
+    );
+    assert!(messages[0].get("mentions").is_none(), "{}", messages[0]);
 }
 
 #[test]

@@ -534,6 +534,20 @@ fn simulated_inbound_replies_reactions_edits_and_revokes() {
     assert_eq!(events[4]["data"]["targetMessageId"], first.as_str());
     assert_eq!(events[4]["data"]["text"], "first, fixed");
     assert_eq!(events[5]["data"]["targetMessageId"], reply.as_str());
+    assert!(events.iter().all(|v| v["data"].get("mentions").is_none()));
+    inbound(r#"{"from":"15557654321","text":"@15550001111 hi","mentions":["15550001111"]}"#);
+    let got = r.wait(15, "the mention's webhook", |g| {
+        g.iter().any(|d| d.json()["data"]["mentions"].is_array())
+    });
+    let v = got
+        .iter()
+        .map(|d| d.json())
+        .find(|v| v["data"]["mentions"].is_array())
+        .unwrap();
+    assert_eq!(
+        v["data"]["mentions"],
+        serde_json::json!(["15550001111@s.whatsapp.net"])
+    );
 }
 
 #[test]

@@ -1739,6 +1739,18 @@ fn reactions_replies_edits_and_revokes_reach_whatsapp() {
     wait_until(15, "the peer decrypts the reply", || {
         abouts(&peer, theirs).contains(&format!("reply to {theirs} by 15557654321@s.whatsapp.net"))
     });
+    let r = s.post(
+        "/api/sessions/wa_react/messages",
+        Some(&format!(
+            r#"{{"to":"15557654321","text":"@15557654321 see above","replyTo":"{theirs}","mentions":["15557654321","42@lid"]}}"#
+        )),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until(15, "the peer decrypts the mentioning reply", || {
+        abouts(&peer, theirs).contains(&format!(
+            "reply to {theirs} by 15557654321@s.whatsapp.net; mentions 15557654321@s.whatsapp.net,42@lid"
+        ))
+    });
 
     let sent = s.post(
         "/api/sessions/wa_react/messages",
@@ -1897,6 +1909,13 @@ fn received_replies_and_reactions_name_their_message() {
             },
         ),
         (
+            "3EB0GOT0000000000007",
+            Content::Mention {
+                text: "@15551234567 hello".into(),
+                jids: vec!["15551234567@s.whatsapp.net".into()],
+            },
+        ),
+        (
             "3EB0GOT0000000000005",
             Content::Edit {
                 target: first.into(),
@@ -1922,13 +1941,14 @@ fn received_replies_and_reactions_name_their_message() {
             .into_iter()
             .find(|v| v["data"]["messageId"] == id)
     };
-    wait_until(20, "the five webhooks", || {
+    wait_until(20, "the six webhooks", || {
         [
             "3EB0GOT0000000000002",
             "3EB0GOT0000000000003",
             "3EB0GOT0000000000004",
             "3EB0GOT0000000000005",
             "3EB0GOT0000000000006",
+            "3EB0GOT0000000000007",
         ]
         .iter()
         .all(|id| event(id).is_some())
@@ -1944,6 +1964,14 @@ fn received_replies_and_reactions_name_their_message() {
     let thumb = event("3EB0GOT0000000000004").unwrap();
     assert_eq!(thumb["event"], "message.reaction", "{thumb}");
     assert_eq!(thumb["data"]["targetMessageId"], mine.as_str(), "{thumb}");
+    let mention = event("3EB0GOT0000000000007").unwrap();
+    assert_eq!(mention["event"], "message.received", "{mention}");
+    assert_eq!(
+        mention["data"]["mentions"],
+        serde_json::json!(["15551234567@s.whatsapp.net"]),
+        "{mention}"
+    );
+    assert!(reply["data"].get("mentions").is_none(), "{reply}");
     let edit = event("3EB0GOT0000000000005").unwrap();
     assert_eq!(edit["event"], "message.edited", "{edit}");
     assert_eq!(edit["data"]["targetMessageId"], first, "{edit}");

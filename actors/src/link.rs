@@ -117,6 +117,8 @@ pub struct InboundMessage {
     pub kind: String,
     /// The message it answers (quotes), by id.
     pub reply_to: Option<String>,
+    /// Who it mentions (JIDs), in the order it names them.
+    pub mentions: Vec<String>,
     /// What it does to another message (a reaction, an edit, a revoke), if anything.
     pub refers: Option<Refers>,
 }
@@ -301,6 +303,8 @@ pub enum Action {
         content: Outgoing,
         /// The message it answers (quoted).
         reply_to: Option<MessageRef>,
+        /// Who a text mentions (user JIDs).
+        mentions: Vec<String>,
     },
     /// A reaction to a message (`""` removes the session's reaction).
     React {
@@ -507,15 +511,21 @@ pub trait Connection: Send + 'static {
         Box::pin(async { Err(LinkError::new("this link cannot send messages")) })
     }
 
-    /// Sends `content` to `to`; texts go through [`Connection::send_text`], and a link
-    /// that sends more kinds overrides this. Resolves to the network's message id.
+    /// Sends `content` to `to`, quoting `reply_to`, a text mentioning `mentions` (user
+    /// JIDs); texts without mentions go through [`Connection::send_text`], and a link that
+    /// sends more overrides this. Resolves to the network's message id.
     fn send(
         &self,
         to: &str,
         content: &Outgoing,
         reply_to: Option<&MessageRef>,
+        mentions: &[String],
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         match content {
+            Outgoing::Text(_) if !mentions.is_empty() => {
+                let error = LinkError::new("this link cannot mention anyone");
+                Box::pin(async move { Err(error) })
+            }
             Outgoing::Text(text) => self.send_text(to, text, reply_to),
             other => {
                 let error =
@@ -596,8 +606,9 @@ pub trait Connection: Send + 'static {
                 to,
                 content,
                 reply_to,
+                mentions,
             } => {
-                let sending = self.send(&to, &content, reply_to.as_ref());
+                let sending = self.send(&to, &content, reply_to.as_ref(), &mentions);
                 Box::pin(async move { sending.await.map(Done::Sent) })
             }
             Action::React { message, emoji } => {

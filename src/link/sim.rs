@@ -72,6 +72,9 @@ pub struct SentMessage {
     pub text: String,
     /// `text`, `location`, `contact` or `poll`.
     pub kind: &'static str,
+    /// Who a text mentions (JIDs).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mentions: Vec<String>,
     /// The structured part of a message that is not a text, under its kind's name
     /// (`location`, `contact`, `poll`), as in the send body.
     #[serde(flatten)]
@@ -91,13 +94,20 @@ struct Network {
 
 impl Network {
     /// Records a message the session sent; returns its id.
-    fn record_sent(&self, user_id: &str, to: &str, content: &Outgoing) -> String {
+    fn record_sent(
+        &self,
+        user_id: &str,
+        to: &str,
+        content: &Outgoing,
+        mentions: &[String],
+    ) -> String {
         let message = SentMessage {
             message_id: sim_message_id(),
             to: to.to_string(),
             text: content.summary(),
             kind: content.kind(),
-            content: super::content_json(content)
+            mentions: mentions.to_vec(),
+            content: crate::webhooks::content_json(content)
                 .into_iter()
                 .map(|(k, v)| (k.to_string(), v))
                 .collect(),
@@ -166,6 +176,7 @@ impl SimLink {
             text: text.clone(),
             kind: arrival.kind.into(),
             reply_to: arrival.reply_to,
+            mentions: arrival.mentions,
             refers: arrival.refers,
         };
         let text = text
@@ -180,7 +191,7 @@ impl SimLink {
         drop(live);
         if let Some(reply) = reply {
             self.network
-                .record_sent(user_id, &chat, &Outgoing::Text(reply));
+                .record_sent(user_id, &chat, &Outgoing::Text(reply), &[]);
         }
         Ok(msg)
     }
@@ -197,6 +208,8 @@ pub struct Arrival {
     pub kind: &'static str,
     /// The message it quotes.
     pub reply_to: Option<String>,
+    /// Who a text mentions (JIDs).
+    pub mentions: Vec<String>,
     /// What it does to another message.
     pub refers: Option<botvisor_actors::Refers>,
 }
@@ -350,8 +363,11 @@ impl LinkConnection for SimConnection {
         to: &str,
         content: &Outgoing,
         _reply_to: Option<&MessageRef>,
+        mentions: &[String],
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let id = self.network.record_sent(&self.user_id, to, content);
+        let id = self
+            .network
+            .record_sent(&self.user_id, to, content, mentions);
         Box::pin(async move { Ok(id) })
     }
 

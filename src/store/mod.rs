@@ -392,6 +392,8 @@ impl Persistence for Store {
             text: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             reply_to: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            mentions: &'a [String],
             /// The message a reaction, an edit or a revoke is about.
             #[serde(skip_serializing_if = "Option::is_none")]
             target_message_id: Option<&'a str>,
@@ -416,6 +418,7 @@ impl Persistence for Store {
             kind: &msg.kind,
             text: msg.text.as_deref(),
             reply_to: msg.reply_to.as_deref(),
+            mentions: &msg.mentions,
             target_message_id: target.map(String::as_str),
             emoji,
             timestamp: crate::timefmt::iso(msg.timestamp_ms),

@@ -112,7 +112,7 @@ impl Store {
                 serde_json::json!({"userId": user_id, "to": to, "text": text, "error": e.to_string(), "at": at}),
             ),
         };
-        if let Some((key, part)) = crate::link::content_json(content) {
+        if let Some((key, part)) = crate::webhooks::content_json(content) {
             data["kind"] = content.kind().into();
             data[key] = part;
         }

@@ -325,6 +325,29 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// The structured part of a message sent, as webhooks and the simulated network show it:
+/// `location`, `contact` or `poll` with the fields of the send body; `None` for a text.
+pub fn content_json(
+    content: &botvisor_actors::Outgoing,
+) -> Option<(&'static str, serde_json::Value)> {
+    use botvisor_actors::Outgoing;
+    match content {
+        Outgoing::Text(_) => None,
+        Outgoing::Location(l) => Some((
+            "location",
+            serde_json::json!({"latitude": l.latitude, "longitude": l.longitude, "name": l.name, "address": l.address}),
+        )),
+        Outgoing::Contact(c) => Some((
+            "contact",
+            serde_json::json!({"name": c.name, "phone": c.phone}),
+        )),
+        Outgoing::Poll(p) => Some((
+            "poll",
+            serde_json::json!({"question": p.question, "options": p.options, "selectable": p.selectable}),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,42 @@ pub fn outgoing_of(body: &Map<String, Value>) -> Result<Outgoing, ApiError> {
     }
 }
 
+/// Most people one text mentions.
+pub const MENTIONS_MAX: usize = 256;
+
+/// Who a text mentions (`mentions`: phone numbers or user JIDs, `@s.whatsapp.net` or
+/// `@lid`), as JIDs, each once, in order; only a text mentions anyone.
+pub fn mentions_of(body: &Map<String, Value>, content: &Outgoing) -> Result<Vec<String>, ApiError> {
+    let Some(v) = body.get("mentions") else {
+        return Ok(Vec::new());
+    };
+    if !matches!(content, Outgoing::Text(_)) {
+        return Err(ApiError::bad_request("mentions go with a text"));
+    }
+    let bad = || {
+        ApiError::bad_request(format!(
+            "mentions must be a list of at most {MENTIONS_MAX} phone numbers (digits) or user JIDs (@s.whatsapp.net, @lid)"
+        ))
+    };
+    let items = v
+        .as_array()
+        .filter(|a| a.len() <= MENTIONS_MAX)
+        .ok_or_else(bad)?;
+    let mut jids: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let to = item
+            .as_str()
+            .filter(|t| super::messages::valid_recipient(t))
+            .filter(|t| !t.ends_with("@g.us") && !t.ends_with("@newsletter"))
+            .ok_or_else(bad)?;
+        let jid = crate::link::chat_jid(to);
+        if !jids.contains(&jid) {
+            jids.push(jid);
+        }
+    }
+    Ok(jids)
+}
+
 fn object<'a>(v: &'a Value, what: &str, shape: &str) -> Result<&'a Map<String, Value>, ApiError> {
     v.as_object()
         .ok_or_else(|| ApiError::bad_request(format!("{what} must be an object: {shape}")))
@@ -267,6 +303,35 @@ mod tests {
             "poll.selectable",
         );
         bad(json!({"poll": {"options": ["a", "b"]}}), "poll.question");
+    }
+
+    #[test]
+    fn mentions_are_jids_of_a_text() {
+        let body = json!({"text": "hi @15551234567", "mentions": ["15551234567", "42@lid", "15551234567@s.whatsapp.net"]});
+        let body = body.as_object().unwrap();
+        let content = outgoing_of(body).unwrap();
+        assert_eq!(
+            mentions_of(body, &content).unwrap(),
+            ["15551234567@s.whatsapp.net", "42@lid"]
+        );
+        let poll =
+            json!({"poll": {"question": "Q", "options": ["a", "b"]}, "mentions": ["15551234567"]});
+        let poll = poll.as_object().unwrap();
+        let content = outgoing_of(poll).unwrap();
+        assert!(mentions_of(poll, &content).is_err());
+        for bad in [
+            json!("15551234567"),
+            json!(["1@g.us"]),
+            json!(["+1"]),
+            json!([1]),
+        ] {
+            let body = json!({"text": "x", "mentions": bad});
+            let body = body.as_object().unwrap();
+            assert!(
+                mentions_of(body, &Outgoing::Text("x".into())).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

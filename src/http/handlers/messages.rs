@@ -111,6 +111,7 @@ pub async fn send(c: Ctx) -> Answer {
         }
     };
     let content = super::content::outgoing_of(&body)?;
+    let mentions = super::content::mentions_of(&body, &content)?;
     let reply_to = match body.get("replyTo").cloned() {
         None | Some(Value::Null) => None,
         Some(Value::String(id)) if valid_message_id(&id) => Some(id),
@@ -148,6 +149,7 @@ pub async fn send(c: Ctx) -> Answer {
         to: to.clone(),
         content: content.clone(),
         reply_to,
+        mentions,
     };
     let sent = act(&c.app, &c.id, action)
         .await

@@ -7,7 +7,7 @@ use botvisor_actors::{Command, Fault, Outgoing, Persistence, Refers, SupervisorM
 
 use super::ask;
 use super::chats::valid_message_id;
-use super::content::{outgoing_of, KINDS};
+use super::content::{mentions_of, outgoing_of, KINDS};
 use super::message_acts::emoji_of;
 use super::messages::text_of;
 use crate::http::errors::{ApiError, SIM_ONLY};
@@ -122,6 +122,7 @@ fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError
         .collect();
     let Some(act) = acts.first() else {
         let content = outgoing_of(body)?;
+        let mentions = mentions_of(body, &content)?;
         let kind = content.kind();
         let text = match content {
             Outgoing::Text(text) => Some(text),
@@ -131,13 +132,14 @@ fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError
             text,
             kind,
             reply_to,
+            mentions,
             refers: None,
         });
     };
     let others = KINDS.iter().any(|k| body.contains_key(*k)) || acts.len() > 1;
-    if others || reply_to.is_some() {
+    if others || reply_to.is_some() || body.contains_key("mentions") {
         return Err(ApiError::bad_request(format!(
-            "{act} comes alone (with from): not with another of {}, {} or replyTo",
+            "{act} comes alone (with from): not with another of {}, {}, replyTo or mentions",
             ACTS.join(", "),
             KINDS.join(", ")
         )));

@@ -95,18 +95,28 @@ impl Drop for WhatsAppConnection {
 }
 
 impl WhatsAppConnection {
-    /// Sends `text` to `to` with `client`, quoting `reply_to`.
+    /// Sends `text` to `to` with `client`, quoting `reply_to`, mentioning `mentions`.
     fn send_text_as(
         &self,
         client: Arc<Client>,
         to: Result<Jid, LinkError>,
         text: &str,
         reply_to: Option<&MessageRef>,
+        mentions: &[String],
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let message = match reply_to {
-            None => Ok(wa::Message::text(text)),
-            Some(quoted) => {
-                quote(&client, quoted).map(|context| wa::Message::text_with_context(text, context))
+        let message = match (reply_to, mentions) {
+            (None, []) => Ok(wa::Message::text(text)),
+            (quoted, mentions) => {
+                quoted
+                    .map(|quoted| quote(&client, quoted))
+                    .transpose()
+                    .map(|context| {
+                        let context = wa::ContextInfo {
+                            mentioned_jid: mentions.to_vec(),
+                            ..context.unwrap_or_default()
+                        };
+                        wa::Message::text_with_context(text, context)
+                    })
             }
         };
         Box::pin(async move {
@@ -169,7 +179,7 @@ impl LinkConnection for WhatsAppConnection {
         text: &str,
         reply_to: Option<&MessageRef>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        self.send_text_as(self.client.clone(), recipient(to), text, reply_to)
+        self.send_text_as(self.client.clone(), recipient(to), text, reply_to, &[])
     }
 
     fn send(
@@ -177,6 +187,7 @@ impl LinkConnection for WhatsAppConnection {
         to: &str,
         content: &Outgoing,
         reply_to: Option<&MessageRef>,
+        mentions: &[String],
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         use whatsapp_rust::buffa::MessageField;
         let client = self.client.clone();
@@ -209,7 +220,7 @@ impl LinkConnection for WhatsAppConnection {
             }
         });
         match (content, message) {
-            (Outgoing::Text(text), _) => self.send_text_as(client, to, text, reply_to),
+            (Outgoing::Text(text), _) => self.send_text_as(client, to, text, reply_to, mentions),
             (Outgoing::Poll(poll), _) => {
                 let poll = poll.clone();
                 let quoted = reply_to.is_some();

@@ -30,6 +30,7 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
         kind: message_kind(&m.message, text.is_some()).into(),
         reply_to: reply_to(&m.message),
+        mentions: mentions(&m.message),
         refers,
         text,
     })
@@ -77,6 +78,16 @@ fn reply_to(m: &wa::Message) -> Option<String> {
         .as_option()
         .and_then(|e| e.context_info.as_option())
         .and_then(|c| c.stanza_id.clone())
+}
+
+/// Who a text mentions (the JIDs its context names).
+fn mentions(m: &wa::Message) -> Vec<String> {
+    m.get_base_message()
+        .extended_text_message
+        .as_option()
+        .and_then(|e| e.context_info.as_option())
+        .map(|c| c.mentioned_jid.clone())
+        .unwrap_or_default()
 }
 
 /// `ABCD1234` → `ABCD-1234` (as WhatsApp shows it and the LD7 API documents it).

@@ -227,6 +227,13 @@ pub enum Content {
         /// Who wrote the quoted message (JID).
         author: String,
     },
+    /// A text mentioning people (`extendedTextMessage` with `mentionedJid`).
+    Mention {
+        /// The text.
+        text: String,
+        /// Who it mentions (JIDs).
+        jids: Vec<String>,
+    },
     /// A new text for a message the peer's user sent (`protocolMessage` MESSAGE_EDIT).
     Edit {
         /// The message edited.
@@ -283,6 +290,19 @@ impl Content {
                         context_info: whatsapp_rust::buffa::MessageField::some(wap::ContextInfo {
                             stanza_id: Some(quoted.clone()),
                             participant: Some(author.clone()),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::Mention { text, jids } => wap::Message {
+                extended_text_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ExtendedTextMessage {
+                        text: Some(text.clone()),
+                        context_info: whatsapp_rust::buffa::MessageField::some(wap::ContextInfo {
+                            mentioned_jid: jids.clone(),
                             ..Default::default()
                         }),
                         ..Default::default()
@@ -347,7 +367,10 @@ impl Content {
     /// The stanza's `type`.
     pub fn stanza_type(&self) -> &'static str {
         match self {
-            Content::Text(_) | Content::Reply { .. } | Content::Edit { .. } => "text",
+            Content::Text(_)
+            | Content::Reply { .. }
+            | Content::Mention { .. }
+            | Content::Edit { .. } => "text",
             Content::Revoke { .. } => "text",
             Content::Location { .. } => "media",
             Content::Reaction { .. } => "reaction",
@@ -359,6 +382,7 @@ impl Content {
         match self {
             Content::Text(_)
             | Content::Reply { .. }
+            | Content::Mention { .. }
             | Content::Reaction { .. }
             | Content::Edit { .. }
             | Content::Revoke { .. } => None,
@@ -505,13 +529,19 @@ fn about_of(m: &wap::Message) -> Option<String> {
         .extended_text_message
         .as_option()
         .and_then(|e| e.context_info.as_option())
-        .filter(|c| c.stanza_id.is_some())
+        .filter(|c| c.stanza_id.is_some() || !c.mentioned_jid.is_empty())
     {
-        return Some(format!(
-            "reply to {} by {}",
-            c.stanza_id.clone().unwrap_or_default(),
-            c.participant.clone().unwrap_or_default()
-        ));
+        let mut about = Vec::new();
+        if let Some(quoted) = &c.stanza_id {
+            about.push(format!(
+                "reply to {quoted} by {}",
+                c.participant.clone().unwrap_or_default()
+            ));
+        }
+        if !c.mentioned_jid.is_empty() {
+            about.push(format!("mentions {}", c.mentioned_jid.join(",")));
+        }
+        return Some(about.join("; "));
     }
     m.device_sent_message
         .as_option()
