@@ -1,8 +1,8 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 7; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 8; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
 -- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
--- `outbox_lane`, v6 added `outbox_event`, v7 `messages`).
+-- `outbox_lane`, v6 added `outbox_event`, v7 `messages`, v8 `queued`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -75,4 +75,14 @@ CREATE TABLE IF NOT EXISTS messages (
     author  TEXT,
     from_me INTEGER NOT NULL,
     at      INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- Sends waiting in their session's durable outbound queue (v8, `?queue=true`): sent in
+-- key order, paced, and removed in the transaction that writes their message.sent or
+-- message.failed event.
+CREATE TABLE IF NOT EXISTS queued (
+    key        TEXT PRIMARY KEY NOT NULL, -- '<user_id>/<seq, 20 digits>': a session's queue is a range, in order
+    message_id TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    at         INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;

@@ -406,7 +406,11 @@ pub async fn run(
         send_limit: http::ratelimit::SendLimit::new(config.send_rate),
         send_rate: config.send_rate,
         sim,
+        outbound: http::outbound::Outbound::new(config.send_interval),
     });
+    // The sends still queued go on from where they were.
+    let queued = store.queued().await?;
+    app.outbound.resume(&app, queued);
     let local = listener.local_addr().map_err(|source| RunError::Listen {
         addr: format!("{}:{}", config.bind, config.port),
         source,

@@ -8,7 +8,8 @@
 //! SKIPPED (or fails, with BOTVISOR_REQUIRE_POSTGRES=1).
 
 use botvisor::db::{
-    self, Batch, Change, Engine, EventRow, Location, MessageRow, OutboxRow, Outcome, EVENTS_KEPT,
+    self, Batch, Change, Engine, EventRow, Location, MessageRow, OutboxRow, Outcome, QueuedRow,
+    EVENTS_KEPT,
 };
 use botvisor_actors::{SessionRecord, SessionState};
 
@@ -75,6 +76,21 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         message("a", "M1", None, true, 200),
         message("c", "M3", None, true, 300),
     ];
+    let queued_row = |user: &str, seq: u64| QueuedRow {
+        user_id: user.into(),
+        seq,
+        message_id: format!("3EB0{user}{seq}"),
+        body: format!(r#"{{"to":"1555","text":"{user}-{seq}"}}"#),
+        at_ms: 1_000 + seq,
+    };
+    // Out of order, as concurrent sends may commit: the queue reads back in seq order.
+    let queued = [
+        queued_row("a", 2),
+        queued_row("a", 1),
+        queued_row("b", 5),
+        queued_row("c", 3),
+        queued_row("a", 10),
+    ];
     let first = Batch {
         changes: vec![Change::Insert(&a), Change::Insert(&b), Change::Insert(&c)],
         rows: vec![],
@@ -82,8 +98,22 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         outbox: &rows,
         messages: messages.iter().collect(),
         forget_messages_before: None,
+        queued: &queued,
+        dequeued: &[],
     };
     engine.commit(&first).unwrap();
+    let order = |engine: &mut dyn Engine| -> Vec<(String, u64)> {
+        let q = engine.queued().unwrap();
+        q.into_iter().map(|r| (r.user_id, r.seq)).collect()
+    };
+    let want = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        pairs.iter().map(|(u, s)| (u.to_string(), *s)).collect()
+    };
+    assert_eq!(
+        order(engine),
+        want(&[("a", 1), ("a", 2), ("a", 10), ("b", 5), ("c", 3)])
+    );
+    note("queued", format!("{:?}", engine.queued().unwrap()));
     b.state = SessionState::Online;
     b.restarts = 3;
     b.last_seen_at_ms = Some(9_999);
@@ -103,8 +133,15 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         outbox: &[],
         messages: vec![],
         forget_messages_before: Some(1_000),
+        queued: &[],
+        dequeued: &[queued_row("a", 1).key()],
     };
     engine.commit(&second).unwrap();
+    assert_eq!(order(engine), want(&[("a", 2), ("a", 10), ("b", 5)]));
+    note(
+        "queued after one is done and its session deleted",
+        format!("{:?}", engine.queued().unwrap()),
+    );
     note(
         "messages forgotten and deleted with their session",
         format!(

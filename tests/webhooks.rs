@@ -1025,6 +1025,151 @@ fn a_kill_mid_burst_loses_no_confirmed_event() {
     drop(s);
 }
 
+/// The message.sent events of a session's queued sends, first delivery of each event
+/// (a receiver may see a retry), in the order they came: (messageId, event id).
+fn queued_sent(got: &[Delivery], user: &str) -> Vec<(String, String)> {
+    let mut seen = BTreeSet::new();
+    got.iter()
+        .filter(|d| d.kind == "message.sent")
+        .map(|d| (d.json(), d.event_id.clone()))
+        .filter(|(v, _)| v["data"]["userId"] == user && v["data"]["queued"] == true)
+        .filter(|(_, event)| seen.insert(event.clone()))
+        .map(|(v, event)| (v["data"]["messageId"].as_str().unwrap().to_string(), event))
+        .collect()
+}
+
+/// `?queue=true` answers 202 with the id the message will have, once the send is
+/// committed; the session's queue goes out in order, one send per `--send-interval`
+/// (within its jitter), even when queued before the session is online, and each send
+/// ends as one `message.sent` naming that id.
+#[test]
+fn queued_sends_go_out_in_order_paced_and_end_as_events() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(&[&url], &["--send-interval", "200ms"]);
+    assert_eq!(s.create("q1", "15550001111").status, 201);
+    let queue = |body: &str| {
+        let got = s.post("/api/sessions/q1/messages?queue=true", Some(body));
+        assert_eq!(got.status, 202, "{body}: {}", got.body);
+        let v = got.json();
+        assert_eq!(v["message"], "Message queued");
+        assert_eq!(v["queued"], true);
+        v["messageId"].as_str().unwrap().to_string()
+    };
+    // Queued while the session is still pairing.
+    let mut ids = vec![queue(r#"{"to":"15557654321","text":"q-0"}"#)];
+    s.wait_state("q1", "online");
+    for i in 1..6 {
+        ids.push(queue(&format!(r#"{{"to":"15557654321","text":"q-{i}"}}"#)));
+    }
+    ids.push(queue(
+        r#"{"to":"15557654321","location":{"latitude":1.5,"longitude":2.5,"name":"here"}}"#,
+    ));
+    ids.push(queue(
+        r#"{"to":"15557654321","poll":{"question":"Q","options":["a","b"]}}"#,
+    ));
+    let refused = s.post(
+        "/api/sessions/q1/messages?queue=maybe",
+        Some(r#"{"to":"15557654321","text":"x"}"#),
+    );
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    let got = r.wait(20, "every queued send's message.sent", |g| {
+        queued_sent(g, "q1").len() == ids.len()
+    });
+    let sent: Vec<String> = queued_sent(&got, "q1")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(sent, ids, "in the order they were queued");
+    let last = got
+        .iter()
+        .map(|d| d.json())
+        .find(|v| v["data"]["messageId"] == ids[7].as_str())
+        .unwrap();
+    assert_eq!(last["data"]["kind"], "poll");
+    // The network got them in order, under the ids of the 202s, paced.
+    let on_network = s.get("/api/sim/q1/messages").json();
+    let messages = on_network["messages"].as_array().unwrap();
+    let network_ids: Vec<&str> = messages
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap())
+        .collect();
+    assert_eq!(network_ids, ids);
+    let at: Vec<u64> = messages
+        .iter()
+        .map(|m| m["atMs"].as_u64().unwrap())
+        .collect();
+    for pair in at.windows(2) {
+        assert!(
+            pair[1] - pair[0] >= 140,
+            "sends {} ms apart: {at:?}",
+            pair[1] - pair[0]
+        );
+    }
+    // A queued message is remembered by its id like any other: it can be reacted to.
+    let react = s.post(
+        &format!("/api/sessions/q1/messages/{}/reaction", ids[0]),
+        Some(r#"{"emoji":"👍"}"#),
+    );
+    assert_eq!(react.status, 200, "{}", react.body);
+}
+
+/// 100 sends queued, the server killed (-9) while the queue is going out, then started
+/// again: every queued send ends exactly once as `message.sent` (one event id per
+/// message), none fails, and the events come in the order the sends were queued.
+#[test]
+fn queued_sends_survive_kill_9_and_each_ends_once_in_order() {
+    let r = Receiver::start();
+    let url = r.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--webhook-secret",
+        SECRET,
+        "--webhook-url",
+        &url,
+        "--sim-pair-delay",
+        "50ms",
+        "--send-interval",
+        "20ms",
+    ];
+    let mut s = Server::start_in(tmp.path(), &args);
+    assert_eq!(s.create("kq", "15550001111").status, 201);
+    s.wait_state("kq", "online");
+    let ids: Vec<String> = (0..100)
+        .map(|i| {
+            let got = s.post(
+                "/api/sessions/kq/messages?queue=true",
+                Some(&format!(r#"{{"to":"15557654321","text":"kq-{i}"}}"#)),
+            );
+            assert_eq!(got.status, 202, "{}", got.body);
+            got.json()["messageId"].as_str().unwrap().to_string()
+        })
+        .collect();
+    r.wait(20, "some of the queue sent", |g| {
+        queued_sent(g, "kq").len() >= 10
+    });
+    s.kill9();
+    let sent_before = queued_sent(&r.deliveries(), "kq").len();
+    assert!(
+        sent_before < ids.len(),
+        "the kill came before the queue was done"
+    );
+    let _s = Server::start_in(tmp.path(), &args);
+    let got = r.wait(60, "every queued send's message.sent", |g| {
+        queued_sent(g, "kq").len() >= ids.len()
+    });
+    let sent = queued_sent(&got, "kq");
+    let sent_ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(
+        sent_ids, ids,
+        "each once, in order ({sent_before} sent before the kill)"
+    );
+    assert!(
+        !got.iter().any(|d| d.kind == "message.failed"),
+        "no queued send failed"
+    );
+}
+
 #[test]
 fn a_session_can_have_its_own_receiver_besides_the_global_one() {
     let global = Receiver::start();

@@ -1794,7 +1794,7 @@ fn reactions_replies_edits_and_revokes_reach_whatsapp() {
 
 /// A location (quoting a received message), a contact card and a poll go to WhatsApp (the
 /// peer) over Signal as the messages WhatsApp's apps send: the peer decrypts each and
-/// reads its fields.
+/// reads its fields. A queued send goes out under the id its 202 named.
 #[test]
 fn locations_contacts_and_polls_reach_whatsapp() {
     let (peer, s, _) = online_with_webhook("wa_kinds");
@@ -1851,6 +1851,19 @@ fn locations_contacts_and_polls_reach_whatsapp() {
         about(&poll).unwrap(),
         "poll Lunch? [pizza|soup|salad] pick 2"
     );
+    // A queued send reaches WhatsApp under the id its 202 gave.
+    let queued = s.post(
+        "/api/sessions/wa_kinds/messages?queue=true",
+        Some(r#"{"to":"15557654321","text":"queued hello"}"#),
+    );
+    assert_eq!(queued.status, 202, "{}", queued.body);
+    let queued = queued.json()["messageId"].as_str().unwrap().to_string();
+    wait_until(15, "the peer decrypts the queued text", || {
+        peer.stats()
+            .decrypted
+            .iter()
+            .any(|d| d.id == queued && d.text.as_deref() == Some("queued hello"))
+    });
     // A poll is never a reply.
     let r = s.post(
         "/api/sessions/wa_kinds/messages",

@@ -305,6 +305,9 @@ pub enum Action {
         reply_to: Option<MessageRef>,
         /// Who a text mentions (user JIDs).
         mentions: Vec<String>,
+        /// The id the message is to have (a queued send's, given when it was queued);
+        /// `None`: the network's next.
+        message_id: Option<String>,
     },
     /// A reaction to a message (`""` removes the session's reaction).
     React {
@@ -512,18 +515,20 @@ pub trait Connection: Send + 'static {
     }
 
     /// Sends `content` to `to`, quoting `reply_to`, a text mentioning `mentions` (user
-    /// JIDs); texts without mentions go through [`Connection::send_text`], and a link that
-    /// sends more overrides this. Resolves to the network's message id.
+    /// JIDs), under `message_id` when given; plain texts go through
+    /// [`Connection::send_text`], and a link that sends more overrides this. Resolves to
+    /// the network's message id.
     fn send(
         &self,
         to: &str,
         content: &Outgoing,
         reply_to: Option<&MessageRef>,
         mentions: &[String],
+        message_id: Option<&str>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         match content {
-            Outgoing::Text(_) if !mentions.is_empty() => {
-                let error = LinkError::new("this link cannot mention anyone");
+            Outgoing::Text(_) if !mentions.is_empty() || message_id.is_some() => {
+                let error = LinkError::new("this link cannot mention anyone or name its messages");
                 Box::pin(async move { Err(error) })
             }
             Outgoing::Text(text) => self.send_text(to, text, reply_to),
@@ -607,8 +612,15 @@ pub trait Connection: Send + 'static {
                 content,
                 reply_to,
                 mentions,
+                message_id,
             } => {
-                let sending = self.send(&to, &content, reply_to.as_ref(), &mentions);
+                let sending = self.send(
+                    &to,
+                    &content,
+                    reply_to.as_ref(),
+                    &mentions,
+                    message_id.as_deref(),
+                );
                 Box::pin(async move { sending.await.map(Done::Sent) })
             }
             Action::React { message, emoji } => {

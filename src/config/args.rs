@@ -144,6 +144,10 @@ pub struct ServeArgs {
         default_value_t = 20
     )]
     pub send_rate: u32,
+    /// Between two queued sends of a session (`?queue=true`), ±25 % jitter.
+    #[arg(long, env = "BOTVISOR_SEND_INTERVAL", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "2s")]
+    pub send_interval: HumanDuration,
     /// Webhook receiver for every event (state changes, messages); repeatable, or
     /// comma-separated in the environment. Needs --webhook-secret.
     #[arg(long = "webhook-url", env = "BOTVISOR_WEBHOOK_URL", value_name = "URL",

@@ -155,6 +155,8 @@ pub struct Config {
     pub cors_origins: Vec<String>,
     /// Sends per session per minute.
     pub send_rate: u32,
+    /// Between two queued sends of a session.
+    pub send_interval: Duration,
     /// Webhooks, when receivers are set.
     pub webhooks: Option<crate::webhooks::WebhookSettings>,
     /// The network.
@@ -265,6 +267,7 @@ impl Config {
             protect_metrics: args.protect_metrics,
             cors_origins: args.cors_origin.clone(),
             send_rate: args.send_rate,
+            send_interval: args.send_interval.0,
             webhooks: args.webhooks()?,
             link: args.link,
             supervisor: args.supervisor(),

@@ -113,10 +113,53 @@ pub fn message_key(user_id: &str, message_id: &str) -> String {
     format!("{user_id}/{message_id}")
 }
 
-/// The key range of a session's messages, `[start, end)` in byte order.
+/// The key range of a session's messages (and of its queued sends), `[start, end)` in
+/// byte order.
 pub fn message_keys_of(user_id: &str) -> (String, String) {
     // '0' is the byte after '/'.
     (format!("{user_id}/"), format!("{user_id}0"))
+}
+
+/// A send waiting in its session's durable outbound queue (`?queue=true`): sent in `seq`
+/// order, paced, then removed in the transaction that writes its `message.sent` or
+/// `message.failed` event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedRow {
+    /// The session.
+    pub user_id: String,
+    /// Its place in the queue (grows; orders the session's sends).
+    pub seq: u64,
+    /// The id the message has on the network, given when it was queued.
+    pub message_id: String,
+    /// The send's JSON body, as checked when it was queued.
+    pub body: String,
+    /// When it was queued (milliseconds since the epoch).
+    pub at_ms: u64,
+}
+
+impl QueuedRow {
+    /// Its key: `<user_id>/<seq>` with the seq in 20 digits, so a session's queue is one
+    /// key range ([`message_keys_of`]) in send order.
+    pub fn key(&self) -> String {
+        queued_key(&self.user_id, self.seq)
+    }
+
+    /// The row a key and its values make.
+    pub fn from_key(key: &str, message_id: String, body: String, at_ms: u64) -> Option<QueuedRow> {
+        let (user_id, seq) = key.rsplit_once('/')?;
+        Some(QueuedRow {
+            user_id: user_id.to_string(),
+            seq: seq.parse().ok()?,
+            message_id,
+            body,
+            at_ms,
+        })
+    }
+}
+
+/// The key of a queued send (see [`QueuedRow::key`]).
+pub fn queued_key(user_id: &str, seq: u64) -> String {
+    format!("{user_id}/{seq:020}")
 }
 
 /// How long a message is remembered by its id (30 days).
@@ -144,6 +187,10 @@ pub struct Batch<'a> {
     pub messages: Vec<&'a MessageRow>,
     /// Forget messages older than this (milliseconds since the epoch).
     pub forget_messages_before: Option<u64>,
+    /// Sends to add to their sessions' queues.
+    pub queued: &'a [QueuedRow],
+    /// Sends done (sent or failed), by key ([`queued_key`]), taken out of their queues.
+    pub dequeued: &'a [String],
 }
 
 /// A webhook lane: deliveries to one receiver about one session, made in order.
@@ -213,6 +260,8 @@ pub trait Engine: Send {
         user_id: &str,
         message_id: &str,
     ) -> Result<Option<MessageRow>, StorageError>;
+    /// Every queued send, by session then in order.
+    fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError>;
     /// A stored setting.
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError>;
     /// Stores a setting.

@@ -30,7 +30,8 @@ use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
 use super::tables::{Kind, Row, Table, Value};
 use super::{
-    Batch, Change, DeadLetter, Engine, Event, Lane, MessageRow, OutboxHead, Outcome, EVENTS_KEPT,
+    Batch, Change, DeadLetter, Engine, Event, Lane, MessageRow, OutboxHead, Outcome, QueuedRow,
+    EVENTS_KEPT,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -460,7 +461,7 @@ const MIGRATION_LOCK: i64 = 0x626f_7476_726f_7773; // "botvrows"
 const OWNER_LOCK: i64 = 0x626f_7476_6f77_6e72; // "botvownr"
 
 /// The rows' numbered migrations (`bv_schema_version`).
-pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1), (2, MIGRATION_2)];
+pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
 /// prefix (the database may be shared). Times are milliseconds since the epoch.
@@ -520,6 +521,16 @@ CREATE TABLE bv_messages (
     author  TEXT,
     from_me BOOLEAN NOT NULL,
     at      BIGINT NOT NULL
+);
+"#;
+
+/// Migration 3: the sessions' durable outbound queues (schema.sql v8).
+const MIGRATION_3: &str = r#"
+CREATE TABLE bv_queued (
+    key        TEXT COLLATE "C" PRIMARY KEY,
+    message_id TEXT NOT NULL,
+    body       TEXT NOT NULL,
+    at         BIGINT NOT NULL
 );
 "#;
 
@@ -924,10 +935,14 @@ async fn commit(
                     tx.execute(&stmt, &[id]).await?;
                 }
                 let (from, to) = super::message_keys_of(id);
-                let stmt = tx
-                    .prepare_cached("DELETE FROM bv_messages WHERE key >= $1 AND key < $2")
-                    .await?;
-                tx.execute(&stmt, &[&from, &to]).await?;
+                for table in ["bv_messages", "bv_queued"] {
+                    let stmt = tx
+                        .prepare_cached(&format!(
+                            "DELETE FROM {table} WHERE key >= $1 AND key < $2"
+                        ))
+                        .await?;
+                    tx.execute(&stmt, &[&from, &to]).await?;
+                }
             }
         }
     }
@@ -997,6 +1012,21 @@ async fn commit(
             .prepare_cached("DELETE FROM bv_messages WHERE at < $1")
             .await?;
         tx.execute(&stmt, &[&to_i64(before)]).await?;
+    }
+    for q in batch.queued {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bv_queued (key, message_id, body, at) VALUES ($1, $2, $3, $4)",
+            )
+            .await?;
+        tx.execute(&stmt, &[&q.key(), &q.message_id, &q.body, &to_i64(q.at_ms)])
+            .await?;
+    }
+    if !batch.dequeued.is_empty() {
+        let stmt = tx
+            .prepare_cached("DELETE FROM bv_queued WHERE key = ANY($1)")
+            .await?;
+        tx.execute(&stmt, &[&batch.dequeued]).await?;
     }
     tx.commit().await
 }
@@ -1128,6 +1158,27 @@ impl Engine for PgEngine {
                 from_me: r.try_get(2)?,
                 at_ms: to_u64(r.try_get(3)?),
             }))
+        })
+    }
+
+    fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError> {
+        self.run(|c| async move {
+            let rows = c
+                .query(
+                    "SELECT key, message_id, body, at FROM bv_queued ORDER BY key",
+                    &[],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let key: String = r.try_get(0)?;
+                let at: i64 = r.try_get(3)?;
+                if let Some(q) = QueuedRow::from_key(&key, r.try_get(1)?, r.try_get(2)?, at as u64)
+                {
+                    out.push(q);
+                }
+            }
+            Ok(out)
         })
     }
 

@@ -12,12 +12,12 @@ use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 use super::tables::{Row, Table, Value};
 use super::{
     Batch, Change, DeadLetter, Engine, Event, EventRow, Lane, MessageRow, OutboxHead, OutboxRow,
-    Outcome, EVENTS_KEPT,
+    Outcome, QueuedRow, EVENTS_KEPT,
 };
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 7;
+pub const SCHEMA_VERSION: i64 = 8;
 
 /// The sessions table's columns, in the order `write_row` binds them.
 const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
@@ -209,8 +209,12 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         conn.prepare_cached(sql)?.execute([user_id])?;
     }
     let (from, to) = super::message_keys_of(user_id);
-    conn.prepare_cached("DELETE FROM messages WHERE key >= ?1 AND key < ?2")?
-        .execute([from, to])?;
+    for sql in [
+        "DELETE FROM messages WHERE key >= ?1 AND key < ?2",
+        "DELETE FROM queued WHERE key >= ?1 AND key < ?2",
+    ] {
+        conn.prepare_cached(sql)?.execute([&from, &to])?;
+    }
     Ok(())
 }
 
@@ -291,6 +295,16 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
     if let Some(before) = batch.forget_messages_before {
         tx.prepare_cached("DELETE FROM messages WHERE at < ?1")?
             .execute([before as i64])?;
+    }
+    for q in batch.queued {
+        tx.prepare_cached(
+            "INSERT INTO queued (key, message_id, body, at) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![q.key(), q.message_id, q.body, q.at_ms as i64])?;
+    }
+    for key in batch.dequeued {
+        tx.prepare_cached("DELETE FROM queued WHERE key = ?1")?
+            .execute([key])?;
     }
     tx.commit()
 }
@@ -398,6 +412,30 @@ impl Engine for SqliteEngine {
                     })
                 })
                 .optional()
+            })
+            .map_err(self.fail())
+    }
+
+    fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError> {
+        self.conn
+            .prepare_cached("SELECT key, message_id, body, at FROM queued ORDER BY key")
+            .and_then(|mut stmt| {
+                let rows = stmt.query_map([], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get::<_, i64>(3)?,
+                    ))
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+            })
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(|(key, id, body, at)| {
+                        QueuedRow::from_key(&key, id, body, at as u64)
+                    })
+                    .collect()
             })
             .map_err(self.fail())
     }

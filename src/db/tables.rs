@@ -112,6 +112,16 @@ pub const TABLES: &[Table] = &[
         ],
         generated_key: false,
     },
+    Table {
+        name: "queued",
+        columns: &[
+            ("key", Kind::Text),
+            ("message_id", Kind::Text),
+            ("body", Kind::Text),
+            ("at", Kind::Int),
+        ],
+        generated_key: false,
+    },
 ];
 
 /// One value of a row.

@@ -13,6 +13,7 @@ pub mod cors;
 pub mod dashboard;
 pub mod errors;
 pub mod handlers;
+pub mod outbound;
 pub mod ratelimit;
 pub mod request;
 pub mod response;
@@ -78,6 +79,8 @@ pub struct App {
     pub send_rate: u32,
     /// The simulated network, when that is the link (its test endpoints).
     pub sim: Option<Arc<crate::link::sim::SimLink>>,
+    /// The sessions' durable outbound queues.
+    pub outbound: outbound::Outbound,
 }
 
 /// Answers one request.

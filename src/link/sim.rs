@@ -100,9 +100,17 @@ impl Network {
         to: &str,
         content: &Outgoing,
         mentions: &[String],
+        message_id: Option<&str>,
     ) -> String {
+        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let queue = sent.entry(user_id.to_string()).or_default();
+        // A message sent again under its id (a queued send retried after a crash) is the
+        // same message, as on WhatsApp.
+        if let Some(id) = message_id.filter(|id| queue.iter().any(|m| m.message_id == *id)) {
+            return id.to_string();
+        }
         let message = SentMessage {
-            message_id: sim_message_id(),
+            message_id: message_id.map_or_else(sim_message_id, str::to_string),
             to: to.to_string(),
             text: content.summary(),
             kind: content.kind(),
@@ -114,8 +122,6 @@ impl Network {
             at_ms: now_ms(),
         };
         let id = message.message_id.clone();
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        let queue = sent.entry(user_id.to_string()).or_default();
         if queue.len() >= SENT_KEPT {
             queue.pop_front();
         }
@@ -191,7 +197,7 @@ impl SimLink {
         drop(live);
         if let Some(reply) = reply {
             self.network
-                .record_sent(user_id, &chat, &Outgoing::Text(reply), &[]);
+                .record_sent(user_id, &chat, &Outgoing::Text(reply), &[], None);
         }
         Ok(msg)
     }
@@ -364,10 +370,11 @@ impl LinkConnection for SimConnection {
         content: &Outgoing,
         _reply_to: Option<&MessageRef>,
         mentions: &[String],
+        message_id: Option<&str>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         let id = self
             .network
-            .record_sent(&self.user_id, to, content, mentions);
+            .record_sent(&self.user_id, to, content, mentions, message_id);
         Box::pin(async move { Ok(id) })
     }
 

@@ -190,6 +190,16 @@ impl Store {
         });
     }
 
+    /// Queues a send in its session's durable outbound queue; the next flush commits it.
+    pub fn enqueue(&self, row: db::QueuedRow) {
+        self.queue.enqueue(row);
+    }
+
+    /// Every send still queued (at boot), by session then in order.
+    pub async fn queued(&self) -> Result<Vec<db::QueuedRow>, StorageError> {
+        self.on_reader(|conn| conn.queued()).await
+    }
+
     /// A message the session sent or received, by its id (still queued, or committed).
     pub async fn message(
         &self,

@@ -91,15 +91,60 @@ impl Store {
         content: &botvisor_actors::Outgoing,
         result: &Result<&String, E>,
     ) {
+        if let Some((kind, data)) = self.message_event_data(user_id, to, content, result, None) {
+            self.webhook(user_id, kind, &data);
+        }
+    }
+
+    /// A queued send is done (`Ok`: sent with its id; `Err`: failed for good): it leaves
+    /// its queue in the transaction that writes its `message.sent` or `message.failed`
+    /// event (whose id comes from the message's, so a send retried after a crash is the
+    /// same event), and a sent message is remembered by its id (in `chat`, the JID `to`
+    /// names).
+    pub fn queued_done<E: std::fmt::Display>(
+        &self,
+        row: &crate::db::QueuedRow,
+        (to, chat): (&str, &str),
+        content: &botvisor_actors::Outgoing,
+        result: &Result<&String, E>,
+    ) {
+        let queued = Some(row.message_id.as_str());
+        let deliveries = match self.message_event_data(&row.user_id, to, content, result, queued) {
+            Some((kind, data)) => {
+                let event_id =
+                    crate::webhooks::derived_event_id(&[&row.user_id, "queued", &row.message_id]);
+                self.webhook_rows(&row.user_id, kind, &data, event_id)
+            }
+            None => Vec::new(),
+        };
+        let sent = result.is_ok().then(|| crate::db::MessageRow {
+            user_id: row.user_id.clone(),
+            message_id: row.message_id.clone(),
+            chat: chat.to_string(),
+            author: None,
+            from_me: true,
+            at_ms: botvisor_actors::now_ms(),
+        });
+        self.queue.dequeue(row.key(), deliveries, sent);
+    }
+
+    /// Counts a send and makes its event's kind and data (`None` without webhooks). A
+    /// queued send's (`queued`: its id) says so, and its failure names the id too.
+    fn message_event_data<E: std::fmt::Display>(
+        &self,
+        user_id: &str,
+        to: &str,
+        content: &botvisor_actors::Outgoing,
+        result: &Result<&String, E>,
+        queued: Option<&str>,
+    ) -> Option<(&'static str, String)> {
         if let Some(m) = &self.config.messages {
             match result {
                 Ok(_) => m.sent.inc(),
                 Err(_) => m.failed.inc(),
             };
         }
-        if self.webhooks.is_none() {
-            return;
-        }
+        self.webhooks.as_ref()?;
         let at = crate::timefmt::iso(botvisor_actors::now_ms());
         let text = content.summary();
         let (kind, mut data) = match result {
@@ -116,7 +161,11 @@ impl Store {
             data["kind"] = content.kind().into();
             data[key] = part;
         }
-        self.webhook(user_id, kind, &data.to_string());
+        if let Some(id) = queued {
+            data["messageId"] = id.into();
+            data["queued"] = true.into();
+        }
+        Some((kind, data.to_string()))
     }
 
     /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Err` when no

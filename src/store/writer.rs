@@ -17,7 +17,9 @@ use tokio::sync::oneshot;
 use botvisor_actors::{SessionRecord, StorageError};
 
 use super::backup::Backups;
-use crate::db::{Batch, Change, Engine, EventRow, MessageRow, OutboxRow, MESSAGES_KEPT_MS};
+use crate::db::{
+    Batch, Change, Engine, EventRow, MessageRow, OutboxRow, QueuedRow, MESSAGES_KEPT_MS,
+};
 
 /// State-change events held while the disk is failing; older ones are dropped past this.
 const EVENTS_QUEUED_MAX: usize = 200_000;
@@ -55,6 +57,10 @@ struct Pending {
     /// Messages to remember, and since when the oldest waits (see [`MESSAGES_WAIT`]).
     messages: VecDeque<MessageRow>,
     messages_since: Option<Instant>,
+    /// Sends to add to their sessions' outbound queues.
+    queued: Vec<QueuedRow>,
+    /// Queued sends done, by key, taken out with the events queued with them.
+    dequeued: Vec<String>,
     closing: bool,
     /// Why the last commit failed, until one succeeds: a flush asked meanwhile is
     /// answered at once (a full or read-only disk is a prompt 507/503, not a wait for the
@@ -73,6 +79,8 @@ impl Pending {
             || !self.dirty.is_empty()
             || !self.events.is_empty()
             || !self.outbox.is_empty()
+            || !self.queued.is_empty()
+            || !self.dequeued.is_empty()
     }
 
     /// Whether the messages to remember have waited long enough (or are many enough).
@@ -95,6 +103,7 @@ impl Pending {
     fn forget(&mut self, user_id: &str) {
         self.dirty.remove(user_id);
         self.events.retain(|e| e.user_id != user_id);
+        self.queued.retain(|q| q.user_id != user_id);
     }
 }
 
@@ -165,6 +174,31 @@ impl Queue {
         if wake {
             self.ready.notify_one();
         }
+    }
+
+    /// Queues a send for its session's durable outbound queue.
+    pub fn enqueue(&self, row: QueuedRow) {
+        let mut p = self.lock();
+        p.queued.push(row);
+        drop(p);
+        self.ready.notify_one();
+    }
+
+    /// Takes a queued send (by key) out of its queue, with its event's deliveries in the
+    /// same transaction, and queues the message to remember (if it was sent).
+    pub fn dequeue(&self, key: String, deliveries: Vec<OutboxRow>, sent: Option<MessageRow>) {
+        let mut p = self.lock();
+        p.dequeued.push(key);
+        p.outbox.extend(deliveries);
+        if let Some(row) = sent {
+            if p.messages.len() >= MESSAGES_QUEUED_MAX {
+                p.messages.pop_front();
+            }
+            p.messages.push_back(row);
+            p.messages_since.get_or_insert_with(Instant::now);
+        }
+        drop(p);
+        self.ready.notify_one();
     }
 
     /// A message to remember that is still queued.
@@ -292,6 +326,16 @@ impl Queue {
         let mut outbox = batch.outbox;
         outbox.append(&mut p.outbox);
         p.outbox = outbox;
+        let mut queued: Vec<QueuedRow> = batch
+            .queued
+            .into_iter()
+            .filter(|q| !touched.contains(&q.user_id))
+            .collect();
+        queued.append(&mut p.queued);
+        p.queued = queued;
+        let mut dequeued = batch.dequeued;
+        dequeued.append(&mut p.dequeued);
+        p.dequeued = dequeued;
         let mut messages = batch.messages;
         messages.append(&mut p.messages);
         let over = messages.len().saturating_sub(MESSAGES_QUEUED_MAX);
@@ -320,6 +364,8 @@ impl Pending {
             outbox: &self.outbox,
             messages: self.messages.iter().collect(),
             forget_messages_before,
+            queued: &self.queued,
+            dequeued: &self.dequeued,
         }
     }
 }

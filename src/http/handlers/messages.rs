@@ -9,10 +9,11 @@ use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
 
-use botvisor_actors::{Action, Done, MessageRef, Persistence};
+use botvisor_actors::{Action, Done, MessageRef, Outgoing, Persistence};
 
 use super::chats::valid_message_id;
 use super::{act, wrong_answer};
+use crate::db::QueuedRow;
 use crate::http::errors::ApiError;
 use crate::http::request::{json_body, valid_phone};
 use crate::http::response::{json_response, Body, Success};
@@ -31,6 +32,9 @@ struct Sent<'a> {
     to: &'a str,
     /// `text`, `location`, `contact` or `poll`.
     kind: &'static str,
+    /// Queued (`?queue=true`), not sent yet.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    queued: bool,
 }
 
 /// A phone number's digits, or a JID (`<digits>@s.whatsapp.net`, `...@g.us`, `...@lid`).
@@ -97,7 +101,22 @@ pub fn over_send_rate(app: &App, user_id: &str) -> Option<Response<Body>> {
     Some(resp)
 }
 
+/// `?queue=true` (or `1`): the send goes to the session's durable outbound queue.
+fn wants_queue(uri: &hyper::Uri) -> Result<bool, ApiError> {
+    let asked = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("queue="));
+    match asked {
+        None | Some("false") | Some("0") => Ok(false),
+        Some("true") | Some("1") => Ok(true),
+        Some(_) => Err(ApiError::bad_request("queue must be true or false")),
+    }
+}
+
 pub async fn send(c: Ctx) -> Answer {
+    let queue = wants_queue(c.req.uri())?;
     let body: serde_json::Map<String, Value> = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
@@ -138,6 +157,9 @@ pub async fn send(c: Ctx) -> Answer {
             }
         })?),
     };
+    if queue {
+        return enqueue(&c.app, &c.id, body, &to, &content).await;
+    }
     if let Some(refused) = over_send_rate(&c.app, &c.id) {
         return Ok(refused);
     }
@@ -150,6 +172,7 @@ pub async fn send(c: Ctx) -> Answer {
         content: content.clone(),
         reply_to,
         mentions,
+        message_id: None,
     };
     let sent = act(&c.app, &c.id, action)
         .await
@@ -176,6 +199,45 @@ pub async fn send(c: Ctx) -> Answer {
             user_id: &c.id,
             to: &to,
             kind,
+            queued: false,
+        }),
+    ))
+}
+
+/// 202 once the send is committed to the session's outbound queue, with the id its
+/// message will have. The queue paces it (`--send-interval`), so no `--send-rate` token
+/// is taken.
+async fn enqueue(
+    app: &std::sync::Arc<App>,
+    user_id: &str,
+    body: serde_json::Map<String, Value>,
+    to: &str,
+    content: &Outgoing,
+) -> Answer {
+    if !app.store.webhook_room(user_id) {
+        return Ok(ApiError::backlog_full());
+    }
+    let row = QueuedRow {
+        user_id: user_id.to_string(),
+        seq: app.outbound.next_seq(),
+        message_id: crate::http::outbound::new_message_id(),
+        body: Value::Object(body).to_string(),
+        at_ms: botvisor_actors::now_ms(),
+    };
+    app.store.enqueue(row.clone());
+    // Committed before the 202: a kill right after loses nothing.
+    app.store.flush().await?;
+    let message_id = row.message_id.clone();
+    app.outbound.push(app, row);
+    Ok(json_response(
+        StatusCode::ACCEPTED,
+        &Success::new(&Sent {
+            message: "Message queued",
+            message_id: &message_id,
+            user_id,
+            to,
+            kind: content.kind(),
+            queued: true,
         }),
     ))
 }

@@ -94,39 +94,86 @@ impl Drop for WhatsAppConnection {
     }
 }
 
-impl WhatsAppConnection {
-    /// Sends `text` to `to` with `client`, quoting `reply_to`, mentioning `mentions`.
-    fn send_text_as(
-        &self,
-        client: Arc<Client>,
-        to: Result<Jid, LinkError>,
-        text: &str,
-        reply_to: Option<&MessageRef>,
-        mentions: &[String],
-    ) -> BoxFuture<'static, Result<String, LinkError>> {
-        let message = match (reply_to, mentions) {
-            (None, []) => Ok(wa::Message::text(text)),
-            (quoted, mentions) => {
-                quoted
-                    .map(|quoted| quote(&client, quoted))
-                    .transpose()
-                    .map(|context| {
-                        let context = wa::ContextInfo {
-                            mentioned_jid: mentions.to_vec(),
-                            ..context.unwrap_or_default()
-                        };
-                        wa::Message::text_with_context(text, context)
-                    })
-            }
-        };
-        Box::pin(async move {
-            client
-                .send_message(to?, message?)
-                .await
-                .map(|sent| sent.message_id)
-                .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
-        })
+/// A text quoting `reply_to` and mentioning `mentions` (a plain text without either).
+fn text_message(
+    client: &Client,
+    text: &str,
+    reply_to: Option<&MessageRef>,
+    mentions: &[String],
+) -> Result<wa::Message, LinkError> {
+    if reply_to.is_none() && mentions.is_empty() {
+        return Ok(wa::Message::text(text));
     }
+    let context = reply_to.map(|quoted| quote(client, quoted)).transpose()?;
+    let context = wa::ContextInfo {
+        mentioned_jid: mentions.to_vec(),
+        ..context.unwrap_or_default()
+    };
+    Ok(wa::Message::text_with_context(text, context))
+}
+
+/// Sends a message, under `message_id` when one is given (a queued send's: sent again
+/// after a crash, it is the same message to WhatsApp).
+fn deliver(
+    client: Arc<Client>,
+    to: Result<Jid, LinkError>,
+    message: Result<wa::Message, LinkError>,
+    message_id: Option<String>,
+) -> BoxFuture<'static, Result<String, LinkError>> {
+    Box::pin(async move {
+        let options = match message_id {
+            Some(id) => whatsapp_rust::SendOptions::default().with_message_id(id),
+            None => whatsapp_rust::SendOptions::default(),
+        };
+        client
+            .send_message_with_options(to?, message?, options)
+            .await
+            .map(|sent| sent.message_id)
+            .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
+    })
+}
+
+/// A poll as WhatsApp's apps (and whatsapp-rust's `polls().create`) write it: version 3
+/// for a single choice, 1 for several, with a fresh 32-byte secret (voters derive their
+/// vote keys from it; botvisor does not count votes, so it is not kept). Built here so a
+/// queued poll goes out under the id its 202 gave.
+fn poll_message(poll: &botvisor_actors::Poll) -> Result<wa::Message, LinkError> {
+    use whatsapp_rust::buffa::MessageField;
+    let mut secret = vec![0u8; 32];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut secret)
+        .map_err(|_| LinkError::new("no randomness for the poll's secret"))?;
+    let creation = wa::message::PollCreationMessage {
+        name: Some(poll.question.clone()),
+        options: poll
+            .options
+            .iter()
+            .map(|name| wa::message::poll_creation_message::Option {
+                option_name: Some(name.clone()),
+                option_hash: None,
+            })
+            .collect(),
+        selectable_options_count: Some(poll.selectable),
+        poll_content_type: Some(wa::message::PollContentType::TEXT),
+        ..Default::default()
+    };
+    let mut message = if poll.selectable == 1 {
+        wa::Message {
+            poll_creation_message_v3: MessageField::some(creation),
+            ..Default::default()
+        }
+    } else {
+        wa::Message {
+            poll_creation_message: MessageField::some(creation),
+            ..Default::default()
+        }
+    };
+    message.message_context_info = MessageField::some(wa::MessageContextInfo {
+        message_secret: Some(secret),
+        ..Default::default()
+    });
+    Ok(message)
 }
 
 /// A contact card as WhatsApp's apps write it: vCard 3.0 with the number's WhatsApp id.
@@ -179,7 +226,8 @@ impl LinkConnection for WhatsAppConnection {
         text: &str,
         reply_to: Option<&MessageRef>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
-        self.send_text_as(self.client.clone(), recipient(to), text, reply_to, &[])
+        let message = text_message(&self.client, text, reply_to, &[]);
+        deliver(self.client.clone(), recipient(to), message, None)
     }
 
     fn send(
@@ -188,6 +236,7 @@ impl LinkConnection for WhatsAppConnection {
         content: &Outgoing,
         reply_to: Option<&MessageRef>,
         mentions: &[String],
+        message_id: Option<&str>,
     ) -> BoxFuture<'static, Result<String, LinkError>> {
         use whatsapp_rust::buffa::MessageField;
         let client = self.client.clone();
@@ -219,32 +268,20 @@ impl LinkConnection for WhatsAppConnection {
                 }),
             }
         });
+        let message_id = message_id.map(str::to_string);
         match (content, message) {
-            (Outgoing::Text(text), _) => self.send_text_as(client, to, text, reply_to, mentions),
-            (Outgoing::Poll(poll), _) => {
-                let poll = poll.clone();
-                let quoted = reply_to.is_some();
-                Box::pin(async move {
-                    if quoted {
-                        return Err(LinkError::new("a poll cannot be sent as a reply"));
-                    }
-                    // The poll's secret (needed to read votes) is not kept: botvisor
-                    // does not count votes yet.
-                    client
-                        .polls()
-                        .create(to?, &poll.question, &poll.options, poll.selectable)
-                        .await
-                        .map(|(sent, _secret)| sent.message_id)
-                        .map_err(|e| LinkError::new(format!("WhatsApp did not take the poll: {e}")))
-                })
+            (Outgoing::Text(text), _) => {
+                let message = text_message(&client, text, reply_to, mentions);
+                deliver(client, to, message, message_id)
             }
-            (_, message) => Box::pin(async move {
-                client
-                    .send_message(to?, message?.expect("a location or a contact"))
-                    .await
-                    .map(|sent| sent.message_id)
-                    .map_err(|e| LinkError::new(format!("WhatsApp did not take the message: {e}")))
-            }),
+            (Outgoing::Poll(_), _) if reply_to.is_some() => {
+                Box::pin(async { Err(LinkError::new("a poll cannot be sent as a reply")) })
+            }
+            (Outgoing::Poll(poll), _) => deliver(client, to, poll_message(poll), message_id),
+            (_, message) => {
+                let message = message.map(|m| m.expect("a location or a contact"));
+                deliver(client, to, message, message_id)
+            }
         }
     }
 
