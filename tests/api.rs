@@ -1025,7 +1025,7 @@ fn messages_are_reacted_to_edited_revoked_and_answered_by_id() {
             "/api/sessions/ra/messages",
             Some(r#"{"to":"15551234567","text":"x","replyTo":"3EB0FFFFFFFF"}"#),
         )
-        .error(400);
+        .error(404);
     assert!(msg.starts_with("replyTo: Message 3EB0FFFFFFFF"), "{msg}");
     let msg = s
         .post(

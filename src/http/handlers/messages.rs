@@ -149,9 +149,10 @@ pub async fn send(c: Ctx) -> Answer {
     super::must_exist(&c.app, &c.id)?;
     let reply_to = match reply_to {
         None => None,
+        // 404 like the message routes: the message named does not exist here.
         Some(id) => Some(known_message(&c.app, &c.id, &id).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
-                ApiError::bad_request(format!("replyTo: {}", e.message))
+                ApiError::new(StatusCode::NOT_FOUND, format!("replyTo: {}", e.message))
             } else {
                 e
             }
