@@ -21,7 +21,7 @@ use super::{
 #[derive(Default)]
 struct Got {
     times: HashMap<String, u32>,
-    /// Deliveries of `message.received`, with the time each arrived.
+    /// Deliveries of `message.received` (and `message.sent`), with the time each arrived.
     at: Vec<Instant>,
 }
 
@@ -71,7 +71,7 @@ fn serve(conn: TcpStream, got: &Mutex<Got>) {
             return;
         }
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        if v["event"] == "message.received" {
+        if v["event"] == "message.received" || v["event"] == "message.sent" {
             if let Some(id) = v["data"]["messageId"].as_str() {
                 let mut g = lock(got);
                 *g.times.entry(id.to_string()).or_default() += 1;
@@ -96,6 +96,21 @@ struct Burst {
 }
 
 fn burst(base: &str, sessions: usize, clients: usize, secs: u64) -> Burst {
+    burst_of(clients, secs, &|i| {
+        (
+            format!("{base}/api/sim/bench_{}/inbound", i % sessions),
+            format!(r#"{{"from":"15557654321","text":"burst {i}"}}"#),
+        )
+    })
+}
+
+/// `clients` clients post the `i`th request `request(i)` (URL, body) as fast as they are
+/// answered, for `secs` seconds; a 2xx's `messageId` is what was accepted.
+fn burst_of(
+    clients: usize,
+    secs: u64,
+    request: &(dyn Fn(usize) -> (String, String) + Sync),
+) -> Burst {
     let stop = AtomicBool::new(false);
     let next = AtomicUsize::new(0);
     let out = Mutex::new(Burst::default());
@@ -107,10 +122,9 @@ fn burst(base: &str, sessions: usize, clients: usize, secs: u64) -> Burst {
                 let mut mine = Burst::default();
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let url = format!("{base}/api/sim/bench_{}/inbound", i % sessions);
-                    let body = format!(r#"{{"from":"15557654321","text":"burst {i}"}}"#);
+                    let (url, body) = request(i);
                     match post(&a, &url, &body) {
-                        Ok((200 | 201, text)) => {
+                        Ok((200..=202, text)) => {
                             let v: serde_json::Value =
                                 serde_json::from_str(&text).unwrap_or_default();
                             match v["messageId"].as_str() {
@@ -255,4 +269,140 @@ fn print_burst(
         "accepted but never delivered / delivered twice",
         format!("{missing} / {twice}"),
     );
+}
+
+/// The send burst (`--send-burst SECS`): on a server of its own with signed webhooks,
+/// `--inbound-sessions` sessions, `--inbound-clients` clients send as fast as they are
+/// answered, first directly (201: sent), then queued (`?queue=true`, 202: committed to
+/// the queue, sent later at `--send-interval` 1ms, so the queues drain as fast as they
+/// can). It prints sends per second accepted each way, and how fast the queued ones went
+/// out (as `message.sent` webhooks) and whether any was lost or sent twice.
+pub(super) fn send_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
+    let args = ctx.args;
+    let (secs, sessions) = (args.send_burst, args.inbound_sessions.max(1));
+    println!(
+        "\n== send burst: {sessions} sessions, {} clients, {secs} s direct then {secs} s queued",
+        args.inbound_clients
+    );
+    let (url, got) = receiver()?;
+    let extra: Vec<String> = [
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        "bench-webhook-secret-0123456789",
+        "--webhook-backlog-max",
+        &args.inbound_backlog_max.to_string(),
+        "--send-rate",
+        "1000000",
+        "--send-interval",
+        "1ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let data = ctx.work.join("data-sends");
+    let server = spawn_server(&ServerSpec {
+        database_url: None,
+        bin: &ctx.bin,
+        data: &data,
+        pair_delay: &args.pair_delay,
+        nofile: Nofile::Raise,
+        extra: &extra,
+        log: ctx.work.join("server-sends.log"),
+    })?;
+    let base = server.base.clone();
+    let c = create_sessions(&base, sessions, args.clients);
+    if c.created < sessions {
+        return Err(format!(
+            "send burst: {} of {sessions} sessions created",
+            c.created
+        ));
+    }
+    wait_online(
+        &ctx.api,
+        &base,
+        sessions,
+        Instant::now(),
+        Duration::from_secs(120),
+    )
+    .ok_or("send burst: the sessions did not come online")?;
+    let per_s = |n: usize, d: Duration| format!("{:.0}/s", n as f64 / d.as_secs_f64().max(1e-9));
+    let send = |query: &'static str| {
+        let base = base.clone();
+        move |i: usize| {
+            (
+                format!("{base}/api/sessions/bench_{}/messages{query}", i % sessions),
+                format!(r#"{{"to":"15557654321","text":"send {i}"}}"#),
+            )
+        }
+    };
+    let start = Instant::now();
+    let direct = burst_of(args.inbound_clients, secs, &send(""));
+    let direct_time = start.elapsed();
+    report.row(
+        "sends accepted, direct (201: sent, event committed)",
+        format!(
+            "{} ({}; refused {}, other {})",
+            direct.accepted.len(),
+            per_s(direct.accepted.len(), direct_time),
+            direct.refused,
+            direct.other
+        ),
+    );
+    let start = Instant::now();
+    let queued = burst_of(args.inbound_clients, secs, &send("?queue=true"));
+    let queued_time = start.elapsed();
+    report.row(
+        "sends accepted, queued (202: committed to the queue)",
+        format!(
+            "{} ({}; refused {}, other {})",
+            queued.accepted.len(),
+            per_s(queued.accepted.len(), queued_time),
+            queued.refused,
+            queued.other
+        ),
+    );
+    // Drained: every queued send's message.sent delivered, or nothing new for 10 s.
+    let mut last = (0, Instant::now());
+    let drained = loop {
+        let g = lock(&got);
+        let n = g.at.len();
+        if queued.accepted.iter().all(|id| g.times.contains_key(id)) {
+            break Some(start.elapsed());
+        }
+        drop(g);
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let g = lock(&got);
+    match drained {
+        Some(t) => report.row(
+            "every queued send sent (message.sent delivered), from the queued burst's start",
+            format!(
+                "{:.1} s ({})",
+                t.as_secs_f64(),
+                per_s(queued.accepted.len(), t)
+            ),
+        ),
+        None => report.row("every queued send sent", "NO: stalled for 10 s"),
+    }
+    let missing = queued
+        .accepted
+        .iter()
+        .filter(|id| !g.times.contains_key(*id))
+        .count();
+    let twice = queued
+        .accepted
+        .iter()
+        .filter(|id| g.times.get(*id).is_some_and(|n| *n > 1))
+        .count();
+    report.row(
+        "queued but never sent / sent event delivered twice",
+        format!("{missing} / {twice}"),
+    );
+    Ok(())
 }

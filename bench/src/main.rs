@@ -105,6 +105,10 @@ struct Args {
     /// Run the inbound burst only (no fleet phases).
     #[arg(long)]
     only_inbound: bool,
+    /// Seconds of each half of the send burst (direct sends, then queued ones; the inbound
+    /// burst's sessions and clients); 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    send_burst: u64,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1091,6 +1095,12 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     };
 
     if args.only_inbound {
+        if args.send_burst > 0 {
+            inbound::send_burst(&ctx, report)?;
+        }
+        if args.inbound_burst == 0 {
+            return Ok(());
+        }
         return inbound::inbound_burst(&ctx, report);
     }
 
@@ -1132,6 +1142,9 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
     }
 
     // ---- 7. Inbound burst to signed webhooks.
+    if args.send_burst > 0 {
+        inbound::send_burst(&ctx, report)?;
+    }
     if args.inbound_burst > 0 {
         inbound::inbound_burst(&ctx, report)?;
     }
