@@ -1170,6 +1170,89 @@ fn queued_sends_survive_kill_9_and_each_ends_once_in_order() {
     );
 }
 
+/// `--webhook-events message.received`: the global receiver gets the messages received
+/// and nothing else (no state change, no send), and the outbox holds no row for the rest
+/// (seen with a receiver that is down, so rows stay). A misspelt event refuses to start.
+#[test]
+fn a_receiver_filtered_to_received_messages_gets_nothing_else() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(&[&url], &["--webhook-events", "message.received"]);
+    assert_eq!(s.create("f1", "15550001111").status, 201);
+    s.wait_state("f1", "online");
+    let sent = s.post(
+        "/api/sessions/f1/messages",
+        Some(r#"{"to":"15557654321","text":"out"}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    for text in ["one", "two"] {
+        let got = s.post(
+            "/api/sim/f1/inbound",
+            Some(&format!(r#"{{"from":"15557654321","text":"{text}"}}"#)),
+        );
+        assert_eq!(got.status, 200, "{}", got.body);
+    }
+    r.wait(15, "two message.received", |g| {
+        g.iter().filter(|d| d.kind == "message.received").count() == 2
+    });
+    // The sends' and states' events would have come long before the received ones.
+    std::thread::sleep(Duration::from_millis(500));
+    let kinds: BTreeSet<String> = r.deliveries().iter().map(|d| d.kind.clone()).collect();
+    assert_eq!(kinds, BTreeSet::from(["message.received".to_string()]));
+
+    let tmp = tempfile::tempdir().unwrap();
+    let down = Server::start_in(
+        tmp.path(),
+        &[
+            "--webhook-secret",
+            SECRET,
+            "--webhook-url",
+            "http://127.0.0.1:9/down",
+            "--webhook-events",
+            "message.*",
+            "--sim-pair-delay",
+            "50ms",
+        ],
+    );
+    assert_eq!(down.create("f2", "15550001111").status, 201);
+    down.wait_state("f2", "online");
+    let got = down.post(
+        "/api/sim/f2/inbound",
+        Some(r#"{"from":"15557654321","text":"kept"}"#),
+    );
+    assert_eq!(got.status, 200, "{}", got.body);
+    let rows = common::committed_rows(
+        tmp.path(),
+        "SELECT kind FROM outbox ORDER BY id",
+        "SELECT kind FROM bv_outbox ORDER BY id",
+    );
+    let kinds: Vec<String> = rows.into_iter().filter_map(|r| r[0].clone()).collect();
+    assert_eq!(
+        kinds,
+        ["message.received"],
+        "no row for the session's states"
+    );
+    drop(down);
+
+    let refused = common::serve_command(
+        tmp.path(),
+        "0",
+        &[
+            "--webhook-secret",
+            SECRET,
+            "--webhook-url",
+            "http://127.0.0.1:9/down",
+            "--webhook-events",
+            "message.recieved",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(refused.status.code(), Some(2), "a configuration error");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("'message.recieved' names no event"), "{err}");
+}
+
 #[test]
 fn a_session_can_have_its_own_receiver_besides_the_global_one() {
     let global = Receiver::start();

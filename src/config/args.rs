@@ -153,6 +153,15 @@ pub struct ServeArgs {
     #[arg(long = "webhook-url", env = "BOTVISOR_WEBHOOK_URL", value_name = "URL",
           value_delimiter = ',', value_parser = parse_webhook_url)]
     pub webhook_url: Vec<String>,
+    /// Which events the --webhook-url receivers get: names and families, e.g.
+    /// `message.received,session.*` (default: every event).
+    #[arg(
+        long = "webhook-events",
+        env = "BOTVISOR_WEBHOOK_EVENTS",
+        value_name = "EVENTS",
+        value_delimiter = ','
+    )]
+    pub webhook_events: Vec<String>,
     /// The HMAC-SHA256 key that signs every webhook (X-Botvisor-Signature); at least 16
     /// characters. Needed for --webhook-url and for per-session webhooks.
     #[arg(

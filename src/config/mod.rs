@@ -236,7 +236,15 @@ impl ServeArgs {
             }
             None => Vec::new(),
         };
+        let events = match self.webhook_events.as_slice() {
+            [] => None,
+            patterns => Some(
+                crate::webhooks::EventFilter::parse(patterns)
+                    .map_err(|e| self.explain(ConfigError(format!("--webhook-events: {e}"))))?,
+            ),
+        };
         Ok(Some(crate::webhooks::WebhookSettings {
+            events,
             ca_certs,
             urls: self.webhook_url.clone(),
             secret,

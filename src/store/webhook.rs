@@ -37,7 +37,7 @@ impl Store {
         let Some(hooks) = &self.webhooks else {
             return Vec::new();
         };
-        let urls = hooks.destinations(user_id);
+        let urls = hooks.destinations(user_id, kind);
         if urls.is_empty() {
             return Vec::new();
         }

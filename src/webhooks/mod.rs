@@ -71,6 +71,8 @@ pub struct WebhookSettings {
     pub max_inflight: usize,
     /// Send `session.pairing_code` events (they carry a secret).
     pub pairing_codes: bool,
+    /// Which events the global receivers get (`--webhook-events`); `None`: every one.
+    pub events: Option<EventFilter>,
     /// CA certificates trusted for https receivers besides the public roots.
     pub ca_certs: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
@@ -274,9 +276,15 @@ impl Webhooks {
         !self.settings.urls.is_empty() || self.session_urls.contains_key(user_id)
     }
 
-    /// Where a session's events go: the global receivers, then its own.
-    pub fn destinations(&self, user_id: &str) -> Vec<String> {
-        let mut urls = self.settings.urls.clone();
+    /// Where a session's `kind` events go: the global receivers (those `--webhook-events`
+    /// lets through), then its own.
+    pub fn destinations(&self, user_id: &str, kind: &str) -> Vec<String> {
+        let global = self.settings.events.as_ref().is_none_or(|f| f.allows(kind));
+        let mut urls = if global {
+            self.settings.urls.clone()
+        } else {
+            Vec::new()
+        };
         if let Some(own) = self.session_urls.get(user_id) {
             if !urls.contains(own.value()) {
                 urls.push(own.value().clone());
@@ -325,6 +333,70 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Every kind of event botvisor delivers.
+pub const EVENT_KINDS: &[&str] = &[
+    "session.state",
+    "session.pairing_code",
+    "session.deleted",
+    "message.received",
+    "message.sent",
+    "message.failed",
+    "message.delivered",
+    "message.read",
+    "message.played",
+    "message.reaction",
+    "message.edited",
+    "message.revoked",
+];
+
+/// Which events a receiver gets: names (`message.received`) and families
+/// (`message.*`; `*` is every event).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventFilter(Vec<String>);
+
+impl EventFilter {
+    /// A filter from its patterns; each must name at least one event botvisor delivers
+    /// (a misspelt name would silently let nothing through).
+    pub fn parse<S: AsRef<str>>(patterns: &[S]) -> Result<EventFilter, String> {
+        let mut kept = Vec::new();
+        for p in patterns {
+            let p = p.as_ref().trim();
+            if p.is_empty() {
+                continue;
+            }
+            if !EVENT_KINDS.iter().any(|k| matches(p, k)) {
+                return Err(format!(
+                    "'{p}' names no event; events are {} (or a family such as message.*)",
+                    EVENT_KINDS.join(", ")
+                ));
+            }
+            kept.push(p.to_string());
+        }
+        if kept.is_empty() {
+            return Err("an event filter needs at least one event".into());
+        }
+        Ok(EventFilter(kept))
+    }
+
+    /// Whether `kind` passes.
+    pub fn allows(&self, kind: &str) -> bool {
+        self.0.iter().any(|p| matches(p, kind))
+    }
+
+    /// The patterns, as given.
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// `pattern` (a name, `family.*` or `*`) against an event kind.
+fn matches(pattern: &str, kind: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => kind.starts_with(prefix) && (prefix.is_empty() || prefix.ends_with('.')),
+        None => pattern == kind,
+    }
+}
+
 /// The structured part of a message sent, as webhooks and the simulated network show it:
 /// `location`, `contact` or `poll` with the fields of the send body; `None` for a text.
 pub fn content_json(
@@ -345,6 +417,25 @@ pub fn content_json(
             "poll",
             serde_json::json!({"question": p.question, "options": p.options, "selectable": p.selectable}),
         )),
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::EventFilter;
+
+    #[test]
+    fn names_and_families_pass_and_a_misspelling_is_refused() {
+        let f = EventFilter::parse(&["message.received", "session.*"]).unwrap();
+        assert!(f.allows("message.received"));
+        assert!(f.allows("session.state") && f.allows("session.deleted"));
+        assert!(!f.allows("message.sent") && !f.allows("message.received.x"));
+        let all = EventFilter::parse(&["*"]).unwrap();
+        assert!(all.allows("message.sent"));
+        assert!(EventFilter::parse(&["message.recieved"]).is_err());
+        assert!(EventFilter::parse(&["mess*"]).is_err());
+        assert!(EventFilter::parse::<&str>(&[]).is_err());
+        assert!(EventFilter::parse(&[" ", ""]).is_err());
     }
 }
 
@@ -381,6 +472,7 @@ mod tests {
                 retry_max: Duration::from_secs(1),
                 max_inflight: 1,
                 pairing_codes: false,
+                events: None,
                 ca_certs: Vec::new(),
             },
             crate::metrics::WebhookCounts::default(),
