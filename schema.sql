@@ -1,8 +1,8 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 8; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 9; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
 -- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
--- `outbox_lane`, v6 added `outbox_event`, v7 `messages`, v8 `queued`).
+-- `outbox_lane`, v6 added `outbox_event`, v7 `messages`, v8 `queued`, v9 `session_webhook_options`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -86,3 +86,11 @@ CREATE TABLE IF NOT EXISTS queued (
     body       TEXT NOT NULL,
     at         INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
+
+-- A session's own receiver's options (v9): which events it gets (comma-separated names and
+-- families; NULL: every event) and its own signing secret (NULL: --webhook-secret).
+CREATE TABLE IF NOT EXISTS session_webhook_options (
+    user_id TEXT PRIMARY KEY NOT NULL,
+    events  TEXT,
+    secret  TEXT
+) STRICT;

@@ -9,7 +9,7 @@
 
 use botvisor::db::{
     self, Batch, Change, Engine, EventRow, Location, MessageRow, OutboxRow, Outcome, QueuedRow,
-    EVENTS_KEPT,
+    SessionReceiver, EVENTS_KEPT,
 };
 use botvisor_actors::{SessionRecord, SessionState};
 
@@ -167,20 +167,34 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
     engine.set_setting("link", "sim").unwrap();
     engine.set_setting("link", "whatsapp").unwrap();
     note("setting", format!("{:?}", engine.setting("link").unwrap()));
+    let receiver =
+        |user: &str, url: &str, events: Option<&str>, secret: Option<&str>| SessionReceiver {
+            user_id: user.into(),
+            url: url.into(),
+            events: events.map(Into::into),
+            secret: secret.map(Into::into),
+        };
+    let with_options = receiver(
+        "a",
+        "http://own/a",
+        Some("message.received,session.*"),
+        Some("own-secret-0123456789"),
+    );
     engine
-        .set_session_webhook("a", Some("http://own/a"))
+        .set_session_webhook("a", Some(&with_options))
         .unwrap();
+    let receivers = engine.session_webhooks().unwrap();
+    assert_eq!(receivers, [with_options]);
+    // A new URL without options clears them.
+    let plain = receiver("a", "http://own/a2", None, None);
+    engine.set_session_webhook("a", Some(&plain)).unwrap();
     engine
-        .set_session_webhook("a", Some("http://own/a2"))
-        .unwrap();
-    engine
-        .set_session_webhook("b", Some("http://own/b"))
+        .set_session_webhook("b", Some(&receiver("b", "http://own/b", Some("*"), None)))
         .unwrap();
     engine.set_session_webhook("b", None).unwrap();
-    note(
-        "receivers",
-        format!("{:?}", engine.session_webhooks().unwrap()),
-    );
+    let receivers = engine.session_webhooks().unwrap();
+    assert_eq!(receivers, [plain]);
+    note("receivers", format!("{receivers:?}"));
 
     // The outbox: lanes, heads, outcomes.
     let mut heads = engine.outbox_heads().unwrap();

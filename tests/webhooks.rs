@@ -1321,6 +1321,101 @@ fn a_session_can_have_its_own_receiver_besides_the_global_one() {
     );
 }
 
+/// A session's own receiver with `events` and a `secret` of its own: it gets only those
+/// events, signed with its secret (not `--webhook-secret`), survives a restart, and shows
+/// its filter but never its secret; a bad filter or a short secret is a 400.
+#[test]
+fn a_sessions_own_receiver_filters_events_and_signs_with_its_own_secret() {
+    let global = Receiver::start();
+    let own = Receiver::start();
+    let (gurl, ourl) = (global.url(), own.url());
+    let tmp = tempfile::tempdir().unwrap();
+    let args = [
+        "--webhook-secret",
+        SECRET,
+        "--webhook-url",
+        &gurl,
+        "--sim-pair-delay",
+        "50ms",
+    ];
+    let own_secret = "the-sessions-own-secret-42";
+    let s = Server::start_in(tmp.path(), &args);
+    assert_eq!(s.create("fs", "15550001111").status, 201);
+    s.wait_state("fs", "online");
+    let put = |body: &str| s.req("PUT", "/api/sessions/fs/webhook", Some(body), &[]);
+    for (body, needle) in [
+        (
+            format!(r#"{{"url":"{ourl}","events":["message.recieved"]}}"#),
+            "names no event",
+        ),
+        (
+            format!(r#"{{"url":"{ourl}","events":"message.*"}}"#),
+            "events must be a list",
+        ),
+        (
+            format!(r#"{{"url":"{ourl}","secret":"short"}}"#),
+            "secret must be",
+        ),
+    ] {
+        assert!(put(&body).error(400).contains(needle), "{body}");
+    }
+    let r = put(&format!(
+        r#"{{"url":"{ourl}","events":["message.received"],"secret":"{own_secret}"}}"#
+    ));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let shown = s.get("/api/sessions/fs/webhook").json();
+    assert_eq!(shown["events"], serde_json::json!(["message.received"]));
+    assert_eq!(shown["ownSecret"], true);
+    assert!(!shown.to_string().contains(own_secret), "{shown}");
+    drop(s);
+    // After a restart, the same.
+    let s = Server::start_in(tmp.path(), &args);
+    s.wait_state("fs", "online");
+    assert_eq!(
+        s.get("/api/sessions/fs/webhook").json()["events"],
+        serde_json::json!(["message.received"])
+    );
+    let sent = s.post(
+        "/api/sessions/fs/messages",
+        Some(r#"{"to":"15557654321","text":"out"}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let got = s.post(
+        "/api/sim/fs/inbound",
+        Some(r#"{"from":"15557654321","text":"in"}"#),
+    );
+    assert_eq!(got.status, 200, "{}", got.body);
+    let mine = own.wait(15, "the received message on the own receiver", |g| {
+        g.iter().any(|d| d.kind == "message.received")
+    });
+    global.wait(15, "the received message on the global receiver", |g| {
+        g.iter().any(|d| d.kind == "message.received")
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mine_kinds: BTreeSet<String> = own.deliveries().iter().map(|d| d.kind.clone()).collect();
+    assert_eq!(mine_kinds, BTreeSet::from(["message.received".to_string()]));
+    for d in &mine {
+        assert!(signature_valid(
+            own_secret,
+            &d.timestamp,
+            &d.body,
+            &d.signature
+        ));
+        assert!(!signature_valid(
+            SECRET,
+            &d.timestamp,
+            &d.body,
+            &d.signature
+        ));
+    }
+    // The global receiver still gets everything, signed with --webhook-secret.
+    let all = global.deliveries();
+    assert!(all.iter().any(|d| d.kind == "message.sent"));
+    for d in &all {
+        assert!(signature_valid(SECRET, &d.timestamp, &d.body, &d.signature));
+    }
+}
+
 #[test]
 fn per_session_webhooks_need_a_secret() {
     let s = Server::start(&["--sim-pair-delay", "50ms"]);

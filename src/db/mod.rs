@@ -162,6 +162,31 @@ pub fn queued_key(user_id: &str, seq: u64) -> String {
     format!("{user_id}/{seq:020}")
 }
 
+/// A session's own webhook receiver (`PUT /api/sessions/:id/webhook`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SessionReceiver {
+    /// The session.
+    pub user_id: String,
+    /// Where its events go.
+    pub url: String,
+    /// Which events (comma-separated names and families); `None`: every event.
+    pub events: Option<String>,
+    /// Its own signing secret; `None`: `--webhook-secret`'s.
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for SessionReceiver {
+    // The secret signs deliveries: never in a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionReceiver")
+            .field("user_id", &self.user_id)
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
 /// How long a message is remembered by its id (30 days).
 pub const MESSAGES_KEPT_MS: u64 = 30 * 24 * 3600 * 1000;
 
@@ -269,10 +294,13 @@ pub trait Engine: Send {
     /// Writes a batch in one transaction.
     fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError>;
     /// Every session's own webhook receiver.
-    fn session_webhooks(&mut self) -> Result<Vec<(String, String)>, StorageError>;
+    fn session_webhooks(&mut self) -> Result<Vec<SessionReceiver>, StorageError>;
     /// Sets or clears a session's own webhook receiver.
-    fn set_session_webhook(&mut self, user_id: &str, url: Option<&str>)
-        -> Result<(), StorageError>;
+    fn set_session_webhook(
+        &mut self,
+        user_id: &str,
+        receiver: Option<&SessionReceiver>,
+    ) -> Result<(), StorageError>;
     /// Every lane's head and when it is due.
     fn outbox_heads(&mut self) -> Result<Vec<(Lane, u64)>, StorageError>;
     /// One lane's head.

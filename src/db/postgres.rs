@@ -31,7 +31,7 @@ use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 use super::tables::{Kind, Row, Table, Value};
 use super::{
     Batch, Change, DeadLetter, Engine, Event, Lane, MessageRow, OutboxHead, Outcome, QueuedRow,
-    EVENTS_KEPT,
+    SessionReceiver, EVENTS_KEPT,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -461,7 +461,12 @@ const MIGRATION_LOCK: i64 = 0x626f_7476_726f_7773; // "botvrows"
 const OWNER_LOCK: i64 = 0x626f_7476_6f77_6e72; // "botvownr"
 
 /// The rows' numbered migrations (`bv_schema_version`).
-pub const MIGRATIONS: Migrations = &[(1, MIGRATION_1), (2, MIGRATION_2), (3, MIGRATION_3)];
+pub const MIGRATIONS: Migrations = &[
+    (1, MIGRATION_1),
+    (2, MIGRATION_2),
+    (3, MIGRATION_3),
+    (4, MIGRATION_4),
+];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
 /// prefix (the database may be shared). Times are milliseconds since the epoch.
@@ -531,6 +536,15 @@ CREATE TABLE bv_queued (
     message_id TEXT NOT NULL,
     body       TEXT NOT NULL,
     at         BIGINT NOT NULL
+);
+"#;
+
+/// Migration 4: a session's own receiver's options (schema.sql v9).
+const MIGRATION_4: &str = r#"
+CREATE TABLE bv_session_webhook_options (
+    user_id TEXT PRIMARY KEY,
+    events  TEXT,
+    secret  TEXT
 );
 "#;
 
@@ -928,7 +942,12 @@ async fn commit(
         match change {
             Change::Insert(rec) => insert_session(&tx, rec).await?,
             Change::Delete(id) => {
-                for table in ["bv_sessions", "bv_events", "bv_session_webhooks"] {
+                for table in [
+                    "bv_sessions",
+                    "bv_events",
+                    "bv_session_webhooks",
+                    "bv_session_webhook_options",
+                ] {
                     let stmt = tx
                         .prepare_cached(&format!("DELETE FROM {table} WHERE user_id = $1"))
                         .await?;
@@ -1207,14 +1226,25 @@ impl Engine for PgEngine {
         self.run(|c| async move { Ok(commit(c, batch).await?) })
     }
 
-    fn session_webhooks(&mut self) -> Result<Vec<(String, String)>, StorageError> {
+    fn session_webhooks(&mut self) -> Result<Vec<SessionReceiver>, StorageError> {
         self.run(|c| async move {
             let rows = c
-                .query("SELECT user_id, url FROM bv_session_webhooks", &[])
+                .query(
+                    "SELECT w.user_id, w.url, o.events, o.secret FROM bv_session_webhooks w \
+                     LEFT JOIN bv_session_webhook_options o ON o.user_id = w.user_id",
+                    &[],
+                )
                 .await?;
             Ok(rows
                 .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                .map(|r| {
+                    Ok(SessionReceiver {
+                        user_id: r.try_get(0)?,
+                        url: r.try_get(1)?,
+                        events: r.try_get(2)?,
+                        secret: r.try_get(3)?,
+                    })
+                })
                 .collect::<Result<_, tokio_postgres::Error>>()?)
         })
     }
@@ -1222,26 +1252,37 @@ impl Engine for PgEngine {
     fn set_session_webhook(
         &mut self,
         user_id: &str,
-        url: Option<&str>,
+        receiver: Option<&SessionReceiver>,
     ) -> Result<(), StorageError> {
-        self.run(|c| async move {
-            match url {
-                Some(url) => {
-                    c.execute(
+        self.run(|mut c| async move {
+            let tx = c.transaction().await?;
+            match receiver {
+                Some(r) => {
+                    tx.execute(
                         "INSERT INTO bv_session_webhooks (user_id, url) VALUES ($1, $2) \
                          ON CONFLICT (user_id) DO UPDATE SET url = excluded.url",
-                        &[&user_id, &url],
+                        &[&user_id, &r.url],
                     )
-                    .await?
+                    .await?;
+                    tx.execute(
+                        "INSERT INTO bv_session_webhook_options (user_id, events, secret) \
+                         VALUES ($1, $2, $3) ON CONFLICT (user_id) DO UPDATE \
+                         SET events = excluded.events, secret = excluded.secret",
+                        &[&user_id, &r.events, &r.secret],
+                    )
+                    .await?;
                 }
                 None => {
-                    c.execute(
-                        "DELETE FROM bv_session_webhooks WHERE user_id = $1",
-                        &[&user_id],
-                    )
-                    .await?
+                    for table in ["bv_session_webhooks", "bv_session_webhook_options"] {
+                        tx.execute(
+                            &format!("DELETE FROM {table} WHERE user_id = $1"),
+                            &[&user_id],
+                        )
+                        .await?;
+                    }
                 }
-            };
+            }
+            tx.commit().await?;
             Ok(())
         })
     }

@@ -12,12 +12,12 @@ use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 use super::tables::{Row, Table, Value};
 use super::{
     Batch, Change, DeadLetter, Engine, Event, EventRow, Lane, MessageRow, OutboxHead, OutboxRow,
-    Outcome, QueuedRow, EVENTS_KEPT,
+    Outcome, QueuedRow, SessionReceiver, EVENTS_KEPT,
 };
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 8;
+pub const SCHEMA_VERSION: i64 = 9;
 
 /// The sessions table's columns, in the order `write_row` binds them.
 const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
@@ -205,6 +205,7 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
         "DELETE FROM sessions WHERE user_id = ?1",
         "DELETE FROM events WHERE user_id = ?1",
         "DELETE FROM session_webhooks WHERE user_id = ?1",
+        "DELETE FROM session_webhook_options WHERE user_id = ?1",
     ] {
         conn.prepare_cached(sql)?.execute([user_id])?;
     }
@@ -463,13 +464,23 @@ impl Engine for SqliteEngine {
         commit(&mut self.conn, batch).map_err(|e| classify_on(&self.conn, &e))
     }
 
-    fn session_webhooks(&mut self) -> Result<Vec<(String, String)>, StorageError> {
+    fn session_webhooks(&mut self) -> Result<Vec<SessionReceiver>, StorageError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT user_id, url FROM session_webhooks")
+            .prepare(
+                "SELECT w.user_id, w.url, o.events, o.secret FROM session_webhooks w \
+                 LEFT JOIN session_webhook_options o ON o.user_id = w.user_id",
+            )
             .map_err(self.fail())?;
         let rows = stmt
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .query_map([], |r| {
+                Ok(SessionReceiver {
+                    user_id: r.get(0)?,
+                    url: r.get(1)?,
+                    events: r.get(2)?,
+                    secret: r.get(3)?,
+                })
+            })
             .map_err(self.fail())?;
         rows.collect::<Result<_, _>>().map_err(self.fail())
     }
@@ -477,20 +488,34 @@ impl Engine for SqliteEngine {
     fn set_session_webhook(
         &mut self,
         user_id: &str,
-        url: Option<&str>,
+        receiver: Option<&SessionReceiver>,
     ) -> Result<(), StorageError> {
-        match url {
-            Some(url) => self.conn.execute(
-                "INSERT INTO session_webhooks (user_id, url) VALUES (?1, ?2) \
-                 ON CONFLICT (user_id) DO UPDATE SET url = excluded.url",
-                [user_id, url],
-            ),
-            None => self
-                .conn
-                .execute("DELETE FROM session_webhooks WHERE user_id = ?1", [user_id]),
-        }
-        .map(|_| ())
-        .map_err(self.fail())
+        let tx = self.conn.transaction().map_err(|e| classify(&e))?;
+        let done = match receiver {
+            Some(r) => tx
+                .execute(
+                    "INSERT INTO session_webhooks (user_id, url) VALUES (?1, ?2) \
+                     ON CONFLICT (user_id) DO UPDATE SET url = excluded.url",
+                    [user_id, &r.url],
+                )
+                .and_then(|_| {
+                    tx.execute(
+                        "INSERT INTO session_webhook_options (user_id, events, secret) \
+                         VALUES (?1, ?2, ?3) ON CONFLICT (user_id) DO UPDATE \
+                         SET events = excluded.events, secret = excluded.secret",
+                        params![user_id, r.events, r.secret],
+                    )
+                }),
+            None => tx
+                .execute("DELETE FROM session_webhooks WHERE user_id = ?1", [user_id])
+                .and_then(|_| {
+                    tx.execute(
+                        "DELETE FROM session_webhook_options WHERE user_id = ?1",
+                        [user_id],
+                    )
+                }),
+        };
+        done.and_then(|_| tx.commit()).map_err(|e| classify(&e))
     }
 
     fn outbox_heads(&mut self) -> Result<Vec<(Lane, u64)>, StorageError> {

@@ -122,6 +122,15 @@ pub const TABLES: &[Table] = &[
         ],
         generated_key: false,
     },
+    Table {
+        name: "session_webhook_options",
+        columns: &[
+            ("user_id", Kind::Text),
+            ("events", Kind::Text),
+            ("secret", Kind::Text),
+        ],
+        generated_key: false,
+    },
 ];
 
 /// One value of a row.

@@ -168,25 +168,28 @@ impl Store {
         Some((kind, data.to_string()))
     }
 
-    /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Err` when no
-    /// `--webhook-secret` is configured (nothing could be signed).
+    /// Sets (`Some`) or clears a session's own webhook receiver, durably; `Ok(false)`
+    /// when no `--webhook-secret` is configured (nothing could be signed).
     pub async fn set_session_webhook(
         &self,
         user_id: &str,
-        url: Option<String>,
+        receiver: Option<crate::webhooks::OwnReceiver>,
     ) -> Result<bool, StorageError> {
         let Some(hooks) = self.webhooks.clone() else {
             return Ok(false);
         };
-        let (id, stored) = (user_id.to_string(), url.clone());
-        self.on_reader(move |conn| conn.set_session_webhook(&id, stored.as_deref()))
+        let (id, stored) = (
+            user_id.to_string(),
+            receiver.as_ref().map(|r| r.row(user_id)),
+        );
+        self.on_reader(move |conn| conn.set_session_webhook(&id, stored.as_ref()))
             .await?;
-        hooks.set_session_url(user_id, url);
+        hooks.set_session_url(user_id, receiver);
         Ok(true)
     }
 
     /// A session's own webhook receiver.
-    pub fn session_webhook(&self, user_id: &str) -> Option<String> {
+    pub fn session_webhook(&self, user_id: &str) -> Option<crate::webhooks::OwnReceiver> {
         self.webhooks.as_ref().and_then(|w| w.session_url(user_id))
     }
 

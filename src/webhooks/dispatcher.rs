@@ -305,14 +305,8 @@ impl Dispatcher {
         let tx = self.tx.clone();
         let hooks = self.hooks.clone();
         self.runtime.spawn(async move {
-            let result = attempt(
-                &client,
-                &lane.0,
-                &head,
-                &hooks.settings.secret,
-                hooks.settings.timeout,
-            )
-            .await;
+            let secret = hooks.secret_for(&lane.0, &lane.1);
+            let result = attempt(&client, &lane.0, &head, &secret, hooks.settings.timeout).await;
             // The permit goes back before the dispatcher hears of it, so it can start the
             // next attempt at once.
             drop(permit);

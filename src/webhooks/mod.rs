@@ -122,7 +122,7 @@ pub struct Webhooks {
     pub counts: crate::metrics::WebhookCounts,
     closing: AtomicBool,
     /// Receivers set per session (`PUT /api/sessions/:id/webhook`).
-    session_urls: dashmap::DashMap<String, String>,
+    session_urls: dashmap::DashMap<String, OwnReceiver>,
     /// The dispatcher's inbox, while it runs.
     inbox: Mutex<Option<mpsc::Sender<Msg>>>,
     /// Answered when the dispatcher has stopped.
@@ -148,6 +148,58 @@ pub fn parse_url(s: &str) -> Result<String, String> {
             "'{}' is not a webhook URL: use http(s)://host[:port]/path",
             s.chars().take(100).collect::<String>()
         )),
+    }
+}
+
+/// A session's own receiver: its URL, which events it gets (`None`: every one) and the
+/// secret its deliveries are signed with (`None`: `--webhook-secret`).
+#[derive(Clone)]
+pub struct OwnReceiver {
+    /// Where.
+    pub url: String,
+    /// Which events.
+    pub events: Option<EventFilter>,
+    /// Its own signing secret.
+    pub secret: Option<String>,
+}
+
+impl std::fmt::Debug for OwnReceiver {
+    // The secret signs deliveries: never in a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnReceiver")
+            .field("url", &self.url)
+            .field("events", &self.events)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl OwnReceiver {
+    /// As stored.
+    pub fn of(row: crate::db::SessionReceiver) -> OwnReceiver {
+        let events = row.events.as_deref().and_then(|e| {
+            let patterns: Vec<&str> = e.split(',').collect();
+            EventFilter::parse(&patterns)
+                .inspect_err(|err| {
+                    tracing::warn!(user_id = %row.user_id, error = %err, "a stored event filter no longer parses; the receiver gets every event")
+                })
+                .ok()
+        });
+        OwnReceiver {
+            url: row.url,
+            events,
+            secret: row.secret,
+        }
+    }
+
+    /// To store for `user_id`.
+    pub fn row(&self, user_id: &str) -> crate::db::SessionReceiver {
+        crate::db::SessionReceiver {
+            user_id: user_id.to_string(),
+            url: self.url.clone(),
+            events: self.events.as_ref().map(|f| f.patterns().join(",")),
+            secret: self.secret.clone(),
+        }
     }
 }
 
@@ -197,10 +249,11 @@ impl Webhooks {
     pub fn start(
         self: &Arc<Self>,
         database: crate::db::Location,
-        session_urls: Vec<(String, String)>,
+        session_urls: Vec<crate::db::SessionReceiver>,
     ) {
-        for (user_id, url) in session_urls {
-            self.session_urls.insert(user_id, url);
+        for row in session_urls {
+            self.session_urls
+                .insert(row.user_id.clone(), OwnReceiver::of(row));
         }
         if let Err(e) = self.spawn(&database) {
             tracing::error!(error = %e, "webhook delivery cannot start: events stay in the outbox");
@@ -277,7 +330,7 @@ impl Webhooks {
     }
 
     /// Where a session's `kind` events go: the global receivers (those `--webhook-events`
-    /// lets through), then its own.
+    /// lets through), then its own (if its filter lets it through).
     pub fn destinations(&self, user_id: &str, kind: &str) -> Vec<String> {
         let global = self.settings.events.as_ref().is_none_or(|f| f.allows(kind));
         let mut urls = if global {
@@ -286,19 +339,36 @@ impl Webhooks {
             Vec::new()
         };
         if let Some(own) = self.session_urls.get(user_id) {
-            if !urls.contains(own.value()) {
-                urls.push(own.value().clone());
+            let wanted = own.events.as_ref().is_none_or(|f| f.allows(kind));
+            if wanted && !urls.contains(&own.url) {
+                urls.push(own.url.clone());
             }
         }
         urls
     }
 
+    /// The secret a delivery to `destination` about `user_id` is signed with: the
+    /// session's own receiver's, when it has one and that is where it goes (and it is
+    /// not also a global receiver), else `--webhook-secret`.
+    pub fn secret_for(&self, destination: &str, user_id: &str) -> String {
+        if !self.settings.urls.iter().any(|u| u == destination) {
+            if let Some(own) = self.session_urls.get(user_id) {
+                if own.url == destination {
+                    if let Some(secret) = &own.secret {
+                        return secret.clone();
+                    }
+                }
+            }
+        }
+        self.settings.secret.clone()
+    }
+
     /// Sets (`Some`) or clears a session's own receiver (already stored). What is in the
     /// outbox for it is still delivered.
-    pub fn set_session_url(self: &Arc<Self>, user_id: &str, url: Option<String>) {
-        match url {
-            Some(url) => {
-                self.session_urls.insert(user_id.to_string(), url);
+    pub fn set_session_url(self: &Arc<Self>, user_id: &str, receiver: Option<OwnReceiver>) {
+        match receiver {
+            Some(r) => {
+                self.session_urls.insert(user_id.to_string(), r);
             }
             None => {
                 self.session_urls.remove(user_id);
@@ -307,8 +377,8 @@ impl Webhooks {
     }
 
     /// A session's own receiver.
-    pub fn session_url(&self, user_id: &str) -> Option<String> {
-        self.session_urls.get(user_id).map(|u| u.value().clone())
+    pub fn session_url(&self, user_id: &str) -> Option<OwnReceiver> {
+        self.session_urls.get(user_id).map(|r| r.value().clone())
     }
 
     /// Stops delivering: no new attempt starts, the outcomes already in are written (the

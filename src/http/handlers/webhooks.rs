@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::http::errors::ApiError;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
-use crate::webhooks::DeadLetter;
+use crate::webhooks::{DeadLetter, EventFilter, OwnReceiver};
 
 #[derive(Serialize)]
 struct Dead {
@@ -48,6 +48,8 @@ pub async fn replay(c: Ctx) -> Answer {
 #[derive(Deserialize)]
 struct UrlBody {
     url: Option<serde_json::Value>,
+    events: Option<serde_json::Value>,
+    secret: Option<serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -55,18 +57,40 @@ struct UrlBody {
 struct SessionHook<'a> {
     user_id: &'a str,
     url: Option<String>,
+    /// Which events it gets; `null`: every event.
+    events: Option<Vec<String>>,
+    /// Whether it has a signing secret of its own (never shown).
+    own_secret: bool,
+}
+
+impl<'a> SessionHook<'a> {
+    fn of(user_id: &'a str, own: Option<OwnReceiver>) -> SessionHook<'a> {
+        SessionHook {
+            user_id,
+            events: own
+                .as_ref()
+                .and_then(|o| o.events.as_ref().map(|f| f.patterns().to_vec())),
+            own_secret: own.as_ref().is_some_and(|o| o.secret.is_some()),
+            url: own.map(|o| o.url),
+        }
+    }
 }
 
 /// `GET /api/sessions/:id/webhook`.
 pub async fn get_session(c: Ctx) -> Answer {
     super::must_exist(&c.app, &c.id)?;
-    Ok(ok(&SessionHook {
-        user_id: &c.id,
-        url: c.app.store.session_webhook(&c.id),
-    }))
+    Ok(ok(&SessionHook::of(
+        &c.id,
+        c.app.store.session_webhook(&c.id),
+    )))
 }
 
-/// `PUT /api/sessions/:id/webhook` `{"url": ...}`: this session's events also go there.
+/// Shortest secret of a receiver's own (as `--webhook-secret`).
+const SECRET_MIN: usize = 16;
+
+/// `PUT /api/sessions/:id/webhook` `{"url", "events"?, "secret"?}`: this session's events
+/// (those `events` names, or every one) also go to `url`, signed with `secret` (or
+/// `--webhook-secret`).
 pub async fn put_session(c: Ctx) -> Answer {
     let id = c.id.clone();
     let body: UrlBody = crate::http::request::json_body(c.req, false, c.app.request_timeout)
@@ -78,19 +102,50 @@ pub async fn put_session(c: Ctx) -> Answer {
         }
         _ => return Err(ApiError::bad_request("url is required (a string)")),
     };
+    let events = match body.events {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Array(items)) => {
+            let names: Option<Vec<&str>> = items.iter().map(|v| v.as_str()).collect();
+            let names = names.ok_or_else(|| {
+                ApiError::bad_request("events must be a list of event names, e.g. [\"message.*\"]")
+            })?;
+            Some(
+                EventFilter::parse(&names)
+                    .map_err(|e| ApiError::bad_request(format!("events: {e}")))?,
+            )
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "events must be a list of event names, e.g. [\"message.*\"]",
+            ))
+        }
+    };
+    let secret = match body.secret {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(s)) if (SECRET_MIN..=1_024).contains(&s.chars().count()) => {
+            Some(s)
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request(format!(
+                "secret must be a string of {SECRET_MIN} to 1024 characters"
+            )))
+        }
+    };
     super::must_exist(&c.app, &id)?;
+    let own = OwnReceiver {
+        url,
+        events,
+        secret,
+    };
     if !c
         .app
         .store
-        .set_session_webhook(&id, Some(url.clone()))
+        .set_session_webhook(&id, Some(own.clone()))
         .await?
     {
         return Err(no_secret());
     }
-    Ok(ok(&SessionHook {
-        user_id: &id,
-        url: Some(url),
-    }))
+    Ok(ok(&SessionHook::of(&id, Some(own))))
 }
 
 /// `DELETE /api/sessions/:id/webhook`: back to the global receivers only.
@@ -99,10 +154,7 @@ pub async fn delete_session(c: Ctx) -> Answer {
     if !c.app.store.set_session_webhook(&c.id, None).await? {
         return Err(no_secret());
     }
-    Ok(ok(&SessionHook {
-        user_id: &c.id,
-        url: None,
-    }))
+    Ok(ok(&SessionHook::of(&c.id, None)))
 }
 
 fn no_secret() -> ApiError {
