@@ -548,6 +548,19 @@ fn simulated_inbound_replies_reactions_edits_and_revokes() {
         v["data"]["mentions"],
         serde_json::json!(["15550001111@s.whatsapp.net"])
     );
+    assert!(v["data"].get("fromLid").is_none(), "{v}");
+    // A sender known only by its LID.
+    inbound(r#"{"from":"123456789012345@lid","text":"hidden number"}"#);
+    let got = r.wait(15, "the LID sender's webhook", |g| {
+        g.iter().any(|d| d.json()["data"]["fromLid"].is_string())
+    });
+    let v = got
+        .iter()
+        .map(|d| d.json())
+        .find(|v| v["data"]["fromLid"].is_string())
+        .unwrap();
+    assert_eq!(v["data"]["fromLid"], "123456789012345@lid");
+    assert_eq!(v["data"]["from"], "123456789012345@lid");
 }
 
 #[test]

@@ -105,8 +105,11 @@ pub enum ReceiptStatus {
 pub struct InboundMessage {
     /// The network's message id.
     pub id: String,
-    /// Who sent it (JID).
+    /// Who sent it (JID): the phone JID when known.
     pub from: String,
+    /// The sender's LID (`<n>@lid`), when WhatsApp gave one (accounts that hide their
+    /// number are known by it alone; `from` is then the LID too).
+    pub from_lid: Option<String>,
     /// The chat it is in (JID; a group's for group messages).
     pub chat: String,
     /// When it was sent (ms since the epoch).

@@ -178,6 +178,7 @@ impl SimLink {
             id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
             from: chat.clone(),
+            from_lid: chat.ends_with("@lid").then(|| chat.clone()),
             timestamp_ms: now_ms(),
             text: text.clone(),
             kind: arrival.kind.into(),

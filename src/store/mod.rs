@@ -397,6 +397,8 @@ impl Persistence for Store {
             user_id: &'a str,
             message_id: &'a str,
             from: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            from_lid: Option<&'a str>,
             chat: &'a str,
             kind: &'a str,
             text: Option<&'a str>,
@@ -424,6 +426,7 @@ impl Persistence for Store {
             user_id,
             message_id: &msg.id,
             from: &msg.from,
+            from_lid: msg.from_lid.as_deref(),
             chat: &msg.chat,
             kind: &msg.kind,
             text: msg.text.as_deref(),

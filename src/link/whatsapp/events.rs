@@ -23,9 +23,11 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         Some(Refers::Edit { .. }) => edited_text(&m.message),
         _ => m.message.text_content().map(str::to_string),
     };
+    let (from, from_lid) = sender_jids(&m.info.source.sender, m.info.source.sender_alt.as_ref());
     Some(botvisor_actors::InboundMessage {
         id: m.info.id.to_string(),
-        from: m.info.source.sender.to_string(),
+        from,
+        from_lid,
         chat: m.info.source.chat.to_string(),
         timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
         kind: message_kind(&m.message, text.is_some()).into(),
@@ -34,6 +36,22 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         refers,
         text,
     })
+}
+
+/// Who sent a message: its phone JID when WhatsApp told it (a sender known by its LID
+/// comes with its number as the alternative address when the account shows it), and its
+/// LID when it has one. A sender known only by a LID is reported by the LID.
+pub(super) fn sender_jids(sender: &Jid, alt: Option<&Jid>) -> (String, Option<String>) {
+    if sender.is_lid() {
+        let lid = sender.to_non_ad().to_string();
+        let phone = alt.filter(|a| a.is_pn()).map(|a| a.to_non_ad().to_string());
+        (phone.unwrap_or_else(|| lid.clone()), Some(lid))
+    } else {
+        let lid = alt
+            .filter(|a| a.is_lid())
+            .map(|a| a.to_non_ad().to_string());
+        (sender.to_string(), lid)
+    }
 }
 
 /// What a message does to another one: a reaction, an edit, a revoke.

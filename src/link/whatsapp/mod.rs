@@ -298,6 +298,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_lid_sender_is_reported_by_its_phone_when_known_and_its_lid() {
+        use super::events::sender_jids;
+        let jid = |s: &str| s.parse::<Jid>().unwrap();
+        let (phone, lid) = ("15557654321@s.whatsapp.net", "123456789012345@lid");
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(sender_jids(&jid(phone), None), (phone.to_string(), None));
+        assert_eq!(
+            sender_jids(&jid(lid), Some(&jid(phone))),
+            (phone.to_string(), some(lid))
+        );
+        assert_eq!(sender_jids(&jid(lid), None), (lid.to_string(), some(lid)));
+        assert_eq!(
+            sender_jids(&jid(phone), Some(&jid(lid))),
+            (phone.to_string(), some(lid))
+        );
+        // A device's LID names the account.
+        assert_eq!(
+            sender_jids(&jid("123456789012345:7@lid"), None).1,
+            some(lid)
+        );
+    }
+
+    #[test]
     fn a_messages_kind_comes_from_its_content_through_wrappers() {
         use whatsapp_rust::buffa::MessageField;
         assert_eq!(message_kind(&wa::Message::default(), true), "text");
