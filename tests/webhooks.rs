@@ -1158,6 +1158,18 @@ fn queued_sends_survive_kill_9_and_each_ends_once_in_order() {
             got.json()["messageId"].as_str().unwrap().to_string()
         })
         .collect();
+    // What waits is listed in order: the queue's tail.
+    let waiting = s.get("/api/sessions/kq/queue").json();
+    let listed: Vec<String> = waiting["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["messageId"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(waiting["count"], listed.len());
+    assert!(!listed.is_empty(), "{waiting}");
+    assert_eq!(listed, ids[ids.len() - listed.len()..], "{waiting}");
+    assert_eq!(waiting["messages"][0]["kind"], "text");
     r.wait(20, "some of the queue sent", |g| {
         queued_sent(g, "kq").len() >= 10
     });
@@ -1167,10 +1179,19 @@ fn queued_sends_survive_kill_9_and_each_ends_once_in_order() {
         sent_before < ids.len(),
         "the kill came before the queue was done"
     );
-    let _s = Server::start_in(tmp.path(), &args);
+    let s = Server::start_in(tmp.path(), &args);
     let got = r.wait(60, "every queued send's message.sent", |g| {
         queued_sent(g, "kq").len() >= ids.len()
     });
+    let mut left = s.get("/api/sessions/kq/queue").json();
+    for _ in 0..50 {
+        if left["count"] == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        left = s.get("/api/sessions/kq/queue").json();
+    }
+    assert_eq!(left["count"], 0, "{left}");
     let sent = queued_sent(&got, "kq");
     let sent_ids: Vec<String> = sent.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(

@@ -287,6 +287,8 @@ pub trait Engine: Send {
     ) -> Result<Option<MessageRow>, StorageError>;
     /// Every queued send, by session then in order.
     fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError>;
+    /// A session's queued sends, in order.
+    fn queued_of(&mut self, user_id: &str) -> Result<Vec<QueuedRow>, StorageError>;
     /// A stored setting.
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError>;
     /// Stores a setting.

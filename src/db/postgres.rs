@@ -1118,6 +1118,44 @@ async fn write_outcomes(
     tx.commit().await
 }
 
+impl PgEngine {
+    /// The queued sends (with keys in `range`, when given), in order.
+    fn queued_in(
+        &mut self,
+        range: Option<(String, String)>,
+    ) -> Result<Vec<QueuedRow>, StorageError> {
+        self.run(|c| async move {
+            let rows = match &range {
+                None => {
+                    c.query(
+                        "SELECT key, message_id, body, at FROM bv_queued ORDER BY key",
+                        &[],
+                    )
+                    .await?
+                }
+                Some((from, to)) => {
+                    c.query(
+                        "SELECT key, message_id, body, at FROM bv_queued \
+                         WHERE key >= $1 AND key < $2 ORDER BY key",
+                        &[from, to],
+                    )
+                    .await?
+                }
+            };
+            let mut out = Vec::with_capacity(rows.len());
+            for r in rows {
+                let key: String = r.try_get(0)?;
+                let at: i64 = r.try_get(3)?;
+                if let Some(q) = QueuedRow::from_key(&key, r.try_get(1)?, r.try_get(2)?, at as u64)
+                {
+                    out.push(q);
+                }
+            }
+            Ok(out)
+        })
+    }
+}
+
 impl Engine for PgEngine {
     fn load_sessions(&mut self) -> Result<Vec<SessionRecord>, StorageError> {
         self.run(|c| async move {
@@ -1181,24 +1219,11 @@ impl Engine for PgEngine {
     }
 
     fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError> {
-        self.run(|c| async move {
-            let rows = c
-                .query(
-                    "SELECT key, message_id, body, at FROM bv_queued ORDER BY key",
-                    &[],
-                )
-                .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for r in rows {
-                let key: String = r.try_get(0)?;
-                let at: i64 = r.try_get(3)?;
-                if let Some(q) = QueuedRow::from_key(&key, r.try_get(1)?, r.try_get(2)?, at as u64)
-                {
-                    out.push(q);
-                }
-            }
-            Ok(out)
-        })
+        self.queued_in(None)
+    }
+
+    fn queued_of(&mut self, user_id: &str) -> Result<Vec<QueuedRow>, StorageError> {
+        self.queued_in(Some(super::message_keys_of(user_id)))
     }
 
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError> {

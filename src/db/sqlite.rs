@@ -344,6 +344,28 @@ fn write_outcomes(conn: &mut Connection, outcomes: &[Outcome<'_>]) -> rusqlite::
     tx.commit()
 }
 
+impl SqliteEngine {
+    /// The queued sends with keys in `[from, to)`, in order.
+    fn queued_in(&mut self, from: &str, to: &str) -> Result<Vec<QueuedRow>, StorageError> {
+        self.conn
+            .prepare_cached(
+                "SELECT key, message_id, body, at FROM queued WHERE key >= ?1 AND key < ?2 ORDER BY key",
+            )
+            .and_then(|mut stmt| {
+                let rows = stmt.query_map([from, to], |r| {
+                    Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?, r.get::<_, i64>(3)?))
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+            })
+            .map(|rows| {
+                rows.into_iter()
+                    .filter_map(|(key, id, body, at)| QueuedRow::from_key(&key, id, body, at as u64))
+                    .collect()
+            })
+            .map_err(self.fail())
+    }
+}
+
 impl Engine for SqliteEngine {
     fn load_sessions(&mut self) -> Result<Vec<SessionRecord>, StorageError> {
         let mut stmt = self
@@ -418,27 +440,12 @@ impl Engine for SqliteEngine {
     }
 
     fn queued(&mut self) -> Result<Vec<QueuedRow>, StorageError> {
-        self.conn
-            .prepare_cached("SELECT key, message_id, body, at FROM queued ORDER BY key")
-            .and_then(|mut stmt| {
-                let rows = stmt.query_map([], |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get::<_, i64>(3)?,
-                    ))
-                })?;
-                rows.collect::<Result<Vec<_>, _>>()
-            })
-            .map(|rows| {
-                rows.into_iter()
-                    .filter_map(|(key, id, body, at)| {
-                        QueuedRow::from_key(&key, id, body, at as u64)
-                    })
-                    .collect()
-            })
-            .map_err(self.fail())
+        self.queued_in("", "\u{10FFFF}")
+    }
+
+    fn queued_of(&mut self, user_id: &str) -> Result<Vec<QueuedRow>, StorageError> {
+        let (from, to) = super::message_keys_of(user_id);
+        self.queued_in(&from, &to)
     }
 
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError> {

@@ -78,9 +78,15 @@ impl Outbound {
         }
     }
 
+    fn lock_workers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::UnboundedSender<QueuedRow>>> {
+        self.workers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Hands a committed send to its session's worker (starting one if none runs).
     pub fn push(&self, app: &Arc<App>, row: QueuedRow) {
-        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut workers = self.lock_workers();
         let row = match workers.get(&row.user_id) {
             Some(tx) => match tx.send(row) {
                 Ok(()) => return,
@@ -115,11 +121,20 @@ fn jittered(interval: Duration) -> Duration {
     interval.mul_f64(0.75 + unit * 0.5)
 }
 
-/// Sends one session's queue, in order, paced.
+/// Sends one session's queue, in order, paced. Ends once its session is gone and
+/// nothing more waits for it (a session deleted leaves no task behind).
 async fn worker(app: Arc<App>, user_id: String, mut rx: mpsc::UnboundedReceiver<QueuedRow>) {
     while let Some(row) = rx.recv().await {
         if send_one(&app, &row).await {
             tokio::time::sleep(jittered(app.outbound.interval)).await;
+            continue;
+        }
+        // Gone. Under the map's lock a push either came before (it is in the channel)
+        // or comes after (it finds no worker and starts one).
+        let mut workers = app.outbound.lock_workers();
+        if rx.is_empty() {
+            workers.remove(&user_id);
+            break;
         }
     }
     tracing::debug!(%user_id, "queue worker ended");

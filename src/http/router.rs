@@ -12,8 +12,8 @@ use botvisor_actors::BoxFuture;
 
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, sessions, sim,
-    stream, webhooks,
+    backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, queue, sessions,
+    sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
@@ -77,7 +77,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 37] = [
+pub static ROUTES: [Route; 38] = [
     route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
@@ -119,6 +119,9 @@ pub static ROUTES: [Route; 37] = [
     }),
     route(Method::POST, "/api/sessions/:id/messages", true, |c| {
         Box::pin(messages::send(c))
+    }),
+    route(Method::GET, "/api/sessions/:id/queue", false, |c| {
+        Box::pin(queue::list(c))
     }),
     route(
         Method::PUT,

@@ -195,6 +195,12 @@ impl Store {
         self.queue.enqueue(row);
     }
 
+    /// A session's sends still queued, in order.
+    pub async fn queued_of(&self, user_id: &str) -> Result<Vec<db::QueuedRow>, StorageError> {
+        let user_id = user_id.to_string();
+        self.on_reader(move |conn| conn.queued_of(&user_id)).await
+    }
+
     /// Every send still queued (at boot), by session then in order.
     pub async fn queued(&self) -> Result<Vec<db::QueuedRow>, StorageError> {
         self.on_reader(|conn| conn.queued()).await

@@ -10,6 +10,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod message_acts;
 pub mod messages;
+pub mod queue;
 pub mod sessions;
 pub mod sim;
 pub mod stream;
