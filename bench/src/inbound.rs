@@ -156,69 +156,87 @@ pub(super) fn inbound_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String
         "\n== inbound burst: {sessions} sessions, {} clients, {secs} s, receiver answering at once",
         args.inbound_clients
     );
-    let (url, got) = receiver()?;
-    let extra: Vec<String> = [
-        "--webhook-url",
-        &url,
-        "--webhook-secret",
-        "bench-webhook-secret-0123456789",
-        "--webhook-backlog-max",
-        &args.inbound_backlog_max.to_string(),
-        "--send-rate",
-        "1000000",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let data = ctx.work.join("data-inbound");
-    let server = spawn_server(&ServerSpec {
-        database_url: None,
-        bin: &ctx.bin,
-        data: &data,
-        pair_delay: &args.pair_delay,
-        nofile: Nofile::Raise,
-        extra: &extra,
-        log: ctx.work.join("server-inbound.log"),
-    })?;
+    let (server, got) = burst_server(ctx, "inbound", &[])?;
     let base = server.base.clone();
-    let c = create_sessions(&base, sessions, args.clients);
-    if c.created < sessions {
-        return Err(format!(
-            "inbound burst: {} of {sessions} sessions created",
-            c.created
-        ));
-    }
-    wait_online(
-        &ctx.api,
-        &base,
-        sessions,
-        Instant::now(),
-        Duration::from_secs(120),
-    )
-    .ok_or("inbound burst: the sessions did not come online")?;
     let start = Instant::now();
     let b = burst(&base, sessions, args.inbound_clients, secs);
     let burst_time = start.elapsed();
     let during = lock(&got).at.len();
     // Drained: every accepted message delivered, or nothing new for 10 s.
-    let mut last = (during, Instant::now());
-    let drained = loop {
-        let g = lock(&got);
+    let drained = drain(&got, &b.accepted).map(|t| t.duration_since(start));
+    let g = lock(&got);
+    print_burst(report, &b, &g, during, burst_time, drained);
+    Ok(())
+}
+
+/// A server of its own (`<label>` data dir and log) with signed webhooks to a receiver
+/// in this process, `--inbound-sessions` sessions online; `extra` flags besides.
+fn burst_server(
+    ctx: &Ctx,
+    label: &str,
+    extra: &[&str],
+) -> Result<(super::Server, Arc<Mutex<Got>>), String> {
+    let args = ctx.args;
+    let sessions = args.inbound_sessions.max(1);
+    let (url, got) = receiver()?;
+    let backlog = args.inbound_backlog_max.to_string();
+    let mut flags = vec![
+        "--webhook-url",
+        &url,
+        "--webhook-secret",
+        "bench-webhook-secret-0123456789",
+        "--webhook-backlog-max",
+        &backlog,
+        "--send-rate",
+        "1000000",
+    ];
+    flags.extend_from_slice(extra);
+    let flags: Vec<String> = flags.iter().map(|s| s.to_string()).collect();
+    let server = spawn_server(&ServerSpec {
+        database_url: None,
+        bin: &ctx.bin,
+        data: &ctx.work.join(format!("data-{label}")),
+        pair_delay: &args.pair_delay,
+        nofile: Nofile::Raise,
+        extra: &flags,
+        log: ctx.work.join(format!("server-{label}.log")),
+    })?;
+    let c = create_sessions(&server.base, sessions, args.clients);
+    if c.created < sessions {
+        return Err(format!(
+            "{label} burst: {} of {sessions} sessions created",
+            c.created
+        ));
+    }
+    wait_online(
+        &ctx.api,
+        &server.base,
+        sessions,
+        Instant::now(),
+        Duration::from_secs(120),
+    )
+    .ok_or(format!("{label} burst: the sessions did not come online"))?;
+    Ok((server, got))
+}
+
+/// Waits until the receiver has every one of `ids` (then: when the last delivery came),
+/// or nothing new came for 10 s (`None`).
+fn drain(got: &Mutex<Got>, ids: &[String]) -> Option<Instant> {
+    let mut last = (lock(got).at.len(), Instant::now());
+    loop {
+        let g = lock(got);
         let n = g.at.len();
-        if b.accepted.iter().all(|id| g.times.contains_key(id)) {
-            break g.at.last().map(|t| t.duration_since(start));
+        if ids.iter().all(|id| g.times.contains_key(id)) {
+            return g.at.last().copied().or(Some(Instant::now()));
         }
         drop(g);
         if n != last.0 {
             last = (n, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(10) {
-            break None;
+            return None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    };
-    let g = lock(&got);
-    print_burst(report, &b, &g, during, burst_time, drained);
-    Ok(())
+    }
 }
 
 /// The figures of one burst.
@@ -284,48 +302,8 @@ pub(super) fn send_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
         "\n== send burst: {sessions} sessions, {} clients, {secs} s direct then {secs} s queued",
         args.inbound_clients
     );
-    let (url, got) = receiver()?;
-    let extra: Vec<String> = [
-        "--webhook-url",
-        &url,
-        "--webhook-secret",
-        "bench-webhook-secret-0123456789",
-        "--webhook-backlog-max",
-        &args.inbound_backlog_max.to_string(),
-        "--send-rate",
-        "1000000",
-        "--send-interval",
-        "1ms",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let data = ctx.work.join("data-sends");
-    let server = spawn_server(&ServerSpec {
-        database_url: None,
-        bin: &ctx.bin,
-        data: &data,
-        pair_delay: &args.pair_delay,
-        nofile: Nofile::Raise,
-        extra: &extra,
-        log: ctx.work.join("server-sends.log"),
-    })?;
+    let (server, got) = burst_server(ctx, "sends", &["--send-interval", "1ms"])?;
     let base = server.base.clone();
-    let c = create_sessions(&base, sessions, args.clients);
-    if c.created < sessions {
-        return Err(format!(
-            "send burst: {} of {sessions} sessions created",
-            c.created
-        ));
-    }
-    wait_online(
-        &ctx.api,
-        &base,
-        sessions,
-        Instant::now(),
-        Duration::from_secs(120),
-    )
-    .ok_or("send burst: the sessions did not come online")?;
     let per_s = |n: usize, d: Duration| format!("{:.0}/s", n as f64 / d.as_secs_f64().max(1e-9));
     let send = |query: &'static str| {
         let base = base.clone();
@@ -363,21 +341,7 @@ pub(super) fn send_burst(ctx: &Ctx, report: &mut Report) -> Result<(), String> {
         ),
     );
     // Drained: every queued send's message.sent delivered, or nothing new for 10 s.
-    let mut last = (0, Instant::now());
-    let drained = loop {
-        let g = lock(&got);
-        let n = g.at.len();
-        if queued.accepted.iter().all(|id| g.times.contains_key(id)) {
-            break Some(start.elapsed());
-        }
-        drop(g);
-        if n != last.0 {
-            last = (n, Instant::now());
-        } else if last.1.elapsed() > Duration::from_secs(10) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let drained = drain(&got, &queued.accepted).map(|_| start.elapsed());
     let g = lock(&got);
     match drained {
         Some(t) => report.row(

@@ -283,65 +283,32 @@ impl Content {
                 text,
                 quoted,
                 author,
-            } => wap::Message {
-                extended_text_message: whatsapp_rust::buffa::MessageField::some(
-                    wap::message::ExtendedTextMessage {
-                        text: Some(text.clone()),
-                        context_info: whatsapp_rust::buffa::MessageField::some(wap::ContextInfo {
-                            stanza_id: Some(quoted.clone()),
-                            participant: Some(author.clone()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                ),
-                ..Default::default()
-            },
-            Content::Mention { text, jids } => wap::Message {
-                extended_text_message: whatsapp_rust::buffa::MessageField::some(
-                    wap::message::ExtendedTextMessage {
-                        text: Some(text.clone()),
-                        context_info: whatsapp_rust::buffa::MessageField::some(wap::ContextInfo {
-                            mentioned_jid: jids.clone(),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                ),
-                ..Default::default()
-            },
-            Content::Edit { target, text } => wap::Message {
-                protocol_message: whatsapp_rust::buffa::MessageField::some(
-                    wap::message::ProtocolMessage {
-                        key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
-                            id: Some(target.clone()),
-                            from_me: Some(true),
-                            ..Default::default()
-                        }),
-                        r#type: Some(wap::message::protocol_message::Type::MessageEdit),
-                        edited_message: whatsapp_rust::buffa::MessageField::some(wap::Message {
-                            conversation: Some(text.clone()),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                ),
-                ..Default::default()
-            },
-            Content::Revoke { target } => wap::Message {
-                protocol_message: whatsapp_rust::buffa::MessageField::some(
-                    wap::message::ProtocolMessage {
-                        key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
-                            id: Some(target.clone()),
-                            from_me: Some(true),
-                            ..Default::default()
-                        }),
-                        r#type: Some(wap::message::protocol_message::Type::Revoke),
-                        ..Default::default()
-                    },
-                ),
-                ..Default::default()
-            },
+            } => extended_text(
+                text,
+                wap::ContextInfo {
+                    stanza_id: Some(quoted.clone()),
+                    participant: Some(author.clone()),
+                    ..Default::default()
+                },
+            ),
+            Content::Mention { text, jids } => extended_text(
+                text,
+                wap::ContextInfo {
+                    mentioned_jid: jids.clone(),
+                    ..Default::default()
+                },
+            ),
+            Content::Edit { target, text } => protocol(
+                target,
+                wap::message::protocol_message::Type::MessageEdit,
+                Some(wap::Message {
+                    conversation: Some(text.clone()),
+                    ..Default::default()
+                }),
+            ),
+            Content::Revoke { target } => {
+                protocol(target, wap::message::protocol_message::Type::Revoke, None)
+            }
             Content::Reaction {
                 target,
                 target_from_client,
@@ -388,6 +355,44 @@ impl Content {
             | Content::Revoke { .. } => None,
             Content::Location { .. } => Some("location"),
         }
+    }
+}
+
+/// A protocol message about one of the peer's user's own messages (an edit, a revoke).
+fn protocol(
+    target: &str,
+    kind: wap::message::protocol_message::Type,
+    edited: Option<wap::Message>,
+) -> wap::Message {
+    wap::Message {
+        protocol_message: whatsapp_rust::buffa::MessageField::some(wap::message::ProtocolMessage {
+            key: whatsapp_rust::buffa::MessageField::some(wap::MessageKey {
+                id: Some(target.to_string()),
+                from_me: Some(true),
+                ..Default::default()
+            }),
+            r#type: Some(kind),
+            edited_message: edited.map_or_else(
+                whatsapp_rust::buffa::MessageField::none,
+                whatsapp_rust::buffa::MessageField::some,
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A text with a context (a quote, mentions).
+fn extended_text(text: &str, context: wap::ContextInfo) -> wap::Message {
+    wap::Message {
+        extended_text_message: whatsapp_rust::buffa::MessageField::some(
+            wap::message::ExtendedTextMessage {
+                text: Some(text.to_string()),
+                context_info: whatsapp_rust::buffa::MessageField::some(context),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
     }
 }
 
