@@ -310,6 +310,25 @@ impl EventHub {
         self.lock().ring.frame(id, with_secret)
     }
 
+    /// As [`EventHub::frame`], for a reader that sees only some sessions: `Some(None)`
+    /// for an event about a session `sees` refuses.
+    pub fn frame_if(
+        &self,
+        id: u64,
+        with_secret: bool,
+        sees: impl Fn(&str) -> bool,
+    ) -> Option<Option<String>> {
+        let frame = self.frame(id, with_secret)?;
+        #[derive(serde::Deserialize)]
+        struct About {
+            #[serde(rename = "userId")]
+            user_id: String,
+        }
+        let data = frame.split_once("\ndata: ")?.1.trim_end();
+        let seen = serde_json::from_str::<About>(data).is_ok_and(|a| sees(&a.user_id));
+        Some(seen.then_some(frame))
+    }
+
     /// The id of the newest event (0: none yet).
     pub fn last_id(&self) -> u64 {
         self.lock().next

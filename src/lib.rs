@@ -390,6 +390,13 @@ pub async fn run(
     )
     .await
     .map_err(|e| RunError::Supervisor(e.to_string()))?;
+    let keys = Arc::new(http::access::Keys::load(store.clone()).await?);
+    if !keys.is_empty() && !config.protect_reads {
+        tracing::warn!(
+            keys = keys.len(),
+            "scoped API keys exist but reads are open to anyone without a key: start with --protect-reads so each key sees only its sessions"
+        );
+    }
     let app = Arc::new(http::App {
         sup: sup.clone(),
         store: store.clone(),
@@ -407,6 +414,7 @@ pub async fn run(
         send_rate: config.send_rate,
         sim,
         outbound: http::outbound::Outbound::new(config.send_interval),
+        keys,
     });
     // The sends still queued go on from where they were.
     let queued = store.queued().await?;

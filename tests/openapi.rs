@@ -29,6 +29,7 @@ fn openapi_path(path: &str) -> String {
         .replace(":eventId", "{eventId}")
         .replace(":chatId", "{chatId}")
         .replace(":messageId", "{messageId}")
+        .replace(":keyId", "{keyId}")
 }
 
 /// (method, path) of every operation in the document.

@@ -14,6 +14,8 @@ pub const SESSION_EXISTS: &str =
     "Session already exists for this user. Delete it first or use a different userId.";
 /// The spec's message for a bad userId.
 pub const INVALID_USER_ID: &str = "userId must be alphanumeric (a-z, 0-9, _, -)";
+/// An API key's id in a path that cannot be one.
+pub const INVALID_KEY_ID: &str = "keyId must be alphanumeric (a-z, 0-9, _, -)";
 /// A dead letter's id in a path that cannot be one (same alphabet as a `userId`).
 pub const INVALID_EVENT_ID: &str = "eventId must be alphanumeric (a-z, 0-9, _, -)";
 

@@ -8,6 +8,7 @@
 //! - [`errors`]: every failure to a status and the spec's JSON shape;
 //! - [`auth`], [`cors`], [`dashboard`].
 
+pub mod access;
 pub mod auth;
 pub mod cors;
 pub mod dashboard;
@@ -81,6 +82,8 @@ pub struct App {
     pub sim: Option<Arc<crate::link::sim::SimLink>>,
     /// The sessions' durable outbound queues.
     pub outbound: outbound::Outbound,
+    /// The scoped API keys.
+    pub keys: Arc<access::Keys>,
 }
 
 /// Answers one request.

@@ -10,10 +10,11 @@ use hyper::{Method, Request, Response, StatusCode};
 
 use botvisor_actors::BoxFuture;
 
-use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_USER_ID, SIM_ONLY};
+use super::access::{Caller, Scope};
+use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, queue, sessions,
-    sim, stream, webhooks,
+    api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, queue,
+    sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
@@ -31,6 +32,8 @@ pub struct Ctx {
     /// The second parameter (`:chatId`, `:messageId`), percent-decoded; the handler
     /// checks it.
     pub sub: String,
+    /// Who asks: a scoped key sees only its sessions in what the handler lists.
+    pub caller: Caller,
 }
 
 /// A handler's answer.
@@ -50,16 +53,25 @@ pub struct Route {
     pub faults_only: bool,
     /// Open even with `--protect-reads` (health probes: they reveal nothing).
     pub public: bool,
+    /// What a scoped key needs for it (`None`: nothing, the route reveals nothing).
+    pub scope: Option<Scope>,
     handler: Handler,
 }
 
-const fn route(method: Method, path: &'static str, key: bool, handler: Handler) -> Route {
+const fn route(
+    method: Method,
+    path: &'static str,
+    key: bool,
+    scope: Option<Scope>,
+    handler: Handler,
+) -> Route {
     Route {
         method,
         path,
         key,
         faults_only: false,
         public: false,
+        scope,
         handler,
     }
 }
@@ -71,139 +83,243 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
         key: false,
         faults_only: false,
         public: true,
+        scope: None,
         handler,
     }
 }
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 38] = [
-    route(Method::GET, "/", false, |c| Box::pin(fleet::dashboard(c))),
+pub static ROUTES: [Route; 41] = [
+    route(Method::GET, "/", false, None, |c| {
+        Box::pin(fleet::dashboard(c))
+    }),
     probe("/healthz", |c| Box::pin(health::healthz(c))),
     probe("/readyz", |c| Box::pin(health::readyz(c))),
-    route(Method::GET, "/metrics", false, |c| {
+    route(Method::GET, "/metrics", false, Some(Scope::Read), |c| {
         Box::pin(health::metrics(c))
     }),
-    route(Method::GET, "/openapi.json", false, |c| {
+    route(Method::GET, "/openapi.json", false, None, |c| {
         Box::pin(health::openapi(c))
     }),
-    route(Method::GET, "/api/stats", false, |c| {
+    route(Method::GET, "/api/stats", false, Some(Scope::Read), |c| {
         Box::pin(fleet::stats(c))
     }),
-    route(Method::GET, "/api/events", false, |c| {
+    route(Method::GET, "/api/events", false, Some(Scope::Read), |c| {
         Box::pin(stream::events(c))
     }),
-    route(Method::GET, "/api/audit", true, |c| {
+    route(Method::GET, "/api/audit", true, Some(Scope::Admin), |c| {
         Box::pin(fleet::audit(c))
     }),
-    route(Method::GET, "/api/sessions", false, |c| {
-        Box::pin(sessions::list(c))
-    }),
-    route(Method::POST, "/api/sessions", true, |c| {
-        Box::pin(sessions::create(c))
-    }),
-    route(Method::GET, "/api/sessions/:id", false, |c| {
-        Box::pin(sessions::get(c))
-    }),
-    route(Method::DELETE, "/api/sessions/:id", true, |c| {
-        Box::pin(sessions::delete(c))
-    }),
-    route(Method::GET, "/api/sessions/:id/pairing", true, |c| {
-        Box::pin(sessions::pairing(c))
-    }),
-    route(Method::GET, "/api/sessions/:id/qr", true, |c| {
-        Box::pin(sessions::qr(c))
-    }),
-    route(Method::GET, "/api/sessions/:id/events", false, |c| {
-        Box::pin(sessions::events(c))
-    }),
-    route(Method::POST, "/api/sessions/:id/messages", true, |c| {
-        Box::pin(messages::send(c))
-    }),
-    route(Method::GET, "/api/sessions/:id/queue", false, |c| {
-        Box::pin(queue::list(c))
-    }),
+    route(
+        Method::GET,
+        "/api/sessions",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(sessions::list(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(sessions::create(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(sessions::get(c)),
+    ),
+    route(
+        Method::DELETE,
+        "/api/sessions/:id",
+        true,
+        Some(Scope::Delete),
+        |c| Box::pin(sessions::delete(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/pairing",
+        true,
+        Some(Scope::Pairing),
+        |c| Box::pin(sessions::pairing(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/qr",
+        true,
+        Some(Scope::Pairing),
+        |c| Box::pin(sessions::qr(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/events",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(sessions::events(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/messages",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(messages::send(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/queue",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(queue::list(c)),
+    ),
     route(
         Method::PUT,
         "/api/sessions/:id/messages/:messageId",
         true,
+        Some(Scope::Send),
         |c| Box::pin(message_acts::edit(c)),
     ),
     route(
         Method::DELETE,
         "/api/sessions/:id/messages/:messageId",
         true,
+        Some(Scope::Send),
         |c| Box::pin(message_acts::revoke(c)),
     ),
     route(
         Method::POST,
         "/api/sessions/:id/messages/:messageId/reaction",
         true,
+        Some(Scope::Send),
         |c| Box::pin(message_acts::react(c)),
     ),
-    route(Method::POST, "/api/sessions/:id/presence", true, |c| {
-        Box::pin(chats::own_presence(c))
-    }),
+    route(
+        Method::POST,
+        "/api/sessions/:id/presence",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(chats::own_presence(c)),
+    ),
     route(
         Method::POST,
         "/api/sessions/:id/chats/:chatId/read",
         true,
+        Some(Scope::Send),
         |c| Box::pin(chats::read(c)),
     ),
     route(
         Method::POST,
         "/api/sessions/:id/chats/:chatId/presence",
         true,
+        Some(Scope::Send),
         |c| Box::pin(chats::presence(c)),
     ),
     route(
         Method::POST,
         "/api/sessions/:id/contacts/check",
         true,
+        Some(Scope::Send),
         |c| Box::pin(contacts::check(c)),
     ),
-    route(Method::GET, "/api/sessions/:id/webhook", true, |c| {
-        Box::pin(webhooks::get_session(c))
+    route(
+        Method::GET,
+        "/api/sessions/:id/webhook",
+        true,
+        Some(Scope::Webhooks),
+        |c| Box::pin(webhooks::get_session(c)),
+    ),
+    route(
+        Method::PUT,
+        "/api/sessions/:id/webhook",
+        true,
+        Some(Scope::Webhooks),
+        |c| Box::pin(webhooks::put_session(c)),
+    ),
+    route(
+        Method::DELETE,
+        "/api/sessions/:id/webhook",
+        true,
+        Some(Scope::Webhooks),
+        |c| Box::pin(webhooks::delete_session(c)),
+    ),
+    route(Method::GET, "/api/keys", true, Some(Scope::Admin), |c| {
+        Box::pin(api_keys::list(c))
     }),
-    route(Method::PUT, "/api/sessions/:id/webhook", true, |c| {
-        Box::pin(webhooks::put_session(c))
+    route(Method::POST, "/api/keys", true, Some(Scope::Admin), |c| {
+        Box::pin(api_keys::create(c))
     }),
-    route(Method::DELETE, "/api/sessions/:id/webhook", true, |c| {
-        Box::pin(webhooks::delete_session(c))
-    }),
-    route(Method::GET, "/api/webhooks/dead", true, |c| {
-        Box::pin(webhooks::dead(c))
-    }),
+    route(
+        Method::DELETE,
+        "/api/keys/:keyId",
+        true,
+        Some(Scope::Admin),
+        |c| Box::pin(api_keys::delete(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/webhooks/dead",
+        true,
+        Some(Scope::Webhooks),
+        |c| Box::pin(webhooks::dead(c)),
+    ),
     route(
         Method::POST,
         "/api/webhooks/dead/:eventId/replay",
         true,
+        Some(Scope::Webhooks),
         |c| Box::pin(webhooks::replay(c)),
     ),
-    route(Method::POST, "/api/sessions/:id/start", true, |c| {
-        Box::pin(lifecycle::start(c))
-    }),
-    route(Method::POST, "/api/sessions/:id/stop", true, |c| {
-        Box::pin(lifecycle::stop(c))
-    }),
-    route(Method::POST, "/api/sessions/:id/logout", true, |c| {
-        Box::pin(lifecycle::logout(c))
-    }),
-    route(Method::GET, "/api/sessions/:id/backups", true, |c| {
-        Box::pin(backups::list(c))
-    }),
-    route(Method::POST, "/api/sessions/:id/backup", true, |c| {
-        Box::pin(backups::create(c))
-    }),
-    route(Method::POST, "/api/sessions/:id/restore", true, |c| {
-        Box::pin(backups::restore(c))
-    }),
+    route(
+        Method::POST,
+        "/api/sessions/:id/start",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(lifecycle::start(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/stop",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(lifecycle::stop(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/logout",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(lifecycle::logout(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/backups",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(backups::list(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/backup",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(backups::create(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/restore",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(backups::restore(c)),
+    ),
     Route {
         method: Method::POST,
         path: "/api/sim/:id/fault",
         key: true,
         faults_only: true,
         public: false,
+        scope: Some(Scope::Admin),
         handler: |c| Box::pin(sim::fault(c)),
     },
     Route {
@@ -212,6 +328,7 @@ pub static ROUTES: [Route; 38] = [
         key: true,
         faults_only: true,
         public: false,
+        scope: Some(Scope::Admin),
         handler: |c| Box::pin(sim::sent(c)),
     },
     Route {
@@ -220,6 +337,7 @@ pub static ROUTES: [Route; 38] = [
         key: true,
         faults_only: true,
         public: false,
+        scope: Some(Scope::Admin),
         handler: |c| Box::pin(sim::inbound(c)),
     },
 ];
@@ -237,7 +355,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
     let (mut id, mut sub) = ("", "");
     for (want, got) in pattern.iter().zip(path) {
         match *want {
-            ":id" | ":eventId" => id = got,
+            ":id" | ":eventId" | ":keyId" => id = got,
             ":chatId" | ":messageId" => sub = got,
             w if w == *got => {}
             _ => return None,
@@ -321,18 +439,47 @@ async fn route_and_answer(
         return Ok(resp);
     };
     *matched = Some(route.path);
-    if route.key || (app.protect_reads && !route.public) {
-        check_key(&req, &app)?;
-    }
-    // Event ids share the session ids' alphabet (`evt_` and hex); the refusal names
-    // the placeholder the path has.
+    let caller = caller_of(
+        &req,
+        &app,
+        route.key || (app.protect_reads && !route.public),
+    )?;
+    // Event and key ids share the session ids' alphabet (`evt_` and hex); the refusal
+    // names the placeholder the path has.
     if route.path.contains(':') && !valid_user_id(id) {
         let refusal = if route.path.contains(":eventId") {
             INVALID_EVENT_ID
+        } else if route.path.contains(":keyId") {
+            INVALID_KEY_ID
         } else {
             INVALID_USER_ID
         };
         return Err(ApiError::bad_request(refusal));
+    }
+    if let Caller::Key(key) = &caller {
+        // A session the key may not touch does not exist for it: 404, whatever the scope
+        // (no probing of ids).
+        if route.path.contains("/:id") && !key.sees(id) {
+            return Err(ApiError::no_session(id));
+        }
+        if let Some(scope) = route.scope {
+            if !key.may(scope) {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    format!("This API key does not have the {} scope", scope.name()),
+                ));
+            }
+        }
+        if whole_fleet(route) && !key.sees_all() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "{} covers every session; this API key reaches only some",
+                    route.path
+                ),
+            ));
+        }
+        app.keys.save_uses_soon(key);
     }
     let id = id.to_string();
     let sub = percent_decoded(sub).ok_or_else(|| {
@@ -342,21 +489,47 @@ async fn route_and_answer(
             "the chat id in the path is not valid"
         })
     })?;
-    (route.handler)(Ctx { app, req, id, sub }).await
+    (route.handler)(Ctx {
+        app,
+        req,
+        id,
+        sub,
+        caller,
+    })
+    .await
 }
 
-/// 401 unless the request carries the API key (when one is set).
-pub fn check_key(req: &Request<Incoming>, app: &App) -> Result<(), ApiError> {
+/// The routes about the whole fleet rather than sessions: only keys that reach every
+/// session may use them (the keys, the audit, `/metrics`, the simulated network's).
+pub fn whole_fleet(route: &Route) -> bool {
+    route.scope == Some(Scope::Admin) || route.path == "/metrics"
+}
+
+/// The 401 of a request without a key where one is needed.
+pub fn missing_key() -> ApiError {
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "Missing API key: send it in the X-API-Key header (or as Authorization: Bearer <key>)",
+    )
+}
+
+/// Who the request is. With no admin key set, everyone is the admin. A key that is given
+/// must be valid, on every route (a revoked key is refused at once, even on an open
+/// read); without one, only routes that do not `need` a key are reached.
+fn caller_of(req: &Request<Incoming>, app: &App, need: bool) -> Result<Caller, ApiError> {
     let Some(expected) = &app.api_key else {
-        return Ok(());
+        return Ok(Caller::Admin);
     };
+    let refused = |why: &str| ApiError::new(StatusCode::UNAUTHORIZED, why.to_string());
     match auth::given_key(req.headers()) {
-        None => Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Missing API key: send it in the X-API-Key header (or as Authorization: Bearer <key>)",
-        )),
-        Some(given) if auth::keys_match(given, expected.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid API key")),
+        None if need => Err(missing_key()),
+        None => Ok(Caller::Anonymous),
+        Some(given) if auth::keys_match(given, expected.as_bytes()) => Ok(Caller::Admin),
+        Some(given) => match app.keys.check(given) {
+            Some(Ok(key)) => Ok(Caller::Key(key)),
+            Some(Err(why)) => Err(refused(why)),
+            None => Err(refused("Invalid API key")),
+        },
     }
 }
 

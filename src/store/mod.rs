@@ -140,6 +140,19 @@ impl Store {
         blocking(move || f(&mut **reader.lock().unwrap_or_else(|p| p.into_inner()))).await?
     }
 
+    /// A stored setting (off the runtime).
+    pub async fn setting(&self, key: &str) -> Result<Option<String>, StorageError> {
+        let key = key.to_string();
+        self.on_reader(move |conn| conn.setting(&key)).await
+    }
+
+    /// Stores a setting, durably, before it returns.
+    pub async fn set_setting(&self, key: &str, value: String) -> Result<(), StorageError> {
+        let key = key.to_string();
+        self.on_reader(move |conn| conn.set_setting(&key, &value))
+            .await
+    }
+
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
     /// metrics; any other end (stopped, failed, ...) forgets it.
     fn track_recovery(&self, rec: &SessionRecord) {

@@ -5,8 +5,9 @@ use std::collections::BTreeSet;
 use ractor::rpc::CallResult;
 use serde::Serialize;
 
-use botvisor_actors::{Persistence, SessionRecord, SupervisorMsg};
+use botvisor_actors::{Persistence, SessionRecord, SessionState, SupervisorMsg};
 
+use crate::http::access::Caller;
 use crate::http::errors::ApiError;
 
 use crate::http::dashboard;
@@ -22,6 +23,27 @@ struct Stats {
 }
 
 pub async fn stats(c: Ctx) -> Answer {
+    if let Caller::Key(key) = &c.caller {
+        if !key.sees_all() {
+            // Counted over the key's own sessions (O(sessions), for scoped keys only).
+            let mine: Vec<SessionRecord> = c
+                .app
+                .store
+                .view()
+                .list()
+                .into_iter()
+                .filter(|r| key.sees(&r.user_id))
+                .collect();
+            return Ok(ok(&Stats {
+                active_sessions: mine.iter().filter(|r| r.state.is_active()).count(),
+                total_users: mine.len(),
+                online_sessions: mine
+                    .iter()
+                    .filter(|r| r.state == SessionState::Online)
+                    .count(),
+            }));
+        }
+    }
     let n = c.app.store.view().counts();
     Ok(ok(&Stats {
         active_sessions: n.active,
@@ -85,5 +107,7 @@ pub async fn audit(c: Ctx) -> Answer {
 }
 
 pub async fn dashboard(c: Ctx) -> Answer {
-    Ok(dashboard::page(&c.app.store.view().list()))
+    let mut sessions = c.app.store.view().list();
+    sessions.retain(|r| c.caller.sees(&r.user_id));
+    Ok(dashboard::page(&sessions))
 }

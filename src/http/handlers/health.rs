@@ -90,8 +90,8 @@ pub async fn readyz(c: Ctx) -> Answer {
 /// `GET /metrics`: Prometheus text. Open like the other reads, unless `--protect-metrics`
 /// (or `--protect-reads`) asks for the key.
 pub async fn metrics(c: Ctx) -> Answer {
-    if c.app.protect_metrics {
-        crate::http::router::check_key(&c.req, &c.app)?;
+    if c.app.protect_metrics && matches!(c.caller, crate::http::access::Caller::Anonymous) {
+        return Err(crate::http::router::missing_key());
     }
     let asked = std::time::Instant::now();
     let answered = c

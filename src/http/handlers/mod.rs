@@ -1,6 +1,7 @@
 //! Handlers, by resource. Each translates: it reads the request, asks the supervisor (or
 //! reads the store's view) and shapes the answer.
 
+pub mod api_keys;
 pub mod backups;
 pub mod chats;
 pub mod contacts;

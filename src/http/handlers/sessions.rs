@@ -73,7 +73,11 @@ struct Events<'a> {
 
 pub async fn list(c: Ctx) -> Answer {
     let all = c.app.store.view().list();
-    let sessions: Vec<SessionView> = all.iter().map(SessionView::of).collect();
+    let sessions: Vec<SessionView> = all
+        .iter()
+        .filter(|r| c.caller.sees(&r.user_id))
+        .map(SessionView::of)
+        .collect();
     Ok(ok(&List {
         count: sessions.len(),
         sessions,
@@ -97,6 +101,12 @@ pub async fn create(c: Ctx) -> Answer {
         Some(Value::String(s)) if valid_user_id(&s) => s,
         Some(_) => return Err(ApiError::bad_request(INVALID_USER_ID)),
     };
+    if !c.caller.sees(&user_id) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            format!("This API key may not create a session named {user_id}: it reaches only the sessions it lists"),
+        ));
+    }
     let phone_number = match body.phone_number {
         None | Some(Value::Null) => return Err(ApiError::bad_request("phoneNumber is required")),
         Some(Value::String(s)) => s,

@@ -21,7 +21,7 @@ use hyper::Response;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::events::{Backlog, EventHub};
-use crate::http::auth;
+use crate::http::access::{Caller, Key, Scope};
 use crate::http::router::{Answer, Ctx};
 
 /// Frames buffered per client before it counts as too slow.
@@ -51,8 +51,19 @@ type Subscribed = (Backlog, broadcast::Receiver<u64>);
 
 /// Feeds one client: the backlog after `last`, then live events and heartbeats, until the
 /// client goes, falls behind, or the hub closes.
-async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mpsc::Sender<Bytes>) {
+async fn pump(
+    hub: Arc<EventHub>,
+    subscribed: Subscribed,
+    secrets: bool,
+    only: Option<Arc<Key>>,
+    tx: mpsc::Sender<Bytes>,
+) {
     let (backlog, mut rx) = subscribed;
+    // `Some(None)`: an event this reader may not see (skipped); `None`: forgotten.
+    let frame = |id: u64| match &only {
+        None => hub.frame(id, secrets).map(Some),
+        Some(key) => hub.frame_if(id, secrets, |user| key.sees(user)),
+    };
     let mut closed = hub.closed();
     let send = |text: String| tx.try_send(Bytes::from(text));
     if send("retry: 2000\n\n".into()).is_err() {
@@ -62,8 +73,10 @@ async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mps
     // while. An event the ring forgot meanwhile ends the stream: the client resumes from
     // what it got.
     for id in backlog {
-        let Some(frame) = hub.frame(id, secrets) else {
-            return;
+        let frame = match frame(id) {
+            Some(Some(frame)) => frame,
+            Some(None) => continue,
+            None => return,
         };
         match tokio::time::timeout(HEARTBEAT, tx.send(Bytes::from(frame))).await {
             Ok(Ok(())) => {}
@@ -75,8 +88,9 @@ async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mps
     loop {
         let text = tokio::select! {
             got = rx.recv() => match got {
-                Ok(id) => match hub.frame(id, secrets) {
-                    Some(frame) => frame,
+                Ok(id) => match frame(id) {
+                    Some(Some(frame)) => frame,
+                    Some(None) => continue,
                     None => return, // forgotten already: far behind
                 },
                 // Fell behind the broadcast, or the hub is gone: drop the client.
@@ -93,10 +107,12 @@ async fn pump(hub: Arc<EventHub>, subscribed: Subscribed, secrets: bool, tx: mps
 }
 
 pub async fn events(c: Ctx) -> Answer {
-    let secrets = match &c.app.api_key {
-        None => true,
-        Some(expected) => auth::given_key(c.req.headers())
-            .is_some_and(|given| auth::keys_match(given, expected.as_bytes())),
+    // Pairing codes for the admin, and for a key with the pairing scope (about its own
+    // sessions: it sees no other).
+    let (secrets, only) = match &c.caller {
+        Caller::Admin => (true, None),
+        Caller::Anonymous => (false, None),
+        Caller::Key(key) => (key.may(Scope::Pairing), Some(key.clone())),
     };
     let last = c
         .req
@@ -109,7 +125,7 @@ pub async fn events(c: Ctx) -> Answer {
     // Subscribed before the answer goes out: a client that has the response head misses
     // nothing that happens after it.
     let subscribed = hub.subscribe(last);
-    tokio::spawn(pump(hub, subscribed, secrets, tx));
+    tokio::spawn(pump(hub, subscribed, secrets, only, tx));
     let mut resp = Response::new(ChannelBody(body_rx).boxed());
     let headers = resp.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
@@ -127,7 +143,7 @@ mod tests {
     async fn a_client_that_does_not_read_is_dropped_at_its_buffer() {
         let hub = Arc::new(EventHub::default());
         let (tx, mut rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, tx));
+        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, None, tx));
         tokio::task::yield_now().await;
         let rec = SessionRecord::new("u".into(), "1234567".into());
         for _ in 0..CLIENT_BUFFER + 10 {
@@ -150,7 +166,7 @@ mod tests {
     async fn a_reading_client_gets_every_event_and_the_stream_ends_at_close() {
         let hub = Arc::new(EventHub::default());
         let (tx, mut rx) = mpsc::channel::<Bytes>(CLIENT_BUFFER);
-        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, tx));
+        let task = tokio::spawn(pump(hub.clone(), hub.subscribe(None), false, None, tx));
         tokio::task::yield_now().await;
         let rec = SessionRecord::new("u".into(), "1234567".into());
         let mut got = 0;

@@ -4,6 +4,7 @@
 use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use crate::http::access::Caller;
 use crate::http::errors::ApiError;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
@@ -24,7 +25,8 @@ struct Replayed<'a> {
 
 /// `GET /api/webhooks/dead`: oldest first (at most 1,000).
 pub async fn dead(c: Ctx) -> Answer {
-    let dead = c.app.store.dead_letters().await?;
+    let mut dead = c.app.store.dead_letters().await?;
+    dead.retain(|d| c.caller.sees(&d.user_id));
     Ok(ok(&Dead {
         count: dead.len(),
         dead,
@@ -33,7 +35,23 @@ pub async fn dead(c: Ctx) -> Answer {
 
 /// `POST /api/webhooks/dead/:eventId/replay`: back in line, with fresh attempts.
 pub async fn replay(c: Ctx) -> Answer {
-    match c.app.store.replay(&c.id).await? {
+    // A scoped key replays only its sessions' letters: another's is "not found" to it.
+    let mine = match &c.caller {
+        Caller::Key(key) => c
+            .app
+            .store
+            .dead_letters()
+            .await?
+            .iter()
+            .any(|d| d.event_id == c.id && key.sees(&d.user_id)),
+        _ => true,
+    };
+    let revived = if mine {
+        c.app.store.replay(&c.id).await?
+    } else {
+        0
+    };
+    match revived {
         0 => Err(ApiError::not_found(format!(
             "No dead letter with event id {}",
             c.id
