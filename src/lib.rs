@@ -367,9 +367,13 @@ pub async fn run(
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
     let (store, boot) = open_store(&config, link.name(), &metrics).await?;
     let mut database_keys = None;
+    let proxies = link::proxy::Proxies::new(config.proxy.clone());
+    let known = boot.iter().map(|r| r.user_id.as_str()).collect();
+    http::handlers::proxy::load(&store, &proxies, &known).await?;
     let sim = match concrete {
         Concrete::Sim(sim) => Some(sim),
         Concrete::WhatsApp(wa) => {
+            wa.connect_through(proxies.clone());
             wa.keep_inbound_in(store.clone());
             database_keys = wa.credentials().database_keys();
             sweep_keys(wa.credentials(), &boot).await?;
@@ -415,6 +419,7 @@ pub async fn run(
         sim,
         outbound: http::outbound::Outbound::new(config.send_interval),
         keys,
+        proxies,
     });
     // The sends still queued go on from where they were.
     let queued = store.queued().await?;

@@ -427,7 +427,12 @@ fn the_secret_is_in_no_file_and_no_log_even_at_debug() {
         looked += 1;
     }
     assert!(looked >= 2, "the data dir has its database and log");
-    // The log does name the key by its id.
+    // The audit trail names the key that made each change, by its id.
     let log = std::fs::read_to_string(&s.log).unwrap();
-    assert!(log.contains(&id), "the log names the key's id");
+    assert!(
+        log.lines().any(|l| l.contains("botvisor::audit")
+            && l.contains(&format!("key=\"{id}\""))
+            && l.contains("/api/sessions/sec_1/stop")),
+        "no audit line for the stop: {log}"
+    );
 }

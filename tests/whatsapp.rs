@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use botvisor_wa_peer::signal::Content;
 use botvisor_wa_peer::{Command, PairReply, Peer};
-use common::Server;
+use common::{seed_paired, seed_paired_in_database, Server};
 
 /// The flags that point the real link at the peer.
 fn peer_args(url: &str) -> [&str; 6] {
@@ -508,25 +508,6 @@ fn the_release_binary_refuses_a_fake_server() {
     assert!(stats.companion_hellos.is_empty());
 }
 
-/// Makes a session's store look paired (as after pair-success): its device row gets the
-/// account's phone number and push name. The peer cannot play the phone's side of
-/// pairing, so this is how the paired paths are reached.
-fn seed_paired(s: &Server, id: &str, name: &str) {
-    if keys_in_database() {
-        let url = common::database_url_for(&s.data_dir).expect("a PostgreSQL database");
-        return seed_paired_in_database(&url, id, name);
-    }
-    let db = s.data_dir.join(format!("sessions/{id}.db"));
-    let c = rusqlite::Connection::open(db).unwrap();
-    let n = c
-        .execute(
-            "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
-            [name],
-        )
-        .unwrap();
-    assert_eq!(n, 1, "the store has one device row");
-}
-
 /// Whether anything of session `id`'s keys is kept: its store file (or `-wal`, `-shm`),
 /// or, with the keys in PostgreSQL, any of its rows.
 fn has_keys(s: &Server, id: &str) -> bool {
@@ -549,22 +530,6 @@ fn key_rows(url: &str, tables: &[&str], id: &str) -> u64 {
         .collect();
     let sql = format!("SELECT {}", counts.join(" + "));
     pg.psql(url, &sql).unwrap().parse().unwrap()
-}
-
-/// [`seed_paired`] for keys in PostgreSQL (`--keys database`) at `url`.
-fn seed_paired_in_database(url: &str, id: &str, name: &str) {
-    let pg = common::pg::shared().expect("PostgreSQL runs");
-    let out = pg
-        .psql(
-            url,
-            &format!(
-                "UPDATE wa_device SET pn = '15551234567:7@s.whatsapp.net', push_name = '{}' \
-                 WHERE session_id = '{id}' RETURNING 1",
-                name.replace('\'', "''")
-            ),
-        )
-        .unwrap();
-    assert_eq!(out, "1", "the store has one device row for {id}");
 }
 
 #[test]

@@ -67,6 +67,13 @@ pub enum LinkEvent {
     Message(InboundMessage),
     /// The other side reports on messages this session sent (delivered, read, played).
     Receipt(Receipt),
+    /// Something keeps the link from reconnecting (a proxy down, the network
+    /// unreachable) while it retries by itself: the session's `lastError`, no change of
+    /// state.
+    Trouble {
+        /// What went wrong.
+        message: String,
+    },
     /// The network refused to issue a pairing code (e.g. throttled).
     PairingRejected {
         /// A clear message, with a retry hint when there is one.

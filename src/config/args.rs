@@ -292,6 +292,15 @@ pub struct ServeArgs {
     /// WebSocket URL of the WhatsApp server [default: WhatsApp's own, wss://web.whatsapp.com/ws/chat].
     #[arg(long, env = "BOTVISOR_WA_URL", value_name = "URL")]
     pub wa_url: Option<String>,
+    /// The proxy every session's WhatsApp socket goes through unless it has its own:
+    /// socks5://[user:password@]host:port or http://[user:password@]host:port (CONNECT).
+    #[arg(
+        long,
+        env = "BOTVISOR_PROXY",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub proxy: Option<String>,
     /// Turn off the built-in bot commands (`!ping` answers `pong` with the uptime).
     /// In the file: builtin_commands = false.
     #[arg(long, env = "BOTVISOR_NO_BUILTIN_COMMANDS")]

@@ -161,6 +161,9 @@ pub struct Config {
     pub webhooks: Option<crate::webhooks::WebhookSettings>,
     /// The network.
     pub link: LinkKind,
+    /// The default proxy of the sessions' WhatsApp sockets.
+    pub proxy: Option<crate::link::proxy::ProxyUrl>,
+
     /// Supervisor tunables (restart policy, timeouts).
     pub supervisor: SupervisorConfig,
     /// Backups kept per session.
@@ -293,6 +296,13 @@ impl Config {
                 })?,
                 url: args.wa_url.clone(),
                 builtin_commands: !args.no_builtin_commands,
+            },
+            proxy: match args.proxy.as_deref().filter(|p| !p.is_empty()) {
+                None => None,
+                // The message never repeats the value: it may hold a password.
+                Some(p) => Some(crate::link::proxy::ProxyUrl::parse(p).map_err(|e| {
+                    args.explain(ConfigError(format!("invalid value for --proxy: {e}")))
+                })?),
             },
         };
         config.validate().map_err(|e| args.explain(e))?;

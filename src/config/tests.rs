@@ -262,6 +262,7 @@ fn example_config_file_parses_and_matches_the_defaults() {
         let commented = [
             "api_key",
             "database_url",
+            "proxy",
             "wa_url",
             "webhook_secret",
             "webhook_ca_file",

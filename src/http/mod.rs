@@ -84,6 +84,8 @@ pub struct App {
     pub outbound: outbound::Outbound,
     /// The scoped API keys.
     pub keys: Arc<access::Keys>,
+    /// Which proxy each session's WhatsApp socket goes through.
+    pub proxies: Arc<crate::link::proxy::Proxies>,
 }
 
 /// Answers one request.
@@ -104,11 +106,13 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
         }
     } else {
         let (matched, answer) = router::dispatch(req, app.clone()).await;
-        route = matched.unwrap_or("unmatched");
-        match answer {
+        route = matched.route.map_or("unmatched", |r| r.path);
+        let resp = match answer {
             Ok(r) => r,
             Err(e) => e.response(),
-        }
+        };
+        audit(&matched, &method, &uri, resp.status());
+        resp
     };
     app.metrics.request(
         route,
@@ -136,6 +140,28 @@ pub async fn handle(req: Request<Incoming>, app: Arc<App>) -> Response<Body> {
     app.cors
         .apply(origin.as_ref(), resp.headers_mut(), preflight);
     resp
+}
+
+/// The audit trail: one line at info for every change to the fleet's sessions, keys and
+/// receivers that was made (not reads, not sends: those are counted in the metrics),
+/// naming the key that made it by its id (`admin`: the `--api-key`; never a secret).
+fn audit(matched: &router::Matched, method: &Method, uri: &hyper::Uri, status: StatusCode) {
+    use access::Scope;
+    let (Some(route), Some(caller)) = (matched.route, &matched.caller) else {
+        return;
+    };
+    let changes = matches!(
+        route.scope,
+        Some(Scope::Control | Scope::Delete | Scope::Webhooks | Scope::Admin)
+    );
+    if !changes || *method == Method::GET || !status.is_success() {
+        return;
+    }
+    let key = caller.key_id().unwrap_or(match caller {
+        access::Caller::Anonymous => "anonymous",
+        _ => "admin",
+    });
+    tracing::info!(target: "botvisor::audit", key, %method, route = route.path, path = uri.path(), %status, "change");
 }
 
 /// Serves HTTP until `shutdown` resolves, then drains in-flight requests (bounded).

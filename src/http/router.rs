@@ -13,8 +13,8 @@ use botvisor_actors::BoxFuture;
 use super::access::{Caller, Scope};
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, queue,
-    sessions, sim, stream, webhooks,
+    api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, proxy,
+    queue, sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id};
 use super::response::Body;
@@ -90,7 +90,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 41] = [
+pub static ROUTES: [Route; 43] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -244,6 +244,20 @@ pub static ROUTES: [Route; 41] = [
         Some(Scope::Webhooks),
         |c| Box::pin(webhooks::delete_session(c)),
     ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/proxy",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(proxy::get(c)),
+    ),
+    route(
+        Method::PUT,
+        "/api/sessions/:id/proxy",
+        true,
+        Some(Scope::Control),
+        |c| Box::pin(proxy::put(c)),
+    ),
     route(Method::GET, "/api/keys", true, Some(Scope::Admin), |c| {
         Box::pin(api_keys::list(c))
     }),
@@ -385,17 +399,22 @@ fn percent_decoded(segment: &str) -> Option<String> {
 
 /// Answers one request (everything but CORS, which the caller adds), with the pattern of
 /// the route it matched (for the metrics).
-pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> (Option<&'static str>, Answer) {
-    let mut matched = None;
+pub async fn dispatch(req: Request<Incoming>, app: Arc<App>) -> (Matched, Answer) {
+    let mut matched = Matched::default();
     let answer = route_and_answer(req, app, &mut matched).await;
     (matched, answer)
 }
 
-async fn route_and_answer(
-    req: Request<Incoming>,
-    app: Arc<App>,
-    matched: &mut Option<&'static str>,
-) -> Answer {
+/// What a request matched: its route, and who it was (once the key was checked).
+#[derive(Default)]
+pub struct Matched {
+    /// The route.
+    pub route: Option<&'static Route>,
+    /// Who asked.
+    pub caller: Option<Caller>,
+}
+
+async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut Matched) -> Answer {
     check_length(&req)?;
     let method = req.method().clone();
     let raw = req.uri().path();
@@ -438,12 +457,13 @@ async fn route_and_answer(
         }
         return Ok(resp);
     };
-    *matched = Some(route.path);
+    matched.route = Some(route);
     let caller = caller_of(
         &req,
         &app,
         route.key || (app.protect_reads && !route.public),
     )?;
+    matched.caller = Some(caller.clone());
     // Event and key ids share the session ids' alphabet (`evt_` and hex); the refusal
     // names the placeholder the path has.
     if route.path.contains(':') && !valid_user_id(id) {

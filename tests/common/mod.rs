@@ -788,3 +788,40 @@ pub fn test_pki(
         dir.join("leaf.key"),
     ))
 }
+
+/// Makes a session's store look paired (as after pair-success): its device row gets the
+/// account's phone number and push name. The peer cannot play the phone's side of
+/// pairing, so this is how the paired paths are reached.
+#[allow(dead_code)]
+pub fn seed_paired(s: &Server, id: &str, name: &str) {
+    if test_engine_is_postgres() {
+        let url = database_url_for(&s.data_dir).expect("a PostgreSQL database");
+        return seed_paired_in_database(&url, id, name);
+    }
+    let db = s.data_dir.join(format!("sessions/{id}.db"));
+    let c = rusqlite::Connection::open(db).unwrap();
+    let n = c
+        .execute(
+            "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
+            [name],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "the store has one device row");
+}
+
+/// [`seed_paired`] for keys in PostgreSQL (`--keys database`) at `url`.
+#[allow(dead_code)]
+pub fn seed_paired_in_database(url: &str, id: &str, name: &str) {
+    let pg = pg::shared().expect("PostgreSQL runs");
+    let out = pg
+        .psql(
+            url,
+            &format!(
+                "UPDATE wa_device SET pn = '15551234567:7@s.whatsapp.net', push_name = '{}' \
+                 WHERE session_id = '{id}' RETURNING 1",
+                name.replace('\'', "''")
+            ),
+        )
+        .unwrap();
+    assert_eq!(out, "1", "the store has one device row for {id}");
+}

@@ -53,6 +53,12 @@ impl SupervisorState {
                 entry.rec.disconnects = entry.rec.disconnects.saturating_add(1);
                 self.set_state(user_id, SessionState::Disconnected);
             }
+            LinkEvent::Trouble { message } => {
+                if entry.rec.last_error.as_deref() != Some(message.as_str()) {
+                    entry.rec.last_error = Some(message);
+                    self.save(user_id);
+                }
+            }
             LinkEvent::PairingRejected { message, throttled } => {
                 entry.rec.last_error = Some(message.clone());
                 if entry.create_waiters.is_empty() {

@@ -56,6 +56,7 @@ pub async fn logout(c: Ctx) -> Answer {
         reply,
     })
     .await?;
+    super::proxy::forget(&c.app, &c.id).await;
     Ok(ok(&LoggedOut {
         message: format!("Session {} logged out and deleted", c.id),
         warning,

@@ -11,6 +11,7 @@ pub mod health;
 pub mod lifecycle;
 pub mod message_acts;
 pub mod messages;
+pub mod proxy;
 pub mod queue;
 pub mod sessions;
 pub mod sim;

@@ -23,6 +23,7 @@ const EVENTS_SHOWN: usize = 100;
 struct CreateBody {
     user_id: Option<Value>,
     phone_number: Option<Value>,
+    proxy: Option<Value>,
 }
 
 #[derive(Serialize)]
@@ -126,12 +127,37 @@ pub async fn create(c: Ctx) -> Answer {
             "phoneNumber must be 7 to 15 digits with the country code, no spaces or special characters (e.g. 1234567890)",
         ));
     }
-    let rec = ask(&c.app, Command::Create, |reply| SupervisorMsg::Create {
+    // A session's own proxy is saved before it first connects (through it), and
+    // undone if the create fails.
+    let proxy = super::proxy::parse_field(body.proxy)?;
+    let undo = match proxy {
+        Some(p) => {
+            let before = c.app.proxies.set(&user_id, Some(p));
+            if let Err(e) = super::proxy::save(&c.app).await {
+                c.app.proxies.set(&user_id, before);
+                return Err(e);
+            }
+            Some((user_id.clone(), before))
+        }
+        None => None,
+    };
+    let created = ask(&c.app, Command::Create, |reply| SupervisorMsg::Create {
         user_id,
         phone_number,
         reply,
     })
-    .await?;
+    .await;
+    let rec = match (created, undo) {
+        (Ok(rec), _) => rec,
+        (Err(e), Some((user_id, before))) => {
+            c.app.proxies.set(&user_id, before);
+            if let Err(e) = super::proxy::save(&c.app).await {
+                tracing::warn!(%user_id, error = %e.message, "could not undo a failed create's proxy; it goes with the next save");
+            }
+            return Err(e);
+        }
+        (Err(e), None) => return Err(e),
+    };
     let pairing = live_pairing(&rec);
     let created = Created {
         message: "Session created. Use the pairing code to connect.",
@@ -151,6 +177,7 @@ pub async fn delete(c: Ctx) -> Answer {
     })
     .await?;
     c.app.send_limit.forget(&id);
+    super::proxy::forget(&c.app, &id).await;
     Ok(ok(&Message {
         message: format!("Session {id} deleted"),
     }))

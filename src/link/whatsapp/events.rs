@@ -141,10 +141,16 @@ impl Shared {
     /// create that times out says why). A paired session's drop was already reported by
     /// the client's own `Disconnected`; its retries are the client's business.
     pub(super) fn connect_failed(&self, error: &str) {
-        if self.closing.load(Ordering::SeqCst) || self.paired.load(Ordering::SeqCst) {
+        if self.closing.load(Ordering::SeqCst) {
             return;
         }
         let message = format!("cannot reach WhatsApp: {error}");
+        if self.paired.load(Ordering::SeqCst) {
+            // The client retries by itself; the cause (a proxy down, say) is the
+            // session's lastError meanwhile.
+            self.events.emit(LinkEvent::Trouble { message });
+            return;
+        }
         if is_lasting(error) {
             self.events.emit(LinkEvent::PairingRejected {
                 message,

@@ -31,6 +31,7 @@ pub use connection::WhatsAppConnection;
 pub use events::{format_code, message_kind};
 
 use super::credentials::Credentials;
+use super::proxy::{Proxies, ProxyUrl};
 use events::{received, InlineHandler, Shared};
 use pairing::pairing_manager;
 use tasks::SessionTasks;
@@ -83,6 +84,8 @@ pub struct WhatsAppLink {
     settings: WhatsAppSettings,
     /// Where received messages are made durable before WhatsApp is told they arrived.
     inbound: OnceLock<Arc<dyn Persistence>>,
+    /// The sessions' proxies.
+    proxies: OnceLock<Arc<Proxies>>,
 }
 
 impl WhatsAppLink {
@@ -97,7 +100,14 @@ impl WhatsAppLink {
             credentials,
             settings,
             inbound: OnceLock::new(),
+            proxies: OnceLock::new(),
         }
+    }
+
+    /// Sessions connect through the proxies `proxies` names for them (read at each
+    /// connect, so a change applies from a session's next connection).
+    pub fn connect_through(&self, proxies: Arc<Proxies>) {
+        let _ = self.proxies.set(proxies);
     }
 
     /// Where the sessions' keys are.
@@ -151,8 +161,63 @@ impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInb
 /// The client's transport factory, watched: a failed connect is reported to the session
 /// (the client itself only logs it, then retries).
 struct WatchedTransport {
-    inner: TokioWebSocketTransportFactory,
+    inner: Box<dyn TransportFactory>,
     shared: Arc<Shared>,
+}
+
+/// whatsapp-rust's WebSocket transport through a proxy: the tunnel, then the same TLS
+/// (for `wss://`) and upgrade (with WhatsApp Web's `Origin`) its own factory makes.
+struct ProxiedTransport {
+    url: String,
+    proxy: ProxyUrl,
+}
+
+#[async_trait::async_trait]
+impl TransportFactory for ProxiedTransport {
+    async fn create_transport(
+        &self,
+    ) -> Result<(Arc<dyn Transport>, async_channel::Receiver<TransportEvent>), anyhow::Error> {
+        let uri: http::Uri = self
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("bad WhatsApp URL: {e}"))?;
+        let tls = uri.scheme_str() == Some("wss");
+        let host = uri
+            .host()
+            .ok_or_else(|| anyhow::anyhow!("the WhatsApp URL has no host"))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        let stream = self
+            .proxy
+            .tunnel(&host, port)
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let connector = if tls {
+            whatsapp_rust::transport::default_tls_connector()
+        } else {
+            whatsapp_rust::transport::Connector::Plain
+        };
+        let stream = connector
+            .wrap(&host, stream)
+            .await
+            .map_err(|e| anyhow::anyhow!("TLS through proxy {}: {e}", self.proxy.redacted()))?;
+        let origin =
+            http::HeaderValue::from_static(whatsapp_rust::wacore::net::WHATSAPP_WEB_ORIGIN);
+        let (ws, _) = tokio_websockets::ClientBuilder::from_uri(uri)
+            .add_header(http::header::ORIGIN, origin)
+            .map_err(|e| anyhow::anyhow!("WebSocket upgrade: {e}"))?
+            .connect_on(stream)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "WebSocket connect through proxy {} failed: {e}",
+                    self.proxy.redacted()
+                )
+            })?;
+        Ok(whatsapp_rust::transport::from_websocket(ws))
+    }
 }
 
 #[async_trait::async_trait]
@@ -177,12 +242,18 @@ async fn build_bot(
     shared: &Arc<Shared>,
     inbound: Option<Arc<dyn Persistence>>,
     tasks: SessionTasks,
+    proxy: Option<ProxyUrl>,
 ) -> Result<Bot, String> {
+    let url = settings
+        .url
+        .clone()
+        .unwrap_or_else(|| whatsapp_rust::wacore::net::WHATSAPP_WEB_WS_URL.to_string());
+    let inner: Box<dyn TransportFactory> = match proxy {
+        Some(proxy) => Box::new(ProxiedTransport { url, proxy }),
+        None => Box::new(TokioWebSocketTransportFactory::new().with_url(url)),
+    };
     let transport = WatchedTransport {
-        inner: match &settings.url {
-            Some(url) => TokioWebSocketTransportFactory::new().with_url(url.clone()),
-            None => TokioWebSocketTransportFactory::new(),
-        },
+        inner,
         shared: shared.clone(),
     };
     let handler = InlineHandler {
@@ -221,6 +292,10 @@ impl Link for WhatsAppLink {
         let store = self.credentials.open(&spec.user_id);
         let settings = self.settings.clone();
         let inbound = self.inbound.get().cloned();
+        let proxy = self
+            .proxies
+            .get()
+            .and_then(|p| p.for_session(&spec.user_id));
         Box::pin(async move {
             let store = store.await?;
             let shared = Arc::new(Shared {
@@ -235,7 +310,7 @@ impl Link for WhatsAppLink {
                 durable_inbound: inbound.is_some(),
             });
             let tasks = SessionTasks::default();
-            let bot = build_bot(&settings, store, &shared, inbound, tasks.clone())
+            let bot = build_bot(&settings, store, &shared, inbound, tasks.clone(), proxy)
                 .await
                 .map_err(|e| {
                     let failure = super::StoreFailure::other(e);
