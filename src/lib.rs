@@ -420,6 +420,10 @@ pub async fn run(
         outbound: http::outbound::Outbound::new(config.send_interval),
         keys,
         proxies,
+        media: Arc::new(
+            http::handlers::media::Fetcher::new(config.media.clone())
+                .map_err(|e| RunError::Supervisor(format!("cannot build the media client: {e}")))?,
+        ),
     });
     // The sends still queued go on from where they were.
     let queued = store.queued().await?;

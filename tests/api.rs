@@ -894,9 +894,9 @@ fn locations_contacts_and_polls_are_sent_and_bad_shapes_refused() {
             "poll.selectable",
         ),
         (
-            r#"{"to":"15551234567","image":{"url":"https://example.com/a.png"}}"#,
+            r#"{"to":"15551234567","image":{"url":"ftp://example.com/a.png"}}"#,
             400,
-            "image messages is not supported yet",
+            "image.url",
         ),
         (
             r#"{"to":"15551234567"}"#,

@@ -21,8 +21,8 @@ pub mod supervisor;
 pub use error::{CmdError, StorageError};
 pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Contact, Done, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, Location, MessageRef, NumberCheck, Outgoing, Poll,
-    Receipt, ReceiptStatus, Refers, SessionSpec,
+    InboundMessage, Link, LinkError, LinkEvent, Location, Media, MediaKind, MediaSource,
+    MessageRef, NumberCheck, Outgoing, Poll, Receipt, ReceiptStatus, Refers, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

@@ -417,6 +417,92 @@ pub enum Outgoing {
     Contact(Contact),
     /// A poll.
     Poll(Poll),
+    /// An image, a video, an audio (or voice note), a document or a sticker.
+    Media(Media),
+}
+
+/// Which media.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MediaKind {
+    /// A picture (JPEG, PNG, WebP).
+    Image,
+    /// A video (MP4).
+    Video,
+    /// An audio, or a voice note.
+    Audio,
+    /// Any file, sent with its name.
+    Document,
+    /// A sticker (WebP).
+    Sticker,
+}
+
+impl MediaKind {
+    /// Every kind with its name in the API.
+    pub const ALL: [(&'static str, MediaKind); 5] = [
+        ("image", MediaKind::Image),
+        ("video", MediaKind::Video),
+        ("audio", MediaKind::Audio),
+        ("document", MediaKind::Document),
+        ("sticker", MediaKind::Sticker),
+    ];
+
+    /// The kind's name in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            MediaKind::Image => "image",
+            MediaKind::Video => "video",
+            MediaKind::Audio => "audio",
+            MediaKind::Document => "document",
+            MediaKind::Sticker => "sticker",
+        }
+    }
+}
+
+/// Where a media's bytes are: fetched already, or still a URL (the front end fetches it
+/// before the link sees it).
+#[derive(Clone, PartialEq)]
+pub enum MediaSource {
+    /// The bytes.
+    Bytes(std::sync::Arc<Vec<u8>>),
+    /// A URL to fetch.
+    Url(String),
+}
+
+impl std::fmt::Debug for MediaSource {
+    // Never the bytes themselves in a debug print.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MediaSource::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            MediaSource::Url(u) => write!(f, "Url({u})"),
+        }
+    }
+}
+
+/// A media message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Media {
+    /// Which.
+    pub kind: MediaKind,
+    /// Its bytes (or where to get them).
+    pub source: MediaSource,
+    /// Its MIME type.
+    pub mimetype: String,
+    /// A document's file name.
+    pub file_name: Option<String>,
+    /// The text under it (not for audio and stickers).
+    pub caption: Option<String>,
+    /// An audio sent as a voice note (push to talk).
+    pub voice: bool,
+}
+
+impl Media {
+    /// The bytes, once fetched.
+    pub fn bytes(&self) -> Option<&std::sync::Arc<Vec<u8>>> {
+        match &self.source {
+            MediaSource::Bytes(b) => Some(b),
+            MediaSource::Url(_) => None,
+        }
+    }
 }
 
 /// A location pin.
@@ -460,6 +546,7 @@ impl Outgoing {
             Outgoing::Location(_) => "location",
             Outgoing::Contact(_) => "contact",
             Outgoing::Poll(_) => "poll",
+            Outgoing::Media(m) => m.kind.name(),
         }
     }
 
@@ -474,6 +561,11 @@ impl Outgoing {
             },
             Outgoing::Contact(c) => c.name.clone(),
             Outgoing::Poll(p) => p.question.clone(),
+            Outgoing::Media(m) => m
+                .caption
+                .clone()
+                .or_else(|| m.file_name.clone())
+                .unwrap_or_else(|| format!("[{}]", m.kind.name())),
         }
     }
 }

@@ -144,6 +144,24 @@ pub struct ServeArgs {
         default_value_t = 20
     )]
     pub send_rate: u32,
+    /// The largest media a send may carry, given as base64 or fetched from a URL
+    /// (bytes; WhatsApp's own limits: 16 MB for most media, 100 MB for documents).
+    #[arg(
+        long,
+        env = "BOTVISOR_MEDIA_MAX_BYTES",
+        value_name = "BYTES",
+        default_value_t = 16 * 1024 * 1024,
+        value_parser = clap::value_parser!(u64).range(1024..=2 * 1024 * 1024 * 1024)
+    )]
+    pub media_max_bytes: u64,
+    /// How long fetching a send's media URL may take, redirects included.
+    #[arg(long, env = "BOTVISOR_MEDIA_FETCH_TIMEOUT", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "30s")]
+    pub media_fetch_timeout: HumanDuration,
+    /// Fetch media URLs that resolve to private, loopback or link-local addresses too
+    /// (refused by default: a send must not reach into the server's own network).
+    #[arg(long, env = "BOTVISOR_MEDIA_ALLOW_PRIVATE")]
+    pub media_allow_private: bool,
     /// Between two queued sends of a session (`?queue=true`), ±25 % jitter.
     #[arg(long, env = "BOTVISOR_SEND_INTERVAL", value_name = "DURATION",
           value_parser = parse_duration, default_value = "2s")]

@@ -163,7 +163,8 @@ pub struct Config {
     pub link: LinkKind,
     /// The default proxy of the sessions' WhatsApp sockets.
     pub proxy: Option<crate::link::proxy::ProxyUrl>,
-
+    /// How sends' media is taken in.
+    pub media: crate::http::handlers::media::MediaSettings,
     /// Supervisor tunables (restart policy, timeouts).
     pub supervisor: SupervisorConfig,
     /// Backups kept per session.
@@ -296,6 +297,11 @@ impl Config {
                 })?,
                 url: args.wa_url.clone(),
                 builtin_commands: !args.no_builtin_commands,
+            },
+            media: crate::http::handlers::media::MediaSettings {
+                max_bytes: usize::try_from(args.media_max_bytes).unwrap_or(usize::MAX),
+                fetch_timeout: args.media_fetch_timeout.0,
+                allow_private: args.media_allow_private,
             },
             proxy: match args.proxy.as_deref().filter(|p| !p.is_empty()) {
                 None => None,

@@ -86,6 +86,16 @@ pub struct App {
     pub keys: Arc<access::Keys>,
     /// Which proxy each session's WhatsApp socket goes through.
     pub proxies: Arc<crate::link::proxy::Proxies>,
+    /// Fetches and bounds the media of sends.
+    pub media: Arc<handlers::media::Fetcher>,
+}
+
+impl App {
+    /// The largest body of a send with media: `--media-max-bytes` as base64, and room for
+    /// the rest of the JSON.
+    pub fn media_body_max(&self) -> usize {
+        self.media.settings.max_bytes.div_ceil(3) * 4 + request::MAX_BODY
+    }
 }
 
 /// Answers one request.

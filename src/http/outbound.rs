@@ -172,10 +172,18 @@ async fn send_one(app: &App, row: &QueuedRow) -> bool {
         .to_string();
     let chat = crate::link::chat_jid(&to);
     let to_chat = (to.as_str(), chat.as_str());
-    let (content, mentions) = match outgoing_of(&body).and_then(|c| {
+    let parsed = outgoing_of(&body).and_then(|c| {
         let m = mentions_of(&body, &c)?;
         Ok((c, m))
-    }) {
+    });
+    // Media by URL is fetched when its turn comes (a URL that fails is a failed send).
+    let parsed = match parsed {
+        Ok((c, m)) => super::handlers::media::fetched(&app.media, c)
+            .await
+            .map(|c| (c, m)),
+        Err(e) => Err(e),
+    };
+    let (content, mentions) = match parsed {
         Ok(parts) => parts,
         Err(e) => {
             let content = Outgoing::Text(String::new());

@@ -29,27 +29,22 @@ pub fn valid_phone(p: &str) -> bool {
 }
 
 /// 413 with the limit.
-pub fn too_large() -> ApiError {
+pub fn too_large(limit: usize) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
-        format!("Request body too large (limit {} KiB)", MAX_BODY / 1024),
+        format!("Request body too large (limit {} KiB)", limit / 1024),
     )
 }
 
-/// Refuses a declared body over the limit before reading it.
-pub fn check_length(req: &Request<Incoming>) -> Result<(), ApiError> {
+/// Refuses a declared body over `limit` bytes before reading it.
+pub fn check_length(req: &Request<Incoming>, limit: usize) -> Result<(), ApiError> {
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok());
     match declared {
-        Some(len)
-            if len
-                .trim()
-                .parse::<u64>()
-                .map_or(true, |n| n > MAX_BODY as u64) =>
-        {
-            Err(too_large())
+        Some(len) if len.trim().parse::<u64>().map_or(true, |n| n > limit as u64) => {
+            Err(too_large(limit))
         }
         _ => Ok(()),
     }
@@ -63,6 +58,16 @@ pub async fn json_body<T: DeserializeOwned>(
     optional: bool,
     timeout: Duration,
 ) -> Result<Option<T>, ApiError> {
+    json_body_up_to(req, optional, timeout, MAX_BODY).await
+}
+
+/// [`json_body`] with a body limit of `limit` bytes (sends that carry media).
+pub async fn json_body_up_to<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    optional: bool,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Option<T>, ApiError> {
     let content_type = req
         .headers()
         .get(CONTENT_TYPE)
@@ -74,7 +79,7 @@ pub async fn json_body<T: DeserializeOwned>(
                 .trim()
                 .to_ascii_lowercase()
         });
-    let bytes = tokio::time::timeout(timeout, Limited::new(req.into_body(), MAX_BODY).collect())
+    let bytes = tokio::time::timeout(timeout, Limited::new(req.into_body(), limit).collect())
         .await
         .map_err(|_| {
             ApiError::new(
@@ -87,7 +92,7 @@ pub async fn json_body<T: DeserializeOwned>(
         })?
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
+                too_large(limit)
             } else {
                 ApiError::bad_request("Could not read the request body")
             }

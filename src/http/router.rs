@@ -16,7 +16,7 @@ use super::handlers::{
     api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, proxy,
     queue, sessions, sim, stream, webhooks,
 };
-use super::request::{check_length, valid_user_id};
+use super::request::{check_length, valid_user_id, MAX_BODY};
 use super::response::Body;
 use super::{auth, App};
 
@@ -415,7 +415,8 @@ pub struct Matched {
 }
 
 async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut Matched) -> Answer {
-    check_length(&req)?;
+    // The largest body any route takes, before anything else; the route's own below.
+    check_length(&req, app.media_body_max().max(MAX_BODY))?;
     let method = req.method().clone();
     let raw = req.uri().path();
     let path = if raw.len() > 1 {
@@ -458,6 +459,7 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
         return Ok(resp);
     };
     matched.route = Some(route);
+    check_length(&req, route.body_max(&app))?;
     let caller = caller_of(
         &req,
         &app,
@@ -517,6 +519,23 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
         caller,
     })
     .await
+}
+
+impl Route {
+    /// The largest body it takes: sends (and the simulated network's inbound, which takes
+    /// the same bodies) may carry media as base64.
+    pub fn body_max(&self, app: &App) -> usize {
+        if self.method == Method::POST
+            && matches!(
+                self.path,
+                "/api/sessions/:id/messages" | "/api/sim/:id/inbound"
+            )
+        {
+            app.media_body_max().max(MAX_BODY)
+        } else {
+            MAX_BODY
+        }
+    }
 }
 
 /// The routes about the whole fleet rather than sessions: only keys that reach every

@@ -487,6 +487,19 @@ pub fn content_json(
             "poll",
             serde_json::json!({"question": p.question, "options": p.options, "selectable": p.selectable}),
         )),
+        // Never the bytes: what a receiver needs to know of them (and their SHA-256, to
+        // match them against what it sent).
+        Outgoing::Media(m) => Some((
+            m.kind.name(),
+            serde_json::json!({
+                "mimetype": m.mimetype,
+                "size": m.bytes().map(|b| b.len()),
+                "sha256": m.bytes().map(|b| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b.as_slice()))),
+                "fileName": m.file_name,
+                "caption": m.caption,
+                "voice": m.voice,
+            }),
+        )),
     }
 }
 

@@ -1,21 +1,31 @@
 //! What `POST /api/sessions/:id/messages` sends: exactly one of `text`, `location`,
-//! `contact` or `poll`, checked here into an [`Outgoing`] with a clear 400 for every bad
-//! shape. Media kinds are named and refused (400) until botvisor sends media. A key given
-//! as `null` counts as given (and is refused as the wrong type), as a text's always was.
+//! `contact`, `poll` or a media kind (`image`, `video`, `audio`, `document`, `sticker`),
+//! checked here into an [`Outgoing`] with a clear 400 for every bad shape. Media comes as
+//! `{"data": base64}` (decoded here) or `{"url"}` (fetched by `media.rs` before the send).
+//! A key given as `null` counts as given (and is refused as the wrong type), as a text's
+//! always was.
+
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
-use botvisor_actors::{Contact, Location, Outgoing, Poll};
+use botvisor_actors::{Contact, Location, Media, MediaKind, MediaSource, Outgoing, Poll};
 
 use super::messages::text_of;
 use crate::http::errors::ApiError;
 use crate::http::request::valid_phone;
 
 /// The body keys that carry a message's content, in the order they are named in errors.
-pub const KINDS: [&str; 4] = ["text", "location", "contact", "poll"];
+pub const KINDS: [&str; 9] = [
+    "text", "location", "contact", "poll", "image", "video", "audio", "document", "sticker",
+];
 
-/// Media kinds of the API, not sent yet.
-pub const MEDIA_KINDS: [&str; 5] = ["image", "video", "audio", "document", "sticker"];
+/// The kinds that carry a caption.
+const MEDIA_CAPTIONED: [&str; 3] = ["image", "video", "document"];
+
+/// Longest caption (characters) and file name.
+const CAPTION_MAX: usize = 4_096;
+const FILE_NAME_MAX: usize = 255;
 
 /// WhatsApp's limits: a poll has 2 to 12 options.
 const POLL_OPTIONS: std::ops::RangeInclusive<usize> = 2..=12;
@@ -29,13 +39,13 @@ const ADDRESS_MAX: usize = 1_024;
 /// The one content a send body carries. `body` is the whole JSON object.
 pub fn outgoing_of(body: &Map<String, Value>) -> Result<Outgoing, ApiError> {
     let given = |key: &str| body.contains_key(key);
-    if let Some(media) = MEDIA_KINDS.iter().find(|k| given(k)) {
+    let present: Vec<&str> = KINDS.iter().copied().filter(|k| given(k)).collect();
+    if given("caption") && !matches!(present.as_slice(), [k] if MEDIA_CAPTIONED.contains(k)) {
         return Err(ApiError::bad_request(format!(
-            "Sending {media} messages is not supported yet; send one of: {}",
-            KINDS.join(", ")
+            "caption goes with one of {}",
+            MEDIA_CAPTIONED.join(", ")
         )));
     }
-    let present: Vec<&str> = KINDS.iter().copied().filter(|k| given(k)).collect();
     match present.as_slice() {
         // No content at all: the answer a text-only client always got.
         [] => text_of(None).map(Outgoing::Text),
@@ -43,6 +53,7 @@ pub fn outgoing_of(body: &Map<String, Value>) -> Result<Outgoing, ApiError> {
         ["location"] => location_of(&body["location"]).map(Outgoing::Location),
         ["contact"] => contact_of(&body["contact"]).map(Outgoing::Contact),
         ["poll"] => poll_of(&body["poll"]).map(Outgoing::Poll),
+        [kind] => media_of(kind, &body[*kind], body).map(Outgoing::Media),
         several => Err(ApiError::bad_request(format!(
             "give exactly one of {}; this body has {}",
             KINDS.join(", "),
@@ -119,6 +130,149 @@ fn degrees(o: &Map<String, Value>, key: &str, limit: f64) -> Result<f64, ApiErro
             "location.{key} must be a number of degrees from -{limit} to {limit}"
         ))),
     }
+}
+
+/// A media object: `{"url": "https://…"}` or `{"data": "<base64 or a data: URL>"}`,
+/// with `mimetype`, `filename` (a document's name), `caption` (also taken from the body's
+/// top level) and, for an audio, `voice`.
+fn media_of(name: &str, v: &Value, body: &Map<String, Value>) -> Result<Media, ApiError> {
+    let kind = MediaKind::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown kind {name}")))?;
+    let o = object(
+        v,
+        name,
+        r#"{"url": "https://…"} or {"data": "<base64>"}, with "mimetype"?, "filename"?, "caption"?"#,
+    )?;
+    let (mut mimetype, source) = match (o.get("url"), o.get("data")) {
+        (Some(Value::String(url)), None) => {
+            super::media::check_url(url)
+                .map_err(|e| ApiError::bad_request(format!("{name}.url: {e}")))?;
+            (None, MediaSource::Url(url.clone()))
+        }
+        (None, Some(Value::String(data))) => {
+            let (declared, bytes) = decode_data(data).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "{name}.data must be base64 (or a data: URL) of a non-empty file"
+                ))
+            })?;
+            (declared, MediaSource::Bytes(Arc::new(bytes)))
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "{name} takes url or data, not both"
+            )))
+        }
+        _ => {
+            return Err(ApiError::bad_request(format!(
+                "{name} needs url (a string) or data (base64)"
+            )))
+        }
+    };
+    if let Some(m) = o.get("mimetype") {
+        match m {
+            Value::String(m) if valid_mimetype(m) => mimetype = Some(m.to_ascii_lowercase()),
+            Value::Null => {}
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "{name}.mimetype must be a MIME type such as image/jpeg"
+                )))
+            }
+        }
+    }
+    let caption = match (o.get("caption"), body.get("caption")) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(format!(
+                "give the caption once: {name}.caption or caption"
+            )))
+        }
+        (Some(_), None) => string_at(o, name, "caption", CAPTION_MAX, false)?,
+        (None, Some(_)) => string_at(body, "the body", "caption", CAPTION_MAX, false)?,
+        (None, None) => None,
+    };
+    if caption.is_some() && matches!(kind, MediaKind::Audio | MediaKind::Sticker) {
+        return Err(ApiError::bad_request(format!(
+            "{name} messages have no caption"
+        )));
+    }
+    let file_name = string_at(o, name, "filename", FILE_NAME_MAX, false)?;
+    if file_name
+        .as_deref()
+        .is_some_and(|f| f.contains(['/', '\\', '\0']))
+    {
+        return Err(ApiError::bad_request(format!(
+            "{name}.filename must be a file name, not a path"
+        )));
+    }
+    let voice = match o.get("voice").or_else(|| body.get("voice")) {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) if kind == MediaKind::Audio => true,
+        Some(Value::Bool(true)) => {
+            return Err(ApiError::bad_request("voice goes with an audio"));
+        }
+        Some(_) => return Err(ApiError::bad_request("voice must be true or false")),
+    };
+    Ok(Media {
+        kind,
+        mimetype: mimetype.unwrap_or_default(),
+        source,
+        file_name,
+        caption,
+        voice,
+    })
+}
+
+/// `type/subtype` of token characters (parameters such as `; codecs=opus` allowed).
+pub fn valid_mimetype(m: &str) -> bool {
+    let essence = m.split(';').next().unwrap_or("").trim();
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 127
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&b))
+    };
+    m.len() <= 255
+        && m.is_ascii()
+        && !m.contains(['\r', '\n'])
+        && essence
+            .split_once('/')
+            .is_some_and(|(t, s)| token(t) && token(s))
+}
+
+/// Base64 (standard or URL-safe, padded or not, whitespace ignored), or a `data:` URL
+/// (its MIME type too); `None` if it is neither, or empty.
+fn decode_data(data: &str) -> Option<(Option<String>, Vec<u8>)> {
+    use base64::Engine;
+    let (declared, payload) = match data.strip_prefix("data:") {
+        Some(rest) => {
+            let (head, payload) = rest.split_once(',')?;
+            let mime = head.strip_suffix(";base64")?;
+            (
+                Some(mime.to_ascii_lowercase()).filter(|m| valid_mimetype(m)),
+                payload,
+            )
+        }
+        None => (None, data),
+    };
+    let clean: String = payload
+        .chars()
+        .filter(|c| !c.is_ascii_whitespace())
+        .collect();
+    use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
+    // Lenient as most encoders' peers are: padding or not, stray low bits in the last
+    // character ignored.
+    let config = GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true);
+    let alphabet = if clean.contains(['-', '_']) {
+        &base64::alphabet::URL_SAFE
+    } else {
+        &base64::alphabet::STANDARD
+    };
+    let bytes = GeneralPurpose::new(alphabet, config).decode(&clean).ok()?;
+    (!bytes.is_empty()).then_some((declared, bytes))
 }
 
 fn location_of(v: &Value) -> Result<Location, ApiError> {
@@ -335,9 +489,75 @@ mod tests {
     }
 
     #[test]
-    fn media_is_refused_by_name() {
-        let (status, message) = parse(json!({"image": {"url": "https://x/y.png"}})).unwrap_err();
-        assert_eq!(status, StatusCode::BAD_REQUEST);
-        assert!(message.contains("image"), "{message}");
+    fn media_parses_from_data_or_url() {
+        let Ok(Outgoing::Media(m)) = parse(json!({"image": {"data": "aGVsbG8=", "caption": "hi"}}))
+        else {
+            panic!("an image")
+        };
+        assert_eq!(m.kind, MediaKind::Image);
+        assert_eq!(m.bytes().map(|b| b.as_slice()), Some(&b"hello"[..]));
+        assert_eq!(m.caption.as_deref(), Some("hi"));
+        let Ok(Outgoing::Media(m)) = parse(
+            json!({"document": {"data": "data:application/pdf;base64,aGVsbG8", "filename": "a.pdf"}, "caption": "c"}),
+        ) else {
+            panic!("a document")
+        };
+        assert_eq!(
+            (m.mimetype.as_str(), m.file_name.as_deref()),
+            ("application/pdf", Some("a.pdf"))
+        );
+        assert_eq!(m.caption.as_deref(), Some("c"));
+        let Ok(Outgoing::Media(m)) =
+            parse(json!({"audio": {"url": "https://example.com/a.ogg", "voice": true}}))
+        else {
+            panic!("an audio")
+        };
+        assert!(m.voice);
+        assert_eq!(
+            m.source,
+            MediaSource::Url("https://example.com/a.ogg".into())
+        );
+    }
+
+    #[test]
+    fn bad_media_shapes_are_told_apart() {
+        let bad = |v: Value, needle: &str| {
+            let (status, message) = parse(v.clone()).unwrap_err();
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{v}");
+            assert!(message.contains(needle), "{v}: {message}");
+        };
+        bad(json!({"image": "x"}), "image must be an object");
+        bad(json!({"image": {}}), "url (a string) or data");
+        bad(
+            json!({"image": {"url": "https://a/b", "data": "aGk="}}),
+            "not both",
+        );
+        bad(json!({"image": {"data": "!!"}}), "image.data");
+        bad(json!({"image": {"data": ""}}), "image.data");
+        bad(json!({"image": {"url": "ftp://a/b"}}), "image.url");
+        bad(
+            json!({"image": {"url": "https://a/b", "mimetype": "x"}}),
+            "image.mimetype",
+        );
+        bad(
+            json!({"audio": {"url": "https://a/b", "caption": "c"}}),
+            "no caption",
+        );
+        bad(
+            json!({"image": {"url": "https://a/b", "voice": true}}),
+            "voice goes with an audio",
+        );
+        bad(
+            json!({"document": {"url": "https://a/b", "filename": "../x"}}),
+            "not a path",
+        );
+        bad(
+            json!({"image": {"url": "https://a/b"}, "text": "x"}),
+            "exactly one of",
+        );
+        bad(
+            json!({"image": {"url": "https://a/b", "caption": "a"}, "caption": "b"}),
+            "once",
+        );
     }
 }

@@ -15,7 +15,7 @@ use super::chats::valid_message_id;
 use super::{act, wrong_answer};
 use crate::db::QueuedRow;
 use crate::http::errors::ApiError;
-use crate::http::request::{json_body, valid_phone};
+use crate::http::request::{json_body_up_to, valid_phone};
 use crate::http::response::{json_response, Body, Success};
 use crate::http::router::{Answer, Ctx};
 use crate::http::App;
@@ -117,9 +117,11 @@ fn wants_queue(uri: &hyper::Uri) -> Result<bool, ApiError> {
 
 pub async fn send(c: Ctx) -> Answer {
     let queue = wants_queue(c.req.uri())?;
-    let body: serde_json::Map<String, Value> = json_body(c.req, false, c.app.request_timeout)
-        .await?
-        .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
+    let limit = c.app.media_body_max();
+    let body: serde_json::Map<String, Value> =
+        json_body_up_to(c.req, false, c.app.request_timeout, limit)
+            .await?
+            .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
     let to = match body.get("to").cloned() {
         Some(Value::String(s)) if valid_recipient(&s) => s,
         None | Some(Value::Null) => return Err(ApiError::bad_request("to is required")),
@@ -167,6 +169,8 @@ pub async fn send(c: Ctx) -> Answer {
     if !c.app.store.webhook_room(&c.id) {
         return Ok(ApiError::backlog_full());
     }
+    // Media by URL is fetched now (bounded), and its type settled.
+    let content = super::media::fetched(&c.app.media, content).await?;
     let kind = content.kind();
     let action = Action::Send {
         to: to.clone(),

@@ -9,6 +9,7 @@ pub mod content;
 pub mod fleet;
 pub mod health;
 pub mod lifecycle;
+pub mod media;
 pub mod message_acts;
 pub mod messages;
 pub mod proxy;

@@ -77,9 +77,11 @@ struct Delivered<'a> {
 pub async fn inbound(c: Ctx) -> Answer {
     let sim = simulated(&c)?;
     let user_id = c.id.clone();
-    let body: serde_json::Map<String, Value> = json_body(c.req, false, c.app.request_timeout)
-        .await?
-        .ok_or_else(|| ApiError::bad_request("from and text are required"))?;
+    let limit = c.app.media_body_max();
+    let body: serde_json::Map<String, Value> =
+        crate::http::request::json_body_up_to(c.req, false, c.app.request_timeout, limit)
+            .await?
+            .ok_or_else(|| ApiError::bad_request("from and text are required"))?;
     let from = body
         .get("from")
         .and_then(Value::as_str)
@@ -126,6 +128,7 @@ fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError
         let kind = content.kind();
         let text = match content {
             Outgoing::Text(text) => Some(text),
+            Outgoing::Media(m) => m.caption,
             _ => None,
         };
         return Ok(Arrival {

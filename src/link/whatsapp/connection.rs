@@ -137,6 +137,98 @@ fn deliver(
 /// for a single choice, 1 for several, with a fresh 32-byte secret (voters derive their
 /// vote keys from it; botvisor does not count votes, so it is not kept). Built here so a
 /// queued poll goes out under the id its 202 gave.
+/// Uploads a media (encrypted by whatsapp-rust to WhatsApp's media servers, from the
+/// media connection WhatsApp hands out) and builds its message.
+async fn upload_media(
+    client: &Arc<Client>,
+    media: &botvisor_actors::Media,
+    context: Option<wa::ContextInfo>,
+) -> Result<wa::Message, LinkError> {
+    use botvisor_actors::MediaKind;
+    use whatsapp_rust::download::MediaType;
+    use whatsapp_rust::media as build;
+    let bytes = media
+        .bytes()
+        .ok_or_else(|| LinkError::new("the media was not fetched before the send (a bug)"))?;
+    let media_type = match media.kind {
+        MediaKind::Image => MediaType::Image,
+        MediaKind::Video => MediaType::Video,
+        MediaKind::Audio => MediaType::Audio,
+        MediaKind::Document => MediaType::Document,
+        MediaKind::Sticker => MediaType::Sticker,
+    };
+    let upload = client
+        .upload(
+            bytes.as_ref().clone(),
+            media_type,
+            whatsapp_rust::UploadOptions::new(),
+        )
+        .await
+        .map_err(|e| LinkError::new(format!("the media upload failed: {e:#}")))?;
+    let context = context.map(Box::new);
+    let mimetype = Some(media.mimetype.clone());
+    Ok(match media.kind {
+        MediaKind::Image => build::image_message(
+            upload,
+            build::ImageOptions {
+                caption: media.caption.clone(),
+                mimetype,
+                context_info: context,
+                ..Default::default()
+            },
+        ),
+        MediaKind::Video => build::video_message(
+            upload,
+            build::VideoOptions {
+                caption: media.caption.clone(),
+                mimetype,
+                context_info: context,
+                ..Default::default()
+            },
+        ),
+        MediaKind::Audio => build::audio_message(
+            upload,
+            build::AudioOptions {
+                mimetype,
+                ptt: Some(media.voice),
+                context_info: context,
+                ..Default::default()
+            },
+        ),
+        MediaKind::Document => build::document_message(
+            upload,
+            build::DocumentOptions {
+                mimetype,
+                file_name: media.file_name.clone(),
+                title: media.file_name.clone(),
+                caption: media.caption.clone(),
+                context_info: context,
+                ..Default::default()
+            },
+        ),
+        MediaKind::Sticker => wa::Message {
+            sticker_message: whatsapp_rust::buffa::MessageField::some(
+                wa::message::StickerMessage {
+                    url: Some(upload.url),
+                    direct_path: Some(upload.direct_path),
+                    media_key: Some(upload.media_key.to_vec()),
+                    file_sha256: Some(upload.file_sha256.to_vec()),
+                    file_enc_sha256: Some(upload.file_enc_sha256.to_vec()),
+                    file_length: Some(upload.file_length),
+                    media_key_timestamp: Some(upload.media_key_timestamp),
+                    mimetype,
+                    context_info: context
+                        .map_or_else(whatsapp_rust::buffa::MessageField::none, |c| {
+                            whatsapp_rust::buffa::MessageField::some(*c)
+                        }),
+                    ..Default::default()
+                },
+            ),
+            ..Default::default()
+        },
+    })
+}
+
 fn poll_message(poll: &botvisor_actors::Poll) -> Result<wa::Message, LinkError> {
     use whatsapp_rust::buffa::MessageField;
     let mut secret = vec![0u8; 32];
@@ -245,7 +337,7 @@ impl LinkConnection for WhatsAppConnection {
         let message = context.map(|context| {
             let context = context.map_or_else(MessageField::none, MessageField::some);
             match content {
-                Outgoing::Text(_) | Outgoing::Poll(_) => None,
+                Outgoing::Text(_) | Outgoing::Poll(_) | Outgoing::Media(_) => None,
                 Outgoing::Location(l) => Some(wa::Message {
                     location_message: MessageField::some(wa::message::LocationMessage {
                         degrees_latitude: Some(l.latitude),
@@ -278,6 +370,18 @@ impl LinkConnection for WhatsAppConnection {
                 Box::pin(async { Err(LinkError::new("a poll cannot be sent as a reply")) })
             }
             (Outgoing::Poll(poll), _) => deliver(client, to, poll_message(poll), message_id),
+            (Outgoing::Media(media), Ok(_)) => {
+                let media = media.clone();
+                let context = reply_to
+                    .map(|quoted| quote(&client, quoted))
+                    .transpose()
+                    .ok()
+                    .flatten();
+                Box::pin(async move {
+                    let message = upload_media(&client, &media, context).await?;
+                    deliver(client, to, Ok(message), message_id).await
+                })
+            }
             (_, message) => {
                 let message = message.map(|m| m.expect("a location or a contact"));
                 deliver(client, to, message, message_id)

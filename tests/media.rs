@@ -1,0 +1,311 @@
+//! Sending media on the simulated network: as base64 and by URL from a server started
+//! here (redirects followed), arriving with the same bytes (their SHA-256), the caption,
+//! the file name and the type; and the fetch's bounds: internal addresses refused unless
+//! `--media-allow-private`, `--media-max-bytes`, a type that does not fit the kind, a
+//! URL that fails, too many redirects; a queued send by URL.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use common::Server;
+use serde_json::{json, Value};
+use sha2::Digest;
+
+/// A PNG's first bytes, then some more.
+fn png() -> Vec<u8> {
+    let mut b = b"\x89PNG\r\n\x1a\n".to_vec();
+    b.extend((0..5000u32).map(|i| (i * 7 % 251) as u8));
+    b
+}
+
+fn pdf() -> Vec<u8> {
+    let mut b = b"%PDF-1.7\n".to_vec();
+    b.extend((0..3000u32).map(|i| (i % 200) as u8));
+    b
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A file server on the loopback: `/png`, `/pdf`, `/ogg`, `/html`, `/big` (declares
+/// 10 MB), `/missing` (404), `/r1` → `/png`, `/loop` → itself.
+fn file_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                let path = line.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let mut conn = conn;
+                let (status, headers, body): (&str, String, Vec<u8>) = match path.as_str() {
+                    "/png" => ("200 OK", "Content-Type: image/png\r\n".into(), png()),
+                    "/pdf" => ("200 OK", "Content-Type: application/pdf\r\n".into(), pdf()),
+                    "/ogg" => (
+                        "200 OK",
+                        "Content-Type: audio/ogg\r\n".into(),
+                        b"OggS-voice".to_vec(),
+                    ),
+                    "/html" => (
+                        "200 OK",
+                        "Content-Type: text/html\r\n".into(),
+                        b"<html></html>".to_vec(),
+                    ),
+                    "/r1" => ("302 Found", "Location: /png\r\n".into(), Vec::new()),
+                    "/loop" => ("302 Found", "Location: /loop\r\n".into(), Vec::new()),
+                    "/big" => {
+                        let _ = write!(
+                            conn,
+                            "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n"
+                        );
+                        let _ = conn.write_all(&png());
+                        return;
+                    }
+                    _ => ("404 Not Found", String::new(), Vec::new()),
+                };
+                let _ = write!(
+                    conn,
+                    "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(&body);
+            });
+        }
+    });
+    port
+}
+
+fn online(s: &Server, id: &str) {
+    assert_eq!(s.create(id, "15551234567").status, 201);
+    s.wait_state(id, "online");
+}
+
+fn send(s: &Server, id: &str, body: Value) -> common::Resp {
+    s.post(
+        &format!("/api/sessions/{id}/messages"),
+        Some(&body.to_string()),
+    )
+}
+
+/// The newest message the simulated network holds for `id`.
+fn last_sent(s: &Server, id: &str) -> Value {
+    let v = s.get(&format!("/api/sim/{id}/messages")).json();
+    v["messages"].as_array().unwrap().last().cloned().unwrap()
+}
+
+#[test]
+fn media_by_data_and_by_url_arrive_with_the_same_bytes() {
+    let files = file_server();
+    let s = Server::start(&["--media-allow-private"]);
+    online(&s, "m1");
+    let data = base64::engine::general_purpose::STANDARD.encode(png());
+    let r = send(
+        &s,
+        "m1",
+        json!({"to": "15550001111", "image": {"data": data}, "caption": "a picture"}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["kind"], "image");
+    let m = last_sent(&s, "m1");
+    assert_eq!(m["kind"], "image", "{m}");
+    assert_eq!(m["image"]["sha256"], sha(&png()), "{m}");
+    assert_eq!(m["image"]["size"], png().len());
+    assert_eq!(m["image"]["mimetype"], "image/png", "sniffed: {m}");
+    assert_eq!(m["image"]["caption"], "a picture");
+    assert_eq!(m["text"], "a picture");
+
+    let url = format!("http://127.0.0.1:{files}/pdf");
+    let r = send(
+        &s,
+        "m1",
+        json!({"to": "15550001111", "document": {"url": url, "filename": "report.pdf"}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let m = last_sent(&s, "m1");
+    assert_eq!(m["document"]["sha256"], sha(&pdf()), "{m}");
+    assert_eq!(m["document"]["fileName"], "report.pdf");
+    assert_eq!(m["document"]["mimetype"], "application/pdf");
+
+    // A redirect is followed; a voice note keeps its flag.
+    let r = send(
+        &s,
+        "m1",
+        json!({"to": "15550001111", "image": {"url": format!("http://127.0.0.1:{files}/r1")}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(last_sent(&s, "m1")["image"]["sha256"], sha(&png()));
+    let r = send(
+        &s,
+        "m1",
+        json!({"to": "15550001111", "audio": {"url": format!("http://127.0.0.1:{files}/ogg"), "voice": true}}),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let m = last_sent(&s, "m1");
+    assert_eq!(
+        (m["kind"].clone(), m["audio"]["voice"].clone()),
+        (json!("audio"), json!(true))
+    );
+    assert_eq!(m["audio"]["mimetype"], "audio/ogg");
+}
+
+#[test]
+fn media_fetches_are_bounded_and_never_reach_inside_unless_allowed() {
+    let files = file_server();
+    let closed = Server::start(&[]);
+    online(&closed, "m2");
+    for host in ["127.0.0.1", "localhost", "[::1]"] {
+        let url = format!("http://{host}:{files}/png");
+        let r = send(
+            &closed,
+            "m2",
+            json!({"to": "15550001111", "image": {"url": url}}),
+        );
+        let msg = r.error(403);
+        assert!(msg.contains("internal address"), "{url}: {msg}");
+    }
+    // A redirect into the inside is refused the same way.
+    let r = send(
+        &closed,
+        "m2",
+        json!({"to": "15550001111", "image": {"url": "http://169.254.169.254/latest/meta-data"}}),
+    );
+    assert!(r.error(403).contains("internal address"));
+    assert!(
+        closed.get("/api/sim/m2/messages").json()["messages"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "nothing was sent"
+    );
+
+    let s = Server::start(&["--media-allow-private", "--media-max-bytes", "4096"]);
+    online(&s, "m3");
+    let at = |p: &str| format!("http://127.0.0.1:{files}{p}");
+    let cases = [
+        (
+            json!({"image": {"url": at("/big")}}),
+            413,
+            "--media-max-bytes",
+        ),
+        (
+            json!({"image": {"url": at("/png")}}),
+            413,
+            "--media-max-bytes",
+        ),
+        (json!({"image": {"url": at("/html")}}), 400, "text/html"),
+        (json!({"image": {"url": at("/missing")}}), 502, "404"),
+        (json!({"image": {"url": at("/loop")}}), 502, "redirects"),
+        (json!({"video": {"url": at("/pdf")}}), 400, "not video/"),
+        (
+            json!({"image": {"data": base64::engine::general_purpose::STANDARD.encode(png())}}),
+            413,
+            "--media-max-bytes",
+        ),
+    ];
+    for (mut body, status, says) in cases {
+        body["to"] = json!("15550001111");
+        let r = send(&s, "m3", body.clone());
+        let msg = r.error(status);
+        assert!(msg.contains(says), "{body}: {msg}");
+    }
+    // A body past the send's own limit is refused before it is read.
+    let huge = "A".repeat(64 * 1024 + 8 * 1024);
+    let r = send(
+        &s,
+        "m3",
+        json!({"to": "15550001111", "image": {"data": huge}}),
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    // Other routes keep the 64 KiB limit.
+    let r = s.post(
+        "/api/sessions",
+        Some(&json!({"userId": "x", "phoneNumber": "1", "pad": "A".repeat(70_000)}).to_string()),
+    );
+    assert_eq!(r.status, 413);
+}
+
+#[test]
+fn a_queued_media_send_is_fetched_when_its_turn_comes() {
+    let files = file_server();
+    let s = Server::start(&["--media-allow-private", "--send-interval", "10ms"]);
+    online(&s, "m4");
+    let r = s.post(
+        "/api/sessions/m4/messages?queue=true",
+        Some(&json!({"to": "15550001111", "image": {"url": format!("http://127.0.0.1:{files}/png")}, "caption": "later"}).to_string()),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.json()["kind"], "image");
+    let id = r.json()["messageId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = s.get("/api/sim/m4/messages").json();
+        if let Some(m) = m["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["messageId"] == id)
+        {
+            assert_eq!(m["image"]["sha256"], sha(&png()), "{m}");
+            assert_eq!(m["image"]["caption"], "later");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the queued image never went out");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The real link's media path against the loopback peer, as far as the peer goes: it
+/// has no media host (it does not answer the media-connection query), so the upload
+/// cannot happen; the send must fail cleanly, bounded, with the cause, and the session
+/// stay online.
+#[cfg(feature = "test-peer")]
+#[test]
+fn a_real_link_media_send_without_a_media_host_fails_cleanly() {
+    use botvisor_wa_peer::Peer;
+    let peer = Peer::start();
+    let url = peer.url();
+    let mut args = vec![
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        url.as_str(),
+        "--create-timeout",
+        "20s",
+    ];
+    if common::test_engine_is_postgres() {
+        args.extend_from_slice(&["--keys", "database"]);
+    }
+    let s = Server::start(&args);
+    assert_eq!(s.create("wm_1", "15551234567").status, 201);
+    assert_eq!(s.post("/api/sessions/wm_1/stop", None).status, 200);
+    common::seed_paired(&s, "wm_1", "Media Bot");
+    assert_eq!(s.post("/api/sessions/wm_1/start", None).status, 200);
+    s.wait_state("wm_1", "online");
+    let data = base64::engine::general_purpose::STANDARD.encode(png());
+    let r = send(
+        &s,
+        "wm_1",
+        json!({"to": "15550001111", "image": {"data": data}}),
+    );
+    assert!(
+        r.error(502).contains("the media upload failed"),
+        "{}",
+        r.body
+    );
+    assert_eq!(s.session("wm_1")["state"], "online");
+}
