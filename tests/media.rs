@@ -309,3 +309,48 @@ fn a_real_link_media_send_without_a_media_host_fails_cleanly() {
     );
     assert_eq!(s.session("wm_1")["state"], "online");
 }
+
+#[test]
+fn media_received_on_the_simulated_network_is_described_in_its_webhook() {
+    let (hook, got) = common::json_receiver();
+    let s = Server::start(&[
+        "--webhook-url",
+        &hook,
+        "--webhook-secret",
+        "media-webhook-secret-0123456789",
+    ]);
+    online(&s, "m5");
+    let data = base64::engine::general_purpose::STANDARD.encode(pdf());
+    let r = s.post(
+        "/api/sim/m5/inbound",
+        Some(
+            &json!({"from": "15557654321", "document": {"data": data, "filename": "menu.pdf"}, "caption": "the menu"})
+                .to_string(),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["messageId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let event = loop {
+        let found = got
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|v| v["data"]["messageId"] == id.as_str())
+            .cloned();
+        if let Some(v) = found {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "no message.received for {id}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let d = &event["data"];
+    assert_eq!(event["event"], "message.received", "{event}");
+    assert_eq!(d["kind"], "document", "{event}");
+    assert_eq!(d["mimetype"], "application/pdf", "{event}");
+    assert_eq!(d["size"], pdf().len(), "{event}");
+    assert_eq!(d["sha256"], sha(&pdf()), "{event}");
+    assert_eq!(d["fileName"], "menu.pdf", "{event}");
+    assert_eq!(d["caption"], "the menu", "{event}");
+    assert_eq!(d["text"], "the menu", "{event}");
+}

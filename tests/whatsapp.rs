@@ -1887,6 +1887,16 @@ fn received_replies_and_reactions_name_their_message() {
             },
         ),
         (
+            "3EB0GOT0000000000008",
+            Content::Document {
+                file_name: "menu.pdf".into(),
+                mimetype: "application/pdf".into(),
+                caption: "today's menu".into(),
+                size: 12_345,
+                sha256: [0xab; 32],
+            },
+        ),
+        (
             "3EB0GOT0000000000007",
             Content::Mention {
                 text: "@15551234567 hello".into(),
@@ -1919,7 +1929,7 @@ fn received_replies_and_reactions_name_their_message() {
             .into_iter()
             .find(|v| v["data"]["messageId"] == id)
     };
-    wait_until(20, "the six webhooks", || {
+    wait_until(20, "the seven webhooks", || {
         [
             "3EB0GOT0000000000002",
             "3EB0GOT0000000000003",
@@ -1927,10 +1937,19 @@ fn received_replies_and_reactions_name_their_message() {
             "3EB0GOT0000000000005",
             "3EB0GOT0000000000006",
             "3EB0GOT0000000000007",
+            "3EB0GOT0000000000008",
         ]
         .iter()
         .all(|id| event(id).is_some())
     });
+    let doc = event("3EB0GOT0000000000008").unwrap();
+    assert_eq!(doc["event"], "message.received", "{doc}");
+    assert_eq!(doc["data"]["kind"], "document", "{doc}");
+    assert_eq!(doc["data"]["mimetype"], "application/pdf", "{doc}");
+    assert_eq!(doc["data"]["size"], 12_345, "{doc}");
+    assert_eq!(doc["data"]["fileName"], "menu.pdf", "{doc}");
+    assert_eq!(doc["data"]["caption"], "today's menu", "{doc}");
+    assert_eq!(doc["data"]["sha256"], "ab".repeat(32), "{doc}");
     let reply = event("3EB0GOT0000000000002").unwrap();
     assert_eq!(reply["event"], "message.received", "{reply}");
     assert_eq!(reply["data"]["replyTo"], first, "{reply}");

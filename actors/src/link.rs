@@ -131,6 +131,26 @@ pub struct InboundMessage {
     pub mentions: Vec<String>,
     /// What it does to another message (a reaction, an edit, a revoke), if anything.
     pub refers: Option<Refers>,
+    /// What a media message carries besides its bytes (which stay on WhatsApp's media
+    /// servers).
+    pub media: Option<Box<ReceivedMedia>>,
+}
+
+/// A received media's description.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ReceivedMedia {
+    /// Its MIME type.
+    pub mimetype: Option<String>,
+    /// Its size (bytes).
+    pub size: Option<u64>,
+    /// A document's file name.
+    pub file_name: Option<String>,
+    /// The text under it.
+    pub caption: Option<String>,
+    /// SHA-256 of the plain file, hex.
+    pub sha256: Option<String>,
+    /// An audio sent as a voice note.
+    pub voice: bool,
 }
 
 /// What a received message does to another message, named by id.

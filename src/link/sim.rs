@@ -185,6 +185,7 @@ impl SimLink {
             reply_to: arrival.reply_to,
             mentions: arrival.mentions,
             refers: arrival.refers,
+            media: arrival.media.map(Box::new),
         };
         let text = text
             .as_deref()
@@ -219,6 +220,8 @@ pub struct Arrival {
     pub mentions: Vec<String>,
     /// What it does to another message.
     pub refers: Option<botvisor_actors::Refers>,
+    /// A media's description.
+    pub media: Option<botvisor_actors::ReceivedMedia>,
 }
 
 /// Numbers with this prefix have no account on the simulated network.

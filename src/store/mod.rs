@@ -430,7 +430,24 @@ impl Persistence for Store {
             target_message_id: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             emoji: Option<&'a str>,
+            #[serde(flatten, skip_serializing_if = "Option::is_none")]
+            media: Option<MediaFields<'a>>,
             timestamp: String,
+        }
+        /// A received media's description, as fields of the event.
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct MediaFields<'a> {
+            mimetype: Option<&'a str>,
+            size: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            file_name: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            caption: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sha256: Option<&'a str>,
+            #[serde(skip_serializing_if = "std::ops::Not::not")]
+            voice: bool,
         }
         // A reaction, an edit or a revoke is an event of its own, about its target.
         let (event, target, emoji) = match &msg.refers {
@@ -453,6 +470,14 @@ impl Persistence for Store {
             mentions: &msg.mentions,
             target_message_id: target.map(String::as_str),
             emoji,
+            media: msg.media.as_ref().map(|m| MediaFields {
+                mimetype: m.mimetype.as_deref(),
+                size: m.size,
+                file_name: m.file_name.as_deref(),
+                caption: m.caption.as_deref(),
+                sha256: m.sha256.as_deref(),
+                voice: m.voice,
+            }),
             timestamp: crate::timefmt::iso(msg.timestamp_ms),
         })
         .unwrap_or_default();

@@ -88,7 +88,7 @@ pub async fn inbound(c: Ctx) -> Answer {
         .filter(|f| crate::http::handlers::messages::valid_recipient(f))
         .ok_or_else(|| ApiError::bad_request("from must be a phone number (digits) or a JID"))?
         .to_string();
-    let arrival = arrival_of(&body)?;
+    let arrival = arrival_of(&c.app, &body).await?;
     super::must_exist(&c.app, &user_id)?;
     // Refused, not accepted and dropped, when the webhooks are behind.
     if !c.app.store.webhook_room(&user_id) {
@@ -111,7 +111,10 @@ pub async fn inbound(c: Ctx) -> Answer {
 const ACTS: [&str; 3] = ["reaction", "edit", "revoke"];
 
 /// What an inbound body carries, as the real link would report it.
-fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError> {
+async fn arrival_of(
+    app: &crate::http::App,
+    body: &serde_json::Map<String, Value>,
+) -> Result<Arrival, ApiError> {
     let reply_to = match body.get("replyTo") {
         None => None,
         Some(Value::String(id)) if valid_message_id(id) => Some(id.clone()),
@@ -125,11 +128,25 @@ fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError
     let Some(act) = acts.first() else {
         let content = outgoing_of(body)?;
         let mentions = mentions_of(body, &content)?;
+        // Media by URL is fetched (under the same bounds as a send's), and described as
+        // WhatsApp describes a received one.
+        let content = super::media::fetched(&app.media, content).await?;
         let kind = content.kind();
-        let text = match content {
-            Outgoing::Text(text) => Some(text),
-            Outgoing::Media(m) => m.caption,
-            _ => None,
+        let (text, media) = match content {
+            Outgoing::Text(text) => (Some(text), None),
+            Outgoing::Media(m) => {
+                let bytes = m.bytes().map(|b| b.as_slice()).unwrap_or_default();
+                let media = botvisor_actors::ReceivedMedia {
+                    mimetype: Some(m.mimetype.clone()),
+                    size: Some(bytes.len() as u64),
+                    file_name: m.file_name.clone(),
+                    caption: m.caption.clone(),
+                    sha256: Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))),
+                    voice: m.voice,
+                };
+                (m.caption, Some(media))
+            }
+            _ => (None, None),
         };
         return Ok(Arrival {
             text,
@@ -137,6 +154,7 @@ fn arrival_of(body: &serde_json::Map<String, Value>) -> Result<Arrival, ApiError
             reply_to,
             mentions,
             refers: None,
+            media,
         });
     };
     let others = KINDS.iter().any(|k| body.contains_key(*k)) || acts.len() > 1;

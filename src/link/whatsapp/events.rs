@@ -33,8 +33,65 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         kind: message_kind(&m.message, text.is_some()).into(),
         reply_to: reply_to(&m.message),
         mentions: mentions(&m.message),
+        media: received_media(&m.message).map(Box::new),
         refers,
         text,
+    })
+}
+
+/// What a received image, video, audio, document or sticker says about itself.
+fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
+    let m = m.get_base_message();
+    let hex = |h: &Option<Vec<u8>>| h.as_deref().map(hex::encode);
+    if let Some(i) = m.image_message.as_option() {
+        return Some(botvisor_actors::ReceivedMedia {
+            mimetype: i.mimetype.clone(),
+            size: i.file_length,
+            caption: i.caption.clone(),
+            sha256: hex(&i.file_sha256),
+            ..Default::default()
+        });
+    }
+    if let Some(v) = m.video_message.as_option() {
+        return Some(botvisor_actors::ReceivedMedia {
+            mimetype: v.mimetype.clone(),
+            size: v.file_length,
+            caption: v.caption.clone(),
+            sha256: hex(&v.file_sha256),
+            ..Default::default()
+        });
+    }
+    if let Some(a) = m.audio_message.as_option() {
+        return Some(botvisor_actors::ReceivedMedia {
+            mimetype: a.mimetype.clone(),
+            size: a.file_length,
+            sha256: hex(&a.file_sha256),
+            voice: a.ptt.unwrap_or(false),
+            ..Default::default()
+        });
+    }
+    let document = m.document_message.as_option().or_else(|| {
+        m.document_with_caption_message
+            .as_option()
+            .and_then(|f| f.message.as_option())
+            .and_then(|inner| inner.document_message.as_option())
+    });
+    if let Some(d) = document {
+        return Some(botvisor_actors::ReceivedMedia {
+            mimetype: d.mimetype.clone(),
+            size: d.file_length,
+            file_name: d.file_name.clone(),
+            caption: d.caption.clone(),
+            sha256: hex(&d.file_sha256),
+            ..Default::default()
+        });
+    }
+    let s = m.sticker_message.as_option()?;
+    Some(botvisor_actors::ReceivedMedia {
+        mimetype: s.mimetype.clone(),
+        size: s.file_length,
+        sha256: hex(&s.file_sha256),
+        ..Default::default()
     })
 }
 

@@ -247,6 +247,20 @@ pub enum Content {
         /// The message deleted.
         target: String,
     },
+    /// A document, described as WhatsApp describes one (its bytes are not on any media
+    /// host: the peer has none, so it cannot be downloaded).
+    Document {
+        /// Its file name.
+        file_name: String,
+        /// Its MIME type.
+        mimetype: String,
+        /// The text under it.
+        caption: String,
+        /// Its size (bytes).
+        size: u64,
+        /// SHA-256 of the plain file.
+        sha256: [u8; 32],
+    },
     /// A reaction to a message of the chat (`""` removes it).
     Reaction {
         /// The message reacted to.
@@ -274,6 +288,29 @@ impl Content {
                     wap::message::LocationMessage {
                         degrees_latitude: Some(*latitude),
                         degrees_longitude: Some(*longitude),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::Document {
+                file_name,
+                mimetype,
+                caption,
+                size,
+                sha256,
+            } => wap::Message {
+                document_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::DocumentMessage {
+                        url: Some("https://mmg.whatsapp.net/peer-has-no-media-host".into()),
+                        direct_path: Some("/peer-has-no-media-host".into()),
+                        media_key: Some(vec![7; 32]),
+                        file_enc_sha256: Some(vec![9; 32]),
+                        file_sha256: Some(sha256.to_vec()),
+                        file_length: Some(*size),
+                        mimetype: Some(mimetype.clone()),
+                        file_name: Some(file_name.clone()),
+                        caption: Some(caption.clone()),
                         ..Default::default()
                     },
                 ),
@@ -339,7 +376,7 @@ impl Content {
             | Content::Mention { .. }
             | Content::Edit { .. } => "text",
             Content::Revoke { .. } => "text",
-            Content::Location { .. } => "media",
+            Content::Location { .. } | Content::Document { .. } => "media",
             Content::Reaction { .. } => "reaction",
         }
     }
@@ -354,6 +391,7 @@ impl Content {
             | Content::Edit { .. }
             | Content::Revoke { .. } => None,
             Content::Location { .. } => Some("location"),
+            Content::Document { .. } => Some("document"),
         }
     }
 }
