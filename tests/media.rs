@@ -278,24 +278,9 @@ fn a_queued_media_send_is_fetched_when_its_turn_comes() {
 fn a_real_link_media_send_without_a_media_host_fails_cleanly() {
     use botvisor_wa_peer::Peer;
     let peer = Peer::start();
-    let url = peer.url();
-    let mut args = vec![
-        "--link",
-        "whatsapp",
-        "--wa-url",
-        url.as_str(),
-        "--create-timeout",
-        "20s",
-    ];
-    if common::test_engine_is_postgres() {
-        args.extend_from_slice(&["--keys", "database"]);
-    }
-    let s = Server::start(&args);
-    assert_eq!(s.create("wm_1", "15551234567").status, 201);
-    assert_eq!(s.post("/api/sessions/wm_1/stop", None).status, 200);
-    common::seed_paired(&s, "wm_1", "Media Bot");
-    assert_eq!(s.post("/api/sessions/wm_1/start", None).status, 200);
-    s.wait_state("wm_1", "online");
+    let dir = tempfile::tempdir().unwrap();
+    let s = common::start_real_link(&peer.url(), dir.path(), &[]);
+    common::paired_online(&s, "wm_1", "Media Bot");
     let data = base64::engine::general_purpose::STANDARD.encode(png());
     let r = send(
         &s,

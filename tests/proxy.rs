@@ -239,20 +239,7 @@ mod real_link {
     }
 
     fn start_in(peer: &Peer, dir: &std::path::Path, extra: &[&str]) -> Server {
-        let url = peer.url();
-        let mut args = vec![
-            "--link",
-            "whatsapp",
-            "--wa-url",
-            url.as_str(),
-            "--create-timeout",
-            "20s",
-        ];
-        if common::test_engine_is_postgres() {
-            args.extend_from_slice(&["--keys", "database"]);
-        }
-        args.extend_from_slice(extra);
-        Server::start_in(dir, &args)
+        common::start_real_link(&peer.url(), dir, extra)
     }
 
     fn peer_addr(peer: &Peer) -> String {

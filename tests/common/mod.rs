@@ -825,3 +825,39 @@ pub fn seed_paired_in_database(url: &str, id: &str, name: &str) {
         .unwrap();
     assert_eq!(out, "1", "the store has one device row for {id}");
 }
+
+/// A server of the real link pointed at the loopback peer at `peer_url`, on `dir`, with
+/// its keys in PostgreSQL when the run keeps everything there; `extra` flags besides.
+#[allow(dead_code)]
+pub fn start_real_link(peer_url: &str, dir: &Path, extra: &[&str]) -> Server {
+    let mut args = vec![
+        "--link",
+        "whatsapp",
+        "--wa-url",
+        peer_url,
+        "--create-timeout",
+        "20s",
+    ];
+    if test_engine_is_postgres() {
+        args.extend_from_slice(&["--keys", "database"]);
+    }
+    args.extend_from_slice(extra);
+    Server::start_in(dir, &args)
+}
+
+/// Creates session `id` (phone 15551234567) on a real-link server, makes its store look
+/// paired ([`seed_paired`]) and starts it again: it logs in straight to online.
+#[allow(dead_code)]
+pub fn paired_online(s: &Server, id: &str, name: &str) {
+    assert_eq!(s.create(id, "15551234567").status, 201);
+    assert_eq!(
+        s.post(&format!("/api/sessions/{id}/stop"), None).status,
+        200
+    );
+    seed_paired(s, id, name);
+    assert_eq!(
+        s.post(&format!("/api/sessions/{id}/start"), None).status,
+        200
+    );
+    s.wait_state(id, "online");
+}
