@@ -13,8 +13,8 @@ use common::Server;
 
 const KEY: &str = "browser-k3y-0123456789abcdefghijk";
 
-#[test]
-fn the_dashboard_creates_pairs_and_stops_a_session_live() {
+/// Whether the browser and Selenium are here (after printing SKIPPED for `test` if not).
+fn have_browser(test: &str) -> bool {
     let have = Path::new("/usr/bin/chromium").exists()
         && Path::new("/usr/bin/chromedriver").exists()
         && Command::new("python3")
@@ -23,10 +23,59 @@ fn the_dashboard_creates_pairs_and_stops_a_session_live() {
             .is_ok_and(|s| s.success());
     if !have {
         common::skip_unless_required_by(
-            "the_dashboard_creates_pairs_and_stops_a_session_live",
+            test,
             "needs /usr/bin/chromium, /usr/bin/chromedriver and Selenium; to run it: apt-get install chromium chromium-driver && python3 -m pip install --user selenium",
             &["BOTVISOR_REQUIRE_BROWSER"],
         );
+    }
+    have
+}
+
+#[test]
+fn the_dashboard_with_a_scoped_key_shows_only_that_keys_sessions() {
+    if !have_browser("the_dashboard_with_a_scoped_key_shows_only_that_keys_sessions") {
+        return;
+    }
+    let s = Server::start(&["--api-key", KEY, "--sim-pair-delay", "200ms"]);
+    let admin = [("X-API-Key", KEY)];
+    for id in ["shop_1", "other_1"] {
+        let body = format!(r#"{{"userId":"{id}","phoneNumber":"15550001234"}}"#);
+        assert_eq!(
+            s.req("POST", "/api/sessions", Some(&body), &admin).status,
+            201
+        );
+    }
+    let made = s.req(
+        "POST",
+        "/api/keys",
+        Some(r#"{"scopes":["read","control"],"sessions":["shop_*"]}"#),
+        &admin,
+    );
+    assert_eq!(made.status, 201, "{}", made.body);
+    let scoped = made.json()["key"].as_str().unwrap().to_string();
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
+    std::fs::create_dir_all(&out).unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/scoped.py");
+    let run = Command::new("python3")
+        .arg(&script)
+        .arg(format!("http://{}/", s.addr))
+        .arg(&scoped)
+        .arg(&out)
+        .arg(KEY)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(
+        run.status.success(),
+        "browser check failed:\n{stdout}\n{stderr}\nscreenshot: {}",
+        out.join("dashboard-scoped-failure.png").display()
+    );
+}
+
+#[test]
+fn the_dashboard_creates_pairs_and_stops_a_session_live() {
+    if !have_browser("the_dashboard_creates_pairs_and_stops_a_session_live") {
         return;
     }
     let s = Server::start(&["--api-key", KEY, "--sim-pair-delay", "4s"]);

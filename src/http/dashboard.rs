@@ -37,7 +37,7 @@ tr.online td{background:#e8f8e8}tr.failed td,tr.logged_out td{background:#fde8e8
 tr.restarting td,tr.disconnected td{background:#fff6dd}td button{font-size:.8em;margin-right:2px}\
 #pairing{border:2px solid #2a7;padding:.5em 1em;display:inline-block}#pairing.expired{border-color:#c33}\
 #pairing-code{font:bold 2.4em monospace;letter-spacing:.1em;margin:.2em 0}\
-#status.bad{color:#b00}#status.good{color:#070}";
+#status.bad{color:#b00}#status.good{color:#070}[hidden]{display:none!important}";
 
 /// The page.
 pub fn page(sessions: &[SessionRecord]) -> Response<Body> {
