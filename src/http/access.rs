@@ -356,7 +356,16 @@ impl Keys {
     /// the background; at most one save at a time).
     pub fn save_uses_soon(self: &Arc<Self>, key: &Key) {
         let used = key.last_used.load(Ordering::Relaxed);
-        if used < key.saved_use.load(Ordering::Relaxed) + LAST_USE_SAVED_EVERY_MS {
+        let saved = key.saved_use.load(Ordering::Relaxed);
+        if used < saved + LAST_USE_SAVED_EVERY_MS {
+            return;
+        }
+        // One request schedules the save; the others of a burst see it done.
+        if key
+            .saved_use
+            .compare_exchange(saved, used, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
             return;
         }
         let keys = self.clone();
