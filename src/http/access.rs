@@ -131,8 +131,8 @@ impl Pattern {
 pub struct Key {
     /// Its id (public; inside the secret).
     pub id: String,
-    /// SHA-256 of the secret, hex.
-    hash: String,
+    /// SHA-256 of the secret.
+    hash: [u8; 32],
     scopes: u8,
     sessions: Vec<Pattern>,
     /// When it stops working (ms since the epoch).
@@ -185,7 +185,7 @@ impl Key {
     fn stored(&self) -> Stored {
         Stored {
             id: self.id.clone(),
-            hash: self.hash.clone(),
+            hash: hex::encode(self.hash),
             scopes: self.scope_names().iter().map(|s| s.to_string()).collect(),
             sessions: self.session_entries(),
             expires_at: self.expires_at,
@@ -205,7 +205,7 @@ impl Key {
                 .map(|e| Pattern::parse(e))
                 .collect::<Option<_>>()?,
             id: s.id,
-            hash: s.hash,
+            hash: hex::decode(&s.hash).ok()?.try_into().ok()?,
             expires_at: s.expires_at,
             note: s.note,
             created_at: s.created_at,
@@ -341,7 +341,7 @@ impl Keys {
         let Some(key) = self.read().get(id).cloned() else {
             return Some(Err("Invalid API key"));
         };
-        if !super::auth::keys_match(hash(text).as_bytes(), key.hash.as_bytes()) {
+        if !super::auth::keys_match(&hash(text), &key.hash) {
             return Some(Err("Invalid API key"));
         }
         let now = now_ms();
@@ -460,10 +460,10 @@ pub enum CreateError {
     Storage(StorageError),
 }
 
-/// SHA-256 of a secret, hex. The secrets carry 256 random bits: a fast hash is enough
-/// (nothing to guess from a leaked hash).
-fn hash(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
+/// SHA-256 of a secret (stored as hex). The secrets carry 256 random bits: a fast hash is
+/// enough (nothing to guess from a leaked hash).
+fn hash(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
 }
 
 /// Who made a request.
@@ -503,7 +503,7 @@ mod tests {
     fn key(scopes: &[&str], sessions: &[&str]) -> Key {
         Key::of(Stored {
             id: "k".into(),
-            hash: String::new(),
+            hash: "00".repeat(32),
             scopes: scopes.iter().map(|s| s.to_string()).collect(),
             sessions: sessions.iter().map(|s| s.to_string()).collect(),
             expires_at: None,
