@@ -94,7 +94,16 @@ impl ProxyUrl {
         let (host, port) = hostport
             .rsplit_once(':')
             .ok_or("a proxy needs its port (host:port)")?;
-        let host = host.trim_start_matches('[').trim_end_matches(']');
+        // An IPv6 address comes in brackets and must be one; a name or an IPv4 address
+        // has no colon or bracket.
+        let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            Some(_) => return Err("a proxy's host in brackets must be an IPv6 address".into()),
+            None if host.contains([':', '[', ']']) => {
+                return Err("a proxy's host must be a name or an IP address".into())
+            }
+            None => host,
+        };
         let port: u16 = port
             .parse()
             .ok()
@@ -336,6 +345,8 @@ mod tests {
         );
         for bad in [
             "ftp://h:1",
+            "socks5://[:dBfc3]:1080",
+            "socks5://a:b:1080",
             "socks5://h",
             "socks5://h:0",
             "socks5://h:99999",
