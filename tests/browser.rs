@@ -53,24 +53,45 @@ fn the_dashboard_with_a_scoped_key_shows_only_that_keys_sessions() {
     );
     assert_eq!(made.status, 201, "{}", made.body);
     let scoped = made.json()["key"].as_str().unwrap().to_string();
+    run_script(
+        &s,
+        "scoped.py",
+        &scoped,
+        &[KEY],
+        "dashboard-scoped-failure.png",
+    );
+}
+
+/// Runs `tests/browser/<script> URL KEY OUT_DIR EXTRA...` against `s` and asserts it
+/// succeeded (naming the screenshot it leaves on failure); its stdout and the out dir.
+fn run_script(
+    s: &Server,
+    script: &str,
+    key: &str,
+    extra: &[&str],
+    failure_png: &str,
+) -> (String, std::path::PathBuf) {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
     std::fs::create_dir_all(&out).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/scoped.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/browser")
+        .join(script);
     let run = Command::new("python3")
         .arg(&script)
         .arg(format!("http://{}/", s.addr))
-        .arg(&scoped)
+        .arg(key)
         .arg(&out)
-        .arg(KEY)
+        .args(extra)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
+    let stdout = String::from_utf8_lossy(&run.stdout).to_string();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(
         run.status.success(),
         "browser check failed:\n{stdout}\n{stderr}\nscreenshot: {}",
-        out.join("dashboard-scoped-failure.png").display()
+        out.join(failure_png).display()
     );
+    (stdout, out)
 }
 
 #[test]
@@ -79,23 +100,7 @@ fn the_dashboard_creates_pairs_and_stops_a_session_live() {
         return;
     }
     let s = Server::start(&["--api-key", KEY, "--sim-pair-delay", "4s"]);
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser");
-    std::fs::create_dir_all(&out).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/dashboard.py");
-    let run = Command::new("python3")
-        .arg(&script)
-        .arg(format!("http://{}/", s.addr))
-        .arg(KEY)
-        .arg(&out)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&run.stdout);
-    let stderr = String::from_utf8_lossy(&run.stderr);
-    assert!(
-        run.status.success(),
-        "browser check failed:\n{stdout}\n{stderr}\nscreenshot: {}",
-        out.join("dashboard-failure.png").display()
-    );
+    let (stdout, out) = run_script(&s, "dashboard.py", KEY, &[], "dashboard-failure.png");
     eprintln!("{stdout}screenshots: {}", out.display());
     assert!(out.join("dashboard.png").exists());
     // What the page did went through the API.

@@ -5,11 +5,9 @@ countdown, sees it turn online without a reload, stops it, and saves a screensho
 Usage: dashboard.py URL KEY OUT_DIR   (exit 0 on success, 1 with the reason otherwise)
 """
 import sys
-import tempfile
 import time
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+import browser_driver  # tests/browser/browser_driver.py, beside this script
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
@@ -17,22 +15,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 url, key, out = sys.argv[1], sys.argv[2], sys.argv[3]
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for flag in [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1400,900",
-    f"--user-data-dir={tempfile.mkdtemp()}",
-]:
-    opts.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+driver = browser_driver.start()
 wait = WebDriverWait(driver, 20)
 
 

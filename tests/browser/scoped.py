@@ -5,34 +5,17 @@ Usage: scoped.py URL KEY OUT_DIR ADMIN_KEY   (exit 0 on success, 1 with the reas
 """
 import json
 import sys
-import tempfile
 import time
 import urllib.request
 
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+import browser_driver  # tests/browser/browser_driver.py, beside this script
 from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 url, key, out, admin = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 
-opts = webdriver.ChromeOptions()
-opts.binary_location = "/usr/bin/chromium"
-for flag in [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--disable-dev-shm-usage",
-    "--window-size=1400,900",
-    f"--user-data-dir={tempfile.mkdtemp()}",
-]:
-    opts.add_argument(flag)
-driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+driver = browser_driver.start()
 wait = WebDriverWait(driver, 20)
 
 
