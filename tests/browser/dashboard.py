@@ -57,8 +57,12 @@ try:
     wait.until(EC.element_to_be_clickable(
         (By.CSS_SELECTOR, 'tr[data-user="browser_bot"] button[data-action="stop"]'))).click()
     wait.until(lambda d: row_state("browser_bot") == "stopped")
-    status = driver.find_element(By.ID, "status").text
-    assert "stopped" in status, status
+    # The stream's event can redraw the row before the stop's own answer reaches the
+    # status line: wait for that answer rather than read the line once.
+    try:
+        wait.until(lambda d: "stopped" in d.find_element(By.ID, "status").text)
+    except Exception:
+        raise AssertionError(driver.find_element(By.ID, "status").text)
     # User text is shown as text, never run as markup.
     names = driver.execute_script(
         "return [...document.querySelectorAll('td.user')].map(td => td.innerHTML)")
