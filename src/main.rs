@@ -7,6 +7,10 @@ compile_error!(
     "the `test-peer` feature disables WhatsApp certificate checks: never build it in release mode"
 );
 
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 use tokio::net::TcpListener;
 
 use botvisor::config::{Cli, Command, Config};
