@@ -186,6 +186,10 @@ struct StateEvent<'a> {
     disconnects: u32,
     last_error: Option<&'a str>,
     name: Option<&'a str>,
+    /// Who made the change by a command (a key's id, `admin`); absent when the session
+    /// changed by itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'a str>,
     at: String,
 }
 
@@ -203,6 +207,8 @@ struct CodeEvent<'a> {
 #[serde(rename_all = "camelCase")]
 struct DeletedEvent<'a> {
     user_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    by: Option<&'a str>,
     at: String,
 }
 
@@ -251,6 +257,7 @@ impl EventHub {
                 disconnects: rec.disconnects,
                 last_error: rec.last_error.as_deref(),
                 name: rec.name.as_deref(),
+                by: rec.by.as_deref(),
                 at: at.clone(),
             };
             let public = json(&e);
@@ -281,11 +288,12 @@ impl EventHub {
     }
 
     /// A session was deleted.
-    pub fn deleted(&self, user_id: &str) {
+    pub fn deleted(&self, user_id: &str, by: Option<&str>) {
         let mut inner = self.lock();
         inner.codes.remove(user_id);
         let e = DeletedEvent {
             user_id,
+            by,
             at: iso(now_ms()),
         };
         self.publish(&mut inner, Kind::Deleted, &json(&e), None);

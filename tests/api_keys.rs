@@ -436,3 +436,57 @@ fn the_secret_is_in_no_file_and_no_log_even_at_debug() {
         "no audit line for the stop: {log}"
     );
 }
+
+/// The `session.*` events' data in what a stream has read so far, in order.
+fn events_in(raw: &str) -> Vec<Value> {
+    raw.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
+#[test]
+fn each_change_names_the_key_that_made_it_and_the_sessions_own_changes_name_none() {
+    let s = Server::start(&["--api-key", ADMIN]);
+    let (key, id) = make_key(&s, &["control", "delete"], &["shop_*"], "");
+    let as_shop = [("X-API-Key", key.as_str())];
+    let mut events = stream(&s, ADMIN);
+    let r = s.req(
+        "POST",
+        "/api/sessions",
+        Some(r#"{"userId":"shop_1","phoneNumber":"15550001111"}"#),
+        &AS_ADMIN,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    online(&s, "shop_1");
+    let r = s.req("POST", "/api/sessions/shop_1/stop", None, &as_shop);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = s.req("POST", "/api/sessions/shop_1/start", None, &AS_ADMIN);
+    assert_eq!(r.status, 200, "{}", r.body);
+    online(&s, "shop_1");
+    let r = s.req("DELETE", "/api/sessions/shop_1", None, &as_shop);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let raw = read_until(&mut events, 10, |b| b.contains("session.deleted"));
+    let seen = events_in(&raw);
+    let by = |state: &str| -> Vec<Value> {
+        seen.iter()
+            .filter(|e| e["state"] == state)
+            .map(|e| e["by"].clone())
+            .collect()
+    };
+    // Created by the admin; its pairing and coming online are the session's own doing.
+    assert_eq!(by("starting").first(), Some(&Value::from("admin")), "{raw}");
+    assert!(
+        by("online").iter().all(Value::is_null),
+        "online is never a key's doing: {raw}"
+    );
+    // Stopped by the shop's key (its id, never its secret); started again by the admin.
+    assert_eq!(by("stopped"), vec![Value::from(id.as_str())], "{raw}");
+    assert!(by("starting").contains(&Value::from("admin")), "{raw}");
+    let deleted: Vec<&Value> = seen.iter().filter(|e| e.get("state").is_none()).collect();
+    assert!(
+        deleted.iter().any(|e| e["by"] == id.as_str()),
+        "the delete is credited to the key: {raw}"
+    );
+    assert!(!raw.contains(&key), "no secret in any event");
+}

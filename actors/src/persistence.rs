@@ -14,8 +14,9 @@ pub trait Persistence: Send + Sync + 'static {
     /// Queues the current record (the pairing code is never persisted). Successive saves
     /// of one session that are still queued are merged; each state change is logged.
     fn save(&self, rec: &SessionRecord);
-    /// Queues the removal of a session and everything the store keeps for it.
-    fn delete(&self, user_id: &str);
+    /// Queues the removal of a session and everything the store keeps for it; `by`: who
+    /// asked (see [`crate::SessionRecord::by`]).
+    fn delete(&self, user_id: &str, by: Option<&str>);
     /// Resolves once every write queued before this call is durable (or failed).
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>>;
     /// Whether a received message of `user_id` can be taken now. When not (the webhook

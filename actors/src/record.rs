@@ -170,6 +170,10 @@ pub struct SessionRecord {
     pub pairing: Option<PairingCode>,
     /// The current pairing QR code, if one is pending. Never persisted.
     pub qr: Option<PairingQr>,
+    /// Who made the latest change by a command: an API key's id, `admin` for the
+    /// configured key (`None`: the session changed by itself, or no key is configured).
+    /// Carried by `session.state` events as `by`; never persisted.
+    pub by: Option<std::sync::Arc<str>>,
 }
 
 impl SessionRecord {
@@ -192,6 +196,7 @@ impl SessionRecord {
         self.last_seen_at_ms = other.last_seen_at_ms;
         self.pairing.clone_from(&other.pairing);
         self.qr.clone_from(&other.qr);
+        self.by.clone_from(&other.by);
     }
 
     /// A new session, as created by the API: desired running, starting.
@@ -211,6 +216,7 @@ impl SessionRecord {
             last_seen_at_ms: None,
             pairing: None,
             qr: None,
+            by: None,
         }
     }
 

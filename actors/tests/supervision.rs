@@ -69,7 +69,7 @@ impl Persistence for MemStore {
             .unwrap()
             .insert(rec.user_id.clone(), rec.clone());
     }
-    fn delete(&self, user_id: &str) {
+    fn delete(&self, user_id: &str, _by: Option<&str>) {
         self.rows.lock().unwrap().remove(user_id);
     }
     fn flush(&self) -> BoxFuture<'static, Result<(), StorageError>> {
@@ -213,6 +213,7 @@ impl Harness {
         ractor::call!(self.sup, |reply| SupervisorMsg::Create {
             user_id: id,
             phone_number: "15550001111".into(),
+            by: None,
             reply
         })
         .unwrap()
@@ -292,9 +293,13 @@ async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
     assert_eq!(h.get("good").await.unwrap().state, SessionState::Online);
     // A user's start gives it a fresh budget.
     let id = "bad".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Start { user_id: id, reply })
-        .unwrap()
-        .unwrap();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Start {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
     let rec = h.wait_state("bad", SessionState::Online).await;
     assert_eq!(rec.restarts, 0);
 }
@@ -339,9 +344,13 @@ async fn stop_and_delete_are_answered_after_the_child_is_gone() {
     h.create("s").await.unwrap();
     h.wait_state("s", SessionState::Online).await;
     let id = "s".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Stop { user_id: id, reply })
-        .unwrap()
-        .unwrap();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
     let rec = h.get("s").await.unwrap();
     assert_eq!(
         (rec.state, rec.desired),
@@ -352,9 +361,13 @@ async fn stop_and_delete_are_answered_after_the_child_is_gone() {
         Err(CmdError::Conflict(_))
     ));
     let id = "s".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Delete { user_id: id, reply })
-        .unwrap()
-        .unwrap();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Delete {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
     assert!(matches!(h.get("s").await, Err(CmdError::NotFound(_))));
     assert!(h.store.rows.lock().unwrap().is_empty());
 }
@@ -366,9 +379,13 @@ async fn stop_of_a_hung_session_kills_it_after_the_shutdown_timeout() {
     h.wait_state("hs", SessionState::Online).await;
     h.fault("hs", Fault::Hang).await.unwrap();
     let id = "hs".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Stop { user_id: id, reply })
-        .unwrap()
-        .unwrap();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
     assert_eq!(h.get("hs").await.unwrap().state, SessionState::Stopped);
 }
 

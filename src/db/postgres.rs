@@ -842,6 +842,7 @@ fn session_of(r: &tokio_postgres::Row) -> Result<SessionRecord, tokio_postgres::
         last_seen_at_ms: r.try_get::<_, Option<i64>>(10)?.map(to_u64),
         pairing: None,
         qr: None,
+        by: None,
     })
 }
 

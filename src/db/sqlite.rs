@@ -391,6 +391,7 @@ impl Engine for SqliteEngine {
                     last_seen_at_ms: r.get::<_, Option<i64>>(10)?.map(|v| v as u64),
                     pairing: None,
                     qr: None,
+                    by: None,
                 })
             })
             .map_err(self.fail())?;

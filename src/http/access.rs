@@ -129,8 +129,8 @@ impl Pattern {
 /// A scoped key, as the server holds it (never its secret).
 #[derive(Debug)]
 pub struct Key {
-    /// Its id (public; inside the secret).
-    pub id: String,
+    /// Its id (public; inside the secret). Shared with the records it is credited on.
+    pub id: Arc<str>,
     /// SHA-256 of the secret.
     hash: [u8; 32],
     scopes: u8,
@@ -184,7 +184,7 @@ impl Key {
 
     fn stored(&self) -> Stored {
         Stored {
-            id: self.id.clone(),
+            id: self.id.to_string(),
             hash: hex::encode(self.hash),
             scopes: self.scope_names().iter().map(|s| s.to_string()).collect(),
             sessions: self.session_entries(),
@@ -204,7 +204,7 @@ impl Key {
                 .iter()
                 .map(|e| Pattern::parse(e))
                 .collect::<Option<_>>()?,
-            id: s.id,
+            id: s.id.into(),
             hash: hex::decode(&s.hash).ok()?.try_into().ok()?,
             expires_at: s.expires_at,
             note: s.note,
@@ -398,7 +398,7 @@ impl Keys {
         let id = hex::encode(&random[..8]);
         let secret = format!("{PREFIX}{id}_{}", hex::encode(&random[8..]));
         let key = Arc::new(Key {
-            id: id.clone(),
+            id: id.as_str().into(),
             hash: hash(&secret),
             scopes: scope_bits(&new.scopes).unwrap_or(0),
             sessions: new
@@ -493,6 +493,29 @@ impl Caller {
             Caller::Key(k) => Some(&k.id),
             _ => None,
         }
+    }
+
+    /// Who a change is credited to in events and the audit: a scoped key's id, `admin`
+    /// for the configured key (or anyone when none is set), `anonymous` otherwise.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Key(k) => &k.id,
+            Caller::Admin => "admin",
+            Caller::Anonymous => "anonymous",
+        }
+    }
+
+    /// [`Caller::name`], for a command's `by` (see `SessionRecord::by`): shared, so the
+    /// records that keep it allocate nothing for it.
+    pub fn by(&self) -> Option<Arc<str>> {
+        static ADMIN: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "admin".into());
+        static ANONYMOUS: std::sync::LazyLock<Arc<str>> =
+            std::sync::LazyLock::new(|| "anonymous".into());
+        Some(match self {
+            Caller::Key(k) => k.id.clone(),
+            Caller::Admin => ADMIN.clone(),
+            Caller::Anonymous => ANONYMOUS.clone(),
+        })
     }
 }
 

@@ -167,10 +167,7 @@ fn audit(matched: &router::Matched, method: &Method, uri: &hyper::Uri, status: S
     if !changes || *method == Method::GET || !status.is_success() {
         return;
     }
-    let key = caller.key_id().unwrap_or(match caller {
-        access::Caller::Anonymous => "anonymous",
-        _ => "admin",
-    });
+    let key = caller.name();
     tracing::info!(target: "botvisor::audit", key, %method, route = route.path, path = uri.path(), %status, "change");
 }
 

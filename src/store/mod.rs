@@ -359,13 +359,13 @@ impl Persistence for Store {
         }
     }
 
-    fn delete(&self, user_id: &str) {
+    fn delete(&self, user_id: &str, by: Option<&str>) {
         if let Some(w) = &self.webhooks {
             w.set_session_url(user_id, None);
         }
         self.view.remove(user_id);
         self.queue.delete(user_id);
-        self.hub.deleted(user_id);
+        self.hub.deleted(user_id, by);
         self.down_since
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -610,7 +610,7 @@ mod tests {
             .map(|e| e.state)
             .collect();
         assert_eq!(states, ["online", "connecting", "pairing", "starting"]);
-        store.delete("u1");
+        store.delete("u1", None);
         store.flush().await.unwrap();
         assert!(rows_on_disk(dir.path()).is_empty());
         assert!(store.events("u1", 10).await.unwrap().is_empty());

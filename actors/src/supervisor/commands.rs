@@ -26,6 +26,7 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
         user_id: String,
         phone_number: String,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<SessionRecord>,
     ) {
         let refusal = if self.shutdown.is_some() {
@@ -42,7 +43,8 @@ impl SupervisorState {
             let _ = reply.send(Err(e));
             return;
         }
-        let rec = SessionRecord::new(user_id.clone(), phone_number);
+        let mut rec = SessionRecord::new(user_id.clone(), phone_number);
+        rec.by = by;
         self.persistence.insert(&rec);
         let token = self.token();
         let mut entry = Entry::new(rec);
@@ -67,11 +69,13 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         user_id: &str,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<SessionRecord>,
     ) {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
+        entry.rec.by = by;
         entry.rec.desired = Desired::Running;
         // (A logged-out session started before its wipe came due starts from nothing.)
         self.wipe_now(user_id);
@@ -93,6 +97,7 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         user_id: &str,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<()>,
     ) {
         // A second stop waits with the first.
@@ -107,6 +112,7 @@ impl SupervisorState {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
+        entry.rec.by = by;
         entry.rec.desired = Desired::Stopped;
         entry.restart_token = None;
         if entry.child.is_some() {
@@ -127,11 +133,13 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         user_id: &str,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<()>,
     ) {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
+        entry.rec.by = by;
         if entry.child.is_some() {
             entry.intent = Some(Intent::Delete(reply));
             self.stop_child(myself, user_id, false);
@@ -144,11 +152,13 @@ impl SupervisorState {
         &mut self,
         myself: &ActorRef<SupervisorMsg>,
         user_id: &str,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<Option<String>>,
     ) {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
+        entry.rec.by = by;
         if entry.child.is_some() {
             entry.intent = Some(Intent::Logout(reply));
             self.stop_child(myself, user_id, true);
@@ -248,11 +258,13 @@ impl SupervisorState {
         myself: &ActorRef<SupervisorMsg>,
         user_id: &str,
         apply: RestoreFn,
+        by: Option<std::sync::Arc<str>>,
         reply: Reply<SessionRecord>,
     ) {
         let Some((entry, reply)) = self.idle(user_id, reply) else {
             return;
         };
+        entry.rec.by = by;
         entry.restart_token = None;
         if entry.child.is_some() {
             entry.intent = Some(Intent::Restore(apply, reply));

@@ -82,6 +82,7 @@ impl SupervisorState {
             .take()
             .map(|c| c.started.elapsed())
             .unwrap_or_default();
+        entry.rec.by = None;
         if entry.rec.desired != Desired::Running {
             self.set_state(user_id, SessionState::Stopped);
             return;
@@ -145,9 +146,9 @@ impl SupervisorState {
 
     /// Forgets a session: its record (and what the store keeps for it) and its link data.
     pub(super) fn remove_session(&mut self, user_id: &str) -> Result<(), CmdError> {
-        self.sessions.remove(user_id);
+        let by = self.sessions.remove(user_id).and_then(|e| e.rec.by);
         self.boot_queue.retain(|u| u != user_id);
-        self.persistence.delete(user_id);
+        self.persistence.delete(user_id, by.as_deref());
         self.link
             .remove_data(user_id)
             .map_err(|e| CmdError::Internal(format!("could not delete the session's files: {e}")))

@@ -36,8 +36,13 @@ impl SupervisorState {
                 entry.rec.qr = Some(qr);
                 self.save(user_id);
             }
-            LinkEvent::Connecting => self.set_state(user_id, SessionState::Connecting),
+            LinkEvent::Connecting => {
+                // From here on the session changes by itself, not by a command.
+                entry.rec.by = None;
+                self.set_state(user_id, SessionState::Connecting)
+            }
             LinkEvent::Online { name } => {
+                entry.rec.by = None;
                 if name.is_some() {
                     entry.rec.name = name;
                 }
@@ -49,6 +54,7 @@ impl SupervisorState {
                 }
             }
             LinkEvent::Disconnected { reason } => {
+                entry.rec.by = None;
                 entry.rec.last_error = Some(reason);
                 entry.rec.disconnects = entry.rec.disconnects.saturating_add(1);
                 self.set_state(user_id, SessionState::Disconnected);

@@ -45,6 +45,8 @@ pub enum SupervisorMsg {
         user_id: String,
         /// Phone to pair.
         phone_number: String,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered with the record (carrying the pairing code).
         reply: Reply<SessionRecord>,
     },
@@ -52,6 +54,8 @@ pub enum SupervisorMsg {
     Start {
         /// Which.
         user_id: String,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered once the child is spawned and the desired state is durable.
         reply: Reply<SessionRecord>,
     },
@@ -59,6 +63,8 @@ pub enum SupervisorMsg {
     Stop {
         /// Which.
         user_id: String,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered once the child is gone and the stop is durable.
         reply: Reply<()>,
     },
@@ -66,6 +72,8 @@ pub enum SupervisorMsg {
     Delete {
         /// Which.
         user_id: String,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered once it is gone.
         reply: Reply<()>,
     },
@@ -73,6 +81,8 @@ pub enum SupervisorMsg {
     Logout {
         /// Which.
         user_id: String,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered once it is gone, with a warning if the network did not confirm.
         reply: Reply<Option<String>>,
     },
@@ -100,6 +110,8 @@ pub enum SupervisorMsg {
         user_id: String,
         /// The swap.
         apply: RestoreFn,
+        /// Who asked (see [`SessionRecord::by`]).
+        by: Option<std::sync::Arc<str>>,
         /// Answered with the record after the restart.
         reply: Reply<SessionRecord>,
     },

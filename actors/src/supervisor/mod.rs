@@ -189,12 +189,19 @@ impl SupervisorState {
             SupervisorMsg::Create {
                 user_id,
                 phone_number,
+                by,
                 reply,
-            } => self.create(myself, user_id, phone_number, reply),
-            SupervisorMsg::Start { user_id, reply } => self.start(myself, &user_id, reply).await,
-            SupervisorMsg::Stop { user_id, reply } => self.stop(myself, &user_id, reply),
-            SupervisorMsg::Delete { user_id, reply } => self.delete(myself, &user_id, reply),
-            SupervisorMsg::Logout { user_id, reply } => self.logout(myself, &user_id, reply),
+            } => self.create(myself, user_id, phone_number, by, reply),
+            SupervisorMsg::Start { user_id, by, reply } => {
+                self.start(myself, &user_id, by, reply).await
+            }
+            SupervisorMsg::Stop { user_id, by, reply } => self.stop(myself, &user_id, by, reply),
+            SupervisorMsg::Delete { user_id, by, reply } => {
+                self.delete(myself, &user_id, by, reply)
+            }
+            SupervisorMsg::Logout { user_id, by, reply } => {
+                self.logout(myself, &user_id, by, reply)
+            }
             SupervisorMsg::Fault {
                 user_id,
                 fault,
@@ -208,8 +215,9 @@ impl SupervisorState {
             SupervisorMsg::Restore {
                 user_id,
                 apply,
+                by,
                 reply,
-            } => self.restore(myself, &user_id, apply, reply),
+            } => self.restore(myself, &user_id, apply, by, reply),
             SupervisorMsg::Health(reply) => {
                 let _ = reply.send(messages::Health {
                     sessions: self.sessions.len(),

@@ -40,7 +40,7 @@ struct KeyView {
 impl KeyView {
     fn of(k: &Key) -> KeyView {
         KeyView {
-            id: k.id.clone(),
+            id: k.id.to_string(),
             scopes: k.scope_names(),
             sessions: k.session_entries(),
             expires_at: k.expires_at.map(iso),

@@ -116,6 +116,7 @@ pub async fn restore(c: Ctx) -> Answer {
     let rec = ask(&c.app, Command::Stop, |reply| SupervisorMsg::Restore {
         user_id,
         apply,
+        by: c.caller.by(),
         reply,
     })
     .await?;

@@ -27,6 +27,7 @@ pub async fn start(c: Ctx) -> Answer {
     let user_id = c.id.clone();
     let rec = ask(&c.app, Command::Start, |reply| SupervisorMsg::Start {
         user_id,
+        by: c.caller.by(),
         reply,
     })
     .await?;
@@ -41,6 +42,7 @@ pub async fn stop(c: Ctx) -> Answer {
     let user_id = c.id.clone();
     ask(&c.app, Command::Stop, |reply| SupervisorMsg::Stop {
         user_id,
+        by: c.caller.by(),
         reply,
     })
     .await?;
@@ -53,6 +55,7 @@ pub async fn logout(c: Ctx) -> Answer {
     let user_id = c.id.clone();
     let warning = ask(&c.app, Command::Logout, |reply| SupervisorMsg::Logout {
         user_id,
+        by: c.caller.by(),
         reply,
     })
     .await?;

@@ -144,6 +144,7 @@ pub async fn create(c: Ctx) -> Answer {
     let created = ask(&c.app, Command::Create, |reply| SupervisorMsg::Create {
         user_id,
         phone_number,
+        by: c.caller.by(),
         reply,
     })
     .await;
@@ -171,8 +172,10 @@ pub async fn create(c: Ctx) -> Answer {
 pub async fn delete(c: Ctx) -> Answer {
     let id = c.id;
     let user_id = id.clone();
+    let by = c.caller.by();
     ask(&c.app, Command::Stop, |reply| SupervisorMsg::Delete {
         user_id,
+        by,
         reply,
     })
     .await?;
