@@ -269,29 +269,75 @@ fn a_queued_media_send_is_fetched_when_its_turn_comes() {
     }
 }
 
-/// The real link's media path against the loopback peer, as far as the peer goes: it
-/// has no media host (it does not answer the media-connection query), so the upload
-/// cannot happen; the send must fail cleanly, bounded, with the cause, and the session
-/// stay online.
+/// The real link, end to end against the loopback peer: the media is encrypted and
+/// uploaded by whatsapp-rust to the peer's media host (HTTPS), the message carries its
+/// key and path, and the peer, reading the host's bytes back and decrypting them, finds
+/// the very bytes sent (SHA-256), with the type, caption and file name.
 #[cfg(feature = "test-peer")]
 #[test]
-fn a_real_link_media_send_without_a_media_host_fails_cleanly() {
+fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
     use botvisor_wa_peer::Peer;
     let peer = Peer::start();
     let dir = tempfile::tempdir().unwrap();
     let s = common::start_real_link(&peer.url(), dir.path(), &[]);
     common::paired_online(&s, "wm_1", "Media Bot");
-    let data = base64::engine::general_purpose::STANDARD.encode(png());
-    let r = send(
-        &s,
-        "wm_1",
-        json!({"to": "15550001111", "image": {"data": data}}),
-    );
-    assert!(
-        r.error(502).contains("the media upload failed"),
-        "{}",
-        r.body
-    );
+    let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
+    let ogg = {
+        let mut b = b"OggS\x00\x02".to_vec();
+        b.extend((0..2000u32).map(|i| (i % 97) as u8));
+        b
+    };
+    let sends = [
+        (
+            json!({"to": "15550001111", "image": {"data": b64(&png()), "caption": "a chart"}}),
+            format!(
+                "image image/png {} sha256:{} caption a chart",
+                png().len(),
+                sha(&png())
+            ),
+        ),
+        (
+            json!({"to": "15550001111", "document": {"data": b64(&pdf()), "mimetype": "application/pdf", "filename": "report.pdf"}}),
+            format!(
+                "document application/pdf {} sha256:{} file report.pdf",
+                pdf().len(),
+                sha(&pdf())
+            ),
+        ),
+        (
+            json!({"to": "15550001111", "audio": {"data": b64(&ogg), "mimetype": "audio/ogg; codecs=opus", "voice": true}}),
+            format!(
+                "voice audio/ogg; codecs=opus {} sha256:{}",
+                ogg.len(),
+                sha(&ogg)
+            ),
+        ),
+    ];
+    for (body, expected) in sends {
+        let r = send(&s, "wm_1", body);
+        assert_eq!(r.status, 201, "{}", r.body);
+        let id = r.json()["messageId"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let about = loop {
+            let found = peer
+                .stats()
+                .decrypted
+                .iter()
+                .find(|d| d.id == id && d.to.starts_with("15550001111"))
+                .and_then(|d| d.about.clone());
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{id} never decrypted: {:?}",
+                peer.stats().signal_errors
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(about, expected);
+    }
+    assert_eq!(peer.media_uploads().len(), 3, "one upload per send");
     assert_eq!(s.session("wm_1")["state"], "online");
 }
 

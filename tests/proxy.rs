@@ -323,6 +323,50 @@ mod real_link {
         );
     }
 
+    /// Media goes where the socket goes: the upload to the media host is tunnelled by the
+    /// session's proxy (SOCKS5 for one session, HTTP CONNECT for the other), and arrives.
+    #[test]
+    fn media_uploads_go_through_the_sessions_proxy() {
+        let peer = Peer::start();
+        let proxy = TestProxy::start();
+        let dir = tempfile::tempdir().unwrap();
+        let s = start_in(&peer, dir.path(), &[]);
+        let media_host = peer.media_addr().to_string();
+        for (id, scheme) in [("mp_1", "socks5"), ("mp_2", "http")] {
+            let url = format!("{scheme}://bot:{PASSWORD}@127.0.0.1:{}", proxy.port);
+            assert_eq!(create_with(&s, id, &url).status, 201);
+            assert_eq!(
+                s.post(&format!("/api/sessions/{id}/stop"), None).status,
+                200
+            );
+            common::seed_paired(&s, id, "Proxied Bot");
+            assert_eq!(
+                s.post(&format!("/api/sessions/{id}/start"), None).status,
+                200
+            );
+            s.wait_state(id, "online");
+            let before = proxy.targets().len();
+            let body = serde_json::json!({
+                "to": "15550001111",
+                "document": {"data": "JVBERi0xLjcKJSBhIHRpbnkgcGRm", "mimetype": "application/pdf", "filename": "a.pdf"}
+            });
+            let r = s.post(
+                &format!("/api/sessions/{id}/messages"),
+                Some(&body.to_string()),
+            );
+            assert_eq!(r.status, 201, "{}", r.body);
+            let tunnelled: Vec<String> = proxy.targets()[before..].to_vec();
+            assert_eq!(
+                tunnelled,
+                vec![media_host.clone()],
+                "{scheme}: {tunnelled:?}"
+            );
+        }
+        assert_eq!(peer.media_uploads().len(), 2);
+        let log = std::fs::read_to_string(&s.log).unwrap();
+        assert!(!log.contains(PASSWORD), "the log holds a proxy password");
+    }
+
     #[test]
     fn a_paired_session_whose_proxy_goes_down_names_it_in_last_error() {
         let peer = Peer::start();

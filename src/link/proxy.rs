@@ -125,6 +125,25 @@ impl ProxyUrl {
         })
     }
 
+    /// The HTTP client's proxy for the same route (media uploads and downloads go where
+    /// the session's socket goes). A SOCKS5 proxy resolves names itself, as the socket's
+    /// tunnel lets it.
+    pub fn for_http(&self) -> Result<ureq::Proxy, String> {
+        use ureq::ProxyProtocol;
+        let protocol = match self.scheme {
+            Scheme::Socks5 => ProxyProtocol::Socks5h,
+            Scheme::Http => ProxyProtocol::Http,
+        };
+        let mut b = ureq::Proxy::builder(protocol)
+            .host(&self.host)
+            .port(self.port);
+        if let Some((user, password)) = &self.auth {
+            b = b.username(user).password(password);
+        }
+        b.build()
+            .map_err(|e| format!("proxy {}: {e}", self.redacted()))
+    }
+
     /// The URL as given, password and all: only for storing it.
     pub fn secret_url(&self) -> String {
         let scheme = match self.scheme {

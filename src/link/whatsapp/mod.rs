@@ -233,6 +233,35 @@ impl TransportFactory for WatchedTransport {
     }
 }
 
+/// whatsapp-rust's HTTP client (media uploads and downloads) for a session with a proxy:
+/// an agent through that proxy, configured as whatsapp-rust configures its default one
+/// (16 KiB buffers, 3 idle connections). `None`: the default client, direct. A test-peer
+/// build always makes one, accepting the loopback peer's self-signed media host.
+fn media_http_client(
+    proxy: Option<&ProxyUrl>,
+) -> Result<Option<whatsapp_rust::http::UreqHttpClient>, String> {
+    if proxy.is_none() && !cfg!(feature = "test-peer") {
+        return Ok(None);
+    }
+    let mut config = ureq::config::Config::builder()
+        .input_buffer_size(16 * 1024)
+        .output_buffer_size(16 * 1024)
+        .max_idle_connections(3)
+        .max_idle_connections_per_host(2)
+        .proxy(proxy.map(ProxyUrl::for_http).transpose()?);
+    #[cfg(feature = "test-peer")]
+    {
+        config = config.tls_config(
+            ureq::tls::TlsConfig::builder()
+                .disable_verification(true)
+                .build(),
+        );
+    }
+    Ok(Some(whatsapp_rust::http::UreqHttpClient::with_agent(
+        config.build().into(),
+    )))
+}
+
 /// One session's whatsapp-rust client, not running yet: over `store`, its tasks on
 /// `tasks`, its transport watched, its events handled inline (with a weak handle on the
 /// client it makes), received messages made durable in `inbound` when set.
@@ -248,6 +277,7 @@ async fn build_bot(
         .url
         .clone()
         .unwrap_or_else(|| whatsapp_rust::wacore::net::WHATSAPP_WEB_WS_URL.to_string());
+    let proxy_for_media = proxy.clone();
     let inner: Box<dyn TransportFactory> = match proxy {
         Some(proxy) => Box::new(ProxiedTransport { url, proxy }),
         None => Box::new(TokioWebSocketTransportFactory::new().with_url(url)),
@@ -261,12 +291,16 @@ async fn build_bot(
         client: Arc::new(OnceLock::new()),
     };
     let client_slot = handler.client.clone();
+    let http = media_http_client(proxy_for_media.as_ref())?;
     let mut builder = Bot::builder()
         .with_runtime(tasks)
         .with_backend_arc(store)
         .with_transport_factory(transport)
         .with_version(settings.version)
         .with_event_handler(handler);
+    if let Some(http) = http {
+        builder = builder.with_http_client(http);
+    }
     if let Some(store) = inbound {
         builder = builder.with_inbound_durability_hook(DurableInbound {
             shared: shared.clone(),

@@ -19,8 +19,13 @@
 //! hands out real Signal pre-key bundles, keeps the pre-keys a client uploads, decrypts
 //! every `<enc>` a client sends to its users and records the text, and on command sends
 //! a client a message encrypted on a real Signal session.
+//!
+//! It is also WhatsApp's media host ([`media_host`]): `media_conn` names an HTTPS host on
+//! 127.0.0.1 that keeps what clients upload, and the peer decrypts the media of the
+//! messages that point there (recording kind, type, length and SHA-256 of the plaintext).
 
 pub mod harness;
+pub mod media_host;
 pub mod signal;
 
 use std::net::SocketAddr;
@@ -163,6 +168,10 @@ struct Inner {
     /// Messages sent to clients that no delivery receipt acknowledged yet, by the client's
     /// phone number: like WhatsApp's offline queue, they are sent again at its next login.
     unacked: Mutex<Vec<(String, Node)>>,
+    /// What the media host keeps.
+    media: Arc<media_host::Files>,
+    /// Where the media host listens.
+    media_addr: SocketAddr,
 }
 
 /// A running peer; stops when dropped.
@@ -186,6 +195,8 @@ impl Peer {
         // Every connection sees every command; one that falls further behind than this
         // loses the oldest (wa-throughput queues up to this many sends at once).
         let (commands, _) = broadcast::channel(Self::COMMAND_BACKLOG);
+        let media = Arc::new(media_host::Files::default());
+        let media_addr = runtime.block_on(media_host::start(media.clone()));
         let inner = Arc::new(Inner {
             stats: Mutex::new(Stats::default()),
             reply: Mutex::new(PairReply::Ref),
@@ -194,6 +205,8 @@ impl Peer {
             refused: Mutex::default(),
             absent: Mutex::default(),
             unacked: Mutex::default(),
+            media,
+            media_addr,
         });
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -216,6 +229,16 @@ impl Peer {
     /// The URL to give the client (`--wa-url`).
     pub fn url(&self) -> String {
         format!("ws://{}/ws/chat", self.addr)
+    }
+
+    /// The media host's address (`127.0.0.1:PORT`).
+    pub fn media_addr(&self) -> SocketAddr {
+        self.inner.media_addr
+    }
+
+    /// The uploads the media host received: (direct path, encrypted length).
+    pub fn media_uploads(&self) -> Vec<(String, usize)> {
+        self.inner.media.uploads()
     }
 
     /// A snapshot of what the peer has seen.
@@ -686,6 +709,20 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                                 .build(),
                         }
                     }
+                    // The media host, as WhatsApp's `media_conn` names its own.
+                    None if node.get_optional_child_by_tag(&["media_conn"]).is_some() => NodeBuilder::new("iq")
+                        .attr("type", "result")
+                        .attr("id", id)
+                        .attr("from", "s.whatsapp.net")
+                        .children([NodeBuilder::new("media_conn")
+                            .attr("auth", "peer-media-auth")
+                            .attr("ttl", "3600")
+                            .attr("max_buckets", "1")
+                            .children([NodeBuilder::new("host")
+                                .attr("hostname", inner.media_addr.to_string())
+                                .build()])
+                            .build()])
+                        .build(),
                     None if node.get_optional_child_by_tag(&["remove-companion-device"]).is_some() => {
                         record(&inner, |s| s.unlinks += 1);
                         NodeBuilder::new("iq")
@@ -910,13 +947,17 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
     for (jid, kind, bytes) in targets {
         match signal.decrypt(&client, &jid, &kind, &bytes).await {
             Ok(plain) => {
+                let about = match &plain.media {
+                    Some(m) => Some(describe_media(inner, m)),
+                    None => plain.about,
+                };
                 record(inner, |s| {
                     s.decrypted.push(signal::Decrypted {
                         to: jid.to_string(),
                         id: id.clone(),
                         kind: kind.clone(),
                         text: plain.text,
-                        about: plain.about,
+                        about,
                     })
                 });
                 if jid.user != client.user {
@@ -932,6 +973,38 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
 }
 
 /// A receipt from the peer's user `from` for message `id` (`None`: delivery).
+/// What a media message's bytes are, read back from the media host and decrypted with
+/// its key: `image image/png 1234 sha256:HEX caption CAPTION`, or why they could not be.
+fn describe_media(inner: &Inner, m: &signal::MediaRef) -> String {
+    use sha2::Digest;
+    let Some(encrypted) = inner.media.get(&m.direct_path) else {
+        return format!(
+            "{} {} not on the media host ({})",
+            m.kind, m.mimetype, m.direct_path
+        );
+    };
+    let plain = match whatsapp_rust::wacore::download::DownloadUtils::decrypt_stream(
+        &encrypted[..],
+        &m.media_key,
+        m.media_type(),
+    ) {
+        Ok(p) => p,
+        Err(e) => return format!("{} {} undecryptable: {e}", m.kind, m.mimetype),
+    };
+    let hash: String = sha2::Sha256::digest(&plain)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut d = format!("{} {} {} sha256:{hash}", m.kind, m.mimetype, plain.len());
+    if let Some(c) = &m.caption {
+        d.push_str(&format!(" caption {c}"));
+    }
+    if let Some(f) = &m.file_name {
+        d.push_str(&format!(" file {f}"));
+    }
+    d
+}
+
 fn receipt_node(from: &Jid, id: &str, kind: Option<&'static str>) -> Node {
     let mut r = NodeBuilder::new("receipt")
         .attr("from", from.clone())

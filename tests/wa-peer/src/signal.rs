@@ -458,6 +458,84 @@ pub struct Plain {
     pub text: Option<String>,
     /// See [`Decrypted::about`].
     pub about: Option<String>,
+    /// The media it points to, when it is an image, video, audio, document or sticker.
+    pub media: Option<MediaRef>,
+}
+
+/// Where a media message's bytes are and how to read them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MediaRef {
+    /// `image`, `video`, `audio`, `voice` (an audio with `ptt`), `document`, `sticker`.
+    pub kind: &'static str,
+    /// The path on the media host.
+    pub direct_path: String,
+    /// The key the bytes were encrypted with.
+    pub media_key: Vec<u8>,
+    /// As the sender said.
+    pub mimetype: String,
+    /// The caption, when it has one.
+    pub caption: Option<String>,
+    /// A document's file name.
+    pub file_name: Option<String>,
+}
+
+impl MediaRef {
+    /// How the media host's bytes are decrypted (the HKDF info of the kind).
+    pub fn media_type(&self) -> whatsapp_rust::wacore::download::MediaType {
+        use whatsapp_rust::wacore::download::MediaType;
+        match self.kind {
+            "image" => MediaType::Image,
+            "video" => MediaType::Video,
+            "audio" | "voice" => MediaType::Audio,
+            "sticker" => MediaType::Sticker,
+            _ => MediaType::Document,
+        }
+    }
+}
+
+/// The media of a message (unwrapping a `DeviceSentMessage`).
+fn media_of(m: &wap::Message) -> Option<MediaRef> {
+    let media = |kind, path: &Option<String>, key: &Option<Vec<u8>>, mime: &Option<String>| {
+        Some(MediaRef {
+            kind,
+            direct_path: path.clone()?,
+            media_key: key.clone()?,
+            mimetype: mime.clone().unwrap_or_default(),
+            caption: None,
+            file_name: None,
+        })
+    };
+    if let Some(i) = m.image_message.as_option() {
+        let mut r = media("image", &i.direct_path, &i.media_key, &i.mimetype)?;
+        r.caption = i.caption.clone();
+        return Some(r);
+    }
+    if let Some(v) = m.video_message.as_option() {
+        let mut r = media("video", &v.direct_path, &v.media_key, &v.mimetype)?;
+        r.caption = v.caption.clone();
+        return Some(r);
+    }
+    if let Some(a) = m.audio_message.as_option() {
+        let kind = if a.ptt == Some(true) {
+            "voice"
+        } else {
+            "audio"
+        };
+        return media(kind, &a.direct_path, &a.media_key, &a.mimetype);
+    }
+    if let Some(d) = m.document_message.as_option() {
+        let mut r = media("document", &d.direct_path, &d.media_key, &d.mimetype)?;
+        r.caption = d.caption.clone();
+        r.file_name = d.file_name.clone();
+        return Some(r);
+    }
+    if let Some(s) = m.sticker_message.as_option() {
+        return media("sticker", &s.direct_path, &s.media_key, &s.mimetype);
+    }
+    m.device_sent_message
+        .as_option()
+        .and_then(|d| d.message.as_option())
+        .and_then(media_of)
 }
 
 /// Every Signal identity the peer plays, and what clients uploaded.
@@ -716,6 +794,7 @@ impl SignalPeer {
         Ok(Plain {
             text: text_of(&message),
             about: about_of(&message),
+            media: media_of(&message),
         })
     }
 
