@@ -1,8 +1,9 @@
 -- botvisor's one SQL schema (embedded with include_str!).
--- Version 9; the version lives in PRAGMA user_version. Every statement is idempotent, so
+-- Version 10; the version lives in PRAGMA user_version. Every statement is idempotent, so
 -- an older database is migrated by running this file again (v2 added `settings`, v3 the
 -- webhook `outbox`, v4 `session_webhooks`, v5 replaced the outbox index `outbox_next` by
--- `outbox_lane`, v6 added `outbox_event`, v7 `messages`, v8 `queued`, v9 `session_webhook_options`).
+-- `outbox_lane`, v6 added `outbox_event`, v7 `messages`, v8 `queued`, v9 `session_webhook_options`,
+-- v10 `message_media`).
 -- Times are milliseconds since the Unix epoch (UTC).
 
 CREATE TABLE IF NOT EXISTS sessions (
@@ -74,6 +75,17 @@ CREATE TABLE IF NOT EXISTS messages (
     chat    TEXT NOT NULL,
     author  TEXT,
     from_me INTEGER NOT NULL,
+    at      INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
+-- Where a received media's bytes are (v10): the link's locator, for
+-- GET /api/sessions/:userId/messages/:messageId/media. Same key as `messages`; kept and
+-- forgotten with it.
+CREATE TABLE IF NOT EXISTS message_media (
+    key     TEXT PRIMARY KEY NOT NULL,
+    locator TEXT NOT NULL,
+    size    INTEGER,                   -- bytes, as the sender declared them
+    mimetype TEXT,
     at      INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 

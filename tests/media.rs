@@ -385,3 +385,53 @@ fn media_received_on_the_simulated_network_is_described_in_its_webhook() {
     assert_eq!(d["caption"], "the menu", "{event}");
     assert_eq!(d["text"], "the menu", "{event}");
 }
+
+/// A received media is downloadable by its message's id, with the bytes that arrived and
+/// the sender's type; other messages and unknown ids are 404s, a stopped session a 409.
+#[test]
+fn received_media_is_downloaded_by_message_id_with_its_bytes_and_type() {
+    let s = Server::start(&[]);
+    online(&s, "md1");
+    let data = base64::engine::general_purpose::STANDARD.encode(pdf());
+    let r = s.post(
+        "/api/sim/md1/inbound",
+        Some(
+            &json!({"from": "15557654321", "document": {"data": data, "filename": "menu.pdf"}})
+                .to_string(),
+        ),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = r.json()["messageId"].as_str().unwrap().to_string();
+    let (status, headers, body) = s.get_bytes(&format!("/api/sessions/md1/messages/{id}/media"));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(sha(&body), sha(&pdf()), "the bytes that arrived");
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(header("content-type").as_deref(), Some("application/pdf"));
+    assert_eq!(
+        header("cache-control").as_deref(),
+        Some("private, no-store")
+    );
+    // A text has no media; an id the session never saw is unknown.
+    let r = s.post(
+        "/api/sim/md1/inbound",
+        Some(&json!({"from": "15557654321", "text": "hello"}).to_string()),
+    );
+    let text_id = r.json()["messageId"].as_str().unwrap().to_string();
+    let r = s.get(&format!("/api/sessions/md1/messages/{text_id}/media"));
+    assert!(r.error(404).contains("has no media"), "{}", r.body);
+    let r = s.get("/api/sessions/md1/messages/NOSUCHMESSAGE1/media");
+    assert!(r.error(404).contains("is not known"), "{}", r.body);
+    let r = s.get("/api/sessions/nobody/messages/NOSUCHMESSAGE1/media");
+    assert_eq!(r.status, 404, "{}", r.body);
+    let r = s.get(&format!("/api/sessions/md1/messages/{id}/media"));
+    assert_eq!(r.status, 200);
+    // The session fetches it: stopped, it cannot.
+    assert_eq!(s.post("/api/sessions/md1/stop", None).status, 200);
+    let r = s.get(&format!("/api/sessions/md1/messages/{id}/media"));
+    assert!(r.error(409).contains("not online"), "{}", r.body);
+}

@@ -68,13 +68,26 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
             author: author.map(Into::into),
             from_me,
             at_ms,
+            media: None,
+            media_size: None,
+            media_type: None,
         };
+    // A received media's locator is kept with its message, and goes with it.
+    let with_media = |mut m: MessageRow, size: Option<u64>| {
+        m.media = Some(format!("sim:{}", m.message_id));
+        m.media_size = size;
+        m.media_type = Some("image/png".into());
+        m
+    };
     let messages = [
-        message("a", "M1", Some("1555@s.whatsapp.net"), false, 100),
-        message("a", "M2", None, true, 5_000),
+        with_media(
+            message("a", "M1", Some("1555@s.whatsapp.net"), false, 100),
+            Some(10),
+        ),
+        with_media(message("a", "M2", None, false, 5_000), None),
         // Known already: the first row stays.
         message("a", "M1", None, true, 200),
-        message("c", "M3", None, true, 300),
+        with_media(message("c", "M3", None, false, 300), Some(7)),
     ];
     let queued_row = |user: &str, seq: u64| QueuedRow {
         user_id: user.into(),
@@ -151,6 +164,12 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
             engine.message("c", "M3").unwrap()
         ),
     );
+    // The media rows went with their messages: only M2's is left.
+    let media_table = botvisor::db::tables::TABLES
+        .iter()
+        .find(|t| t.name == "message_media")
+        .unwrap();
+    assert_eq!(engine.count(media_table).unwrap(), 1);
     let sessions = engine.load_sessions().unwrap();
     note("sessions", format!("{sessions:?}"));
     let log = engine.events("b", 1_000).unwrap();

@@ -1991,3 +1991,60 @@ fn received_replies_and_reactions_name_their_message() {
     );
     assert_eq!(r.status, 404, "{}", r.body);
 }
+
+/// A media WhatsApp delivers is downloadable by its message's id: the client fetches the
+/// encrypted bytes from the media host the peer names, checks and decrypts them, and the
+/// answer is the very image the sender encrypted, with its type. A media whose bytes the
+/// host does not have is a clean 502.
+#[test]
+fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
+    let (peer, s, got) = online_with_webhook("wa_dl");
+    let image: Vec<u8> = b"\x89PNG\r\n\x1a\n"
+        .iter()
+        .copied()
+        .chain((0..40_000u32).map(|i| (i * 31 % 253) as u8))
+        .collect();
+    let content = peer.upload_image(&image, "image/png", "a picture");
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0DL00000000000001".into(),
+        content,
+    });
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0DL00000000000002".into(),
+        content: Content::Document {
+            file_name: "gone.pdf".into(),
+            mimetype: "application/pdf".into(),
+            caption: String::new(),
+            size: 10,
+            sha256: [1; 32],
+        },
+    });
+    wait_until(20, "both media arrive", || {
+        let all = got_all(&got);
+        ["3EB0DL00000000000001", "3EB0DL00000000000002"]
+            .iter()
+            .all(|id| all.iter().any(|v| v["data"]["messageId"] == *id))
+    });
+    let (status, headers, body) =
+        s.get_bytes("/api/sessions/wa_dl/messages/3EB0DL00000000000001/media");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        body == image,
+        "the bytes differ ({} vs {})",
+        body.len(),
+        image.len()
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v == "image/png"),
+        "{headers:?}"
+    );
+    let r = s.get("/api/sessions/wa_dl/messages/3EB0DL00000000000002/media");
+    assert!(r.error(502).contains("download failed"), "{}", r.body);
+    assert_eq!(s.session("wa_dl")["state"], "online");
+}

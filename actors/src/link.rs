@@ -151,6 +151,9 @@ pub struct ReceivedMedia {
     pub sha256: Option<String>,
     /// An audio sent as a voice note.
     pub voice: bool,
+    /// How the link that received it fetches its bytes again ([`Action::Download`]):
+    /// opaque to everything but that link, kept with the message, never in an event.
+    pub locator: Option<String>,
 }
 
 /// What a received message does to another message, named by id.
@@ -384,6 +387,11 @@ pub enum Action {
         /// What to show.
         state: ChatPresence,
     },
+    /// The bytes of a received media, fetched again from where the network keeps them.
+    Download {
+        /// The media's [`ReceivedMedia::locator`].
+        locator: String,
+    },
 }
 
 /// A message as the network names it: what a reaction, an edit, a revoke or a quote
@@ -422,6 +430,7 @@ impl Action {
             Action::CheckNumbers { .. } => "numbers can be checked",
             Action::MarkRead { .. } => "chats can be marked read",
             Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
+            Action::Download { .. } => "media can be downloaded",
         }
     }
 }
@@ -599,6 +608,8 @@ pub enum Done {
     Checked(Vec<NumberCheck>),
     /// The network took it (nothing to answer).
     Taken,
+    /// A received media's bytes (decrypted).
+    Media(Vec<u8>),
 }
 
 /// Whether one phone number has a WhatsApp account.
@@ -689,6 +700,12 @@ pub trait Connection: Send + 'static {
         Box::pin(async { Err(LinkError::new("this link cannot revoke messages")) })
     }
 
+    /// The bytes of a received media, by its [`ReceivedMedia::locator`].
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+        let _ = locator;
+        Box::pin(async { Err(LinkError::new("this link cannot download media")) })
+    }
+
     /// Which of `phones` (digits) have a WhatsApp account, with their JIDs.
     fn check_numbers(
         &self,
@@ -776,6 +793,10 @@ pub trait Connection: Send + 'static {
             Action::ChatPresence { chat, state } => {
                 let showing = self.chat_presence(&chat, state);
                 Box::pin(async move { showing.await.map(|()| Done::Taken) })
+            }
+            Action::Download { locator } => {
+                let fetching = self.download(&locator);
+                Box::pin(async move { fetching.await.map(Done::Media) })
             }
         }
     }

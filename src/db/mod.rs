@@ -97,6 +97,12 @@ pub struct MessageRow {
     pub from_me: bool,
     /// Milliseconds since the epoch.
     pub at_ms: u64,
+    /// A received media's locator (how its link fetches the bytes again).
+    pub media: Option<String>,
+    /// Its size as the sender declared it (bytes).
+    pub media_size: Option<u64>,
+    /// Its MIME type as the sender declared it.
+    pub media_type: Option<String>,
 }
 
 impl MessageRow {

@@ -466,6 +466,7 @@ pub const MIGRATIONS: Migrations = &[
     (2, MIGRATION_2),
     (3, MIGRATION_3),
     (4, MIGRATION_4),
+    (5, MIGRATION_5),
 ];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
@@ -536,6 +537,17 @@ CREATE TABLE bv_queued (
     message_id TEXT NOT NULL,
     body       TEXT NOT NULL,
     at         BIGINT NOT NULL
+);
+"#;
+
+/// Migration 5: where received media's bytes are (schema.sql v10).
+const MIGRATION_5: &str = r#"
+CREATE TABLE bv_message_media (
+    key     TEXT COLLATE "C" PRIMARY KEY,
+    locator TEXT NOT NULL,
+    size    BIGINT,
+    mimetype TEXT,
+    at      BIGINT NOT NULL
 );
 "#;
 
@@ -955,7 +967,7 @@ async fn commit(
                     tx.execute(&stmt, &[id]).await?;
                 }
                 let (from, to) = super::message_keys_of(id);
-                for table in ["bv_messages", "bv_queued"] {
+                for table in ["bv_messages", "bv_message_media", "bv_queued"] {
                     let stmt = tx
                         .prepare_cached(&format!(
                             "DELETE FROM {table} WHERE key >= $1 AND key < $2"
@@ -1032,6 +1044,10 @@ async fn commit(
             .prepare_cached("DELETE FROM bv_messages WHERE at < $1")
             .await?;
         tx.execute(&stmt, &[&to_i64(before)]).await?;
+        let stmt = tx
+            .prepare_cached("DELETE FROM bv_message_media WHERE at < $1")
+            .await?;
+        tx.execute(&stmt, &[&to_i64(before)]).await?;
     }
     for q in batch.queued {
         let stmt = tx
@@ -1071,6 +1087,28 @@ async fn remember_messages(
         .await?;
     tx.execute(&stmt, &[&keys, &chats, &authors, &mine, &ats])
         .await?;
+    let media: Vec<&MessageRow> = messages
+        .iter()
+        .copied()
+        .filter(|m| m.media.is_some())
+        .collect();
+    if !media.is_empty() {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bv_message_media (key, locator, size, mimetype, at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::bigint[], $4::text[], \
+                 $5::bigint[]) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .await?;
+        let keys: Vec<String> = media.iter().map(|m| m.key()).collect();
+        let locators: Vec<Option<&str>> = media.iter().map(|m| m.media.as_deref()).collect();
+        let sizes: Vec<Option<i64>> = media.iter().map(|m| m.media_size.map(to_i64)).collect();
+        let types: Vec<Option<&str>> = media.iter().map(|m| m.media_type.as_deref()).collect();
+        let ats: Vec<i64> = media.iter().map(|m| to_i64(m.at_ms)).collect();
+        tx.execute(&stmt, &[&keys, &locators, &sizes, &types, &ats])
+            .await?;
+    }
     Ok(())
 }
 
@@ -1202,7 +1240,11 @@ impl Engine for PgEngine {
     ) -> Result<Option<MessageRow>, StorageError> {
         self.run(|c| async move {
             let stmt = c
-                .prepare_cached("SELECT chat, author, from_me, at FROM bv_messages WHERE key = $1")
+                .prepare_cached(
+                    "SELECT m.chat, m.author, m.from_me, m.at, d.locator, d.size, \
+                     d.mimetype FROM bv_messages m \
+                     LEFT JOIN bv_message_media d ON d.key = m.key WHERE m.key = $1",
+                )
                 .await?;
             let key = super::message_key(user_id, message_id);
             let Some(r) = c.query_opt(&stmt, &[&key]).await? else {
@@ -1215,6 +1257,9 @@ impl Engine for PgEngine {
                 author: r.try_get(1)?,
                 from_me: r.try_get(2)?,
                 at_ms: to_u64(r.try_get(3)?),
+                media: r.try_get(4)?,
+                media_size: r.try_get::<_, Option<i64>>(5)?.map(to_u64),
+                media_type: r.try_get(6)?,
             }))
         })
     }

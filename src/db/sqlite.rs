@@ -17,7 +17,7 @@ use super::{
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 9;
+pub const SCHEMA_VERSION: i64 = 10;
 
 /// The sessions table's columns, in the order `write_row` binds them.
 const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
@@ -212,6 +212,7 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
     let (from, to) = super::message_keys_of(user_id);
     for sql in [
         "DELETE FROM messages WHERE key >= ?1 AND key < ?2",
+        "DELETE FROM message_media WHERE key >= ?1 AND key < ?2",
         "DELETE FROM queued WHERE key >= ?1 AND key < ?2",
     ] {
         conn.prepare_cached(sql)?.execute([&from, &to])?;
@@ -292,10 +293,28 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
             m.from_me,
             m.at_ms as i64
         ])?;
+        if let Some(locator) = &m.media {
+            tx.prepare_cached(
+                "INSERT INTO message_media (key, locator, size, mimetype, at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5) \
+                 ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![
+                m.key(),
+                locator,
+                m.media_size.map(|s| s as i64),
+                m.media_type,
+                m.at_ms as i64
+            ])?;
+        }
     }
     if let Some(before) = batch.forget_messages_before {
-        tx.prepare_cached("DELETE FROM messages WHERE at < ?1")?
-            .execute([before as i64])?;
+        for sql in [
+            "DELETE FROM messages WHERE at < ?1",
+            "DELETE FROM message_media WHERE at < ?1",
+        ] {
+            tx.prepare_cached(sql)?.execute([before as i64])?;
+        }
     }
     for q in batch.queued {
         tx.prepare_cached(
@@ -423,7 +442,11 @@ impl Engine for SqliteEngine {
         message_id: &str,
     ) -> Result<Option<MessageRow>, StorageError> {
         self.conn
-            .prepare_cached("SELECT chat, author, from_me, at FROM messages WHERE key = ?1")
+            .prepare_cached(
+                "SELECT m.chat, m.author, m.from_me, m.at, d.locator, d.size, \
+                 d.mimetype FROM messages m \
+                 LEFT JOIN message_media d ON d.key = m.key WHERE m.key = ?1",
+            )
             .and_then(|mut stmt| {
                 stmt.query_row([super::message_key(user_id, message_id)], |r| {
                     Ok(MessageRow {
@@ -433,6 +456,9 @@ impl Engine for SqliteEngine {
                         author: r.get(1)?,
                         from_me: r.get(2)?,
                         at_ms: r.get::<_, i64>(3)? as u64,
+                        media: r.get(4)?,
+                        media_size: r.get::<_, Option<i64>>(5)?.map(|s| s.max(0) as u64),
+                        media_type: r.get(6)?,
                     })
                 })
                 .optional()

@@ -113,6 +113,17 @@ pub const TABLES: &[Table] = &[
         generated_key: false,
     },
     Table {
+        name: "message_media",
+        columns: &[
+            ("key", Kind::Text),
+            ("locator", Kind::Text),
+            ("size", Kind::Int),
+            ("mimetype", Kind::Text),
+            ("at", Kind::Int),
+        ],
+        generated_key: false,
+    },
+    Table {
         name: "queued",
         columns: &[
             ("key", Kind::Text),

@@ -14,7 +14,7 @@ use super::access::{Caller, Scope};
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
     api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, proxy,
-    queue, sessions, sim, stream, webhooks,
+    queue, received_media, sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id, MAX_BODY};
 use super::response::Body;
@@ -90,7 +90,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 43] = [
+pub static ROUTES: [Route; 44] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -187,6 +187,13 @@ pub static ROUTES: [Route; 43] = [
         true,
         Some(Scope::Send),
         |c| Box::pin(message_acts::revoke(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/messages/:messageId/media",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(received_media::download(c)),
     ),
     route(
         Method::POST,

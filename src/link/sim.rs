@@ -90,6 +90,33 @@ pub struct SentMessage {
 struct Network {
     sent: std::sync::Mutex<HashMap<String, VecDeque<SentMessage>>>,
     live: std::sync::Mutex<HashMap<String, (EventSink, Instant)>>,
+    /// Received media, by locator, oldest first.
+    media: std::sync::Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
+}
+
+impl Network {
+    /// Keeps a received media's bytes; returns its locator.
+    fn keep_media(&self, message_id: &str, bytes: Arc<Vec<u8>>) -> String {
+        let locator = format!("sim:{message_id}");
+        let mut media = self.media.lock().unwrap_or_else(|p| p.into_inner());
+        media.push_back((locator.clone(), bytes));
+        let mut total: usize = media.iter().map(|(_, b)| b.len()).sum();
+        while media.len() > MEDIA_KEPT || (total > MEDIA_KEPT_BYTES && media.len() > 1) {
+            if let Some((_, gone)) = media.pop_front() {
+                total -= gone.len();
+            }
+        }
+        locator
+    }
+
+    fn media_of(&self, locator: &str) -> Option<Arc<Vec<u8>>> {
+        let media = self.media.lock().unwrap_or_else(|p| p.into_inner());
+        media
+            .iter()
+            .rev()
+            .find(|(l, _)| l == locator)
+            .map(|(_, b)| b.clone())
+    }
 }
 
 impl Network {
@@ -174,7 +201,7 @@ impl SimLink {
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
         let chat = super::chat_jid(from);
         let text = arrival.text;
-        let msg = InboundMessage {
+        let mut msg = InboundMessage {
             id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
             from: chat.clone(),
@@ -187,6 +214,9 @@ impl SimLink {
             refers: arrival.refers,
             media: arrival.media.map(Box::new),
         };
+        if let (Some(media), Some(bytes)) = (msg.media.as_mut(), arrival.media_bytes) {
+            media.locator = Some(self.network.keep_media(&msg.id, bytes));
+        }
         let text = text
             .as_deref()
             .filter(|_| msg.refers.is_none())
@@ -222,7 +252,17 @@ pub struct Arrival {
     pub refers: Option<botvisor_actors::Refers>,
     /// A media's description.
     pub media: Option<botvisor_actors::ReceivedMedia>,
+    /// A media's bytes: the simulated network keeps them for downloads (the newest
+    /// [`MEDIA_KEPT`], at most [`MEDIA_KEPT_BYTES`] in all), as WhatsApp's media servers
+    /// keep a real one's.
+    pub media_bytes: Option<Arc<Vec<u8>>>,
 }
+
+/// Received media the simulated network keeps for downloads: how many, and how many
+/// bytes in all (the oldest go first).
+pub const MEDIA_KEPT: usize = 256;
+/// See [`MEDIA_KEPT`].
+pub const MEDIA_KEPT_BYTES: usize = 64 * 1024 * 1024;
 
 /// Numbers with this prefix have no account on the simulated network.
 pub const SIM_NO_ACCOUNT: &str = "999";
@@ -406,6 +446,18 @@ impl LinkConnection for SimConnection {
     /// The simulated network takes revokes (it keeps no message bodies).
     fn revoke(&self, _message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// A received media's bytes, while the simulated network still keeps them.
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+        let found = self.network.media_of(locator);
+        Box::pin(async move {
+            found.map(|b| b.as_ref().clone()).ok_or_else(|| {
+                LinkError::new(format!(
+                    "the simulated network no longer keeps this media (it keeps the newest {MEDIA_KEPT})"
+                ))
+            })
+        })
     }
 
     /// The simulated network has an account for every number except those starting

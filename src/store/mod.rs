@@ -200,6 +200,9 @@ impl Store {
             author: None,
             from_me: true,
             at_ms: botvisor_actors::now_ms(),
+            media: None,
+            media_size: None,
+            media_type: None,
         });
     }
 
@@ -500,6 +503,9 @@ impl Persistence for Store {
                 author: group.then(|| msg.from.clone()),
                 from_me: false,
                 at_ms: botvisor_actors::now_ms(),
+                media: msg.media.as_ref().and_then(|m| m.locator.clone()),
+                media_size: msg.media.as_ref().and_then(|m| m.size),
+                media_type: msg.media.as_ref().and_then(|m| m.mimetype.clone()),
             },
         );
     }

@@ -124,6 +124,9 @@ impl Store {
             author: None,
             from_me: true,
             at_ms: botvisor_actors::now_ms(),
+            media: None,
+            media_size: None,
+            media_type: None,
         });
         self.queue.dequeue(row.key(), deliveries, sent);
     }

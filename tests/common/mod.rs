@@ -368,6 +368,26 @@ impl Server {
         parse_response(&buf)
     }
 
+    /// `GET path`'s status, headers and body as bytes (a body sent with Content-Length:
+    /// media, which [`Resp::body`] would mangle as text).
+    pub fn get_bytes(&self, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut s = TcpStream::connect(self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let _ = write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.addr
+        );
+        let mut buf = Vec::new();
+        let _ = s.read_to_end(&mut buf);
+        let end = buf
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("an HTTP head");
+        let head = parse_response(&buf[..end + 4]);
+        (head.status, head.headers, buf[end + 4..].to_vec())
+    }
+
     /// A request with optional JSON body and extra headers.
     pub fn req(
         &self,

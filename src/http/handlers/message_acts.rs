@@ -46,7 +46,7 @@ struct Acted<'a> {
 }
 
 /// The message of the path (checked before the body is read).
-fn message_id(c: &Ctx) -> Result<String, ApiError> {
+pub(super) fn message_id(c: &Ctx) -> Result<String, ApiError> {
     if valid_message_id(&c.sub) {
         Ok(c.sub.clone())
     } else {

@@ -66,13 +66,23 @@ pub fn text_of(v: Option<Value>) -> Result<String, ApiError> {
 /// A message the session sent or received, as the network names it; 404 when botvisor
 /// does not know it.
 pub async fn known_message(app: &App, user_id: &str, id: &str) -> Result<MessageRef, ApiError> {
+    let m = known_row(app, user_id, id).await?;
+    Ok(MessageRef {
+        chat: m.chat,
+        id: m.message_id,
+        from_me: m.from_me,
+        author: m.author,
+    })
+}
+
+/// What botvisor remembers of a message (404 when nothing).
+pub async fn known_row(
+    app: &App,
+    user_id: &str,
+    id: &str,
+) -> Result<crate::db::MessageRow, ApiError> {
     match app.store.message(user_id, id).await? {
-        Some(m) => Ok(MessageRef {
-            chat: m.chat,
-            id: m.message_id,
-            from_me: m.from_me,
-            author: m.author,
-        }),
+        Some(m) => Ok(m),
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(

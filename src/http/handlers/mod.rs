@@ -14,6 +14,7 @@ pub mod message_acts;
 pub mod messages;
 pub mod proxy;
 pub mod queue;
+pub mod received_media;
 pub mod sessions;
 pub mod sim;
 pub mod stream;

@@ -143,10 +143,16 @@ async fn arrival_of(
                     caption: m.caption.clone(),
                     sha256: Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))),
                     voice: m.voice,
+                    locator: None,
                 };
-                (m.caption, Some(media))
+                let bytes = m.bytes().cloned();
+                (m.caption, Some((media, bytes)))
             }
             _ => (None, None),
+        };
+        let (media, media_bytes) = match media {
+            Some((m, b)) => (Some(m), b),
+            None => (None, None),
         };
         return Ok(Arrival {
             text,
@@ -155,6 +161,7 @@ async fn arrival_of(
             mentions,
             refers: None,
             media,
+            media_bytes,
         });
     };
     let others = KINDS.iter().any(|k| body.contains_key(*k)) || acts.len() > 1;

@@ -440,6 +440,21 @@ impl LinkConnection for WhatsAppConnection {
         })
     }
 
+    /// A received media's bytes: fetched from WhatsApp's media servers (through the
+    /// session's proxy when it has one) and decrypted by whatsapp-rust, which checks
+    /// both hashes.
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+        let client = self.client.clone();
+        let locator = super::locator::Locator::parse(locator);
+        Box::pin(async move {
+            let locator = locator.map_err(LinkError::new)?;
+            client
+                .download(&locator)
+                .await
+                .map_err(|e| LinkError::new(format!("the media download failed: {e:#}")))
+        })
+    }
+
     /// A usync contact query (`contacts().is_on_whatsapp`); the LIDs WhatsApp gives
     /// are kept by the client as LID-PN mappings.
     fn check_numbers(

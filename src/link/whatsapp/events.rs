@@ -10,6 +10,7 @@ use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{now_ms, EventSink, LinkEvent, PairingQr, Refers};
 
+use super::locator::Locator;
 use super::pairing::is_lasting;
 
 /// A received message as botvisor reports it (`None` for the account's own messages).
@@ -43,12 +44,26 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
 fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
     let m = m.get_base_message();
     let hex = |h: &Option<Vec<u8>>| h.as_deref().map(hex::encode);
+    // Where its bytes are: each kind's message has the same fields under the same names.
+    macro_rules! locator {
+        ($kind:literal, $m:expr) => {
+            Locator::of(
+                $kind,
+                &$m.direct_path,
+                &$m.media_key,
+                &$m.file_enc_sha256,
+                &$m.file_sha256,
+                $m.file_length,
+            )
+        };
+    }
     if let Some(i) = m.image_message.as_option() {
         return Some(botvisor_actors::ReceivedMedia {
             mimetype: i.mimetype.clone(),
             size: i.file_length,
             caption: i.caption.clone(),
             sha256: hex(&i.file_sha256),
+            locator: locator!("image", i),
             ..Default::default()
         });
     }
@@ -58,6 +73,7 @@ fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
             size: v.file_length,
             caption: v.caption.clone(),
             sha256: hex(&v.file_sha256),
+            locator: locator!("video", v),
             ..Default::default()
         });
     }
@@ -67,6 +83,7 @@ fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
             size: a.file_length,
             sha256: hex(&a.file_sha256),
             voice: a.ptt.unwrap_or(false),
+            locator: locator!("audio", a),
             ..Default::default()
         });
     }
@@ -83,6 +100,7 @@ fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
             file_name: d.file_name.clone(),
             caption: d.caption.clone(),
             sha256: hex(&d.file_sha256),
+            locator: locator!("document", d),
             ..Default::default()
         });
     }
@@ -91,6 +109,7 @@ fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
         mimetype: s.mimetype.clone(),
         size: s.file_length,
         sha256: hex(&s.file_sha256),
+        locator: locator!("sticker", s),
         ..Default::default()
     })
 }

@@ -8,6 +8,7 @@
 //! unexpectedly as a crash.
 mod connection;
 mod events;
+mod locator;
 mod pairing;
 mod tasks;
 

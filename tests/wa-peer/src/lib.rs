@@ -236,6 +236,26 @@ impl Peer {
         self.inner.media_addr
     }
 
+    /// Encrypts `image` as a sender's phone does, keeps it on the media host, and
+    /// returns the message that points to it (send it with [`Command::Send`]).
+    pub fn upload_image(&self, image: &[u8], mimetype: &str, caption: &str) -> signal::Content {
+        let enc = whatsapp_rust::wacore::upload::encrypt_media(
+            image,
+            whatsapp_rust::wacore::download::MediaType::Image,
+        )
+        .expect("encrypt the image");
+        let direct_path = self.inner.media.put(enc.data_to_upload);
+        signal::Content::Image {
+            direct_path,
+            media_key: enc.media_key,
+            file_sha256: enc.file_sha256,
+            file_enc_sha256: enc.file_enc_sha256,
+            size: image.len() as u64,
+            mimetype: mimetype.to_string(),
+            caption: caption.to_string(),
+        }
+    }
+
     /// The uploads the media host received: (direct path, encrypted length).
     pub fn media_uploads(&self) -> Vec<(String, usize)> {
         self.inner.media.uploads()

@@ -40,8 +40,14 @@ impl Files {
     pub fn put(&self, bytes: Vec<u8>) -> String {
         let mut files = self.by_path.lock().unwrap_or_else(|p| p.into_inner());
         let path = format!("/v/peer/{}", files.len() + 1);
-        let len = bytes.len();
         files.insert(path.clone(), bytes);
+        path
+    }
+
+    /// As [`Files::put`], for a client's upload (counted in [`Files::uploads`]).
+    fn upload(&self, bytes: Vec<u8>) -> String {
+        let len = bytes.len();
+        let path = self.put(bytes);
         if let Ok(mut u) = self.uploads.lock() {
             u.push((path.clone(), len));
         }
@@ -142,7 +148,7 @@ async fn serve<S: AsyncReadExt + AsyncWriteExt + Unpin>(mut s: S, files: &Files,
                 respond(&mut s, "200 OK", "application/json", b"{}").await
             }
             "POST" if path.starts_with("/mms/") => {
-                let direct = files.put(body);
+                let direct = files.upload(body);
                 let json =
                     format!(r#"{{"url":"https://{addr}{direct}","direct_path":"{direct}"}}"#);
                 respond(&mut s, "200 OK", "application/json", json.as_bytes()).await

@@ -261,6 +261,23 @@ pub enum Content {
         /// SHA-256 of the plain file.
         sha256: [u8; 32],
     },
+    /// An image on the peer's media host (see `Peer::upload`), as WhatsApp sends one.
+    Image {
+        /// Where the host keeps it, encrypted.
+        direct_path: String,
+        /// The key it was encrypted with.
+        media_key: [u8; 32],
+        /// SHA-256 of the plain image.
+        file_sha256: [u8; 32],
+        /// SHA-256 of what the host keeps.
+        file_enc_sha256: [u8; 32],
+        /// Its size (bytes, plain).
+        size: u64,
+        /// Its MIME type.
+        mimetype: String,
+        /// The text under it.
+        caption: String,
+    },
     /// A reaction to a message of the chat (`""` removes it).
     Reaction {
         /// The message reacted to.
@@ -288,6 +305,29 @@ impl Content {
                     wap::message::LocationMessage {
                         degrees_latitude: Some(*latitude),
                         degrees_longitude: Some(*longitude),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::Image {
+                direct_path,
+                media_key,
+                file_sha256,
+                file_enc_sha256,
+                size,
+                mimetype,
+                caption,
+            } => wap::Message {
+                image_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::ImageMessage {
+                        direct_path: Some(direct_path.clone()),
+                        media_key: Some(media_key.to_vec()),
+                        file_sha256: Some(file_sha256.to_vec()),
+                        file_enc_sha256: Some(file_enc_sha256.to_vec()),
+                        file_length: Some(*size),
+                        mimetype: Some(mimetype.clone()),
+                        caption: Some(caption.clone()),
                         ..Default::default()
                     },
                 ),
@@ -376,7 +416,7 @@ impl Content {
             | Content::Mention { .. }
             | Content::Edit { .. } => "text",
             Content::Revoke { .. } => "text",
-            Content::Location { .. } | Content::Document { .. } => "media",
+            Content::Location { .. } | Content::Document { .. } | Content::Image { .. } => "media",
             Content::Reaction { .. } => "reaction",
         }
     }
@@ -392,6 +432,7 @@ impl Content {
             | Content::Revoke { .. } => None,
             Content::Location { .. } => Some("location"),
             Content::Document { .. } => Some("document"),
+            Content::Image { .. } => Some("image"),
         }
     }
 }
