@@ -74,6 +74,7 @@ fn concrete(path: &str, session: &str) -> String {
         .replace(":chatId", "15550001111")
         .replace(":eventId", "evt_0000")
         .replace(":keyId", "0000000000000000")
+        .replace(":groupId", "120363000000000001")
 }
 
 #[test]

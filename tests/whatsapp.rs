@@ -2048,3 +2048,20 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
     assert!(r.error(502).contains("download failed"), "{}", r.body);
     assert_eq!(s.session("wa_dl")["state"], "online");
 }
+
+/// Groups on the real link go to WhatsApp as its `w:g2` queries. The loopback peer does
+/// not play groups: it answers them with an empty result, and the client's refusal to
+/// read that comes back as a clean 502, the session still online. (The sim's groups test
+/// covers the API's behaviour; this checks the real link's path does not hang or crash.)
+#[test]
+fn real_link_group_calls_reach_whatsapp_and_fail_cleanly_without_its_answers() {
+    let (_peer, s, _got) = online_with_webhook("wa_grp");
+    let r = s.get("/api/sessions/wa_grp/groups");
+    assert_eq!(r.status, 502, "{}", r.body);
+    let r = s.post(
+        "/api/sessions/wa_grp/groups",
+        Some(r#"{"subject":"Team","participants":["15557654321"]}"#),
+    );
+    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(s.session("wa_grp")["state"], "online");
+}

@@ -21,9 +21,9 @@ pub mod supervisor;
 pub use error::{CmdError, StorageError};
 pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Contact, Done, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, Location, Media, MediaKind, MediaSource,
-    MessageRef, NumberCheck, Outgoing, Poll, Receipt, ReceiptStatus, ReceivedMedia, Refers,
-    SessionSpec,
+    GroupInfo, GroupMember, GroupOp, InboundMessage, Link, LinkError, LinkEvent, Location, Media,
+    MediaKind, MediaSource, MessageRef, NumberCheck, Outgoing, ParticipantAction,
+    ParticipantChange, Poll, Receipt, ReceiptStatus, ReceivedMedia, Refers, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

@@ -392,6 +392,125 @@ pub enum Action {
         /// The media's [`ReceivedMedia::locator`].
         locator: String,
     },
+    /// Something about groups.
+    Group(GroupOp),
+}
+
+/// What a session does about groups (group ids are full JIDs, `…@g.us`; people are
+/// user JIDs).
+#[derive(Debug, Clone, PartialEq)]
+pub enum GroupOp {
+    /// The groups the session's account is in.
+    List,
+    /// A new group with the session's account as its admin.
+    Create {
+        /// Its name.
+        subject: String,
+        /// Who else is in it.
+        participants: Vec<String>,
+    },
+    /// One group's metadata.
+    Info {
+        /// Which.
+        group: String,
+    },
+    /// A new subject and/or description (`Some(None)` clears the description).
+    Update {
+        /// Which.
+        group: String,
+        /// Its new name.
+        subject: Option<String>,
+        /// Its new description.
+        description: Option<Option<String>>,
+    },
+    /// People added, removed, promoted to admin or demoted.
+    Participants {
+        /// Which group.
+        group: String,
+        /// What to do.
+        action: ParticipantAction,
+        /// Whom.
+        participants: Vec<String>,
+    },
+    /// The group's invite code (`reset`: revoke the old one and make a new one).
+    Invite {
+        /// Which.
+        group: String,
+        /// Revoke first.
+        reset: bool,
+    },
+    /// Joins a group by an invite code (or link); answers the group's id.
+    Join {
+        /// The code.
+        code: String,
+    },
+    /// Leaves a group.
+    Leave {
+        /// Which.
+        group: String,
+    },
+}
+
+/// What [`GroupOp::Participants`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParticipantAction {
+    /// Adds them.
+    Add,
+    /// Removes them.
+    Remove,
+    /// Makes them admins.
+    Promote,
+    /// Makes them plain members.
+    Demote,
+}
+
+impl ParticipantAction {
+    /// Its name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParticipantAction::Add => "add",
+            ParticipantAction::Remove => "remove",
+            ParticipantAction::Promote => "promote",
+            ParticipantAction::Demote => "demote",
+        }
+    }
+}
+
+/// A group as the network describes it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct GroupInfo {
+    /// Its JID (`…@g.us`).
+    pub id: String,
+    /// Its name.
+    pub subject: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// Who made it (JID).
+    pub owner: Option<String>,
+    /// When it was made (ms since the epoch).
+    pub created_at_ms: Option<u64>,
+    /// Who is in it.
+    pub participants: Vec<GroupMember>,
+}
+
+/// One person in a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupMember {
+    /// Their JID.
+    pub jid: String,
+    /// Whether they are an admin.
+    pub admin: bool,
+    /// Whether they are the group's super admin (its creator).
+    pub super_admin: bool,
+}
+
+/// What became of one person in a [`GroupOp::Participants`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParticipantChange {
+    /// Their JID.
+    pub jid: String,
+    /// Why not, when the network refused (its code or text).
+    pub error: Option<String>,
 }
 
 /// A message as the network names it: what a reaction, an edit, a revoke or a quote
@@ -431,6 +550,7 @@ impl Action {
             Action::MarkRead { .. } => "chats can be marked read",
             Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
             Action::Download { .. } => "media can be downloaded",
+            Action::Group(_) => "groups can be managed",
         }
     }
 }
@@ -610,6 +730,12 @@ pub enum Done {
     Taken,
     /// A received media's bytes (decrypted).
     Media(Vec<u8>),
+    /// Groups (a list, or the one a create, an info or a join is about).
+    Groups(Vec<GroupInfo>),
+    /// What became of each person of a participants change.
+    Participants(Vec<ParticipantChange>),
+    /// A group's invite code.
+    Invite(String),
 }
 
 /// Whether one phone number has a WhatsApp account.
@@ -698,6 +824,13 @@ pub trait Connection: Send + 'static {
     fn revoke(&self, message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
         let _ = message;
         Box::pin(async { Err(LinkError::new("this link cannot revoke messages")) })
+    }
+
+    /// Does `op` about groups; answers [`Done::Groups`], [`Done::Participants`],
+    /// [`Done::Invite`] or [`Done::Taken`] as the op says.
+    fn group(&self, op: GroupOp) -> BoxFuture<'static, Result<Done, LinkError>> {
+        let _ = op;
+        Box::pin(async { Err(LinkError::new("this link cannot manage groups")) })
     }
 
     /// The bytes of a received media, by its [`ReceivedMedia::locator`].
@@ -798,6 +931,7 @@ pub trait Connection: Send + 'static {
                 let fetching = self.download(&locator);
                 Box::pin(async move { fetching.await.map(Done::Media) })
             }
+            Action::Group(op) => self.group(op),
         }
     }
 

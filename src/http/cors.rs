@@ -9,7 +9,7 @@ pub struct Cors {
 }
 
 /// Methods the API answers.
-pub const ALLOWED_METHODS: &str = "GET, POST, PUT, DELETE, OPTIONS";
+pub const ALLOWED_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 /// Headers a browser may send.
 pub const ALLOWED_HEADERS: &str = "Content-Type, X-API-Key, Authorization";
 

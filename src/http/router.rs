@@ -13,8 +13,8 @@ use botvisor_actors::BoxFuture;
 use super::access::{Caller, Scope};
 use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_USER_ID, SIM_ONLY};
 use super::handlers::{
-    api_keys, backups, chats, contacts, fleet, health, lifecycle, message_acts, messages, proxy,
-    queue, received_media, sessions, sim, stream, webhooks,
+    api_keys, backups, chats, contacts, fleet, groups, health, lifecycle, message_acts, messages,
+    proxy, queue, received_media, sessions, sim, stream, webhooks,
 };
 use super::request::{check_length, valid_user_id, MAX_BODY};
 use super::response::Body;
@@ -90,7 +90,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 44] = [
+pub static ROUTES: [Route; 53] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -187,6 +187,69 @@ pub static ROUTES: [Route; 44] = [
         true,
         Some(Scope::Send),
         |c| Box::pin(message_acts::revoke(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/groups",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(groups::list(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/groups",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::create(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/groups/join",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::join(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/groups/:groupId",
+        false,
+        Some(Scope::Read),
+        |c| Box::pin(groups::info(c)),
+    ),
+    route(
+        Method::PATCH,
+        "/api/sessions/:id/groups/:groupId",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::update(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/groups/:groupId/participants",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::participants(c)),
+    ),
+    route(
+        Method::GET,
+        "/api/sessions/:id/groups/:groupId/invite",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::invite(c)),
+    ),
+    route(
+        Method::DELETE,
+        "/api/sessions/:id/groups/:groupId/invite",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::revoke_invite(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/groups/:groupId/leave",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(groups::leave(c)),
     ),
     route(
         Method::GET,
@@ -377,7 +440,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
     for (want, got) in pattern.iter().zip(path) {
         match *want {
             ":id" | ":eventId" | ":keyId" => id = got,
-            ":chatId" | ":messageId" => sub = got,
+            ":chatId" | ":messageId" | ":groupId" => sub = got,
             w if w == *got => {}
             _ => return None,
         }

@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use super::StoreFailure;
 
 use botvisor_actors::{
-    now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, EventSink, Fault, FaultEffect,
-    InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Outgoing, PairingCode,
-    PairingQr, SessionSpec,
+    now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, Done, EventSink, Fault,
+    FaultEffect, InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Outgoing,
+    PairingCode, PairingQr, SessionSpec,
 };
 
 use crate::paths;
@@ -92,6 +92,214 @@ struct Network {
     live: std::sync::Mutex<HashMap<String, (EventSink, Instant)>>,
     /// Received media, by locator, oldest first.
     media: std::sync::Mutex<VecDeque<(String, Arc<Vec<u8>>)>>,
+    /// The groups of the simulated network, by JID.
+    groups: std::sync::Mutex<HashMap<String, SimGroup>>,
+}
+
+/// A group of the simulated network.
+#[derive(Debug, Clone)]
+struct SimGroup {
+    info: botvisor_actors::GroupInfo,
+    invite: String,
+}
+
+/// Groups the simulated network holds at most (it is a simulation: a bound, not a model).
+pub const SIM_GROUPS: usize = 10_000;
+
+/// A random invite code (22 characters of A-Z, a-z, 0-9, as WhatsApp's).
+fn invite_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    (0..22)
+        .map(|_| ALPHABET[(random_u64() % ALPHABET.len() as u64) as usize] as char)
+        .collect()
+}
+
+impl Network {
+    /// Does `op` for the account `me`: the simulated network keeps groups in memory, as
+    /// WhatsApp would, and checks what WhatsApp checks (membership, admin rights).
+    fn group(&self, me: &str, op: botvisor_actors::GroupOp) -> Result<Done, LinkError> {
+        use botvisor_actors::{GroupMember, GroupOp, ParticipantAction, ParticipantChange};
+        let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
+        let member = |g: &SimGroup| g.info.participants.iter().any(|p| p.jid == me);
+        let admin = |g: &SimGroup| {
+            g.info
+                .participants
+                .iter()
+                .any(|p| p.jid == me && (p.admin || p.super_admin))
+        };
+        let not_in =
+            |group: &str| LinkError::new(format!("item-not-found: not a member of {group}"));
+        let not_admin =
+            |group: &str| LinkError::new(format!("not-authorized: not an admin of {group}"));
+        match op {
+            GroupOp::List => {
+                let mut mine: Vec<_> = groups
+                    .values()
+                    .filter(|g| member(g))
+                    .map(|g| g.info.clone())
+                    .collect();
+                mine.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(Done::Groups(mine))
+            }
+            GroupOp::Create {
+                subject,
+                participants,
+            } => {
+                if groups.len() >= SIM_GROUPS {
+                    return Err(LinkError::new(format!(
+                        "the simulated network holds at most {SIM_GROUPS} groups"
+                    )));
+                }
+                let id = format!("120363{:012}@g.us", random_u64() % 1_000_000_000_000);
+                let mut people = vec![GroupMember {
+                    jid: me.to_string(),
+                    admin: true,
+                    super_admin: true,
+                }];
+                for p in participants {
+                    if p != me && !people.iter().any(|m| m.jid == p) {
+                        people.push(GroupMember {
+                            jid: p,
+                            admin: false,
+                            super_admin: false,
+                        });
+                    }
+                }
+                let info = botvisor_actors::GroupInfo {
+                    id: id.clone(),
+                    subject,
+                    description: None,
+                    owner: Some(me.to_string()),
+                    created_at_ms: Some(now_ms()),
+                    participants: people,
+                };
+                groups.insert(
+                    id,
+                    SimGroup {
+                        info: info.clone(),
+                        invite: invite_code(),
+                    },
+                );
+                Ok(Done::Groups(vec![info]))
+            }
+            GroupOp::Info { group } => {
+                let g = groups
+                    .get(&group)
+                    .filter(|g| member(g))
+                    .ok_or_else(|| not_in(&group))?;
+                Ok(Done::Groups(vec![g.info.clone()]))
+            }
+            GroupOp::Update {
+                group,
+                subject,
+                description,
+            } => {
+                let g = groups
+                    .get_mut(&group)
+                    .filter(|g| member(g))
+                    .ok_or_else(|| not_in(&group))?;
+                if let Some(s) = subject {
+                    g.info.subject = s;
+                }
+                if let Some(d) = description {
+                    g.info.description = d;
+                }
+                Ok(Done::Taken)
+            }
+            GroupOp::Participants {
+                group,
+                action,
+                participants,
+            } => {
+                let g = groups
+                    .get_mut(&group)
+                    .filter(|g| member(g))
+                    .ok_or_else(|| not_in(&group))?;
+                if !admin(g) {
+                    return Err(not_admin(&group));
+                }
+                let people = &mut g.info.participants;
+                let changes = participants
+                    .into_iter()
+                    .map(|jid| {
+                        let at = people.iter().position(|m| m.jid == jid);
+                        let error = match (action, at) {
+                            (ParticipantAction::Add, Some(_)) => Some("409 already a participant"),
+                            (ParticipantAction::Add, None) => {
+                                people.push(GroupMember {
+                                    jid: jid.clone(),
+                                    admin: false,
+                                    super_admin: false,
+                                });
+                                None
+                            }
+                            (_, None) => Some("404 not a participant"),
+                            (_, Some(i)) if people[i].super_admin => {
+                                Some("403 the group's creator cannot be changed")
+                            }
+                            (ParticipantAction::Remove, Some(i)) => {
+                                people.remove(i);
+                                None
+                            }
+                            (ParticipantAction::Promote, Some(i)) => {
+                                people[i].admin = true;
+                                None
+                            }
+                            (ParticipantAction::Demote, Some(i)) => {
+                                people[i].admin = false;
+                                None
+                            }
+                        };
+                        ParticipantChange {
+                            jid,
+                            error: error.map(str::to_string),
+                        }
+                    })
+                    .collect();
+                Ok(Done::Participants(changes))
+            }
+            GroupOp::Invite { group, reset } => {
+                let g = groups
+                    .get_mut(&group)
+                    .filter(|g| member(g))
+                    .ok_or_else(|| not_in(&group))?;
+                if !admin(g) {
+                    return Err(not_admin(&group));
+                }
+                if reset {
+                    g.invite = invite_code();
+                }
+                Ok(Done::Invite(g.invite.clone()))
+            }
+            GroupOp::Join { code } => {
+                let g = groups
+                    .values_mut()
+                    .find(|g| g.invite == code)
+                    .ok_or_else(|| {
+                        LinkError::new("item-not-found: no group has this invite code (revoked?)")
+                    })?;
+                if !g.info.participants.iter().any(|p| p.jid == me) {
+                    g.info.participants.push(GroupMember {
+                        jid: me.to_string(),
+                        admin: false,
+                        super_admin: false,
+                    });
+                }
+                Ok(Done::Groups(vec![g.info.clone()]))
+            }
+            GroupOp::Leave { group } => {
+                let g = groups
+                    .get_mut(&group)
+                    .filter(|g| member(g))
+                    .ok_or_else(|| not_in(&group))?;
+                g.info.participants.retain(|p| p.jid != me);
+                if g.info.participants.is_empty() {
+                    groups.remove(&group);
+                }
+                Ok(Done::Taken)
+            }
+        }
+    }
 }
 
 impl Network {
@@ -193,19 +401,21 @@ impl SimLink {
         &self,
         user_id: &str,
         from: &str,
+        group: Option<&str>,
         arrival: Arrival,
     ) -> Result<InboundMessage, LinkError> {
         let live = self.network.live.lock().unwrap_or_else(|p| p.into_inner());
         let (_, connected) = live
             .get(user_id)
             .ok_or_else(|| LinkError::new(format!("session {user_id} is not connected")))?;
-        let chat = super::chat_jid(from);
+        let sender = super::chat_jid(from);
+        let chat = group.map_or_else(|| sender.clone(), str::to_string);
         let text = arrival.text;
         let mut msg = InboundMessage {
             id: format!("SIMIN{:016X}", random_u64()),
             chat: chat.clone(),
-            from: chat.clone(),
-            from_lid: chat.ends_with("@lid").then(|| chat.clone()),
+            from: sender.clone(),
+            from_lid: sender.ends_with("@lid").then(|| sender.clone()),
             timestamp_ms: now_ms(),
             text: text.clone(),
             kind: arrival.kind.into(),
@@ -380,6 +590,8 @@ pub struct SimConnection {
     task: JoinHandle<()>,
     events: EventSink,
     user_id: String,
+    /// The account's JID (its phone number's).
+    me: String,
     network: Arc<Network>,
 }
 
@@ -446,6 +658,12 @@ impl LinkConnection for SimConnection {
     /// The simulated network takes revokes (it keeps no message bodies).
     fn revoke(&self, _message: &MessageRef) -> BoxFuture<'static, Result<(), LinkError>> {
         Box::pin(async { Ok(()) })
+    }
+
+    /// Groups live in the simulated network's memory (lost with the process).
+    fn group(&self, op: botvisor_actors::GroupOp) -> BoxFuture<'static, Result<Done, LinkError>> {
+        let answer = self.network.group(&self.me, op);
+        Box::pin(async move { answer })
     }
 
     /// A received media's bytes, while the simulated network still keeps them.
@@ -554,6 +772,7 @@ impl Link for SimLink {
                 })?;
             let sink = events.clone();
             let user_id = spec.user_id.clone();
+            let me = format!("{}@s.whatsapp.net", spec.phone_number);
             network
                 .live
                 .lock()
@@ -564,6 +783,7 @@ impl Link for SimLink {
                 task,
                 events,
                 user_id,
+                me,
                 network,
             }) as Box<dyn LinkConnection>)
         })

@@ -422,6 +422,10 @@ impl Persistence for Store {
             #[serde(skip_serializing_if = "Option::is_none")]
             from_lid: Option<&'a str>,
             chat: &'a str,
+            /// A group's message: `chat` is the group, `author` who wrote it.
+            is_group: bool,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            author: Option<&'a str>,
             kind: &'a str,
             text: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -467,6 +471,8 @@ impl Persistence for Store {
             from: &msg.from,
             from_lid: msg.from_lid.as_deref(),
             chat: &msg.chat,
+            is_group: msg.chat.ends_with("@g.us"),
+            author: msg.chat.ends_with("@g.us").then_some(msg.from.as_str()),
             kind: &msg.kind,
             text: msg.text.as_deref(),
             reply_to: msg.reply_to.as_deref(),

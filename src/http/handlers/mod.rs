@@ -7,6 +7,7 @@ pub mod chats;
 pub mod contacts;
 pub mod content;
 pub mod fleet;
+pub mod groups;
 pub mod health;
 pub mod lifecycle;
 pub mod media;

@@ -82,11 +82,31 @@ pub async fn inbound(c: Ctx) -> Answer {
         crate::http::request::json_body_up_to(c.req, false, c.app.request_timeout, limit)
             .await?
             .ok_or_else(|| ApiError::bad_request("from and text are required"))?;
-    let from = body
-        .get("from")
+    let valid = crate::http::handlers::messages::valid_recipient;
+    // In a group: `chat` is the group, `author` (or `from`) who wrote in it.
+    let chat = match body.get("chat") {
+        None => None,
+        Some(Value::String(g)) if valid(g) && g.ends_with("@g.us") => Some(g.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "chat must be a group JID (…@g.us); leave it out for a one-to-one chat",
+            ))
+        }
+    };
+    let sender = match &chat {
+        Some(_) => body.get("author").or_else(|| body.get("from")),
+        None => body.get("from"),
+    };
+    let from = sender
         .and_then(Value::as_str)
-        .filter(|f| crate::http::handlers::messages::valid_recipient(f))
-        .ok_or_else(|| ApiError::bad_request("from must be a phone number (digits) or a JID"))?
+        .filter(|f| valid(f) && !f.ends_with("@g.us"))
+        .ok_or_else(|| {
+            ApiError::bad_request(if chat.is_some() {
+                "author must be a phone number (digits) or a user JID: who wrote in the group"
+            } else {
+                "from must be a phone number (digits) or a JID"
+            })
+        })?
         .to_string();
     let arrival = arrival_of(&c.app, &body).await?;
     super::must_exist(&c.app, &user_id)?;
@@ -95,7 +115,7 @@ pub async fn inbound(c: Ctx) -> Answer {
         return Ok(ApiError::backlog_full());
     }
     let msg = sim
-        .deliver(&user_id, &from, arrival)
+        .deliver(&user_id, &from, chat.as_deref(), arrival)
         .map_err(|e| ApiError::new(hyper::StatusCode::CONFLICT, e.to_string()))?;
     // Its message.received event is on disk before the answer, as the real link keeps a
     // message before it acknowledges it.

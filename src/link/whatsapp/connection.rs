@@ -8,8 +8,8 @@ use tokio::task::JoinHandle;
 use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{
-    BoxFuture, ChatPresence, Connection as LinkConnection, LinkError, MessageRef, NumberCheck,
-    Outgoing,
+    BoxFuture, ChatPresence, Connection as LinkConnection, Done, LinkError, MessageRef,
+    NumberCheck, Outgoing,
 };
 
 use super::events::Shared;
@@ -84,6 +84,147 @@ async fn trim() {
         unsafe { libc::malloc_trim(0) }
     })
     .await;
+}
+
+/// A JID of the API's (already checked by the HTTP layer).
+fn jid_of(s: &str) -> Result<Jid, LinkError> {
+    s.parse::<Jid>()
+        .map_err(|e| LinkError::new(format!("not a JID: {s}: {e}")))
+}
+
+/// A group as whatsapp-rust describes it, as botvisor does.
+fn group_info(g: whatsapp_rust::GroupMetadata) -> botvisor_actors::GroupInfo {
+    use whatsapp_rust::ParticipantType;
+    botvisor_actors::GroupInfo {
+        id: g.id.to_string(),
+        subject: g.subject,
+        description: g.description,
+        owner: g.creator_pn.or(g.creator).map(|j| j.to_string()),
+        created_at_ms: g.creation_time.map(|s| s.saturating_mul(1000)),
+        participants: g
+            .participants
+            .into_iter()
+            .map(|p| botvisor_actors::GroupMember {
+                admin: p.is_admin(),
+                super_admin: p.participant_type == ParticipantType::SuperAdmin,
+                jid: p.phone_number.unwrap_or(p.jid).to_string(),
+            })
+            .collect(),
+    }
+}
+
+async fn group_op(client: &Arc<Client>, op: botvisor_actors::GroupOp) -> Result<Done, LinkError> {
+    use botvisor_actors::{GroupOp, ParticipantAction, ParticipantChange};
+    let refused = |e: whatsapp_rust::GroupError| LinkError::new(format!("WhatsApp refused: {e}"));
+    let groups = client.groups();
+    match op {
+        GroupOp::List => {
+            let mut all: Vec<_> = groups
+                .get_participating()
+                .await
+                .map_err(refused)?
+                .into_values()
+                .map(group_info)
+                .collect();
+            all.sort_by(|a, b| a.id.cmp(&b.id));
+            Ok(Done::Groups(all))
+        }
+        GroupOp::Create {
+            subject,
+            participants,
+        } => {
+            let mut options = whatsapp_rust::GroupCreateOptions::new(subject);
+            for p in &participants {
+                options = options
+                    .with_participant(whatsapp_rust::GroupParticipantOptions::new(jid_of(p)?));
+            }
+            let made = groups.create_group(options).await.map_err(refused)?;
+            Ok(Done::Groups(vec![group_info(made.metadata)]))
+        }
+        GroupOp::Info { group } => {
+            let g = groups
+                .get_metadata(&jid_of(&group)?)
+                .await
+                .map_err(refused)?;
+            Ok(Done::Groups(vec![group_info(g)]))
+        }
+        GroupOp::Update {
+            group,
+            subject,
+            description,
+        } => {
+            let jid = jid_of(&group)?;
+            if let Some(s) = subject {
+                let s = whatsapp_rust::GroupSubject::new(s)
+                    .map_err(|e| LinkError::new(e.to_string()))?;
+                groups.set_subject(jid.clone(), s).await.map_err(refused)?;
+            }
+            if let Some(d) = description {
+                let d = d
+                    .map(whatsapp_rust::GroupDescription::new)
+                    .transpose()
+                    .map_err(|e| LinkError::new(e.to_string()))?;
+                groups
+                    .set_description(jid, d, whatsapp_rust::PreviousDescription::Resolve)
+                    .await
+                    .map_err(refused)?;
+            }
+            Ok(Done::Taken)
+        }
+        GroupOp::Participants {
+            group,
+            action,
+            participants,
+        } => {
+            let jid = jid_of(&group)?;
+            let people = participants
+                .iter()
+                .map(|p| jid_of(p))
+                .collect::<Result<Vec<_>, _>>()?;
+            let answers = match action {
+                ParticipantAction::Add => groups.add_participants(jid, &people).await,
+                ParticipantAction::Remove => groups.remove_participants(jid, &people).await,
+                ParticipantAction::Promote => groups.promote_participants(jid, &people).await,
+                ParticipantAction::Demote => groups.demote_participants(jid, &people).await,
+            }
+            .map_err(refused)?;
+            Ok(Done::Participants(
+                answers
+                    .into_iter()
+                    .map(|a| ParticipantChange {
+                        error: (!a.is_ok())
+                            .then(|| a.error.clone().or(a.status.clone()).unwrap_or_default()),
+                        jid: a.phone_number.unwrap_or(a.jid).to_string(),
+                    })
+                    .collect(),
+            ))
+        }
+        GroupOp::Invite { group, reset } => {
+            let link = groups
+                .get_invite_link(jid_of(&group)?, reset)
+                .await
+                .map_err(refused)?;
+            let code = link.rsplit('/').next().unwrap_or(&link).to_string();
+            Ok(Done::Invite(code))
+        }
+        GroupOp::Join { code } => {
+            let joined = groups.join_with_invite_code(&code).await.map_err(refused)?;
+            let id = joined.group_jid().clone();
+            // A group that asks for approval shows nothing more until it is given.
+            let info = match groups.get_metadata(&id).await {
+                Ok(g) => group_info(g),
+                Err(_) => botvisor_actors::GroupInfo {
+                    id: id.to_string(),
+                    ..Default::default()
+                },
+            };
+            Ok(Done::Groups(vec![info]))
+        }
+        GroupOp::Leave { group } => {
+            groups.leave(jid_of(&group)?).await.map_err(refused)?;
+            Ok(Done::Taken)
+        }
+    }
 }
 
 impl Drop for WhatsAppConnection {
@@ -438,6 +579,12 @@ impl LinkConnection for WhatsAppConnection {
                 .await
                 .map_err(|e| LinkError::new(format!("WhatsApp did not take the revoke: {e}")))
         })
+    }
+
+    /// Groups through whatsapp-rust's `groups()` (WhatsApp's `w:g2` IQs).
+    fn group(&self, op: botvisor_actors::GroupOp) -> BoxFuture<'static, Result<Done, LinkError>> {
+        let client = self.client.clone();
+        Box::pin(async move { group_op(&client, op).await })
     }
 
     /// A received media's bytes: fetched from WhatsApp's media servers (through the
