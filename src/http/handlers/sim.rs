@@ -99,7 +99,7 @@ pub async fn inbound(c: Ctx) -> Answer {
     };
     let from = sender
         .and_then(Value::as_str)
-        .filter(|f| valid(f) && !f.ends_with("@g.us"))
+        .filter(|f| valid(f))
         .ok_or_else(|| {
             ApiError::bad_request(if chat.is_some() {
                 "author must be a phone number (digits) or a user JID: who wrote in the group"
