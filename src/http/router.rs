@@ -430,6 +430,36 @@ pub static ROUTES: [Route; 53] = [
 static SEGMENTS: LazyLock<Vec<Vec<&'static str>>> =
     LazyLock::new(|| ROUTES.iter().map(|r| r.path.split('/').collect()).collect());
 
+/// How many literal segments each route's path has: where a path matches a literal
+/// (`/groups/join`) and a parameter (`/groups/:groupId`), only the literal's routes count.
+static LITERALS: LazyLock<Vec<usize>> = LazyLock::new(|| {
+    SEGMENTS
+        .iter()
+        .map(|p| p.iter().filter(|s| !s.starts_with(':')).count())
+        .collect()
+});
+
+/// The routes whose pattern matches `segments` and is the most literal of those that
+/// do, with their path parameters.
+fn candidates<'a>(
+    segments: &'a [&'a str],
+) -> impl Iterator<Item = (&'static Route, (&'a str, &'a str))> + 'a {
+    let best = ROUTES
+        .iter()
+        .zip(SEGMENTS.iter())
+        .zip(LITERALS.iter())
+        .filter(|((_, pattern), _)| matches(pattern, segments).is_some())
+        .map(|(_, literal)| *literal)
+        .max()
+        .unwrap_or(0);
+    ROUTES
+        .iter()
+        .zip(SEGMENTS.iter())
+        .zip(LITERALS.iter())
+        .filter(move |(_, literal)| **literal == best)
+        .filter_map(|((r, pattern), _)| matches(pattern, segments).map(|id| (r, id)))
+}
+
 /// Matches a split path against a split pattern; `Some((id, sub))`, each "" when the
 /// pattern has none.
 fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)> {
@@ -495,10 +525,7 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
         raw
     };
     let segments: Vec<&str> = path.split('/').collect();
-    let mut found = ROUTES
-        .iter()
-        .zip(SEGMENTS.iter())
-        .filter_map(|(r, pattern)| matches(pattern, &segments).map(|id| (r, id)));
+    let mut found = candidates(&segments);
     let Some((first, first_params)) = found.next() else {
         return Err(ApiError::not_found(format!("Not found: {method} {raw}")));
     };
@@ -510,11 +537,9 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
     } else {
         found.find(|(r, _)| r.method == method)
     };
+    drop(found);
     let Some((route, (id, sub))) = chosen else {
-        let allowed: Vec<&str> = ROUTES
-            .iter()
-            .zip(SEGMENTS.iter())
-            .filter(|(_, pattern)| matches(pattern, &segments).is_some())
+        let allowed: Vec<&str> = candidates(&segments)
             .map(|(r, _)| r.method.as_str())
             .collect();
         let allowed = allowed.join(", ");
