@@ -6,8 +6,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::Server;
 use serde_json::{json, Value};
 
@@ -249,20 +247,7 @@ fn a_message_written_in_a_group_names_the_group_and_its_author() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.json()["messageId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let event = loop {
-        let found = got
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|v| v["data"]["messageId"] == id.as_str())
-            .cloned();
-        if let Some(v) = found {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no message.received for {id}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let event = common::event_for(&got, &id);
     let d = &event["data"];
     assert_eq!(d["chat"], group.as_str(), "{event}");
     assert_eq!(d["isGroup"], true, "{event}");
@@ -295,20 +280,7 @@ fn a_message_written_in_a_group_names_the_group_and_its_author() {
         json!({"from": "15550000022", "text": "hi"}),
     );
     let one = r.json()["messageId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = got
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|v| v["data"]["messageId"] == one.as_str())
-            .cloned();
-        if let Some(v) = found {
-            assert_eq!(v["data"]["isGroup"], false, "{v}");
-            assert!(v["data"].get("author").is_none(), "{v}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "no message.received for {one}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let v = common::event_for(&got, &one);
+    assert_eq!(v["data"]["isGroup"], false, "{v}");
+    assert!(v["data"].get("author").is_none(), "{v}");
 }

@@ -361,20 +361,7 @@ fn media_received_on_the_simulated_network_is_described_in_its_webhook() {
     );
     assert_eq!(r.status, 200, "{}", r.body);
     let id = r.json()["messageId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let event = loop {
-        let found = got
-            .lock()
-            .unwrap()
-            .iter()
-            .find(|v| v["data"]["messageId"] == id.as_str())
-            .cloned();
-        if let Some(v) = found {
-            break v;
-        }
-        assert!(Instant::now() < deadline, "no message.received for {id}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let event = common::event_for(&got, &id);
     let d = &event["data"];
     assert_eq!(event["event"], "message.received", "{event}");
     assert_eq!(d["kind"], "document", "{event}");

@@ -688,6 +688,27 @@ pub type Received = std::sync::Arc<Mutex<Vec<Value>>>;
 
 /// A webhook receiver on 127.0.0.1 that answers 200 to every POST and keeps each JSON
 /// body; returns its URL.
+/// The webhook `got` received about message `message_id` (waits up to 10 s).
+pub fn event_for(got: &Received, message_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let found = got
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|v| v["data"]["messageId"] == message_id)
+            .cloned();
+        if let Some(v) = found {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no webhook for message {message_id}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 pub fn json_receiver() -> (String, Received) {
     json_receiver_while(Arc::new(AtomicBool::new(true)))
 }
