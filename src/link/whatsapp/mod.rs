@@ -244,20 +244,18 @@ fn media_http_client(
     if proxy.is_none() && !cfg!(feature = "test-peer") {
         return Ok(None);
     }
-    let mut config = ureq::config::Config::builder()
+    let config = ureq::config::Config::builder()
         .input_buffer_size(16 * 1024)
         .output_buffer_size(16 * 1024)
         .max_idle_connections(3)
         .max_idle_connections_per_host(2)
         .proxy(proxy.map(ProxyUrl::for_http).transpose()?);
     #[cfg(feature = "test-peer")]
-    {
-        config = config.tls_config(
-            ureq::tls::TlsConfig::builder()
-                .disable_verification(true)
-                .build(),
-        );
-    }
+    let config = config.tls_config(
+        ureq::tls::TlsConfig::builder()
+            .disable_verification(true)
+            .build(),
+    );
     Ok(Some(whatsapp_rust::http::UreqHttpClient::with_agent(
         config.build().into(),
     )))
