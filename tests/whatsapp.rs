@@ -2049,19 +2049,53 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
     assert_eq!(s.session("wa_dl")["state"], "online");
 }
 
-/// Groups on the real link go to WhatsApp as its `w:g2` queries. The loopback peer does
-/// not play groups: it answers them with an empty result, and the client's refusal to
-/// read that comes back as a clean 502, the session still online. (The sim's groups test
-/// covers the API's behaviour; this checks the real link's path does not hang or crash.)
+/// Groups on the real link go to WhatsApp as its `w:g2` queries, answered here by the
+/// loopback peer (create, the groups a client is in, one group's metadata, leave): the
+/// API's answers are what whatsapp-rust read from WhatsApp's nodes. What the peer does not
+/// play (participants, invites, joins) is a clean 502, the session still online.
 #[test]
-fn real_link_group_calls_reach_whatsapp_and_fail_cleanly_without_its_answers() {
+fn real_link_groups_are_created_listed_read_and_left_through_whatsapps_queries() {
     let (_peer, s, _got) = online_with_webhook("wa_grp");
-    let r = s.get("/api/sessions/wa_grp/groups");
-    assert_eq!(r.status, 502, "{}", r.body);
+    assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 0);
     let r = s.post(
         "/api/sessions/wa_grp/groups",
         Some(r#"{"subject":"Team","participants":["15557654321"]}"#),
     );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let v = r.json();
+    let group = v["groupId"].as_str().unwrap().to_string();
+    assert!(group.ends_with("@g.us"), "{v}");
+    assert_eq!(v["group"]["subject"], "Team", "{v}");
+    assert_eq!(v["group"]["size"], 2, "{v}");
+    assert_eq!(v["group"]["owner"], "15551234567@s.whatsapp.net", "{v}");
+    assert!(v["group"]["createdAt"].is_string(), "{v}");
+    let people = v["group"]["participants"].as_array().unwrap().clone();
+    assert!(
+        people
+            .iter()
+            .any(|p| p["jid"] == "15551234567@s.whatsapp.net" && p["superAdmin"] == true),
+        "{v}"
+    );
+    assert!(
+        people
+            .iter()
+            .any(|p| p["jid"] == "15557654321@s.whatsapp.net" && p["admin"] == false),
+        "{v}"
+    );
+    let list = s.get("/api/sessions/wa_grp/groups").json();
+    assert_eq!(list["count"], 1, "{list}");
+    assert_eq!(list["groups"][0]["id"], group.as_str(), "{list}");
+    let info = s
+        .get(&format!("/api/sessions/wa_grp/groups/{group}"))
+        .json();
+    assert_eq!(info["group"]["subject"], "Team", "{info}");
+    // Not played by the peer: WhatsApp's answer is missing, the error is clean.
+    let r = s.get(&format!("/api/sessions/wa_grp/groups/{group}/invite"));
     assert_eq!(r.status, 502, "{}", r.body);
+    let r = s.post(&format!("/api/sessions/wa_grp/groups/{group}/leave"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 0);
+    let r = s.get(&format!("/api/sessions/wa_grp/groups/{group}"));
+    assert_eq!(r.status, 502, "no longer a member: {}", r.body);
     assert_eq!(s.session("wa_grp")["state"], "online");
 }

@@ -172,6 +172,110 @@ struct Inner {
     media: Arc<media_host::Files>,
     /// Where the media host listens.
     media_addr: SocketAddr,
+    /// The groups WhatsApp holds, by id (the JID's user part): subject, creation time
+    /// (s), creator, and the participants with their type.
+    groups: Mutex<std::collections::BTreeMap<String, PeerGroup>>,
+}
+
+/// A group as the peer keeps it.
+#[derive(Debug, Clone)]
+struct PeerGroup {
+    subject: String,
+    creation: u64,
+    creator: String,
+    participants: Vec<(String, &'static str)>,
+}
+
+impl PeerGroup {
+    /// The `<group>` node WhatsApp answers with.
+    fn node(&self, id: &str) -> Node {
+        NodeBuilder::new("group")
+            .attr("id", id.to_string())
+            .attr("subject", self.subject.clone())
+            .attr("s_t", self.creation.to_string())
+            .attr("creation", self.creation.to_string())
+            .attr("creator", self.creator.clone())
+            .children(self.participants.iter().map(|(jid, kind)| {
+                let p = NodeBuilder::new("participant").attr("jid", jid.clone());
+                match *kind {
+                    "member" => p.build(),
+                    kind => p.attr("type", kind).build(),
+                }
+            }))
+            .build()
+    }
+}
+
+/// WhatsApp's group queries (`w:g2`) the peer plays: create, the groups a client is in,
+/// one group's metadata, leave. `None`: not a group query the peer knows.
+fn group_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Option<Node> {
+    if attr_str(node, "xmlns") != "w:g2" {
+        return None;
+    }
+    let id = attr_str(node, "id");
+    let me = session.client.as_ref()?.to_non_ad().to_string();
+    let mut groups = inner.groups.lock().ok()?;
+    let member = |g: &PeerGroup| g.participants.iter().any(|(j, _)| *j == me);
+    let not_found = || {
+        NodeBuilder::new("iq")
+            .attr("type", "error")
+            .attr("id", id.clone())
+            .attr("from", "g.us")
+            .children([NodeBuilder::new("error")
+                .attr("code", "404")
+                .attr("text", "item-not-found")
+                .build()])
+            .build()
+    };
+    if let Some(create) = node.get_optional_child("create") {
+        let gid = format!("120363{:012}", groups.len() as u64 + 1);
+        let mut participants = vec![(me.clone(), "superadmin")];
+        for p in create.get_children_by_tag("participant") {
+            if let Some(j) = p.get_attr("jid") {
+                participants.push((j.as_str().to_string(), "member"));
+            }
+        }
+        let group = PeerGroup {
+            subject: attr_str(create, "subject"),
+            creation: unix_now(),
+            creator: me.clone(),
+            participants,
+        };
+        let answer = group.node(&gid);
+        groups.insert(gid, group);
+        return Some(iq_result(&id).children([answer]).build());
+    }
+    if node.get_optional_child("participating").is_some() {
+        let mine: Vec<Node> = groups
+            .iter()
+            .filter(|(_, g)| member(g))
+            .map(|(gid, g)| g.node(gid))
+            .collect();
+        return Some(
+            iq_result(&id)
+                .children([NodeBuilder::new("groups").children(mine).build()])
+                .build(),
+        );
+    }
+    if node.get_optional_child("query").is_some() {
+        let to = attr_str(node, "to");
+        let gid = to.split('@').next().unwrap_or_default();
+        return Some(match groups.get(gid).filter(|g| member(g)) {
+            Some(g) => iq_result(&id).children([g.node(gid)]).build(),
+            None => not_found(),
+        });
+    }
+    if let Some(leave) = node.get_optional_child("leave") {
+        for g in leave.get_children_by_tag("group") {
+            let gid = attr_str(g, "id");
+            let gid = gid.split('@').next().unwrap_or_default().to_string();
+            if let Some(group) = groups.get_mut(&gid) {
+                group.participants.retain(|(j, _)| *j != me);
+            }
+        }
+        return Some(iq_result(&id).build());
+    }
+    None
 }
 
 /// A running peer; stops when dropped.
@@ -207,6 +311,7 @@ impl Peer {
             unacked: Mutex::default(),
             media,
             media_addr,
+            groups: Mutex::default(),
         });
         let listener = runtime
             .block_on(TcpListener::bind("127.0.0.1:0"))
@@ -690,6 +795,12 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                         continue;
                     }
                     _ => continue,
+                }
+                if let Some(reply) = group_iq(&session, &inner, &node) {
+                    if !session.send(&reply).await {
+                        return;
+                    }
+                    continue;
                 }
                 if let Some(reply) = signal_iq(&session, &inner, &node).await {
                     if !session.send(&reply).await {
