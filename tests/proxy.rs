@@ -79,6 +79,59 @@ fn proxies_are_set_shown_masked_and_checked() {
     assert!(!log.contains(PASSWORD), "the log holds a proxy password");
 }
 
+/// Creates of one id that bring proxies: the one that is created connects through its
+/// own proxy, and a refused one (the id exists, or another create of it is under way)
+/// never replaces it, not even for a moment.
+#[test]
+fn a_refused_create_never_replaces_the_sessions_proxy() {
+    let s = Server::start(&[]);
+    assert_eq!(
+        create_with(&s, "pr_1", "socks5://10.0.0.1:1081").status,
+        201
+    );
+    let r = create_with(&s, "pr_1", "socks5://10.0.0.2:1082");
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert_eq!(
+        s.get("/api/sessions/pr_1/proxy").json()["proxy"],
+        "socks5://10.0.0.1:1081"
+    );
+    // Eight creates of one new id at once, each with its own proxy: one wins, and the
+    // proxy kept is the winner's.
+    let answers: Vec<(u16, u16)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..8u16)
+            .map(|i| {
+                let s = &s;
+                scope.spawn(move || {
+                    let port = 2000 + i;
+                    let r = create_with(s, "pr_race", &format!("socks5://10.0.1.{i}:{port}"));
+                    (r.status, port)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let won: Vec<u16> = answers
+        .iter()
+        .filter(|(status, _)| *status == 201)
+        .map(|(_, port)| *port)
+        .collect();
+    assert_eq!(won.len(), 1, "{answers:?}");
+    assert!(
+        answers
+            .iter()
+            .all(|(status, _)| *status == 201 || *status == 409),
+        "{answers:?}"
+    );
+    let kept = s.get("/api/sessions/pr_race/proxy").json();
+    assert!(
+        kept["proxy"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!(":{}", won[0])),
+        "{kept} {answers:?}"
+    );
+}
+
 #[test]
 fn a_proxy_flag_that_does_not_parse_refuses_to_start_without_echoing_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -291,6 +291,25 @@ fn encoded(s: &str) -> String {
 pub struct Proxies {
     default: Option<ProxyUrl>,
     own: RwLock<HashMap<String, ProxyUrl>>,
+    /// Sessions whose create (with a proxy) is under way: one at a time per id, so a
+    /// second create's proxy never replaces the first's before it connects.
+    creating: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// A create's hold on its session id (see [`Proxies::hold_for_create`]); let go on drop.
+pub struct CreateHold {
+    proxies: Arc<Proxies>,
+    user_id: String,
+}
+
+impl Drop for CreateHold {
+    fn drop(&mut self) {
+        self.proxies
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.user_id);
+    }
 }
 
 impl Proxies {
@@ -299,6 +318,21 @@ impl Proxies {
         Arc::new(Proxies {
             default,
             own: RwLock::default(),
+            creating: std::sync::Mutex::default(),
+        })
+    }
+
+    /// Holds `user_id` for a create that brings its own proxy; `None` when another
+    /// create of that id holds it.
+    pub fn hold_for_create(self: &Arc<Self>, user_id: &str) -> Option<CreateHold> {
+        let fresh = self
+            .creating
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user_id.to_string());
+        fresh.then(|| CreateHold {
+            proxies: self.clone(),
+            user_id: user_id.to_string(),
         })
     }
 

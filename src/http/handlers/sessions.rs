@@ -130,6 +130,19 @@ pub async fn create(c: Ctx) -> Answer {
     // A session's own proxy is saved before it first connects (through it), and
     // undone if the create fails.
     let proxy = super::proxy::parse_field(body.proxy)?;
+    // With a proxy, one create of an id at a time, and none of an id that exists: its
+    // proxy must not be replaced, even for the moment before the refusal.
+    let _hold = match &proxy {
+        Some(_) => {
+            let exists =
+                || ApiError::new(StatusCode::CONFLICT, crate::http::errors::SESSION_EXISTS);
+            if c.app.store.view().read(&user_id, |_| ()).is_some() {
+                return Err(exists());
+            }
+            Some(c.app.proxies.hold_for_create(&user_id).ok_or_else(exists)?)
+        }
+        None => None,
+    };
     let undo = match proxy {
         Some(p) => {
             let before = c.app.proxies.set(&user_id, Some(p));
