@@ -2050,11 +2050,12 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
 }
 
 /// Groups on the real link go to WhatsApp as its `w:g2` queries, answered here by the
-/// loopback peer (create, the groups a client is in, one group's metadata, leave): the
-/// API's answers are what whatsapp-rust read from WhatsApp's nodes. What the peer does not
-/// play (participants, invites, joins) is a clean 502, the session still online.
+/// loopback peer (create, the groups a client is in, metadata, subject and description,
+/// participants, invite codes, join, leave): the API's answers are what whatsapp-rust
+/// read from WhatsApp's nodes, and what WhatsApp refuses (a revoked code, a group the
+/// account left) is a clean 502, the session still online.
 #[test]
-fn real_link_groups_are_created_listed_read_and_left_through_whatsapps_queries() {
+fn real_link_groups_are_managed_end_to_end_through_whatsapps_queries() {
     let (_peer, s, _got) = online_with_webhook("wa_grp");
     assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 0);
     let r = s.post(
@@ -2089,13 +2090,87 @@ fn real_link_groups_are_created_listed_read_and_left_through_whatsapps_queries()
         .get(&format!("/api/sessions/wa_grp/groups/{group}"))
         .json();
     assert_eq!(info["group"]["subject"], "Team", "{info}");
-    // Not played by the peer: WhatsApp's answer is missing, the error is clean.
-    let r = s.get(&format!("/api/sessions/wa_grp/groups/{group}/invite"));
-    assert_eq!(r.status, 502, "{}", r.body);
+    // Subject and description.
+    let r = s.req(
+        "PATCH",
+        &format!("/api/sessions/wa_grp/groups/{group}"),
+        Some(r#"{"subject":"Team (EU)","description":"Write here"}"#),
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let info = s
+        .get(&format!("/api/sessions/wa_grp/groups/{group}"))
+        .json();
+    assert_eq!(info["group"]["subject"], "Team (EU)", "{info}");
+    assert_eq!(info["group"]["description"], "Write here", "{info}");
+    // Participants, each answered as WhatsApp answered.
+    let people = format!("/api/sessions/wa_grp/groups/{group}/participants");
+    let r = s.post(
+        &people,
+        Some(r#"{"action":"add","participants":["15550009999","15557654321"]}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let results = r.json()["results"].clone();
+    assert_eq!(results[0]["ok"], true, "{results}");
+    assert_eq!(results[1]["ok"], false, "already in: {results}");
+    assert_eq!(results[1]["error"], "409", "{results}");
+    let r = s.post(
+        &people,
+        Some(r#"{"action":"promote","participants":["15550009999"]}"#),
+    );
+    assert_eq!(r.json()["results"][0]["ok"], true, "{}", r.body);
+    let info = s
+        .get(&format!("/api/sessions/wa_grp/groups/{group}"))
+        .json();
+    assert!(
+        info["group"]["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["jid"] == "15550009999@s.whatsapp.net" && p["admin"] == true),
+        "{info}"
+    );
+    let r = s.post(
+        &people,
+        Some(r#"{"action":"remove","participants":["15550009999"]}"#),
+    );
+    assert_eq!(r.json()["results"][0]["ok"], true, "{}", r.body);
+    assert_eq!(
+        s.get(&format!("/api/sessions/wa_grp/groups/{group}"))
+            .json()["group"]["size"],
+        2
+    );
+    // The invite link, revoked for a new one; leaving, and coming back by the link.
+    let invite = s
+        .get(&format!("/api/sessions/wa_grp/groups/{group}/invite"))
+        .json();
+    let first = invite["code"].as_str().unwrap().to_string();
+    assert!(!first.is_empty(), "{invite}");
+    let r = s.req(
+        "DELETE",
+        &format!("/api/sessions/wa_grp/groups/{group}/invite"),
+        None,
+        &[],
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let link = r.json()["inviteLink"].as_str().unwrap().to_string();
+    assert!(!link.ends_with(&first), "a new code: {link}");
     let r = s.post(&format!("/api/sessions/wa_grp/groups/{group}/leave"), None);
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 0);
     let r = s.get(&format!("/api/sessions/wa_grp/groups/{group}"));
     assert_eq!(r.status, 502, "no longer a member: {}", r.body);
+    let r = s.post(
+        "/api/sessions/wa_grp/groups/join",
+        Some(&format!(r#"{{"code":"{}"}}"#, first)),
+    );
+    assert_eq!(r.status, 502, "a revoked code: {}", r.body);
+    let r = s.post(
+        "/api/sessions/wa_grp/groups/join",
+        Some(&format!(r#"{{"code":"{link}"}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["groupId"], group.as_str());
+    assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 1);
     assert_eq!(s.session("wa_grp")["state"], "online");
 }

@@ -181,9 +181,11 @@ struct Inner {
 #[derive(Debug, Clone)]
 struct PeerGroup {
     subject: String,
+    description: Option<String>,
     creation: u64,
     creator: String,
     participants: Vec<(String, &'static str)>,
+    invite: String,
 }
 
 impl PeerGroup {
@@ -195,13 +197,23 @@ impl PeerGroup {
             .attr("s_t", self.creation.to_string())
             .attr("creation", self.creation.to_string())
             .attr("creator", self.creator.clone())
-            .children(self.participants.iter().map(|(jid, kind)| {
-                let p = NodeBuilder::new("participant").attr("jid", jid.clone());
-                match *kind {
-                    "member" => p.build(),
-                    kind => p.attr("type", kind).build(),
-                }
-            }))
+            .children(
+                self.participants
+                    .iter()
+                    .map(|(jid, kind)| {
+                        let p = NodeBuilder::new("participant").attr("jid", jid.clone());
+                        match *kind {
+                            "member" => p.build(),
+                            kind => p.attr("type", kind).build(),
+                        }
+                    })
+                    .chain(self.description.iter().map(|d| {
+                        NodeBuilder::new("description")
+                            .attr("id", format!("{:X}", d.len()))
+                            .children([NodeBuilder::new("body").string_content(d.clone()).build()])
+                            .build()
+                    })),
+            )
             .build()
     }
 }
@@ -237,9 +249,11 @@ fn group_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Option<Node
         }
         let group = PeerGroup {
             subject: attr_str(create, "subject"),
+            description: None,
             creation: unix_now(),
             creator: me.clone(),
             participants,
+            invite: format!("PEERINVITE{:012}", groups.len() + 1),
         };
         let answer = group.node(&gid);
         groups.insert(gid, group);
@@ -264,6 +278,110 @@ fn group_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Option<Node
             Some(g) => iq_result(&id).children([g.node(gid)]).build(),
             None => not_found(),
         });
+    }
+    // Joining by an invite code (sent to `g.us`, not to a group).
+    if let Some(code) = node
+        .get_optional_child("invite")
+        .and_then(|i| i.get_attr("code").map(|c| c.as_str().to_string()))
+    {
+        let Some((gid, group)) = groups.iter_mut().find(|(_, g)| g.invite == code) else {
+            return Some(not_found());
+        };
+        if !member(group) {
+            group.participants.push((me.clone(), "member"));
+        }
+        return Some(
+            iq_result(&id)
+                .children([NodeBuilder::new("group")
+                    .attr("jid", format!("{gid}@g.us"))
+                    .build()])
+                .build(),
+        );
+    }
+    // The rest are about the group the IQ is sent to, and for its admins only.
+    let to = attr_str(node, "to");
+    let gid = to.split('@').next().unwrap_or_default().to_string();
+    let admin = |g: &PeerGroup| {
+        g.participants
+            .iter()
+            .any(|(j, kind)| *j == me && *kind != "member")
+    };
+    for action in ["add", "remove", "promote", "demote"] {
+        let Some(change) = node.get_optional_child(action) else {
+            continue;
+        };
+        let Some(group) = groups.get_mut(&gid).filter(|g| admin(g)) else {
+            return Some(not_found());
+        };
+        let answers: Vec<Node> = change
+            .get_children_by_tag("participant")
+            .map(|p| {
+                let jid = attr_str(p, "jid");
+                let at = group.participants.iter().position(|(j, _)| *j == jid);
+                let error = match (action, at) {
+                    ("add", Some(_)) => Some("409"),
+                    ("add", None) => {
+                        group.participants.push((jid.clone(), "member"));
+                        None
+                    }
+                    (_, None) => Some("404"),
+                    ("remove", Some(i)) => {
+                        group.participants.remove(i);
+                        None
+                    }
+                    ("promote", Some(i)) => {
+                        group.participants[i].1 = "admin";
+                        None
+                    }
+                    (_, Some(i)) => {
+                        group.participants[i].1 = "member";
+                        None
+                    }
+                };
+                let n = NodeBuilder::new("participant").attr("jid", jid);
+                match error {
+                    Some(e) => n.attr("error", e).build(),
+                    None => n.build(),
+                }
+            })
+            .collect();
+        return Some(
+            iq_result(&id)
+                .children([NodeBuilder::new(action).children(answers).build()])
+                .build(),
+        );
+    }
+    if node.get_optional_child("invite").is_some() {
+        let Some(group) = groups.get_mut(&gid).filter(|g| admin(g)) else {
+            return Some(not_found());
+        };
+        if attr_str(node, "type") == "set" {
+            group.invite = format!("PEERINVITE{:012}", unix_now() % 1_000_000_000_000 + 7);
+        }
+        return Some(
+            iq_result(&id)
+                .children([NodeBuilder::new("invite")
+                    .attr("code", group.invite.clone())
+                    .build()])
+                .build(),
+        );
+    }
+    if let Some(subject) = node.get_optional_child("subject") {
+        let Some(group) = groups.get_mut(&gid).filter(|g| member(g)) else {
+            return Some(not_found());
+        };
+        group.subject = subject.content_as_string().unwrap_or_default().to_string();
+        return Some(iq_result(&id).build());
+    }
+    if let Some(description) = node.get_optional_child("description") {
+        let Some(group) = groups.get_mut(&gid).filter(|g| member(g)) else {
+            return Some(not_found());
+        };
+        group.description = description
+            .get_optional_child("body")
+            .and_then(|b| b.content_as_string())
+            .map(|b| b.to_string());
+        return Some(iq_result(&id).build());
     }
     if let Some(leave) = node.get_optional_child("leave") {
         for g in leave.get_children_by_tag("group") {
