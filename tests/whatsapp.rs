@@ -2052,8 +2052,8 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
 /// Groups on the real link go to WhatsApp as its `w:g2` queries, answered here by the
 /// loopback peer (create, the groups a client is in, metadata, subject and description,
 /// participants, invite codes, join, leave): the API's answers are what whatsapp-rust
-/// read from WhatsApp's nodes, and what WhatsApp refuses (a revoked code, a group the
-/// account left) is a clean 502, the session still online.
+/// read from WhatsApp's nodes, and what WhatsApp refuses as not found (a revoked code, a
+/// group the account left) is a 404, the session still online.
 #[test]
 fn real_link_groups_are_managed_end_to_end_through_whatsapps_queries() {
     let (_peer, s, _got) = online_with_webhook("wa_grp");
@@ -2085,7 +2085,7 @@ fn real_link_groups_are_managed_end_to_end_through_whatsapps_queries() {
     );
     let list = s.get("/api/sessions/wa_grp/groups").json();
     assert_eq!(list["count"], 1, "{list}");
-    assert_eq!(list["groups"][0]["id"], group.as_str(), "{list}");
+    assert_eq!(list["groups"][0]["groupId"], group.as_str(), "{list}");
     let info = s
         .get(&format!("/api/sessions/wa_grp/groups/{group}"))
         .json();
@@ -2159,12 +2159,12 @@ fn real_link_groups_are_managed_end_to_end_through_whatsapps_queries() {
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(s.get("/api/sessions/wa_grp/groups").json()["count"], 0);
     let r = s.get(&format!("/api/sessions/wa_grp/groups/{group}"));
-    assert_eq!(r.status, 502, "no longer a member: {}", r.body);
+    assert_eq!(r.status, 404, "no longer a member: {}", r.body);
     let r = s.post(
         "/api/sessions/wa_grp/groups/join",
         Some(&format!(r#"{{"code":"{}"}}"#, first)),
     );
-    assert_eq!(r.status, 502, "a revoked code: {}", r.body);
+    assert_eq!(r.status, 404, "a revoked code: {}", r.body);
     let r = s.post(
         "/api/sessions/wa_grp/groups/join",
         Some(&format!(r#"{{"code":"{link}"}}"#)),

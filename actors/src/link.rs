@@ -259,6 +259,19 @@ pub struct LinkError {
     /// Retrying cannot help (e.g. the session's credential store is corrupt): the session
     /// fails at once instead of burning its restart budget.
     pub lasting: bool,
+    /// The network refused what was asked for a reason of the request's own (see
+    /// [`Refusal`]), not because it failed.
+    pub refusal: Option<Refusal>,
+}
+
+/// Why the network refused an action, when the reason is the caller's to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// What it names does not exist for this account (a group it is not in, an invite
+    /// code that was revoked).
+    NotFound,
+    /// The account may not do it there (not an admin of the group).
+    NotAllowed,
 }
 
 impl LinkError {
@@ -267,6 +280,16 @@ impl LinkError {
         LinkError {
             message: msg.into(),
             lasting: false,
+            refusal: None,
+        }
+    }
+
+    /// The network's refusal, for `why`.
+    pub fn refused(why: Refusal, msg: impl Into<String>) -> LinkError {
+        LinkError {
+            message: msg.into(),
+            lasting: false,
+            refusal: Some(why),
         }
     }
 
@@ -275,6 +298,7 @@ impl LinkError {
         LinkError {
             message: msg.into(),
             lasting: true,
+            refusal: None,
         }
     }
 

@@ -127,9 +127,16 @@ impl SessionActorState {
             Some(conn) => {
                 let acting = conn.act(action);
                 tokio::spawn(async move {
-                    let done = acting
-                        .await
-                        .map_err(|e| CmdError::Upstream(e.message().to_string()));
+                    // A refusal for the request's own reason is the caller's to fix (404,
+                    // 409); anything else is the network failing (502).
+                    let done = acting.await.map_err(|e| {
+                        let message = e.message().to_string();
+                        match e.refusal {
+                            Some(crate::link::Refusal::NotFound) => CmdError::NotFound(message),
+                            Some(crate::link::Refusal::NotAllowed) => CmdError::Conflict(message),
+                            None => CmdError::Upstream(message),
+                        }
+                    });
                     let _ = reply.send(done);
                 });
             }

@@ -127,10 +127,19 @@ impl Network {
                 .iter()
                 .any(|p| p.jid == me && (p.admin || p.super_admin))
         };
-        let not_in =
-            |group: &str| LinkError::new(format!("item-not-found: not a member of {group}"));
-        let not_admin =
-            |group: &str| LinkError::new(format!("not-authorized: not an admin of {group}"));
+        use botvisor_actors::Refusal;
+        let not_in = |group: &str| {
+            LinkError::refused(
+                Refusal::NotFound,
+                format!("The session's account is not in group {group}"),
+            )
+        };
+        let not_admin = |group: &str| {
+            LinkError::refused(
+                Refusal::NotAllowed,
+                format!("The session's account is not an admin of group {group}"),
+            )
+        };
         match op {
             GroupOp::List => {
                 let mut mine: Vec<_> = groups
@@ -276,7 +285,10 @@ impl Network {
                     .values_mut()
                     .find(|g| g.invite == code)
                     .ok_or_else(|| {
-                        LinkError::new("item-not-found: no group has this invite code (revoked?)")
+                        LinkError::refused(
+                            Refusal::NotFound,
+                            "No group has this invite code (revoked?)",
+                        )
                     })?;
                 if !g.info.participants.iter().any(|p| p.jid == me) {
                     g.info.participants.push(GroupMember {

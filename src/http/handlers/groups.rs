@@ -41,7 +41,8 @@ struct MemberView<'a> {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct GroupView<'a> {
-    id: &'a str,
+    /// Named as the path parameter is (as sessions carry `userId`).
+    group_id: &'a str,
     subject: &'a str,
     description: Option<&'a str>,
     owner: Option<&'a str>,
@@ -53,7 +54,7 @@ struct GroupView<'a> {
 impl<'a> GroupView<'a> {
     fn of(g: &'a GroupInfo) -> GroupView<'a> {
         GroupView {
-            id: &g.id,
+            group_id: &g.id,
             subject: &g.subject,
             description: g.description.as_deref(),
             owner: g.owner.as_deref(),

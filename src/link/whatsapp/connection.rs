@@ -115,7 +115,22 @@ fn group_info(g: whatsapp_rust::GroupMetadata) -> botvisor_actors::GroupInfo {
 
 async fn group_op(client: &Arc<Client>, op: botvisor_actors::GroupOp) -> Result<Done, LinkError> {
     use botvisor_actors::{GroupOp, ParticipantAction, ParticipantChange};
-    let refused = |e: whatsapp_rust::GroupError| LinkError::new(format!("WhatsApp refused: {e}"));
+    // WhatsApp's own refusals (404 item-not-found; 401/403 not-authorized) are the
+    // caller's to know; the rest is the network failing.
+    let refused = |e: whatsapp_rust::GroupError| {
+        use botvisor_actors::Refusal;
+        let message = format!("WhatsApp refused: {e}");
+        match &e {
+            whatsapp_rust::GroupError::Iq(whatsapp_rust::IqError::ServerError { code, .. }) => {
+                match code {
+                    404 | 406 => LinkError::refused(Refusal::NotFound, message),
+                    401 | 403 => LinkError::refused(Refusal::NotAllowed, message),
+                    _ => LinkError::new(message),
+                }
+            }
+            _ => LinkError::new(message),
+        }
+    };
     let groups = client.groups();
     match op {
         GroupOp::List => {
