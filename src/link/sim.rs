@@ -114,10 +114,28 @@ fn invite_code() -> String {
         .collect()
 }
 
+/// Group `group`, when the account `me` is in it.
+fn joined<'a>(
+    groups: &'a mut HashMap<String, SimGroup>,
+    me: &str,
+    group: &str,
+) -> Result<&'a mut SimGroup, LinkError> {
+    groups
+        .get_mut(group)
+        .filter(|g| g.info.participants.iter().any(|p| p.jid == me))
+        .ok_or_else(|| {
+            LinkError::refused(
+                botvisor_actors::Refusal::NotFound,
+                format!("The session's account is not in group {group}"),
+            )
+        })
+}
+
 impl Network {
     /// Does `op` for the account `me`: the simulated network keeps groups in memory, as
     /// WhatsApp would, and checks what WhatsApp checks (membership, admin rights).
     fn group(&self, me: &str, op: botvisor_actors::GroupOp) -> Result<Done, LinkError> {
+        use botvisor_actors::Refusal;
         use botvisor_actors::{GroupMember, GroupOp, ParticipantAction, ParticipantChange};
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
         let member = |g: &SimGroup| g.info.participants.iter().any(|p| p.jid == me);
@@ -127,13 +145,6 @@ impl Network {
                 .iter()
                 .any(|p| p.jid == me && (p.admin || p.super_admin))
         };
-        use botvisor_actors::Refusal;
-        let not_in = |group: &str| {
-            LinkError::refused(
-                Refusal::NotFound,
-                format!("The session's account is not in group {group}"),
-            )
-        };
         let not_admin = |group: &str| {
             LinkError::refused(
                 Refusal::NotAllowed,
@@ -142,12 +153,11 @@ impl Network {
         };
         match op {
             GroupOp::List => {
-                let mut mine: Vec<_> = groups
+                let mine = groups
                     .values()
                     .filter(|g| member(g))
                     .map(|g| g.info.clone())
                     .collect();
-                mine.sort_by(|a, b| a.id.cmp(&b.id));
                 Ok(Done::Groups(mine))
             }
             GroupOp::Create {
@@ -192,10 +202,7 @@ impl Network {
                 Ok(Done::Groups(vec![info]))
             }
             GroupOp::Info { group } => {
-                let g = groups
-                    .get(&group)
-                    .filter(|g| member(g))
-                    .ok_or_else(|| not_in(&group))?;
+                let g = joined(&mut groups, me, &group)?;
                 Ok(Done::Groups(vec![g.info.clone()]))
             }
             GroupOp::Update {
@@ -203,10 +210,7 @@ impl Network {
                 subject,
                 description,
             } => {
-                let g = groups
-                    .get_mut(&group)
-                    .filter(|g| member(g))
-                    .ok_or_else(|| not_in(&group))?;
+                let g = joined(&mut groups, me, &group)?;
                 if let Some(s) = subject {
                     g.info.subject = s;
                 }
@@ -220,10 +224,7 @@ impl Network {
                 action,
                 participants,
             } => {
-                let g = groups
-                    .get_mut(&group)
-                    .filter(|g| member(g))
-                    .ok_or_else(|| not_in(&group))?;
+                let g = joined(&mut groups, me, &group)?;
                 if !admin(g) {
                     return Err(not_admin(&group));
                 }
@@ -268,10 +269,7 @@ impl Network {
                 Ok(Done::Participants(changes))
             }
             GroupOp::Invite { group, reset } => {
-                let g = groups
-                    .get_mut(&group)
-                    .filter(|g| member(g))
-                    .ok_or_else(|| not_in(&group))?;
+                let g = joined(&mut groups, me, &group)?;
                 if !admin(g) {
                     return Err(not_admin(&group));
                 }
@@ -300,10 +298,7 @@ impl Network {
                 Ok(Done::Groups(vec![g.info.clone()]))
             }
             GroupOp::Leave { group } => {
-                let g = groups
-                    .get_mut(&group)
-                    .filter(|g| member(g))
-                    .ok_or_else(|| not_in(&group))?;
+                let g = joined(&mut groups, me, &group)?;
                 g.info.participants.retain(|p| p.jid != me);
                 if g.info.participants.is_empty() {
                     groups.remove(&group);

@@ -262,7 +262,9 @@ fn may_change(app: &App, id: &str) -> Result<Option<Response<Body>>, ApiError> {
 
 pub async fn list(c: Ctx) -> Answer {
     must_exist(&c.app, &c.id)?;
-    let groups = groups_of(&c.app, &c.id, GroupOp::List).await?;
+    // In id order, whatever order the link gives them in.
+    let mut groups = groups_of(&c.app, &c.id, GroupOp::List).await?;
+    groups.sort_by(|a, b| a.id.cmp(&b.id));
     Ok(ok(&Listed {
         user_id: &c.id,
         count: groups.len(),

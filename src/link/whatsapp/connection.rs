@@ -134,14 +134,13 @@ async fn group_op(client: &Arc<Client>, op: botvisor_actors::GroupOp) -> Result<
     let groups = client.groups();
     match op {
         GroupOp::List => {
-            let mut all: Vec<_> = groups
+            let all = groups
                 .get_participating()
                 .await
                 .map_err(refused)?
                 .into_values()
                 .map(group_info)
                 .collect();
-            all.sort_by(|a, b| a.id.cmp(&b.id));
             Ok(Done::Groups(all))
         }
         GroupOp::Create {
