@@ -2,8 +2,11 @@
 //! into reports to the supervisor, and fails (so the supervisor restarts it) when the
 //! link crashes.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
@@ -30,8 +33,67 @@ pub enum ChildExit {
     Broken(String),
 }
 
-/// Shared slot for a child's exit reason.
-pub type ExitSlot = Arc<Mutex<Option<ChildExit>>>;
+/// What a session actor shares with its supervisor: why it stopped by itself, and since
+/// when it has been busy with one step (starting, or one message). The watchdog reads
+/// the latter without waking the actor, so an idle fleet costs it nothing per session.
+pub struct ChildSlot {
+    exit: Mutex<Option<ChildExit>>,
+    born: Instant,
+    /// Milliseconds from `born` to the start of the current step, plus one; 0: idle.
+    busy_since: AtomicU64,
+}
+
+/// Shared slot of one incarnation (see [`ChildSlot`]).
+pub type ExitSlot = Arc<ChildSlot>;
+
+impl ChildSlot {
+    /// A slot for a new incarnation, idle, no exit reason.
+    pub fn new() -> ExitSlot {
+        Arc::new(ChildSlot {
+            exit: Mutex::new(None),
+            born: Instant::now(),
+            busy_since: AtomicU64::new(0),
+        })
+    }
+
+    /// The exit reason left by the actor, once.
+    pub fn take_exit(&self) -> Option<ChildExit> {
+        self.exit.lock().ok().and_then(|mut s| s.take())
+    }
+
+    fn set_exit(&self, exit: ChildExit) {
+        if let Ok(mut slot) = self.exit.lock() {
+            *slot = Some(exit);
+        }
+    }
+
+    /// Marks the actor busy until the guard is dropped.
+    fn busy(&self) -> Busy<'_> {
+        let since = self.born.elapsed().as_millis() as u64 + 1;
+        self.busy_since.store(since, Ordering::Relaxed);
+        Busy(self)
+    }
+
+    /// How long the current step has run, if the actor is in one.
+    pub fn busy_for(&self, now: Instant) -> Option<Duration> {
+        match self.busy_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => {
+                let began = self.born + Duration::from_millis(since - 1);
+                Some(now.saturating_duration_since(began))
+            }
+        }
+    }
+}
+
+/// An actor's step in progress (see [`ChildSlot::busy`]).
+struct Busy<'a>(&'a ChildSlot);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy_since.store(0, Ordering::Relaxed);
+    }
+}
 
 /// Where a session reports its link's events (the supervisor gives each incarnation its
 /// own, so stale reports can be told apart).
@@ -41,8 +103,6 @@ pub type Reporter = Arc<dyn Fn(LinkEvent) + Send + Sync>;
 pub enum SessionMsg {
     /// An event from the session's link.
     Link(LinkEvent),
-    /// Liveness check from the supervisor's watchdog.
-    Ping(RpcReplyPort<()>),
     /// Inject a fault (simulated link only).
     Fault(Fault, RpcReplyPort<Result<(), CmdError>>),
     /// Unlink the device, then stop.
@@ -68,6 +128,11 @@ pub struct SessionArgs {
     pub exit: ExitSlot,
     /// Bound on closing and logging out.
     pub shutdown_timeout: Duration,
+    /// Bound on the link's connect: past it the start is a crash.
+    pub connect_timeout: Duration,
+    /// Called once the link's connect has returned, whatever it returned (the
+    /// supervisor paces the sessions it resumes at boot by it).
+    pub started: Option<Box<dyn FnOnce() + Send>>,
 }
 
 /// The session actor (stateless; its state is `SessionActorState`).
@@ -85,9 +150,7 @@ impl SessionActorState {
     }
 
     fn exit_with(&self, myself: &ActorRef<SessionMsg>, exit: ChildExit) {
-        if let Ok(mut slot) = self.args.exit.lock() {
-            *slot = Some(exit);
-        }
+        self.args.exit.set_exit(exit);
         myself.stop(None);
     }
 
@@ -181,11 +244,24 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         state: &mut SessionActorState,
     ) -> Result<(), ActorProcessingErr> {
+        // Not a watchdog step: a start may wait its turn behind thousands (a boot, a burst
+        // of creates); it has its own, longer bound.
         let me = myself.clone();
         let sink = EventSink::new(move |ev| {
             let _ = me.cast(SessionMsg::Link(ev));
         });
-        match state.args.link.connect(state.args.spec.clone(), sink).await {
+        let connecting = state.args.link.connect(state.args.spec.clone(), sink);
+        let connected = tokio::time::timeout(state.args.connect_timeout, connecting).await;
+        if let Some(started) = state.args.started.take() {
+            started();
+        }
+        let connected = connected.unwrap_or_else(|_| {
+            Err(crate::link::LinkError::new(format!(
+                "the link did not connect within {} s",
+                state.args.connect_timeout.as_secs_f64()
+            )))
+        });
+        match connected {
             Ok(conn) => state.conn = Some(conn),
             Err(e) if e.lasting => state.exit_with(&myself, ChildExit::Broken(e.to_string())),
             Err(e) => return Err(e.into()),
@@ -199,10 +275,9 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         state: &mut SessionActorState,
     ) -> Result<(), ActorProcessingErr> {
+        let slot = state.args.exit.clone();
+        let _busy = slot.busy();
         match msg {
-            SessionMsg::Ping(reply) => {
-                let _ = reply.send(());
-            }
             SessionMsg::Link(event) => match event {
                 LinkEvent::Crashed { error } => return Err(error.into()),
                 LinkEvent::LoggedOut { reason } => {

@@ -90,6 +90,11 @@ struct TestLink {
     removed_when: Mutex<Vec<(String, Option<SessionState>)>>,
     /// Sessions whose connect emits no pairing code (a network that never answers).
     silent: Mutex<Vec<String>>,
+    /// How long each connect takes before it returns.
+    connect_delay: Mutex<Duration>,
+    /// Connects in progress now, and the most at once.
+    connecting: Arc<AtomicUsize>,
+    most_connecting: Arc<AtomicUsize>,
 }
 
 struct TestConn {
@@ -134,7 +139,15 @@ impl Link for TestLink {
     ) -> BoxFuture<'static, Result<Box<dyn Connection>, LinkError>> {
         self.connects.fetch_add(1, Ordering::SeqCst);
         let silent = self.silent.lock().unwrap().contains(&spec.user_id);
+        let delay = *self.connect_delay.lock().unwrap();
+        let (connecting, most) = (self.connecting.clone(), self.most_connecting.clone());
         Box::pin(async move {
+            let now = connecting.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(now, Ordering::SeqCst);
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            connecting.fetch_sub(1, Ordering::SeqCst);
             if !silent {
                 events.emit(LinkEvent::PairingCode(PairingCode {
                     code: "ABCD-1234".into(),
@@ -490,4 +503,105 @@ async fn shutdown_stops_every_child_and_keeps_desired_states() {
         );
     }
     assert!(matches!(h.create("w").await, Err(CmdError::Unavailable(_))));
+}
+
+/// A large boot flows through the link at the pace it connects: never more than
+/// `boot_batch` connects at once, however many sessions wait (all of them spawned at once
+/// used to wait their turn past the watchdog and be killed as hung).
+#[tokio::test(start_paused = true)]
+async fn boot_keeps_at_most_a_batch_of_connects_in_flight() {
+    let link = Arc::new(TestLink::default());
+    *link.connect_delay.lock().unwrap() = Duration::from_millis(150);
+    let store = Arc::new(MemStore::default());
+    let boot: Vec<SessionRecord> = (0..60)
+        .map(|i| {
+            let mut rec = SessionRecord::new(format!("b{i}"), "15550001111".into());
+            rec.state = SessionState::Online;
+            store.save(&rec);
+            rec
+        })
+        .collect();
+    let config = SupervisorConfig {
+        boot_batch: 4,
+        boot_interval: Duration::ZERO,
+        ..config()
+    };
+    let (_sup, _) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            config,
+            link: link.clone(),
+            persistence: store.clone(),
+            boot,
+        },
+    )
+    .await
+    .unwrap();
+    let online = || {
+        let rows = store.rows.lock().unwrap();
+        rows.values()
+            .filter(|r| r.state == SessionState::Online)
+            .count()
+    };
+    for _ in 0..1000 {
+        if online() == 60 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(online(), 60);
+    assert_eq!(link.most_connecting.load(Ordering::SeqCst), 4);
+    // Each connected once: nothing was killed for waiting (150 ms is past the 100 ms
+    // watchdog round and near the 200 ms call timeout; 15 rounds of 4 took 2.25 s).
+    assert_eq!(link.connects.load(Ordering::SeqCst), 60);
+    let restarted = store
+        .rows
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.restarts > 0)
+        .count();
+    assert_eq!(restarted, 0);
+}
+
+/// A connect slower than `call_timeout` is not a hang: the watchdog judges steps of a
+/// started session; a start has its own bound, `create_timeout`.
+#[tokio::test(start_paused = true)]
+async fn a_slow_connect_is_not_killed_by_the_watchdog_but_bounded_by_the_start_limit() {
+    let h = start(vec![]).await;
+    // 400 ms: past the call timeout (200 ms) and several watchdog rounds, within the
+    // create timeout (500 ms).
+    *h.link.connect_delay.lock().unwrap() = Duration::from_millis(400);
+    h.create("slow").await.unwrap();
+    let rec = h.wait_state("slow", SessionState::Online).await;
+    assert_eq!(rec.restarts, 0, "{rec:?}");
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), 1);
+    // Past the create timeout: the start is a crash, restarted under the policy, and the
+    // session fails once the budget is spent (each connect is as slow).
+    *h.link.connect_delay.lock().unwrap() = Duration::from_secs(5);
+    let id = "slow".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
+    let id = "slow".to_string();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Start {
+        user_id: id,
+        by: None,
+        reply
+    })
+    .unwrap()
+    .unwrap();
+    let rec = h.wait_state("slow", SessionState::Failed).await;
+    assert!(
+        rec.last_error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("did not connect within"),
+        "{rec:?}"
+    );
 }

@@ -272,11 +272,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_SHUTDOWN_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().shutdown_timeout))]
     pub shutdown_timeout: HumanDuration,
-    /// Time a session gets to answer a call; past it the API answers 503 and the session is restarted.
+    /// Time a session gets to answer a call, or may spend on one step; past it the API answers 503 and the session is restarted.
     #[arg(long, env = "BOTVISOR_CALL_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().call_timeout))]
     pub call_timeout: HumanDuration,
-    /// How often every session is pinged to find hung ones.
+    /// How often the watchdog looks for sessions stuck in one step for longer than --call-timeout.
     #[arg(long, env = "BOTVISOR_WATCHDOG_INTERVAL", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().watchdog_interval))]
     pub watchdog_interval: HumanDuration,
@@ -284,14 +284,15 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_CREATE_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().create_timeout))]
     pub create_timeout: HumanDuration,
-    /// Sessions resumed at start are started this many at a time (>= 1), so thousands of
+    /// Sessions resumed at start are started this many at a time (>= 1): at most this many
+    /// are connecting at once (the next start when one has connected), so thousands of
     /// WhatsApp sessions do not reconnect at once.
     #[arg(long, env = "BOTVISOR_BOOT_BATCH", value_name = "N",
           default_value_t = supervisor().boot_batch)]
     pub boot_batch: usize,
     /// Pause between those batches of sessions resumed at start, so thousands of WhatsApp
-    /// sessions do not reconnect at once; 0s starts the next batch at once (use it with the
-    /// simulated link).
+    /// sessions do not reconnect at once; 0s starts the next ones as soon as earlier ones
+    /// have connected (use it with the simulated link).
     #[arg(long, env = "BOTVISOR_BOOT_INTERVAL", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().boot_interval))]
     pub boot_interval: HumanDuration,

@@ -521,7 +521,7 @@ impl Server {
             v["lastError"]
                 .as_str()
                 .unwrap_or_default()
-                .contains("did not answer a watchdog ping"),
+                .contains("did not answer the watchdog's check"),
             "the probe must have been restarted by the watchdog: {v}"
         );
         assert!(

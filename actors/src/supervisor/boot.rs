@@ -43,14 +43,22 @@ impl SupervisorState {
                 interval = ?self.config.boot_interval,
                 "resuming running sessions"
             );
+            self.boot_scheduled = true;
             let _ = myself.cast(SupervisorMsg::BootNext);
         }
     }
 
-    /// Starts the next batch of resumed sessions and schedules the one after.
+    /// Starts resumed sessions while fewer than `boot_batch` of them are still connecting,
+    /// then schedules the next round. A round waits for a free slot and, when
+    /// `boot_interval` is set, that long: at most `boot_batch` starts are in flight, so a
+    /// large fleet flows through the link at the pace it connects, instead of every
+    /// session spawned at once and waiting its turn (at 100,000 sessions that wait
+    /// outlasted the watchdog and the start bound, and the restarts made the boot
+    /// superlinear).
     pub(super) async fn boot_next(&mut self, myself: &ActorRef<SupervisorMsg>) {
-        let mut started = 0;
-        while started < self.config.boot_batch.max(1) {
+        self.boot_scheduled = false;
+        let batch = self.config.boot_batch.max(1);
+        while self.booting.len() < batch && self.shutdown.is_none() {
             let Some(user_id) = self.boot_queue.pop_front() else {
                 break;
             };
@@ -60,19 +68,45 @@ impl SupervisorState {
                     && e.intent.is_none()
                     && e.restart_token.is_none()
             });
-            if ready && self.shutdown.is_none() {
+            if ready {
+                self.booting.insert(user_id.clone());
                 self.spawn_child(myself, &user_id).await;
-                started += 1;
+                // A spawn that failed is a crash, not a start in flight.
+                if self
+                    .sessions
+                    .get(&user_id)
+                    .is_some_and(|e| e.child.is_none())
+                {
+                    self.booting.remove(&user_id);
+                }
             }
         }
-        if self.boot_queue.is_empty() {
+        self.schedule_boot(myself);
+    }
+
+    /// Schedules the next boot round if sessions wait and a slot is free (a slot freed
+    /// later schedules it then).
+    fn schedule_boot(&mut self, myself: &ActorRef<SupervisorMsg>) {
+        if self.boot_scheduled
+            || self.boot_queue.is_empty()
+            || self.shutdown.is_some()
+            || self.booting.len() >= self.config.boot_batch.max(1)
+        {
             return;
         }
+        self.boot_scheduled = true;
         if self.config.boot_interval.is_zero() {
-            // No pause, but other messages (API commands) get their turn between batches.
+            // No pause, but other messages (API commands) get their turn between rounds.
             let _ = myself.cast(SupervisorMsg::BootNext);
         } else {
             myself.send_after(self.config.boot_interval, || SupervisorMsg::BootNext);
+        }
+    }
+
+    /// A session resumed at boot has connected (or is gone): its slot goes to the next.
+    pub(super) fn boot_slot_freed(&mut self, myself: &ActorRef<SupervisorMsg>, user_id: &str) {
+        if self.booting.remove(user_id) {
+            self.schedule_boot(myself);
         }
     }
 

@@ -85,7 +85,7 @@ impl SupervisorState {
         if entry.child.is_none() {
             entry.history.reset();
             entry.rec.restarts = 0;
-            self.boot_queue.retain(|u| u != user_id);
+            // (Still in the boot queue, it is skipped there: it has a child by then.)
             self.spawn_child(myself, user_id).await;
         } else {
             self.save(user_id);

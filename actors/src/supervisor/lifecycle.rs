@@ -1,7 +1,7 @@
 //! A session's life: spawn, crash and restart under the policy, exit (with or without an
 //! intent), removal, and the restore that runs while the child is gone.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ractor::{Actor, ActorId, ActorRef};
@@ -11,7 +11,9 @@ use crate::error::{CmdError, StorageError};
 use crate::link::{LinkEvent, SessionSpec};
 use crate::policy::Decision;
 use crate::record::{now_ms, Desired, SessionRecord, SessionState};
-use crate::session::{ChildExit, ExitSlot, Reporter, SessionActor, SessionArgs, SessionMsg};
+use crate::session::{
+    ChildExit, ChildSlot, ExitSlot, Reporter, SessionActor, SessionArgs, SessionMsg,
+};
 
 use super::entry::{Child, Intent};
 use super::messages::{Reply, RestoreFn, SupervisorMsg};
@@ -29,7 +31,7 @@ impl SupervisorState {
             user_id: entry.rec.user_id.clone(),
             phone_number: entry.rec.phone_number.clone(),
         };
-        let exit: ExitSlot = Arc::new(Mutex::new(None));
+        let exit: ExitSlot = ChildSlot::new();
         let sup = myself.clone();
         let uid = user_id.to_string();
         let report: Reporter = Arc::new(move |event: LinkEvent| {
@@ -39,12 +41,25 @@ impl SupervisorState {
                 event,
             });
         });
+        // A session resumed at boot holds a boot slot until its connect returns.
+        let started = self.booting.contains(user_id).then(|| {
+            let sup = myself.clone();
+            let uid = user_id.to_string();
+            Box::new(move || {
+                let _ = sup.cast(SupervisorMsg::ChildStarted {
+                    user_id: uid,
+                    incarnation,
+                });
+            }) as Box<dyn FnOnce() + Send>
+        });
         let args = SessionArgs {
             spec,
             link: self.link.clone(),
             report,
             exit: exit.clone(),
             shutdown_timeout: self.config.shutdown_timeout,
+            connect_timeout: self.config.create_timeout,
+            started,
         };
         match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
             Ok((actor, _join)) => {
@@ -147,7 +162,6 @@ impl SupervisorState {
     /// Forgets a session: its record (and what the store keeps for it) and its link data.
     pub(super) fn remove_session(&mut self, user_id: &str) -> Result<(), CmdError> {
         let by = self.sessions.remove(user_id).and_then(|e| e.rec.by);
-        self.boot_queue.retain(|u| u != user_id);
         self.persistence.delete(user_id, by.as_deref());
         self.link
             .remove_data(user_id)
@@ -198,16 +212,14 @@ impl SupervisorState {
         let Some(user_id) = self.children.remove(&id) else {
             return;
         };
+        self.boot_slot_freed(myself, &user_id);
         let Some(entry) = self.sessions.get_mut(&user_id) else {
             return;
         };
         if entry.child.as_ref().map(|c| c.actor.get_id()) != Some(id) {
             return;
         }
-        let exit = entry
-            .child
-            .as_ref()
-            .and_then(|c| c.exit.lock().ok().and_then(|mut s| s.take()));
+        let exit = entry.child.as_ref().and_then(|c| c.exit.take_exit());
         let intent = entry.intent.take();
         if !matches!(intent, Some(Intent::Hung(_)) | None) {
             entry.child = None;

@@ -189,8 +189,15 @@ pub enum SupervisorMsg {
         /// The commit's outcome; `None`: wait for the next commit.
         committed: Option<Result<(), crate::error::StorageError>>,
     },
-    /// Ping every live child.
+    /// Look for children stuck in one step.
     Watchdog,
+    /// A child's link connect returned (sent only for sessions resumed at boot).
+    ChildStarted {
+        /// Which.
+        user_id: String,
+        /// Its incarnation.
+        incarnation: u64,
+    },
     /// Start the next batch of sessions restored at boot.
     BootNext,
     /// Stop every session (desired states untouched); answered when all are gone.

@@ -22,7 +22,7 @@ mod link_events;
 pub mod messages;
 mod watchdog;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -60,6 +60,10 @@ pub struct SupervisorState {
     next_token: u64,
     jitter: Jitter,
     boot_queue: VecDeque<String>,
+    /// Sessions resumed at boot whose link has not connected yet (at most `boot_batch`).
+    booting: HashSet<String>,
+    /// A `BootNext` is on its way.
+    boot_scheduled: bool,
     shutdown: Option<Vec<RpcReplyPort<()>>>,
 }
 
@@ -264,6 +268,15 @@ impl SupervisorState {
                 incarnation,
             } => self.kill_deadline(&user_id, incarnation),
             SupervisorMsg::Watchdog => self.watchdog(myself),
+            SupervisorMsg::ChildStarted {
+                user_id,
+                incarnation,
+            } => {
+                let current = self.sessions.get(&user_id).and_then(|e| e.child.as_ref());
+                if current.is_some_and(|c| c.incarnation == incarnation) {
+                    self.boot_slot_freed(myself, &user_id);
+                }
+            }
             SupervisorMsg::BootNext => self.boot_next(myself).await,
             SupervisorMsg::Shutdown(reply) => self.begin_shutdown(myself, reply),
         }
@@ -294,6 +307,8 @@ impl Actor for Supervisor {
             next_token: 0,
             jitter,
             boot_queue: VecDeque::new(),
+            booting: HashSet::new(),
+            boot_scheduled: false,
             shutdown: None,
         };
         state.boot(&myself, args.boot);
