@@ -257,6 +257,38 @@ impl Harness {
     }
 }
 
+/// Boots a supervisor over `ids` stored as `online` (as a kill -9 leaves them), with
+/// `config`; returns the store and the supervisor.
+async fn boot_stored_online(
+    link: &Arc<TestLink>,
+    ids: &[String],
+    config: SupervisorConfig,
+) -> (Arc<MemStore>, ActorRef<SupervisorMsg>) {
+    let store = Arc::new(MemStore::default());
+    let boot: Vec<SessionRecord> = ids
+        .iter()
+        .map(|id| {
+            let mut rec = SessionRecord::new(id.clone(), "15550001111".into());
+            rec.state = SessionState::Online;
+            store.save(&rec);
+            rec
+        })
+        .collect();
+    let (sup, _) = Actor::spawn(
+        None,
+        Supervisor,
+        SupervisorArgs {
+            config,
+            link: link.clone(),
+            persistence: store.clone(),
+            boot,
+        },
+    )
+    .await
+    .unwrap();
+    (store, sup)
+}
+
 #[tokio::test]
 async fn create_answers_with_the_first_pairing_code_and_goes_online() {
     let h = start(vec![]).await;
@@ -431,34 +463,14 @@ async fn boot_resumes_running_sessions_but_not_failed_or_stopped_ones() {
 #[tokio::test(start_paused = true)]
 async fn boot_publishes_the_true_state_not_the_stale_stored_one() {
     let link = Arc::new(TestLink::default());
-    let store = Arc::new(MemStore::default());
-    let boot: Vec<SessionRecord> = ["first", "queued"]
-        .iter()
-        .map(|id| {
-            let mut rec = SessionRecord::new(id.to_string(), "15550001111".into());
-            rec.state = SessionState::Online;
-            store.save(&rec);
-            rec
-        })
-        .collect();
     // One session per boot batch, and a long pause: "queued" waits for its turn.
     let config = SupervisorConfig {
         boot_batch: 1,
         boot_interval: Duration::from_secs(60),
         ..config()
     };
-    let (_sup, _) = Actor::spawn(
-        None,
-        Supervisor,
-        SupervisorArgs {
-            config,
-            link: link.clone(),
-            persistence: store.clone(),
-            boot,
-        },
-    )
-    .await
-    .unwrap();
+    let ids = ["first".to_string(), "queued".to_string()];
+    let (store, _sup) = boot_stored_online(&link, &ids, config).await;
     // The first batch has run: "first" was started again and is back online...
     let restarted = || {
         let states = store.states_since(0, "first");
@@ -512,32 +524,13 @@ async fn shutdown_stops_every_child_and_keeps_desired_states() {
 async fn boot_keeps_at_most_a_batch_of_connects_in_flight() {
     let link = Arc::new(TestLink::default());
     *link.connect_delay.lock().unwrap() = Duration::from_millis(150);
-    let store = Arc::new(MemStore::default());
-    let boot: Vec<SessionRecord> = (0..60)
-        .map(|i| {
-            let mut rec = SessionRecord::new(format!("b{i}"), "15550001111".into());
-            rec.state = SessionState::Online;
-            store.save(&rec);
-            rec
-        })
-        .collect();
     let config = SupervisorConfig {
         boot_batch: 4,
         boot_interval: Duration::ZERO,
         ..config()
     };
-    let (_sup, _) = Actor::spawn(
-        None,
-        Supervisor,
-        SupervisorArgs {
-            config,
-            link: link.clone(),
-            persistence: store.clone(),
-            boot,
-        },
-    )
-    .await
-    .unwrap();
+    let ids: Vec<String> = (0..60).map(|i| format!("b{i}")).collect();
+    let (store, _sup) = boot_stored_online(&link, &ids, config).await;
     let online = || {
         let rows = store.rows.lock().unwrap();
         rows.values()
