@@ -231,6 +231,24 @@ impl Harness {
         })
         .unwrap()
     }
+    async fn stop(&self, id: &str) -> Result<(), CmdError> {
+        let id = id.to_string();
+        ractor::call!(self.sup, |reply| SupervisorMsg::Stop {
+            user_id: id,
+            by: None,
+            reply
+        })
+        .unwrap()
+    }
+    async fn start_again(&self, id: &str) -> Result<SessionRecord, CmdError> {
+        let id = id.to_string();
+        ractor::call!(self.sup, |reply| SupervisorMsg::Start {
+            user_id: id,
+            by: None,
+            reply
+        })
+        .unwrap()
+    }
     async fn get(&self, id: &str) -> Result<SessionRecord, CmdError> {
         let id = id.to_string();
         ractor::call!(self.sup, |reply| SupervisorMsg::Get { user_id: id, reply }).unwrap()
@@ -337,14 +355,7 @@ async fn too_many_crashes_fail_one_session_and_leave_the_others_alone() {
     assert_eq!(h.link.connects.load(Ordering::SeqCst), 1 + 3);
     assert_eq!(h.get("good").await.unwrap().state, SessionState::Online);
     // A user's start gives it a fresh budget.
-    let id = "bad".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Start {
-        user_id: id,
-        by: None,
-        reply
-    })
-    .unwrap()
-    .unwrap();
+    h.start_again("bad").await.unwrap();
     let rec = h.wait_state("bad", SessionState::Online).await;
     assert_eq!(rec.restarts, 0);
 }
@@ -388,14 +399,7 @@ async fn stop_and_delete_are_answered_after_the_child_is_gone() {
     let h = start(vec![]).await;
     h.create("s").await.unwrap();
     h.wait_state("s", SessionState::Online).await;
-    let id = "s".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
-        user_id: id,
-        by: None,
-        reply
-    })
-    .unwrap()
-    .unwrap();
+    h.stop("s").await.unwrap();
     let rec = h.get("s").await.unwrap();
     assert_eq!(
         (rec.state, rec.desired),
@@ -423,14 +427,7 @@ async fn stop_of_a_hung_session_kills_it_after_the_shutdown_timeout() {
     h.create("hs").await.unwrap();
     h.wait_state("hs", SessionState::Online).await;
     h.fault("hs", Fault::Hang).await.unwrap();
-    let id = "hs".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
-        user_id: id,
-        by: None,
-        reply
-    })
-    .unwrap()
-    .unwrap();
+    h.stop("hs").await.unwrap();
     assert_eq!(h.get("hs").await.unwrap().state, SessionState::Stopped);
 }
 
@@ -573,22 +570,8 @@ async fn a_slow_connect_is_not_killed_by_the_watchdog_but_bounded_by_the_start_l
     // Past the create timeout: the start is a crash, restarted under the policy, and the
     // session fails once the budget is spent (each connect is as slow).
     *h.link.connect_delay.lock().unwrap() = Duration::from_secs(5);
-    let id = "slow".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Stop {
-        user_id: id,
-        by: None,
-        reply
-    })
-    .unwrap()
-    .unwrap();
-    let id = "slow".to_string();
-    ractor::call!(h.sup, |reply| SupervisorMsg::Start {
-        user_id: id,
-        by: None,
-        reply
-    })
-    .unwrap()
-    .unwrap();
+    h.stop("slow").await.unwrap();
+    h.start_again("slow").await.unwrap();
     let rec = h.wait_state("slow", SessionState::Failed).await;
     assert!(
         rec.last_error
