@@ -34,12 +34,12 @@ pub enum ChildExit {
 }
 
 /// What a session actor shares with its supervisor: why it stopped by itself, and since
-/// when it has been busy with one step (starting, or one message). The watchdog reads
+/// when it has been busy with one message. The watchdog reads
 /// the latter without waking the actor, so an idle fleet costs it nothing per session.
 pub struct ChildSlot {
     exit: Mutex<Option<ChildExit>>,
     born: Instant,
-    /// Milliseconds from `born` to the start of the current step, plus one; 0: idle.
+    /// Milliseconds from `born` to the start of the current message, plus one; 0: idle.
     busy_since: AtomicU64,
 }
 
@@ -74,7 +74,7 @@ impl ChildSlot {
         Busy(self)
     }
 
-    /// How long the current step has run, if the actor is in one.
+    /// How long the current message has been handled, if the actor is in one.
     pub fn busy_for(&self, now: Instant) -> Option<Duration> {
         match self.busy_since.load(Ordering::Relaxed) {
             0 => None,
@@ -86,7 +86,7 @@ impl ChildSlot {
     }
 }
 
-/// An actor's step in progress (see [`ChildSlot::busy`]).
+/// A message being handled (see [`ChildSlot::busy`]).
 struct Busy<'a>(&'a ChildSlot);
 
 impl Drop for Busy<'_> {
@@ -244,7 +244,7 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         state: &mut SessionActorState,
     ) -> Result<(), ActorProcessingErr> {
-        // Not a watchdog step: a start may wait its turn behind thousands (a boot, a burst
+        // Not judged by the watchdog: a start may wait its turn behind thousands (a boot, a burst
         // of creates); it has its own, longer bound.
         let me = myself.clone();
         let sink = EventSink::new(move |ev| {

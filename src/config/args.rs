@@ -272,11 +272,11 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_SHUTDOWN_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().shutdown_timeout))]
     pub shutdown_timeout: HumanDuration,
-    /// Time a session gets to answer a call, or may spend on one step; past it the API answers 503 and the session is restarted.
+    /// Time a session gets to answer a call, or may spend on one message; past it the API answers 503 and the session is restarted.
     #[arg(long, env = "BOTVISOR_CALL_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().call_timeout))]
     pub call_timeout: HumanDuration,
-    /// How often the watchdog looks for sessions stuck in one step for longer than --call-timeout.
+    /// How often the watchdog looks for sessions stuck in one message for longer than --call-timeout.
     #[arg(long, env = "BOTVISOR_WATCHDOG_INTERVAL", value_name = "DURATION",
           value_parser = parse_duration, default_value_t = HumanDuration(supervisor().watchdog_interval))]
     pub watchdog_interval: HumanDuration,

@@ -11,10 +11,10 @@ pub struct SupervisorConfig {
     pub policy: RestartPolicy,
     /// How long a session gets to close before it is killed.
     pub shutdown_timeout: Duration,
-    /// How long a session gets to answer a call (a fault), or may spend on one step
+    /// How long a session gets to answer a call (a fault), or may spend on one message
     /// before the watchdog kills it.
     pub call_timeout: Duration,
-    /// How often the watchdog looks for sessions stuck in one step.
+    /// How often the watchdog looks for sessions stuck in one message.
     pub watchdog_interval: Duration,
     /// How long a create waits for the first pairing code before it is rolled back.
     pub create_timeout: Duration,

@@ -189,7 +189,7 @@ pub enum SupervisorMsg {
         /// The commit's outcome; `None`: wait for the next commit.
         committed: Option<Result<(), crate::error::StorageError>>,
     },
-    /// Look for children stuck in one step.
+    /// Look for children stuck in one message.
     Watchdog,
     /// A child's link connect returned (sent only for sessions resumed at boot).
     ChildStarted {
