@@ -34,8 +34,8 @@ pub enum ChildExit {
 }
 
 /// What a session actor shares with its supervisor: why it stopped by itself, and since
-/// when it has been busy with one message. The watchdog reads
-/// the latter without waking the actor, so an idle fleet costs it nothing per session.
+/// when it has been busy with one message. The watchdog reads the latter without waking
+/// the actor, so an idle fleet costs it nothing per session.
 pub struct ChildSlot {
     exit: Mutex<Option<ChildExit>>,
     born: Instant,
@@ -244,8 +244,8 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         state: &mut SessionActorState,
     ) -> Result<(), ActorProcessingErr> {
-        // Not judged by the watchdog: a start may wait its turn behind thousands (a boot, a burst
-        // of creates); it has its own, longer bound.
+        // Not judged by the watchdog: a start may wait its turn behind thousands (a boot,
+        // a burst of creates); it has its own, longer bound.
         let me = myself.clone();
         let sink = EventSink::new(move |ev| {
             let _ = me.cast(SessionMsg::Link(ev));
