@@ -43,12 +43,9 @@ pub struct ChildSlot {
     busy_since: AtomicU64,
 }
 
-/// Shared slot of one incarnation (see [`ChildSlot`]).
-pub type ExitSlot = Arc<ChildSlot>;
-
 impl ChildSlot {
     /// A slot for a new incarnation, idle, no exit reason.
-    pub fn new() -> ExitSlot {
+    pub fn new() -> Arc<ChildSlot> {
         Arc::new(ChildSlot {
             exit: Mutex::new(None),
             born: Instant::now(),
@@ -124,8 +121,8 @@ pub struct SessionArgs {
     pub link: Arc<dyn Link>,
     /// Where to report.
     pub report: Reporter,
-    /// Where to leave the exit reason.
-    pub exit: ExitSlot,
+    /// Where to leave the exit reason and the busy mark.
+    pub slot: Arc<ChildSlot>,
     /// Bound on closing and logging out.
     pub shutdown_timeout: Duration,
     /// Bound on the link's connect: past it the start is a crash.
@@ -150,7 +147,7 @@ impl SessionActorState {
     }
 
     fn exit_with(&self, myself: &ActorRef<SessionMsg>, exit: ChildExit) {
-        self.args.exit.set_exit(exit);
+        self.args.slot.set_exit(exit);
         myself.stop(None);
     }
 
@@ -275,7 +272,7 @@ impl Actor for SessionActor {
         msg: SessionMsg,
         state: &mut SessionActorState,
     ) -> Result<(), ActorProcessingErr> {
-        let slot = state.args.exit.clone();
+        let slot = state.args.slot.clone();
         let _busy = slot.busy();
         match msg {
             SessionMsg::Link(event) => match event {

@@ -57,8 +57,7 @@ impl SupervisorState {
     /// superlinear).
     pub(super) async fn boot_next(&mut self, myself: &ActorRef<SupervisorMsg>) {
         self.boot_scheduled = false;
-        let batch = self.config.boot_batch.max(1);
-        while self.booting.len() < batch && self.shutdown.is_none() {
+        while self.boot_slot_free() && self.shutdown.is_none() {
             let Some(user_id) = self.boot_queue.pop_front() else {
                 break;
             };
@@ -90,7 +89,7 @@ impl SupervisorState {
         if self.boot_scheduled
             || self.boot_queue.is_empty()
             || self.shutdown.is_some()
-            || self.booting.len() >= self.config.boot_batch.max(1)
+            || !self.boot_slot_free()
         {
             return;
         }
@@ -100,6 +99,24 @@ impl SupervisorState {
             let _ = myself.cast(SupervisorMsg::BootNext);
         } else {
             myself.send_after(self.config.boot_interval, || SupervisorMsg::BootNext);
+        }
+    }
+
+    /// Fewer than `boot_batch` resumed sessions are connecting.
+    fn boot_slot_free(&self) -> bool {
+        self.booting.len() < self.config.boot_batch.max(1)
+    }
+
+    /// A child's connect returned: if it is still that incarnation, its boot slot is free.
+    pub(super) fn child_started(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        user_id: &str,
+        incarnation: u64,
+    ) {
+        let current = self.sessions.get(user_id).and_then(|e| e.child.as_ref());
+        if current.is_some_and(|c| c.incarnation == incarnation) {
+            self.boot_slot_freed(myself, user_id);
         }
     }
 

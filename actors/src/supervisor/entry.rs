@@ -7,7 +7,7 @@ use tokio::time::Instant;
 use crate::error::CmdError;
 use crate::policy::RestartHistory;
 use crate::record::SessionRecord;
-use crate::session::{ExitSlot, SessionMsg};
+use crate::session::{ChildSlot, SessionMsg};
 
 use super::messages::{Reply, RestoreFn};
 
@@ -16,7 +16,7 @@ pub(super) struct Child {
     pub actor: ActorRef<SessionMsg>,
     pub incarnation: u64,
     pub started: Instant,
-    pub exit: ExitSlot,
+    pub slot: std::sync::Arc<ChildSlot>,
 }
 
 /// A command waiting for the child to exit (or for off-supervisor work) to finish.

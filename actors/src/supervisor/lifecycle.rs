@@ -11,9 +11,7 @@ use crate::error::{CmdError, StorageError};
 use crate::link::{LinkEvent, SessionSpec};
 use crate::policy::Decision;
 use crate::record::{now_ms, Desired, SessionRecord, SessionState};
-use crate::session::{
-    ChildExit, ChildSlot, ExitSlot, Reporter, SessionActor, SessionArgs, SessionMsg,
-};
+use crate::session::{ChildExit, ChildSlot, Reporter, SessionActor, SessionArgs, SessionMsg};
 
 use super::entry::{Child, Intent};
 use super::messages::{Reply, RestoreFn, SupervisorMsg};
@@ -31,7 +29,7 @@ impl SupervisorState {
             user_id: entry.rec.user_id.clone(),
             phone_number: entry.rec.phone_number.clone(),
         };
-        let exit: ExitSlot = ChildSlot::new();
+        let slot = ChildSlot::new();
         let sup = myself.clone();
         let uid = user_id.to_string();
         let report: Reporter = Arc::new(move |event: LinkEvent| {
@@ -56,7 +54,7 @@ impl SupervisorState {
             spec,
             link: self.link.clone(),
             report,
-            exit: exit.clone(),
+            slot: slot.clone(),
             shutdown_timeout: self.config.shutdown_timeout,
             connect_timeout: self.config.create_timeout,
             started,
@@ -68,7 +66,7 @@ impl SupervisorState {
                     actor,
                     incarnation,
                     started: Instant::now(),
-                    exit,
+                    slot,
                 });
                 tracing::debug!(%user_id, incarnation, "session started");
                 self.set_state(user_id, SessionState::Starting);
@@ -219,7 +217,7 @@ impl SupervisorState {
         if entry.child.as_ref().map(|c| c.actor.get_id()) != Some(id) {
             return;
         }
-        let exit = entry.child.as_ref().and_then(|c| c.exit.take_exit());
+        let exit = entry.child.as_ref().and_then(|c| c.slot.take_exit());
         let intent = entry.intent.take();
         if !matches!(intent, Some(Intent::Hung(_)) | None) {
             entry.child = None;

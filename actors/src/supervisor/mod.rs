@@ -271,12 +271,7 @@ impl SupervisorState {
             SupervisorMsg::ChildStarted {
                 user_id,
                 incarnation,
-            } => {
-                let current = self.sessions.get(&user_id).and_then(|e| e.child.as_ref());
-                if current.is_some_and(|c| c.incarnation == incarnation) {
-                    self.boot_slot_freed(myself, &user_id);
-                }
-            }
+            } => self.child_started(myself, &user_id, incarnation),
             SupervisorMsg::BootNext => self.boot_next(myself).await,
             SupervisorMsg::Shutdown(reply) => self.begin_shutdown(myself, reply),
         }

@@ -21,7 +21,7 @@ impl SupervisorState {
             .filter(|(_, entry)| entry.intent.is_none())
             .filter_map(|(user_id, entry)| {
                 let child = entry.child.as_ref()?;
-                let busy = child.exit.busy_for(now)?;
+                let busy = child.slot.busy_for(now)?;
                 (busy > limit).then(|| (user_id.clone(), child.incarnation))
             })
             .collect();
