@@ -114,21 +114,25 @@ fn invite_code() -> String {
         .collect()
 }
 
+impl SimGroup {
+    /// Whether the account `me` is in the group.
+    fn has(&self, me: &str) -> bool {
+        self.info.participants.iter().any(|p| p.jid == me)
+    }
+}
+
 /// Group `group`, when the account `me` is in it.
 fn joined<'a>(
     groups: &'a mut HashMap<String, SimGroup>,
     me: &str,
     group: &str,
 ) -> Result<&'a mut SimGroup, LinkError> {
-    groups
-        .get_mut(group)
-        .filter(|g| g.info.participants.iter().any(|p| p.jid == me))
-        .ok_or_else(|| {
-            LinkError::refused(
-                botvisor_actors::Refusal::NotFound,
-                format!("The session's account is not in group {group}"),
-            )
-        })
+    groups.get_mut(group).filter(|g| g.has(me)).ok_or_else(|| {
+        LinkError::refused(
+            botvisor_actors::Refusal::NotFound,
+            format!("The session's account is not in group {group}"),
+        )
+    })
 }
 
 impl Network {
@@ -138,7 +142,6 @@ impl Network {
         use botvisor_actors::Refusal;
         use botvisor_actors::{GroupMember, GroupOp, ParticipantAction, ParticipantChange};
         let mut groups = self.groups.lock().unwrap_or_else(|p| p.into_inner());
-        let member = |g: &SimGroup| g.info.participants.iter().any(|p| p.jid == me);
         let admin = |g: &SimGroup| {
             g.info
                 .participants
@@ -155,7 +158,7 @@ impl Network {
             GroupOp::List => {
                 let mine = groups
                     .values()
-                    .filter(|g| member(g))
+                    .filter(|g| g.has(me))
                     .map(|g| g.info.clone())
                     .collect();
                 Ok(Done::Groups(mine))
@@ -288,7 +291,7 @@ impl Network {
                             "No group has this invite code (revoked?)",
                         )
                     })?;
-                if !g.info.participants.iter().any(|p| p.jid == me) {
+                if !g.has(me) {
                     g.info.participants.push(GroupMember {
                         jid: me.to_string(),
                         admin: false,
@@ -567,21 +570,14 @@ fn read_creds(path: &Path) -> Result<Creds, StoreFailure> {
         return Ok(creds);
     }
     let conn = open_creds(path)?;
-    let mut stmt = conn.prepare("SELECT key, value FROM sim_credentials")?;
-    let rows: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .and_then(|rows| rows.collect())?;
-    let value = |key: &str| rows.iter().find(|(k, _)| k == key).map(|(_, v)| v.clone());
-    if value("identity").is_none() {
+    let (creds, identity) = creds_in(&conn)?;
+    if !identity {
         conn.execute(
             "INSERT OR IGNORE INTO sim_credentials (key, value) VALUES ('identity', ?1)",
             params![format!("{:016x}{:016x}", random_u64(), random_u64())],
         )?;
     }
-    Ok(Creds {
-        paired: value("paired").is_some(),
-        name: value("name"),
-    })
+    Ok(creds)
 }
 
 /// The credentials of a session that has them, read without writing anything (read-only,
@@ -591,22 +587,25 @@ fn read_known_creds(path: &Path) -> Option<Creds> {
     let flags =
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).ok()?;
-    let mut stmt = conn
-        .prepare("SELECT key, value FROM sim_credentials")
-        .ok()?;
-    let mut creds = Creds::default();
-    let mut identity = false;
-    let mut rows = stmt.query([]).ok()?;
-    while let Some(row) = rows.next().ok()? {
-        let key: String = row.get(0).ok()?;
+    let (creds, identity) = creds_in(&conn).ok()?;
+    identity.then_some(creds)
+}
+
+/// The credentials in an open store, and whether it holds an identity yet.
+fn creds_in(conn: &Connection) -> rusqlite::Result<(Creds, bool)> {
+    let mut stmt = conn.prepare("SELECT key, value FROM sim_credentials")?;
+    let mut rows = stmt.query([])?;
+    let (mut creds, mut identity) = (Creds::default(), false);
+    while let Some(row) = rows.next()? {
+        let (key, value): (String, String) = (row.get(0)?, row.get(1)?);
         match key.as_str() {
             "identity" => identity = true,
             "paired" => creds.paired = true,
-            "name" => creds.name = row.get(1).ok(),
+            "name" => creds.name = Some(value),
             _ => {}
         }
     }
-    identity.then_some(creds)
+    Ok((creds, identity))
 }
 
 /// Records that the phone paired.
