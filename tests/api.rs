@@ -1004,12 +1004,7 @@ fn messages_are_reacted_to_edited_revoked_and_answered_by_id() {
         .error(409);
     assert!(msg.contains("only its own messages can be edited"), "{msg}");
     let msg = s
-        .req(
-            "DELETE",
-            &format!("/api/sessions/ra/messages/{theirs}"),
-            None,
-            &[],
-        )
+        .delete(&format!("/api/sessions/ra/messages/{theirs}"))
         .error(409);
     assert!(
         msg.contains("only its own messages can be revoked"),
@@ -1077,12 +1072,7 @@ fn messages_are_reacted_to_edited_revoked_and_answered_by_id() {
     s.kill9();
     let s = Server::start_in(tmp.path(), &flags);
     s.wait_state("ra", "online");
-    let r = s.req(
-        "DELETE",
-        &format!("/api/sessions/ra/messages/{mine}"),
-        None,
-        &[],
-    );
+    let r = s.delete(&format!("/api/sessions/ra/messages/{mine}"));
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["message"], "Message revoked");
     let r = s.post(

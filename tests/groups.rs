@@ -125,12 +125,7 @@ fn a_group_is_made_changed_joined_and_left() {
         .json();
     let link = invite["inviteLink"].as_str().unwrap().to_string();
     assert!(link.starts_with("https://chat.whatsapp.com/"), "{invite}");
-    let r = s.req(
-        "DELETE",
-        &format!("/api/sessions/g_a/groups/{group}/invite"),
-        None,
-        &[],
-    );
+    let r = s.delete(&format!("/api/sessions/g_a/groups/{group}/invite"));
     assert_eq!(r.status, 200, "{}", r.body);
     let fresh = r.json()["inviteLink"].as_str().unwrap().to_string();
     assert_ne!(fresh, link);

@@ -1743,12 +1743,7 @@ fn reactions_replies_edits_and_revokes_reach_whatsapp() {
     wait_until(15, "the peer decrypts the edit", || {
         abouts(&peer, &mine).contains(&format!("edit {mine}: second text"))
     });
-    let r = s.req(
-        "DELETE",
-        &format!("/api/sessions/wa_react/messages/{mine}"),
-        None,
-        &[],
-    );
+    let r = s.delete(&format!("/api/sessions/wa_react/messages/{mine}"));
     assert_eq!(r.status, 200, "{}", r.body);
     wait_until(15, "the peer decrypts the revoke", || {
         abouts(&peer, &mine).contains(&format!("revoke {mine}"))
@@ -2146,12 +2141,7 @@ fn real_link_groups_are_managed_end_to_end_through_whatsapps_queries() {
         .json();
     let first = invite["code"].as_str().unwrap().to_string();
     assert!(!first.is_empty(), "{invite}");
-    let r = s.req(
-        "DELETE",
-        &format!("/api/sessions/wa_grp/groups/{group}/invite"),
-        None,
-        &[],
-    );
+    let r = s.delete(&format!("/api/sessions/wa_grp/groups/{group}/invite"));
     assert_eq!(r.status, 200, "{}", r.body);
     let link = r.json()["inviteLink"].as_str().unwrap().to_string();
     assert!(!link.ends_with(&first), "a new code: {link}");

@@ -426,6 +426,10 @@ impl Server {
         self.req("POST", path, body, &[])
     }
 
+    pub fn delete(&self, path: &str) -> Resp {
+        self.req("DELETE", path, None, &[])
+    }
+
     pub fn create(&self, user_id: &str, phone: &str) -> Resp {
         self.post(
             "/api/sessions",
