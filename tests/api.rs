@@ -737,6 +737,78 @@ fn a_number_check_answers_each_number_in_order() {
     );
 }
 
+/// A contact's profile on the simulated link: the JID and the push name the contact's
+/// messages gave (under its phone and its JID alike), nothing else; a bad contact id or a
+/// bad push name is a 400, a session that is not online a 409.
+#[test]
+fn a_profile_names_the_push_name_a_contact_gave() {
+    let s = Server::start(&["--sim-pair-delay", "50ms"]);
+    assert_eq!(s.create("prof", "15550001111").status, 201);
+    s.wait_state("prof", "online");
+    let r = s.get("/api/sessions/prof/contacts/15557654321/profile");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        serde_json::json!({"success": true, "userId": "prof", "profile": {
+            "jid": "15557654321@s.whatsapp.net", "lid": null, "pushName": null, "about": null,
+            "pictureId": null, "pictureUrl": null, "isBusiness": false}})
+    );
+    let r = s.post(
+        "/api/sim/prof/inbound",
+        Some(r#"{"from":"15557654321","text":"hi","pushName":"Zoë 🌻"}"#),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for contact in [
+        "15557654321",
+        "15557654321@s.whatsapp.net",
+        "15557654321%40s.whatsapp.net",
+    ] {
+        let r = s.get(&format!("/api/sessions/prof/contacts/{contact}/profile"));
+        assert_eq!(r.status, 200, "{contact}: {}", r.body);
+        assert_eq!(r.json()["profile"]["pushName"], "Zoë 🌻", "{contact}");
+    }
+    // Another session's contacts are its own.
+    assert_eq!(s.create("prof2", "15550002222").status, 201);
+    s.wait_state("prof2", "online");
+    let r = s.get("/api/sessions/prof2/contacts/15557654321/profile");
+    assert!(r.json()["profile"]["pushName"].is_null(), "{}", r.body);
+
+    for bad in [
+        "120363000000000001@g.us",
+        "abc",
+        "1555:1@s.whatsapp.net",
+        "12",
+    ] {
+        let msg = s
+            .get(&format!("/api/sessions/prof/contacts/{bad}/profile"))
+            .error(400);
+        assert!(msg.contains("contactId must be"), "{bad}: {msg}");
+    }
+    for name in [
+        r#""""#,
+        r#""   ""#,
+        "42",
+        r#""a\u0000b""#,
+        &format!("\"{}\"", "x".repeat(101)),
+    ] {
+        let body = format!(r#"{{"from":"15557654321","text":"hi","pushName":{name}}}"#);
+        let msg = s.post("/api/sim/prof/inbound", Some(&body)).error(400);
+        assert!(msg.contains("pushName must be"), "{name}: {msg}");
+    }
+    assert!(s
+        .get("/api/sessions/nobody/contacts/15557654321/profile")
+        .error(404)
+        .contains("not found"));
+    assert_eq!(s.post("/api/sessions/prof/stop", None).status, 200);
+    let msg = s
+        .get("/api/sessions/prof/contacts/15557654321/profile")
+        .error(409);
+    assert!(
+        msg.contains("profiles can be read only from an online session"),
+        "{msg}"
+    );
+}
+
 /// Read receipts and chat presence on the simulated link: taken when online, the chat
 /// given as digits or a JID (its `@` percent-encoded or not); bad shapes are 400s.
 #[test]

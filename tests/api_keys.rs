@@ -72,6 +72,7 @@ fn concrete(path: &str, session: &str) -> String {
     path.replace(":id", session)
         .replace(":messageId", "3EB0000000000000")
         .replace(":chatId", "15550001111")
+        .replace(":contactId", "15550001111")
         .replace(":eventId", "evt_0000")
         .replace(":keyId", "0000000000000000")
         .replace(":groupId", "120363000000000001")

@@ -28,6 +28,7 @@ fn openapi_path(path: &str) -> String {
     path.replace(":id", "{userId}")
         .replace(":eventId", "{eventId}")
         .replace(":chatId", "{chatId}")
+        .replace(":contactId", "{contactId}")
         .replace(":messageId", "{messageId}")
         .replace(":keyId", "{keyId}")
         .replace(":groupId", "{groupId}")
@@ -125,6 +126,7 @@ fn every_route_is_documented_and_every_operation_is_a_route() {
                 "chatId" => {
                     r"^([0-9]{7,15}|[0-9:.-]{1,64}(@|%40)(s\.whatsapp\.net|g\.us|lid|newsletter))$"
                 }
+                "contactId" => r"^([0-9]{7,15}|[0-9]{1,64}(@|%40)(s\.whatsapp\.net|lid))$",
                 "messageId" => "^[A-Za-z0-9]{1,128}$",
                 "groupId" => r"^[0-9]{1,32}(-[0-9]{1,32})?((@|%40)g\.us)?$",
                 _ => "^[A-Za-z0-9_-]{1,64}$",

@@ -1592,6 +1592,131 @@ fn a_number_check_asks_whatsapp_which_numbers_have_an_account() {
     assert!(results[1]["jid"].is_null());
 }
 
+/// A sender WhatsApp names by its LID alone is reported by its phone JID once a mapping
+/// is known: before the number check the event says only the LID; the check's answer
+/// (the peer's usync `lid`) is kept in the session's key store by the client, and the next
+/// message from that LID says `from` = the phone JID, `fromLid` = the LID. A send to the
+/// LID reaches the same account (one Signal identity for both names).
+#[test]
+fn a_lid_sender_is_reported_by_its_phone_once_a_number_check_gave_the_mapping() {
+    let (peer, s, got) = online_with_webhook("wa_lid");
+    let phone = "15550002222";
+    let lid = format!("{}@lid", botvisor_wa_peer::lid_of(phone));
+    let received = |id: &str| -> Option<serde_json::Value> {
+        got_all(&got)
+            .into_iter()
+            .find(|v| v["event"] == "message.received" && v["data"]["messageId"] == id)
+    };
+    peer.command(Command::Send {
+        from: lid.clone(),
+        to: "15551234567".into(),
+        id: "3EB0LID0000000000001".into(),
+        content: Content::Text("from a hidden number".into()),
+    });
+    wait_until(15, "the LID's first message reaches the webhook", || {
+        received("3EB0LID0000000000001").is_some()
+    });
+    let first = received("3EB0LID0000000000001").unwrap();
+    eprintln!("before the mapping: {first}");
+    assert_eq!(first["data"]["from"], lid.as_str(), "{first}");
+    assert_eq!(first["data"]["fromLid"], lid.as_str(), "{first}");
+    assert_eq!(first["data"]["pushName"], "Peer Contact", "{first}");
+
+    let r = s.post(
+        "/api/sessions/wa_lid/contacts/check",
+        Some(&format!(r#"{{"phones":["{phone}"]}}"#)),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["results"][0]["lid"], lid.as_str(), "{}", r.body);
+
+    peer.command(Command::Send {
+        from: lid.clone(),
+        to: "15551234567".into(),
+        id: "3EB0LID0000000000002".into(),
+        content: Content::Text("again, now known".into()),
+    });
+    wait_until(15, "the LID's second message reaches the webhook", || {
+        received("3EB0LID0000000000002").is_some()
+    });
+    let second = received("3EB0LID0000000000002").unwrap();
+    eprintln!("after the mapping: {second}");
+    assert_eq!(
+        second["data"]["from"],
+        format!("{phone}@s.whatsapp.net"),
+        "{second}"
+    );
+    assert_eq!(second["data"]["fromLid"], lid.as_str(), "{second}");
+    assert_eq!(second["data"]["text"], "again, now known");
+
+    // A send to the LID reaches the account, on the session its messages opened.
+    let r = s.post(
+        "/api/sessions/wa_lid/messages",
+        Some(&serde_json::json!({"to": lid, "text": "to your LID"}).to_string()),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    wait_until(10, "the peer decrypts the send to the LID", || {
+        peer.stats()
+            .decrypted
+            .iter()
+            .any(|d| d.text.as_deref() == Some("to your LID"))
+    });
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+}
+
+/// A contact's profile on the real link: the peer's usync user info (LID, "about",
+/// picture id) and `w:profile:picture` (the URL) reach the API, with the push name the
+/// contact's message carried (the stanza's `notify`, also in its `message.received`).
+#[test]
+fn a_profile_is_what_whatsapp_says_of_the_contact() {
+    let (peer, s, got) = online_with_webhook("wa_prof");
+    let phone = "15557654321";
+    peer.command(Command::Send {
+        from: phone.into(),
+        to: "15551234567".into(),
+        id: "3EB0PROF000000000001".into(),
+        content: Content::Text("hello".into()),
+    });
+    wait_until(15, "the message reaches the webhook", || {
+        got_all(&got)
+            .iter()
+            .any(|v| v["data"]["messageId"] == "3EB0PROF000000000001")
+    });
+    let event = got_all(&got)
+        .into_iter()
+        .find(|v| v["data"]["messageId"] == "3EB0PROF000000000001")
+        .unwrap();
+    assert_eq!(event["data"]["pushName"], "Peer Contact", "{event}");
+
+    let r = s.get(&format!("/api/sessions/wa_prof/contacts/{phone}/profile"));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json()["profile"].clone();
+    eprintln!("profile: {p}");
+    assert_eq!(p["jid"], format!("{phone}@s.whatsapp.net"));
+    assert_eq!(p["lid"], format!("{}@lid", botvisor_wa_peer::lid_of(phone)));
+    assert_eq!(p["about"], botvisor_wa_peer::about_of(phone));
+    assert_eq!(
+        p["pictureId"],
+        botvisor_wa_peer::picture_id_of(phone).to_string()
+    );
+    assert!(
+        p["pictureUrl"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(&format!("/pp/{phone}.jpg"))),
+        "{p}"
+    );
+    assert_eq!(p["pushName"], "Peer Contact");
+    assert_eq!(p["isBusiness"], false);
+    assert!(peer.stats().picture_queries >= 1);
+
+    // A number without an account: WhatsApp answers no picture.
+    peer.without_account("15550000000");
+    let r = s.get("/api/sessions/wa_prof/contacts/15550000000/profile");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.json()["profile"]["pictureUrl"].is_null(), "{}", r.body);
+    assert!(r.json()["profile"]["pushName"].is_null(), "{}", r.body);
+}
+
 /// Read receipts and presence go to WhatsApp (the peer): a received message marked read
 /// through the API is receipted `read`; typing, recording and paused arrive as a
 /// `chatstate`; the session's own presence as a `presence` stanza.

@@ -23,7 +23,8 @@ pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Contact, Done, EventSink, Fault, FaultEffect,
     GroupInfo, GroupMember, GroupOp, InboundMessage, Link, LinkError, LinkEvent, Location, Media,
     MediaKind, MediaSource, MessageRef, NumberCheck, Outgoing, ParticipantAction,
-    ParticipantChange, Poll, Receipt, ReceiptStatus, ReceivedMedia, Refers, Refusal, SessionSpec,
+    ParticipantChange, Poll, Profile, Receipt, ReceiptStatus, ReceivedMedia, Refers, Refusal,
+    SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

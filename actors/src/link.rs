@@ -64,7 +64,7 @@ pub enum LinkEvent {
         reason: String,
     },
     /// A message arrived for this session.
-    Message(InboundMessage),
+    Message(Box<InboundMessage>),
     /// The other side reports on messages this session sent (delivered, read, played).
     Receipt(Receipt),
     /// Something keeps the link from reconnecting (a proxy down, the network
@@ -117,6 +117,13 @@ pub struct InboundMessage {
     /// The sender's LID (`<n>@lid`), when WhatsApp gave one (accounts that hide their
     /// number are known by it alone; `from` is then the LID too).
     pub from_lid: Option<String>,
+    /// The sender's phone JID when the message named the sender by LID alone and a
+    /// LID-to-phone mapping WhatsApp gave earlier (a number check, another message) knows
+    /// the number. `from` stays as the message named it: the event id derives from it,
+    /// so a redelivery keeps its id whatever was learned in between.
+    pub from_phone: Option<String>,
+    /// The name the sender gave WhatsApp (its push name), when the message carried one.
+    pub push_name: Option<String>,
     /// The chat it is in (JID; a group's for group messages).
     pub chat: String,
     /// When it was sent (ms since the epoch).
@@ -390,6 +397,12 @@ pub enum Action {
         /// The numbers.
         phones: Vec<String>,
     },
+    /// What WhatsApp says of a contact (phone digits or a user JID): its LID, "about"
+    /// text and profile picture.
+    Profile {
+        /// The contact.
+        contact: String,
+    },
     /// Read receipts for messages of a chat (phone digits or a JID).
     MarkRead {
         /// The chat.
@@ -571,6 +584,7 @@ impl Action {
             Action::Edit { .. } => "messages can be edited",
             Action::Revoke { .. } => "messages can be revoked",
             Action::CheckNumbers { .. } => "numbers can be checked",
+            Action::Profile { .. } => "profiles can be read",
             Action::MarkRead { .. } => "chats can be marked read",
             Action::ChatPresence { .. } | Action::OwnPresence { .. } => "presence can be shown",
             Action::Download { .. } => "media can be downloaded",
@@ -760,6 +774,26 @@ pub enum Done {
     Participants(Vec<ParticipantChange>),
     /// A group's invite code.
     Invite(String),
+    /// What WhatsApp says of a contact.
+    Profile(Box<Profile>),
+}
+
+/// What WhatsApp says of a contact, as far as its privacy settings let the session see.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Profile {
+    /// Its JID as asked (a phone JID, or a LID).
+    pub jid: String,
+    /// Its LID, when WhatsApp gave one.
+    pub lid: Option<String>,
+    /// Its "about" text.
+    pub about: Option<String>,
+    /// Its profile picture's id (changes when the picture does).
+    pub picture_id: Option<String>,
+    /// Where its profile picture can be fetched (a signed URL of WhatsApp's media servers
+    /// that expires).
+    pub picture_url: Option<String>,
+    /// A business account.
+    pub business: bool,
 }
 
 /// Whether one phone number has a WhatsApp account.
@@ -872,6 +906,12 @@ pub trait Connection: Send + 'static {
         Box::pin(async { Err(LinkError::new("this link cannot check numbers")) })
     }
 
+    /// What WhatsApp says of `contact` (a user JID).
+    fn profile(&self, contact: &str) -> BoxFuture<'static, Result<Profile, LinkError>> {
+        let _ = contact;
+        Box::pin(async { Err(LinkError::new("this link cannot read profiles")) })
+    }
+
     /// Sends read receipts for `message_ids` of `chat` (`sender`: their author, in a
     /// group).
     fn mark_read(
@@ -934,6 +974,10 @@ pub trait Connection: Send + 'static {
             Action::CheckNumbers { phones } => {
                 let checking = self.check_numbers(&phones);
                 Box::pin(async move { checking.await.map(Done::Checked) })
+            }
+            Action::Profile { contact } => {
+                let reading = self.profile(&contact);
+                Box::pin(async move { reading.await.map(|p| Done::Profile(Box::new(p))) })
             }
             Action::MarkRead {
                 chat,

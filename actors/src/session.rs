@@ -106,8 +106,8 @@ pub enum SessionMsg {
     Logout,
     /// Run an action on the network; answered when the network answered (or refused).
     Act {
-        /// What to do.
-        action: Action,
+        /// What to do (boxed: it is the largest message by far).
+        action: Box<Action>,
         /// What the network answered.
         reply: RpcReplyPort<Result<Done, CmdError>>,
     },
@@ -287,7 +287,7 @@ impl Actor for SessionActor {
                 other => state.report(other),
             },
             SessionMsg::Fault(fault, reply) => state.inject(fault, reply).await,
-            SessionMsg::Act { action, reply } => state.act(action, reply),
+            SessionMsg::Act { action, reply } => state.act(*action, reply),
             SessionMsg::Logout => {
                 let warning = state.logout().await;
                 state.exit_with(&myself, ChildExit::LogoutDone(warning));

@@ -21,7 +21,7 @@ use super::response::Body;
 use super::{auth, App};
 
 /// What a handler gets: the app, the request, the `:id` (or `:eventId`) of its path and
-/// its second parameter (`:chatId`, `:messageId`), each "" when the path has none.
+/// its second parameter (`:chatId`, `:contactId`, `:messageId`, `:groupId`), each "" when the path has none.
 pub struct Ctx {
     /// Everything a handler can reach.
     pub app: Arc<App>,
@@ -90,7 +90,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 53] = [
+pub static ROUTES: [Route; 54] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -295,6 +295,13 @@ pub static ROUTES: [Route; 53] = [
     ),
     route(
         Method::GET,
+        "/api/sessions/:id/contacts/:contactId/profile",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(contacts::profile(c)),
+    ),
+    route(
+        Method::GET,
         "/api/sessions/:id/webhook",
         true,
         Some(Scope::Webhooks),
@@ -470,7 +477,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
     for (want, got) in pattern.iter().zip(path) {
         match *want {
             ":id" | ":eventId" | ":keyId" => id = got,
-            ":chatId" | ":messageId" | ":groupId" => sub = got,
+            ":chatId" | ":contactId" | ":messageId" | ":groupId" => sub = got,
             w if w == *got => {}
             _ => return None,
         }

@@ -20,7 +20,7 @@ use super::StoreFailure;
 use botvisor_actors::{
     now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, Done, EventSink, Fault,
     FaultEffect, InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Outgoing,
-    PairingCode, PairingQr, SessionSpec,
+    PairingCode, PairingQr, Profile, SessionSpec,
 };
 
 use crate::paths;
@@ -426,6 +426,8 @@ impl SimLink {
             chat: chat.clone(),
             from: sender.clone(),
             from_lid: sender.ends_with("@lid").then(|| sender.clone()),
+            from_phone: None,
+            push_name: arrival.push_name,
             timestamp_ms: now_ms(),
             text: text.clone(),
             kind: arrival.kind.into(),
@@ -476,6 +478,8 @@ pub struct Arrival {
     /// [`MEDIA_KEPT`], at most [`MEDIA_KEPT_BYTES`] in all), as WhatsApp's media servers
     /// keep a real one's.
     pub media_bytes: Option<Arc<Vec<u8>>>,
+    /// The sender's push name (`pushName`).
+    pub push_name: Option<String>,
 }
 
 /// Received media the simulated network keeps for downloads: how many, and how many
@@ -731,6 +735,18 @@ impl LinkConnection for SimConnection {
             })
             .collect();
         Box::pin(async move { Ok(checks) })
+    }
+
+    /// The simulated network keeps no profiles: it answers the contact's JID and nothing
+    /// else (no LID, no "about", no picture).
+    fn profile(&self, contact: &str) -> BoxFuture<'static, Result<Profile, LinkError>> {
+        let jid = super::chat_jid(contact);
+        Box::pin(async move {
+            Ok(Profile {
+                jid,
+                ..Profile::default()
+            })
+        })
     }
 
     /// The simulated network takes read receipts (it keeps no read state).

@@ -15,6 +15,7 @@
 //! transitions ride the next group commit, usually within a millisecond.
 
 pub mod backup;
+mod names;
 mod open;
 mod view;
 mod webhook;
@@ -71,9 +72,17 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     backups: Backups,
     config: StoreConfig,
+    /// The push names of the senders of messages received since the process started.
+    push_names: names::PushNames,
 }
 
 impl Store {
+    /// The push name the sender known as `jid` gave in a message `user_id` received
+    /// since the process started.
+    pub fn push_name(&self, user_id: &str, jid: &str) -> Option<String> {
+        self.push_names.get(user_id, jid)
+    }
+
     /// Opens (creating if needed, mode 0600) and migrates the database, loads every
     /// session into the view, and starts the writer. Returns the stored sessions.
     pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), OpenError> {
@@ -114,6 +123,7 @@ impl Store {
             writer: Mutex::new(Some(writer)),
             backups,
             config,
+            push_names: names::PushNames::default(),
         };
         if let Some(w) = &store.webhooks {
             let own = store
@@ -367,6 +377,7 @@ impl Persistence for Store {
             w.set_session_url(user_id, None);
         }
         self.view.remove(user_id);
+        self.push_names.forget(user_id);
         self.queue.delete(user_id);
         self.hub.deleted(user_id, by);
         self.down_since
@@ -421,6 +432,8 @@ impl Persistence for Store {
             from: &'a str,
             #[serde(skip_serializing_if = "Option::is_none")]
             from_lid: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            push_name: Option<&'a str>,
             chat: &'a str,
             /// A group's message: `chat` is the group, `author` who wrote it.
             is_group: bool,
@@ -465,14 +478,22 @@ impl Persistence for Store {
             Some(Refers::Edit { message_id }) => ("message.edited", Some(message_id), None),
             Some(Refers::Revoke { message_id }) => ("message.revoked", Some(message_id), None),
         };
+        // The phone JID a stored mapping gave for a LID-only sender, else as named.
+        let from = msg.from_phone.as_deref().unwrap_or(&msg.from);
+        if let Some(name) = &msg.push_name {
+            // Under each name the sender is known by (as named, its phone, its LID).
+            let jids = [&*msg.from, from, msg.from_lid.as_deref().unwrap_or(from)];
+            self.push_names.remember(user_id, &jids, name);
+        }
         let data = serde_json::to_string(&Received {
             user_id,
             message_id: &msg.id,
-            from: &msg.from,
+            from,
             from_lid: msg.from_lid.as_deref(),
+            push_name: msg.push_name.as_deref(),
             chat: &msg.chat,
             is_group: msg.chat.ends_with("@g.us"),
-            author: msg.chat.ends_with("@g.us").then_some(msg.from.as_str()),
+            author: msg.chat.ends_with("@g.us").then_some(from),
             kind: &msg.kind,
             text: msg.text.as_deref(),
             reply_to: msg.reply_to.as_deref(),

@@ -187,6 +187,7 @@ impl SupervisorState {
         };
         let actor = child.actor.clone();
         let user_id = user_id.to_string();
+        let action = Box::new(action);
         tokio::spawn(async move {
             let answer = match actor
                 .call(|r| SessionMsg::Act { action, reply: r }, Some(SEND_TIMEOUT))

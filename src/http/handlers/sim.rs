@@ -108,7 +108,8 @@ pub async fn inbound(c: Ctx) -> Answer {
             })
         })?
         .to_string();
-    let arrival = arrival_of(&c.app, &body).await?;
+    let mut arrival = arrival_of(&c.app, &body).await?;
+    arrival.push_name = push_name_of(&body)?;
     super::must_exist(&c.app, &user_id)?;
     // Refused, not accepted and dropped, when the webhooks are behind.
     if !c.app.store.webhook_room(&user_id) {
@@ -125,6 +126,27 @@ pub async fn inbound(c: Ctx) -> Answer {
         message_id: &msg.id,
         user_id: &user_id,
     }))
+}
+
+/// The longest push name the simulated network takes (WhatsApp's own limit is 25
+/// characters; this leaves room for what other clients allow).
+const PUSH_NAME_MAX: usize = 100;
+
+/// `pushName`: the name the sender gave WhatsApp, as a received message carries it.
+fn push_name_of(body: &serde_json::Map<String, Value>) -> Result<Option<String>, ApiError> {
+    match body.get("pushName") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(n))
+            if !n.trim().is_empty()
+                && n.chars().count() <= PUSH_NAME_MAX
+                && !n.chars().any(char::is_control) =>
+        {
+            Ok(Some(n.clone()))
+        }
+        Some(_) => Err(ApiError::bad_request(format!(
+            "pushName must be a name of 1 to {PUSH_NAME_MAX} characters, without control characters"
+        ))),
+    }
 }
 
 /// What acts on another message, besides a message's own content.
@@ -182,6 +204,7 @@ async fn arrival_of(
             refers: None,
             media,
             media_bytes,
+            push_name: None,
         });
     };
     let others = KINDS.iter().any(|k| body.contains_key(*k)) || acts.len() > 1;

@@ -9,7 +9,7 @@ use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{
     BoxFuture, ChatPresence, Connection as LinkConnection, Done, LinkError, MessageRef,
-    NumberCheck, Outgoing,
+    NumberCheck, Outgoing, Profile,
 };
 
 use super::events::Shared;
@@ -648,6 +648,48 @@ impl LinkConnection for WhatsAppConnection {
                     }
                 })
                 .collect())
+        })
+    }
+
+    /// A usync user-info query (LID, "about", picture id, business) and the picture's
+    /// URL (`w:profile:picture`); what the contact's privacy settings hide is `None`.
+    fn profile(&self, contact: &str) -> BoxFuture<'static, Result<Profile, LinkError>> {
+        let client = self.client.clone();
+        let jid = recipient(contact);
+        Box::pin(async move {
+            let jid = jid?.to_non_ad();
+            let failed = |e: whatsapp_rust::ContactError| {
+                LinkError::new(format!("WhatsApp did not answer the profile query: {e}"))
+            };
+            let info = client
+                .contacts()
+                .get_user_info(std::slice::from_ref(&jid))
+                .await
+                .map_err(failed)?;
+            let info = info.get(&jid).or_else(|| info.values().next()).cloned();
+            let picture = client
+                .contacts()
+                .get_profile_picture(&jid, false)
+                .await
+                .map_err(failed)?;
+            let lid = info
+                .as_ref()
+                .and_then(|i| i.lid.clone())
+                .or_else(|| jid.is_lid().then(|| jid.clone()));
+            Ok(Profile {
+                jid: jid.to_string(),
+                lid: lid.map(|l| l.to_non_ad().to_string()),
+                about: info
+                    .as_ref()
+                    .and_then(|i| i.status.clone())
+                    .filter(|s| !s.is_empty()),
+                picture_id: picture
+                    .as_ref()
+                    .map(|p| p.id.clone())
+                    .or_else(|| info.as_ref().and_then(|i| i.picture_id.clone())),
+                picture_url: picture.map(|p| p.url),
+                business: info.is_some_and(|i| i.is_business),
+            })
         })
     }
 

@@ -29,6 +29,8 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         id: m.info.id.to_string(),
         from,
         from_lid,
+        from_phone: None,
+        push_name: Some(m.info.push_name.clone()).filter(|n| !n.trim().is_empty()),
         chat: m.info.source.chat.to_string(),
         timestamp_ms: m.info.timestamp.timestamp_millis().max(0) as u64,
         kind: message_kind(&m.message, text.is_some()).into(),
@@ -38,6 +40,31 @@ pub(super) fn received(m: &InboundMessage) -> Option<botvisor_actors::InboundMes
         refers,
         text,
     })
+}
+
+/// What the LID-to-phone mappings WhatsApp gave (whatsapp-rust keeps them in the
+/// session's key store: number checks, device notifications, messages that named both)
+/// add to a received message: the phone JID of a sender it named by LID alone, the LID
+/// of one it named by phone alone. A failed lookup adds nothing.
+pub(super) async fn learn_sender(client: &Client, msg: &mut botvisor_actors::InboundMessage) {
+    let by_lid = msg.from.ends_with("@lid");
+    if !by_lid && msg.from_lid.is_some() {
+        return;
+    }
+    let Ok(jid) = msg.from.parse::<Jid>() else {
+        return;
+    };
+    if !jid.is_lid() && !jid.is_pn() {
+        return;
+    }
+    let Ok(Some(entry)) = client.get_lid_pn_entry(&jid).await else {
+        return;
+    };
+    if by_lid {
+        msg.from_phone = Some(Jid::pn(entry.phone_number.to_string()).to_string());
+    } else {
+        msg.from_lid = Some(Jid::lid(entry.lid.to_string()).to_string());
+    }
 }
 
 /// What a received image, video, audio, document or sticker says about itself.
@@ -376,7 +403,7 @@ impl Shared {
             return;
         };
         if !self.durable_inbound {
-            self.events.emit(LinkEvent::Message(msg));
+            self.events.emit(LinkEvent::Message(Box::new(msg)));
         }
         if !self.builtin_commands {
             return;

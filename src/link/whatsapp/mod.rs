@@ -33,7 +33,7 @@ pub use events::{format_code, message_kind};
 
 use super::credentials::Credentials;
 use super::proxy::{Proxies, ProxyUrl};
-use events::{received, InlineHandler, Shared};
+use events::{learn_sender, received, InlineHandler, Shared};
 use pairing::pairing_manager;
 use tasks::SessionTasks;
 
@@ -138,7 +138,7 @@ struct DurableInbound {
 impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInbound {
     async fn on_messages(
         &self,
-        _client: Arc<Client>,
+        client: Arc<Client>,
         batch: &[InboundMessage],
     ) -> anyhow::Result<()> {
         if !self.store.has_room(&self.shared.user_id) {
@@ -148,7 +148,8 @@ impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInb
             );
         }
         for m in batch {
-            if let Some(msg) = received(m) {
+            if let Some(mut msg) = received(m) {
+                learn_sender(&client, &mut msg).await;
                 self.store.inbound(&self.shared.user_id, &msg);
             }
         }

@@ -130,6 +130,8 @@ pub struct Stats {
     pub logins: usize,
     /// `remove-companion-device` IQs (a logout unlinking the device).
     pub unlinks: usize,
+    /// Profile picture queries (`w:profile:picture`) answered.
+    pub picture_queries: usize,
     /// Other IQs answered (pings and the like).
     pub other_iqs: usize,
     /// Tags of the nodes the peer sent on command.
@@ -397,6 +399,31 @@ fn group_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Option<Node
 }
 
 /// A running peer; stops when dropped.
+/// The LID the peer gives the account of `phone`: `9` and the number. WhatsApp's LIDs
+/// are unrelated numbers; the peer derives its own so tests can name them. Number checks
+/// and user-info queries (usync `lid`) answer it, a [`Command::Send`] may come from it,
+/// and it shares the phone's Signal identity and keys (one account, two names).
+pub fn lid_of(phone: &str) -> String {
+    format!("9{phone}")
+}
+
+/// The phone number of a LID user the peer gave ([`lid_of`]).
+pub fn phone_of_lid(lid_user: &str) -> Option<&str> {
+    lid_user.strip_prefix('9').filter(|p| !p.is_empty())
+}
+
+/// The "about" text a user's profile has on the peer (usync `status`).
+pub fn about_of(phone: &str) -> String {
+    format!("Peer user {phone}")
+}
+
+/// A user's profile picture id on the peer (usync `picture`, `w:profile:picture`).
+pub fn picture_id_of(phone: &str) -> u64 {
+    phone.bytes().filter(u8::is_ascii_digit).fold(7u64, |h, b| {
+        h.wrapping_mul(31).wrapping_add(u64::from(b - b'0'))
+    }) % 1_000_000_000
+}
+
 pub struct Peer {
     addr: SocketAddr,
     inner: Arc<Inner>,
@@ -958,6 +985,44 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                                 .build(),
                         }
                     }
+                    // A profile picture's URL: every account has one (on the media host),
+                    // but those without an account (404, as WhatsApp answers).
+                    None if attr_str(&node, "xmlns") == "w:profile:picture"
+                        && node.get_optional_child("picture").is_some() =>
+                    {
+                        let target = node.get_attr("target").and_then(|v| v.to_jid());
+                        let phone = target.map(|t| {
+                            if t.is_lid() {
+                                phone_of_lid(&t.user).unwrap_or(&t.user).to_string()
+                            } else {
+                                t.user.to_string()
+                            }
+                        });
+                        let absent = phone.as_ref().is_none_or(|p| {
+                            inner.absent.lock().map(|a| a.contains(p)).unwrap_or(false)
+                        });
+                        record(&inner, |s| s.picture_queries += 1);
+                        let picture = match phone.filter(|_| !absent) {
+                            Some(p) => NodeBuilder::new("picture")
+                                .attr("id", picture_id_of(&p).to_string())
+                                .attr("type", "image")
+                                .attr("url", format!("https://{}/pp/{p}.jpg", inner.media_addr))
+                                .attr("direct_path", format!("/pp/{p}.jpg"))
+                                .build(),
+                            None => NodeBuilder::new("picture")
+                                .children([NodeBuilder::new("error")
+                                    .attr("code", "404")
+                                    .attr("text", "item-not-found")
+                                    .build()])
+                                .build(),
+                        };
+                        NodeBuilder::new("iq")
+                            .attr("type", "result")
+                            .attr("id", id)
+                            .attr("from", "s.whatsapp.net")
+                            .children([picture])
+                            .build()
+                    }
                     // The media host, as WhatsApp's `media_conn` names its own.
                     None if node.get_optional_child_by_tag(&["media_conn"]).is_some() => NodeBuilder::new("iq")
                         .attr("type", "result")
@@ -1059,6 +1124,51 @@ async fn signal_iq(session: &Session, inner: &Inner, node: &NodeRef<'_>) -> Opti
                                     c = c.string_content(text.to_string());
                                 }
                                 children.push(c.build());
+                            }
+                            // The account's phone: the user's, or the LID's owner.
+                            let account = jid
+                                .as_ref()
+                                .map(|j| {
+                                    if j.is_lid() {
+                                        phone_of_lid(&j.user).unwrap_or(&j.user).to_string()
+                                    } else {
+                                        j.user.to_string()
+                                    }
+                                })
+                                .or_else(|| {
+                                    contact
+                                        .as_deref()
+                                        .map(|t| t.trim_start_matches('+').to_string())
+                                });
+                            // LIDs go in number checks and user-info queries (those that
+                            // ask `contact` or `status` too), not in the device lists a send
+                            // asks for: there the client would move every chat to LID
+                            // addressing, as WhatsApp's migrated accounts do, and the peer
+                            // keeps the phone-number addressing the other tests check.
+                            let lookup = wants("contact") || wants("status");
+                            if let (true, Some(phone)) = (wants("lid") && lookup, &account) {
+                                if !jid.as_ref().is_some_and(|j| j.is_lid()) {
+                                    children.push(
+                                        NodeBuilder::new("lid")
+                                            .attr("val", Jid::lid(lid_of(phone)))
+                                            .build(),
+                                    );
+                                }
+                            }
+                            if let (true, Some(phone)) = (wants("status"), &account) {
+                                children.push(
+                                    NodeBuilder::new("status")
+                                        .attr("t", "1700000000")
+                                        .string_content(about_of(phone))
+                                        .build(),
+                                );
+                            }
+                            if let (true, Some(phone)) = (wants("picture"), &account) {
+                                children.push(
+                                    NodeBuilder::new("picture")
+                                        .attr("id", picture_id_of(phone).to_string())
+                                        .build(),
+                                );
                             }
                             if wants("devices") {
                                 children.push(
@@ -1285,7 +1395,12 @@ async fn send_message(
     let Some(client) = session.client.clone() else {
         return true;
     };
-    let sender = Jid::pn(from.to_string());
+    // A sender named by its LID (`<lid>@lid`): the stanza names it by the LID alone, as
+    // WhatsApp does for an account that hides its number.
+    let sender = match from.strip_suffix("@lid") {
+        Some(lid) => Jid::lid(lid.to_string()),
+        None => Jid::pn(from.to_string()),
+    };
     let sealed = inner
         .signal
         .lock()

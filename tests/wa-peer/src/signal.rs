@@ -598,8 +598,15 @@ fn id3(bytes: Option<&[u8]>) -> Option<u32> {
 }
 
 /// The key a device is stored under: `user:device` (one identity per device address).
+/// One device of one account: a LID the peer gave ([`crate::lid_of`]) names the same
+/// account, identity and keys as its phone number.
 fn device_key(jid: &Jid) -> String {
-    format!("{}:{}", jid.user, jid.device)
+    let user = if jid.is_lid() {
+        crate::phone_of_lid(&jid.user).unwrap_or(&jid.user)
+    } else {
+        &jid.user
+    };
+    format!("{user}:{}", jid.device)
 }
 
 /// The Signal address of a client or a peer user, as this peer names it.
