@@ -89,6 +89,15 @@ CREATE TABLE IF NOT EXISTS message_media (
     at      INTEGER NOT NULL
 ) STRICT, WITHOUT ROWID;
 
+-- The options of a poll the session sent (v11): a vote names the options it picked by
+-- their hashes, so the names are kept to tell them. Same key as `messages`; kept and
+-- forgotten with it. `options` is a JSON array of strings.
+CREATE TABLE IF NOT EXISTS message_polls (
+    key     TEXT PRIMARY KEY NOT NULL,
+    options TEXT NOT NULL,
+    at      INTEGER NOT NULL
+) STRICT, WITHOUT ROWID;
+
 -- Sends waiting in their session's durable outbound queue (v8, `?queue=true`): sent in
 -- key order, paced, and removed in the transaction that writes their message.sent or
 -- message.failed event.

@@ -71,6 +71,7 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
             media: None,
             media_size: None,
             media_type: None,
+            poll_options: None,
         };
     // A received media's locator is kept with its message, and goes with it.
     let with_media = |mut m: MessageRow, size: Option<u64>| {
@@ -88,6 +89,11 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         // Known already: the first row stays.
         message("a", "M1", None, true, 200),
         with_media(message("c", "M3", None, false, 300), Some(7)),
+        // A poll sent keeps its options with it.
+        MessageRow {
+            poll_options: Some(r#"["pizza","soup"]"#.into()),
+            ..message("c", "P1", None, true, 400)
+        },
     ];
     let queued_row = |user: &str, seq: u64| QueuedRow {
         user_id: user.into(),
@@ -133,10 +139,11 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
     note(
         "messages",
         format!(
-            "{:?} {:?} {:?}",
+            "{:?} {:?} {:?} {:?}",
             engine.message("a", "M1").unwrap(),
             engine.message("a", "M2").unwrap(),
-            engine.message("b", "M1").unwrap()
+            engine.message("b", "M1").unwrap(),
+            engine.message("c", "P1").unwrap()
         ),
     );
     let second = Batch {
@@ -170,6 +177,13 @@ fn exercise(engine: &mut dyn Engine) -> Vec<String> {
         .find(|t| t.name == "message_media")
         .unwrap();
     assert_eq!(engine.count(media_table).unwrap(), 1);
+    // The poll went with its session.
+    let polls_table = botvisor::db::tables::TABLES
+        .iter()
+        .find(|t| t.name == "message_polls")
+        .unwrap();
+    assert_eq!(engine.count(polls_table).unwrap(), 0);
+    assert_eq!(engine.message("c", "P1").unwrap(), None);
     let sessions = engine.load_sessions().unwrap();
     note("sessions", format!("{sessions:?}"));
     let log = engine.events("b", 1_000).unwrap();

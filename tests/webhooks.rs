@@ -563,6 +563,98 @@ fn simulated_inbound_replies_reactions_edits_and_revokes() {
     assert_eq!(v["data"]["from"], "123456789012345@lid");
 }
 
+/// A vote on a poll the session sent is a `message.poll_vote` naming the poll and the
+/// options picked (none: the vote taken back); the simulated network checks them against
+/// the options the poll was sent with, kept by the store.
+#[test]
+fn simulated_poll_votes_name_the_options_picked() {
+    let r = Receiver::start();
+    let url = r.url();
+    let s = start(&[&url], &[]);
+    assert_eq!(s.create("wh_vote", "15550001111").status, 201);
+    s.wait_state("wh_vote", "online");
+    let sent = s.post(
+        "/api/sessions/wh_vote/messages",
+        Some(r#"{"to":"15557654321","poll":{"question":"Lunch?","options":["pizza","soup","salad"],"selectable":2}}"#),
+    );
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    let poll = sent.json()["messageId"].as_str().unwrap().to_string();
+    let text = s.post(
+        "/api/sessions/wh_vote/messages",
+        Some(r#"{"to":"15557654321","text":"not a poll"}"#),
+    );
+    let text = text.json()["messageId"].as_str().unwrap().to_string();
+    for (options, shown) in [
+        (r#"["soup","pizza"]"#, vec!["soup", "pizza"]),
+        ("[]", vec![]),
+    ] {
+        let body = format!(
+            r#"{{"from":"15557654321","pollVote":{{"messageId":"{poll}","options":{options}}}}}"#
+        );
+        let got = s.post("/api/sim/wh_vote/inbound", Some(&body));
+        assert_eq!(got.status, 200, "{body}: {}", got.body);
+        let id = got.json()["messageId"].as_str().unwrap().to_string();
+        let got = r.wait(15, "the vote's webhook", |g| {
+            g.iter()
+                .any(|d| d.json()["data"]["messageId"] == id.as_str())
+        });
+        let v = got
+            .iter()
+            .map(|d| d.json())
+            .find(|v| v["data"]["messageId"] == id.as_str())
+            .unwrap();
+        assert_eq!(v["event"], "message.poll_vote", "{v}");
+        assert_eq!(v["data"]["targetMessageId"], poll.as_str(), "{v}");
+        assert_eq!(
+            v["data"]["selectedOptions"],
+            serde_json::json!(shown),
+            "{v}"
+        );
+        assert_eq!(v["data"]["from"], "15557654321@s.whatsapp.net", "{v}");
+    }
+    for (body, needle) in [
+        (
+            format!(
+                r#"{{"from":"15557654321","pollVote":{{"messageId":"{poll}","options":["soup","soup"]}}}}"#
+            ),
+            "each once",
+        ),
+        (
+            format!(
+                r#"{{"from":"15557654321","pollVote":{{"messageId":"{poll}","options":["tea"]}}}}"#
+            ),
+            "pizza, soup, salad",
+        ),
+        (
+            format!(r#"{{"from":"15557654321","pollVote":{{"messageId":"{poll}"}}}}"#),
+            "pollVote.options must be an array",
+        ),
+        (
+            format!(
+                r#"{{"from":"15557654321","text":"x","pollVote":{{"messageId":"{poll}","options":[]}}}}"#
+            ),
+            "comes alone",
+        ),
+    ] {
+        let got = s.post("/api/sim/wh_vote/inbound", Some(&body));
+        assert_eq!(got.status, 400, "{body}: {}", got.body);
+        let message = got.json()["message"].as_str().unwrap().to_string();
+        assert!(message.contains(needle), "{body}: {message}");
+    }
+    // A message that is no poll of this session's: 404.
+    for id in [text.as_str(), "3EB0NOPE"] {
+        let body =
+            format!(r#"{{"from":"15557654321","pollVote":{{"messageId":"{id}","options":[]}}}}"#);
+        let got = s.post("/api/sim/wh_vote/inbound", Some(&body));
+        assert_eq!(got.status, 404, "{body}: {}", got.body);
+        assert!(
+            got.body.contains("is not a poll this session sent"),
+            "{}",
+            got.body
+        );
+    }
+}
+
 #[test]
 fn the_send_api_refuses_clearly_and_limits_the_rate() {
     let s = Server::start(&["--send-rate", "3", "--sim-pair-delay", "30s"]);

@@ -1717,6 +1717,117 @@ fn a_profile_is_what_whatsapp_says_of_the_contact() {
     assert!(r.json()["profile"]["pushName"].is_null(), "{}", r.body);
 }
 
+/// Messages in a group go over sender keys, both ways: the client's text to a group of
+/// two of the peer's users is one `skmsg`, with its sender key given to each member in a
+/// pairwise `pkmsg`; both members decrypt it, and the second message on the same key
+/// too. A member's message in the group (its sender key first, then `skmsg` alone)
+/// becomes a `message.received` naming the group and its author.
+#[test]
+fn group_messages_go_both_ways_over_sender_keys() {
+    let (peer, s, got) = online_with_webhook("wa_gmsg");
+    let members = ["15557654321", "15550001111"];
+    let r = s.post(
+        "/api/sessions/wa_gmsg/groups",
+        Some(r#"{"subject":"Crew","participants":["15557654321","15550001111"]}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let group = r.json()["groupId"].as_str().unwrap().to_string();
+    for text in ["first to the group ✓", "second, on the same sender key"] {
+        let r = s.post(
+            "/api/sessions/wa_gmsg/messages",
+            Some(&serde_json::json!({"to": group, "text": text}).to_string()),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        wait_until(15, "both members decrypt the group message", || {
+            let st = peer.stats();
+            members.iter().all(|m| {
+                st.decrypted.iter().any(|d| {
+                    d.kind == "skmsg" && d.to.starts_with(m) && d.text.as_deref() == Some(text)
+                })
+            })
+        });
+    }
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+
+    for (n, text) in [(1, "hello crew"), (2, "and again")] {
+        peer.command(Command::SendGroup {
+            group: group.clone(),
+            author: members[0].into(),
+            to: "15551234567".into(),
+            id: format!("3EB0GRP000000000000{n}"),
+            content: Content::Text(text.into()),
+        });
+    }
+    let received = |id: &str| {
+        got_all(&got)
+            .into_iter()
+            .find(|v| v["event"] == "message.received" && v["data"]["messageId"] == id)
+    };
+    wait_until(15, "both group messages reach the webhook", || {
+        received("3EB0GRP0000000000001").is_some() && received("3EB0GRP0000000000002").is_some()
+    });
+    for (id, text) in [
+        ("3EB0GRP0000000000001", "hello crew"),
+        ("3EB0GRP0000000000002", "and again"),
+    ] {
+        let v = received(id).unwrap();
+        eprintln!("{v}");
+        let d = &v["data"];
+        assert_eq!(d["isGroup"], true, "{v}");
+        assert_eq!(d["chat"], group.as_str(), "{v}");
+        assert_eq!(d["author"], format!("{}@s.whatsapp.net", members[0]), "{v}");
+        assert_eq!(d["from"], d["author"], "{v}");
+        assert_eq!(d["text"], text, "{v}");
+    }
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+}
+
+/// A vote on a poll the session sent, over the real link: the peer decrypts the poll,
+/// keeps its secret, and votes with the option names hashed and encrypted as WhatsApp's
+/// apps do; the client's `pollUpdateMessage` is opened with the secret whatsapp-rust kept
+/// for the poll and the options botvisor kept, and becomes a `message.poll_vote` naming
+/// the options picked. A second vote replaces the first (here: taken back, none).
+#[test]
+fn a_poll_vote_names_the_options_picked() {
+    let (peer, s, got) = online_with_webhook("wa_vote");
+    let r = s.post(
+        "/api/sessions/wa_vote/messages",
+        Some(r#"{"to":"15557654321","poll":{"question":"Lunch?","options":["pizza","soup","salad"],"selectable":2}}"#),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    let poll = r.json()["messageId"].as_str().unwrap().to_string();
+    wait_until(15, "the peer decrypts the poll", || {
+        peer.stats().decrypted.iter().any(|d| d.id == poll)
+    });
+    let votes = |got: &Hooks| -> Vec<serde_json::Value> {
+        got_all(got)
+            .into_iter()
+            .filter(|v| v["event"] == "message.poll_vote")
+            .collect()
+    };
+    peer.vote("15557654321", "15551234567", &poll, &["salad", "pizza"])
+        .unwrap();
+    wait_until(15, "the vote's webhook", || !votes(&got).is_empty());
+    let v = votes(&got).remove(0);
+    eprintln!("{v}");
+    assert_eq!(v["data"]["targetMessageId"], poll.as_str(), "{v}");
+    // In the poll's order.
+    assert_eq!(
+        v["data"]["selectedOptions"],
+        serde_json::json!(["pizza", "salad"]),
+        "{v}"
+    );
+    assert_eq!(v["data"]["from"], "15557654321@s.whatsapp.net", "{v}");
+    peer.vote("15557654321", "15551234567", &poll, &[]).unwrap();
+    wait_until(15, "the second vote's webhook", || votes(&got).len() >= 2);
+    let v = votes(&got).remove(1);
+    assert_eq!(v["data"]["selectedOptions"], serde_json::json!([]), "{v}");
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+}
+
 /// Read receipts and presence go to WhatsApp (the peer): a received message marked read
 /// through the API is receipted `read`; typing, recording and paused arrive as a
 /// `chatstate`; the session's own presence as a `presence` stanza.

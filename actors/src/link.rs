@@ -183,6 +183,15 @@ pub enum Refers {
         /// The message deleted.
         message_id: String,
     },
+    /// A vote on a poll the session sent (a new vote replaces the voter's last one; no
+    /// option is a vote taken back).
+    PollVote {
+        /// The poll.
+        message_id: String,
+        /// The options picked, by name (`None`: the vote could not be read: the poll is
+        /// unknown or forgotten, or its secret is).
+        options: Option<Vec<String>>,
+    },
 }
 
 impl fmt::Debug for InboundMessage {

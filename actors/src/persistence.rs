@@ -30,6 +30,16 @@ pub trait Persistence: Send + Sync + 'static {
     fn inbound(&self, user_id: &str, msg: &InboundMessage) {
         let _ = (user_id, msg);
     }
+    /// The options of a poll `user_id` sent, by its message id (`None`: not a poll it
+    /// sent, or one forgotten): a vote names the options it picked by their hashes.
+    fn poll_options<'a>(
+        &'a self,
+        user_id: &'a str,
+        message_id: &'a str,
+    ) -> BoxFuture<'a, Option<Vec<String>>> {
+        let _ = (user_id, message_id);
+        Box::pin(async { None })
+    }
     /// A recipient reported on messages a session sent; by default nothing is kept.
     fn receipt(&self, user_id: &str, receipt: &Receipt) {
         let _ = (user_id, receipt);

@@ -103,6 +103,9 @@ pub struct MessageRow {
     pub media_size: Option<u64>,
     /// Its MIME type as the sender declared it.
     pub media_type: Option<String>,
+    /// A poll the session sent: its options' names, a JSON array (a vote names them by
+    /// their hashes).
+    pub poll_options: Option<String>,
 }
 
 impl MessageRow {

@@ -467,6 +467,7 @@ pub const MIGRATIONS: Migrations = &[
     (3, MIGRATION_3),
     (4, MIGRATION_4),
     (5, MIGRATION_5),
+    (6, MIGRATION_6),
 ];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
@@ -547,6 +548,15 @@ CREATE TABLE bv_message_media (
     locator TEXT NOT NULL,
     size    BIGINT,
     mimetype TEXT,
+    at      BIGINT NOT NULL
+);
+"#;
+
+/// Migration 6: the options of the polls a session sent (schema.sql v11).
+const MIGRATION_6: &str = r#"
+CREATE TABLE bv_message_polls (
+    key     TEXT COLLATE "C" PRIMARY KEY,
+    options TEXT NOT NULL,
     at      BIGINT NOT NULL
 );
 "#;
@@ -967,7 +977,12 @@ async fn commit(
                     tx.execute(&stmt, &[id]).await?;
                 }
                 let (from, to) = super::message_keys_of(id);
-                for table in ["bv_messages", "bv_message_media", "bv_queued"] {
+                for table in [
+                    "bv_messages",
+                    "bv_message_media",
+                    "bv_message_polls",
+                    "bv_queued",
+                ] {
                     let stmt = tx
                         .prepare_cached(&format!(
                             "DELETE FROM {table} WHERE key >= $1 AND key < $2"
@@ -1044,10 +1059,12 @@ async fn commit(
             .prepare_cached("DELETE FROM bv_messages WHERE at < $1")
             .await?;
         tx.execute(&stmt, &[&to_i64(before)]).await?;
-        let stmt = tx
-            .prepare_cached("DELETE FROM bv_message_media WHERE at < $1")
-            .await?;
-        tx.execute(&stmt, &[&to_i64(before)]).await?;
+        for table in ["bv_message_media", "bv_message_polls"] {
+            let stmt = tx
+                .prepare_cached(&format!("DELETE FROM {table} WHERE at < $1"))
+                .await?;
+            tx.execute(&stmt, &[&to_i64(before)]).await?;
+        }
     }
     for q in batch.queued {
         let stmt = tx
@@ -1107,6 +1124,17 @@ async fn remember_messages(
         let types: Vec<Option<&str>> = media.iter().map(|m| m.media_type.as_deref()).collect();
         let ats: Vec<i64> = media.iter().map(|m| to_i64(m.at_ms)).collect();
         tx.execute(&stmt, &[&keys, &locators, &sizes, &types, &ats])
+            .await?;
+    }
+    // A poll sent (one at a time: a batch rarely holds more than one).
+    for m in messages.iter().filter(|m| m.poll_options.is_some()) {
+        let stmt = tx
+            .prepare_cached(
+                "INSERT INTO bv_message_polls (key, options, at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (key) DO NOTHING",
+            )
+            .await?;
+        tx.execute(&stmt, &[&m.key(), &m.poll_options, &to_i64(m.at_ms)])
             .await?;
     }
     Ok(())
@@ -1242,8 +1270,9 @@ impl Engine for PgEngine {
             let stmt = c
                 .prepare_cached(
                     "SELECT m.chat, m.author, m.from_me, m.at, d.locator, d.size, \
-                     d.mimetype FROM bv_messages m \
-                     LEFT JOIN bv_message_media d ON d.key = m.key WHERE m.key = $1",
+                     d.mimetype, p.options FROM bv_messages m \
+                     LEFT JOIN bv_message_media d ON d.key = m.key \
+                     LEFT JOIN bv_message_polls p ON p.key = m.key WHERE m.key = $1",
                 )
                 .await?;
             let key = super::message_key(user_id, message_id);
@@ -1260,6 +1289,7 @@ impl Engine for PgEngine {
                 media: r.try_get(4)?,
                 media_size: r.try_get::<_, Option<i64>>(5)?.map(to_u64),
                 media_type: r.try_get(6)?,
+                poll_options: r.try_get(7)?,
             }))
         })
     }

@@ -17,7 +17,7 @@ use super::{
 
 const SCHEMA: &str = include_str!("../../schema.sql");
 /// The schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 10;
+pub const SCHEMA_VERSION: i64 = 11;
 
 /// The sessions table's columns, in the order `write_row` binds them.
 const COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, disconnects, \
@@ -213,6 +213,7 @@ fn delete_session(conn: &Connection, user_id: &str) -> rusqlite::Result<()> {
     for sql in [
         "DELETE FROM messages WHERE key >= ?1 AND key < ?2",
         "DELETE FROM message_media WHERE key >= ?1 AND key < ?2",
+        "DELETE FROM message_polls WHERE key >= ?1 AND key < ?2",
         "DELETE FROM queued WHERE key >= ?1 AND key < ?2",
     ] {
         conn.prepare_cached(sql)?.execute([&from, &to])?;
@@ -307,11 +308,19 @@ fn commit(conn: &mut Connection, batch: &Batch<'_>) -> rusqlite::Result<()> {
                 m.at_ms as i64
             ])?;
         }
+        if let Some(options) = &m.poll_options {
+            tx.prepare_cached(
+                "INSERT INTO message_polls (key, options, at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (key) DO NOTHING",
+            )?
+            .execute(params![m.key(), options, m.at_ms as i64])?;
+        }
     }
     if let Some(before) = batch.forget_messages_before {
         for sql in [
             "DELETE FROM messages WHERE at < ?1",
             "DELETE FROM message_media WHERE at < ?1",
+            "DELETE FROM message_polls WHERE at < ?1",
         ] {
             tx.prepare_cached(sql)?.execute([before as i64])?;
         }
@@ -444,8 +453,9 @@ impl Engine for SqliteEngine {
         self.conn
             .prepare_cached(
                 "SELECT m.chat, m.author, m.from_me, m.at, d.locator, d.size, \
-                 d.mimetype FROM messages m \
-                 LEFT JOIN message_media d ON d.key = m.key WHERE m.key = ?1",
+                 d.mimetype, p.options FROM messages m \
+                 LEFT JOIN message_media d ON d.key = m.key \
+                 LEFT JOIN message_polls p ON p.key = m.key WHERE m.key = ?1",
             )
             .and_then(|mut stmt| {
                 stmt.query_row([super::message_key(user_id, message_id)], |r| {
@@ -459,6 +469,7 @@ impl Engine for SqliteEngine {
                         media: r.get(4)?,
                         media_size: r.get::<_, Option<i64>>(5)?.map(|s| s.max(0) as u64),
                         media_type: r.get(6)?,
+                        poll_options: r.get(7)?,
                     })
                 })
                 .optional()

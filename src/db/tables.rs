@@ -124,6 +124,15 @@ pub const TABLES: &[Table] = &[
         generated_key: false,
     },
     Table {
+        name: "message_polls",
+        columns: &[
+            ("key", Kind::Text),
+            ("options", Kind::Text),
+            ("at", Kind::Int),
+        ],
+        generated_key: false,
+    },
+    Table {
         name: "queued",
         columns: &[
             ("key", Kind::Text),

@@ -59,6 +59,15 @@ pub struct StoreConfig {
     pub messages: Option<crate::metrics::MessageCounts>,
 }
 
+/// A sent poll's options as its message row keeps them (a JSON array); `None` for any
+/// other message.
+pub(crate) fn poll_options(content: &botvisor_actors::Outgoing) -> Option<String> {
+    match content {
+        botvisor_actors::Outgoing::Poll(p) => serde_json::to_string(&p.options).ok(),
+        _ => None,
+    }
+}
+
 /// The database behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
@@ -201,8 +210,14 @@ impl Store {
     }
 
     /// Remembers a message the session sent to `chat` (a JID), for reactions, edits,
-    /// revokes and replies.
-    pub fn sent_message(&self, user_id: &str, message_id: &str, chat: &str) {
+    /// revokes and replies (and a poll's options, for its votes).
+    pub fn sent_message(
+        &self,
+        user_id: &str,
+        message_id: &str,
+        chat: &str,
+        content: &botvisor_actors::Outgoing,
+    ) {
         self.queue.message(db::MessageRow {
             user_id: user_id.to_string(),
             message_id: message_id.to_string(),
@@ -213,6 +228,7 @@ impl Store {
             media: None,
             media_size: None,
             media_type: None,
+            poll_options: poll_options(content),
         });
     }
 
@@ -386,6 +402,17 @@ impl Persistence for Store {
             .remove(user_id);
     }
 
+    fn poll_options<'a>(
+        &'a self,
+        user_id: &'a str,
+        message_id: &'a str,
+    ) -> BoxFuture<'a, Option<Vec<String>>> {
+        Box::pin(async move {
+            let row = self.message(user_id, message_id).await.ok()??;
+            serde_json::from_str(row.poll_options.as_deref()?).ok()
+        })
+    }
+
     fn receipt(&self, user_id: &str, receipt: &botvisor_actors::Receipt) {
         use botvisor_actors::ReceiptStatus;
         #[derive(serde::Serialize)]
@@ -445,11 +472,14 @@ impl Persistence for Store {
             reply_to: Option<&'a str>,
             #[serde(skip_serializing_if = "<[String]>::is_empty")]
             mentions: &'a [String],
-            /// The message a reaction, an edit or a revoke is about.
+            /// The message a reaction, an edit, a revoke or a vote is about.
             #[serde(skip_serializing_if = "Option::is_none")]
             target_message_id: Option<&'a str>,
             #[serde(skip_serializing_if = "Option::is_none")]
             emoji: Option<&'a str>,
+            /// A vote's options (`null`: it could not be read).
+            #[serde(skip_serializing_if = "Option::is_none")]
+            selected_options: Option<Option<&'a [String]>>,
             #[serde(flatten, skip_serializing_if = "Option::is_none")]
             media: Option<MediaFields<'a>>,
             timestamp: String,
@@ -477,6 +507,13 @@ impl Persistence for Store {
             }
             Some(Refers::Edit { message_id }) => ("message.edited", Some(message_id), None),
             Some(Refers::Revoke { message_id }) => ("message.revoked", Some(message_id), None),
+            Some(Refers::PollVote { message_id, .. }) => {
+                ("message.poll_vote", Some(message_id), None)
+            }
+        };
+        let selected_options = match &msg.refers {
+            Some(Refers::PollVote { options, .. }) => Some(options.as_deref()),
+            _ => None,
         };
         // The phone JID a stored mapping gave for a LID-only sender, else as named.
         let from = msg.from_phone.as_deref().unwrap_or(&msg.from);
@@ -500,6 +537,7 @@ impl Persistence for Store {
             mentions: &msg.mentions,
             target_message_id: target.map(String::as_str),
             emoji,
+            selected_options,
             media: msg.media.as_ref().map(|m| MediaFields {
                 mimetype: m.mimetype.as_deref(),
                 size: m.size,
@@ -533,6 +571,7 @@ impl Persistence for Store {
                 media: msg.media.as_ref().and_then(|m| m.locator.clone()),
                 media_size: msg.media.as_ref().and_then(|m| m.size),
                 media_type: msg.media.as_ref().and_then(|m| m.mimetype.clone()),
+                poll_options: None,
             },
         );
     }

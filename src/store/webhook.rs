@@ -127,6 +127,7 @@ impl Store {
             media: None,
             media_size: None,
             media_type: None,
+            poll_options: super::poll_options(content),
         });
         self.queue.dequeue(row.key(), deliveries, sent);
     }

@@ -417,6 +417,7 @@ pub const EVENT_KINDS: &[&str] = &[
     "message.reaction",
     "message.edited",
     "message.revoked",
+    "message.poll_vote",
 ];
 
 /// Which events a receiver gets: names (`message.received`) and families

@@ -203,7 +203,7 @@ pub async fn send(c: Ctx) -> Answer {
     let message_id = sent?;
     c.app
         .store
-        .sent_message(&c.id, &message_id, &crate::link::chat_jid(&to));
+        .sent_message(&c.id, &message_id, &crate::link::chat_jid(&to), &content);
     // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
     c.app.store.flush().await?;
     Ok(json_response(

@@ -108,7 +108,7 @@ pub async fn inbound(c: Ctx) -> Answer {
             })
         })?
         .to_string();
-    let mut arrival = arrival_of(&c.app, &body).await?;
+    let mut arrival = arrival_of(&c.app, &user_id, &body).await?;
     arrival.push_name = push_name_of(&body)?;
     super::must_exist(&c.app, &user_id)?;
     // Refused, not accepted and dropped, when the webhooks are behind.
@@ -150,11 +150,12 @@ fn push_name_of(body: &serde_json::Map<String, Value>) -> Result<Option<String>,
 }
 
 /// What acts on another message, besides a message's own content.
-const ACTS: [&str; 3] = ["reaction", "edit", "revoke"];
+const ACTS: [&str; 4] = ["reaction", "edit", "revoke", "pollVote"];
 
 /// What an inbound body carries, as the real link would report it.
 async fn arrival_of(
     app: &crate::http::App,
+    user_id: &str,
     body: &serde_json::Map<String, Value>,
 ) -> Result<Arrival, ApiError> {
     let reply_to = match body.get("replyTo") {
@@ -218,6 +219,7 @@ async fn arrival_of(
     let shape = match *act {
         "reaction" => r#"{"messageId": "...", "emoji": "👍"}"#,
         "edit" => r#"{"messageId": "...", "text": "..."}"#,
+        "pollVote" => r#"{"messageId": "...", "options": ["..."]}"#,
         _ => r#"{"messageId": "..."}"#,
     };
     let o = body[*act]
@@ -244,12 +246,64 @@ async fn arrival_of(
             refers: Some(Refers::Edit { message_id }),
             ..Arrival::default()
         },
+        "pollVote" => {
+            let options = voted(app, user_id, &message_id, o.get("options")).await?;
+            Arrival {
+                kind: "other",
+                refers: Some(Refers::PollVote {
+                    message_id,
+                    options: Some(options),
+                }),
+                ..Arrival::default()
+            }
+        }
         _ => Arrival {
             kind: "other",
             refers: Some(Refers::Revoke { message_id }),
             ..Arrival::default()
         },
     })
+}
+
+/// A vote's options: names of the options of a poll the session sent, each once (none:
+/// the vote taken back).
+async fn voted(
+    app: &crate::http::App,
+    user_id: &str,
+    poll: &str,
+    options: Option<&Value>,
+) -> Result<Vec<String>, ApiError> {
+    let Some(Value::Array(picked)) = options else {
+        return Err(ApiError::bad_request(
+            "pollVote.options must be an array of the poll's option names (empty: the vote taken back)",
+        ));
+    };
+    let known: Option<Vec<String>> = app
+        .store
+        .message(user_id, poll)
+        .await?
+        .and_then(|m| m.poll_options)
+        .and_then(|o| serde_json::from_str(&o).ok());
+    let Some(known) = known else {
+        return Err(ApiError::not_found(format!(
+            "pollVote.messageId {poll} is not a poll this session sent"
+        )));
+    };
+    let mut names: Vec<String> = Vec::with_capacity(picked.len());
+    for p in picked {
+        match p.as_str() {
+            Some(name) if known.iter().any(|k| k == name) && !names.iter().any(|n| n == name) => {
+                names.push(name.to_string())
+            }
+            _ => {
+                return Err(ApiError::bad_request(format!(
+                    "pollVote.options must name options of the poll, each once: {}",
+                    known.join(", ")
+                )))
+            }
+        }
+    }
+    Ok(names)
 }
 
 fn simulated(c: &Ctx) -> Result<std::sync::Arc<crate::link::sim::SimLink>, ApiError> {

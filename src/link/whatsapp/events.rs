@@ -67,6 +67,111 @@ pub(super) async fn learn_sender(client: &Client, msg: &mut botvisor_actors::Inb
     }
 }
 
+/// Reads a vote on a poll the session sent: whatsapp-rust keeps the secret of every
+/// message the session sent (under its chat, the session's own JID and the message's
+/// id), botvisor the poll's options; the vote names the options it picked by their
+/// hashes, encrypted with a key derived from that secret. Leaves the options `None`
+/// when the poll, its secret or the vote cannot be read.
+pub(super) async fn open_vote(
+    client: &Client,
+    store: &dyn botvisor_actors::Persistence,
+    user_id: &str,
+    m: &InboundMessage,
+    msg: &mut botvisor_actors::InboundMessage,
+) {
+    let Some(Refers::PollVote {
+        message_id,
+        options,
+    }) = msg.refers.as_mut()
+    else {
+        return;
+    };
+    let Some(vote) = m
+        .message
+        .get_base_message()
+        .poll_update_message
+        .as_option()
+        .and_then(|u| u.vote.as_option())
+    else {
+        return;
+    };
+    let (Some(payload), Some(iv)) = (vote.enc_payload.as_deref(), vote.enc_iv.as_deref()) else {
+        return;
+    };
+    let Some(names) = store.poll_options(user_id, message_id).await else {
+        return;
+    };
+    let Some(creator) = client.pn().map(|j| j.to_non_ad()) else {
+        return;
+    };
+    let chat = m.info.source.chat.to_non_ad();
+    let mut chats = vec![chat.to_string()];
+    if let Ok(Some(e)) = client.get_lid_pn_entry(&chat).await {
+        chats.push(if chat.is_lid() {
+            Jid::pn(e.phone_number.to_string()).to_string()
+        } else {
+            Jid::lid(e.lid.to_string()).to_string()
+        });
+    }
+    let own: Vec<String> = [Some(creator.clone()), client.lid().map(|l| l.to_non_ad())]
+        .into_iter()
+        .flatten()
+        .map(|j| j.to_string())
+        .collect();
+    let backend = client.persistence_manager().backend();
+    let mut secret = None;
+    // A secret is written behind the send (whatsapp-rust's buffer): a vote that comes
+    // within milliseconds may find it a moment later.
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        for chat in &chats {
+            for sender in own.iter().chain(std::iter::once(chat)) {
+                if let Ok(Some(s)) = backend.get_msg_secret(chat, sender, message_id).await {
+                    secret = Some(s);
+                    break;
+                }
+            }
+            if secret.is_some() {
+                break;
+            }
+        }
+        if secret.is_some() {
+            break;
+        }
+    }
+    let Some(secret) = secret else {
+        tracing::debug!(%user_id, poll = %message_id, "a vote on a poll whose secret is unknown");
+        return;
+    };
+    let voter = m.info.source.sender.to_non_ad();
+    let ciphertext = whatsapp_rust::wacore::poll::PollVoteCiphertext {
+        enc_payload: payload,
+        enc_iv: iv,
+    };
+    match client
+        .polls()
+        .decrypt_vote(ciphertext, &secret, message_id, &creator, &voter)
+        .await
+    {
+        Ok(hashes) => {
+            *options = Some(
+                names
+                    .into_iter()
+                    .filter(|n| {
+                        let h = whatsapp_rust::wacore::poll::compute_option_hash(n);
+                        hashes.iter().any(|got| got.as_slice() == h)
+                    })
+                    .collect(),
+            );
+        }
+        Err(e) => {
+            tracing::debug!(%user_id, poll = %message_id, error = %e, "a vote that does not open")
+        }
+    }
+}
+
 /// What a received image, video, audio, document or sticker says about itself.
 fn received_media(m: &wa::Message) -> Option<botvisor_actors::ReceivedMedia> {
     let m = m.get_base_message();
@@ -170,6 +275,17 @@ fn refers(m: &wa::Message) -> Option<Refers> {
         return Some(Refers::Reaction {
             message_id: target(&r.key),
             emoji: r.text.clone().unwrap_or_default(),
+        });
+    }
+    if let Some(u) = m
+        .poll_update_message
+        .as_option()
+        .filter(|u| u.vote.is_set())
+    {
+        // Its options are read with the poll's secret, later ([`open_vote`]).
+        return Some(Refers::PollVote {
+            message_id: target(&u.poll_creation_message_key),
+            options: None,
         });
     }
     let p = m.protocol_message.as_option()?;

@@ -33,7 +33,7 @@ pub use events::{format_code, message_kind};
 
 use super::credentials::Credentials;
 use super::proxy::{Proxies, ProxyUrl};
-use events::{learn_sender, received, InlineHandler, Shared};
+use events::{learn_sender, open_vote, received, InlineHandler, Shared};
 use pairing::pairing_manager;
 use tasks::SessionTasks;
 
@@ -150,6 +150,7 @@ impl whatsapp_rust::types::durability_hook::InboundDurabilityHook for DurableInb
         for m in batch {
             if let Some(mut msg) = received(m) {
                 learn_sender(&client, &mut msg).await;
+                open_vote(&client, &*self.store, &self.shared.user_id, m, &mut msg).await;
                 self.store.inbound(&self.shared.user_id, &msg);
             }
         }

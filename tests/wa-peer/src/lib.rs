@@ -28,6 +28,7 @@ pub mod harness;
 pub mod media_host;
 pub mod signal;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,7 +45,7 @@ use whatsapp_rust::wacore_binary::builder::NodeBuilder;
 use whatsapp_rust::wacore_binary::consts::{NOISE_PATTERN_XX, WA_CONN_HEADER};
 use whatsapp_rust::wacore_binary::marshal::{marshal, unmarshal_ref};
 use whatsapp_rust::wacore_binary::util::unpack;
-use whatsapp_rust::wacore_binary::{Jid, Node, NodeRef};
+use whatsapp_rust::wacore_binary::{Jid, JidExt as _, Node, NodeRef};
 use whatsapp_rust::waproto::whatsapp as wap;
 
 /// What the peer does to every live connection on command.
@@ -73,6 +74,21 @@ pub enum Command {
         /// The sender's phone number (any: the peer plays whoever it is told).
         from: String,
         /// The client's phone number (only its connection sends).
+        to: String,
+        /// The stanza id.
+        id: String,
+        /// What it says.
+        content: signal::Content,
+    },
+    /// A message the peer's user `author` (a member) writes in `group` (its JID), to the
+    /// logged-in client of phone number `to`: sender-key encrypted (`skmsg`), with the
+    /// author's sender key in a pairwise `pkmsg`/`msg` the first time, as WhatsApp does.
+    SendGroup {
+        /// The group's JID (`…@g.us`).
+        group: String,
+        /// Who writes (a phone number).
+        author: String,
+        /// The client's phone number.
         to: String,
         /// The stanza id.
         id: String,
@@ -170,6 +186,8 @@ struct Inner {
     /// Messages sent to clients that no delivery receipt acknowledged yet, by the client's
     /// phone number: like WhatsApp's offline queue, they are sent again at its next login.
     unacked: Mutex<Vec<(String, Node)>>,
+    /// The secrets of the polls clients sent, by message id (for [`Peer::vote`]).
+    polls: Mutex<HashMap<String, Vec<u8>>>,
     /// What the media host keeps.
     media: Arc<media_host::Files>,
     /// Where the media host listens.
@@ -454,6 +472,7 @@ impl Peer {
             refused: Mutex::default(),
             absent: Mutex::default(),
             unacked: Mutex::default(),
+            polls: Mutex::default(),
             media,
             media_addr,
             groups: Mutex::default(),
@@ -548,6 +567,48 @@ impl Peer {
         if let Ok(mut a) = self.inner.absent.lock() {
             a.push(phone.to_string());
         }
+    }
+
+    /// The peer's user `from` votes `options` (names) on poll `poll_id`, which the
+    /// client of phone number `to` sent it: the option names hashed and encrypted with the
+    /// poll's secret (kept when the peer decrypted the poll), as a `pollUpdateMessage`.
+    /// `Err` when the peer never decrypted that poll.
+    pub fn vote(
+        &self,
+        from: &str,
+        to: &str,
+        poll_id: &str,
+        options: &[&str],
+    ) -> Result<(), String> {
+        let secret = self
+            .inner
+            .polls
+            .lock()
+            .ok()
+            .and_then(|p| p.get(poll_id).cloned())
+            .ok_or_else(|| format!("the peer never decrypted a poll {poll_id}"))?;
+        let hashes: Vec<Vec<u8>> = options
+            .iter()
+            .map(|o| whatsapp_rust::wacore::poll::compute_option_hash(o).to_vec())
+            .collect();
+        let creator = Jid::pn(to.to_string()).to_string();
+        let voter = Jid::pn(from.to_string()).to_string();
+        let (enc_payload, iv) = whatsapp_rust::wacore::poll::encrypt_poll_vote_with_secret(
+            &hashes, &secret, poll_id, &creator, &voter,
+        )
+        .map_err(|e| format!("encrypt the vote: {e}"))?;
+        self.command(Command::Send {
+            from: from.to_string(),
+            to: to.to_string(),
+            id: format!("3EB0VOTE{:012X}", rand::random::<u64>() & 0xFFFF_FFFF_FFFF),
+            content: signal::Content::PollVote {
+                chat: creator,
+                poll_id: poll_id.to_string(),
+                enc_payload,
+                enc_iv: iv.to_vec(),
+            },
+        });
+        Ok(())
     }
 
     /// Sends a command to every live connection.
@@ -750,6 +811,7 @@ fn command_node(command: &Command, pairing_ref: &[u8]) -> Option<Node> {
     Some(match command {
         Command::Close
         | Command::Send { .. }
+        | Command::SendGroup { .. }
         | Command::SendTampered { .. }
         | Command::MarkRead { .. } => return None,
         Command::LoggedOut => NodeBuilder::new("failure").attr("reason", "401").build(),
@@ -800,9 +862,13 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let success = NodeBuilder::new("success")
-            .attr("t", now.to_string())
-            .build();
+        // The account's LID (with the client's device), as WhatsApp names it at login:
+        // the client needs it to send to groups.
+        let mut success = NodeBuilder::new("success").attr("t", now.to_string());
+        if let Some(c) = &session.client {
+            success = success.attr("lid", Jid::lid_device(lid_of(&c.user), c.device));
+        }
+        let success = success.build();
         if !session.send(&success).await {
             return;
         }
@@ -861,6 +927,14 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                     let ours = session.is_client(to);
                     let read = receipt_node(&Jid::pn(from.to_string()), id, Some("read"));
                     if ours && !session.send(&read).await {
+                        return;
+                    }
+                    continue;
+                }
+                if let Command::SendGroup { group, author, to, id, content } = &command {
+                    if session.is_client(to)
+                        && !send_group_message(&mut session, &inner, group, author, id, content).await
+                    {
                         return;
                     }
                     continue;
@@ -1301,11 +1375,28 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
     {
         targets.push((jid, kind, bytes));
     }
+    // A group message: its content is the top-level `<enc type="skmsg">`, the pairwise
+    // parts give each member device the client's sender key (the first time).
+    let group = node
+        .get_attr("to")
+        .and_then(|v| v.to_jid())
+        .filter(|j| j.is_group());
+    let skmsg = node
+        .get_children_by_tag("enc")
+        .find(|e| attr_str(e, "type") == "skmsg")
+        .and_then(|e| e.content_bytes().map(<[u8]>::to_vec));
+    let mut skdms: Vec<(Jid, Vec<u8>)> = Vec::new();
     let mut signal = inner.signal.lock().await;
     let mut replies = vec![ack];
     for (jid, kind, bytes) in targets {
         match signal.decrypt(&client, &jid, &kind, &bytes).await {
+            Ok(plain) if plain.skdm.is_some() && group.is_some() => {
+                skdms.push((jid.clone(), plain.skdm.unwrap_or_default()));
+            }
             Ok(plain) => {
+                if let (Some(secret), Ok(mut polls)) = (&plain.poll_secret, inner.polls.lock()) {
+                    polls.insert(id.clone(), secret.clone());
+                }
                 let about = match &plain.media {
                     Some(m) => Some(describe_media(inner, m)),
                     None => plain.about,
@@ -1328,7 +1419,132 @@ async fn on_client_message(session: &Session, inner: &Inner, node: &NodeRef<'_>)
             }),
         }
     }
+    if let (Some(group), Some(skmsg)) = (group, skmsg) {
+        // Every member but the client reads it: with the sender key this message gave
+        // it, or one an earlier message did.
+        let members: Vec<Jid> = inner
+            .groups
+            .lock()
+            .ok()
+            .and_then(|g| g.get(&group.user.to_string()).cloned())
+            .map(|g| {
+                g.participants
+                    .iter()
+                    .filter_map(|(j, _)| j.parse::<Jid>().ok())
+                    .filter(|j| j.user != client.user)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let group_jid = group.to_string();
+        for member in members {
+            let skdm = skdms
+                .iter()
+                .find(|(j, _)| j.user == member.user)
+                .map(|(_, k)| k.as_slice());
+            if skdm.is_none() && !signal.has_sender_key(&group_jid, &client, &member) {
+                continue;
+            }
+            match signal
+                .group_decrypt(&group_jid, &client, &member, skdm, &skmsg)
+                .await
+            {
+                Ok(plain) => {
+                    let about = match &plain.media {
+                        Some(m) => Some(describe_media(inner, m)),
+                        None => plain.about,
+                    };
+                    record(inner, |s| {
+                        s.decrypted.push(signal::Decrypted {
+                            to: member.to_string(),
+                            id: id.clone(),
+                            kind: "skmsg".into(),
+                            text: plain.text,
+                            about,
+                        })
+                    });
+                    replies.push(group_receipt(&group, &member, &id));
+                }
+                Err(e) => record(inner, |s| {
+                    s.signal_errors
+                        .push(format!("{id} in {group_jid} for {member}: {e}"))
+                }),
+            }
+        }
+    }
     replies
+}
+
+/// A member's delivery receipt for a group message the client sent.
+fn group_receipt(group: &Jid, member: &Jid, id: &str) -> Node {
+    NodeBuilder::new("receipt")
+        .attr("from", group.clone())
+        .attr("participant", member.to_non_ad())
+        .attr("id", id.to_string())
+        .attr("t", unix_now().to_string())
+        .build()
+}
+
+/// Sends the client a message the peer's member `author` writes in `group`: the `skmsg`,
+/// after the pairwise part with the author's sender key when the client has not had it.
+/// `false` when the socket is gone (an encryption failure is recorded).
+async fn send_group_message(
+    session: &mut Session,
+    inner: &Inner,
+    group: &str,
+    author: &str,
+    id: &str,
+    content: &signal::Content,
+) -> bool {
+    let Some(client) = session.client.clone() else {
+        return true;
+    };
+    let author = Jid::pn(author.to_string());
+    let sealed = inner
+        .signal
+        .lock()
+        .await
+        .group_encrypt(group, &author, &client, &content.message())
+        .await;
+    let (pairwise, skmsg) = match sealed {
+        Ok(x) => x,
+        Err(e) => {
+            record(inner, |s| {
+                s.signal_errors.push(format!("group send {id}: {e}"))
+            });
+            return true;
+        }
+    };
+    let mut encs = Vec::new();
+    if let Some((kind, bytes)) = pairwise {
+        encs.push(
+            NodeBuilder::new("enc")
+                .attr("v", "2")
+                .attr("type", kind)
+                .bytes(bytes)
+                .build(),
+        );
+    }
+    let mut enc = NodeBuilder::new("enc").attr("v", "2").attr("type", "skmsg");
+    if let Some(media) = content.media_type() {
+        enc = enc.attr("mediatype", media);
+    }
+    encs.push(enc.bytes(skmsg).build());
+    let message = NodeBuilder::new("message")
+        .attr("from", group.to_string())
+        .attr("participant", author)
+        .attr("id", id.to_string())
+        .attr("t", unix_now().to_string())
+        .attr("type", content.stanza_type())
+        .attr("notify", "Peer Contact")
+        .children(encs)
+        .build();
+    record(inner, |s| {
+        s.messages_sent.push((id.to_string(), "skmsg".to_string()))
+    });
+    if let Ok(mut q) = inner.unacked.lock() {
+        q.push((client.user.to_string(), message.clone()));
+    }
+    session.send(&message).await
 }
 
 /// A receipt from the peer's user `from` for message `id` (`None`: delivery).

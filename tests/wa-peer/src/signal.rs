@@ -11,18 +11,20 @@
 //!   (`<iq xmlns="encrypt" type="set">`), which the client must decrypt with its own
 //!   private pre-keys.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use async_trait::async_trait;
 use whatsapp_rust::buffa::Message as _;
 use whatsapp_rust::wacore::iq::prekeys::PreKeyBundleUserNode;
 use whatsapp_rust::wacore::libsignal::protocol::{
-    error::Result as SignalResult, message_decrypt, message_encrypt, process_prekey_bundle,
-    CiphertextMessage, Direction, GenericSignedPreKey, IdentityChange, IdentityKey,
-    IdentityKeyPair, IdentityKeyStore, KeyPair, PreKeyBundle, PreKeyId, PreKeyRecord,
-    PreKeySignalMessage, PreKeyStore, ProtocolAddress, PublicKey, SessionRecord, SessionStore,
-    SignalMessage, SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord, SignedPreKeyStore,
-    Timestamp, UsePQRatchet,
+    create_sender_key_distribution_message, error::Result as SignalResult, group_decrypt,
+    group_encrypt, message_decrypt, message_encrypt, process_prekey_bundle,
+    process_sender_key_distribution_message, CiphertextMessage, Direction, GenericSignedPreKey,
+    IdentityChange, IdentityKey, IdentityKeyPair, IdentityKeyStore, KeyPair, PreKeyBundle,
+    PreKeyId, PreKeyRecord, PreKeySignalMessage, PreKeyStore, ProtocolAddress, PublicKey,
+    SenderKeyDistributionMessage, SenderKeyName, SenderKeyRecord, SenderKeyStore, SessionRecord,
+    SessionStore, SignalMessage, SignalProtocolError, SignedPreKeyId, SignedPreKeyRecord,
+    SignedPreKeyStore, Timestamp, UsePQRatchet,
 };
 use whatsapp_rust::wacore::messages::{decode_plaintext, MessageUtils};
 use whatsapp_rust::wacore::protocol::ProtocolNode;
@@ -128,6 +130,26 @@ impl SessionStore for Sessions {
     }
 }
 
+/// Sender keys (group messages): each sender's chain in each group, as this device knows
+/// them (its own, and those distributed to it).
+#[derive(Default)]
+struct SenderKeys(HashMap<SenderKeyName, SenderKeyRecord>);
+
+#[async_trait]
+impl SenderKeyStore for SenderKeys {
+    async fn store_sender_key(
+        &mut self,
+        name: &SenderKeyName,
+        record: SenderKeyRecord,
+    ) -> SignalResult<()> {
+        self.0.insert(name.clone(), record);
+        Ok(())
+    }
+    async fn load_sender_key(&self, name: &SenderKeyName) -> SignalResult<Option<SenderKeyRecord>> {
+        Ok(self.0.get(name).cloned())
+    }
+}
+
 /// One device of a simulated WhatsApp user, with its own Signal identity.
 struct Device {
     identities: Identities,
@@ -138,6 +160,10 @@ struct Device {
     signed_pair: KeyPair,
     signed_signature: Vec<u8>,
     next_pre_key: u32,
+    sender_keys: SenderKeys,
+    /// `group|client device` for each client device this device gave its sender key for
+    /// that group (WhatsApp distributes a sender key once per device).
+    distributed: HashSet<String>,
 }
 
 impl Device {
@@ -174,6 +200,8 @@ impl Device {
             signed_pair,
             signed_signature,
             next_pre_key: 1,
+            sender_keys: SenderKeys::default(),
+            distributed: HashSet::new(),
         }
     }
 
@@ -246,6 +274,18 @@ pub enum Content {
     Revoke {
         /// The message deleted.
         target: String,
+    },
+    /// A vote on a poll the client sent, encrypted with the poll's secret (see
+    /// [`crate::Peer::vote`], which makes it).
+    PollVote {
+        /// The chat the poll is in, as the voter names it (the client's JID).
+        chat: String,
+        /// The poll's message id.
+        poll_id: String,
+        /// The encrypted vote (payload with its tag).
+        enc_payload: Vec<u8>,
+        /// Its IV.
+        enc_iv: Vec<u8>,
     },
     /// A document, described as WhatsApp describes one (its bytes are not on any media
     /// host: the peer has none, so it cannot be downloaded).
@@ -386,6 +426,34 @@ impl Content {
             Content::Revoke { target } => {
                 protocol(target, wap::message::protocol_message::Type::Revoke, None)
             }
+            Content::PollVote {
+                chat,
+                poll_id,
+                enc_payload,
+                enc_iv,
+            } => wap::Message {
+                poll_update_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::PollUpdateMessage {
+                        poll_creation_message_key: whatsapp_rust::buffa::MessageField::some(
+                            wap::MessageKey {
+                                remote_jid: Some(chat.clone()),
+                                from_me: Some(false),
+                                id: Some(poll_id.clone()),
+                                participant: None,
+                            },
+                        ),
+                        vote: whatsapp_rust::buffa::MessageField::some(
+                            wap::message::PollEncValue {
+                                enc_payload: Some(enc_payload.clone()),
+                                enc_iv: Some(enc_iv.clone()),
+                            },
+                        ),
+                        sender_timestamp_ms: Some(1_700_000_000_000),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
             Content::Reaction {
                 target,
                 target_from_client,
@@ -416,6 +484,7 @@ impl Content {
             | Content::Mention { .. }
             | Content::Edit { .. } => "text",
             Content::Revoke { .. } => "text",
+            Content::PollVote { .. } => "poll",
             Content::Location { .. } | Content::Document { .. } | Content::Image { .. } => "media",
             Content::Reaction { .. } => "reaction",
         }
@@ -429,7 +498,8 @@ impl Content {
             | Content::Mention { .. }
             | Content::Reaction { .. }
             | Content::Edit { .. }
-            | Content::Revoke { .. } => None,
+            | Content::Revoke { .. }
+            | Content::PollVote { .. } => None,
             Content::Location { .. } => Some("location"),
             Content::Document { .. } => Some("document"),
             Content::Image { .. } => Some("image"),
@@ -501,6 +571,12 @@ pub struct Plain {
     pub about: Option<String>,
     /// The media it points to, when it is an image, video, audio, document or sticker.
     pub media: Option<MediaRef>,
+    /// The sender key it distributes (`SenderKeyDistributionMessage` bytes), when it is
+    /// the pairwise part of a group message.
+    pub skdm: Option<Vec<u8>>,
+    /// A poll's secret (`messageContextInfo.messageSecret`), when it is a poll: what a
+    /// vote on it is encrypted with.
+    pub poll_secret: Option<Vec<u8>>,
 }
 
 /// Where a media message's bytes are and how to read them.
@@ -612,6 +688,17 @@ fn device_key(jid: &Jid) -> String {
 /// The Signal address of a client or a peer user, as this peer names it.
 fn address(jid: &Jid) -> ProtocolAddress {
     ProtocolAddress::new(&jid.user, u32::from(jid.device).into())
+}
+
+/// What a decrypted message says (its sender key aside).
+fn plain_of(m: &wap::Message) -> Plain {
+    Plain {
+        text: text_of(m),
+        about: about_of(m),
+        media: media_of(m),
+        skdm: None,
+        poll_secret: None,
+    }
 }
 
 /// The text of a message, unwrapping a `DeviceSentMessage`.
@@ -840,10 +927,104 @@ impl SignalPeer {
         }
         let message = decode_plaintext(&result.plaintext, 2).map_err(|e| e.to_string())?;
         Ok(Plain {
-            text: text_of(&message),
-            about: about_of(&message),
-            media: media_of(&message),
+            skdm: message
+                .sender_key_distribution_message
+                .as_option()
+                .and_then(|d| d.axolotl_sender_key_distribution_message.clone()),
+            poll_secret: message
+                .message_context_info
+                .as_option()
+                .and_then(|c| c.message_secret.clone())
+                .filter(|_| {
+                    let b = &message;
+                    b.poll_creation_message.is_set()
+                        || b.poll_creation_message_v2.is_set()
+                        || b.poll_creation_message_v3.is_set()
+                }),
+            ..plain_of(&message)
         })
+    }
+
+    /// Whether the peer's `member` holds the sender key `from` gave it for `group`.
+    pub fn has_sender_key(&self, group: &str, from: &Jid, member: &Jid) -> bool {
+        let name = SenderKeyName::new(group.to_string(), device_key(from));
+        self.devices
+            .get(&device_key(member))
+            .is_some_and(|d| d.sender_keys.0.contains_key(&name))
+    }
+
+    /// Decrypts a group message (`skmsg`) the client `from` sent to `group`, as the peer's
+    /// member `member` reads it. `skdm`: the sender key the client gave that member with
+    /// this message (in its pairwise part), if it gave one; else the one it gave before.
+    pub async fn group_decrypt(
+        &mut self,
+        group: &str,
+        from: &Jid,
+        member: &Jid,
+        skdm: Option<&[u8]>,
+        skmsg: &[u8],
+    ) -> Result<Plain, String> {
+        let device = self
+            .devices
+            .get_mut(&device_key(member))
+            .ok_or_else(|| format!("no device: the client never fetched keys for {member}"))?;
+        let name = SenderKeyName::new(group.to_string(), device_key(from));
+        if let Some(bytes) = skdm {
+            let skdm = SenderKeyDistributionMessage::try_from(bytes)
+                .map_err(|e| format!("the sender key: {e}"))?;
+            process_sender_key_distribution_message(&name, &skdm, &mut device.sender_keys)
+                .await
+                .map_err(|e| format!("the sender key: {e}"))?;
+        }
+        let plain = group_decrypt(skmsg, &mut device.sender_keys, &name)
+            .await
+            .map_err(|e| format!("group decrypt: {e}"))?;
+        let message = decode_plaintext(&plain, 2).map_err(|e| e.to_string())?;
+        Ok(plain_of(&message))
+    }
+
+    /// Encrypts `message` from the peer's member `from` to `group`, for the client device
+    /// `to`: the `skmsg` (sender-key encrypted), and, the first time this member writes
+    /// to that group for that device, the pairwise `pkmsg`/`msg` that gives it the sender
+    /// key. Returns (that pairwise part, the `skmsg` bytes).
+    pub async fn group_encrypt(
+        &mut self,
+        group: &str,
+        from: &Jid,
+        to: &Jid,
+        message: &wap::Message,
+    ) -> Result<(Option<(&'static str, Vec<u8>)>, Vec<u8>), String> {
+        let name = SenderKeyName::new(group.to_string(), device_key(from));
+        let device = self
+            .devices
+            .entry(device_key(from))
+            .or_insert_with(Device::new);
+        let mut rng = rand::make_rng::<rand::rngs::StdRng>();
+        let skdm = create_sender_key_distribution_message(&name, &mut device.sender_keys, &mut rng)
+            .await
+            .map_err(|e| format!("the sender key: {e}"))?;
+        let padded = MessageUtils::pad_message_v2(message.encode_to_vec());
+        let skmsg = group_encrypt(&mut device.sender_keys, &name, &padded, &mut rng)
+            .await
+            .map_err(|e| format!("group encrypt: {e}"))?;
+        let first = device
+            .distributed
+            .insert(format!("{group}|{}", device_key(to)));
+        let pairwise = if first {
+            let carrier = wap::Message {
+                sender_key_distribution_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::SenderKeyDistributionMessage {
+                        group_id: Some(group.to_string()),
+                        axolotl_sender_key_distribution_message: Some(skdm.serialized().to_vec()),
+                    },
+                ),
+                ..Default::default()
+            };
+            Some(self.encrypt(from, to, &carrier).await?)
+        } else {
+            None
+        };
+        Ok((pairwise, skmsg.serialized().to_vec()))
     }
 
     /// Encrypts `message` from the peer's user `from` to the client device `to`: on the
