@@ -108,6 +108,178 @@ fn last_sent(s: &Server, id: &str) -> Value {
     v["messages"].as_array().unwrap().last().cloned().unwrap()
 }
 
+/// `POST …/messages?kind=…&to=…` with the media as the body: streamed into a
+/// temporary file (never whole in memory), sent like any media, its details in the query;
+/// every bad shape a clear 4xx.
+#[test]
+fn media_uploaded_as_the_body_is_sent_whole() {
+    let s = Server::start(&["--media-max-bytes", "2000000"]);
+    online(&s, "mu");
+    let upload = |query: &str, content_type: Option<&str>, body: &[u8]| {
+        let mut r = format!(
+            "POST /api/sessions/mu/messages/upload?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        if let Some(t) = content_type {
+            r.push_str(&format!("Content-Type: {t}\r\n"));
+        }
+        r.push_str("\r\n");
+        let mut bytes = r.into_bytes();
+        bytes.extend_from_slice(body);
+        s.raw(&bytes)
+    };
+    // Larger than one write batch (256 KiB), so it is spooled in several.
+    let big: Vec<u8> = b"%PDF-1.7\n"
+        .iter()
+        .copied()
+        .chain((0..700_000u32).map(|i| (i % 251) as u8))
+        .collect();
+    let r = upload(
+        "kind=document&to=15550001111&filename=r%C3%A9sum%C3%A9.pdf&caption=the+report",
+        Some("application/pdf"),
+        &big,
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.json()["kind"], "document");
+    let m = last_sent(&s, "mu");
+    assert_eq!(m["document"]["sha256"], sha(&big), "{m}");
+    assert_eq!(m["document"]["size"], big.len(), "{m}");
+    assert_eq!(m["document"]["mimetype"], "application/pdf", "{m}");
+    assert_eq!(m["document"]["fileName"], "résumé.pdf", "{m}");
+    assert_eq!(m["document"]["caption"], "the report", "{m}");
+    let r = upload(
+        "kind=audio&to=15550001111&voice=true",
+        Some("audio/ogg; codecs=opus"),
+        b"OggS-voice",
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(last_sent(&s, "mu")["audio"]["voice"], true);
+
+    for (query, content_type, body, status, needle) in [
+        (
+            "kind=image&to=15550001111",
+            None,
+            &png()[..],
+            415,
+            "Content-Type",
+        ),
+        (
+            "kind=image&to=15550001111",
+            Some("application/json"),
+            &png()[..],
+            415,
+            "Content-Type",
+        ),
+        (
+            "kind=text&to=15550001111",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "kind must be",
+        ),
+        (
+            "to=15550001111",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "kind is required",
+        ),
+        (
+            "kind=image&to=15550001111&mentions=1",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "mentions is not a parameter",
+        ),
+        (
+            "kind=image&to=15550001111",
+            Some("application/pdf"),
+            &pdf()[..],
+            400,
+            "not image/",
+        ),
+        (
+            "kind=image&to=15550001111",
+            Some("image/png"),
+            &b""[..],
+            400,
+            "empty",
+        ),
+        (
+            "kind=image",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "to is required",
+        ),
+        (
+            "kind=image&to=15550001111&queue=true",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "cannot be queued",
+        ),
+        (
+            "kind=audio&to=15550001111&voice=maybe",
+            Some("audio/ogg"),
+            &b"OggS"[..],
+            400,
+            "voice must be",
+        ),
+        (
+            "kind=sticker&to=15550001111&caption=hi",
+            Some("image/webp"),
+            &b"RIFF0000WEBP"[..],
+            400,
+            "no caption",
+        ),
+        (
+            "kind=document&to=15550001111&filename=..%2Fetc%2Fpasswd",
+            Some("application/pdf"),
+            &pdf()[..],
+            400,
+            "not a path",
+        ),
+        (
+            "kind=image&to=15550001111&caption=%ZZ",
+            Some("image/png"),
+            &png()[..],
+            400,
+            "bad %-escape",
+        ),
+    ] {
+        let r = upload(query, content_type, body);
+        assert_eq!(r.status, status, "{query}: {}", r.body);
+        assert!(r.body.contains(needle), "{query}: {}", r.body);
+    }
+    // application/octet-stream says nothing: the type is sniffed.
+    let r = upload(
+        "kind=image&to=15550001111",
+        Some("application/octet-stream"),
+        &png(),
+    );
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(last_sent(&s, "mu")["image"]["mimetype"], "image/png");
+    let too_big = vec![7u8; 2_000_001];
+    let r = upload(
+        "kind=document&to=15550001111",
+        Some("application/octet-stream"),
+        &too_big,
+    );
+    assert_eq!(r.status, 413, "{}", r.body);
+    let r = upload("kind=image&to=15550001111", Some("image/png"), &png());
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = s.raw(
+        format!(
+            "POST /api/sessions/nobody/messages/upload?kind=image&to=15550001111 HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+            png().len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(s.session("mu")["state"], "online");
+}
+
 #[test]
 fn media_by_data_and_by_url_arrive_with_the_same_bytes() {
     let files = file_server();
@@ -284,7 +456,7 @@ fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let ogg = {
         let mut b = b"OggS\x00\x02".to_vec();
-        b.extend((0..2000u32).map(|i| (i % 97) as u8));
+        b.extend((0..300_000u32).map(|i| (i % 97) as u8));
         b
     };
     let sends = [
@@ -337,7 +509,42 @@ fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
         };
         assert_eq!(about, expected);
     }
-    assert_eq!(peer.media_uploads().len(), 3, "one upload per send");
+    // A media uploaded as the request's body goes the same way.
+    let raw = {
+        let body = pdf();
+        let mut r = format!(
+            "POST /api/sessions/wm_1/messages/upload?kind=document&to=15550001111&filename=body.pdf HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/pdf\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&body);
+        s.raw(&r)
+    };
+    assert_eq!(raw.status, 201, "{}", raw.body);
+    let id = raw.json()["messageId"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let about = loop {
+        let found = peer
+            .stats()
+            .decrypted
+            .iter()
+            .find(|d| d.id == id)
+            .and_then(|d| d.about.clone());
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(Instant::now() < deadline, "{id} never decrypted");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(
+        about,
+        format!(
+            "document application/pdf {} sha256:{} file body.pdf",
+            pdf().len(),
+            sha(&pdf())
+        )
+    );
+    assert_eq!(peer.media_uploads().len(), 4, "one upload per send");
     assert_eq!(s.session("wm_1")["state"], "online");
 }
 

@@ -2233,7 +2233,8 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
     let image: Vec<u8> = b"\x89PNG\r\n\x1a\n"
         .iter()
         .copied()
-        .chain((0..40_000u32).map(|i| (i * 31 % 253) as u8))
+        // Several of the chunks a download is streamed in (64 KiB), the last one short.
+        .chain((0..300_000u32).map(|i| (i * 31 % 253) as u8))
         .collect();
     let content = peer.upload_image(&image, "image/png", "a picture");
     peer.command(Command::Send {
@@ -2273,6 +2274,11 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
         headers
             .iter()
             .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v == "image/png"),
+        "{headers:?}"
+    );
+    assert!(
+        headers.iter().any(|(k, v)| k.eq_ignore_ascii_case("content-length")
+            && v == &image.len().to_string()),
         "{headers:?}"
     );
     let r = s.get("/api/sessions/wa_dl/messages/3EB0DL00000000000002/media");

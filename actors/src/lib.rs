@@ -21,10 +21,10 @@ pub mod supervisor;
 pub use error::{CmdError, StorageError};
 pub use link::{
     Action, BoxFuture, ChatPresence, Connection, Contact, Done, EventSink, Fault, FaultEffect,
-    GroupInfo, GroupMember, GroupOp, InboundMessage, Link, LinkError, LinkEvent, Location, Media,
-    MediaKind, MediaSource, MessageRef, NumberCheck, Outgoing, ParticipantAction,
-    ParticipantChange, Poll, Profile, Receipt, ReceiptStatus, ReceivedMedia, Refers, Refusal,
-    SessionSpec,
+    Fetched, FileReader, GroupInfo, GroupMember, GroupOp, InboundMessage, Link, LinkError,
+    LinkEvent, Location, Media, MediaFile, MediaKind, MediaSource, MessageRef, NumberCheck,
+    Outgoing, ParticipantAction, ParticipantChange, Poll, Profile, Receipt, ReceiptStatus,
+    ReceivedMedia, Refers, Refusal, SessionSpec,
 };
 pub use persistence::Persistence;
 pub use policy::{Decision, Jitter, RestartHistory, RestartPolicy};

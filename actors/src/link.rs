@@ -654,14 +654,66 @@ impl MediaKind {
     }
 }
 
-/// Where a media's bytes are: fetched already, or still a URL (the front end fetches it
-/// before the link sees it).
+/// Where a media's bytes are: fetched already (in memory, or streamed into a file), or
+/// still a URL (the front end fetches it before the link sees it).
 #[derive(Clone, PartialEq)]
 pub enum MediaSource {
-    /// The bytes.
+    /// The bytes (given as base64 in a JSON body).
     Bytes(std::sync::Arc<Vec<u8>>),
     /// A URL to fetch.
     Url(String),
+    /// Streamed into an unnamed temporary file: a URL fetched, or a body uploaded.
+    File(MediaFile),
+}
+
+/// A media streamed into an unnamed temporary file (deleted already: it goes when the
+/// last handle does), with what was learnt on the way in.
+#[derive(Debug, Clone)]
+pub struct MediaFile {
+    /// The file, holding the media from its start.
+    pub file: std::sync::Arc<std::fs::File>,
+    /// Its length.
+    pub len: u64,
+    /// Its SHA-256.
+    pub sha256: [u8; 32],
+}
+
+impl PartialEq for MediaFile {
+    fn eq(&self, other: &MediaFile) -> bool {
+        std::sync::Arc::ptr_eq(&self.file, &other.file)
+    }
+}
+
+impl MediaFile {
+    /// A reader from `at` on (positioned reads: readers never move each other).
+    pub fn reader_from(&self, at: u64) -> FileReader {
+        FileReader {
+            file: std::sync::Arc::clone(&self.file),
+            at,
+        }
+    }
+}
+
+/// Reads a shared file from a position on, with positioned reads.
+pub struct FileReader {
+    file: std::sync::Arc<std::fs::File>,
+    at: u64,
+}
+
+impl FileReader {
+    /// Reads `file` from `at` on.
+    pub fn new(file: std::sync::Arc<std::fs::File>, at: u64) -> FileReader {
+        FileReader { file, at }
+    }
+}
+
+impl std::io::Read for FileReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::os::unix::fs::FileExt;
+        let n = self.file.read_at(buf, self.at)?;
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 impl std::fmt::Debug for MediaSource {
@@ -670,6 +722,7 @@ impl std::fmt::Debug for MediaSource {
         match self {
             MediaSource::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
             MediaSource::Url(u) => write!(f, "Url({u})"),
+            MediaSource::File(m) => write!(f, "File({} bytes)", m.len),
         }
     }
 }
@@ -692,12 +745,54 @@ pub struct Media {
 }
 
 impl Media {
-    /// The bytes, once fetched.
+    /// The bytes, when they are in memory.
     pub fn bytes(&self) -> Option<&std::sync::Arc<Vec<u8>>> {
         match &self.source {
             MediaSource::Bytes(b) => Some(b),
+            MediaSource::Url(_) | MediaSource::File(_) => None,
+        }
+    }
+
+    /// Its size, once fetched.
+    pub fn size(&self) -> Option<u64> {
+        match &self.source {
+            MediaSource::Bytes(b) => Some(b.len() as u64),
+            MediaSource::File(f) => Some(f.len),
             MediaSource::Url(_) => None,
         }
+    }
+
+    /// A reader of its bytes from the start, once fetched.
+    pub fn reader(&self) -> Option<Box<dyn std::io::Read + Send>> {
+        match &self.source {
+            MediaSource::Bytes(b) => Some(Box::new(std::io::Cursor::new(ArcBytes(b.clone())))),
+            MediaSource::File(f) => Some(Box::new(f.reader_from(0))),
+            MediaSource::Url(_) => None,
+        }
+    }
+
+    /// Its bytes whole, in memory (read from its file if it is in one), once fetched.
+    pub fn load(&self) -> std::io::Result<Option<std::sync::Arc<Vec<u8>>>> {
+        match &self.source {
+            MediaSource::Bytes(b) => Ok(Some(b.clone())),
+            MediaSource::File(_) => {
+                let mut all = Vec::new();
+                if let Some(mut r) = self.reader() {
+                    std::io::Read::read_to_end(&mut r, &mut all)?;
+                }
+                Ok(Some(std::sync::Arc::new(all)))
+            }
+            MediaSource::Url(_) => Ok(None),
+        }
+    }
+}
+
+/// Shared bytes as a slice (for a reader that owns its share).
+struct ArcBytes(std::sync::Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for ArcBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -776,7 +871,7 @@ pub enum Done {
     /// The network took it (nothing to answer).
     Taken,
     /// A received media's bytes (decrypted).
-    Media(Vec<u8>),
+    Media(Fetched),
     /// Groups (a list, or the one a create, an info or a join is about).
     Groups(Vec<GroupInfo>),
     /// What became of each person of a participants change.
@@ -785,6 +880,49 @@ pub enum Done {
     Invite(String),
     /// What WhatsApp says of a contact.
     Profile(Box<Profile>),
+}
+
+/// A received media's plain bytes: in memory (the simulated network keeps them there),
+/// or in an unnamed temporary file (the real link decrypts into one as it downloads, so a
+/// transfer never holds the whole file in memory).
+#[derive(Debug, Clone)]
+pub enum Fetched {
+    /// The bytes.
+    Memory(std::sync::Arc<Vec<u8>>),
+    /// A file holding them from its start, `len` bytes.
+    File {
+        /// The file (deleted already: it goes when the last handle does).
+        file: std::sync::Arc<std::fs::File>,
+        /// Its length.
+        len: u64,
+    },
+}
+
+impl Fetched {
+    /// How many bytes.
+    pub fn len(&self) -> u64 {
+        match self {
+            Fetched::Memory(b) => b.len() as u64,
+            Fetched::File { len, .. } => *len,
+        }
+    }
+
+    /// No bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl PartialEq for Fetched {
+    fn eq(&self, other: &Fetched) -> bool {
+        match (self, other) {
+            (Fetched::Memory(a), Fetched::Memory(b)) => a == b,
+            (Fetched::File { file: a, .. }, Fetched::File { file: b, .. }) => {
+                std::sync::Arc::ptr_eq(a, b)
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What WhatsApp says of a contact, as far as its privacy settings let the session see.
@@ -901,7 +1039,7 @@ pub trait Connection: Send + 'static {
     }
 
     /// The bytes of a received media, by its [`ReceivedMedia::locator`].
-    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Fetched, LinkError>> {
         let _ = locator;
         Box::pin(async { Err(LinkError::new("this link cannot download media")) })
     }

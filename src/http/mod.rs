@@ -19,6 +19,7 @@ pub mod ratelimit;
 pub mod request;
 pub mod response;
 pub mod router;
+pub mod spool;
 
 use std::convert::Infallible;
 use std::future::Future;

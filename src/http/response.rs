@@ -19,6 +19,54 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).boxed()
 }
 
+/// A body fed by a channel: it ends when the sending task drops its end.
+pub struct ChannelBody(pub tokio::sync::mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Self::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|b| Ok(hyper::body::Frame::data(b))))
+    }
+}
+
+/// Chunks a file body is read in, and how many may wait for the client: what one
+/// download holds in memory (256 KiB), whatever the file's size.
+const FILE_CHUNK: usize = 64 * 1024;
+const FILE_CHUNKS_AHEAD: usize = 4;
+
+/// A body read from `file`, from its start, `len` bytes: read on the blocking pool a
+/// chunk at a time as the client takes them. A read error ends the body early (the
+/// client, told the length, sees it short).
+pub fn file_body(file: std::sync::Arc<std::fs::File>, len: u64) -> Body {
+    use http_body_util::BodyExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(FILE_CHUNKS_AHEAD);
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::FileExt;
+        let mut at = 0u64;
+        while at < len {
+            let mut chunk = vec![0u8; FILE_CHUNK.min((len - at) as usize)];
+            match file.read_at(&mut chunk, at) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    chunk.truncate(n);
+                    at += n as u64;
+                    if tx.blocking_send(Bytes::from(chunk)).is_err() {
+                        return; // the client went
+                    }
+                }
+            }
+        }
+    });
+    ChannelBody(rx).boxed()
+}
+
 /// A JSON response.
 pub fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Body> {
     // Serializing our own structs cannot fail (no maps with non-string keys).

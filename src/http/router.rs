@@ -90,7 +90,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 54] = [
+pub static ROUTES: [Route; 55] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -173,6 +173,13 @@ pub static ROUTES: [Route; 54] = [
         false,
         Some(Scope::Read),
         |c| Box::pin(queue::list(c)),
+    ),
+    route(
+        Method::POST,
+        "/api/sessions/:id/messages/upload",
+        true,
+        Some(Scope::Send),
+        |c| Box::pin(messages::upload(c)),
     ),
     route(
         Method::PUT,
@@ -487,7 +494,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
 
 /// `%XX` escapes decoded (a JID's `@` may come as `%40`); `None` for a bad escape or
 /// bytes that are not UTF-8.
-fn percent_decoded(segment: &str) -> Option<String> {
+pub fn percent_decoded(segment: &str) -> Option<String> {
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -634,6 +641,9 @@ impl Route {
             )
         {
             app.media_body_max().max(MAX_BODY)
+        } else if self.method == Method::POST && self.path == "/api/sessions/:id/messages/upload" {
+            // The media itself, streamed to a file as it comes.
+            app.media.settings.max_bytes.max(MAX_BODY)
         } else {
             MAX_BODY
         }

@@ -19,8 +19,8 @@ use super::StoreFailure;
 
 use botvisor_actors::{
     now_ms, BoxFuture, ChatPresence, Connection as LinkConnection, Done, EventSink, Fault,
-    FaultEffect, InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck, Outgoing,
-    PairingCode, PairingQr, Profile, SessionSpec,
+    FaultEffect, Fetched, InboundMessage, Link, LinkError, LinkEvent, MessageRef, NumberCheck,
+    Outgoing, PairingCode, PairingQr, Profile, SessionSpec,
 };
 
 use crate::paths;
@@ -705,10 +705,10 @@ impl LinkConnection for SimConnection {
     }
 
     /// A received media's bytes, while the simulated network still keeps them.
-    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Fetched, LinkError>> {
         let found = self.network.media_of(locator);
         Box::pin(async move {
-            found.map(|b| b.as_ref().clone()).ok_or_else(|| {
+            found.map(Fetched::Memory).ok_or_else(|| {
                 LinkError::new(format!(
                     "the simulated network no longer keeps this media (it keeps the newest {MEDIA_KEPT})"
                 ))

@@ -403,6 +403,18 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A fetched media's SHA-256, hex (a file's was taken as it was streamed in).
+pub fn media_sha256(m: &botvisor_actors::Media) -> Option<String> {
+    use botvisor_actors::MediaSource;
+    match &m.source {
+        MediaSource::Bytes(b) => Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            b.as_slice(),
+        ))),
+        MediaSource::File(f) => Some(hex::encode(f.sha256)),
+        MediaSource::Url(_) => None,
+    }
+}
+
 /// Every kind of event botvisor delivers.
 pub const EVENT_KINDS: &[&str] = &[
     "session.state",
@@ -494,8 +506,8 @@ pub fn content_json(
             m.kind.name(),
             serde_json::json!({
                 "mimetype": m.mimetype,
-                "size": m.bytes().map(|b| b.len()),
-                "sha256": m.bytes().map(|b| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(b.as_slice()))),
+                "size": m.size(),
+                "sha256": media_sha256(m),
                 "fileName": m.file_name,
                 "caption": m.caption,
                 "voice": m.voice,

@@ -136,17 +136,12 @@ fn degrees(o: &Map<String, Value>, key: &str, limit: f64) -> Result<f64, ApiErro
 /// with `mimetype`, `filename` (a document's name), `caption` (also taken from the body's
 /// top level) and, for an audio, `voice`.
 fn media_of(name: &str, v: &Value, body: &Map<String, Value>) -> Result<Media, ApiError> {
-    let kind = MediaKind::ALL
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, k)| *k)
-        .ok_or_else(|| ApiError::bad_request(format!("unknown kind {name}")))?;
     let o = object(
         v,
         name,
         r#"{"url": "https://…"} or {"data": "<base64>"}, with "mimetype"?, "filename"?, "caption"?"#,
     )?;
-    let (mut mimetype, source) = match (o.get("url"), o.get("data")) {
+    let (mimetype, source) = match (o.get("url"), o.get("data")) {
         (Some(Value::String(url)), None) => {
             super::media::check_url(url)
                 .map_err(|e| ApiError::bad_request(format!("{name}.url: {e}")))?;
@@ -171,6 +166,35 @@ fn media_of(name: &str, v: &Value, body: &Map<String, Value>) -> Result<Media, A
             )))
         }
     };
+    media_with(name, o, body, mimetype, source)
+}
+
+/// A media uploaded as the request's body (`POST …/messages?kind=…`, streamed into a
+/// file): its details (`caption`, `filename`, `voice`) from the query's `params`, its MIME
+/// type the body's `Content-Type`.
+pub fn uploaded_media(
+    name: &str,
+    params: &Map<String, Value>,
+    mimetype: Option<String>,
+    file: botvisor_actors::MediaFile,
+) -> Result<Media, ApiError> {
+    media_with(name, params, &Map::new(), mimetype, MediaSource::File(file))
+}
+
+/// A media's details around its source: `mimetype` (overriding what a `data:` URL
+/// declared), `caption` (in `o`, or the body's top level), `filename`, `voice`.
+fn media_with(
+    name: &str,
+    o: &Map<String, Value>,
+    body: &Map<String, Value>,
+    mut mimetype: Option<String>,
+    source: MediaSource,
+) -> Result<Media, ApiError> {
+    let kind = MediaKind::ALL
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+        .ok_or_else(|| ApiError::bad_request(format!("unknown kind {name}")))?;
     if let Some(m) = o.get("mimetype") {
         match m {
             Value::String(m) if valid_mimetype(m) => mimetype = Some(m.to_ascii_lowercase()),

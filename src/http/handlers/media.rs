@@ -8,21 +8,21 @@
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
+use http_body_util::Empty;
 use hyper::StatusCode;
 use hyper_util::client::legacy::connect::dns::Name;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use botvisor_actors::{Media, MediaKind, MediaSource, Outgoing};
+use botvisor_actors::{Media, MediaFile, MediaKind, MediaSource, Outgoing};
 
 use crate::http::errors::ApiError;
+use crate::http::spool::{spool, SpoolError};
 
 /// Redirects followed at most.
 pub const REDIRECTS_MAX: usize = 3;
@@ -176,7 +176,7 @@ impl Fetcher {
     }
 
     /// The bytes at `url` and their content type (bounded as the module says).
-    pub async fn fetch(&self, url: &str) -> Result<(Option<String>, Vec<u8>), ApiError> {
+    pub async fn fetch(&self, url: &str) -> Result<(Option<String>, MediaFile), ApiError> {
         match tokio::time::timeout(self.settings.fetch_timeout, self.fetch_inner(url)).await {
             Ok(r) => r,
             Err(_) => Err(ApiError::new(
@@ -189,7 +189,7 @@ impl Fetcher {
         }
     }
 
-    async fn fetch_inner(&self, url: &str) -> Result<(Option<String>, Vec<u8>), ApiError> {
+    async fn fetch_inner(&self, url: &str) -> Result<(Option<String>, MediaFile), ApiError> {
         let bad = |m: String| ApiError::bad_request(format!("media url: {m}"));
         // A refusal of policy, not of shape: 403.
         let inside = |m: String| ApiError::new(StatusCode::FORBIDDEN, format!("media url: {m}"));
@@ -255,21 +255,19 @@ impl Fetcher {
             if declared.is_some_and(|n| n > max as u64) {
                 return Err(too_big(max));
             }
-            let body = Limited::new(answer.into_body(), max)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        too_big(max)
-                    } else {
-                        gateway(format!("reading it failed: {e}"))
-                    }
-                })?
-                .to_bytes();
-            if body.is_empty() {
+            // Streamed into a temporary file as it comes, never whole in memory.
+            let file = spool(answer.into_body(), max).await.map_err(|e| match e {
+                SpoolError::TooBig => too_big(max),
+                SpoolError::Read(e) => gateway(format!("reading it failed: {e}")),
+                SpoolError::Disk(e) => ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    format!("no room for the media on its way: {e}"),
+                ),
+            })?;
+            if file.len == 0 {
                 return Err(bad("it answered an empty body".into()));
             }
-            return Ok((content_type, body.to_vec()));
+            return Ok((content_type, file));
         }
         Err(gateway(format!("more than {REDIRECTS_MAX} redirects")))
     }
@@ -342,13 +340,19 @@ pub async fn fetched(fetcher: &Fetcher, content: Outgoing) -> Result<Outgoing, A
         return Ok(content);
     };
     let max = fetcher.settings.max_bytes;
-    let (served, bytes) = match &media.source {
+    let (served, source) = match &media.source {
         MediaSource::Url(url) => {
-            let (served, bytes) = fetcher.fetch(url).await?;
-            (served, Arc::new(bytes))
+            let (served, file) = fetcher.fetch(url).await?;
+            (served, MediaSource::File(file))
         }
         MediaSource::Bytes(b) if b.len() > max => return Err(too_big(max)),
-        MediaSource::Bytes(b) => (None, b.clone()),
+        MediaSource::File(f) if f.len > max as u64 => return Err(too_big(max)),
+        other => (None, other.clone()),
+    };
+    let head = match &source {
+        MediaSource::Bytes(b) => b[..b.len().min(16)].to_vec(),
+        MediaSource::File(f) => crate::http::spool::head(f),
+        MediaSource::Url(_) => Vec::new(),
     };
     let served =
         served.filter(|s| !s.starts_with("application/octet-stream") && !s.starts_with("binary/"));
@@ -356,7 +360,7 @@ pub async fn fetched(fetcher: &Fetcher, content: Outgoing) -> Result<Outgoing, A
         media.mimetype.clone()
     } else if let Some(s) = served.clone() {
         s
-    } else if let Some(s) = sniff(&bytes) {
+    } else if let Some(s) = sniff(&head) {
         s.to_string()
     } else {
         match media.kind {
@@ -381,7 +385,7 @@ pub async fn fetched(fetcher: &Fetcher, content: Outgoing) -> Result<Outgoing, A
         }
     }
     Ok(Outgoing::Media(Media {
-        source: MediaSource::Bytes(bytes),
+        source,
         mimetype,
         ..media
     }))

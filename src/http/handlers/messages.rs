@@ -125,6 +125,108 @@ fn wants_queue(uri: &hyper::Uri) -> Result<bool, ApiError> {
     }
 }
 
+/// The query's parameters, `%XX` and `+` decoded (`None`: a bad escape).
+fn query_params(uri: &hyper::Uri) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let mut params = serde_json::Map::new();
+    for pair in uri.query().unwrap_or_default().split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let decode = |s: &str| crate::http::router::percent_decoded(&s.replace('+', " "));
+        match (decode(k), decode(v)) {
+            (Some(k), Some(v)) => {
+                params.insert(k, Value::String(v));
+            }
+            _ => return Err(ApiError::bad_request("the query has a bad %-escape")),
+        }
+    }
+    Ok(params)
+}
+
+/// `POST …/messages/upload?kind=<image|video|audio|document|sticker>&to=…` with the media
+/// as the body (any `Content-Type` but JSON: the media's MIME type;
+/// `application/octet-stream` says nothing, so the type is then sniffed): streamed into a
+/// temporary file as it arrives, never whole in memory, bounded by `--media-max-bytes` and
+/// `--media-fetch-timeout`. `caption`, `filename`, `voice`, `replyTo` ride in the query.
+async fn uploaded(
+    req: hyper::Request<hyper::body::Incoming>,
+    app: &crate::http::App,
+    kind: &str,
+    params: serde_json::Map<String, Value>,
+) -> Result<(serde_json::Map<String, Value>, botvisor_actors::Outgoing), ApiError> {
+    if !super::content::KINDS.contains(&kind)
+        || matches!(kind, "text" | "location" | "contact" | "poll")
+    {
+        return Err(ApiError::bad_request(
+            "kind must be image, video, audio, document or sticker (the media is the body)",
+        ));
+    }
+    for key in params.keys() {
+        if ![
+            "kind", "to", "caption", "filename", "voice", "replyTo", "queue",
+        ]
+        .contains(&key.as_str())
+        {
+            return Err(ApiError::bad_request(format!(
+                "{key} is not a parameter of an uploaded media (to, kind, caption, filename, voice, replyTo)"
+            )));
+        }
+    }
+    let mimetype = req
+        .headers()
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|m| m.trim().to_ascii_lowercase())
+        .filter(|m| super::content::valid_mimetype(m) && !m.starts_with("application/json"))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "an uploaded media needs its MIME type as the Content-Type (not JSON)",
+            )
+        })?;
+    let mut details = params.clone();
+    if let Some(v) = details.get_mut("voice") {
+        *v = match v.as_str() {
+            Some("true") | Some("1") => Value::Bool(true),
+            Some("false") | Some("0") => Value::Bool(false),
+            _ => return Err(ApiError::bad_request("voice must be true or false")),
+        };
+    }
+    let max = app.media.settings.max_bytes;
+    let timeout = app.media.settings.fetch_timeout;
+    let file = tokio::time::timeout(timeout, crate::http::spool::spool(req.into_body(), max))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "The media did not arrive within --media-fetch-timeout ({} s)",
+                    timeout.as_secs()
+                ),
+            )
+        })?
+        .map_err(|e| match e {
+            crate::http::spool::SpoolError::TooBig => ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("The media is larger than --media-max-bytes ({max} bytes)"),
+            ),
+            crate::http::spool::SpoolError::Read(_) => {
+                ApiError::bad_request("Could not read the request body")
+            }
+            crate::http::spool::SpoolError::Disk(e) => ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("no room for the media on its way: {e}"),
+            ),
+        })?;
+    if file.len == 0 {
+        return Err(ApiError::bad_request("the uploaded media is empty"));
+    }
+    let mimetype = Some(mimetype).filter(|m| !m.starts_with("application/octet-stream"));
+    let media = super::content::uploaded_media(kind, &details, mimetype, file)?;
+    Ok((params, botvisor_actors::Outgoing::Media(media)))
+}
+
 pub async fn send(c: Ctx) -> Answer {
     let queue = wants_queue(c.req.uri())?;
     let limit = c.app.media_body_max();
@@ -132,6 +234,42 @@ pub async fn send(c: Ctx) -> Answer {
         json_body_up_to(c.req, false, c.app.request_timeout, limit)
             .await?
             .ok_or_else(|| ApiError::bad_request("to and text are required"))?;
+    let content = super::content::outgoing_of(&body)?;
+    send_parsed(&c.app, &c.id, body, content, queue).await
+}
+
+/// `POST /api/sessions/:userId/messages/upload?kind=…&to=…`: the media is the body (see
+/// [`uploaded`]); answered like a send.
+pub async fn upload(c: Ctx) -> Answer {
+    let params = query_params(c.req.uri())?;
+    if wants_queue(c.req.uri())? {
+        return Err(ApiError::bad_request(
+            "a media uploaded as the body cannot be queued: give it by url (or as data in a \
+             JSON body to POST …/messages) to queue it",
+        ));
+    }
+    let kind = params
+        .get("kind")
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .ok_or_else(|| {
+            ApiError::bad_request("kind is required: image, video, audio, document or sticker")
+        })?;
+    // Nothing is read for a session that does not exist.
+    super::must_exist(&c.app, &c.id)?;
+    let (params, content) = uploaded(c.req, &c.app, &kind, params).await?;
+    send_parsed(&c.app, &c.id, params, content, false).await
+}
+
+/// A send once its body is read: `body` gives `to`, `replyTo` and `mentions`, `content`
+/// what goes.
+async fn send_parsed(
+    app: &std::sync::Arc<crate::http::App>,
+    user_id: &str,
+    body: serde_json::Map<String, Value>,
+    content: botvisor_actors::Outgoing,
+    queue: bool,
+) -> Answer {
     let to = match body.get("to").cloned() {
         Some(Value::String(s)) if valid_recipient(&s) => s,
         None | Some(Value::Null) => return Err(ApiError::bad_request("to is required")),
@@ -141,7 +279,6 @@ pub async fn send(c: Ctx) -> Answer {
             ))
         }
     };
-    let content = super::content::outgoing_of(&body)?;
     let mentions = super::content::mentions_of(&body, &content)?;
     let reply_to = match body.get("replyTo").cloned() {
         None | Some(Value::Null) => None,
@@ -158,11 +295,11 @@ pub async fn send(c: Ctx) -> Answer {
         ));
     }
     // No bucket and no event for a session that does not exist (ids are free to invent).
-    super::must_exist(&c.app, &c.id)?;
+    super::must_exist(app, user_id)?;
     let reply_to = match reply_to {
         None => None,
         // 404 like the message routes: the message named does not exist here.
-        Some(id) => Some(known_message(&c.app, &c.id, &id).await.map_err(|e| {
+        Some(id) => Some(known_message(app, user_id, &id).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
                 ApiError::new(StatusCode::NOT_FOUND, format!("replyTo: {}", e.message))
             } else {
@@ -171,16 +308,16 @@ pub async fn send(c: Ctx) -> Answer {
         })?),
     };
     if queue {
-        return enqueue(&c.app, &c.id, body, &to, &content).await;
+        return enqueue(app, user_id, body, &to, &content).await;
     }
-    if let Some(refused) = over_send_rate(&c.app, &c.id) {
+    if let Some(refused) = over_send_rate(app, user_id) {
         return Ok(refused);
     }
-    if !c.app.store.webhook_room(&c.id) {
+    if !app.store.webhook_room(user_id) {
         return Ok(ApiError::backlog_full());
     }
     // Media by URL is fetched now (bounded), and its type settled.
-    let content = super::media::fetched(&c.app.media, content).await?;
+    let content = super::media::fetched(&app.media, content).await?;
     let kind = content.kind();
     let action = Action::Send {
         to: to.clone(),
@@ -189,29 +326,26 @@ pub async fn send(c: Ctx) -> Answer {
         mentions,
         message_id: None,
     };
-    let sent = act(&c.app, &c.id, action)
-        .await
-        .and_then(|done| match done {
-            Done::Sent(id) => Ok(id),
-            other => Err(wrong_answer("send", &other)),
-        });
+    let sent = act(app, user_id, action).await.and_then(|done| match done {
+        Done::Sent(id) => Ok(id),
+        other => Err(wrong_answer("send", &other)),
+    });
     let outcome = sent.as_ref().map_err(|e| e.message.clone());
     // A session deleted meanwhile has no one to tell.
     if !matches!(&sent, Err(e) if e.status == StatusCode::NOT_FOUND) {
-        c.app.store.message_event(&c.id, &to, &content, &outcome);
+        app.store.message_event(user_id, &to, &content, &outcome);
     }
     let message_id = sent?;
-    c.app
-        .store
-        .sent_message(&c.id, &message_id, &crate::link::chat_jid(&to), &content);
+    app.store
+        .sent_message(user_id, &message_id, &crate::link::chat_jid(&to), &content);
     // The message.sent webhook is on disk before the 201: a kill right after loses nothing.
-    c.app.store.flush().await?;
+    app.store.flush().await?;
     Ok(json_response(
         StatusCode::CREATED,
         &Success::new(&Sent {
             message: "Message sent",
             message_id: &message_id,
-            user_id: &c.id,
+            user_id,
             to: &to,
             kind,
             queued: false,

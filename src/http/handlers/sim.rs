@@ -178,17 +178,23 @@ async fn arrival_of(
         let (text, media) = match content {
             Outgoing::Text(text) => (Some(text), None),
             Outgoing::Media(m) => {
-                let bytes = m.bytes().map(|b| b.as_slice()).unwrap_or_default();
+                // The simulated network keeps received media in memory (capped): a
+                // fetched file is read in.
+                let bytes = m.load().map_err(|e| {
+                    ApiError::new(
+                        hyper::StatusCode::INSUFFICIENT_STORAGE,
+                        format!("cannot read the media back: {e}"),
+                    )
+                })?;
                 let media = botvisor_actors::ReceivedMedia {
                     mimetype: Some(m.mimetype.clone()),
-                    size: Some(bytes.len() as u64),
+                    size: m.size(),
                     file_name: m.file_name.clone(),
                     caption: m.caption.clone(),
-                    sha256: Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))),
+                    sha256: crate::webhooks::media_sha256(&m),
                     voice: m.voice,
                     locator: None,
                 };
-                let bytes = m.bytes().cloned();
                 (m.caption, Some((media, bytes)))
             }
             _ => (None, None),

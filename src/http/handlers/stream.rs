@@ -7,44 +7,24 @@
 //! slow anything else; it reconnects and resumes. Pairing codes are in the events only for
 //! holders of the key (or when no key is set).
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
-use hyper::body::Frame;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
 use tokio::sync::{broadcast, mpsc};
 
 use crate::events::{Backlog, EventHub};
 use crate::http::access::{Caller, Key, Scope};
+use crate::http::response::ChannelBody;
 use crate::http::router::{Answer, Ctx};
 
 /// Frames buffered per client before it counts as too slow.
 const CLIENT_BUFFER: usize = 256;
 /// A comment this often keeps an idle stream open through proxies.
 const HEARTBEAT: Duration = Duration::from_secs(15);
-
-/// A body fed by a channel: it ends when the sending task drops its end.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0
-            .poll_recv(cx)
-            .map(|chunk| chunk.map(|b| Ok(Frame::data(b))))
-    }
-}
 
 /// A client's backlog and its receiver for what comes next.
 type Subscribed = (Backlog, broadcast::Receiver<u64>);

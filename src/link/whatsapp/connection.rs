@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 use whatsapp_rust::prelude::*;
 
 use botvisor_actors::{
-    BoxFuture, ChatPresence, Connection as LinkConnection, Done, LinkError, MessageRef,
+    BoxFuture, ChatPresence, Connection as LinkConnection, Done, Fetched, LinkError, MessageRef,
     NumberCheck, Outgoing, Profile,
 };
 
@@ -290,8 +290,38 @@ fn deliver(
 
 /// A poll as WhatsApp's apps (and whatsapp-rust's `polls().create`) write it: version 3
 /// for a single choice, 1 for several, with a fresh 32-byte secret (voters derive their
-/// vote keys from it; botvisor does not count votes, so it is not kept). Built here so a
-/// queued poll goes out under the id its 202 gave.
+/// vote keys from it; whatsapp-rust keeps it with every message it sends, which is how a
+/// vote is read later, `events::open_vote`). Built here so a queued poll goes out under
+/// the id its 202 gave.
+/// An encrypted media in an unnamed temporary file, read from any offset (an upload that
+/// resumes starts where the media host stopped) without moving a shared file position.
+struct EncryptedFile {
+    file: Arc<std::fs::File>,
+    len: u64,
+}
+
+impl EncryptedFile {
+    fn new(file: std::fs::File, len: u64) -> EncryptedFile {
+        EncryptedFile {
+            file: Arc::new(file),
+            len,
+        }
+    }
+}
+
+impl whatsapp_rust::wacore::upload::UploadSource for EncryptedFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn reader_from(&self, offset: u64) -> std::io::Result<Box<dyn std::io::Read + Send>> {
+        Ok(Box::new(botvisor_actors::FileReader::new(
+            Arc::clone(&self.file),
+            offset,
+        )))
+    }
+}
+
 /// Uploads a media (encrypted by whatsapp-rust to WhatsApp's media servers, from the
 /// media connection WhatsApp hands out) and builds its message.
 async fn upload_media(
@@ -302,8 +332,8 @@ async fn upload_media(
     use botvisor_actors::MediaKind;
     use whatsapp_rust::download::MediaType;
     use whatsapp_rust::media as build;
-    let bytes = media
-        .bytes()
+    let plain = media
+        .reader()
         .ok_or_else(|| LinkError::new("the media was not fetched before the send (a bug)"))?;
     let media_type = match media.kind {
         MediaKind::Image => MediaType::Image,
@@ -312,12 +342,29 @@ async fn upload_media(
         MediaKind::Document => MediaType::Document,
         MediaKind::Sticker => MediaType::Sticker,
     };
-    let upload = client
-        .upload(
-            bytes.as_ref().clone(),
+    // Encrypted into an unnamed temporary file as it is read (from the file it was
+    // streamed into, or from the bytes of a JSON body, not copied), then streamed from it
+    // to the media host: the ciphertext is never in memory.
+    let (encrypted, info) = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let mut file = tempfile::tempfile()?;
+        let mut out = std::io::BufWriter::new(&mut file);
+        let info = whatsapp_rust::wacore::upload::encrypt_media_streaming(
+            std::io::BufReader::new(plain),
+            &mut out,
             media_type,
-            whatsapp_rust::UploadOptions::new(),
         )
+        .map_err(std::io::Error::other)?;
+        out.flush()?;
+        drop(out);
+        let len = file.metadata()?.len();
+        Ok::<_, std::io::Error>((EncryptedFile::new(file, len), info))
+    })
+    .await
+    .map_err(|e| LinkError::new(format!("the media encryption stopped: {e}")))?
+    .map_err(|e| LinkError::new(format!("cannot encrypt the media: {e}")))?;
+    let upload = client
+        .upload_stream(encrypted, info, media_type)
         .await
         .map_err(|e| LinkError::new(format!("the media upload failed: {e:#}")))?;
     let context = context.map(Box::new);
@@ -604,15 +651,27 @@ impl LinkConnection for WhatsAppConnection {
     /// A received media's bytes: fetched from WhatsApp's media servers (through the
     /// session's proxy when it has one) and decrypted by whatsapp-rust, which checks
     /// both hashes.
-    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Vec<u8>, LinkError>> {
+    /// Downloaded and decrypted (and its hashes checked) by whatsapp-rust into an
+    /// unnamed temporary file, never whole in memory.
+    fn download(&self, locator: &str) -> BoxFuture<'static, Result<Fetched, LinkError>> {
         let client = self.client.clone();
         let locator = super::locator::Locator::parse(locator);
         Box::pin(async move {
             let locator = locator.map_err(LinkError::new)?;
-            client
-                .download(&locator)
+            let file = tempfile::tempfile()
+                .map_err(|e| LinkError::new(format!("no temporary file for the media: {e}")))?;
+            let file = client
+                .download_to_writer(&locator, file)
                 .await
-                .map_err(|e| LinkError::new(format!("the media download failed: {e:#}")))
+                .map_err(|e| LinkError::new(format!("the media download failed: {e:#}")))?;
+            let len = file
+                .metadata()
+                .map_err(|e| LinkError::new(format!("the downloaded media: {e}")))?
+                .len();
+            Ok(Fetched::File {
+                file: Arc::new(file),
+                len,
+            })
         })
     }
 
