@@ -441,17 +441,19 @@ fn a_queued_media_send_is_fetched_when_its_turn_comes() {
     }
 }
 
-/// The real link, end to end against the loopback peer: the media is encrypted and
-/// uploaded by whatsapp-rust to the peer's media host (HTTPS), the message carries its
-/// key and path, and the peer, reading the host's bytes back and decrypting them, finds
-/// the very bytes sent (SHA-256), with the type, caption and file name.
+/// The real link, end to end against the loopback peer: the media (base64 in JSON, an
+/// image by URL, a document and an image uploaded as the body) is encrypted and uploaded
+/// by whatsapp-rust to the peer's media host (HTTPS), the message carries its key and
+/// path, and the peer, reading the host's bytes back and decrypting them, finds the very
+/// bytes sent (SHA-256), with the type, caption and file name.
 #[cfg(feature = "test-peer")]
 #[test]
 fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
     use botvisor_wa_peer::Peer;
     let peer = Peer::start();
+    let files = file_server();
     let dir = tempfile::tempdir().unwrap();
-    let s = common::start_real_link(&peer.url(), dir.path(), &[]);
+    let s = common::start_real_link(&peer.url(), dir.path(), &["--media-allow-private"]);
     common::paired_online(&s, "wm_1", "Media Bot");
     let b64 = |b: &[u8]| base64::engine::general_purpose::STANDARD.encode(b);
     let ogg = {
@@ -474,6 +476,14 @@ fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
                 "document application/pdf {} sha256:{} file report.pdf",
                 pdf().len(),
                 sha(&pdf())
+            ),
+        ),
+        (
+            json!({"to": "15550001111", "image": {"url": format!("http://127.0.0.1:{files}/png")}, "caption": "by url"}),
+            format!(
+                "image image/png {} sha256:{} caption by url",
+                png().len(),
+                sha(&png())
             ),
         ),
         (
@@ -509,42 +519,55 @@ fn real_link_media_reaches_the_peer_intact_through_its_media_host() {
         };
         assert_eq!(about, expected);
     }
-    // A media uploaded as the request's body goes the same way.
-    let raw = {
-        let body = pdf();
+    // Media uploaded as the request's body go the same way.
+    for (query, content_type, body, expected) in [
+        (
+            "kind=document&to=15550001111&filename=body.pdf",
+            "application/pdf",
+            pdf(),
+            format!(
+                "document application/pdf {} sha256:{} file body.pdf",
+                pdf().len(),
+                sha(&pdf())
+            ),
+        ),
+        (
+            "kind=image&to=15550001111&caption=uploaded",
+            "image/png",
+            png(),
+            format!(
+                "image image/png {} sha256:{} caption uploaded",
+                png().len(),
+                sha(&png())
+            ),
+        ),
+    ] {
         let mut r = format!(
-            "POST /api/sessions/wm_1/messages/upload?kind=document&to=15550001111&filename=body.pdf HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/pdf\r\nContent-Length: {}\r\n\r\n",
+            "POST /api/sessions/wm_1/messages/upload?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
             body.len()
         )
         .into_bytes();
         r.extend_from_slice(&body);
-        s.raw(&r)
-    };
-    assert_eq!(raw.status, 201, "{}", raw.body);
-    let id = raw.json()["messageId"].as_str().unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let about = loop {
-        let found = peer
-            .stats()
-            .decrypted
-            .iter()
-            .find(|d| d.id == id)
-            .and_then(|d| d.about.clone());
-        if let Some(a) = found {
-            break a;
-        }
-        assert!(Instant::now() < deadline, "{id} never decrypted");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(
-        about,
-        format!(
-            "document application/pdf {} sha256:{} file body.pdf",
-            pdf().len(),
-            sha(&pdf())
-        )
-    );
-    assert_eq!(peer.media_uploads().len(), 4, "one upload per send");
+        let raw = s.raw(&r);
+        assert_eq!(raw.status, 201, "{}", raw.body);
+        let id = raw.json()["messageId"].as_str().unwrap().to_string();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let about = loop {
+            let found = peer
+                .stats()
+                .decrypted
+                .iter()
+                .find(|d| d.id == id)
+                .and_then(|d| d.about.clone());
+            if let Some(a) = found {
+                break a;
+            }
+            assert!(Instant::now() < deadline, "{id} never decrypted");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(about, expected);
+    }
+    assert_eq!(peer.media_uploads().len(), 6, "one upload per send");
     assert_eq!(s.session("wm_1")["state"], "online");
 }
 

@@ -2281,6 +2281,45 @@ fn received_media_is_downloaded_from_the_media_host_and_decrypted() {
             && v == &image.len().to_string()),
         "{headers:?}"
     );
+    // A document the peer's user sends, on the media host: the same bytes, its type.
+    let document: Vec<u8> = b"%PDF-1.7\n"
+        .iter()
+        .copied()
+        .chain((0..150_000u32).map(|i| (i * 17 % 241) as u8))
+        .collect();
+    let content = peer.upload_document(&document, "application/pdf", "minutes.pdf");
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0DL00000000000003".into(),
+        content,
+    });
+    wait_until(20, "the document arrives", || {
+        got_all(&got)
+            .iter()
+            .any(|v| v["data"]["messageId"] == "3EB0DL00000000000003")
+    });
+    let event = got_all(&got)
+        .into_iter()
+        .find(|v| v["data"]["messageId"] == "3EB0DL00000000000003")
+        .unwrap();
+    assert_eq!(event["data"]["kind"], "document", "{event}");
+    assert_eq!(event["data"]["fileName"], "minutes.pdf", "{event}");
+    let (status, headers, body) =
+        s.get_bytes("/api/sessions/wa_dl/messages/3EB0DL00000000000003/media");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(
+        body == document,
+        "the document differs ({} vs {})",
+        body.len(),
+        document.len()
+    );
+    assert!(
+        headers
+            .iter()
+            .any(|(k, v)| k.eq_ignore_ascii_case("content-type") && v == "application/pdf"),
+        "{headers:?}"
+    );
     let r = s.get("/api/sessions/wa_dl/messages/3EB0DL00000000000002/media");
     assert!(r.error(502).contains("download failed"), "{}", r.body);
     assert_eq!(s.session("wa_dl")["state"], "online");

@@ -525,6 +525,26 @@ impl Peer {
         }
     }
 
+    /// Encrypts `file` as a sender's phone does a document, keeps it on the media host,
+    /// and returns the message that points to it (send it with [`Command::Send`]).
+    pub fn upload_document(&self, file: &[u8], mimetype: &str, file_name: &str) -> signal::Content {
+        let enc = whatsapp_rust::wacore::upload::encrypt_media(
+            file,
+            whatsapp_rust::wacore::download::MediaType::Document,
+        )
+        .expect("encrypt the document");
+        let direct_path = self.inner.media.put(enc.data_to_upload);
+        signal::Content::HostedDocument {
+            direct_path,
+            media_key: enc.media_key,
+            file_sha256: enc.file_sha256,
+            file_enc_sha256: enc.file_enc_sha256,
+            size: file.len() as u64,
+            mimetype: mimetype.to_string(),
+            file_name: file_name.to_string(),
+        }
+    }
+
     /// The uploads the media host received: (direct path, encrypted length).
     pub fn media_uploads(&self) -> Vec<(String, usize)> {
         self.inner.media.uploads()

@@ -318,6 +318,23 @@ pub enum Content {
         /// The text under it.
         caption: String,
     },
+    /// A document on the peer's media host (see `Peer::upload_document`).
+    HostedDocument {
+        /// Where the host keeps it, encrypted.
+        direct_path: String,
+        /// The key it was encrypted with.
+        media_key: [u8; 32],
+        /// SHA-256 of the plain file.
+        file_sha256: [u8; 32],
+        /// SHA-256 of what the host keeps.
+        file_enc_sha256: [u8; 32],
+        /// Its size (bytes, plain).
+        size: u64,
+        /// Its MIME type.
+        mimetype: String,
+        /// Its file name.
+        file_name: String,
+    },
     /// A reaction to a message of the chat (`""` removes it).
     Reaction {
         /// The message reacted to.
@@ -368,6 +385,29 @@ impl Content {
                         file_length: Some(*size),
                         mimetype: Some(mimetype.clone()),
                         caption: Some(caption.clone()),
+                        ..Default::default()
+                    },
+                ),
+                ..Default::default()
+            },
+            Content::HostedDocument {
+                direct_path,
+                media_key,
+                file_sha256,
+                file_enc_sha256,
+                size,
+                mimetype,
+                file_name,
+            } => wap::Message {
+                document_message: whatsapp_rust::buffa::MessageField::some(
+                    wap::message::DocumentMessage {
+                        direct_path: Some(direct_path.clone()),
+                        media_key: Some(media_key.to_vec()),
+                        file_sha256: Some(file_sha256.to_vec()),
+                        file_enc_sha256: Some(file_enc_sha256.to_vec()),
+                        file_length: Some(*size),
+                        mimetype: Some(mimetype.clone()),
+                        file_name: Some(file_name.clone()),
                         ..Default::default()
                     },
                 ),
@@ -485,7 +525,10 @@ impl Content {
             | Content::Edit { .. } => "text",
             Content::Revoke { .. } => "text",
             Content::PollVote { .. } => "poll",
-            Content::Location { .. } | Content::Document { .. } | Content::Image { .. } => "media",
+            Content::Location { .. }
+            | Content::Document { .. }
+            | Content::HostedDocument { .. }
+            | Content::Image { .. } => "media",
             Content::Reaction { .. } => "reaction",
         }
     }
@@ -501,7 +544,7 @@ impl Content {
             | Content::Revoke { .. }
             | Content::PollVote { .. } => None,
             Content::Location { .. } => Some("location"),
-            Content::Document { .. } => Some("document"),
+            Content::Document { .. } | Content::HostedDocument { .. } => Some("document"),
             Content::Image { .. } => Some("image"),
         }
     }
