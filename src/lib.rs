@@ -315,6 +315,7 @@ async fn open_store(
         database: config.database.clone(),
         data_dir: config.data_dir.clone(),
         backup_keep: config.backup_keep,
+        messages_keep: config.messages_keep,
         link,
         commit_seconds: Some(metrics.store_commit_seconds.clone()),
         recovery_seconds: Some(metrics.recovery_seconds.clone()),

@@ -158,6 +158,13 @@ pub struct ServeArgs {
     #[arg(long, env = "BOTVISOR_MEDIA_FETCH_TIMEOUT", value_name = "DURATION",
           value_parser = parse_duration, default_value = "30s")]
     pub media_fetch_timeout: HumanDuration,
+    /// How long a message is remembered by its id: what a reply, a reaction, an edit, a
+    /// revoke or a poll vote needs to name it, a sent poll's options, and where a
+    /// received media's bytes are (its key). Older ones are forgotten: their media can no
+    /// longer be downloaded, nor a vote on their poll read.
+    #[arg(long, env = "BOTVISOR_MESSAGES_KEEP", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "30days")]
+    pub messages_keep: HumanDuration,
     /// Fetch media URLs that resolve to private, loopback or link-local addresses too
     /// (refused by default: a send must not reach into the server's own network).
     #[arg(long, env = "BOTVISOR_MEDIA_ALLOW_PRIVATE")]

@@ -169,6 +169,8 @@ pub struct Config {
     pub supervisor: SupervisorConfig,
     /// Backups kept per session.
     pub backup_keep: usize,
+    /// How long messages are remembered by id (`--messages-keep`).
+    pub messages_keep: std::time::Duration,
     /// Simulated link settings.
     pub sim: SimSettings,
     /// Real link settings.
@@ -284,6 +286,7 @@ impl Config {
             link: args.link,
             supervisor: args.supervisor(),
             backup_keep: args.backup_keep,
+            messages_keep: args.messages_keep.0,
             sim: SimSettings {
                 code_ttl: args.sim_code_ttl.0,
                 pair_delay: args.sim_pair_delay.0,
@@ -318,7 +321,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 15] = [
+        let checks: [(bool, &str); 16] = [
             (
                 p.backoff_max > BACKOFF_MAX_LIMIT,
                 "--backoff-max must be at most 1h (a longer wait looks like a dead bot)",
@@ -361,6 +364,10 @@ impl Config {
                 "--request-timeout must be greater than 0",
             ),
             (self.backup_keep == 0, "--backup-keep must be at least 1"),
+            (
+                self.messages_keep < std::time::Duration::from_secs(60),
+                "--messages-keep must be at least 1m",
+            ),
             (
                 self.sim.code_ttl.is_zero(),
                 "--sim-code-ttl must be greater than 0",

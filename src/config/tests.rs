@@ -219,6 +219,11 @@ fn bad_values_name_their_flag() {
         ("link = \"pigeon\"\n", "'--link"),
         ("wa_version = \"2.x\"\n", "'--wa-version"),
         ("boot_batch = 0\n", "--boot-batch must be at least 1"),
+        (
+            "messages_keep = \"30s\"\n",
+            "--messages-keep must be at least 1m",
+        ),
+        ("messages_keep = \"forever\"\n", "'--messages-keep"),
         ("boot_batch = -1\n", "'--boot-batch"),
         ("no_such_key = 1\n", "unknown key `no_such_key`"),
         ("config = \"other.toml\"\n", "unknown key `config`"),

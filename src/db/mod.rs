@@ -82,7 +82,7 @@ pub struct OutboxRow {
 
 /// A message a session sent or received, remembered by its id: what a reaction, an edit,
 /// a revoke or a reply needs to name it on the network (its chat, author, whether the
-/// session wrote it). Kept [`MESSAGES_KEPT_MS`].
+/// session wrote it). Kept `--messages-keep` ([`MESSAGES_KEPT_MS`] by default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageRow {
     /// The session.
@@ -196,7 +196,7 @@ impl std::fmt::Debug for SessionReceiver {
     }
 }
 
-/// How long a message is remembered by its id (30 days).
+/// How long a message is remembered by its id by default (30 days, `--messages-keep`).
 pub const MESSAGES_KEPT_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// A structural change, applied in the order it was made.

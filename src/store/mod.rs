@@ -47,6 +47,8 @@ pub struct StoreConfig {
     pub data_dir: PathBuf,
     /// Backups kept per session.
     pub backup_keep: usize,
+    /// How long messages are remembered by id (then forgotten by the writer).
+    pub messages_keep: std::time::Duration,
     /// The link whose credentials the sessions hold (`sim`, `whatsapp`).
     pub link: &'static str,
     /// Where the writer records each commit's duration (the metrics), if anywhere.
@@ -114,10 +116,13 @@ impl Store {
             let commit_seconds = config.commit_seconds.clone();
             let queue = queue.clone();
             let backups = backups.clone();
+            let keep_ms = u64::try_from(config.messages_keep.as_millis()).unwrap_or(u64::MAX);
             let webhooks = config.webhooks.clone();
             std::thread::Builder::new()
                 .name("botvisor-store".into())
-                .spawn(move || writer::run(&queue, conn, backups, commit_seconds, webhooks))
+                .spawn(move || {
+                    writer::run(&queue, conn, backups, commit_seconds, webhooks, keep_ms)
+                })
                 .map_err(|e| StorageError::Failed(format!("cannot start the store writer: {e}")))
                 .map_err(OpenError::from)?
         };
@@ -592,6 +597,7 @@ pub(crate) fn test_config(dir: &std::path::Path) -> StoreConfig {
         database: Database::File(dir.join("b.db")),
         data_dir: dir.to_path_buf(),
         backup_keep: 3,
+        messages_keep: std::time::Duration::from_millis(db::MESSAGES_KEPT_MS),
         link: "sim",
         commit_seconds: None,
         recovery_seconds: None,

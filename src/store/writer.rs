@@ -17,9 +17,7 @@ use tokio::sync::oneshot;
 use botvisor_actors::{SessionRecord, StorageError};
 
 use super::backup::Backups;
-use crate::db::{
-    Batch, Change, Engine, EventRow, MessageRow, OutboxRow, QueuedRow, MESSAGES_KEPT_MS,
-};
+use crate::db::{Batch, Change, Engine, EventRow, MessageRow, OutboxRow, QueuedRow};
 
 /// State-change events held while the disk is failing; older ones are dropped past this.
 const EVENTS_QUEUED_MAX: usize = 200_000;
@@ -30,7 +28,7 @@ const MESSAGES_WAIT: Duration = Duration::from_millis(200);
 const MESSAGES_MAX: usize = 1_000;
 /// Messages held while the disk is failing; older ones are dropped past this.
 const MESSAGES_QUEUED_MAX: usize = 200_000;
-/// How often messages older than [`MESSAGES_KEPT_MS`] are forgotten.
+/// How often messages older than `--messages-keep` are forgotten.
 const FORGET_EVERY: Duration = Duration::from_secs(3600);
 /// Longest pause between retries of a failing commit.
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -379,6 +377,7 @@ pub fn run(
     backups: Backups,
     commit_seconds: Option<prometheus_client::metrics::histogram::Histogram>,
     webhooks: Option<std::sync::Arc<crate::webhooks::Webhooks>>,
+    keep_ms: u64,
 ) {
     let mut retry = Duration::from_millis(50);
     let mut forgot: Option<Instant> = None;
@@ -388,8 +387,7 @@ pub fn run(
             .partition(|op| matches!(op, Op::Flush(_)));
         batch.ops = writes;
         let forget = !batch.is_empty() && forgot.is_none_or(|t| t.elapsed() >= FORGET_EVERY);
-        let forget_before =
-            forget.then(|| botvisor_actors::now_ms().saturating_sub(MESSAGES_KEPT_MS));
+        let forget_before = forget.then(|| botvisor_actors::now_ms().saturating_sub(keep_ms));
         let result = if batch.is_empty() {
             // Only flushes: what was queued before them is committed already (this thread
             // commits in order), so they are answered without an empty transaction. A
