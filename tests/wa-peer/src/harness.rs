@@ -306,3 +306,15 @@ pub fn exit_on_error(name: &str, main: impl FnOnce() -> Result<(), String>) {
         std::process::exit(1);
     }
 }
+
+/// Polls `pred` every 50 ms for at most `limit`.
+pub fn wait(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) -> Result<(), String> {
+    let deadline = Instant::now() + limit;
+    while !pred() {
+        if Instant::now() > deadline {
+            return Err(format!("{what}: not within {limit:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -505,42 +505,48 @@ impl Peer {
         self.inner.media_addr
     }
 
-    /// Encrypts `image` as a sender's phone does, keeps it on the media host, and
-    /// returns the message that points to it (send it with [`Command::Send`]).
-    pub fn upload_image(&self, image: &[u8], mimetype: &str, caption: &str) -> signal::Content {
-        let enc = whatsapp_rust::wacore::upload::encrypt_media(
-            image,
-            whatsapp_rust::wacore::download::MediaType::Image,
-        )
-        .expect("encrypt the image");
-        let direct_path = self.inner.media.put(enc.data_to_upload);
-        signal::Content::Image {
-            direct_path,
-            media_key: enc.media_key,
-            file_sha256: enc.file_sha256,
-            file_enc_sha256: enc.file_enc_sha256,
-            size: image.len() as u64,
-            mimetype: mimetype.to_string(),
-            caption: caption.to_string(),
-        }
-    }
-
-    /// Encrypts `file` as a sender's phone does a document, keeps it on the media host,
-    /// and returns the message that points to it (send it with [`Command::Send`]).
-    pub fn upload_document(&self, file: &[u8], mimetype: &str, file_name: &str) -> signal::Content {
-        let enc = whatsapp_rust::wacore::upload::encrypt_media(
-            file,
-            whatsapp_rust::wacore::download::MediaType::Document,
-        )
-        .expect("encrypt the document");
-        let direct_path = self.inner.media.put(enc.data_to_upload);
-        signal::Content::HostedDocument {
-            direct_path,
+    /// Encrypts `file` as a sender's phone does a media of `kind`, and keeps it on the
+    /// media host.
+    fn host(
+        &self,
+        file: &[u8],
+        kind: whatsapp_rust::wacore::download::MediaType,
+        mimetype: &str,
+    ) -> signal::Hosted {
+        let enc =
+            whatsapp_rust::wacore::upload::encrypt_media(file, kind).expect("encrypt the media");
+        signal::Hosted {
+            direct_path: self.inner.media.put(enc.data_to_upload),
             media_key: enc.media_key,
             file_sha256: enc.file_sha256,
             file_enc_sha256: enc.file_enc_sha256,
             size: file.len() as u64,
             mimetype: mimetype.to_string(),
+        }
+    }
+
+    /// An image on the media host, and the message that points to it (send it with
+    /// [`Command::Send`]).
+    pub fn upload_image(&self, image: &[u8], mimetype: &str, caption: &str) -> signal::Content {
+        signal::Content::Image {
+            media: self.host(
+                image,
+                whatsapp_rust::wacore::download::MediaType::Image,
+                mimetype,
+            ),
+            caption: caption.to_string(),
+        }
+    }
+
+    /// A document on the media host, and the message that points to it (send it with
+    /// [`Command::Send`]).
+    pub fn upload_document(&self, file: &[u8], mimetype: &str, file_name: &str) -> signal::Content {
+        signal::Content::HostedDocument {
+            media: self.host(
+                file,
+                whatsapp_rust::wacore::download::MediaType::Document,
+                mimetype,
+            ),
             file_name: file_name.to_string(),
         }
     }

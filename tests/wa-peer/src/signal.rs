@@ -234,6 +234,24 @@ struct Uploaded {
     pre_keys: Vec<(u32, [u8; 32])>,
 }
 
+/// A media on the peer's media host: where it is and how to read it, as a message
+/// points to it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hosted {
+    /// Where the host keeps it, encrypted.
+    pub direct_path: String,
+    /// The key it was encrypted with.
+    pub media_key: [u8; 32],
+    /// SHA-256 of the plain file.
+    pub file_sha256: [u8; 32],
+    /// SHA-256 of what the host keeps.
+    pub file_enc_sha256: [u8; 32],
+    /// Its size (bytes, plain).
+    pub size: u64,
+    /// Its MIME type.
+    pub mimetype: String,
+}
+
 /// What the peer's user sends a client.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Content {
@@ -301,37 +319,18 @@ pub enum Content {
         /// SHA-256 of the plain file.
         sha256: [u8; 32],
     },
-    /// An image on the peer's media host (see `Peer::upload`), as WhatsApp sends one.
+    /// An image on the peer's media host (see `Peer::upload_image`), as WhatsApp sends
+    /// one.
     Image {
-        /// Where the host keeps it, encrypted.
-        direct_path: String,
-        /// The key it was encrypted with.
-        media_key: [u8; 32],
-        /// SHA-256 of the plain image.
-        file_sha256: [u8; 32],
-        /// SHA-256 of what the host keeps.
-        file_enc_sha256: [u8; 32],
-        /// Its size (bytes, plain).
-        size: u64,
-        /// Its MIME type.
-        mimetype: String,
+        /// Where it is and how to read it.
+        media: Hosted,
         /// The text under it.
         caption: String,
     },
     /// A document on the peer's media host (see `Peer::upload_document`).
     HostedDocument {
-        /// Where the host keeps it, encrypted.
-        direct_path: String,
-        /// The key it was encrypted with.
-        media_key: [u8; 32],
-        /// SHA-256 of the plain file.
-        file_sha256: [u8; 32],
-        /// SHA-256 of what the host keeps.
-        file_enc_sha256: [u8; 32],
-        /// Its size (bytes, plain).
-        size: u64,
-        /// Its MIME type.
-        mimetype: String,
+        /// Where it is and how to read it.
+        media: Hosted,
         /// Its file name.
         file_name: String,
     },
@@ -367,23 +366,16 @@ impl Content {
                 ),
                 ..Default::default()
             },
-            Content::Image {
-                direct_path,
-                media_key,
-                file_sha256,
-                file_enc_sha256,
-                size,
-                mimetype,
-                caption,
-            } => wap::Message {
+            // The same fields under the same names in each kind's message.
+            Content::Image { media: m, caption } => wap::Message {
                 image_message: whatsapp_rust::buffa::MessageField::some(
                     wap::message::ImageMessage {
-                        direct_path: Some(direct_path.clone()),
-                        media_key: Some(media_key.to_vec()),
-                        file_sha256: Some(file_sha256.to_vec()),
-                        file_enc_sha256: Some(file_enc_sha256.to_vec()),
-                        file_length: Some(*size),
-                        mimetype: Some(mimetype.clone()),
+                        direct_path: Some(m.direct_path.clone()),
+                        media_key: Some(m.media_key.to_vec()),
+                        file_sha256: Some(m.file_sha256.to_vec()),
+                        file_enc_sha256: Some(m.file_enc_sha256.to_vec()),
+                        file_length: Some(m.size),
+                        mimetype: Some(m.mimetype.clone()),
                         caption: Some(caption.clone()),
                         ..Default::default()
                     },
@@ -391,22 +383,17 @@ impl Content {
                 ..Default::default()
             },
             Content::HostedDocument {
-                direct_path,
-                media_key,
-                file_sha256,
-                file_enc_sha256,
-                size,
-                mimetype,
+                media: m,
                 file_name,
             } => wap::Message {
                 document_message: whatsapp_rust::buffa::MessageField::some(
                     wap::message::DocumentMessage {
-                        direct_path: Some(direct_path.clone()),
-                        media_key: Some(media_key.to_vec()),
-                        file_sha256: Some(file_sha256.to_vec()),
-                        file_enc_sha256: Some(file_enc_sha256.to_vec()),
-                        file_length: Some(*size),
-                        mimetype: Some(mimetype.clone()),
+                        direct_path: Some(m.direct_path.clone()),
+                        media_key: Some(m.media_key.to_vec()),
+                        file_sha256: Some(m.file_sha256.to_vec()),
+                        file_enc_sha256: Some(m.file_enc_sha256.to_vec()),
+                        file_length: Some(m.size),
+                        mimetype: Some(m.mimetype.clone()),
                         file_name: Some(file_name.clone()),
                         ..Default::default()
                     },

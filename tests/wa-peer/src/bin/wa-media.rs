@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botvisor_wa_peer::harness::{
-    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, DirGuard,
+    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, wait, DirGuard,
 };
 use botvisor_wa_peer::{Command as PeerCommand, Peer};
 use clap::Parser;
@@ -129,17 +129,6 @@ fn sha_hex(b: &[u8]) -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
-}
-
-fn wait(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while !pred() {
-        if Instant::now() > deadline {
-            return Err(format!("{what}: not within {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
 
 /// One phase's figures, printed.

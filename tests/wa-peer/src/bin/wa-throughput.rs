@@ -24,7 +24,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use botvisor_wa_peer::harness::{
-    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, DirGuard,
+    check, exit_on_error, fan_out, raise_nofile, seed_paired_file, start_botvisor, wait, DirGuard,
 };
 use botvisor_wa_peer::signal::Content;
 use botvisor_wa_peer::{Command as PeerCommand, Peer};
@@ -482,16 +482,4 @@ fn stat_cpu(path: &str) -> Option<(String, f64)> {
     let fields: Vec<&str> = tail.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some((comm, ticks / 100.0))
-}
-
-/// Polls `pred` every 50 ms for at most `limit`.
-fn wait(limit: Duration, what: &str, mut pred: impl FnMut() -> bool) -> Result<(), String> {
-    let deadline = Instant::now() + limit;
-    while !pred() {
-        if Instant::now() > deadline {
-            return Err(format!("{what}: not within {limit:?}"));
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }
