@@ -322,6 +322,44 @@ fn a_replaced_stream_stops_the_session_without_a_restart_loop() {
     assert_stays(&peer, &s, "wa_rep", "stopped", &before, ended);
 }
 
+/// Two botvisor processes with the same account (two data dirs holding one device's
+/// keys): the loopback peer, like WhatsApp, keeps one socket per device. The second login
+/// is recorded as an overlap and kicks the first with `<conflict type="replaced"/>`; the
+/// first session stops (its `lastError` says replaced) and does not come back, so the
+/// two never fight over the account: one overlap, one kick, one live connection after.
+#[test]
+fn a_second_login_for_one_account_replaces_the_first_and_the_peer_counts_it() {
+    let (peer, first, _) = online_with_webhook("wa_twice");
+    assert_eq!(peer.live("15551234567"), 1);
+    assert!(peer.stats().overlaps.is_empty());
+    let second = start(&peer, &[]);
+    second.create("wa_twice", "15551234567");
+    assert_eq!(second.post("/api/sessions/wa_twice/stop", None).status, 200);
+    seed_paired(&second, "wa_twice", "Sender");
+    assert_eq!(
+        second.post("/api/sessions/wa_twice/start", None).status,
+        200
+    );
+    second.wait_state("wa_twice", "online");
+    let v = first.wait_state("wa_twice", "stopped");
+    assert!(
+        v["lastError"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("replaced"),
+        "{v}"
+    );
+    let st = peer.stats();
+    assert_eq!(st.overlaps, ["15551234567:7"], "{:?}", st.overlaps);
+    assert_eq!(st.replaced, 1);
+    // The kicked one stays down: one live connection, and no new overlap.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(peer.live("15551234567"), 1);
+    assert_eq!(peer.stats().overlaps.len(), 1);
+    assert_eq!(first.session("wa_twice")["state"], "stopped");
+    assert_eq!(second.session("wa_twice")["state"], "online");
+}
+
 /// After a terminal event at `ended`, the session stays in `state`: once a probe shows
 /// that any reconnect would have happened, no connection but the probe's was made and
 /// the session's number asked for no new code.

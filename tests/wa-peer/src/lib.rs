@@ -148,6 +148,11 @@ pub struct Stats {
     pub unlinks: usize,
     /// Profile picture queries (`w:profile:picture`) answered.
     pub picture_queries: usize,
+    /// Each time a device logged in while another connection of the same device was
+    /// live (`user:device`): two sockets for one account, as WhatsApp sees them.
+    pub overlaps: Vec<String>,
+    /// Older connections kicked with `<conflict type="replaced"/>` by a newer login.
+    pub replaced: usize,
     /// Other IQs answered (pings and the like).
     pub other_iqs: usize,
     /// Tags of the nodes the peer sent on command.
@@ -188,6 +193,11 @@ struct Inner {
     unacked: Mutex<Vec<(String, Node)>>,
     /// The secrets of the polls clients sent, by message id (for [`Peer::vote`]).
     polls: Mutex<HashMap<String, Vec<u8>>>,
+    /// The logged-in connection of each account's device (`user:device`): its number and
+    /// what kicks it when another logs in as the same device.
+    live: Mutex<HashMap<String, (u64, Arc<tokio::sync::Notify>)>>,
+    /// Numbers connections by their login.
+    next_login: std::sync::atomic::AtomicU64,
     /// What the media host keeps.
     media: Arc<media_host::Files>,
     /// Where the media host listens.
@@ -473,6 +483,8 @@ impl Peer {
             absent: Mutex::default(),
             unacked: Mutex::default(),
             polls: Mutex::default(),
+            live: Mutex::default(),
+            next_login: std::sync::atomic::AtomicU64::new(1),
             media,
             media_addr,
             groups: Mutex::default(),
@@ -635,6 +647,19 @@ impl Peer {
             },
         });
         Ok(())
+    }
+
+    /// How many devices of the account of phone number `phone` are logged in now.
+    pub fn live(&self, phone: &str) -> usize {
+        self.inner
+            .live
+            .lock()
+            .map(|l| {
+                l.keys()
+                    .filter(|k| k.split(':').next() == Some(phone))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     /// Sends a command to every live connection.
@@ -882,6 +907,13 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
         return;
     };
     record(&inner, |s| s.handshakes += 1);
+    // A logged-in device is one connection at a time, as on WhatsApp: a newer login kicks
+    // the older socket with a conflict, and the overlap is recorded.
+    let kick = Arc::new(tokio::sync::Notify::new());
+    let _live = match (&session.client, session.login) {
+        (Some(c), true) => Some(LiveLogin::register(&inner, c, kick.clone())),
+        _ => None,
+    };
     if session.login {
         record(&inner, |s| s.logins += 1);
         let now = std::time::SystemTime::now()
@@ -947,6 +979,14 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
     }
     loop {
         tokio::select! {
+            _ = kick.notified() => {
+                let conflict = NodeBuilder::new("stream:error")
+                    .children([NodeBuilder::new("conflict").attr("type", "replaced").build()])
+                    .build();
+                record(&inner, |s| s.replaced += 1);
+                let _ = session.send(&conflict).await;
+                return;
+            }
             command = commands.recv() => {
                 let Ok(command) = command else { return };
                 if let Command::MarkRead { from, to, id } = &command {
@@ -1157,6 +1197,48 @@ async fn serve(tcp: TcpStream, inner: Arc<Inner>) {
                 if !session.send(&reply).await {
                     return;
                 }
+            }
+        }
+    }
+}
+
+/// A device's live login, registered while its connection lasts.
+struct LiveLogin {
+    inner: Arc<Inner>,
+    account: String,
+    id: u64,
+}
+
+impl LiveLogin {
+    /// Registers `client`'s login; an older live connection of the same device is
+    /// recorded as an overlap and told to go.
+    fn register(inner: &Arc<Inner>, client: &Jid, kick: Arc<tokio::sync::Notify>) -> LiveLogin {
+        let account = format!("{}:{}", client.user, client.device);
+        let id = inner
+            .next_login
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let older = inner
+            .live
+            .lock()
+            .ok()
+            .and_then(|mut l| l.insert(account.clone(), (id, kick)));
+        if let Some((_, older)) = older {
+            record(inner, |s| s.overlaps.push(account.clone()));
+            older.notify_one();
+        }
+        LiveLogin {
+            inner: inner.clone(),
+            account,
+            id,
+        }
+    }
+}
+
+impl Drop for LiveLogin {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.inner.live.lock() {
+            if l.get(&self.account).is_some_and(|(id, _)| *id == self.id) {
+                l.remove(&self.account);
             }
         }
     }
