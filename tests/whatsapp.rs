@@ -329,13 +329,19 @@ fn a_replaced_stream_stops_the_session_without_a_restart_loop() {
 /// two never fight over the account: one overlap, one kick, one live connection after.
 #[test]
 fn a_second_login_for_one_account_replaces_the_first_and_the_peer_counts_it() {
-    let (peer, first, _) = online_with_webhook("wa_twice");
+    let peer = Peer::start();
+    let first = start(&peer, &[]);
+    first.create("wa_twice", "15551234567");
+    assert_eq!(first.post("/api/sessions/wa_twice/stop", None).status, 200);
+    common::seed_paired_as(&first, "wa_twice", "Sender", 42);
+    assert_eq!(first.post("/api/sessions/wa_twice/start", None).status, 200);
+    first.wait_state("wa_twice", "online");
     assert_eq!(peer.live("15551234567"), 1);
     assert!(peer.stats().overlaps.is_empty());
     let second = start(&peer, &[]);
     second.create("wa_twice", "15551234567");
     assert_eq!(second.post("/api/sessions/wa_twice/stop", None).status, 200);
-    seed_paired(&second, "wa_twice", "Sender");
+    common::seed_paired_as(&second, "wa_twice", "Sender", 42);
     assert_eq!(
         second.post("/api/sessions/wa_twice/start", None).status,
         200
@@ -350,7 +356,7 @@ fn a_second_login_for_one_account_replaces_the_first_and_the_peer_counts_it() {
         "{v}"
     );
     let st = peer.stats();
-    assert_eq!(st.overlaps, ["15551234567:7"], "{:?}", st.overlaps);
+    assert_eq!(st.overlaps, ["15551234567:42"], "{:?}", st.overlaps);
     assert_eq!(st.replaced, 1);
     // The kicked one stays down: one live connection, and no new overlap.
     std::thread::sleep(Duration::from_secs(2));

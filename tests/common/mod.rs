@@ -837,18 +837,37 @@ pub fn test_pki(
 /// Makes a session's store look paired (as after pair-success): its device row gets the
 /// account's phone number and push name. The peer cannot play the phone's side of
 /// pairing, so this is how the paired paths are reached.
+/// The next companion device number a seeded session logs in as (10 to 99: WhatsApp's
+/// binary JIDs carry a device in one byte, and companions are small numbers). Each seed
+/// gets its own: the peer, like WhatsApp, keeps one socket per device, so sessions
+/// paired to the same phone must be different devices of it.
+fn next_device() -> u16 {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 90
+}
+
 #[allow(dead_code)]
 pub fn seed_paired(s: &Server, id: &str, name: &str) {
+    seed_paired_as(s, id, name, next_device());
+}
+
+/// [`seed_paired`] as device `device` of the account (two sessions seeded as the same
+/// device are one device logging in twice).
+#[allow(dead_code)]
+pub fn seed_paired_as(s: &Server, id: &str, name: &str, device: u16) {
     if test_engine_is_postgres() {
         let url = database_url_for(&s.data_dir).expect("a PostgreSQL database");
-        return seed_paired_in_database(&url, id, name);
+        return seed_paired_in_database_as(&url, id, name, device);
     }
     let db = s.data_dir.join(format!("sessions/{id}.db"));
     let c = rusqlite::Connection::open(db).unwrap();
     let n = c
         .execute(
-            "UPDATE device SET pn = '15551234567:7@s.whatsapp.net', push_name = ?1",
-            [name],
+            "UPDATE device SET pn = ?1, push_name = ?2",
+            [
+                format!("15551234567:{device}@s.whatsapp.net"),
+                name.to_string(),
+            ],
         )
         .unwrap();
     assert_eq!(n, 1, "the store has one device row");
@@ -857,13 +876,20 @@ pub fn seed_paired(s: &Server, id: &str, name: &str) {
 /// [`seed_paired`] for keys in PostgreSQL (`--keys database`) at `url`.
 #[allow(dead_code)]
 pub fn seed_paired_in_database(url: &str, id: &str, name: &str) {
+    seed_paired_in_database_as(url, id, name, next_device());
+}
+
+/// [`seed_paired_in_database`] as device `device`.
+#[allow(dead_code)]
+pub fn seed_paired_in_database_as(url: &str, id: &str, name: &str, device: u16) {
     let pg = pg::shared().expect("PostgreSQL runs");
     let out = pg
         .psql(
             url,
             &format!(
-                "UPDATE wa_device SET pn = '15551234567:7@s.whatsapp.net', push_name = '{}' \
+                "UPDATE wa_device SET pn = '15551234567:{}@s.whatsapp.net', push_name = '{}' \
                  WHERE session_id = '{id}' RETURNING 1",
+                device,
                 name.replace('\'', "''")
             ),
         )
