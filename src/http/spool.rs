@@ -23,6 +23,25 @@ pub enum SpoolError {
     Disk(std::io::Error),
 }
 
+impl SpoolError {
+    /// The API's answer: past `max`, the 413 of any media too large; a broken body as
+    /// `read` says (the caller knows whose body it was); no room on disk, 507.
+    pub fn answer(
+        self,
+        max: usize,
+        read: impl FnOnce(String) -> crate::http::errors::ApiError,
+    ) -> crate::http::errors::ApiError {
+        match self {
+            SpoolError::TooBig => crate::http::handlers::media::too_big(max),
+            SpoolError::Read(e) => read(e),
+            SpoolError::Disk(e) => crate::http::errors::ApiError::new(
+                hyper::StatusCode::INSUFFICIENT_STORAGE,
+                format!("no room for the media on its way: {e}"),
+            ),
+        }
+    }
+}
+
 /// Streams `body` into an unnamed temporary file, at most `max` bytes, hashing it on
 /// the way: an empty body is a file of length 0 (the caller decides what that means).
 pub async fn spool<B>(mut body: B, max: usize) -> Result<MediaFile, SpoolError>

@@ -273,6 +273,20 @@ impl Store {
             .await
     }
 
+    /// The options of a poll the session sent, by its message id (`None`: no such
+    /// message, or not a poll).
+    pub async fn sent_poll(
+        &self,
+        user_id: &str,
+        message_id: &str,
+    ) -> Result<Option<Vec<String>>, StorageError> {
+        Ok(self
+            .message(user_id, message_id)
+            .await?
+            .and_then(|m| m.poll_options)
+            .and_then(|o| serde_json::from_str(&o).ok()))
+    }
+
     /// Why commits are failing right now (`None`: the last one succeeded).
     pub fn failing(&self) -> Option<StorageError> {
         self.queue.failing()
@@ -412,10 +426,7 @@ impl Persistence for Store {
         user_id: &'a str,
         message_id: &'a str,
     ) -> BoxFuture<'a, Option<Vec<String>>> {
-        Box::pin(async move {
-            let row = self.message(user_id, message_id).await.ok()??;
-            serde_json::from_str(row.poll_options.as_deref()?).ok()
-        })
+        Box::pin(async move { self.sent_poll(user_id, message_id).await.ok()? })
     }
 
     fn receipt(&self, user_id: &str, receipt: &botvisor_actors::Receipt) {

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use botvisor_actors::{Media, MediaFile, MediaKind, MediaSource, Outgoing};
 
 use crate::http::errors::ApiError;
-use crate::http::spool::{spool, SpoolError};
+use crate::http::spool::spool;
 
 /// Redirects followed at most.
 pub const REDIRECTS_MAX: usize = 3;
@@ -256,14 +256,9 @@ impl Fetcher {
                 return Err(too_big(max));
             }
             // Streamed into a temporary file as it comes, never whole in memory.
-            let file = spool(answer.into_body(), max).await.map_err(|e| match e {
-                SpoolError::TooBig => too_big(max),
-                SpoolError::Read(e) => gateway(format!("reading it failed: {e}")),
-                SpoolError::Disk(e) => ApiError::new(
-                    StatusCode::INSUFFICIENT_STORAGE,
-                    format!("no room for the media on its way: {e}"),
-                ),
-            })?;
+            let file = spool(answer.into_body(), max)
+                .await
+                .map_err(|e| e.answer(max, |e| gateway(format!("reading it failed: {e}"))))?;
             if file.len == 0 {
                 return Err(bad("it answered an empty body".into()));
             }

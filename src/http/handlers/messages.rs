@@ -155,8 +155,9 @@ async fn uploaded(
     kind: &str,
     params: serde_json::Map<String, Value>,
 ) -> Result<(serde_json::Map<String, Value>, botvisor_actors::Outgoing), ApiError> {
-    if !super::content::KINDS.contains(&kind)
-        || matches!(kind, "text" | "location" | "contact" | "poll")
+    if !botvisor_actors::MediaKind::ALL
+        .iter()
+        .any(|(n, _)| *n == kind)
     {
         return Err(ApiError::bad_request(
             "kind must be image, video, audio, document or sticker (the media is the body)",
@@ -206,18 +207,10 @@ async fn uploaded(
                 ),
             )
         })?
-        .map_err(|e| match e {
-            crate::http::spool::SpoolError::TooBig => ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("The media is larger than --media-max-bytes ({max} bytes)"),
-            ),
-            crate::http::spool::SpoolError::Read(_) => {
+        .map_err(|e| {
+            e.answer(max, |_| {
                 ApiError::bad_request("Could not read the request body")
-            }
-            crate::http::spool::SpoolError::Disk(e) => ApiError::new(
-                StatusCode::INSUFFICIENT_STORAGE,
-                format!("no room for the media on its way: {e}"),
-            ),
+            })
         })?;
     if file.len == 0 {
         return Err(ApiError::bad_request("the uploaded media is empty"));

@@ -284,13 +284,7 @@ async fn voted(
             "pollVote.options must be an array of the poll's option names (empty: the vote taken back)",
         ));
     };
-    let known: Option<Vec<String>> = app
-        .store
-        .message(user_id, poll)
-        .await?
-        .and_then(|m| m.poll_options)
-        .and_then(|o| serde_json::from_str(&o).ok());
-    let Some(known) = known else {
+    let Some(known) = app.store.sent_poll(user_id, poll).await? else {
         return Err(ApiError::not_found(format!(
             "pollVote.messageId {poll} is not a poll this session sent"
         )));

@@ -113,27 +113,12 @@ pub(super) async fn open_vote(
         .map(|j| j.to_string())
         .collect();
     let backend = client.persistence_manager().backend();
-    let mut secret = None;
     // A secret is written behind the send (whatsapp-rust's buffer): a vote that comes
     // within milliseconds may find it a moment later.
-    for attempt in 0..2 {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        for chat in &chats {
-            for sender in own.iter().chain(std::iter::once(chat)) {
-                if let Ok(Some(s)) = backend.get_msg_secret(chat, sender, message_id).await {
-                    secret = Some(s);
-                    break;
-                }
-            }
-            if secret.is_some() {
-                break;
-            }
-        }
-        if secret.is_some() {
-            break;
-        }
+    let mut secret = msg_secret(&*backend, &chats, &own, message_id).await;
+    if secret.is_none() {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        secret = msg_secret(&*backend, &chats, &own, message_id).await;
     }
     let Some(secret) = secret else {
         tracing::debug!(%user_id, poll = %message_id, "a vote on a poll whose secret is unknown");
@@ -164,6 +149,24 @@ pub(super) async fn open_vote(
             tracing::debug!(%user_id, poll = %message_id, error = %e, "a vote that does not open")
         }
     }
+}
+
+/// The secret whatsapp-rust kept for message `id`, under any of the chat's names and
+/// any of the session's own (or the chat's, for a one-to-one chat it aliases).
+async fn msg_secret(
+    backend: &dyn whatsapp_rust::store::traits::Backend,
+    chats: &[String],
+    own: &[String],
+    id: &str,
+) -> Option<Vec<u8>> {
+    for chat in chats {
+        for sender in own.iter().chain(std::iter::once(chat)) {
+            if let Ok(Some(s)) = backend.get_msg_secret(chat, sender, id).await {
+                return Some(s);
+            }
+        }
+    }
+    None
 }
 
 /// What a received image, video, audio, document or sticker says about itself.
