@@ -45,6 +45,7 @@ pub mod link;
 pub mod logging;
 pub mod metrics;
 pub mod migrate;
+pub mod nodes;
 pub mod paths;
 pub mod qr;
 pub mod store;
@@ -72,7 +73,10 @@ enum Concrete {
 
 /// Builds the link the configuration asks for, and the concrete one behind it; with
 /// `--keys database`, the real link's key store in PostgreSQL is opened (and migrated).
-async fn make_link(config: &Config) -> Result<(Arc<dyn Link>, Concrete), RunError> {
+async fn make_link(
+    config: &Config,
+    node: Option<&Arc<db::nodes::Standing>>,
+) -> Result<(Arc<dyn Link>, Concrete), RunError> {
     match config.link {
         LinkKind::Sim => {
             let sim = Arc::new(link::sim::SimLink::new(
@@ -91,6 +95,9 @@ async fn make_link(config: &Config) -> Result<(Arc<dyn Link>, Concrete), RunErro
                     let keys = keys::PgKeys::open_with(url, pool)
                         .await
                         .map_err(|e| RunError::Keys(e.to_string()))?;
+                    if let Some(node) = node {
+                        keys.set_node(node.clone());
+                    }
                     link::credentials::Credentials::database(keys)
                 }
                 _ => link::credentials::Credentials::Files {
@@ -306,10 +313,29 @@ fn prepare_data_dir(dir: &std::path::Path) -> Result<paths::DataDirLock, RunErro
 
 /// Opens the store (off the runtime: the database's first connection may block) with
 /// the metrics and webhooks wired in; the store and the sessions to boot.
+/// The address the other nodes reach this one at, by default: the bound address, with
+/// loopback for an unspecified one.
+fn advertised(listener: &TcpListener) -> String {
+    match listener.local_addr() {
+        Ok(mut a) => {
+            if a.ip().is_unspecified() {
+                a.set_ip(if a.is_ipv4() {
+                    std::net::Ipv4Addr::LOCALHOST.into()
+                } else {
+                    std::net::Ipv6Addr::LOCALHOST.into()
+                });
+            }
+            format!("http://{a}")
+        }
+        Err(_) => "http://127.0.0.1".into(),
+    }
+}
+
 async fn open_store(
     config: &Config,
     link: &'static str,
     metrics: &metrics::Metrics,
+    node: Option<Arc<db::nodes::Standing>>,
 ) -> Result<(Arc<Store>, Vec<botvisor_actors::SessionRecord>), RunError> {
     let store_config = StoreConfig {
         database: config.database.clone(),
@@ -324,6 +350,7 @@ async fn open_store(
             .clone()
             .map(|w| webhooks::Webhooks::new(w, metrics.webhooks.clone())),
         messages: Some(metrics.messages.clone()),
+        node: node.clone(),
     };
     let open = tokio::task::spawn_blocking(move || Store::open(store_config))
         .await
@@ -364,9 +391,13 @@ pub async fn run(
 ) -> Result<(), RunError> {
     // Held until this function returns (and by the kernel until the process ends).
     let _data_dir = prepare_data_dir(&config.data_dir)?;
-    let (link, concrete) = make_link(&config).await?;
+    let standing = config.node.as_ref().map(|n| {
+        let advertise = n.advertise.clone().unwrap_or_else(|| advertised(&listener));
+        db::nodes::Standing::new(n.id.clone(), advertise, n.lease_ttl)
+    });
+    let (link, concrete) = make_link(&config, standing.as_ref()).await?;
     let metrics = Arc::new(metrics::Metrics::new(link.name()));
-    let (store, boot) = open_store(&config, link.name(), &metrics).await?;
+    let (store, boot) = open_store(&config, link.name(), &metrics, standing.clone()).await?;
     let mut database_keys = None;
     let proxies = link::proxy::Proxies::new(config.proxy.clone());
     let known = boot.iter().map(|r| r.user_id.as_str()).collect();
@@ -377,7 +408,11 @@ pub async fn run(
             wa.connect_through(proxies.clone());
             wa.keep_inbound_in(store.clone());
             database_keys = wa.credentials().database_keys();
-            sweep_keys(wa.credentials(), &boot).await?;
+            // (Nodes do not sweep: another node may be creating a session right now,
+            // its keys written before its row.)
+            if standing.is_none() {
+                sweep_keys(wa.credentials(), &boot).await?;
+            }
             None
         }
     };
@@ -390,11 +425,24 @@ pub async fn run(
             config: config.supervisor.clone(),
             link: link.clone(),
             persistence: store.clone(),
-            boot,
+            // A node resumes only the sessions it claims, once registered.
+            boot: if standing.is_some() { Vec::new() } else { boot },
         },
     )
     .await
     .map_err(|e| RunError::Supervisor(e.to_string()))?;
+    let node = match (standing, &config.node, store.rows()) {
+        (Some(standing), Some(settings), Some(rows)) => {
+            tracing::info!(node = %settings.id, advertise = %standing.advertise,
+                "registering as a node of the fleet");
+            let node = nodes::Node::new(rows.clone(), standing, settings.clone());
+            node.start(sup.clone())
+                .await
+                .map_err(RunError::Supervisor)?;
+            Some(node)
+        }
+        _ => None,
+    };
     let keys = Arc::new(http::access::Keys::load(store.clone()).await?);
     if !keys.is_empty() && !config.protect_reads {
         tracing::warn!(
@@ -421,6 +469,7 @@ pub async fn run(
         outbound: http::outbound::Outbound::new(config.send_interval),
         keys,
         proxies,
+        node: node.clone(),
         media: Arc::new(
             http::handlers::media::Fetcher::new(config.media.clone())
                 .map_err(|e| RunError::Supervisor(format!("cannot build the media client: {e}")))?,
@@ -441,10 +490,20 @@ pub async fn run(
     serve_on_own_runtime(listener, app, shutdown).await?;
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: stopping every session");
+    if let Some(node) = &node {
+        if node.settings.handoff {
+            tracing::info!("--handoff: handing every session to the other nodes first");
+            node.drain(&sup).await;
+        }
+        node.standing.set_draining(true);
+    }
     let wait = config.supervisor.shutdown_timeout * 2;
     match ractor::call_t!(sup, SupervisorMsg::Shutdown, wait.as_millis() as u64) {
         Ok(()) => tracing::info!("all sessions stopped"),
         Err(e) => tracing::warn!(error = %e, "sessions did not all stop in time"),
+    }
+    if let Some(node) = &node {
+        node.leave().await;
     }
     sup.stop(None);
     let _ = sup_task.await;

@@ -32,6 +32,7 @@ fn openapi_path(path: &str) -> String {
         .replace(":messageId", "{messageId}")
         .replace(":keyId", "{keyId}")
         .replace(":groupId", "{groupId}")
+        .replace(":nodeId", "{nodeId}")
 }
 
 /// (method, path) of every operation in the document.

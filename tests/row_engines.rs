@@ -429,3 +429,125 @@ fn one_server_per_postgres_database() {
         }
     }
 }
+
+/// Several nodes on one database (`db::nodes`): a node's writes for a session land only
+/// while the session's row names it and the fence it holds. Once another node claimed
+/// the session (its lease ran out), the first node's write is refused in the same
+/// transaction, the rest of its batch lands, and the session is reported lost.
+#[test]
+fn a_write_with_a_stale_fence_is_refused_and_the_session_reported_lost() {
+    use db::nodes::Standing;
+    use std::time::Duration;
+    let Some(pg) = common::pg::server_or_skip(
+        "a_write_with_a_stale_fence_is_refused_and_the_session_reported_lost",
+    ) else {
+        return;
+    };
+    let url = pg.fresh_database_url("rows_fence").unwrap();
+    let node = |id: &str| {
+        let standing = Standing::new(id.into(), format!("http://{id}"), Duration::from_secs(30));
+        let rows =
+            db::postgres::Rows::open_as(&url, Default::default(), Some(standing.clone())).unwrap();
+        let (epoch, sent) = rows.register(&standing, 0).unwrap().expect("registered");
+        standing.registered(epoch, sent);
+        (standing, rows)
+    };
+    let (a, rows_a) = node("a");
+    let (b, rows_b) = node("b");
+    let mut engine_a = Location::Postgres(rows_a.clone()).connect().unwrap();
+    let (s1, s2) = (record("s1", 1), record("s2", 2));
+    engine_a
+        .commit(&Batch {
+            changes: vec![Change::Insert(&s1), Change::Insert(&s2)],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!((a.fence_of("s1"), a.fence_of("s2")), (Some(1), Some(1)));
+    // Nothing to claim while a's lease lives.
+    assert!(rows_b.claim(&b, Duration::ZERO, 100).unwrap().is_empty());
+    // a's lease runs out; b claims both (a fair share of two with one live node).
+    pg.psql(
+        &url,
+        "UPDATE bv_nodes SET lease_until = now() - interval '1 minute' WHERE id = 'a'",
+    )
+    .unwrap();
+    let claimed = rows_b.claim(&b, Duration::ZERO, 100).unwrap();
+    let mut got: Vec<(String, i64)> = claimed
+        .iter()
+        .map(|(r, f)| (r.user_id.clone(), *f))
+        .collect();
+    got.sort();
+    assert_eq!(got, [("s1".to_string(), 2), ("s2".to_string(), 2)]);
+    // a, unaware, writes s1's state and an event; nothing of it lands.
+    let mut stale = s1.clone();
+    stale.state = SessionState::Stopped;
+    stale.last_error = Some("written by a stale owner".into());
+    let event = EventRow::of(&stale);
+    let delivery = outbox("evt_stale", "http://receiver", "s1", 3);
+    engine_a
+        .commit(&Batch {
+            rows: vec![&stale],
+            events: vec![&event],
+            outbox: std::slice::from_ref(&delivery),
+            ..Default::default()
+        })
+        .unwrap();
+    let rows = pg
+        .rows(
+            &url,
+            "SELECT state, last_error, owner, fence FROM bv_sessions WHERE user_id = 's1'",
+        )
+        .unwrap();
+    assert_eq!(
+        rows[0],
+        [
+            Some("starting".into()),
+            None,
+            Some("b".into()),
+            Some("2".into())
+        ]
+    );
+    let stale_events = pg
+        .psql(
+            &url,
+            "SELECT count(*) FROM bv_events WHERE state = 'stopped'",
+        )
+        .unwrap();
+    assert_eq!(stale_events, "0");
+    assert_eq!(
+        pg.psql(&url, "SELECT count(*) FROM bv_outbox").unwrap(),
+        "0"
+    );
+    assert_eq!(a.take_lost(), ["s1"]);
+    assert_eq!(a.fence_of("s1"), None);
+    // b's own write with its fence lands.
+    b.hold("s1", 2);
+    let mut fresh = s1.clone();
+    fresh.state = SessionState::Online;
+    let mut engine_b = Location::Postgres(rows_b).connect().unwrap();
+    engine_b
+        .commit(&Batch {
+            rows: vec![&fresh],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        pg.psql(&url, "SELECT state FROM bv_sessions WHERE user_id = 's1'")
+            .unwrap(),
+        "online"
+    );
+    // A create of an id another node owns is refused too.
+    let again = record("s2", 9);
+    engine_a
+        .commit(&Batch {
+            changes: vec![Change::Insert(&again)],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        pg.psql(&url, "SELECT owner || ':' || fence || ':' || created_at FROM bv_sessions WHERE user_id = 's2'")
+            .unwrap(),
+        "b:2:2"
+    );
+    assert_eq!(a.take_lost(), ["s2"]);
+}

@@ -41,6 +41,11 @@ pub trait Persistence: Send + Sync + 'static {
         Box::pin(async { None })
     }
     /// A recipient reported on messages a session sent; by default nothing is kept.
+    /// The session is no longer this process's (another node owns it): forget it, and
+    /// drop the writes queued for it.
+    fn release(&self, user_id: &str) {
+        let _ = user_id;
+    }
     fn receipt(&self, user_id: &str, receipt: &Receipt) {
         let _ = (user_id, receipt);
     }

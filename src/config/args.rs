@@ -40,6 +40,21 @@ fn parse_origin(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_node_id(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "'{s}' is not a node id: use 1-64 letters, digits, '_' or '-'"
+        ))
+    }
+}
+
 fn parse_webhook_url(s: &str) -> Result<String, String> {
     crate::webhooks::parse_url(s)
 }
@@ -115,6 +130,25 @@ pub struct ServeArgs {
     /// session in the data dir) or `database` (the PostgreSQL of --database-url).
     #[arg(long, env = "BOTVISOR_KEYS", value_enum, default_value_t = KeysAt::Files)]
     pub keys: KeysAt,
+    /// Run as one node of several sharing the PostgreSQL of --database-url (letters,
+    /// digits, `_`, `-`; unique per process). Without it, one botvisor serves the
+    /// database alone.
+    #[arg(long, env = "BOTVISOR_NODE_ID", value_name = "ID", value_parser = parse_node_id)]
+    pub node_id: Option<String>,
+    /// How long a node's lease lasts without renewal (renewed every fifth of it): a node
+    /// that cannot renew for this long drops its sessions, and the others take them over
+    /// shortly after.
+    #[arg(long, env = "BOTVISOR_LEASE_TTL", value_name = "DURATION",
+          value_parser = parse_duration, default_value = "10s")]
+    pub lease_ttl: HumanDuration,
+    /// The URL the other nodes reach this one at (forwarded commands)
+    /// [default: http://<bind>:<port>, 127.0.0.1 for 0.0.0.0].
+    #[arg(long, env = "BOTVISOR_ADVERTISE", value_name = "URL")]
+    pub advertise: Option<String>,
+    /// On SIGTERM, hand this node's sessions to the other nodes (they take them at once)
+    /// instead of keeping them for its return.
+    #[arg(long, env = "BOTVISOR_HANDOFF")]
+    pub handoff: bool,
     /// Guards the write endpoints (X-API-Key header) when set.
     #[arg(long, env = "API_KEY", value_name = "KEY", hide_env_values = true)]
     pub api_key: Option<String>,

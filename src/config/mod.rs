@@ -175,6 +175,22 @@ pub struct Config {
     pub sim: SimSettings,
     /// Real link settings.
     pub whatsapp: WhatsAppSettings,
+    /// One node of several (`--node-id`), if so.
+    pub node: Option<NodeSettings>,
+}
+
+/// This process as one node of several on one PostgreSQL database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeSettings {
+    /// `--node-id`.
+    pub id: String,
+    /// `--lease-ttl`.
+    pub lease_ttl: std::time::Duration,
+    /// `--advertise` (default: `http://<bind>:<port>` as bound, 127.0.0.1 for an
+    /// unspecified bind).
+    pub advertise: Option<String>,
+    /// `--handoff`.
+    pub handoff: bool,
 }
 
 impl ServeArgs {
@@ -301,6 +317,12 @@ impl Config {
                 url: args.wa_url.clone(),
                 builtin_commands: !args.no_builtin_commands,
             },
+            node: args.node_id.clone().map(|id| NodeSettings {
+                id,
+                lease_ttl: args.lease_ttl.0,
+                advertise: args.advertise.clone(),
+                handoff: args.handoff,
+            }),
             media: crate::http::handlers::media::MediaSettings {
                 max_bytes: usize::try_from(args.media_max_bytes).unwrap_or(usize::MAX),
                 fetch_timeout: args.media_fetch_timeout.0,
@@ -321,7 +343,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         let p = &self.supervisor.policy;
         let s = &self.supervisor;
-        let checks: [(bool, &str); 16] = [
+        let checks: [(bool, &str); 20] = [
             (
                 p.backoff_max > BACKOFF_MAX_LIMIT,
                 "--backoff-max must be at most 1h (a longer wait looks like a dead bot)",
@@ -375,6 +397,27 @@ impl Config {
             (
                 self.bind.parse::<std::net::IpAddr>().is_err(),
                 "--bind must be an IP address such as 0.0.0.0 or 127.0.0.1",
+            ),
+            (
+                self.node.is_some() && !matches!(self.database, Database::Postgres { .. }),
+                "--node-id runs several nodes on one database: it needs a postgres:// --database-url (DATABASE_URL)",
+            ),
+            (
+                self.node
+                    .as_ref()
+                    .is_some_and(|n| n.lease_ttl < std::time::Duration::from_secs(1)),
+                "--lease-ttl must be at least 1s",
+            ),
+            (
+                self.node
+                    .as_ref()
+                    .and_then(|n| n.advertise.as_deref())
+                    .is_some_and(|a| !a.starts_with("http://")),
+                "--advertise must be an http:// URL, e.g. http://10.0.0.5:3000",
+            ),
+            (
+                self.node.is_some() && self.link == LinkKind::Whatsapp && self.keys != KeysAt::Database,
+                "--node-id with the real link needs --keys database: every node must reach every session's WhatsApp keys",
             ),
             (
                 self.keys == KeysAt::Database

@@ -46,6 +46,55 @@ fn keys_in_the_database_need_postgresql() {
     assert_eq!(c.keys, KeysAt::Database);
 }
 
+#[test]
+fn nodes_need_postgresql_and_the_real_link_needs_its_keys_there() {
+    assert_eq!(resolve(&[]).unwrap().node, None);
+    let err = resolve(&["--node-id", "n1"]).unwrap_err();
+    assert!(
+        err.contains("--node-id") && err.contains("postgres://"),
+        "{err}"
+    );
+    let pg = ["--database-url", "postgres://u@h/db"];
+    let err = resolve(&[&pg[..], &["--node-id", "n1", "--link", "whatsapp"]].concat()).unwrap_err();
+    assert!(err.contains("--keys database"), "{err}");
+    for bad in ["", "a.b", "a/b", &"x".repeat(65)] {
+        let err = resolve(&[&pg[..], &["--node-id", bad]].concat()).unwrap_err();
+        assert!(err.contains("not a node id"), "{bad}: {err}");
+    }
+    let err =
+        resolve(&[&pg[..], &["--node-id", "n1", "--lease-ttl", "500ms"]].concat()).unwrap_err();
+    assert!(err.contains("--lease-ttl must be at least 1s"), "{err}");
+    let err = resolve(&[&pg[..], &["--node-id", "n1", "--advertise", "10.0.0.5:80"]].concat())
+        .unwrap_err();
+    assert!(err.contains("--advertise"), "{err}");
+    let c = resolve(
+        &[
+            &pg[..],
+            &[
+                "--node-id",
+                "n-1_a",
+                "--link",
+                "whatsapp",
+                "--keys",
+                "database",
+                "--handoff",
+            ],
+        ]
+        .concat(),
+    )
+    .unwrap();
+    let node = c.node.unwrap();
+    assert_eq!(
+        (
+            node.id.as_str(),
+            node.lease_ttl,
+            node.advertise,
+            node.handoff
+        ),
+        ("n-1_a", std::time::Duration::from_secs(10), None, true)
+    );
+}
+
 /// `botvisor` with its environment variables renamed by `rename` (`None`: ignored), so a
 /// test sees neither the developer's environment nor another test's.
 fn command_with_env(rename: impl Fn(&Arg) -> Option<&'static str>) -> clap::Command {
@@ -266,7 +315,9 @@ fn example_config_file_parses_and_matches_the_defaults() {
     for key in settings(serve).filter_map(file_key) {
         let commented = [
             "api_key",
+            "advertise",
             "database_url",
+            "node_id",
             "proxy",
             "wa_url",
             "webhook_secret",

@@ -22,6 +22,7 @@
 //! crates. (The credential files of the sim link, the whatsapp-rust SQLite stores and
 //! backups are files of the links, not rows: `link::sim`, `store::backup`.)
 
+pub mod nodes;
 pub mod postgres;
 pub mod sqlite;
 pub mod tables;

@@ -15,6 +15,7 @@
 //! the process dies, whatever the way), so a second botvisor on the same database is
 //! refused at start, as a second one on the same data directory is.
 
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::path::Path;
@@ -28,6 +29,7 @@ use tokio_postgres::{error::SqlState, NoTls};
 
 use botvisor_actors::{Desired, SessionRecord, SessionState, StorageError};
 
+use super::nodes::Standing;
 use super::tables::{Kind, Row, Table, Value};
 use super::{
     Batch, Change, DeadLetter, Engine, Event, Lane, MessageRow, OutboxHead, Outcome, QueuedRow,
@@ -228,6 +230,49 @@ impl Connect {
                     }),
                 ))
             }
+        }
+    }
+}
+
+impl Connect {
+    /// One connection whose notifications go to `heard` (its task spawned on the current
+    /// runtime; `heard` is dropped when the connection ends).
+    pub async fn connect_listening(
+        &self,
+        heard: tokio::sync::mpsc::UnboundedSender<()>,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        match &self.tls {
+            Tls::Plain => {
+                let (client, connection) = self.pg.connect(NoTls).await?;
+                tokio::spawn(pump_notifications(connection, heard));
+                Ok(client)
+            }
+            Tls::Rustls(tls) => {
+                let (client, connection) = self.pg.connect(tls.clone()).await?;
+                tokio::spawn(pump_notifications(connection, heard));
+                Ok(client)
+            }
+        }
+    }
+}
+
+/// Drives a connection, passing on each notification, until it ends.
+async fn pump_notifications<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    heard: tokio::sync::mpsc::UnboundedSender<()>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
+                if heard.send(()).is_err() {
+                    return;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(_)) | None => return,
         }
     }
 }
@@ -468,6 +513,7 @@ pub const MIGRATIONS: Migrations = &[
     (4, MIGRATION_4),
     (5, MIGRATION_5),
     (6, MIGRATION_6),
+    (7, MIGRATION_7),
 ];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
@@ -561,6 +607,24 @@ CREATE TABLE bv_message_polls (
 );
 "#;
 
+/// Migration 7: several nodes on one database (`db::nodes`): the nodes' leases, and each
+/// session's owner with its fence. (No SQLite twin: nodes need PostgreSQL.)
+const MIGRATION_7: &str = r#"
+CREATE TABLE bv_nodes (
+    id          TEXT PRIMARY KEY,
+    http_addr   TEXT NOT NULL,
+    epoch       BIGINT NOT NULL,
+    lease_until TIMESTAMPTZ NOT NULL,
+    renewed_at  TIMESTAMPTZ NOT NULL,
+    started_at  TIMESTAMPTZ NOT NULL,
+    state       TEXT NOT NULL
+);
+ALTER TABLE bv_sessions ADD COLUMN owner TEXT;
+ALTER TABLE bv_sessions ADD COLUMN owner_epoch BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE bv_sessions ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
+CREATE INDEX bv_sessions_owner ON bv_sessions (owner);
+"#;
+
 /// Migration 4: a session's own receiver's options (schema.sql v9).
 const MIGRATION_4: &str = r#"
 CREATE TABLE bv_session_webhook_options (
@@ -570,7 +634,7 @@ CREATE TABLE bv_session_webhook_options (
 );
 "#;
 
-const SESSION_COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, \
+pub(super) const SESSION_COLUMNS: &str = "user_id, phone_number, name, desired, state, restarts, \
      disconnects, last_error, created_at, updated_at, last_seen_at";
 
 /// The rows in one PostgreSQL database: a pool, the runtime its connections run on, and
@@ -586,6 +650,10 @@ struct RowsInner {
     pool: Pool,
     config: PoolConfig,
     target: String,
+    /// This process as one node of several (`--node-id`): every commit is gated on it.
+    node: Option<Arc<Standing>>,
+    /// How to open a connection of its own (a node's `LISTEN`).
+    connect: Connect,
 }
 
 impl Drop for RowsInner {
@@ -614,6 +682,16 @@ impl Rows {
     /// Connects (failing at once when the server cannot be reached: the error names host
     /// and port), takes the owner lock, and brings the schema up to date.
     pub fn open(url: &str, config: PoolConfig) -> Result<Rows, OpenError> {
+        Rows::open_as(url, config, None)
+    }
+
+    /// [`Rows::open`] for one node of several: no owner lock (the nodes share the
+    /// database); every commit is gated on `node`'s ownership of the sessions it writes.
+    pub fn open_as(
+        url: &str,
+        config: PoolConfig,
+        node: Option<Arc<Standing>>,
+    ) -> Result<Rows, OpenError> {
         let connect = connection_config(url, &config, "botvisor")
             .map_err(|e| OpenError::Storage(StorageError::Failed(e)))?;
         let target = target(&connect.pg);
@@ -635,9 +713,13 @@ impl Rows {
                 pool,
                 config,
                 target,
+                node,
+                connect: connect.clone(),
             }),
         };
-        rows.take_owner_lock(connect)?;
+        if rows.inner.node.is_none() {
+            rows.take_owner_lock(connect)?;
+        }
         let target = rows.inner.target.clone();
         rows.run(|c| async move {
             let mut c = c;
@@ -737,6 +819,47 @@ impl Rows {
         PgEngine { rows: self.clone() }
     }
 
+    /// Calls `heard` on every notification on `channel`, on a connection of its own
+    /// (opened again after it breaks), for as long as the rows live.
+    pub fn listen(&self, channel: &'static str, heard: impl Fn() + Send + Sync + 'static) {
+        let connect = self.inner.connect.clone();
+        let target = self.inner.target.clone();
+        let rt = self.inner.runtime.as_ref().expect("running until dropped");
+        rt.spawn(async move {
+            loop {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                match connect.connect_listening(tx).await {
+                    Ok(client) => match client.batch_execute(&format!("LISTEN {channel}")).await {
+                        Ok(()) => {
+                            while rx.recv().await.is_some() {
+                                heard();
+                            }
+                        }
+                        Err(e) => tracing::warn!(database = %target, error = %e, "cannot LISTEN"),
+                    },
+                    Err(e) => {
+                        tracing::debug!(database = %target, error = %e, "cannot connect to LISTEN")
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// This process as a node, if it is one.
+    pub fn node(&self) -> Option<&Arc<Standing>> {
+        self.inner.node.as_ref()
+    }
+
+    /// [`Rows::run`] with the error as the store reports it.
+    pub(super) fn run_storage<T, F, Fut>(&self, f: F) -> Result<T, StorageError>
+    where
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: Future<Output = Result<T, PgError>>,
+    {
+        self.run(f).map_err(|e| e.into_storage(&self.inner.target))
+    }
+
     /// Runs `fut` to its end on this thread, with the rows' runtime as the context (its
     /// connections run there). Never call it on an async runtime's thread.
     fn block<T>(&self, fut: impl Future<Output = T>) -> T {
@@ -801,9 +924,7 @@ impl PgEngine {
         F: FnOnce(deadpool_postgres::Object) -> Fut,
         Fut: Future<Output = Result<T, PgError>>,
     {
-        self.rows
-            .run(f)
-            .map_err(|e| e.into_storage(&self.rows.inner.target))
+        self.rows.run_storage(f)
     }
 }
 
@@ -849,7 +970,7 @@ fn to_u64(v: i64) -> u64 {
     v.max(0) as u64
 }
 
-fn session_of(r: &tokio_postgres::Row) -> Result<SessionRecord, tokio_postgres::Error> {
+pub(super) fn session_of(r: &tokio_postgres::Row) -> Result<SessionRecord, tokio_postgres::Error> {
     Ok(SessionRecord {
         user_id: r.try_get(0)?,
         phone_number: r.try_get(1)?,
@@ -923,17 +1044,29 @@ async fn update_sessions(
 async fn insert_session(
     tx: &deadpool_postgres::Transaction<'_>,
     rec: &SessionRecord,
+    owner: Option<&Owned>,
 ) -> Result<(), tokio_postgres::Error> {
+    let (node, epoch, fence) = match owner {
+        Some(o) => (
+            Some(o.node.as_str()),
+            o.epoch,
+            o.fences.get(&rec.user_id).copied().unwrap_or(1),
+        ),
+        None => (None, 0, 0),
+    };
     let stmt = tx
         .prepare_cached(
             "INSERT INTO bv_sessions (user_id, phone_number, name, desired, state, restarts, \
-             disconnects, last_error, created_at, updated_at, last_seen_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             disconnects, last_error, created_at, updated_at, last_seen_at, owner, \
+             owner_epoch, fence) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
              ON CONFLICT (user_id) DO UPDATE SET phone_number = excluded.phone_number, \
              name = excluded.name, desired = excluded.desired, state = excluded.state, \
              restarts = excluded.restarts, disconnects = excluded.disconnects, \
              last_error = excluded.last_error, created_at = excluded.created_at, \
-             updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at",
+             updated_at = excluded.updated_at, last_seen_at = excluded.last_seen_at, \
+             owner = excluded.owner, owner_epoch = excluded.owner_epoch, \
+             fence = excluded.fence",
         )
         .await?;
     tx.execute(
@@ -950,20 +1083,250 @@ async fn insert_session(
             &to_i64(rec.created_at_ms),
             &to_i64(rec.updated_at_ms),
             &rec.last_seen_at_ms.map(to_i64),
+            &node,
+            &epoch,
+            &fence,
         ],
     )
     .await?;
     Ok(())
 }
 
+/// The rows a node inserts are its own: its id, epoch, and each new row's fence.
+struct Owned {
+    node: String,
+    epoch: i64,
+    fences: HashMap<String, i64>,
+}
+
 async fn commit(
     mut conn: deadpool_postgres::Object,
     batch: &Batch<'_>,
+    node: Option<&Standing>,
 ) -> Result<(), tokio_postgres::Error> {
     let tx = conn.transaction().await?;
+    let Some(node) = node else {
+        write_batch(&tx, batch, None).await?;
+        return tx.commit().await;
+    };
+    let gate = Gate::check(&tx, batch, node).await?;
+    let kept = gate.keep(batch);
+    let owned = Owned {
+        node: node.id.clone(),
+        epoch: node.epoch(),
+        fences: gate.inserted.clone(),
+    };
+    write_batch(&tx, &kept.batch(), Some(&owned)).await?;
+    tx.commit().await?;
+    gate.settle(batch, node);
+    Ok(())
+}
+
+/// Which sessions of a batch this node may write (see `db::nodes`): those it holds with
+/// the fence their row has, locked `FOR SHARE` until the commit, and new ones whose id no
+/// other node's row has.
+struct Gate {
+    allowed: HashSet<String>,
+    /// New rows and their fences.
+    inserted: HashMap<String, i64>,
+    /// Held sessions whose row names another owner or fence.
+    lost: Vec<String>,
+}
+
+/// The session a queued send's key names.
+fn user_of_key(key: &str) -> &str {
+    key.rsplit_once('/').map_or(key, |(u, _)| u)
+}
+
+impl Gate {
+    async fn check(
+        tx: &deadpool_postgres::Transaction<'_>,
+        batch: &Batch<'_>,
+        node: &Standing,
+    ) -> Result<Gate, tokio_postgres::Error> {
+        let mut ids: Vec<&str> = batch
+            .changes
+            .iter()
+            .map(|c| match c {
+                Change::Insert(rec) => rec.user_id.as_str(),
+                Change::Delete(id) => id,
+            })
+            .chain(batch.rows.iter().map(|r| r.user_id.as_str()))
+            .chain(batch.events.iter().map(|e| e.user_id.as_str()))
+            .chain(batch.outbox.iter().map(|o| o.user_id.as_str()))
+            .chain(batch.messages.iter().map(|m| m.user_id.as_str()))
+            .chain(batch.queued.iter().map(|q| q.user_id.as_str()))
+            .chain(batch.dequeued.iter().map(|k| user_of_key(k)))
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut gate = Gate {
+            allowed: HashSet::new(),
+            inserted: HashMap::new(),
+            lost: Vec::new(),
+        };
+        if ids.is_empty() {
+            return Ok(gate);
+        }
+        let stmt = tx
+            .prepare_cached(
+                "SELECT user_id, owner, fence FROM bv_sessions WHERE user_id = ANY($1) \
+                 ORDER BY user_id FOR SHARE",
+            )
+            .await?;
+        let mut rows: HashMap<String, (Option<String>, i64)> = HashMap::new();
+        for r in tx.query(&stmt, &[&ids]).await? {
+            rows.insert(r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?));
+        }
+        let inserts: HashSet<&str> = batch
+            .changes
+            .iter()
+            .filter_map(|c| match c {
+                Change::Insert(rec) => Some(rec.user_id.as_str()),
+                Change::Delete(_) => None,
+            })
+            .collect();
+        for id in ids {
+            let row = rows.get(id);
+            let mine = row.is_some_and(|(owner, fence)| {
+                owner.as_deref() == Some(node.id.as_str()) && node.fence_of(id) == Some(*fence)
+            });
+            if inserts.contains(id) {
+                match row {
+                    None => {
+                        gate.inserted.insert(id.to_string(), 1);
+                    }
+                    Some((_, fence)) if mine => {
+                        gate.inserted.insert(id.to_string(), fence + 1);
+                    }
+                    Some(_) => {
+                        gate.lost.push(id.to_string());
+                        continue;
+                    }
+                }
+                gate.allowed.insert(id.to_string());
+            } else if mine {
+                gate.allowed.insert(id.to_string());
+            } else if node.holds(id) {
+                gate.lost.push(id.to_string());
+            }
+        }
+        Ok(gate)
+    }
+
+    fn allows(&self, user_id: &str) -> bool {
+        self.allowed.contains(user_id)
+    }
+
+    /// The part of `batch` this node may write.
+    fn keep<'a>(&self, batch: &Batch<'a>) -> Kept<'a> {
+        Kept {
+            changes: batch
+                .changes
+                .iter()
+                .copied()
+                .filter(|c| match c {
+                    Change::Insert(rec) => self.allows(&rec.user_id),
+                    Change::Delete(id) => self.allows(id),
+                })
+                .collect(),
+            rows: batch
+                .rows
+                .iter()
+                .copied()
+                .filter(|r| self.allows(&r.user_id))
+                .collect(),
+            events: batch
+                .events
+                .iter()
+                .copied()
+                .filter(|e| self.allows(&e.user_id))
+                .collect(),
+            outbox: batch
+                .outbox
+                .iter()
+                .filter(|o| self.allows(&o.user_id))
+                .cloned()
+                .collect(),
+            messages: batch
+                .messages
+                .iter()
+                .copied()
+                .filter(|m| self.allows(&m.user_id))
+                .collect(),
+            forget_messages_before: batch.forget_messages_before,
+            queued: batch
+                .queued
+                .iter()
+                .filter(|q| self.allows(&q.user_id))
+                .cloned()
+                .collect(),
+            dequeued: batch
+                .dequeued
+                .iter()
+                .filter(|k| self.allows(user_of_key(k)))
+                .cloned()
+                .collect(),
+        }
+    }
+
+    /// After the commit: new rows are held, deleted ones let go, lost ones reported.
+    fn settle(self, batch: &Batch<'_>, node: &Standing) {
+        for (id, fence) in &self.inserted {
+            node.hold(id, *fence);
+        }
+        for change in &batch.changes {
+            if let Change::Delete(id) = change {
+                if self.allows(id) {
+                    node.let_go(id);
+                }
+            }
+        }
+        if !self.lost.is_empty() {
+            tracing::warn!(sessions = ?self.lost,
+                "sessions now owned by another node (or with a newer fence): their writes \
+                 were refused and they stop here");
+        }
+        node.lose(self.lost);
+    }
+}
+
+/// The part of a batch a gate let through, owned where the batch lends slices.
+struct Kept<'a> {
+    changes: Vec<Change<'a>>,
+    rows: Vec<&'a SessionRecord>,
+    events: Vec<&'a super::EventRow>,
+    outbox: Vec<super::OutboxRow>,
+    messages: Vec<&'a MessageRow>,
+    forget_messages_before: Option<u64>,
+    queued: Vec<QueuedRow>,
+    dequeued: Vec<String>,
+}
+
+impl<'a> Kept<'a> {
+    fn batch(&self) -> Batch<'_> {
+        Batch {
+            changes: self.changes.clone(),
+            rows: self.rows.clone(),
+            events: self.events.clone(),
+            outbox: &self.outbox,
+            messages: self.messages.clone(),
+            forget_messages_before: self.forget_messages_before,
+            queued: &self.queued,
+            dequeued: &self.dequeued,
+        }
+    }
+}
+
+/// Writes a batch in `tx` (see [`Batch`]); `owner`: the node whose rows new ones are.
+async fn write_batch(
+    tx: &deadpool_postgres::Transaction<'_>,
+    batch: &Batch<'_>,
+    owner: Option<&Owned>,
+) -> Result<(), tokio_postgres::Error> {
     for change in &batch.changes {
         match change {
-            Change::Insert(rec) => insert_session(&tx, rec).await?,
+            Change::Insert(rec) => insert_session(tx, rec, owner).await?,
             Change::Delete(id) => {
                 for table in [
                     "bv_sessions",
@@ -994,7 +1357,7 @@ async fn commit(
         }
     }
     if !batch.rows.is_empty() {
-        update_sessions(&tx, &batch.rows).await?;
+        update_sessions(tx, &batch.rows).await?;
     }
     if !batch.events.is_empty() {
         // One multi-row statement for the events, one for the pruning.
@@ -1052,7 +1415,7 @@ async fn commit(
             .await?;
     }
     if !batch.messages.is_empty() {
-        remember_messages(&tx, &batch.messages).await?;
+        remember_messages(tx, &batch.messages).await?;
     }
     if let Some(before) = batch.forget_messages_before {
         let stmt = tx
@@ -1081,7 +1444,7 @@ async fn commit(
             .await?;
         tx.execute(&stmt, &[&batch.dequeued]).await?;
     }
-    tx.commit().await
+    Ok(())
 }
 
 /// One multi-row statement; a message id already known keeps its first row.
@@ -1324,7 +1687,8 @@ impl Engine for PgEngine {
     }
 
     fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError> {
-        self.run(|c| async move { Ok(commit(c, batch).await?) })
+        let node = self.rows.inner.node.clone();
+        self.run(|c| async move { Ok(commit(c, batch, node.as_deref()).await?) })
     }
 
     fn session_webhooks(&mut self) -> Result<Vec<SessionReceiver>, StorageError> {
@@ -1389,14 +1753,33 @@ impl Engine for PgEngine {
     }
 
     fn outbox_heads(&mut self) -> Result<Vec<(Lane, u64)>, StorageError> {
+        // A node delivers the lanes of the sessions it owns, and the first live node (by
+        // id) those of sessions gone (a deletion's last events): one node per lane.
+        let node = self.rows.inner.node.as_ref().map(|n| n.id.clone());
         self.run(|c| async move {
-            let rows = c
-                .query(
-                    "SELECT DISTINCT ON (destination, user_id) destination, user_id, next_at \
-                     FROM bv_outbox WHERE NOT dead ORDER BY destination, user_id, id",
-                    &[],
-                )
-                .await?;
+            let rows = match &node {
+                None => {
+                    c.query(
+                        "SELECT DISTINCT ON (destination, user_id) destination, user_id, \
+                         next_at FROM bv_outbox WHERE NOT dead \
+                         ORDER BY destination, user_id, id",
+                        &[],
+                    )
+                    .await?
+                }
+                Some(node) => {
+                    c.query(
+                        "SELECT DISTINCT ON (o.destination, o.user_id) o.destination, \
+                         o.user_id, o.next_at FROM bv_outbox o \
+                         LEFT JOIN bv_sessions s ON s.user_id = o.user_id \
+                         WHERE NOT o.dead AND (s.owner = $1 OR (s.user_id IS NULL AND $1 = \
+                         (SELECT min(id) FROM bv_nodes WHERE lease_until > now()))) \
+                         ORDER BY o.destination, o.user_id, o.id",
+                        &[node],
+                    )
+                    .await?
+                }
+            };
             Ok(rows
                 .iter()
                 .map(|r| Ok(((r.try_get(0)?, r.try_get(1)?), to_u64(r.try_get(2)?))))

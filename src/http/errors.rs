@@ -17,6 +17,8 @@ pub const INVALID_USER_ID: &str = "userId must be alphanumeric (a-z, 0-9, _, -)"
 /// An API key's id in a path that cannot be one.
 pub const INVALID_KEY_ID: &str = "keyId must be alphanumeric (a-z, 0-9, _, -)";
 /// A dead letter's id in a path that cannot be one (same alphabet as a `userId`).
+pub const INVALID_NODE_ID: &str = "nodeId must be alphanumeric (a-z, 0-9, _, -)";
+
 pub const INVALID_EVENT_ID: &str = "eventId must be alphanumeric (a-z, 0-9, _, -)";
 
 /// The answer on a simulated-link route when another link runs.

@@ -13,6 +13,7 @@ pub mod auth;
 pub mod cors;
 pub mod dashboard;
 pub mod errors;
+pub mod forward;
 pub mod handlers;
 pub mod outbound;
 pub mod ratelimit;
@@ -52,6 +53,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct App {
     /// The root supervisor.
     pub sup: ActorRef<SupervisorMsg>,
+    /// This process as one node of several (`--node-id`), if so.
+    pub node: Option<Arc<crate::nodes::Node>>,
     /// Session records (reads come from its in-memory view) and backups.
     pub store: Arc<Store>,
     /// API key for the write endpoints.

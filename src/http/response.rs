@@ -142,9 +142,20 @@ pub struct SessionView<'a> {
     created_at: String,
     updated_at: String,
     last_seen_at: Option<String>,
+    /// The node that runs it (several nodes on one database only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
 }
 
 impl<'a> SessionView<'a> {
+    /// The view of a record that `node` runs (several nodes on one database).
+    pub fn on(rec: &'a SessionRecord, node: Option<&'a str>) -> SessionView<'a> {
+        SessionView {
+            node,
+            ..SessionView::of(rec)
+        }
+    }
+
     /// The view of a record.
     pub fn of(rec: &'a SessionRecord) -> SessionView<'a> {
         SessionView {
@@ -164,6 +175,7 @@ impl<'a> SessionView<'a> {
             created_at: iso(rec.created_at_ms),
             updated_at: iso(rec.updated_at_ms),
             last_seen_at: rec.last_seen_at_ms.map(iso),
+            node: None,
         }
     }
 }

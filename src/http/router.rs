@@ -11,7 +11,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use botvisor_actors::BoxFuture;
 
 use super::access::{Caller, Scope};
-use super::errors::{ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_USER_ID, SIM_ONLY};
+use super::errors::{
+    ApiError, INVALID_EVENT_ID, INVALID_KEY_ID, INVALID_NODE_ID, INVALID_USER_ID, SIM_ONLY,
+};
 use super::handlers::{
     api_keys, backups, chats, contacts, fleet, groups, health, lifecycle, message_acts, messages,
     proxy, queue, received_media, sessions, sim, stream, webhooks,
@@ -90,7 +92,7 @@ const fn probe(path: &'static str, handler: Handler) -> Route {
 
 /// Every route the API answers. Reads of the fleet and of one session are open; every
 /// write, and reads of secrets (pairing codes, backups), need the key.
-pub static ROUTES: [Route; 55] = [
+pub static ROUTES: [Route; 57] = [
     route(Method::GET, "/", false, None, |c| {
         Box::pin(fleet::dashboard(c))
     }),
@@ -108,6 +110,16 @@ pub static ROUTES: [Route; 55] = [
     route(Method::GET, "/api/events", false, Some(Scope::Read), |c| {
         Box::pin(stream::events(c))
     }),
+    route(Method::GET, "/api/nodes", false, Some(Scope::Read), |c| {
+        Box::pin(fleet::nodes(c))
+    }),
+    route(
+        Method::POST,
+        "/api/nodes/:nodeId/drain",
+        true,
+        Some(Scope::Admin),
+        |c| Box::pin(fleet::drain(c)),
+    ),
     route(Method::GET, "/api/audit", true, Some(Scope::Admin), |c| {
         Box::pin(fleet::audit(c))
     }),
@@ -483,7 +495,7 @@ fn matches<'p>(pattern: &[&str], path: &[&'p str]) -> Option<(&'p str, &'p str)>
     let (mut id, mut sub) = ("", "");
     for (want, got) in pattern.iter().zip(path) {
         match *want {
-            ":id" | ":eventId" | ":keyId" => id = got,
+            ":id" | ":eventId" | ":keyId" | ":nodeId" => id = got,
             ":chatId" | ":contactId" | ":messageId" | ":groupId" => sub = got,
             w if w == *got => {}
             _ => return None,
@@ -580,6 +592,8 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
     if route.path.contains(':') && !valid_user_id(id) {
         let refusal = if route.path.contains(":eventId") {
             INVALID_EVENT_ID
+        } else if route.path.contains(":nodeId") {
+            INVALID_NODE_ID
         } else if route.path.contains(":keyId") {
             INVALID_KEY_ID
         } else {
@@ -620,6 +634,11 @@ async fn route_and_answer(req: Request<Incoming>, app: Arc<App>, matched: &mut M
             "the chat id in the path is not valid"
         })
     })?;
+    // Several nodes: a session another node owns is answered there.
+    let req = match super::forward::elsewhere(&app, route, &id, req).await {
+        Ok(answer) => return answer,
+        Err(req) => req,
+    };
     (route.handler)(Ctx {
         app,
         req,

@@ -376,6 +376,10 @@ struct Inner {
     config: PgKeysConfig,
     /// Every session's pending-inbound writes, group-committed.
     inbound: InboundQueue,
+    /// This process as one node of several: while it is not live (fenced, or past its
+    /// lease's local deadline) no key is read or written, so a node that wakes from a
+    /// stall does not touch the keys of sessions another node may own by now.
+    node: std::sync::OnceLock<Arc<crate::db::nodes::Standing>>,
 }
 
 impl fmt::Debug for PgKeys {
@@ -410,6 +414,7 @@ impl PgKeys {
                 pool,
                 config,
                 inbound: InboundQueue::default(),
+                node: std::sync::OnceLock::new(),
             }),
         };
         keys.migrate().await?;
@@ -504,7 +509,21 @@ impl PgKeys {
         }
     }
 
+    /// Gates every key access on `node` (see `Inner::node`).
+    pub fn set_node(&self, node: Arc<crate::db::nodes::Standing>) {
+        let _ = self.inner.node.set(node);
+    }
+
     async fn conn(&self) -> Result<deadpool_postgres::Client> {
+        if let Some(node) = self.inner.node.get() {
+            if !node.live() {
+                return Err(into_store_error(PgError::client(format!(
+                    "node {} is fenced (its lease ran out): its WhatsApp keys are not touched \
+                     until it registers again",
+                    node.id
+                ))));
+            }
+        }
         self.inner
             .pool
             .get()

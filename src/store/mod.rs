@@ -59,6 +59,10 @@ pub struct StoreConfig {
     pub webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// Where messages in and out are counted (the metrics), if anywhere.
     pub messages: Option<crate::metrics::MessageCounts>,
+    /// This process as one node of several (`--node-id`, PostgreSQL only): the database
+    /// is shared, every commit gated on this node's ownership, and no session is resumed
+    /// at open (the node claims its sessions once registered).
+    pub node: Option<Arc<crate::db::nodes::Standing>>,
 }
 
 /// A sent poll's options as its message row keeps them (a JSON array); `None` for any
@@ -73,6 +77,8 @@ pub(crate) fn poll_options(content: &botvisor_actors::Outgoing) -> Option<String
 /// The database behind a writer thread, plus the read view.
 pub struct Store {
     view: Arc<View>,
+    /// The PostgreSQL rows, when the database is one (nodes read the fleet from them).
+    rows: Option<db::postgres::Rows>,
     webhooks: Option<Arc<crate::webhooks::Webhooks>>,
     /// When each session that crashed or dropped went down (for crash-to-online times).
     down_since: Mutex<std::collections::HashMap<String, std::time::Instant>>,
@@ -97,7 +103,7 @@ impl Store {
     /// Opens (creating if needed, mode 0600) and migrates the database, loads every
     /// session into the view, and starts the writer. Returns the stored sessions.
     pub fn open(config: StoreConfig) -> Result<(Store, Vec<SessionRecord>), OpenError> {
-        let location = open_database(&config.database)?;
+        let location = open::open_node_database(&config.database, config.node.clone())?;
         let mut conn = location.connect()?;
         let boot = conn.load_sessions()?;
         claim_link(&mut *conn, &config, !boot.is_empty())?;
@@ -108,8 +114,11 @@ impl Store {
         }
         let reader = location.connect()?;
         let view = Arc::new(View::default());
-        for rec in &boot {
-            view.put(rec);
+        // A node's view holds the sessions it runs, added as it claims them.
+        if config.node.is_none() {
+            for rec in &boot {
+                view.put(rec);
+            }
         }
         let queue = Arc::new(Queue::default());
         let writer = {
@@ -134,6 +143,10 @@ impl Store {
             down_since: Mutex::default(),
             recovery_seconds: config.recovery_seconds.clone(),
             reader: Arc::new(Mutex::new(reader)),
+            rows: match &location {
+                db::Location::Postgres(rows) => Some(rows.clone()),
+                db::Location::Sqlite(_) => None,
+            },
             writer: Mutex::new(Some(writer)),
             backups,
             config,
@@ -148,6 +161,11 @@ impl Store {
             w.start(location, own);
         }
         Ok((store, boot))
+    }
+
+    /// The PostgreSQL rows, when the database is one.
+    pub fn rows(&self) -> Option<&db::postgres::Rows> {
+        self.rows.as_ref()
     }
 
     /// The read view.
@@ -421,6 +439,16 @@ impl Persistence for Store {
             .remove(user_id);
     }
 
+    fn release(&self, user_id: &str) {
+        self.view.remove(user_id);
+        self.push_names.forget(user_id);
+        self.queue.release(user_id);
+        self.down_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(user_id);
+    }
+
     fn poll_options<'a>(
         &'a self,
         user_id: &'a str,
@@ -614,6 +642,7 @@ pub(crate) fn test_config(dir: &std::path::Path) -> StoreConfig {
         recovery_seconds: None,
         webhooks: None,
         messages: None,
+        node: None,
     }
 }
 

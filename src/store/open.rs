@@ -163,13 +163,22 @@ fn link_of_credentials(dir: &std::path::Path) -> Option<String> {
 
 /// Opens (creating a file if needed, mode 0600) and migrates the database.
 pub fn open_database(database: &Database) -> Result<db::Location, OpenError> {
+    open_node_database(database, None)
+}
+
+/// [`open_database`] for one node of several (`node`: PostgreSQL only, checked by the
+/// configuration).
+pub fn open_node_database(
+    database: &Database,
+    node: Option<std::sync::Arc<db::nodes::Standing>>,
+) -> Result<db::Location, OpenError> {
     let (path, uri) = match database {
         Database::Postgres { url, pool_size } => {
             let config = db::postgres::PoolConfig {
                 pool_size: *pool_size,
                 ..Default::default()
             };
-            return match db::postgres::Rows::open(url, config) {
+            return match db::postgres::Rows::open_as(url, config, node) {
                 Ok(rows) => Ok(db::Location::Postgres(rows)),
                 Err(db::postgres::OpenError::Storage(e)) => Err(e.into()),
                 Err(taken) => Err(OpenError::Taken(taken)),

@@ -127,6 +127,15 @@ impl Queue {
         self.ready.notify_one();
     }
 
+    /// Drops what is queued for a session another node owns now (its writes would be
+    /// refused).
+    pub fn release(&self, user_id: &str) {
+        let mut p = self.lock();
+        p.forget(user_id);
+        p.outbox.retain(|o| o.user_id != user_id);
+        p.messages.retain(|m| m.user_id != user_id);
+    }
+
     /// Queues a record (replacing a queued older one), with an event if the state changed.
     pub fn save(&self, rec: &SessionRecord, state_changed: bool) {
         let mut p = self.lock();

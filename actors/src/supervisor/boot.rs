@@ -1,6 +1,8 @@
 //! Start and end of the supervisor's life: resuming the sessions found in the store
 //! (paced in batches), and stopping every session at shutdown.
 
+use std::collections::HashSet;
+
 use ractor::{ActorRef, RpcReplyPort};
 
 use crate::error::CmdError;
@@ -157,6 +159,75 @@ impl SupervisorState {
             }
         }
         self.check_shutdown_done();
+    }
+
+    /// Sessions this node now owns: resumed as at boot (ids already here are skipped).
+    pub(super) fn adopt(&mut self, myself: &ActorRef<SupervisorMsg>, recs: Vec<SessionRecord>) {
+        if self.shutdown.is_some() {
+            return;
+        }
+        let new: Vec<SessionRecord> = recs
+            .into_iter()
+            .filter(|r| !self.sessions.contains_key(&r.user_id))
+            .collect();
+        if !new.is_empty() {
+            self.boot(myself, new);
+        }
+    }
+
+    /// Sessions another node owns now: stopped, then forgotten without a write.
+    pub(super) fn release(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        user_ids: Option<Vec<String>>,
+    ) {
+        let user_ids = user_ids.unwrap_or_else(|| self.sessions.keys().cloned().collect());
+        let gone: HashSet<&str> = user_ids.iter().map(String::as_str).collect();
+        self.boot_queue.retain(|u| !gone.contains(u.as_str()));
+        for user_id in &user_ids {
+            let Some(entry) = self.sessions.get_mut(user_id) else {
+                continue;
+            };
+            entry.restart_token = None;
+            entry.released = true;
+            if entry.child.is_some() {
+                self.stop_child(myself, user_id, false);
+            } else {
+                self.forget_released(user_id);
+            }
+        }
+        self.check_shutdown_done();
+    }
+
+    /// Forgets a released session here (its record stays the new owner's).
+    pub(super) fn forget_released(&mut self, user_id: &str) {
+        if let Some(mut entry) = self.sessions.remove(user_id) {
+            entry.answer_creators(Err(CmdError::Unavailable(format!(
+                "Session {user_id} moved to another node; try again"
+            ))));
+        }
+        self.booting.remove(user_id);
+        self.persistence.release(user_id);
+        for (waiting, _) in &mut self.handoffs {
+            waiting.remove(user_id);
+        }
+        self.check_handoffs();
+    }
+
+    /// Answers the planned handoffs whose sessions have all stopped (ids that were not
+    /// here count as stopped).
+    pub(super) fn check_handoffs(&mut self) {
+        let sessions = &self.sessions;
+        for (waiting, _) in &mut self.handoffs {
+            waiting.retain(|id| sessions.contains_key(id));
+        }
+        let (done, pending): (Vec<_>, Vec<_>) = std::mem::take(&mut self.handoffs)
+            .into_iter()
+            .partition(|(waiting, _)| waiting.is_empty());
+        self.handoffs = pending;
+        for (_, reply) in done {
+            let _ = reply.send(());
+        }
     }
 
     pub(super) fn check_shutdown_done(&mut self) {

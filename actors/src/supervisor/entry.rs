@@ -57,6 +57,8 @@ pub(super) struct Entry {
     pub intent: Option<Intent>,
     /// Logged out by the phone: its credentials go once that state is durable.
     pub wipe_pending: bool,
+    /// Owned by another node now: forgotten once its child is gone.
+    pub released: bool,
 }
 
 impl Entry {
@@ -70,6 +72,7 @@ impl Entry {
             create_token: None,
             intent: None,
             wipe_pending: false,
+            released: false,
         }
     }
 

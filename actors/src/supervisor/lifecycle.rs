@@ -217,6 +217,11 @@ impl SupervisorState {
         if entry.child.as_ref().map(|c| c.actor.get_id()) != Some(id) {
             return;
         }
+        if entry.released {
+            self.forget_released(&user_id);
+            self.check_shutdown_done();
+            return;
+        }
         let exit = entry.child.as_ref().and_then(|c| c.slot.take_exit());
         let intent = entry.intent.take();
         if !matches!(intent, Some(Intent::Hung(_)) | None) {

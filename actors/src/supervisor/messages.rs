@@ -200,6 +200,19 @@ pub enum SupervisorMsg {
     },
     /// Start the next batch of sessions restored at boot.
     BootNext,
+    /// Sessions this node now owns (several nodes on one database): resumed like the
+    /// sessions found at boot. Ids already here are skipped.
+    Adopt(Vec<SessionRecord>),
+    /// Sessions this node no longer owns: each is stopped and forgotten here, and nothing
+    /// more is written for it (its new owner writes now). Commands waiting on one get an
+    /// error. `None`: every session (the node fenced itself).
+    Release(Option<Vec<String>>),
+    /// A planned handoff: [`SupervisorMsg::Release`] of these sessions, answered once
+    /// every one of them has stopped here (then another node may connect it).
+    Handoff {
+        user_ids: Vec<String>,
+        reply: RpcReplyPort<()>,
+    },
     /// Stop every session (desired states untouched); answered when all are gone.
     Shutdown(RpcReplyPort<()>),
 }

@@ -65,6 +65,8 @@ pub struct SupervisorState {
     /// A `BootNext` is on its way.
     boot_scheduled: bool,
     shutdown: Option<Vec<RpcReplyPort<()>>>,
+    /// Planned handoffs: the sessions each still waits for, and its reply.
+    handoffs: Vec<(HashSet<String>, RpcReplyPort<()>)>,
 }
 
 /// The root supervisor actor.
@@ -274,6 +276,14 @@ impl SupervisorState {
             } => self.child_started(myself, &user_id, incarnation),
             SupervisorMsg::BootNext => self.boot_next(myself).await,
             SupervisorMsg::Shutdown(reply) => self.begin_shutdown(myself, reply),
+            SupervisorMsg::Adopt(recs) => self.adopt(myself, recs),
+            SupervisorMsg::Release(ids) => self.release(myself, ids),
+            SupervisorMsg::Handoff { user_ids, reply } => {
+                self.handoffs
+                    .push((user_ids.iter().cloned().collect(), reply));
+                self.release(myself, Some(user_ids));
+                self.check_handoffs();
+            }
         }
     }
 }
@@ -305,6 +315,7 @@ impl Actor for Supervisor {
             booting: HashSet::new(),
             boot_scheduled: false,
             shutdown: None,
+            handoffs: Vec::new(),
         };
         state.boot(&myself, args.boot);
         myself.send_after(state.config.watchdog_interval, || SupervisorMsg::Watchdog);

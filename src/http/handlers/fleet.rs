@@ -13,6 +13,7 @@ use crate::http::errors::ApiError;
 use crate::http::dashboard;
 use crate::http::response::ok;
 use crate::http::router::{Answer, Ctx};
+use crate::http::App;
 
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -22,7 +23,124 @@ struct Stats {
     online_sessions: usize,
 }
 
+/// Several nodes: every session of the fleet with the node that owns it, from the
+/// database, the ones this node runs as its view has them (fresher). `None` for a single
+/// process (its view is the fleet).
+pub async fn fleet_records(
+    app: &App,
+) -> Result<Option<Vec<(SessionRecord, Option<String>)>>, ApiError> {
+    let Some(node) = &app.node else {
+        return Ok(None);
+    };
+    let rows = node.rows.clone();
+    let mut all = tokio::task::spawn_blocking(move || rows.fleet())
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cannot read the fleet: {e}")))??;
+    let view = app.store.view();
+    for (rec, owner) in &mut all {
+        if node.standing.holds(&rec.user_id) {
+            if let Some(live) = view.get(&rec.user_id) {
+                *rec = live;
+                *owner = Some(node.standing.id.clone());
+            }
+        }
+    }
+    Ok(Some(all))
+}
+
+/// `GET /api/nodes`: the nodes sharing this database, their sessions and leases (empty
+/// for a single process).
+pub async fn nodes(c: Ctx) -> Answer {
+    #[derive(Serialize)]
+    struct Nodes {
+        node: Option<String>,
+        count: usize,
+        nodes: Vec<crate::db::nodes::NodeRow>,
+    }
+    let Some(node) = &c.app.node else {
+        return Ok(ok(&Nodes {
+            node: None,
+            count: 0,
+            nodes: Vec::new(),
+        }));
+    };
+    let rows = node.rows.clone();
+    let nodes = tokio::task::spawn_blocking(move || rows.nodes())
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cannot read the nodes: {e}")))??;
+    Ok(ok(&Nodes {
+        node: Some(node.standing.id.clone()),
+        count: nodes.len(),
+        nodes,
+    }))
+}
+
+/// `POST /api/nodes/:nodeId/drain`: the node hands its sessions to the others (a few at a
+/// time, each batch stopped, given up and claimed at once) and takes no new ones. Asked
+/// of another node, the request goes to it.
+pub async fn drain(c: Ctx) -> Answer {
+    let Some(node) = &c.app.node else {
+        return Err(ApiError::not_found(format!(
+            "Node {} not found: this botvisor is not one of several nodes (--node-id)",
+            c.id
+        )));
+    };
+    if c.id != node.standing.id {
+        let rows = node.rows.clone();
+        let nodes = tokio::task::spawn_blocking(move || rows.nodes())
+            .await
+            .map_err(|e| ApiError::unavailable(format!("cannot read the nodes: {e}")))??;
+        let Some(target) = nodes.into_iter().find(|n| n.id == c.id) else {
+            return Err(ApiError::not_found(format!("Node {} not found", c.id)));
+        };
+        if c.req.headers().contains_key(crate::http::forward::HOP) || target.state != "live" {
+            return Err(ApiError::new(
+                hyper::StatusCode::CONFLICT,
+                format!(
+                    "Node {} is {}: it cannot drain now",
+                    target.id, target.state
+                ),
+            ));
+        }
+        let (parts, _) = c.req.into_parts();
+        return crate::http::forward::send(node, &target.address, &parts, Default::default()).await;
+    }
+    let sessions = node.standing.count();
+    if node.standing.draining() {
+        return Ok(ok(&crate::http::response::Message {
+            message: format!("Node {} is already draining", c.id),
+        }));
+    }
+    let (n, sup) = (node.clone(), c.app.sup.clone());
+    node.standing.set_draining(true);
+    tokio::spawn(async move { n.drain(&sup).await });
+    Ok(crate::http::response::json_response(
+        hyper::StatusCode::ACCEPTED,
+        &crate::http::response::Success::new(&crate::http::response::Message {
+            message: format!(
+                "Node {} is draining: its {sessions} sessions move to the other nodes",
+                c.id
+            ),
+        }),
+    ))
+}
+
 pub async fn stats(c: Ctx) -> Answer {
+    if let Some(all) = fleet_records(&c.app).await? {
+        let mine: Vec<&SessionRecord> = all
+            .iter()
+            .map(|(r, _)| r)
+            .filter(|r| c.caller.sees(&r.user_id))
+            .collect();
+        return Ok(ok(&Stats {
+            active_sessions: mine.iter().filter(|r| r.state.is_active()).count(),
+            total_users: mine.len(),
+            online_sessions: mine
+                .iter()
+                .filter(|r| r.state == SessionState::Online)
+                .count(),
+        }));
+    }
     if let Caller::Key(key) = &c.caller {
         if !key.sees_all() {
             // Counted over the key's own sessions (O(sessions), for scoped keys only).

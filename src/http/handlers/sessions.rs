@@ -73,6 +73,17 @@ struct Events<'a> {
 }
 
 pub async fn list(c: Ctx) -> Answer {
+    if let Some(all) = super::fleet::fleet_records(&c.app).await? {
+        let sessions: Vec<SessionView> = all
+            .iter()
+            .filter(|(r, _)| c.caller.sees(&r.user_id))
+            .map(|(r, owner)| SessionView::on(r, owner.as_deref()))
+            .collect();
+        return Ok(ok(&List {
+            count: sessions.len(),
+            sessions,
+        }));
+    }
     let all = c.app.store.view().list();
     let sessions: Vec<SessionView> = all
         .iter()
@@ -86,14 +97,20 @@ pub async fn list(c: Ctx) -> Answer {
 }
 
 pub async fn get(c: Ctx) -> Answer {
+    let node = c.app.node.as_ref().map(|n| n.standing.id.as_str());
     c.app
         .store
         .view()
-        .read(&c.id, |rec| ok(&SessionView::of(rec)))
+        .read(&c.id, |rec| ok(&SessionView::on(rec, node)))
         .ok_or_else(|| ApiError::no_session(&c.id))
 }
 
 pub async fn create(c: Ctx) -> Answer {
+    let head = c
+        .app
+        .node
+        .as_ref()
+        .map(|_| (c.req.uri().clone(), c.req.headers().clone()));
     let body: CreateBody = json_body(c.req, false, c.app.request_timeout)
         .await?
         .ok_or_else(|| ApiError::bad_request("userId is required"))?;
@@ -126,6 +143,20 @@ pub async fn create(c: Ctx) -> Answer {
         return Err(ApiError::bad_request(
             "phoneNumber must be 7 to 15 digits with the country code, no spaces or special characters (e.g. 1234567890)",
         ));
+    }
+    if let (Some(node), Some(head)) = (&c.app.node, &head) {
+        if let Some(answer) = place(
+            &c.app,
+            node,
+            head,
+            &user_id,
+            &phone_number,
+            body.proxy.as_ref(),
+        )
+        .await?
+        {
+            return Ok(answer);
+        }
     }
     // A session's own proxy is saved before it first connects (through it), and
     // undone if the create fails.
@@ -173,13 +204,74 @@ pub async fn create(c: Ctx) -> Answer {
         (Err(e), None) => return Err(e),
     };
     let pairing = live_pairing(&rec);
+    let node = c.app.node.as_ref().map(|n| n.standing.id.as_str());
     let created = Created {
         message: "Session created. Use the pairing code to connect.",
         pairing_code: pairing.map(|p| p.code.as_str()),
         expires_at: pairing.map(|p| iso(p.expires_at_ms)),
-        session: SessionView::of(&rec),
+        session: SessionView::on(&rec, node),
     };
     Ok(json_response(StatusCode::CREATED, &Success::new(&created)))
+}
+
+/// Several nodes: a create of an id the fleet has is a 409 here, a node fenced answers
+/// 503, and a new session goes to the least-loaded live node (this one unless another
+/// has fewer sessions, or the create was forwarded here). `None`: create it here.
+async fn place(
+    app: &crate::http::App,
+    node: &std::sync::Arc<crate::nodes::Node>,
+    (uri, headers): &(hyper::Uri, hyper::HeaderMap),
+    user_id: &str,
+    phone_number: &str,
+    proxy: Option<&Value>,
+) -> Result<Option<hyper::Response<crate::http::response::Body>>, ApiError> {
+    if !node.standing.live() {
+        return Err(crate::http::forward::fenced(node));
+    }
+    let draining = node.standing.draining();
+    let n = node.clone();
+    let id = user_id.to_string();
+    let forwarded = headers.contains_key(crate::http::forward::HOP);
+    let (exists, elsewhere) = tokio::task::spawn_blocking(move || {
+        let exists = n.rows.owner_of(&id)?.is_some();
+        let elsewhere = if forwarded || exists {
+            None
+        } else {
+            // A draining node takes no new session: any other live node does.
+            n.rows
+                .less_loaded(&n.standing, if draining { None } else { Some(0) })?
+        };
+        Ok::<_, botvisor_actors::StorageError>((exists, elsewhere))
+    })
+    .await
+    .map_err(|e| ApiError::unavailable(format!("cannot place the session: {e}")))??;
+    if exists || app.store.view().read(user_id, |_| ()).is_some() {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            crate::http::errors::SESSION_EXISTS,
+        ));
+    }
+    let Some((_, address)) = elsewhere else {
+        return Ok(None);
+    };
+    let mut body = serde_json::json!({"userId": user_id, "phoneNumber": phone_number});
+    if let Some(p) = proxy {
+        body["proxy"] = p.clone();
+    }
+    let (mut parts, ()) = hyper::Request::builder()
+        .method(hyper::Method::POST)
+        .uri(uri.clone())
+        .body(())
+        .map_err(|e| ApiError::unavailable(e.to_string()))?
+        .into_parts();
+    parts.headers = headers.clone();
+    parts.headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    crate::http::forward::send(node, &address, &parts, body.to_string().into())
+        .await
+        .map(Some)
 }
 
 pub async fn delete(c: Ctx) -> Answer {

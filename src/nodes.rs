@@ -1,0 +1,297 @@
+//! This process as one node of several sharing one PostgreSQL database (`--node-id`):
+//! its registration and lease, its claims, and fencing itself when the lease cannot be
+//! renewed in time. The protocol and the statements are in [`crate::db::nodes`].
+//!
+//! Two loops:
+//! - the lease thread (`botvisor-node`) registers, renews every fifth of the ttl and,
+//!   after each confirmed renewal, claims a fair share of the sessions nobody holds;
+//! - the deadline watch (a task, every 100 ms) fences the node once the lease's local
+//!   deadline passes without a confirmed renewal, however stuck the lease thread is (a
+//!   statement to a database cut off waits for its timeout), and stops the sessions a
+//!   commit found owned elsewhere.
+//!
+//! Fencing drops every session at once (their sockets close), then the lease thread
+//! registers again with a new epoch and claims afresh.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use ractor::ActorRef;
+
+use botvisor_actors::{SessionRecord, SupervisorMsg};
+
+use crate::config::NodeSettings;
+use crate::db::nodes::{Standing, FLEET_CHANNEL};
+use crate::db::postgres::Rows;
+
+/// Sessions one claim takes at most.
+const CLAIM_MAX: i64 = 2_000;
+/// Sessions handed over together in a drain.
+const HANDOFF_BATCH: usize = 25;
+/// How long a drain waits for a batch to stop.
+const HANDOFF_WAIT: Duration = Duration::from_secs(30);
+/// How often the deadline watch looks.
+const WATCH_EVERY: Duration = Duration::from_millis(100);
+
+/// This node: its standing and its database.
+pub struct Node {
+    pub standing: Arc<Standing>,
+    pub rows: Rows,
+    pub settings: NodeSettings,
+    stop: AtomicBool,
+    /// Set (and the lease thread woken) when another node gave sessions up.
+    wake: (Mutex<bool>, Condvar),
+}
+
+impl Node {
+    pub fn new(rows: Rows, standing: Arc<Standing>, settings: NodeSettings) -> Arc<Node> {
+        Arc::new(Node {
+            standing,
+            rows,
+            settings,
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(false), Condvar::new()),
+        })
+    }
+
+    /// Renewals come this often.
+    fn renew_every(&self) -> Duration {
+        self.settings.lease_ttl / 5
+    }
+
+    /// A claim waits this long past an owner's lease (clock rates differ a little; its
+    /// owner, if it lives, has had this long to close its sockets).
+    fn grace(&self) -> Duration {
+        self.renew_every()
+    }
+
+    /// Starts the lease thread and the deadline watch, and waits for the first
+    /// registration (another process may hold this id's lease until it runs out).
+    pub async fn start(self: &Arc<Self>, sup: ActorRef<SupervisorMsg>) -> Result<(), String> {
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel();
+        let node = self.clone();
+        let lease_sup = sup.clone();
+        std::thread::Builder::new()
+            .name("botvisor-node".into())
+            .spawn(move || node.lease_loop(lease_sup, first_tx))
+            .map_err(|e| format!("cannot start the node's lease thread: {e}"))?;
+        let node = self.clone();
+        tokio::spawn(async move { node.watch(sup).await });
+        let node = Arc::downgrade(self);
+        self.rows.listen(FLEET_CHANNEL, move || {
+            if let Some(node) = node.upgrade() {
+                node.ring();
+            }
+        });
+        first_rx
+            .await
+            .map_err(|_| "the node's lease thread stopped".to_string())
+    }
+
+    fn lease_loop(
+        self: Arc<Self>,
+        sup: ActorRef<SupervisorMsg>,
+        first: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let mut first = Some(first);
+        let mut previous = 0;
+        let mut waiting_logged = false;
+        while !self.stop.load(Ordering::Acquire) {
+            let s = &self.standing;
+            if s.is_fenced() {
+                match self.rows.register(s, previous) {
+                    Ok(Some((epoch, sent))) => {
+                        s.registered(epoch, sent);
+                        previous = epoch;
+                        waiting_logged = false;
+                        tracing::info!(node = %s.id, epoch, lease = ?s.ttl, "node registered");
+                        match self.rows.reclaim_own(s) {
+                            Ok(own) => self.adopt(&sup, own),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot take back this node's sessions")
+                            }
+                        }
+                        if let Some(tx) = first.take() {
+                            let _ = tx.send(());
+                        }
+                    }
+                    Ok(None) => {
+                        if !waiting_logged {
+                            tracing::warn!(node = %s.id,
+                                "another process holds this node id's lease: waiting for it to run out (two processes must not share a --node-id)");
+                            waiting_logged = true;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot register the node; trying again");
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            } else {
+                match self.rows.renew(s) {
+                    Ok(Some(sent)) => s.renewed(sent),
+                    Ok(None) => {
+                        self.fence(
+                            &sup,
+                            "the node's lease is gone (it ran out, or its epoch moved)",
+                        );
+                        continue;
+                    }
+                    // The watch fences at the deadline if no renewal gets through.
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the node's lease"),
+                }
+                if s.live() && !s.draining() {
+                    match self.rows.claim(s, self.grace(), CLAIM_MAX) {
+                        Ok(claimed) => self.adopt(&sup, claimed),
+                        Err(e) => tracing::warn!(error = %e, "cannot claim sessions"),
+                    }
+                }
+            }
+            self.sleep(self.renew_every());
+        }
+    }
+
+    /// Sleeps, waking early when stopped or when another node gave sessions up.
+    fn sleep(&self, total: Duration) {
+        let until = Instant::now() + total;
+        let (woken, bell) = &self.wake;
+        let mut woken = woken.lock().unwrap_or_else(|p| p.into_inner());
+        while !*woken && !self.stop.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            woken = bell
+                .wait_timeout(woken, left.min(Duration::from_millis(100)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        *woken = false;
+    }
+
+    /// Wakes the lease thread (sessions were given up: claim now).
+    fn ring(&self) {
+        let (woken, bell) = &self.wake;
+        *woken.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        bell.notify_all();
+    }
+
+    /// Hands every session this node holds to the others, a few at a time: each batch
+    /// stops here, is given up, and the other nodes claim it at once (notified). The
+    /// node takes no new session meanwhile, and none after. Returns how many moved.
+    pub async fn drain(self: &Arc<Self>, sup: &ActorRef<SupervisorMsg>) -> usize {
+        self.standing.set_draining(true);
+        let mut moved = 0;
+        loop {
+            let mut held = self.standing.held();
+            if held.is_empty() || !self.standing.live() {
+                break;
+            }
+            held.sort();
+            held.truncate(HANDOFF_BATCH);
+            let stopped = ractor::call_t!(
+                sup,
+                |reply| SupervisorMsg::Handoff {
+                    user_ids: held.clone(),
+                    reply,
+                },
+                HANDOFF_WAIT.as_millis() as u64
+            );
+            if let Err(e) = stopped {
+                tracing::warn!(error = %e, "sessions did not stop in time for their handoff; handing them over anyway");
+            }
+            for id in &held {
+                self.standing.let_go(id);
+            }
+            let node = self.clone();
+            let ids = held.clone();
+            let released =
+                tokio::task::spawn_blocking(move || node.rows.release(&node.standing, &ids)).await;
+            match released {
+                Ok(Ok(n)) => moved += n as usize,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "cannot give sessions up; their lease runs out instead")
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot give sessions up"),
+            }
+        }
+        tracing::info!(node = %self.standing.id, sessions = moved, "node drained");
+        moved
+    }
+
+    /// Holds claimed sessions with their fences and hands them to the supervisor.
+    fn adopt(&self, sup: &ActorRef<SupervisorMsg>, claimed: Vec<(SessionRecord, i64)>) {
+        if claimed.is_empty() {
+            return;
+        }
+        let s = &self.standing;
+        if !s.live() {
+            // Fenced while the claim ran: a new registration claims again.
+            return;
+        }
+        let recs: Vec<SessionRecord> = claimed
+            .into_iter()
+            .map(|(rec, fence)| {
+                s.hold(&rec.user_id, fence);
+                rec
+            })
+            .collect();
+        tracing::info!(node = %s.id, sessions = recs.len(), "sessions claimed");
+        let _ = sup.cast(SupervisorMsg::Adopt(recs));
+    }
+
+    /// Fences the node (unless it is already): every session stops here now.
+    fn fence(&self, sup: &ActorRef<SupervisorMsg>, why: &str) {
+        let Some(held) = self.standing.fence() else {
+            return;
+        };
+        tracing::error!(node = %self.standing.id, sessions = held,
+            "{why}: node fenced, stopping every session it held");
+        let _ = sup.cast(SupervisorMsg::Release(None));
+    }
+
+    async fn watch(self: Arc<Self>, sup: ActorRef<SupervisorMsg>) {
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !self.stop.load(Ordering::Acquire) {
+            tick.tick().await;
+            let s = &self.standing;
+            if !s.is_fenced() && s.past_deadline() {
+                self.fence(
+                    &sup,
+                    "the node's lease ran out locally without a confirmed renewal",
+                );
+            }
+            let lost = s.take_lost();
+            if !lost.is_empty() {
+                let _ = sup.cast(SupervisorMsg::Release(Some(lost)));
+            }
+        }
+    }
+
+    /// Leaves the fleet after the sessions stopped: with `--handoff` every session goes to
+    /// the other nodes at once; without, they wait for this node (or its lease's end).
+    pub async fn leave(self: &Arc<Self>) {
+        self.stop.store(true, Ordering::Release);
+        let node = self.clone();
+        let handoff = self.settings.handoff;
+        let left = tokio::task::spawn_blocking(move || node.rows.leave(&node.standing, handoff))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        match left {
+            Ok(released) if handoff => {
+                tracing::info!(
+                    sessions = released,
+                    "node left; its sessions go to the others"
+                )
+            }
+            Ok(_) => tracing::info!("node left; its sessions wait for its return"),
+            Err(e) => tracing::warn!(error = %e, "could not leave cleanly; the lease runs out"),
+        }
+    }
+}
