@@ -403,7 +403,12 @@ pub async fn run(
     let known = boot.iter().map(|r| r.user_id.as_str()).collect();
     http::handlers::proxy::load(&store, &proxies, &known).await?;
     let sim = match concrete {
-        Concrete::Sim(sim) => Some(sim),
+        Concrete::Sim(sim) => {
+            if let (Some(_), Some(rows)) = (&standing, store.rows()) {
+                sim.keep_credentials_in(rows.clone());
+            }
+            Some(sim)
+        }
         Concrete::WhatsApp(wa) => {
             wa.connect_through(proxies.clone());
             wa.keep_inbound_in(store.clone());

@@ -453,6 +453,37 @@ impl Rows {
         })
     }
 
+    /// A simulated session's credentials (several nodes keep them here): `None` before it
+    /// paired, else the account's name if known.
+    pub fn sim_credentials(&self, user_id: &str) -> Result<Option<Option<String>>, StorageError> {
+        let user_id = user_id.to_string();
+        self.run_storage(|c| async move {
+            let row = c
+                .query_opt(
+                    "SELECT name FROM bv_sim_credentials WHERE user_id = $1",
+                    &[&user_id],
+                )
+                .await?;
+            Ok(row.map(|r| r.try_get(0)).transpose()?)
+        })
+    }
+
+    /// Records that a simulated session's phone paired.
+    pub fn sim_paired(&self, user_id: &str, name: &str) -> Result<(), StorageError> {
+        let (user_id, name) = (user_id.to_string(), name.to_string());
+        self.run_storage(|c| async move {
+            c.execute(
+                "INSERT INTO bv_sim_credentials (user_id, paired_at, name) \
+                 VALUES ($1, (extract(epoch FROM now()) * 1000)::bigint, $2) \
+                 ON CONFLICT (user_id) DO UPDATE SET paired_at = excluded.paired_at, \
+                 name = excluded.name",
+                &[&user_id, &name],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     /// Every session with its owner, oldest first.
     pub fn fleet(&self) -> Result<Vec<(SessionRecord, Option<String>)>, StorageError> {
         self.run_storage(|c| async move {

@@ -514,6 +514,7 @@ pub const MIGRATIONS: Migrations = &[
     (5, MIGRATION_5),
     (6, MIGRATION_6),
     (7, MIGRATION_7),
+    (8, MIGRATION_8),
 ];
 
 /// Migration 1: the tables of `schema.sql`, in PostgreSQL's types and with a `bv_`
@@ -623,6 +624,16 @@ ALTER TABLE bv_sessions ADD COLUMN owner TEXT;
 ALTER TABLE bv_sessions ADD COLUMN owner_epoch BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE bv_sessions ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;
 CREATE INDEX bv_sessions_owner ON bv_sessions (owner);
+"#;
+
+/// Migration 8: the simulated link's credentials, for nodes (a session that moves stays
+/// paired; a single server keeps them in files of its data dir).
+const MIGRATION_8: &str = r#"
+CREATE TABLE bv_sim_credentials (
+    user_id   TEXT PRIMARY KEY,
+    paired_at BIGINT NOT NULL,
+    name      TEXT
+);
 "#;
 
 /// Migration 4: a session's own receiver's options (schema.sql v9).
@@ -1333,6 +1344,7 @@ async fn write_batch(
                     "bv_events",
                     "bv_session_webhooks",
                     "bv_session_webhook_options",
+                    "bv_sim_credentials",
                 ] {
                     let stmt = tx
                         .prepare_cached(&format!("DELETE FROM {table} WHERE user_id = $1"))

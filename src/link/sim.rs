@@ -381,6 +381,9 @@ pub struct SimLink {
     settings: SimSettings,
     file_work: Arc<Semaphore>,
     network: Arc<Network>,
+    /// Several nodes: the credentials are rows of the shared database (a session that
+    /// moves to another node stays paired), not files of one node's data dir.
+    rows: std::sync::OnceLock<crate::db::postgres::Rows>,
 }
 
 impl SimLink {
@@ -391,7 +394,13 @@ impl SimLink {
             settings,
             file_work: Arc::new(Semaphore::new(FILE_WORK_AT_ONCE)),
             network: Arc::default(),
+            rows: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Keeps the sessions' credentials in `rows` (several nodes on one database).
+    pub fn keep_credentials_in(&self, rows: crate::db::postgres::Rows) {
+        let _ = self.rows.set(rows);
     }
 
     /// What a session sent, oldest first (the newest 1,000).
@@ -612,6 +621,47 @@ fn creds_in(conn: &Connection) -> rusqlite::Result<(Creds, bool)> {
     Ok((creds, identity))
 }
 
+/// Where one simulated session's credentials are.
+#[derive(Clone)]
+enum CredsAt {
+    /// Its SQLite file in the data dir.
+    File(PathBuf),
+    /// A row of the shared database (several nodes).
+    Row(crate::db::postgres::Rows, String),
+}
+
+impl CredsAt {
+    fn read(&self) -> Result<Creds, StoreFailure> {
+        match self {
+            CredsAt::File(path) => read_creds(path),
+            CredsAt::Row(rows, user_id) => rows
+                .sim_credentials(user_id)
+                .map(|name| Creds {
+                    paired: name.is_some(),
+                    name: name.flatten(),
+                })
+                .map_err(|e| StoreFailure::other(e.to_string())),
+        }
+    }
+
+    fn write_paired(&self, name: &str) -> Result<(), StoreFailure> {
+        match self {
+            CredsAt::File(path) => write_paired(path, name),
+            CredsAt::Row(rows, user_id) => rows
+                .sim_paired(user_id, name)
+                .map_err(|e| StoreFailure::other(e.to_string())),
+        }
+    }
+
+    /// What an error names.
+    fn name(&self) -> String {
+        match self {
+            CredsAt::File(path) => super::file_name(path),
+            CredsAt::Row(rows, _) => format!("bv_sim_credentials at {}", rows.target()),
+        }
+    }
+}
+
 /// Records that the phone paired.
 fn write_paired(path: &Path, name: &str) -> Result<(), StoreFailure> {
     let conn = open_creds(path)?;
@@ -805,20 +855,19 @@ impl Link for SimLink {
         spec: SessionSpec,
         events: EventSink,
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
-        let path = paths::credentials(&self.data_dir, &spec.user_id);
+        let at = match self.rows.get() {
+            Some(rows) => CredsAt::Row(rows.clone(), spec.user_id.clone()),
+            None => CredsAt::File(paths::credentials(&self.data_dir, &spec.user_id)),
+        };
         let settings = self.settings.clone();
         let slots = self.file_work.clone();
         let network = self.network.clone();
         Box::pin(async move {
-            let read = path.clone();
-            let creds = file_work(&slots, move || read_creds(&read))
+            let read = at.clone();
+            let creds = file_work(&slots, move || read.read())
                 .await
                 .map_err(|e| {
-                    super::credential_error(
-                        "sim: cannot read credentials",
-                        &super::file_name(&path),
-                        &e,
-                    )
+                    super::credential_error("sim: cannot read credentials", &at.name(), &e)
                 })?;
             let sink = events.clone();
             let user_id = spec.user_id.clone();
@@ -828,7 +877,7 @@ impl Link for SimLink {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(user_id.clone(), (events.clone(), Instant::now()));
-            let task = tokio::spawn(run(spec, settings, path, creds, slots, sink));
+            let task = tokio::spawn(run(spec, settings, at, creds, slots, sink));
             Ok(Box::new(SimConnection {
                 task,
                 events,
@@ -844,6 +893,7 @@ impl Link for SimLink {
     }
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {
+        // (A row goes with the session's row, in the commit that deletes it.)
         paths::remove_credentials(&self.data_dir, user_id)
     }
 }
@@ -858,7 +908,7 @@ async fn pause(d: Duration) {
 async fn run(
     spec: SessionSpec,
     s: SimSettings,
-    path: PathBuf,
+    at: CredsAt,
     creds: Creds,
     slots: Arc<Semaphore>,
     events: EventSink,
@@ -887,7 +937,7 @@ async fn run(
         }
         let paired_name = format!("Sim {}", spec.phone_number);
         let written = paired_name.clone();
-        let saved = file_work(&slots, move || write_paired(&path, &written)).await;
+        let saved = file_work(&slots, move || at.write_paired(&written)).await;
         if let Err(e) = saved {
             events.emit(LinkEvent::Crashed {
                 error: format!("sim: cannot store credentials: {e}"),
