@@ -8,6 +8,10 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use botvisor_wa_peer::Peer;
@@ -24,31 +28,58 @@ const PHONE: &str = "15551234567";
 struct Fleet {
     peer: Peer,
     url: String,
+    /// Each node's `--database-url` (the database's, or a proxy's in front of it).
+    urls: Vec<String>,
     dirs: Vec<tempfile::TempDir>,
     nodes: Vec<Option<Server>>,
     extra: Vec<String>,
+    /// A PostgreSQL of the test's own (one it stops), else the shared one.
+    own_pg: Option<pg::PgServer>,
 }
 
 impl Fleet {
     fn start(test: &str, n: usize, extra: &[&str]) -> Option<Fleet> {
-        let pg = pg::server_or_skip(test)?;
-        let url = pg.fresh_database_url("fleet").expect("a test database");
-        let mut fleet = Fleet {
+        let fleet = Fleet::prepare(test, n, extra, false)?;
+        Some(fleet.launched())
+    }
+
+    /// The fleet, not started yet; on a PostgreSQL of its own when `own_pg`.
+    fn prepare(test: &str, n: usize, extra: &[&str], own_pg: bool) -> Option<Fleet> {
+        let shared = pg::server_or_skip(test)?;
+        let own_pg = own_pg.then(|| pg::PgServer::start().expect("a PostgreSQL of the test's own"));
+        let url = own_pg
+            .as_ref()
+            .unwrap_or(shared)
+            .fresh_database_url("fleet")
+            .expect("a test database");
+        Some(Fleet {
             peer: Peer::start(),
+            urls: vec![url.clone(); n],
             url,
             dirs: (0..n).map(|_| tempfile::tempdir().unwrap()).collect(),
             nodes: (0..n).map(|_| None).collect(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        for i in 0..n {
-            fleet.launch(i);
+            own_pg,
+        })
+    }
+
+    fn launched(mut self) -> Fleet {
+        for i in 0..self.nodes.len() {
+            self.launch(i);
         }
-        Some(fleet)
+        self
+    }
+
+    fn pg(&self) -> &pg::PgServer {
+        self.own_pg
+            .as_ref()
+            .unwrap_or_else(|| pg::shared().unwrap())
     }
 
     /// Starts node `i` (again).
     fn launch(&mut self, i: usize) {
         let peer_url = self.peer.url();
+        let url = self.urls[i].clone();
         let id = format!("n{i}");
         let mut args = vec![
             "--link",
@@ -60,7 +91,7 @@ impl Fleet {
             "--create-timeout",
             "20s",
             "--database-url",
-            &self.url,
+            &url,
             "--node-id",
             &id,
             "--lease-ttl",
@@ -114,7 +145,7 @@ impl Fleet {
 
     /// Rows of the shared database.
     fn rows(&self, sql: &str) -> Vec<Vec<Option<String>>> {
-        pg::shared().unwrap().rows(&self.url, sql).unwrap()
+        self.pg().rows(&self.url, sql).unwrap()
     }
 
     /// Each session's owner, from the database.
@@ -425,4 +456,228 @@ fn a_drained_node_hands_its_sessions_over_and_a_handoff_restart_loses_none() {
     assert_eq!(fleet.node(2).post("/api/nodes/n9/drain", None).status, 404);
     assert_eq!(fleet.node(2).post("/api/nodes/n1/drain", None).status, 409);
     assert_eq!(fleet.node(2).post("/api/nodes/n.1/drain", None).status, 400);
+}
+
+/// A TCP proxy in front of PostgreSQL for one node; `cut` makes it a black hole (bytes
+/// stop flowing both ways and new connections hang, as in a network partition: nothing
+/// is reset), `heal` lets bytes flow again (connections cut meanwhile stay dead).
+struct CutProxy {
+    port: u16,
+    cut: Arc<AtomicBool>,
+}
+
+impl CutProxy {
+    fn start(upstream: u16) -> CutProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let flag = cut.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().map_while(Result::ok) {
+                let flag = flag.clone();
+                std::thread::spawn(move || {
+                    while flag.load(Ordering::Acquire) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                        return;
+                    };
+                    // Once cut, a connection stays dead: what was in flight is gone.
+                    let dead = Arc::new(AtomicBool::new(false));
+                    for (from, to) in [
+                        (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                        (server, client),
+                    ] {
+                        let (flag, dead) = (flag.clone(), dead.clone());
+                        std::thread::spawn(move || pump(from, to, &flag, &dead));
+                    }
+                });
+            }
+        });
+        CutProxy { port, cut }
+    }
+
+    fn url(&self, database_url: &str) -> String {
+        let (head, tail) = database_url.split_once("127.0.0.1:").unwrap();
+        let rest = tail.split_once('/').unwrap().1;
+        format!("{head}127.0.0.1:{}/{rest}", self.port)
+    }
+
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+    }
+
+    fn heal(&self) {
+        self.cut.store(false, Ordering::Release);
+    }
+}
+
+fn pump(mut from: TcpStream, mut to: TcpStream, cut: &AtomicBool, dead: &AtomicBool) {
+    from.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        if cut.load(Ordering::Acquire) {
+            dead.store(true, Ordering::Release);
+        }
+        if dead.load(Ordering::Acquire) {
+            // Hold the sockets open and silent until the other side gives up.
+            std::thread::sleep(Duration::from_millis(50));
+            if !cut.load(Ordering::Acquire) {
+                return;
+            }
+            continue;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                if cut.load(Ordering::Acquire) {
+                    dead.store(true, Ordering::Release);
+                    continue;
+                }
+                if to.write_all(&buf[..n]).is_err() {
+                    return;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return,
+        }
+    }
+}
+
+#[test]
+fn a_node_cut_from_postgres_drops_its_sockets_before_another_node_connects_them() {
+    let Some(mut fleet) = Fleet::prepare(
+        "a_node_cut_from_postgres_drops_its_sockets_before_another_node_connects_them",
+        2,
+        &[],
+        false,
+    ) else {
+        return;
+    };
+    let proxy = CutProxy::start(fleet.pg().port());
+    fleet.urls[1] = proxy.url(&fleet.url);
+    let mut fleet = fleet.launched();
+    let ids = populate(&fleet, 4);
+    let cut_off: Vec<String> = fleet
+        .owners()
+        .into_iter()
+        .filter(|(_, o)| o == "n1")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(cut_off.len(), 2);
+    proxy.cut();
+    let took = wait_until(30, "the cut node's sessions online on n0", || {
+        let listed = fleet.sessions(0);
+        ids.iter()
+            .all(|id| listed[id] == ("online".into(), "n0".into()))
+    });
+    eprintln!(
+        "sessions of a node cut from PostgreSQL online elsewhere after {} ms",
+        took.as_millis()
+    );
+    // The cut node closed its sockets at its lease's local deadline, before n0 could
+    // claim (the database's lease, plus a grace): WhatsApp never saw two.
+    let stats = fleet.peer.stats();
+    assert!(stats.overlaps.is_empty(), "{:?}", stats.overlaps);
+    assert_eq!(fleet.peer.live(PHONE), 4);
+    let log = std::fs::read_to_string(&fleet.node(1).log).unwrap();
+    assert!(log.contains("node fenced"), "{log}");
+    // While cut off it answers 503 for sessions, in the spec's shape.
+    let r = fleet.node(1).get(&format!("/api/sessions/{}", cut_off[0]));
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert_eq!(r.json()["success"], false);
+    assert!(
+        r.json()["message"].as_str().unwrap().contains("fenced"),
+        "{}",
+        r.body
+    );
+    // Healed, it registers again, takes nothing back, and answers through the owner.
+    proxy.heal();
+    wait_until(30, "n1 live again", || {
+        fleet.node(0).get("/api/nodes").json()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["id"] == "n1" && n["state"] == "live" && n["epoch"] == 2)
+    });
+    fleet.node(1).wait_state(&cut_off[0], "online");
+    assert!(fleet.owners().values().all(|o| o == "n0"));
+    assert!(fleet.peer.stats().overlaps.is_empty());
+    assert_eq!(fleet.peer.live(PHONE), 4);
+    let _ = fleet.node_mut(1);
+}
+
+#[test]
+fn after_postgres_stops_for_longer_than_the_lease_every_node_fences_and_the_fleet_comes_back_whole()
+{
+    let Some(fleet) = Fleet::prepare(
+        "after_postgres_stops_for_longer_than_the_lease_every_node_fences_and_the_fleet_comes_back_whole",
+        3,
+        &[],
+        true,
+    ) else {
+        return;
+    };
+    let fleet = fleet.launched();
+    let ids = populate(&fleet, 6);
+    // Sends confirmed before the outage.
+    let mut confirmed = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let text = format!("before the outage {i}");
+        let r = fleet.node(i % 3).post(
+            &format!("/api/sessions/{id}/messages"),
+            Some(&format!(r#"{{"to":"15550001111","text":"{text}"}}"#)),
+        );
+        assert_eq!(r.status, 201, "{}", r.body);
+        confirmed.push(text);
+    }
+    fleet.pg().stop_immediate().unwrap();
+    // Every node passes its lease's deadline and fences: no socket stays up.
+    wait_until(30, "every node fenced", || {
+        (0..3).all(|i| {
+            std::fs::read_to_string(&fleet.node(i).log)
+                .unwrap()
+                .contains("node fenced")
+        })
+    });
+    wait_until(10, "no device connected", || fleet.peer.live(PHONE) == 0);
+    fleet.pg().start_again().unwrap();
+    let took = wait_until(60, "every session online again, once", || {
+        let listed = fleet.sessions(0);
+        ids.iter().all(|id| listed[id].0 == "online") && fleet.peer.live(PHONE) == 6
+    });
+    eprintln!(
+        "fleet whole again {} ms after PostgreSQL came back",
+        took.as_millis()
+    );
+    assert_eq!(fleet.peer.live(PHONE), 6);
+    let stats = fleet.peer.stats();
+    assert!(stats.overlaps.is_empty(), "{:?}", stats.overlaps);
+    for text in &confirmed {
+        assert!(
+            stats
+                .decrypted
+                .iter()
+                .any(|d| d.text.as_deref() == Some(text)),
+            "{text} was confirmed and must have reached WhatsApp"
+        );
+    }
+    // Every node registered again (epoch 2), and every session has one owner among them.
+    let nodes = fleet.node(1).get("/api/nodes").json();
+    for n in nodes["nodes"].as_array().unwrap() {
+        assert_eq!(n["state"], "live", "{nodes}");
+        assert_eq!(n["epoch"], 2, "{nodes}");
+    }
+    let owners = fleet.owners();
+    assert!(
+        owners
+            .values()
+            .all(|o| ["n0", "n1", "n2"].contains(&o.as_str())),
+        "{owners:?}"
+    );
 }

@@ -202,6 +202,17 @@ pub struct NodeRow {
     pub lease_left_ms: i64,
 }
 
+/// A session as the fleet's reads see it.
+#[derive(Debug, Clone)]
+pub struct FleetRow {
+    /// Its row as its owner last wrote it.
+    pub rec: SessionRecord,
+    /// The node that owns it (`None`: given up, a claim is coming).
+    pub owner: Option<String>,
+    /// The owner's lease is live (else what its row says may no longer be true).
+    pub owner_live: bool,
+}
+
 /// Who owns a session, as a forwarder needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
@@ -287,7 +298,7 @@ impl Rows {
             let rows = c
                 .query(
                     &format!(
-                        "UPDATE bv_sessions SET owner_epoch = $2, fence = fence + 1 \
+                        "UPDATE bv_sessions SET owner_epoch = $2, fence = fence + 1, {RESUMED} \
                          WHERE owner = $1 AND owner_epoch <> $2 \
                          RETURNING {}, fence",
                         super::postgres::SESSION_COLUMNS
@@ -332,7 +343,7 @@ impl Rows {
                            ORDER BY created_at \
                            LIMIT (SELECT k FROM share) FOR UPDATE SKIP LOCKED) \
                          UPDATE bv_sessions s SET owner = $1, owner_epoch = $2, \
-                           fence = s.fence + 1 \
+                           fence = s.fence + 1, {RESUMED} \
                          FROM c WHERE s.user_id = c.user_id \
                          RETURNING {}, s.fence",
                         prefixed("s.")
@@ -484,22 +495,43 @@ impl Rows {
         })
     }
 
-    /// Every session with its owner, oldest first.
-    pub fn fleet(&self) -> Result<Vec<(SessionRecord, Option<String>)>, StorageError> {
+    /// Every session with its owner and whether the owner's lease is live, oldest
+    /// first.
+    pub fn fleet(&self) -> Result<Vec<FleetRow>, StorageError> {
+        self.fleet_rows(None)
+    }
+
+    /// One session as [`Rows::fleet`] has it.
+    pub fn fleet_row(&self, user_id: &str) -> Result<Option<FleetRow>, StorageError> {
+        Ok(self.fleet_rows(Some(user_id))?.pop())
+    }
+
+    fn fleet_rows(&self, only: Option<&str>) -> Result<Vec<FleetRow>, StorageError> {
+        let only = only.map(str::to_string);
         self.run_storage(|c| async move {
             let rows = c
                 .query(
                     &format!(
-                        "SELECT {}, owner FROM bv_sessions ORDER BY created_at, user_id",
-                        super::postgres::SESSION_COLUMNS
+                        "SELECT {}, s.owner, \
+                         coalesce(n.lease_until > now() AND n.state <> 'stopped', false) \
+                         FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner \
+                         WHERE $1::text IS NULL OR s.user_id = $1 \
+                         ORDER BY s.created_at, s.user_id",
+                        prefixed("s.")
                     ),
-                    &[],
+                    &[&only],
                 )
                 .await?;
             let n = super::postgres::SESSION_COLUMNS.split(", ").count();
             Ok(rows
                 .iter()
-                .map(|r| Ok((super::postgres::session_of(r)?, r.try_get(n)?)))
+                .map(|r| {
+                    Ok(FleetRow {
+                        rec: super::postgres::session_of(r)?,
+                        owner: r.try_get(n)?,
+                        owner_live: r.try_get(n + 1)?,
+                    })
+                })
                 .collect::<Result<_, tokio_postgres::Error>>()?)
         })
     }
@@ -548,6 +580,14 @@ impl Rows {
         })
     }
 }
+
+/// A claimed session's state as its new owner resumes it (what the supervisor's boot
+/// makes of it): a running one is starting, a stopped one stopped. Written with the
+/// claim, so the fleet's reads never show the old owner's last state as live.
+const RESUMED: &str = "state = CASE \
+     WHEN desired = 'stopped' THEN 'stopped' \
+     WHEN state IN ('failed', 'logged_out') THEN state \
+     ELSE 'starting' END";
 
 /// The session columns prefixed with a table's alias.
 fn prefixed(alias: &str) -> String {

@@ -78,6 +78,21 @@ async fn owner_of(node: &Arc<Node>, user_id: &str) -> Result<Option<Owner>, ApiE
         .map_err(ApiError::from)
 }
 
+/// `GET /api/sessions/:id` of a session no live node holds, from its row.
+async fn read_row(node: &Arc<Node>, user_id: &str) -> Answer {
+    let rows = node.rows.clone();
+    let id = user_id.to_string();
+    let row = tokio::task::spawn_blocking(move || rows.fleet_row(&id))
+        .await
+        .map_err(|e| ApiError::unavailable(format!("cannot read the session: {e}")))??
+        .ok_or_else(|| ApiError::no_session(user_id))?;
+    let (rec, owner) = super::handlers::fleet::as_read(row);
+    Ok(super::response::ok(&super::response::SessionView::on(
+        &rec,
+        owner.as_deref(),
+    )))
+}
+
 /// Answers the request here (`Err(req)`: it is this node's to answer) or elsewhere.
 pub async fn elsewhere(
     app: &Arc<App>,
@@ -121,7 +136,13 @@ pub async fn elsewhere(
             address: Some(address),
             ..
         }) => address,
-        Some(Owner { address: None, .. }) => return Ok(Ok(moving(user_id))),
+        Some(Owner { address: None, .. }) => {
+            // A read of the session is answered from its row meanwhile.
+            if route.path == "/api/sessions/:id" && req.method() == hyper::Method::GET {
+                return Ok(read_row(node, user_id).await);
+            }
+            return Ok(Ok(moving(user_id)));
+        }
     };
     let limit = route.body_max(app);
     let (parts, body) = req.into_parts();

@@ -864,11 +864,9 @@ impl Link for SimLink {
         let network = self.network.clone();
         Box::pin(async move {
             let read = at.clone();
-            let creds = file_work(&slots, move || read.read())
-                .await
-                .map_err(|e| {
-                    super::credential_error("sim: cannot read credentials", &at.name(), &e)
-                })?;
+            let creds = file_work(&slots, move || read.read()).await.map_err(|e| {
+                super::credential_error("sim: cannot read credentials", &at.name(), &e)
+            })?;
             let sink = events.clone();
             let user_id = spec.user_id.clone();
             let me = format!("{}@s.whatsapp.net", spec.phone_number);

@@ -24,8 +24,10 @@ struct Stats {
 }
 
 /// Several nodes: every session of the fleet with the node that owns it, from the
-/// database, the ones this node runs as its view has them (fresher). `None` for a single
-/// process (its view is the fleet).
+/// database; the ones this node runs as its view has them (fresher). A session whose
+/// owner is not live is shown `disconnected` (its row may still say `online`: its owner
+/// stopped writing when it fenced itself or died) until another node claims it. `None`
+/// for a single process (its view is the fleet).
 pub async fn fleet_records(
     app: &App,
 ) -> Result<Option<Vec<(SessionRecord, Option<String>)>>, ApiError> {
@@ -33,19 +35,38 @@ pub async fn fleet_records(
         return Ok(None);
     };
     let rows = node.rows.clone();
-    let mut all = tokio::task::spawn_blocking(move || rows.fleet())
+    let all = tokio::task::spawn_blocking(move || rows.fleet())
         .await
         .map_err(|e| ApiError::unavailable(format!("cannot read the fleet: {e}")))??;
     let view = app.store.view();
-    for (rec, owner) in &mut all {
-        if node.standing.holds(&rec.user_id) {
-            if let Some(live) = view.get(&rec.user_id) {
-                *rec = live;
-                *owner = Some(node.standing.id.clone());
-            }
-        }
+    Ok(Some(
+        all.into_iter()
+            .map(|row| {
+                if node.standing.holds(&row.rec.user_id) {
+                    if let Some(live) = view.get(&row.rec.user_id) {
+                        return (live, Some(node.standing.id.clone()));
+                    }
+                }
+                as_read(row)
+            })
+            .collect(),
+    ))
+}
+
+/// A session's row as the fleet's reads show it (see [`fleet_records`]).
+pub fn as_read(row: crate::db::nodes::FleetRow) -> (SessionRecord, Option<String>) {
+    let mut rec = row.rec;
+    if !row.owner_live && rec.state.is_active() {
+        rec.state = SessionState::Disconnected;
+        rec.last_error = Some(match &row.owner {
+            Some(owner) => format!(
+                "its node {owner} is not live (its lease ran out, or it left): another node \
+                 takes the session over"
+            ),
+            None => "moving to another node".to_string(),
+        });
     }
-    Ok(Some(all))
+    (rec, row.owner)
 }
 
 /// `GET /api/nodes`: the nodes sharing this database, their sessions and leases (empty
