@@ -143,3 +143,82 @@ fn curl_examples_run_in_order() {
         "the script must stop at the error: {out}"
     );
 }
+
+/// Several nodes on one PostgreSQL: the spec's clients cannot tell. Pointed at a node
+/// that owns none of the sessions (drained: it takes no new ones either), every example
+/// runs as against a single server; the sessions it made live on the other node.
+#[test]
+fn the_examples_work_unchanged_against_a_node_that_owns_no_session() {
+    let test = "the_examples_work_unchanged_against_a_node_that_owns_no_session";
+    let tools = [
+        (
+            "python3",
+            &["-c", "import requests"][..],
+            "python3 -m pip install requests",
+        ),
+        (
+            "node",
+            &["-e", "require('./examples/node_modules/axios')"][..],
+            "npm ci --prefix examples",
+        ),
+        ("curl", &["--version"][..], "install curl"),
+    ];
+    if !tools.iter().all(|(p, a, h)| available(test, p, a, h)) {
+        return;
+    }
+    let Some(pg) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = pg.fresh_database_url("examples_fleet").unwrap();
+    let node = |id: &str| {
+        Server::start(&[
+            "--api-key",
+            KEY,
+            "--database-url",
+            &url,
+            "--node-id",
+            id,
+            "--lease-ttl",
+            "3s",
+        ])
+    };
+    let (owner, front) = (node("owner"), node("front"));
+    let drained = front.req(
+        "POST",
+        "/api/nodes/front/drain",
+        None,
+        &[("X-API-Key", KEY)],
+    );
+    assert_eq!(drained.status, 202, "{}", drained.body);
+    let out = run_example(&front, "python3", "examples/create_bot.py", "bot_py");
+    assert_eq!(pairing_line(&out).len(), 9, "{out}");
+    let (ok, again) = try_example(&front, "python3", "examples/create_bot.py", "bot_py");
+    assert!(
+        !ok && again.contains("Error: Session already exists for this user."),
+        "{again}"
+    );
+    let out = run_example(&front, "node", "examples/create_bot.js", "bot_js");
+    assert_eq!(pairing_line(&out).len(), 9, "{out}");
+    let out = run_example(&front, "bash", "examples/curl.sh", "bot_curl");
+    assert!(out.contains("\"pairingCode\":"), "{out}");
+    assert!(out.contains("Session bot_curl stopped"), "{out}");
+    assert!(out.contains("Session bot_curl deleted"), "{out}");
+    // Both nodes list the two sessions the examples left, each run by the owner.
+    for s in [&owner, &front] {
+        let listed = s.get("/api/sessions").json();
+        assert_eq!(listed["count"], 2, "{listed}");
+        for one in listed["sessions"].as_array().unwrap() {
+            assert_eq!(one["node"], "owner", "{listed}");
+        }
+    }
+    let nodes = owner.get("/api/nodes").json();
+    let front_row = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "front")
+        .cloned()
+        .unwrap();
+    assert_eq!(front_row["state"], "draining", "{nodes}");
+    assert_eq!(front_row["sessions"], 0, "{nodes}");
+}

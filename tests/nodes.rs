@@ -756,8 +756,11 @@ fn a_rolling_restart_with_handoff_under_load_keeps_every_confirmed_send() {
     let stats = fleet.peer.stats();
     assert!(stats.overlaps.is_empty(), "{:?}", stats.overlaps);
     // Nothing confirmed by a 201 was lost.
-    let delivered: std::collections::HashSet<&str> =
-        stats.decrypted.iter().filter_map(|d| d.text.as_deref()).collect();
+    let delivered: std::collections::HashSet<&str> = stats
+        .decrypted
+        .iter()
+        .filter_map(|d| d.text.as_deref())
+        .collect();
     let lost: Vec<&str> = confirmed
         .iter()
         .map(|(_, t, _)| t.as_str())
