@@ -313,6 +313,46 @@ fn prepare_data_dir(dir: &std::path::Path) -> Result<paths::DataDirLock, RunErro
 
 /// Opens the store (off the runtime: the database's first connection may block) with
 /// the metrics and webhooks wired in; the store and the sessions to boot.
+/// Several nodes: when another node changes the API keys, a session's proxy or its own
+/// webhook receiver (the database notifies [`db::CONFIG_CHANNEL`]; and each time the
+/// listening connection is opened, in case a notice was missed), this node reads them
+/// again, so a key revoked anywhere is refused here from the next request on.
+fn follow_config(app: &Arc<http::App>, rows: &db::postgres::Rows) {
+    let runtime = tokio::runtime::Handle::current();
+    let app = Arc::downgrade(app);
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    rows.listen(db::CONFIG_CHANNEL, move || {
+        use std::sync::atomic::Ordering::AcqRel;
+        let Some(app) = app.upgrade() else {
+            return;
+        };
+        // One reload at a time; a notice that comes during one is followed by another.
+        pending.store(true, std::sync::atomic::Ordering::Release);
+        if busy.swap(true, AcqRel) {
+            return;
+        }
+        let (busy, pending) = (busy.clone(), pending.clone());
+        runtime.spawn(async move {
+            loop {
+                pending.store(false, std::sync::atomic::Ordering::Release);
+                let results = [
+                    app.keys.reload().await,
+                    http::handlers::proxy::reload(&app.store, &app.proxies).await,
+                    app.store.reload_session_webhooks().await,
+                ];
+                for e in results.into_iter().filter_map(Result::err) {
+                    tracing::warn!(error = %e, "cannot read the fleet's configuration again");
+                }
+                busy.store(false, std::sync::atomic::Ordering::Release);
+                if !pending.swap(false, AcqRel) || busy.swap(true, AcqRel) {
+                    break;
+                }
+            }
+        });
+    });
+}
+
 /// The address the other nodes reach this one at, by default: the bound address, with
 /// loopback for an unspecified one.
 fn advertised(listener: &TcpListener) -> String {
@@ -483,6 +523,9 @@ pub async fn run(
     // The sends still queued go on from where they were.
     let queued = store.queued().await?;
     app.outbound.resume(&app, queued);
+    if let (Some(_), Some(rows)) = (&node, store.rows()) {
+        follow_config(&app, rows);
+    }
     let local = listener.local_addr().map_err(|source| RunError::Listen {
         addr: format!("{}:{}", config.bind, config.port),
         source,

@@ -76,6 +76,7 @@ fn concrete(path: &str, session: &str) -> String {
         .replace(":eventId", "evt_0000")
         .replace(":keyId", "0000000000000000")
         .replace(":groupId", "120363000000000001")
+        .replace(":nodeId", "n1")
 }
 
 #[test]

@@ -797,3 +797,180 @@ fn a_rolling_restart_with_handoff_under_load_keeps_every_confirmed_send() {
         "a session was down for 10 s or more: {gaps:?}"
     );
 }
+
+/// Two simulated-link nodes with the admin key and signed webhooks, on one database.
+fn sim_pair(test: &str) -> Option<(Server, Server)> {
+    let pg = pg::server_or_skip(test)?;
+    let url = pg.fresh_database_url("fleet_config").unwrap();
+    let node = |id: &str| {
+        Server::start(&[
+            "--api-key",
+            ADMIN,
+            "--webhook-secret",
+            "a-webhook-secret-of-enough-length",
+            "--database-url",
+            &url,
+            "--node-id",
+            id,
+            "--lease-ttl",
+            TTL,
+        ])
+    };
+    Some((node("a"), node("b")))
+}
+
+const ADMIN: &str = "admin-key-0123456789abcdef0123456789";
+
+fn with_key<'a>(key: &'a str) -> [(&'a str, &'a str); 1] {
+    [("X-API-Key", key)]
+}
+
+#[test]
+fn keys_proxies_and_receivers_set_on_one_node_hold_on_every_node() {
+    let Some((a, b)) = sim_pair("keys_proxies_and_receivers_set_on_one_node_hold_on_every_node")
+    else {
+        return;
+    };
+    // A key made through a works through b, at once.
+    let made = a.req(
+        "POST",
+        "/api/keys",
+        Some(r#"{"scopes":["read","control","send","webhooks"],"sessions":["shop_*"]}"#),
+        &with_key(ADMIN),
+    );
+    assert_eq!(made.status, 201, "{}", made.body);
+    let key = made.json()["key"].as_str().unwrap().to_string();
+    let key_id = made.json()["id"].as_str().unwrap().to_string();
+    let took = wait_until(5, "b accepts the new key", || {
+        let r = b.req(
+            "POST",
+            "/api/sessions",
+            Some(r#"{"userId":"shop_1","phoneNumber":"15550001111"}"#),
+            &with_key(&key),
+        );
+        assert!([201, 401].contains(&r.status), "{}", r.body);
+        r.status == 201
+    });
+    eprintln!("a key made on a works on b after {} ms", took.as_millis());
+    b.wait_state("shop_1", "online");
+    // Its own receiver and proxy, set through the node that does not own it.
+    let (hook, got) = common::json_receiver();
+    let owner = a.session("shop_1")["node"].as_str().unwrap().to_string();
+    let (via, other) = if owner == "a" { (&b, &a) } else { (&a, &b) };
+    let r = via.req(
+        "PUT",
+        "/api/sessions/shop_1/webhook",
+        Some(&format!(
+            r#"{{"url":"{hook}","events":["message.received"]}}"#
+        )),
+        &with_key(&key),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = via.req(
+        "PUT",
+        "/api/sessions/shop_1/proxy",
+        Some(r#"{"proxy":"socks5://user:pw@127.0.0.1:1"}"#),
+        &with_key(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The session moves: its owner drains.
+    let r = other.req(
+        "POST",
+        &format!("/api/nodes/{owner}/drain"),
+        None,
+        &with_key(ADMIN),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let new_owner = if owner == "a" { "b" } else { "a" };
+    wait_until(20, "shop_1 moved", || {
+        let v = a.session("shop_1");
+        v["node"] == new_owner
+    });
+    // Its new owner knows its proxy (it connects through it, and fails on a dead one)...
+    let p = a
+        .req("GET", "/api/sessions/shop_1/proxy", None, &with_key(ADMIN))
+        .json();
+    assert_eq!(p["proxy"], "socks5://user:***@127.0.0.1:1", "{p}");
+    // ... and its receiver: a message to it reaches the hook, from the new owner.
+    let v = b.session("shop_1");
+    assert_eq!(v["node"], new_owner, "{v}");
+    // (The dead proxy keeps the session from connecting: clear it and restart.)
+    let r = b.req(
+        "PUT",
+        "/api/sessions/shop_1/proxy",
+        Some(r#"{"proxy":null}"#),
+        &with_key(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    for step in ["stop", "start"] {
+        let r = a.req(
+            "POST",
+            &format!("/api/sessions/shop_1/{step}"),
+            None,
+            &with_key(ADMIN),
+        );
+        assert_eq!(r.status, 200, "{step}: {}", r.body);
+    }
+    a.wait_state("shop_1", "online");
+    let r = b.req(
+        "POST",
+        "/api/sim/shop_1/inbound",
+        Some(r#"{"from":"15557654321","text":"hi from a customer"}"#),
+        &with_key(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_until(
+        10,
+        "the receiver set through one node hears the other",
+        || {
+            got.lock().unwrap().iter().any(|v| {
+                v["event"] == "message.received" && v["data"]["text"] == "hi from a customer"
+            })
+        },
+    );
+    // Revoked through b: refused by a from the next request on (once a heard of it).
+    let r = b.req(
+        "DELETE",
+        &format!("/api/keys/{key_id}"),
+        None,
+        &with_key(ADMIN),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let took = wait_until(5, "a refuses the revoked key", || {
+        a.req("POST", "/api/sessions/shop_1/stop", None, &with_key(&key))
+            .status
+            == 401
+    });
+    eprintln!(
+        "a key revoked on b is refused by a after {} ms",
+        took.as_millis()
+    );
+    // Two keys made at once through the two nodes: both kept (no node undoes the other).
+    let body = r#"{"scopes":["read"],"sessions":["*"]}"#;
+    let (x, y) = std::thread::scope(|s| {
+        let x = s.spawn(|| a.req("POST", "/api/keys", Some(body), &with_key(ADMIN)));
+        let y = s.spawn(|| b.req("POST", "/api/keys", Some(body), &with_key(ADMIN)));
+        (x.join().unwrap(), y.join().unwrap())
+    });
+    assert_eq!((x.status, y.status), (201, 201));
+    let listed = |n: &Server| n.req("GET", "/api/keys", None, &with_key(ADMIN)).json();
+    let made = [x.json()["id"].clone(), y.json()["id"].clone()];
+    let both = |v: &Value| {
+        let ids: Vec<&Value> = v["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| &k["id"])
+            .collect();
+        ids.len() == 2 && made.iter().all(|m| ids.contains(&m))
+    };
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(5, "both nodes list both new keys", || {
+            both(&listed(&a)) && both(&listed(&b))
+        })
+    }))
+    .is_err()
+    {
+        panic!("a lists {}, b lists {}", listed(&a), listed(&b));
+    }
+}

@@ -27,6 +27,7 @@ use clap::Parser;
 use serde_json::Value;
 
 mod inbound;
+mod nodes;
 
 /// Measures botvisor with the simulated link, and a Node.js baseline on the read path.
 #[derive(Parser, Debug)]
@@ -109,6 +110,10 @@ struct Args {
     /// burst's sessions and clients); 0 skips it.
     #[arg(long, default_value_t = 0)]
     send_burst: u64,
+    /// Run N nodes on the PostgreSQL of --database-url (empty) instead of the fleet
+    /// phases: memory per node, forwarding, failover after kill -9, drain (issue 23).
+    #[arg(long, default_value_t = 0)]
+    nodes: usize,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1093,6 +1098,10 @@ fn run(args: &Args, report: &mut Report) -> Result<(), String> {
         n: args.sessions.max(1),
         api: agent(Duration::from_secs(30)),
     };
+
+    if args.nodes > 0 {
+        return nodes::run(&ctx, report, args.nodes.max(2));
+    }
 
     if args.only_inbound {
         if args.send_burst > 0 {

@@ -29,6 +29,10 @@ pub mod tables;
 
 use botvisor_actors::{SessionRecord, StorageError};
 
+/// The channel a PostgreSQL database notifies when a setting (API keys, proxies) or a
+/// session's own receiver changes: the other nodes read them again.
+pub const CONFIG_CHANNEL: &str = "bv_config";
+
 /// Events kept per session.
 pub const EVENTS_KEPT: i64 = 100;
 
@@ -303,6 +307,14 @@ pub trait Engine: Send {
     fn setting(&mut self, key: &str) -> Result<Option<String>, StorageError>;
     /// Stores a setting.
     fn set_setting(&mut self, key: &str, value: &str) -> Result<(), StorageError>;
+    /// Replaces a setting with what `change` makes of its current value, with no other
+    /// writer of the setting between the read and the write (several nodes share one
+    /// database); `change` answering `None` leaves it as it is. Whether it was written.
+    fn update_setting(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<bool, StorageError>;
     /// Writes a batch in one transaction.
     fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError>;
     /// Every session's own webhook receiver.

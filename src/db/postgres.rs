@@ -842,6 +842,8 @@ impl Rows {
                 match connect.connect_listening(tx).await {
                     Ok(client) => match client.batch_execute(&format!("LISTEN {channel}")).await {
                         Ok(()) => {
+                            // Whatever was notified while not listening is caught up.
+                            heard();
                             while rx.recv().await.is_some() {
                                 heard();
                             }
@@ -1698,6 +1700,37 @@ impl Engine for PgEngine {
         })
     }
 
+    fn update_setting(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<bool, StorageError> {
+        self.run(|mut c| async move {
+            let tx = c.transaction().await?;
+            // One writer of this setting at a time, row or no row yet.
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&key])
+                .await?;
+            let current: Option<String> = tx
+                .query_opt("SELECT value FROM bv_settings WHERE key = $1", &[&key])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            let Some(value) = change(current.as_deref()) else {
+                return Ok(false);
+            };
+            tx.execute(
+                "INSERT INTO bv_settings (key, value) VALUES ($1, $2) \
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&key, &value],
+            )
+            .await?;
+            tx.execute("SELECT pg_notify($1, $2)", &[&super::CONFIG_CHANNEL, &key])
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
+    }
+
     fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError> {
         let node = self.rows.inner.node.clone();
         self.run(|c| async move { Ok(commit(c, batch, node.as_deref()).await?) })
@@ -1759,6 +1792,8 @@ impl Engine for PgEngine {
                     }
                 }
             }
+            tx.execute("SELECT pg_notify($1, 'webhook')", &[&super::CONFIG_CHANNEL])
+                .await?;
             tx.commit().await?;
             Ok(())
         })

@@ -173,6 +173,31 @@ impl SqliteEngine {
     }
 }
 
+/// [`Engine::update_setting`] in one `BEGIN IMMEDIATE` transaction.
+fn update_setting(
+    conn: &mut Connection,
+    key: &str,
+    change: &mut dyn FnMut(Option<&str>) -> Option<String>,
+) -> rusqlite::Result<bool> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let current: Option<String> = tx
+        .query_row(
+            "SELECT value FROM settings WHERE key = ?1",
+            params![key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(value) = change(current.as_deref()) else {
+        return Ok(false);
+    };
+    tx.execute(
+        "INSERT OR REPLACE INTO settings (key, value) VALUES (?1, ?2)",
+        params![key, value],
+    )?;
+    tx.commit()?;
+    Ok(true)
+}
+
 fn to_sql(v: &Value) -> SqlValue {
     match v {
         Value::Null => SqlValue::Null,
@@ -503,6 +528,14 @@ impl Engine for SqliteEngine {
             )
             .map(|_| ())
             .map_err(self.fail())
+    }
+
+    fn update_setting(
+        &mut self,
+        key: &str,
+        change: &mut dyn FnMut(Option<&str>) -> Option<String>,
+    ) -> Result<bool, StorageError> {
+        update_setting(&mut self.conn, key, change).map_err(|e| classify_on(&self.conn, &e))
     }
 
     fn commit(&mut self, batch: &Batch<'_>) -> Result<(), StorageError> {

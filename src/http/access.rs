@@ -216,7 +216,7 @@ impl Key {
 }
 
 /// A key as stored.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 struct Stored {
     id: String,
     hash: String,
@@ -290,28 +290,77 @@ pub type Refusal = &'static str;
 impl Keys {
     /// The keys the database holds.
     pub async fn load(store: Arc<Store>) -> Result<Keys, StorageError> {
-        let mut keys = HashMap::new();
-        if let Some(json) = store.setting(SETTING).await? {
-            let stored: Vec<Stored> = serde_json::from_str(&json).map_err(|e| {
-                StorageError::Failed(format!("the stored API keys cannot be read: {e}"))
-            })?;
-            for s in stored {
-                let id = s.id.clone();
-                match Key::of(s) {
-                    Some(k) => {
-                        keys.insert(id, Arc::new(k));
-                    }
-                    None => {
-                        tracing::warn!(key = %id, "a stored API key has an unknown scope or session entry; it is not accepted")
-                    }
+        let keys = Keys {
+            store,
+            keys: RwLock::new(HashMap::new()),
+            saving: tokio::sync::Mutex::new(()),
+        };
+        keys.reload().await?;
+        Ok(keys)
+    }
+
+    /// Reads the keys again (another node changed them): new ones are accepted, revoked
+    /// ones refused from the next request on; a key both know keeps its latest use.
+    pub async fn reload(&self) -> Result<(), StorageError> {
+        let json = self.store.setting(SETTING).await?;
+        self.replace(parse_stored(json.as_deref())?);
+        Ok(())
+    }
+
+    /// The map becomes `stored` (a key already here keeps its object and its uses).
+    fn replace(&self, stored: Vec<Stored>) {
+        let mut map = self.write();
+        let mut next = HashMap::with_capacity(stored.len());
+        for s in stored {
+            let id = s.id.clone();
+            let used = s.last_used_at.unwrap_or(0);
+            if let Some(kept) = map.remove(&id) {
+                kept.last_used.fetch_max(used, Ordering::Relaxed);
+                kept.saved_use.fetch_max(used, Ordering::Relaxed);
+                next.insert(id, kept);
+                continue;
+            }
+            match Key::of(s) {
+                Some(k) => {
+                    next.insert(id, Arc::new(k));
+                }
+                None => {
+                    tracing::warn!(key = %id, "a stored API key has an unknown scope or session entry; it is not accepted")
                 }
             }
         }
-        Ok(Keys {
-            store,
-            keys: RwLock::new(keys),
-            saving: tokio::sync::Mutex::new(()),
-        })
+        *map = next;
+    }
+
+    /// Rewrites the stored list in one atomic read-modify-write of the database (nodes
+    /// sharing it never undo each other's change): `change` edits the list as stored
+    /// now and answers whether to write it. This process's keys then follow the list.
+    async fn rewrite(
+        &self,
+        mut change: impl FnMut(&mut Vec<Stored>) -> bool + Send + 'static,
+    ) -> Result<bool, StorageError> {
+        let unreadable: Arc<std::sync::Mutex<Option<StorageError>>> = Arc::default();
+        let seen = unreadable.clone();
+        let written = self
+            .store
+            .update_setting(SETTING, move |current| match parse_stored(current) {
+                Ok(mut list) => {
+                    if !change(&mut list) {
+                        return None;
+                    }
+                    serde_json::to_string(&list).ok()
+                }
+                Err(e) => {
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    None
+                }
+            })
+            .await?;
+        if let Some(e) = unreadable.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            return Err(e);
+        }
+        self.reload().await?;
+        Ok(written)
     }
 
     /// How many keys there are.
@@ -412,42 +461,75 @@ impl Keys {
             last_used: AtomicU64::new(0),
             saved_use: AtomicU64::new(0),
         });
-        self.write().insert(id.clone(), key.clone());
-        if let Err(e) = self.save_locked().await {
-            self.write().remove(&id);
-            return Err(CreateError::Storage(e));
+        let entry = key.stored();
+        let written = self
+            .rewrite(move |list| {
+                if list.len() >= MAX_KEYS {
+                    return false;
+                }
+                list.push(entry.clone());
+                true
+            })
+            .await
+            .map_err(CreateError::Storage)?;
+        if !written {
+            return Err(CreateError::Full);
         }
         Ok((key, secret))
     }
 
-    /// Revokes a key at once (every request after this one is refused). `Ok(false)`: no
-    /// such key. An error: revoked in this process, but not saved (the next save that
-    /// works saves it).
+    /// Revokes a key at once (every request after this one is refused, on every node).
+    /// `Ok(false)`: no such key. An error: revoked in this process, but not saved (the
+    /// next save that works saves it).
     pub async fn delete(&self, id: &str) -> Result<bool, StorageError> {
         let _saving = self.saving.lock().await;
-        if self.write().remove(id).is_none() {
-            return Ok(false);
+        let known = self.write().remove(id).is_some();
+        let gone = id.to_string();
+        let removed = self
+            .rewrite(move |list| {
+                let before = list.len();
+                list.retain(|k| k.id != gone);
+                list.len() != before
+            })
+            .await;
+        match removed {
+            Ok(removed) => Ok(removed || known),
+            Err(e) if known => Err(e),
+            Err(_) => Ok(false),
         }
-        self.save_locked().await.map(|()| true)
     }
 
+    /// Writes this process's last uses where they are newer than the stored ones.
     async fn save(&self) -> Result<(), StorageError> {
         let _saving = self.saving.lock().await;
-        self.save_locked().await
+        let uses: HashMap<String, u64> = self
+            .read()
+            .iter()
+            .map(|(id, k)| (id.clone(), k.last_used.load(Ordering::Relaxed)))
+            .collect();
+        self.rewrite(move |list| {
+            let mut newer = false;
+            for k in list.iter_mut() {
+                if let Some(&used) = uses.get(&k.id) {
+                    if k.last_used_at.unwrap_or(0) < used {
+                        k.last_used_at = Some(used);
+                        newer = true;
+                    }
+                }
+            }
+            newer
+        })
+        .await
+        .map(drop)
     }
+}
 
-    /// Writes the whole list (the caller holds `saving`).
-    async fn save_locked(&self) -> Result<(), StorageError> {
-        let list = self.list();
-        let stored: Vec<Stored> = list.iter().map(|k| k.stored()).collect();
-        let json = serde_json::to_string(&stored)
-            .map_err(|e| StorageError::Failed(format!("the API keys cannot be written: {e}")))?;
-        self.store.set_setting(SETTING, json).await?;
-        for (k, s) in list.iter().zip(&stored) {
-            k.saved_use
-                .store(s.last_used_at.unwrap_or(0), Ordering::Relaxed);
-        }
-        Ok(())
+/// The stored list (none: empty).
+fn parse_stored(json: Option<&str>) -> Result<Vec<Stored>, StorageError> {
+    match json {
+        None => Ok(Vec::new()),
+        Some(json) => serde_json::from_str(json)
+            .map_err(|e| StorageError::Failed(format!("the stored API keys cannot be read: {e}"))),
     }
 }
 

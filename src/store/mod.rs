@@ -195,6 +195,29 @@ impl Store {
             .await
     }
 
+    /// Reads the per-session webhook receivers again into the webhooks (another node
+    /// changed one).
+    pub async fn reload_session_webhooks(&self) -> Result<(), StorageError> {
+        let Some(w) = self.webhooks.clone() else {
+            return Ok(());
+        };
+        let rows = self.on_reader(|conn| conn.session_webhooks()).await?;
+        w.replace_session_urls(rows);
+        Ok(())
+    }
+
+    /// Replaces a setting with what `change` makes of its current value, atomically
+    /// (see [`db::Engine::update_setting`]); whether it was written.
+    pub async fn update_setting(
+        &self,
+        key: &str,
+        mut change: impl FnMut(Option<&str>) -> Option<String> + Send + 'static,
+    ) -> Result<bool, StorageError> {
+        let key = key.to_string();
+        self.on_reader(move |conn| conn.update_setting(&key, &mut change))
+            .await
+    }
+
     /// Crash (`restarting`) or drop (`disconnected`) to `online`: observed into the
     /// metrics; any other end (stopped, failed, ...) forgets it.
     fn track_recovery(&self, rec: &SessionRecord) {

@@ -260,6 +260,17 @@ impl Webhooks {
         }
     }
 
+    /// The per-session receivers become `rows` (another node changed one).
+    pub fn replace_session_urls(&self, rows: Vec<crate::db::SessionReceiver>) {
+        let keep: std::collections::HashSet<String> =
+            rows.iter().map(|r| r.user_id.clone()).collect();
+        self.session_urls.retain(|id, _| keep.contains(id));
+        for row in rows {
+            self.session_urls
+                .insert(row.user_id.clone(), OwnReceiver::of(row));
+        }
+    }
+
     fn spawn(self: &Arc<Self>, database: &crate::db::Location) -> Result<(), String> {
         let conn = database
             .connect()

@@ -49,12 +49,45 @@ pub async fn load(
     Ok(())
 }
 
-/// Writes every session's own proxy.
-pub async fn save(app: &App) -> Result<(), ApiError> {
+/// Reads every session's own proxy again (another node changed one): `proxies` becomes
+/// what is stored.
+pub async fn reload(store: &Store, proxies: &Proxies) -> Result<(), botvisor_actors::StorageError> {
+    let stored: HashMap<String, String> = match store.setting(SETTING).await? {
+        Some(json) => serde_json::from_str(&json).unwrap_or_default(),
+        None => HashMap::new(),
+    };
+    for id in proxies.stored().keys() {
+        if !stored.contains_key(id) {
+            proxies.set(id, None);
+        }
+    }
+    for (id, url) in stored {
+        if let Ok(p) = ProxyUrl::parse(&url) {
+            proxies.set(&id, Some(p));
+        }
+    }
+    Ok(())
+}
+
+/// Writes one session's own proxy as this process has it now (or its absence), in one
+/// atomic read-modify-write of the stored map: nodes sharing the database never undo
+/// each other's change.
+pub async fn save(app: &App, user_id: &str) -> Result<(), ApiError> {
     let _one = SAVING.lock().await;
-    let json = serde_json::to_string(&app.proxies.stored())
-        .map_err(|e| ApiError::unavailable(format!("the proxies cannot be written: {e}")))?;
-    app.store.set_setting(SETTING, json).await?;
+    let id = user_id.to_string();
+    let own = app.proxies.own_of(user_id).map(|p| p.secret_url());
+    app.store
+        .update_setting(SETTING, move |current| {
+            let mut stored: HashMap<String, String> = current
+                .map(|json| serde_json::from_str(json).unwrap_or_default())
+                .unwrap_or_default();
+            match &own {
+                Some(url) => stored.insert(id.clone(), url.clone()),
+                None => stored.remove(&id),
+            };
+            serde_json::to_string(&stored).ok()
+        })
+        .await?;
     Ok(())
 }
 
@@ -74,7 +107,7 @@ pub fn parse_field(v: Option<Value>) -> Result<Option<ProxyUrl>, ApiError> {
 /// Forgets a deleted session's proxy (its password with it).
 pub async fn forget(app: &Arc<App>, user_id: &str) {
     if app.proxies.set(user_id, None).is_some() {
-        if let Err(e) = save(app).await {
+        if let Err(e) = save(app, user_id).await {
             tracing::warn!(%user_id, error = %e.message, "could not forget a deleted session's proxy; it goes with the next save");
         }
     }
@@ -120,7 +153,7 @@ pub async fn put(c: Ctx) -> Answer {
     let raw = body.remove("proxy").ok_or_else(required)?;
     let proxy = parse_field(Some(raw))?;
     let before = app.proxies.set(&c.id, proxy);
-    if let Err(e) = save(&app).await {
+    if let Err(e) = save(&app, &c.id).await {
         app.proxies.set(&c.id, before);
         return Err(e);
     }

@@ -177,7 +177,7 @@ pub async fn create(c: Ctx) -> Answer {
     let undo = match proxy {
         Some(p) => {
             let before = c.app.proxies.set(&user_id, Some(p));
-            if let Err(e) = super::proxy::save(&c.app).await {
+            if let Err(e) = super::proxy::save(&c.app, &user_id).await {
                 c.app.proxies.set(&user_id, before);
                 return Err(e);
             }
@@ -196,7 +196,7 @@ pub async fn create(c: Ctx) -> Answer {
         (Ok(rec), _) => rec,
         (Err(e), Some((user_id, before))) => {
             c.app.proxies.set(&user_id, before);
-            if let Err(e) = super::proxy::save(&c.app).await {
+            if let Err(e) = super::proxy::save(&c.app, &user_id).await {
                 tracing::warn!(%user_id, error = %e.message, "could not undo a failed create's proxy; it goes with the next save");
             }
             return Err(e);
