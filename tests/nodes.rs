@@ -821,7 +821,7 @@ fn sim_pair(test: &str) -> Option<(Server, Server)> {
 
 const ADMIN: &str = "admin-key-0123456789abcdef0123456789";
 
-fn with_key<'a>(key: &'a str) -> [(&'a str, &'a str); 1] {
+fn with_key(key: &str) -> [(&str, &str); 1] {
     [("X-API-Key", key)]
 }
 
