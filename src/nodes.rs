@@ -144,10 +144,16 @@ impl Node {
                     // The watch fences at the deadline if no renewal gets through.
                     Err(e) => tracing::warn!(error = %e, "cannot renew the node's lease"),
                 }
-                if s.live() && !s.draining() {
+                // Claim until nothing is left to claim: a share another node skipped
+                // (locked by its claim) is taken now, not at the next round.
+                while s.live() && !s.draining() && !self.stop.load(Ordering::Acquire) {
                     match self.rows.claim(s, self.grace(), CLAIM_MAX) {
+                        Ok(claimed) if claimed.is_empty() => break,
                         Ok(claimed) => self.adopt(&sup, claimed),
-                        Err(e) => tracing::warn!(error = %e, "cannot claim sessions"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot claim sessions");
+                            break;
+                        }
                     }
                 }
             }

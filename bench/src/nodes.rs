@@ -22,8 +22,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::{
-    agent, create_sessions, footprint, get_json, kib, ms, pct, post, secs, spawn_server, Ctx,
-    Nofile, Report, Server, ServerSpec,
+    agent, cpu_seconds, create_sessions, footprint, get_json, kib, ms, pct, post, secs,
+    spawn_server, Ctx, Nofile, Report, Server, ServerSpec,
 };
 
 /// The lease of the measured fleet (the issue's: 10 s).
@@ -108,6 +108,31 @@ pub(super) fn run(ctx: &Ctx, report: &mut Report, n_nodes: usize) -> Result<(), 
     report.row(
         "PostgreSQL connections the fleet holds",
         pg_connections(url),
+    );
+    // Idle: every node's CPU over one window (leases renewed, claims looked for).
+    let window = Duration::from_secs(ctx.args.idle_window.clamp(1, 60));
+    let pids: Vec<u32> = fleet
+        .nodes
+        .iter()
+        .map(|s| s.as_ref().map_or(0, |s| s.proc.pid()))
+        .collect();
+    let before: Vec<f64> = pids.iter().map(|p| cpu_seconds(*p)).collect();
+    let t = Instant::now();
+    std::thread::sleep(window);
+    let idle_cpu: Vec<String> = pids
+        .iter()
+        .zip(&before)
+        .map(|(p, b)| {
+            let used = cpu_seconds(*p) - b;
+            format!("{:.2} %", used / t.elapsed().as_secs_f64() * 100.0)
+        })
+        .collect();
+    report.row(
+        format!(
+            "idle CPU of each node, {} s window (of one core)",
+            window.as_secs()
+        ),
+        idle_cpu.join(" / "),
     );
 
     // ---- Forwarding: direct (n0 asked about its own) vs forwarded (n1 asked).
