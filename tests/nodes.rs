@@ -974,3 +974,94 @@ fn keys_proxies_and_receivers_set_on_one_node_hold_on_every_node() {
         panic!("a lists {}, b lists {}", listed(&a), listed(&b));
     }
 }
+
+/// A seeded loop of the faults above on one fleet: each round hits a node picked by the
+/// seed with kill -9, SIGSTOP past the lease, SIGTERM (with or without handing its
+/// sessions over first), then brings it back; after each round every session is online
+/// exactly once, on a live node. `BOTVISOR_CHAOS_SEED` picks the seed (printed),
+/// `BOTVISOR_CHAOS_ROUNDS` the rounds (3 by default: CI's bound).
+#[test]
+fn a_seeded_chaos_loop_keeps_every_session_online_once() {
+    let Some(mut fleet) = Fleet::start(
+        "a_seeded_chaos_loop_keeps_every_session_online_once",
+        3,
+        &[],
+    ) else {
+        return;
+    };
+    let seed: u64 = std::env::var("BOTVISOR_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    let rounds: usize = std::env::var("BOTVISOR_CHAOS_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    eprintln!("chaos: seed {seed}, {rounds} rounds (BOTVISOR_CHAOS_SEED={seed} replays it)");
+    let mut state = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        (state.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) % n
+    };
+    let ids = populate(&fleet, 6);
+    let mut allowed_overlaps = 0;
+    for round in 0..rounds {
+        let victim = next(3) as usize;
+        let fault = next(4);
+        let held = fleet
+            .owners()
+            .values()
+            .filter(|o| **o == format!("n{victim}"))
+            .count();
+        let what = ["kill -9", "SIGSTOP past the lease", "SIGTERM", "SIGTERM after a handoff"]
+            [fault as usize];
+        eprintln!("chaos round {round}: {what} of n{victim} ({held} sessions)");
+        let pid = fleet.node(victim).child.id() as i32;
+        match fault {
+            0 => fleet.node_mut(victim).kill9(),
+            1 => {
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_secs(5));
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+                // Its frozen sockets may have been kicked by their new owners' logins.
+                allowed_overlaps += held;
+            }
+            2 => {
+                fleet.node_mut(victim).terminate();
+            }
+            _ => {
+                let via = (victim + 1) % 3;
+                let r = fleet
+                    .node(via)
+                    .post(&format!("/api/nodes/n{victim}/drain"), None);
+                assert_eq!(r.status, 202, "{}", r.body);
+                wait_until(20, "the drained node holds nothing", || {
+                    !fleet.owners().values().any(|o| *o == format!("n{victim}"))
+                });
+                fleet.node_mut(victim).terminate();
+            }
+        }
+        if fault != 1 {
+            fleet.nodes[victim] = None;
+            fleet.launch(victim);
+        }
+        let live = (victim + 1) % 3;
+        wait_until(30, "every session online once, on a live node", || {
+            let listed = fleet.sessions(live);
+            ids.iter().all(|id| listed[id].0 == "online") && fleet.peer.live(PHONE) == 6
+        });
+        let overlaps = fleet.peer.stats().overlaps;
+        assert!(
+            overlaps.len() <= allowed_overlaps,
+            "round {round} ({what} of n{victim}, seed {seed}): {overlaps:?}"
+        );
+    }
+}
