@@ -9,7 +9,10 @@
 //! - [`migrate`]: `botvisor migrate`, a whole fleet's rows (and, with `--keys`, its
 //!   WhatsApp keys) copied between databases of either engine.
 //! - [`config`]: flags, environment and TOML file merged into a `Config`.
-//! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard).
+//! - [`http`]: the hyper front end (routes, auth, CORS, errors, dashboard; forwarding
+//!   to a session's node).
+//! - [`nodes`]: this process as one node of several on one PostgreSQL (lease, claims,
+//!   fencing, drain; the statements and the fence gate are in [`db::nodes`]).
 //! - [`link`]: the networks sessions connect through (`whatsapp`, the real one; `sim`).
 //! - [`keys`]: WhatsApp keys in PostgreSQL (`PgKeys`, a whatsapp-rust storage backend;
 //!   `keys::copy`, one session's keys moved whole to or from a key file; the received
@@ -30,8 +33,8 @@
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 //!
-//! Imports point down: `migrate` → `config` → `http` → supervisor (`botvisor-actors`) →
-//! `link` → `keys`; `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only
+//! Imports point down: `migrate` → `config` → `http` → `nodes` → supervisor
+//! (`botvisor-actors`) → `link` → `keys`; `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only
 //! `lib.rs` and `config` wire the layers together (`migrate` opens databases through
 //! `store` and copies rows through `db`).
 
@@ -480,7 +483,7 @@ pub async fn run(
         (Some(standing), Some(settings), Some(rows)) => {
             tracing::info!(node = %settings.id, advertise = %standing.advertise,
                 "registering as a node of the fleet");
-            let node = nodes::Node::new(rows.clone(), standing, settings.clone());
+            let node = nodes::Node::new(rows.clone(), standing, settings.handoff);
             node.start(sup.clone())
                 .await
                 .map_err(RunError::Supervisor)?;
@@ -539,7 +542,7 @@ pub async fn run(
     notify_systemd(&[sd_notify::NotifyState::Stopping]);
     tracing::info!("shutting down: stopping every session");
     if let Some(node) = &node {
-        if node.settings.handoff {
+        if node.handoff {
             tracing::info!("--handoff: handing every session to the other nodes first");
             node.drain(&sup).await;
         }

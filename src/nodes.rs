@@ -21,7 +21,6 @@ use ractor::ActorRef;
 
 use botvisor_actors::{SessionRecord, SupervisorMsg};
 
-use crate::config::NodeSettings;
 use crate::db::nodes::{Standing, FLEET_CHANNEL};
 use crate::db::postgres::Rows;
 
@@ -38,18 +37,19 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 pub struct Node {
     pub standing: Arc<Standing>,
     pub rows: Rows,
-    pub settings: NodeSettings,
+    /// `--handoff`: SIGTERM drains first.
+    pub handoff: bool,
     stop: AtomicBool,
     /// Set (and the lease thread woken) when another node gave sessions up.
     wake: (Mutex<bool>, Condvar),
 }
 
 impl Node {
-    pub fn new(rows: Rows, standing: Arc<Standing>, settings: NodeSettings) -> Arc<Node> {
+    pub fn new(rows: Rows, standing: Arc<Standing>, handoff: bool) -> Arc<Node> {
         Arc::new(Node {
             standing,
             rows,
-            settings,
+            handoff,
             stop: AtomicBool::new(false),
             wake: (Mutex::new(false), Condvar::new()),
         })
@@ -57,7 +57,7 @@ impl Node {
 
     /// Renewals come this often.
     fn renew_every(&self) -> Duration {
-        self.settings.lease_ttl / 5
+        self.standing.ttl / 5
     }
 
     /// A claim waits this long past an owner's lease (clock rates differ a little; its
@@ -284,7 +284,7 @@ impl Node {
     pub async fn leave(self: &Arc<Self>) {
         self.stop.store(true, Ordering::Release);
         let node = self.clone();
-        let handoff = self.settings.handoff;
+        let handoff = self.handoff;
         let left = tokio::task::spawn_blocking(move || node.rows.leave(&node.standing, handoff))
             .await
             .map_err(|e| e.to_string())

@@ -11,6 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["migrate"],
     &["config"],
     &["http"],
+    &["nodes"],
     &["link"],
     &["keys"],
     &["store"],

@@ -317,7 +317,8 @@ fn a_killed_node_s_sessions_come_back_on_the_others_and_never_twice() {
     let fences = fleet.rows("SELECT user_id, fence FROM bv_sessions");
     for row in fences {
         let (id, fence) = (row[0].clone().unwrap(), row[1].clone().unwrap());
-        let want = if moved.contains(&id) { "2" } else { "1" };
+        // (Fence 1 is the create's reservation, 2 its row, 3 a claim.)
+        let want = if moved.contains(&id) { "3" } else { "2" };
         assert_eq!(fence, want, "{id}");
     }
     // The killed node comes back: it owns nothing now, and takes nothing from the others.
@@ -1021,8 +1022,12 @@ fn a_seeded_chaos_loop_keeps_every_session_online_once() {
             .values()
             .filter(|o| **o == format!("n{victim}"))
             .count();
-        let what = ["kill -9", "SIGSTOP past the lease", "SIGTERM", "SIGTERM after a handoff"]
-            [fault as usize];
+        let what = [
+            "kill -9",
+            "SIGSTOP past the lease",
+            "SIGTERM",
+            "SIGTERM after a handoff",
+        ][fault as usize];
         eprintln!("chaos round {round}: {what} of n{victim} ({held} sessions)");
         let pid = fleet.node(victim).child.id() as i32;
         match fault {
@@ -1063,5 +1068,43 @@ fn a_seeded_chaos_loop_keeps_every_session_online_once() {
             overlaps.len() <= allowed_overlaps,
             "round {round} ({what} of n{victim}, seed {seed}): {overlaps:?}"
         );
+    }
+}
+
+#[test]
+fn one_id_created_on_two_nodes_at_once_is_created_once() {
+    let Some((a, b)) = sim_pair("one_id_created_on_two_nodes_at_once_is_created_once") else {
+        return;
+    };
+    for round in 0..10 {
+        let id = format!("twin_{round}");
+        let body = format!(r#"{{"userId":"{id}","phoneNumber":"15550001111"}}"#);
+        let (x, y) = std::thread::scope(|s| {
+            let x = s.spawn(|| a.req("POST", "/api/sessions", Some(&body), &with_key(ADMIN)));
+            let y = s.spawn(|| b.req("POST", "/api/sessions", Some(&body), &with_key(ADMIN)));
+            (x.join().unwrap(), y.join().unwrap())
+        });
+        let mut statuses = [x.status, y.status];
+        statuses.sort();
+        assert_eq!(statuses, [201, 409], "{}\n{}", x.body, y.body);
+        let loser = if x.status == 409 { &x } else { &y };
+        assert!(
+            loser.json()["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("Session already exists for this user."),
+            "{}",
+            loser.body
+        );
+        let v = a.wait_state(&id, "online");
+        assert_eq!(b.session(&id)["node"], v["node"]);
+    }
+    assert_eq!(a.get("/api/sessions").json()["count"], 10);
+    // Nothing half-made: every listed session is online, on one node.
+    for s in a.get("/api/sessions").json()["sessions"]
+        .as_array()
+        .unwrap()
+    {
+        assert_eq!(s["state"], "online", "{s}");
     }
 }

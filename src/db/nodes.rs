@@ -388,6 +388,54 @@ impl Rows {
         })
     }
 
+    /// Reserves a new session's id for this node before it is created here: its row,
+    /// owned by this node with fence 1, unless the id exists (`false`). Two nodes asked to
+    /// create one id at once: one gets it, the other answers 409.
+    pub fn reserve(&self, standing: &Standing, rec: &SessionRecord) -> Result<bool, StorageError> {
+        let (id, epoch) = (standing.id.clone(), standing.epoch());
+        let user_id = rec.user_id.clone();
+        let rec = rec.clone();
+        let reserved = self.run_storage(|c| async move {
+            let n = c
+                .execute(
+                    "INSERT INTO bv_sessions (user_id, phone_number, desired, state, \
+                     created_at, updated_at, owner, owner_epoch, fence) \
+                     VALUES ($1, $2, 'running', 'starting', $3, $3, $4, $5, 1) \
+                     ON CONFLICT (user_id) DO NOTHING",
+                    &[
+                        &rec.user_id,
+                        &rec.phone_number,
+                        &i64::try_from(rec.created_at_ms).unwrap_or(i64::MAX),
+                        &id,
+                        &epoch,
+                    ],
+                )
+                .await?;
+            Ok(n == 1)
+        })?;
+        if reserved {
+            standing.hold(&user_id, 1);
+        }
+        Ok(reserved)
+    }
+
+    /// Takes back a reservation whose create did not happen (its row still fence 1:
+    /// a create that did write its row rolls back by itself).
+    pub fn unreserve(&self, standing: &Standing, user_id: &str) -> Result<(), StorageError> {
+        let (id, user_id) = (standing.id.clone(), user_id.to_string());
+        if standing.fence_of(&user_id) == Some(1) {
+            standing.let_go(&user_id);
+        }
+        self.run_storage(|c| async move {
+            c.execute(
+                "DELETE FROM bv_sessions WHERE user_id = $1 AND owner = $2 AND fence = 1",
+                &[&user_id, &id],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
     /// Gives up sessions (a planned handoff, once they stopped here) and tells the other
     /// nodes ([`FLEET_CHANNEL`]): the next to claim takes them at once.
     pub fn release(&self, standing: &Standing, user_ids: &[String]) -> Result<u64, StorageError> {

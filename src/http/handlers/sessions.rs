@@ -145,15 +145,8 @@ pub async fn create(c: Ctx) -> Answer {
         ));
     }
     if let (Some(node), Some(head)) = (&c.app.node, &head) {
-        if let Some(answer) = place(
-            &c.app,
-            node,
-            head,
-            &user_id,
-            &phone_number,
-            body.proxy.as_ref(),
-        )
-        .await?
+        if let Some(answer) =
+            place(node, head, &user_id, &phone_number, body.proxy.as_ref()).await?
         {
             return Ok(answer);
         }
@@ -185,6 +178,7 @@ pub async fn create(c: Ctx) -> Answer {
         }
         None => None,
     };
+    let rec_id = user_id.clone();
     let created = ask(&c.app, Command::Create, |reply| SupervisorMsg::Create {
         user_id,
         phone_number,
@@ -192,6 +186,14 @@ pub async fn create(c: Ctx) -> Answer {
         reply,
     })
     .await;
+    if let (Err(_), Some(node)) = (&created, &c.app.node) {
+        // Nothing was created: the id this node reserved is free again.
+        let (n, id) = (node.clone(), rec_id.clone());
+        let undone = tokio::task::spawn_blocking(move || n.rows.unreserve(&n.standing, &id)).await;
+        if let Ok(Err(e)) = undone {
+            tracing::warn!(user_id = %rec_id, error = %e, "could not free a reserved session id");
+        }
+    }
     let rec = match (created, undo) {
         (Ok(rec), _) => rec,
         (Err(e), Some((user_id, before))) => {
@@ -218,7 +220,6 @@ pub async fn create(c: Ctx) -> Answer {
 /// 503, and a new session goes to the least-loaded live node (this one unless another
 /// has fewer sessions, or the create was forwarded here). `None`: create it here.
 async fn place(
-    app: &crate::http::App,
     node: &std::sync::Arc<crate::nodes::Node>,
     (uri, headers): &(hyper::Uri, hyper::HeaderMap),
     user_id: &str,
@@ -230,22 +231,29 @@ async fn place(
     }
     let draining = node.standing.draining();
     let n = node.clone();
-    let id = user_id.to_string();
+    let rec = botvisor_actors::SessionRecord::new(user_id.to_string(), phone_number.to_string());
     let forwarded = headers.contains_key(crate::http::forward::HOP);
+    // Exists: 409. Else the least-loaded node takes it (forwarded), or this one reserves
+    // the id (one of two nodes creating it at once gets it, the other answers 409).
     let (exists, elsewhere) = tokio::task::spawn_blocking(move || {
-        let exists = n.rows.owner_of(&id)?.is_some();
-        let elsewhere = if forwarded || exists {
+        if n.rows.owner_of(&rec.user_id)?.is_some() {
+            return Ok((true, None));
+        }
+        let elsewhere = if forwarded {
             None
         } else {
             // A draining node takes no new session: any other live node does.
             n.rows
                 .less_loaded(&n.standing, if draining { None } else { Some(0) })?
         };
-        Ok::<_, botvisor_actors::StorageError>((exists, elsewhere))
+        if elsewhere.is_none() && !n.rows.reserve(&n.standing, &rec)? {
+            return Ok((true, None));
+        }
+        Ok::<_, botvisor_actors::StorageError>((false, elsewhere))
     })
     .await
     .map_err(|e| ApiError::unavailable(format!("cannot place the session: {e}")))??;
-    if exists || app.store.view().read(user_id, |_| ()).is_some() {
+    if exists {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             crate::http::errors::SESSION_EXISTS,
