@@ -156,6 +156,8 @@ pub struct Changed {
 /// The hub.
 pub struct EventHub {
     inner: Mutex<Inner>,
+    /// This process's node id, named in every event (several nodes on one database).
+    node: std::sync::OnceLock<String>,
     /// Announces each new event's number.
     tx: broadcast::Sender<u64>,
     closed: watch::Sender<bool>,
@@ -171,6 +173,7 @@ impl Default for EventHub {
             }),
             tx: broadcast::channel(BROADCAST).0,
             closed: watch::channel(false).0,
+            node: std::sync::OnceLock::new(),
         }
     }
 }
@@ -190,6 +193,9 @@ struct StateEvent<'a> {
     /// changed by itself.
     #[serde(skip_serializing_if = "Option::is_none")]
     by: Option<&'a str>,
+    /// The node that runs the session (several nodes on one database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
     at: String,
 }
 
@@ -200,6 +206,9 @@ struct CodeEvent<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pairing_code: Option<&'a str>,
     expires_at: String,
+    /// The node that runs the session (several nodes on one database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
     at: String,
 }
 
@@ -209,6 +218,9 @@ struct DeletedEvent<'a> {
     user_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     by: Option<&'a str>,
+    /// The node that runs the session (several nodes on one database).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
     at: String,
 }
 
@@ -217,6 +229,15 @@ fn json(v: &impl Serialize) -> String {
 }
 
 impl EventHub {
+    /// Names this node in every event from now on.
+    pub fn set_node(&self, id: &str) {
+        let _ = self.node.set(id.to_string());
+    }
+
+    fn node(&self) -> Option<&str> {
+        self.node.get().map(String::as_str)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -258,6 +279,7 @@ impl EventHub {
                 last_error: rec.last_error.as_deref(),
                 name: rec.name.as_deref(),
                 by: rec.by.as_deref(),
+                node: self.node(),
                 at: at.clone(),
             };
             let public = json(&e);
@@ -271,6 +293,7 @@ impl EventHub {
                     user_id: &rec.user_id,
                     pairing_code: None,
                     expires_at: iso(p.expires_at_ms),
+                    node: self.node(),
                     at,
                 };
                 let public = json(&e);
@@ -294,6 +317,7 @@ impl EventHub {
         let e = DeletedEvent {
             user_id,
             by,
+            node: self.node(),
             at: iso(now_ms()),
         };
         self.publish(&mut inner, Kind::Deleted, &json(&e), None);

@@ -929,6 +929,13 @@ fn keys_proxies_and_receivers_set_on_one_node_hold_on_every_node() {
             })
         },
     );
+    // Each delivery names the node the session ran on.
+    let delivered = got.lock().unwrap().clone();
+    let received = delivered
+        .iter()
+        .find(|v| v["data"]["text"] == "hi from a customer")
+        .unwrap();
+    assert_eq!(received["node"], new_owner, "{received}");
     // Revoked through b: refused by a from the next request on (once a heard of it).
     let r = b.req(
         "DELETE",

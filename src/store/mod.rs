@@ -152,6 +152,9 @@ impl Store {
             config,
             push_names: names::PushNames::default(),
         };
+        if let Some(node) = &store.config.node {
+            store.hub.set_node(&node.id);
+        }
         if let Some(w) = &store.webhooks {
             let own = store
                 .reader
@@ -695,12 +698,12 @@ mod tests {
 
     #[test]
     fn a_webhook_envelope_is_json_with_its_data_as_given() {
-        let body = envelope("evt_1", "session.state", 0, r#"{"state":"on\"line"}"#).unwrap();
+        let body = envelope("evt_1", "session.state", 0, r#"{"state":"on\"line"}"#, None).unwrap();
         assert_eq!(
             body,
             r#"{"id":"evt_1","event":"session.state","at":"1970-01-01T00:00:00.000Z","data":{"state":"on\"line"}}"#
         );
-        assert!(envelope("evt_2", "x", 0, "not json").is_none());
+        assert!(envelope("evt_2", "x", 0, "not json", None).is_none());
     }
 
     #[test]

@@ -43,7 +43,8 @@ impl Store {
         }
         hooks.count(urls.len() as u64);
         let at_ms = botvisor_actors::now_ms();
-        let Some(body) = envelope(&event_id, kind, at_ms, data) else {
+        let node = self.config.node.as_ref().map(|n| n.id.as_str());
+        let Some(body) = envelope(&event_id, kind, at_ms, data, node) else {
             tracing::error!(%user_id, kind, "a webhook event's data is not JSON; not queued (a bug)");
             return Vec::new();
         };
@@ -216,13 +217,21 @@ impl Store {
 }
 
 /// A webhook body: `{"id", "event", "at", "data"}` with `data` (already JSON) kept as it
-/// is; `None` if `data` is not JSON.
-pub(super) fn envelope(event_id: &str, kind: &str, at_ms: u64, data: &str) -> Option<String> {
+/// is, and `node` when several nodes share the database; `None` if `data` is not JSON.
+pub(super) fn envelope(
+    event_id: &str,
+    kind: &str,
+    at_ms: u64,
+    data: &str,
+    node: Option<&str>,
+) -> Option<String> {
     #[derive(serde::Serialize)]
     struct Envelope<'a> {
         id: &'a str,
         event: &'a str,
         at: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node: Option<&'a str>,
         data: &'a serde_json::value::RawValue,
     }
     let data: &serde_json::value::RawValue = serde_json::from_str(data).ok()?;
@@ -230,6 +239,7 @@ pub(super) fn envelope(event_id: &str, kind: &str, at_ms: u64, data: &str) -> Op
         id: event_id,
         event: kind,
         at: crate::timefmt::iso(at_ms),
+        node,
         data,
     })
     .ok()
