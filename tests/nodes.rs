@@ -148,6 +148,15 @@ impl Fleet {
         self.pg().rows(&self.url, sql).unwrap()
     }
 
+    /// The sessions node `n` owns, from the database.
+    fn owned_by(&self, n: &str) -> Vec<String> {
+        self.owners()
+            .into_iter()
+            .filter(|(_, o)| o == n)
+            .map(|(id, _)| id)
+            .collect()
+    }
+
     /// Each session's owner, from the database.
     fn owners(&self) -> BTreeMap<String, String> {
         self.rows("SELECT user_id, owner FROM bv_sessions")
@@ -286,12 +295,7 @@ fn a_killed_node_s_sessions_come_back_on_the_others_and_never_twice() {
         return;
     };
     let ids = populate(&fleet, 6);
-    let moved: Vec<String> = fleet
-        .owners()
-        .into_iter()
-        .filter(|(_, o)| o == "n2")
-        .map(|(id, _)| id)
-        .collect();
+    let moved: Vec<String> = fleet.owned_by("n2");
     assert!(!moved.is_empty());
     fleet.node_mut(2).kill9();
     fleet.nodes[2] = None;
@@ -339,12 +343,7 @@ fn a_paused_node_fences_itself_on_waking_and_none_of_its_writes_land() {
         return;
     };
     let ids = populate(&fleet, 6);
-    let paused: Vec<String> = fleet
-        .owners()
-        .into_iter()
-        .filter(|(_, o)| o == "n1")
-        .map(|(id, _)| id)
-        .collect();
+    let paused: Vec<String> = fleet.owned_by("n1");
     let pid = fleet.node(1).child.id() as i32;
     unsafe {
         libc::kill(pid, libc::SIGSTOP);
@@ -564,12 +563,7 @@ fn a_node_cut_from_postgres_drops_its_sockets_before_another_node_connects_them(
     fleet.urls[1] = proxy.url(&fleet.url);
     let mut fleet = fleet.launched();
     let ids = populate(&fleet, 4);
-    let cut_off: Vec<String> = fleet
-        .owners()
-        .into_iter()
-        .filter(|(_, o)| o == "n1")
-        .map(|(id, _)| id)
-        .collect();
+    let cut_off: Vec<String> = fleet.owned_by("n1");
     assert_eq!(cut_off.len(), 2);
     proxy.cut();
     let took = wait_until(30, "the cut node's sessions online on n0", || {

@@ -23,6 +23,23 @@ struct Stats {
     online_sessions: usize,
 }
 
+impl Stats {
+    /// Counted over `recs` (O(sessions): for scoped keys and several nodes).
+    fn of<'a>(recs: impl Iterator<Item = &'a SessionRecord>) -> Stats {
+        let mut n = Stats {
+            active_sessions: 0,
+            total_users: 0,
+            online_sessions: 0,
+        };
+        for r in recs {
+            n.total_users += 1;
+            n.active_sessions += usize::from(r.state.is_active());
+            n.online_sessions += usize::from(r.state == SessionState::Online);
+        }
+        n
+    }
+}
+
 /// Several nodes: every session of the fleet with the node that owns it, from the
 /// database; the ones this node runs as its view has them (fresher). A session whose
 /// owner is not live is shown `disconnected` (its row may still say `online`: its owner
@@ -148,39 +165,14 @@ pub async fn drain(c: Ctx) -> Answer {
 
 pub async fn stats(c: Ctx) -> Answer {
     if let Some(all) = fleet_records(&c.app).await? {
-        let mine: Vec<&SessionRecord> = all
-            .iter()
-            .map(|(r, _)| r)
-            .filter(|r| c.caller.sees(&r.user_id))
-            .collect();
-        return Ok(ok(&Stats {
-            active_sessions: mine.iter().filter(|r| r.state.is_active()).count(),
-            total_users: mine.len(),
-            online_sessions: mine
-                .iter()
-                .filter(|r| r.state == SessionState::Online)
-                .count(),
-        }));
+        let mine = all.iter().map(|(r, _)| r);
+        return Ok(ok(&Stats::of(mine.filter(|r| c.caller.sees(&r.user_id)))));
     }
     if let Caller::Key(key) = &c.caller {
         if !key.sees_all() {
             // Counted over the key's own sessions (O(sessions), for scoped keys only).
-            let mine: Vec<SessionRecord> = c
-                .app
-                .store
-                .view()
-                .list()
-                .into_iter()
-                .filter(|r| key.sees(&r.user_id))
-                .collect();
-            return Ok(ok(&Stats {
-                active_sessions: mine.iter().filter(|r| r.state.is_active()).count(),
-                total_users: mine.len(),
-                online_sessions: mine
-                    .iter()
-                    .filter(|r| r.state == SessionState::Online)
-                    .count(),
-            }));
+            let all = c.app.store.view().list();
+            return Ok(ok(&Stats::of(all.iter().filter(|r| key.sees(&r.user_id)))));
         }
     }
     let n = c.app.store.view().counts();
@@ -219,7 +211,11 @@ pub async fn audit(c: Ctx) -> Answer {
         }
     };
     c.app.store.flush().await?;
-    let disk = c.app.store.rows_on_disk().await?;
+    let mut disk = c.app.store.rows_on_disk().await?;
+    if let Some(node) = &c.app.node {
+        // Several nodes: this node's supervisor has this node's sessions only.
+        disk.retain(|r| node.standing.holds(&r.user_id));
+    }
     let view = c.app.store.view().list();
     let key = |r: &SessionRecord| (r.user_id.clone(), r.state.as_str(), r.desired.as_str());
     let mut problems = sup.problems;
@@ -246,7 +242,10 @@ pub async fn audit(c: Ctx) -> Answer {
 }
 
 pub async fn dashboard(c: Ctx) -> Answer {
-    let mut sessions = c.app.store.view().list();
+    let mut sessions = match fleet_records(&c.app).await? {
+        Some(all) => all.into_iter().map(|(r, _)| r).collect(),
+        None => c.app.store.view().list(),
+    };
     sessions.retain(|r| c.caller.sees(&r.user_id));
     Ok(dashboard::page(&sessions))
 }
