@@ -215,10 +215,13 @@ fn sessions_spread_over_the_nodes_and_any_node_answers_for_any_session() {
                 "{listed:?}"
             );
         }
-        let stats = fleet.node(via).get("/api/stats").json();
-        assert_eq!(stats["totalUsers"], 6);
-        assert_eq!(stats["onlineSessions"], 6);
+        // (Counted by the database: a state in the view is committed milliseconds later.)
+        wait_until(5, "the fleet's counts", || {
+            let stats = fleet.node(via).get("/api/stats").json();
+            stats["totalUsers"] == 6 && stats["onlineSessions"] == 6 && stats["activeSessions"] == 6
+        });
     }
+
     // A command through a node that does not own the session reaches its owner.
     let (id, owner) = owners.iter().find(|(_, o)| *o != "n0").unwrap();
     let r = fleet.node(0).post(

@@ -584,6 +584,25 @@ impl Rows {
         })
     }
 
+    /// The fleet's counts as [`Rows::fleet`] shows its sessions (a session whose owner is
+    /// not live counts as active, not online): (total, active, online), counted by the
+    /// database, no row sent.
+    pub fn fleet_counts(&self) -> Result<(i64, i64, i64), StorageError> {
+        self.run_storage(|c| async move {
+            let r = c
+                .query_one(
+                    "SELECT count(*), \
+                     count(*) FILTER (WHERE s.state NOT IN ('stopped', 'failed', 'logged_out')), \
+                     count(*) FILTER (WHERE s.state = 'online' \
+                       AND n.lease_until > now() AND n.state <> 'stopped') \
+                     FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner",
+                    &[],
+                )
+                .await?;
+            Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
+        })
+    }
+
     /// Every session's owner, by id.
     pub fn owners(&self) -> Result<HashMap<String, String>, StorageError> {
         self.run_storage(|c| async move {

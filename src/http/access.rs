@@ -569,6 +569,14 @@ impl Caller {
         }
     }
 
+    /// Whether it may see every session.
+    pub fn sees_all(&self) -> bool {
+        match self {
+            Caller::Key(k) => k.sees_all(),
+            _ => true,
+        }
+    }
+
     /// The scoped key's id, if it is one.
     pub fn key_id(&self) -> Option<&str> {
         match self {
