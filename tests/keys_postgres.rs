@@ -711,3 +711,61 @@ async fn a_session_with_a_row_in_every_table_goes_to_a_key_file_and_back() {
     assert!(dst.list_rows().await.unwrap().is_empty());
     assert!(!dst.exists().await.unwrap());
 }
+
+/// Several nodes on one database: a node writes a session's WhatsApp keys only while the
+/// session's row names it with the fence it holds, checked in the write's own
+/// transaction. Once another node claimed the session, the first node's write is refused
+/// (and the session reported lost there), even though its own lease has not run out in
+/// its own eyes.
+#[test]
+fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
+    use botvisor::db::nodes::Standing;
+    use botvisor::db::postgres::Rows;
+    let test = "a_node_writes_a_session_s_keys_only_while_it_owns_the_session";
+    let Some(server) = common::pg::server_or_skip(test) else {
+        return;
+    };
+    let url = server.fresh_database_url("keys_fence").unwrap();
+    let node = |id: &str| {
+        let standing = Standing::new(id.into(), format!("http://{id}"), Duration::from_secs(30));
+        let rows = Rows::open_as(&url, Default::default(), Some(standing.clone())).unwrap();
+        let (epoch, sent) = rows.register(&standing, 0).unwrap().expect("registered");
+        standing.registered(epoch, sent);
+        (standing, rows)
+    };
+    let (a, rows_a) = node("a");
+    let (b, rows_b) = node("b");
+    let rec = botvisor_actors::SessionRecord::new("s1".into(), "15550001111".into());
+    assert!(rows_a.reserve(&a, &rec).unwrap());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let keys = rt.block_on(PgKeys::open(&url)).unwrap();
+    keys.set_node(a.clone());
+    let store = keys.session("s1");
+    rt.block_on(store.put_identity("1555:1@s.whatsapp.net", [1; 32]))
+        .expect("the owner writes");
+    // Not a's any more: its lease ran out in the database and b claimed the session.
+    server
+        .psql(
+            &url,
+            "UPDATE bv_nodes SET lease_until = now() - interval '1 minute' WHERE id = 'a'",
+        )
+        .unwrap();
+    let claimed = rows_b.claim(&b, Duration::ZERO, 100).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(a.live(), "a still believes its lease holds");
+    let refused = rt.block_on(store.put_identity("1555:1@s.whatsapp.net", [2; 32]));
+    assert!(
+        refused.is_err(),
+        "a stale owner's key write must be refused"
+    );
+    assert_eq!(
+        rt.block_on(store.load_identity("1555:1@s.whatsapp.net"))
+            .unwrap(),
+        Some([1; 32]),
+        "the key is the one the owner wrote"
+    );
+    assert_eq!(a.take_lost(), ["s1"]);
+    // A session this node never held: refused before any statement.
+    let other = keys.session("s2");
+    assert!(rt.block_on(other.put_identity("x", [3; 32])).is_err());
+}

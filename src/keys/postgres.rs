@@ -364,6 +364,16 @@ async fn delete_session_rows(
 // The pool
 // ---------------------------------------------------------------------------------------
 
+/// What a restore's staging id adds to its session's id.
+const STAGING_SUFFIX: &str = "\u{1}restoring";
+
+/// The node that may write a session's keys, and the fence it holds it with.
+struct Owner {
+    node: Arc<crate::db::nodes::Standing>,
+    session: String,
+    fence: i64,
+}
+
 /// Every session's WhatsApp keys in one PostgreSQL database, behind a bounded pool.
 /// Cloning is cheap (the pool is shared).
 #[derive(Clone)]
@@ -443,7 +453,7 @@ impl PgKeys {
     /// [`swap_in`](Self::swap_in) (no session id the API accepts has a control character;
     /// a leftover is swept at boot like the keys of any unknown session).
     pub fn staging_id(session_id: &str) -> String {
-        format!("{session_id}\u{1}restoring")
+        format!("{session_id}{STAGING_SUFFIX}")
     }
 
     /// Replaces `session_id`'s rows with `staging_id`'s, in one transaction.
@@ -506,6 +516,29 @@ impl PgKeys {
                  acknowledged and then lost if the database server crashes; set it to on \
                  for the database botvisor uses"
             );
+        }
+    }
+
+    /// On a node: who may write `session_id`'s keys (this node, with the fence it holds
+    /// the session with; a restore's staging id counts as its session). `None` when not a
+    /// node. An error when this node does not hold the session, or is not live.
+    fn owner_for(&self, session_id: &str) -> Result<Option<Owner>> {
+        let Some(node) = self.inner.node.get() else {
+            return Ok(None);
+        };
+        let session = session_id
+            .strip_suffix(STAGING_SUFFIX)
+            .unwrap_or(session_id);
+        match node.fence_of(session) {
+            Some(fence) if node.live() => Ok(Some(Owner {
+                node: node.clone(),
+                session: session.to_string(),
+                fence,
+            })),
+            _ => Err(into_store_error(PgError::client(format!(
+                "node {} does not hold session {session}: its WhatsApp keys are not written here",
+                node.id
+            )))),
         }
     }
 
@@ -613,16 +646,70 @@ impl PgSessionKeys {
         &self.session
     }
 
-    /// Runs one statement that returns no rows; answers the rows it touched.
+    /// Runs one statement that returns no rows; answers the rows it touched. On a node
+    /// (several on one database) it runs in a transaction that first locks the session's
+    /// row and checks this node still owns it with the fence it holds: a node that lost
+    /// the session (another claimed it) writes none of its keys, not even one in flight.
     async fn exec(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<u64> {
+        if let Some(owner) = self.keys.owner_for(&self.session)? {
+            return self.exec_fenced(sql, params, owner).await;
+        }
         on_conn!(&self.keys, |c| {
             let statement = c.prepare_cached(sql).await.map_err(pg)?;
             c.execute(&statement, params).await.map_err(pg)
         })
+    }
+
+    /// [`PgSessionKeys::exec`] gated on `owner` (see there).
+    async fn exec_fenced(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        owner: Owner,
+    ) -> Result<u64> {
+        let keys = &self.keys;
+        let mut conn = keys.conn().await?;
+        let deadline = keys.deadline();
+        let outcome = tokio::time::timeout(deadline, async {
+            let tx = conn.transaction().await.map_err(pg)?;
+            let guard = tx
+                .prepare_cached(
+                    "SELECT 1 FROM bv_sessions WHERE user_id = $1 AND owner = $2 \
+                     AND fence = $3 FOR SHARE",
+                )
+                .await
+                .map_err(pg)?;
+            let held = tx
+                .query_opt(&guard, &[&owner.session, &owner.node.id, &owner.fence])
+                .await
+                .map_err(pg)?;
+            if held.is_none() {
+                owner.node.lose(vec![owner.session.clone()]);
+                return Err(into_store_error(PgError::client(format!(
+                    "session {} is no longer this node's ({}): its WhatsApp keys are not \
+                     written here",
+                    owner.session, owner.node.id
+                ))));
+            }
+            let statement = tx.prepare_cached(sql).await.map_err(pg)?;
+            let n = tx.execute(&statement, params).await.map_err(pg)?;
+            tx.commit().await.map_err(pg)?;
+            Ok(n)
+        })
+        .await;
+        match outcome {
+            Ok(result) => result,
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(conn));
+                Err(into_store_error(PgError::client(format!(
+                    "no answer from PostgreSQL within {deadline:?}; the connection was closed"
+                ))))
+            }
+        }
     }
 
     async fn query(
