@@ -41,6 +41,11 @@ pub trait Persistence: Send + Sync + 'static {
         Box::pin(async { None })
     }
     /// A recipient reported on messages a session sent; by default nothing is kept.
+    /// The session is this process's now (it claimed it from the database, where its
+    /// row is): readers see it at once, before its first change.
+    fn adopted(&self, rec: &SessionRecord) {
+        let _ = rec;
+    }
     /// The session is no longer this process's (another node owns it): forget it, and
     /// drop the writes queued for it.
     fn release(&self, user_id: &str) {

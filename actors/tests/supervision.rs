@@ -581,3 +581,50 @@ async fn a_slow_connect_is_not_killed_by_the_watchdog_but_bounded_by_the_start_l
         "{rec:?}"
     );
 }
+
+/// Several nodes: sessions handed to this node (`Adopt`) resume as at boot; released
+/// ones (`Release`) stop and are forgotten without a write; a planned handoff is
+/// answered once its sessions stopped; one claimed again while its child was still
+/// stopping (a node that fenced itself and registered again) runs again once it is gone.
+#[tokio::test]
+async fn adopted_sessions_run_released_ones_stop_and_a_readopted_one_runs_again() {
+    let h = start(vec![]).await;
+    let mut rec = SessionRecord::new("claimed".into(), "15550001111".into());
+    rec.state = SessionState::Starting;
+    let other = SessionRecord::new("other".into(), "15550001111".into());
+    h.sup
+        .cast(SupervisorMsg::Adopt(vec![rec.clone(), other]))
+        .unwrap();
+    h.wait_state("claimed", SessionState::Online).await;
+    h.wait_state("other", SessionState::Online).await;
+    let connects = h.link.connects.load(Ordering::SeqCst);
+    assert_eq!(connects, 2);
+    // Released and adopted again before its child is gone: it comes back.
+    let writes = h.store.states_since(0, "claimed").len();
+    h.sup
+        .cast(SupervisorMsg::Release(Some(vec!["claimed".into()])))
+        .unwrap();
+    h.sup.cast(SupervisorMsg::Adopt(vec![rec])).unwrap();
+    for _ in 0..300 {
+        if h.link.connects.load(Ordering::SeqCst) == connects + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.link.connects.load(Ordering::SeqCst), connects + 1);
+    h.wait_state("claimed", SessionState::Online).await;
+    // A handoff is answered once the child is gone; the session is then unknown here, and
+    // nothing was written for it on the way out.
+    let before = h.store.states_since(0, "other").len();
+    ractor::call!(h.sup, |reply| SupervisorMsg::Handoff {
+        user_ids: vec!["other".into()],
+        reply
+    })
+    .unwrap();
+    assert!(matches!(h.get("other").await, Err(CmdError::NotFound(_))));
+    assert_eq!(h.store.states_since(0, "other").len(), before);
+    assert!(writes > 0);
+    let audit = ractor::call!(h.sup, SupervisorMsg::Audit).unwrap();
+    assert!(audit.problems.is_empty(), "{:?}", audit.problems);
+    assert_eq!(audit.live, ["claimed"]);
+}

@@ -465,6 +465,10 @@ impl Persistence for Store {
             .remove(user_id);
     }
 
+    fn adopted(&self, rec: &SessionRecord) {
+        self.view.put(rec);
+    }
+
     fn release(&self, user_id: &str) {
         self.view.remove(user_id);
         self.push_names.forget(user_id);

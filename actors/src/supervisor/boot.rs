@@ -166,10 +166,19 @@ impl SupervisorState {
         if self.shutdown.is_some() {
             return;
         }
-        let new: Vec<SessionRecord> = recs
-            .into_iter()
-            .filter(|r| !self.sessions.contains_key(&r.user_id))
-            .collect();
+        let mut new = Vec::with_capacity(recs.len());
+        for rec in recs {
+            match self.sessions.get_mut(&rec.user_id) {
+                // Released a moment ago (the node fenced, then registered and claimed it
+                // again): resumed once its child is gone.
+                Some(e) if e.released => e.readopt = Some(rec),
+                Some(_) => {}
+                None => {
+                    self.persistence.adopted(&rec);
+                    new.push(rec);
+                }
+            }
+        }
         if !new.is_empty() {
             self.boot(myself, new);
         }
@@ -193,18 +202,21 @@ impl SupervisorState {
             if entry.child.is_some() {
                 self.stop_child(myself, user_id, false);
             } else {
-                self.forget_released(user_id);
+                self.forget_released(myself, user_id);
             }
         }
         self.check_shutdown_done();
     }
 
-    /// Forgets a released session here (its record stays the new owner's).
-    pub(super) fn forget_released(&mut self, user_id: &str) {
+    /// Forgets a released session here (its record stays the new owner's), or resumes
+    /// it when it was claimed again meanwhile.
+    pub(super) fn forget_released(&mut self, myself: &ActorRef<SupervisorMsg>, user_id: &str) {
+        let mut readopt = None;
         if let Some(mut entry) = self.sessions.remove(user_id) {
             entry.answer_creators(Err(CmdError::Unavailable(format!(
                 "Session {user_id} moved to another node; try again"
             ))));
+            readopt = entry.readopt.take();
         }
         self.booting.remove(user_id);
         self.persistence.release(user_id);
@@ -212,6 +224,9 @@ impl SupervisorState {
             waiting.remove(user_id);
         }
         self.check_handoffs();
+        if let Some(rec) = readopt {
+            self.adopt(myself, vec![rec]);
+        }
     }
 
     /// Answers the planned handoffs whose sessions have all stopped (ids that were not

@@ -59,6 +59,8 @@ pub(super) struct Entry {
     pub wipe_pending: bool,
     /// Owned by another node now: forgotten once its child is gone.
     pub released: bool,
+    /// Claimed again while its child was stopping: resumed with this record once gone.
+    pub readopt: Option<SessionRecord>,
 }
 
 impl Entry {
@@ -73,6 +75,7 @@ impl Entry {
             intent: None,
             wipe_pending: false,
             released: false,
+            readopt: None,
         }
     }
 

@@ -218,7 +218,7 @@ impl SupervisorState {
             return;
         }
         if entry.released {
-            self.forget_released(&user_id);
+            self.forget_released(myself, &user_id);
             self.check_shutdown_done();
             return;
         }
