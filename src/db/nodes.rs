@@ -20,7 +20,6 @@
 //! [`Standing`] is what this process knows of its own standing; the statements are
 //! methods of [`Rows`].
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -600,22 +599,6 @@ impl Rows {
                 )
                 .await?;
             Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?))
-        })
-    }
-
-    /// Every session's owner, by id.
-    pub fn owners(&self) -> Result<HashMap<String, String>, StorageError> {
-        self.run_storage(|c| async move {
-            let rows = c
-                .query(
-                    "SELECT user_id, owner FROM bv_sessions WHERE owner IS NOT NULL",
-                    &[],
-                )
-                .await?;
-            Ok(rows
-                .iter()
-                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-                .collect::<Result<_, tokio_postgres::Error>>()?)
         })
     }
 

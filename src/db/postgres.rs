@@ -859,11 +859,6 @@ impl Rows {
         });
     }
 
-    /// This process as a node, if it is one.
-    pub fn node(&self) -> Option<&Arc<Standing>> {
-        self.inner.node.as_ref()
-    }
-
     /// [`Rows::run`] with the error as the store reports it.
     pub(super) fn run_storage<T, F, Fut>(&self, f: F) -> Result<T, StorageError>
     where

@@ -62,20 +62,25 @@ impl ApiError {
     /// 503 with `Retry-After`: the webhook backlog is full, so a message that would add
     /// to it is refused rather than accepted and its event dropped.
     pub fn backlog_full() -> Response<Body> {
-        let mut resp = ApiError::unavailable(
+        ApiError::unavailable(
             "the webhook backlog is full (--webhook-backlog-max): the receivers are behind; \
              retry later",
         )
-        .response();
-        resp.headers_mut().insert(
-            hyper::header::RETRY_AFTER,
-            hyper::header::HeaderValue::from(5u64),
-        );
-        resp
+        .response_retry_after(5)
     }
     /// 404 for an unknown session.
     pub fn no_session(user_id: &str) -> ApiError {
         ApiError::not_found(format!("Session {user_id} not found"))
+    }
+
+    /// [`ApiError::response`] with `Retry-After: secs`.
+    pub fn response_retry_after(&self, secs: u64) -> Response<Body> {
+        let mut resp = self.response();
+        resp.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from(secs),
+        );
+        resp
     }
 
     /// The spec's error shape.

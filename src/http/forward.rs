@@ -11,7 +11,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -60,13 +59,10 @@ pub fn fenced(node: &Node) -> ApiError {
 }
 
 fn moving(user_id: &str) -> Response<Body> {
-    let mut resp = ApiError::unavailable(format!(
+    ApiError::unavailable(format!(
         "Session {user_id} is moving between nodes (its owner left); try again shortly"
     ))
-    .response();
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(2u64));
-    resp
+    .response_retry_after(2)
 }
 
 async fn owner_of(node: &Arc<Node>, user_id: &str) -> Result<Option<Owner>, ApiError> {

@@ -572,6 +572,15 @@ impl PgKeys {
     }
 }
 
+/// A call that overran `deadline`: its connection is detached from the pool and dropped
+/// (a statement may still be in flight on it); the error to answer.
+fn abandoned(conn: deadpool_postgres::Client, deadline: Duration) -> StoreError {
+    drop(deadpool_postgres::Object::take(conn));
+    into_store_error(PgError::client(format!(
+        "no answer from PostgreSQL within {deadline:?}; the connection was closed"
+    )))
+}
+
 /// Runs `$body` (which uses `$c`, a `&deadpool_postgres::Client`, and evaluates to a
 /// `Result<T>`) on a pooled connection, within [`PgKeys::deadline`]. A call that overruns
 /// is abandoned with an error and its connection detached from the pool (dropped), since
@@ -587,12 +596,7 @@ macro_rules! on_conn {
         };
         match outcome {
             Ok(result) => result,
-            Err(_) => {
-                drop(deadpool_postgres::Object::take(conn));
-                Err(into_store_error(PgError::client(format!(
-                    "no answer from PostgreSQL within {deadline:?}; the connection was closed"
-                ))))
-            }
+            Err(_) => Err(abandoned(conn, deadline)),
         }
     }};
 }
@@ -703,12 +707,7 @@ impl PgSessionKeys {
         .await;
         match outcome {
             Ok(result) => result,
-            Err(_) => {
-                drop(deadpool_postgres::Object::take(conn));
-                Err(into_store_error(PgError::client(format!(
-                    "no answer from PostgreSQL within {deadline:?}; the connection was closed"
-                ))))
-            }
+            Err(_) => Err(abandoned(conn, deadline)),
         }
     }
 

@@ -4,7 +4,6 @@
 
 use std::time::Instant;
 
-use hyper::header::{HeaderValue, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 use serde::Serialize;
 use serde_json::Value;
@@ -98,16 +97,14 @@ pub async fn known_row(
 pub fn over_send_rate(app: &App, user_id: &str) -> Option<Response<Body>> {
     let wait = app.send_limit.take(user_id, Instant::now()).err()?;
     let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-    let mut resp = ApiError::new(
+    let resp = ApiError::new(
         StatusCode::TOO_MANY_REQUESTS,
         format!(
             "Session {user_id} is sending faster than --send-rate ({} a minute); retry in {secs} s",
             app.send_rate
         ),
     )
-    .response();
-    resp.headers_mut()
-        .insert(RETRY_AFTER, HeaderValue::from(secs));
+    .response_retry_after(secs);
     Some(resp)
 }
 
