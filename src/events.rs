@@ -37,6 +37,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    /// The kind an `event:` line names.
+    pub fn parse(s: &str) -> Option<Kind> {
+        [Kind::State, Kind::PairingCode, Kind::Deleted]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::State => "session.state",
@@ -57,6 +64,8 @@ struct Entry {
     /// Length of the JSON with the secret in it (the pairing code), right after the public
     /// one; 0: none.
     secret: u32,
+    /// Published by another node and relayed here (never relayed on).
+    relayed: bool,
 }
 
 /// The kept events. Event numbers are consecutive, so event `id` is
@@ -91,7 +100,7 @@ impl Ring {
 
     /// Keeps event `id` (the next number), forgetting the oldest ones it needs room of.
     /// Within the reserved capacity, so the buffers never grow.
-    fn push(&mut self, id: u64, kind: Kind, public: &str, secret: Option<&str>) {
+    fn push(&mut self, id: u64, kind: Kind, public: &str, secret: Option<&str>, relayed: bool) {
         let secret = secret.unwrap_or("");
         let len = public.len() + secret.len();
         while !self.entries.is_empty()
@@ -111,14 +120,17 @@ impl Ring {
             at,
             public: public.len() as u32,
             secret: secret.len() as u32,
+            relayed,
         });
     }
 
-    /// Event `id` as `text/event-stream` lines, if it is still kept.
-    fn frame(&self, id: u64, with_secret: bool) -> Option<String> {
-        let e = self
-            .entries
-            .get(usize::try_from(id.checked_sub(self.first)?).ok()?)?;
+    fn entry(&self, id: u64) -> Option<&Entry> {
+        self.entries
+            .get(usize::try_from(id.checked_sub(self.first)?).ok()?)
+    }
+
+    /// Event `e`'s JSON, the secret form `with_secret` if it has one.
+    fn data(&self, e: &Entry, with_secret: bool) -> String {
         let mut start = (e.at - self.dropped) as usize;
         let mut len = e.public as usize;
         if with_secret && e.secret > 0 {
@@ -126,10 +138,16 @@ impl Ring {
             len = e.secret as usize;
         }
         let data: Vec<u8> = self.bytes.range(start..start + len).copied().collect();
-        let data = String::from_utf8_lossy(&data);
+        String::from_utf8_lossy(&data).into_owned()
+    }
+
+    /// Event `id` as `text/event-stream` lines, if it is still kept.
+    fn frame(&self, id: u64, with_secret: bool) -> Option<String> {
+        let e = self.entry(id)?;
         Some(format!(
-            "id: {id}\nevent: {}\ndata: {data}\n\n",
-            e.kind.as_str()
+            "id: {id}\nevent: {}\ndata: {}\n\n",
+            e.kind.as_str(),
+            self.data(e, with_secret)
         ))
     }
 }
@@ -143,6 +161,17 @@ struct Inner {
 
 /// The numbers of the events a resuming client missed.
 pub type Backlog = std::ops::Range<u64>;
+
+/// What [`EventHub::own_since`] found.
+#[derive(Debug, Default)]
+pub struct OwnEvents {
+    /// The newest event's number (whoever published it).
+    pub last: u64,
+    /// Events in the range (this node's or relayed) the ring had already forgotten.
+    pub forgotten: u64,
+    /// (number, kind, public JSON) of each of this node's own.
+    pub events: Vec<(u64, Kind, String)>,
+}
 
 /// What [`EventHub::changed`] published.
 #[derive(Debug, Default)]
@@ -243,6 +272,17 @@ impl EventHub {
     }
 
     fn publish(&self, inner: &mut Inner, kind: Kind, public: &str, secret: Option<&str>) {
+        self.keep(inner, kind, public, secret, false);
+    }
+
+    fn keep(
+        &self,
+        inner: &mut Inner,
+        kind: Kind,
+        public: &str,
+        secret: Option<&str>,
+        relayed: bool,
+    ) {
         if public.len() + secret.map_or(0, str::len) > RING_BYTES / 2 {
             // Cannot happen with the fields an event has; never let one evict the ring.
             tracing::warn!(
@@ -253,7 +293,7 @@ impl EventHub {
         }
         inner.next += 1;
         let id = inner.next;
-        inner.ring.push(id, kind, public, secret);
+        inner.ring.push(id, kind, public, secret, relayed);
         // No receivers is fine: nobody is watching.
         let _ = self.tx.send(id);
     }
@@ -361,6 +401,35 @@ impl EventHub {
         Some(seen.then_some(frame))
     }
 
+    /// An event another node published (its public JSON: a pairing code never leaves its
+    /// node), kept and announced like this node's own, under this node's next number.
+    pub fn relay_in(&self, kind: Kind, public: &str) {
+        let mut inner = self.lock();
+        self.keep(&mut inner, kind, public, None, true);
+    }
+
+    /// This node's own events after `after`, up to the newest, as (number, kind, public
+    /// JSON) for the other nodes; `forgotten` counts the ones the ring no longer holds.
+    pub fn own_since(&self, after: u64) -> OwnEvents {
+        let inner = self.lock();
+        let ring = &inner.ring;
+        let from = after + 1;
+        let mut out = OwnEvents {
+            last: inner.next,
+            forgotten: ring
+                .first
+                .saturating_sub(from)
+                .min(inner.next.saturating_sub(after)),
+            events: Vec::new(),
+        };
+        for id in from.max(ring.first)..=inner.next {
+            if let Some(e) = ring.entry(id).filter(|e| !e.relayed) {
+                out.events.push((id, e.kind, ring.data(e, false)));
+            }
+        }
+        out
+    }
+
     /// The id of the newest event (0: none yet).
     pub fn last_id(&self) -> u64 {
         self.lock().next
@@ -424,12 +493,44 @@ mod tests {
     }
 
     #[test]
+    fn relayed_events_are_numbered_here_and_never_relayed_on() {
+        let hub = EventHub::default();
+        let rec = SessionRecord::new("u1".into(), "1234567".into());
+        hub.changed(&rec, true);
+        hub.relay_in(
+            Kind::State,
+            r#"{"userId":"u2","state":"online","node":"n2"}"#,
+        );
+        hub.deleted("u1", None);
+        assert_eq!(hub.last_id(), 3);
+        let (backlog, _) = hub.subscribe(Some(0));
+        assert_eq!(backlog, 1..4);
+        assert!(hub.frame(2, true).unwrap().contains(r#""userId":"u2""#));
+        // Only this node's own go to the others, in order.
+        let own = hub.own_since(0);
+        assert_eq!(own.last, 3);
+        assert_eq!(own.forgotten, 0);
+        let kinds: Vec<(u64, Kind)> = own.events.iter().map(|(i, k, _)| (*i, *k)).collect();
+        assert_eq!(kinds, vec![(1, Kind::State), (3, Kind::Deleted)]);
+        assert!(hub.own_since(3).events.is_empty());
+        // What the ring forgot before it was relayed is counted.
+        for _ in 0..RING + 2 {
+            hub.deleted("u1", None);
+        }
+        let own = hub.own_since(3);
+        assert_eq!(own.forgotten, 2);
+        assert_eq!(own.events.len(), RING);
+        assert_eq!(Kind::parse("session.deleted"), Some(Kind::Deleted));
+        assert_eq!(Kind::parse("message.received"), None);
+    }
+
+    #[test]
     fn the_byte_ring_forgets_by_size_too_and_never_grows() {
         let mut ring = Ring::new(100, 1_000);
         let (events, bytes) = (ring.entries.capacity(), ring.bytes.capacity());
         let big = "x".repeat(300);
         for id in 1..=50 {
-            ring.push(id, Kind::State, &format!("{id}{big}"), Some("s"));
+            ring.push(id, Kind::State, &format!("{id}{big}"), Some("s"), false);
             assert!(ring.bytes.len() <= bytes);
         }
         assert_eq!(ring.entries.len(), bytes / 304, "as many as fit");
@@ -442,7 +543,7 @@ mod tests {
         assert!(ring.frame(ring.first - 1, false).is_none());
         // Small events: bounded by count.
         for id in 51..=1_000 {
-            ring.push(id, Kind::Deleted, "{}", None);
+            ring.push(id, Kind::Deleted, "{}", None, false);
         }
         assert_eq!(ring.entries.len(), events);
         assert_eq!(ring.first, 1_001 - events as u64);

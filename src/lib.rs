@@ -325,7 +325,7 @@ fn follow_config(app: &Arc<http::App>, rows: &db::postgres::Rows) {
     let app = Arc::downgrade(app);
     let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let pending = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    rows.listen(db::CONFIG_CHANNEL, move || {
+    rows.listen(db::CONFIG_CHANNEL, move |_| {
         use std::sync::atomic::Ordering::AcqRel;
         let Some(app) = app.upgrade() else {
             return;
@@ -484,6 +484,8 @@ pub async fn run(
             tracing::info!(node = %settings.id, advertise = %standing.advertise,
                 "registering as a node of the fleet");
             let node = nodes::Node::new(rows.clone(), standing, settings.handoff);
+            node.relay_events(store.hub().clone());
+            metrics.enable_fleet();
             node.start(sup.clone())
                 .await
                 .map_err(RunError::Supervisor)?;

@@ -118,7 +118,15 @@ pub struct Metrics {
     open_fds: Gauge,
     fd_limit: Gauge,
     session_capacity: Gauge,
+    /// The whole fleet's sessions by state (several nodes on one database; registered
+    /// only there, see [`Metrics::enable_fleet`]).
+    fleet_sessions: Family<StateLabels, Gauge>,
+    /// The nodes sharing the database, by state.
+    fleet_nodes: Family<StateLabels, Gauge>,
 }
+
+/// The states `GET /api/nodes` shows a node in.
+const NODE_STATES: [&str; 4] = ["live", "draining", "expired", "stopped"];
 
 const STATES: [SessionState; 9] = [
     SessionState::Starting,
@@ -152,6 +160,8 @@ impl Metrics {
             open_fds: Gauge::default(),
             fd_limit: Gauge::default(),
             session_capacity: Gauge::default(),
+            fleet_sessions: Family::default(),
+            fleet_nodes: Family::default(),
         };
         {
             let mut registry = metrics.registry.lock().unwrap_or_else(|p| p.into_inner());
@@ -167,6 +177,47 @@ impl Metrics {
             );
         }
         metrics
+    }
+
+    /// Adds the fleet's gauges (`botvisor_fleet_sessions`, `botvisor_fleet_nodes`): this
+    /// process is one node of several. A single server's exposition stays as it was.
+    pub fn enable_fleet(&self) {
+        let mut registry = self.registry.lock().unwrap_or_else(|p| p.into_inner());
+        registry.register(
+            "fleet_sessions",
+            "Sessions of the whole fleet by state, counted by the database (the same on every node: aggregate with max, not sum; botvisor_sessions is this node's)",
+            self.fleet_sessions.clone(),
+        );
+        registry.register(
+            "fleet_nodes",
+            "Nodes sharing the database, by state (as GET /api/nodes shows them)",
+            self.fleet_nodes.clone(),
+        );
+    }
+
+    /// Sets the fleet's gauges from the database's counts: (state, sessions) and (state,
+    /// nodes); a state not counted is 0.
+    pub fn set_fleet(&self, sessions: &[(String, i64)], nodes: &[(String, i64)]) {
+        let count = |of: &[(String, i64)], state: &str| {
+            of.iter()
+                .filter(|(s, _)| s == state)
+                .map(|(_, n)| *n)
+                .sum::<i64>()
+        };
+        for state in STATES.iter().map(|s| s.as_str()) {
+            self.fleet_sessions
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(count(sessions, state));
+        }
+        for state in NODE_STATES {
+            self.fleet_nodes
+                .get_or_create(&StateLabels {
+                    state: state.to_string(),
+                })
+                .set(count(nodes, state));
+        }
     }
 
     /// Records one answered request.

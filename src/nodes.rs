@@ -21,8 +21,9 @@ use ractor::ActorRef;
 
 use botvisor_actors::{SessionRecord, SupervisorMsg};
 
-use crate::db::nodes::{Standing, FLEET_CHANNEL};
+use crate::db::nodes::{Standing, EVENTS_CHANNEL, EVENT_PAYLOAD_MAX, FLEET_CHANNEL};
 use crate::db::postgres::Rows;
+use crate::events::{EventHub, Kind};
 
 /// Sessions one claim takes at most.
 const CLAIM_MAX: i64 = 2_000;
@@ -30,6 +31,8 @@ const CLAIM_MAX: i64 = 2_000;
 const HANDOFF_BATCH: usize = 25;
 /// How long a drain waits for a batch to stop.
 const HANDOFF_WAIT: Duration = Duration::from_secs(30);
+/// Events relayed to the other nodes in one statement at most.
+const RELAY_BATCH: usize = 500;
 /// How often the deadline watch looks.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
@@ -79,7 +82,7 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move { node.watch(sup).await });
         let node = Arc::downgrade(self);
-        self.rows.listen(FLEET_CHANNEL, move || {
+        self.rows.listen(FLEET_CHANNEL, move |_| {
             if let Some(node) = node.upgrade() {
                 node.ring();
             }
@@ -87,6 +90,81 @@ impl Node {
         first_rx
             .await
             .map_err(|_| "the node's lease thread stopped".to_string())
+    }
+
+    /// Makes `GET /api/events` on this node the fleet's: this node's own events go to the
+    /// others ([`EVENTS_CHANNEL`], in batches, their public form: a pairing code stays on
+    /// its node), and theirs are kept and announced here under this node's numbers.
+    /// Start it before [`Node::start`], so the first claims' events travel too.
+    pub fn relay_events(self: &Arc<Self>, hub: Arc<EventHub>) {
+        let me = self.standing.id.clone();
+        let inbound = hub.clone();
+        self.rows.listen(EVENTS_CHANNEL, move |payload| {
+            let mut parts = payload.unwrap_or_default().splitn(4, '\t');
+            if let (Some(from), Some(_), Some(kind), Some(json)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            {
+                if let Some(kind) = Kind::parse(kind).filter(|_| from != me) {
+                    inbound.relay_in(kind, json);
+                }
+            }
+        });
+        let node = self.clone();
+        tokio::spawn(async move { node.relay_out(hub).await });
+    }
+
+    /// Sends this node's events to the others as they are published, whatever was
+    /// published meanwhile in the same statement.
+    async fn relay_out(self: Arc<Self>, hub: Arc<EventHub>) {
+        use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+        let (_, mut rx) = hub.subscribe(None);
+        let mut closed = hub.closed();
+        let mut sent = hub.last_id();
+        let mut failing = false;
+        while !self.stop.load(Ordering::Acquire) {
+            tokio::select! {
+                r = rx.recv() => if let Err(RecvError::Closed) = r { return },
+                _ = closed.changed() => return,
+            }
+            while !matches!(
+                rx.try_recv(),
+                Err(TryRecvError::Empty | TryRecvError::Closed)
+            ) {}
+            let own = hub.own_since(sent);
+            sent = own.last;
+            if own.forgotten > 0 {
+                tracing::warn!(
+                    events = own.forgotten,
+                    "events published faster than they could be relayed to the other nodes; those are not in their streams"
+                );
+            }
+            let me = &self.standing.id;
+            let payloads: Vec<String> = own
+                .events
+                .into_iter()
+                .map(|(i, kind, json)| format!("{me}\t{i}\t{}\t{json}", kind.as_str()))
+                .filter(|p| p.len() <= EVENT_PAYLOAD_MAX)
+                .collect();
+            for batch in payloads.chunks(RELAY_BATCH) {
+                let (rows, batch) = (self.rows.clone(), batch.to_vec());
+                let done = tokio::task::spawn_blocking(move || rows.notify_events(batch)).await;
+                match done
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                {
+                    Ok(()) if failing => {
+                        failing = false;
+                        tracing::info!("events reach the other nodes again");
+                    }
+                    Ok(()) => {}
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "cannot relay events to the other nodes; their streams miss this node's until the database answers");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
     }
 
     fn lease_loop(

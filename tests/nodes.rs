@@ -1112,3 +1112,86 @@ fn one_id_created_on_two_nodes_at_once_is_created_once() {
         assert_eq!(s["state"], "online", "{s}");
     }
 }
+
+/// The `data:` JSON of every `event` event in a stream.
+fn events_of(stream: &common::EventStream, event: &str) -> Vec<Value> {
+    stream
+        .events()
+        .into_iter()
+        .filter(|(_, kind, _)| kind == event)
+        .map(|(_, _, data)| serde_json::from_str(&data).unwrap())
+        .collect()
+}
+
+/// The value of one sample line of `/metrics` (`name{labels}`), if there is one.
+fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+}
+
+#[test]
+fn every_node_streams_and_counts_the_whole_fleet() {
+    let Some(fleet) = Fleet::start("every_node_streams_and_counts_the_whole_fleet", 2, &[]) else {
+        return;
+    };
+    let mut streams = [
+        common::EventStream::open(fleet.node(0), &[]),
+        common::EventStream::open(fleet.node(1), &[]),
+    ];
+    let ids = populate(&fleet, 4);
+    let owners = fleet.owners();
+    for n in ["n0", "n1"] {
+        assert_eq!(owners.values().filter(|o| *o == n).count(), 2, "{owners:?}");
+    }
+    for (i, stream) in streams.iter_mut().enumerate() {
+        let all_online = |buf: &str| {
+            ids.iter()
+                .all(|id| buf.contains(&format!(r#""userId":"{id}","state":"online""#)))
+        };
+        assert!(stream.until(15, all_online), "n{i}: {}", stream.buf);
+        // Each node numbers the fleet's events its own way, in order, once each.
+        let numbers: Vec<u64> = stream.events().iter().map(|(n, _, _)| *n).collect();
+        assert!(numbers.windows(2).all(|w| w[0] < w[1]), "{numbers:?}");
+        let states = events_of(stream, "session.state");
+        for id in &ids {
+            let online: Vec<&Value> = states
+                .iter()
+                .filter(|e| e["userId"] == id.as_str() && e["state"] == "online")
+                .collect();
+            assert_eq!(online.len(), 1, "n{i} saw {id} online once: {states:?}");
+            assert_eq!(online[0]["node"], owners[id].as_str(), "{:?}", online[0]);
+            // A pairing code stays on its node: the other node's stream has the event
+            // without the code.
+            let codes: Vec<Value> = events_of(stream, "session.pairing_code")
+                .into_iter()
+                .filter(|e| e["userId"] == id.as_str())
+                .collect();
+            assert!(!codes.is_empty(), "n{i}: no code event for {id}");
+            let here = owners[id] == format!("n{i}");
+            for code in codes {
+                assert_eq!(code["pairingCode"].is_string(), here, "n{i}: {code}");
+            }
+        }
+    }
+    // A change made through one node shows in the other's stream.
+    let moved = ids.iter().find(|id| owners[*id] == "n0").unwrap();
+    let r = fleet
+        .node(1)
+        .post(&format!("/api/sessions/{moved}/stop"), None);
+    assert_eq!(r.status, 200, "{}", r.body);
+    for stream in &mut streams {
+        let stopped = format!(r#""userId":"{moved}","state":"stopped""#);
+        assert!(stream.until(10, |b| b.contains(&stopped)), "{}", stream.buf);
+    }
+    // /metrics: the node's own sessions, and the fleet's counted by the database.
+    for via in 0..2 {
+        wait_until(10, "the fleet's gauges", || {
+            let text = fleet.node(via).get("/metrics").body;
+            metric(&text, r#"botvisor_fleet_sessions{state="online"}"#) == Some(3.0)
+                && metric(&text, r#"botvisor_fleet_sessions{state="stopped"}"#) == Some(1.0)
+                && metric(&text, r#"botvisor_fleet_nodes{state="live"}"#) == Some(2.0)
+                && metric(&text, r#"botvisor_sessions{state="online"}"#)
+                    == Some(if via == 0 { 1.0 } else { 2.0 })
+        });
+    }
+}

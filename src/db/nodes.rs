@@ -183,6 +183,25 @@ impl Standing {
 /// The channel a node notifies when it gives sessions up (`LISTEN`ed by the others).
 pub const FLEET_CHANNEL: &str = "bv_fleet";
 
+/// The channel every node relays its live events on (`GET /api/events` on any node
+/// shows the whole fleet's). A payload is `<node>\t<event number>\t<kind>\t<public
+/// JSON>`: the number keeps two equal events of one transaction apart (PostgreSQL folds
+/// equal payloads), and a pairing code never travels.
+pub const EVENTS_CHANNEL: &str = "bv_events";
+
+/// The largest payload PostgreSQL's NOTIFY takes is 8,000 bytes; an event larger than
+/// this stays on its node (none is, with the fields events have).
+pub const EVENT_PAYLOAD_MAX: usize = 7_900;
+
+/// The fleet's gauges for `/metrics` on a node ([`Rows::fleet_gauges`]).
+#[derive(Debug, Default)]
+pub struct FleetGauges {
+    /// (state, sessions).
+    pub sessions: Vec<(String, i64)>,
+    /// (state as `GET /api/nodes` shows it, nodes).
+    pub nodes: Vec<(String, i64)>,
+}
+
 /// A node as `GET /api/nodes` lists it.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -580,6 +599,54 @@ impl Rows {
                     })
                 })
                 .collect::<Result<_, tokio_postgres::Error>>()?)
+        })
+    }
+
+    /// Sends the other nodes these [`EVENTS_CHANNEL`] payloads, in order, in one
+    /// statement.
+    pub fn notify_events(&self, payloads: Vec<String>) -> Result<(), StorageError> {
+        self.run_storage(|c| async move {
+            c.execute(
+                "SELECT pg_notify($1, p) FROM unnest($2::text[]) WITH ORDINALITY AS t(p, i) \
+                 ORDER BY i",
+                &[&EVENTS_CHANNEL, &payloads],
+            )
+            .await?;
+            Ok(())
+        })
+    }
+
+    /// The fleet's sessions by state as [`Rows::fleet`] shows them (a session whose
+    /// owner is not live and that should be active counts as `disconnected`), and its
+    /// nodes by state as `GET /api/nodes` shows them, counted by the database.
+    pub fn fleet_gauges(&self) -> Result<FleetGauges, StorageError> {
+        self.run_storage(|c| async move {
+            let sessions = c
+                .query(
+                    "SELECT CASE WHEN s.state NOT IN ('stopped', 'failed', 'logged_out') \
+                       AND NOT coalesce(n.lease_until > now() AND n.state <> 'stopped', false) \
+                       THEN 'disconnected' ELSE s.state END AS st, count(*) \
+                     FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner GROUP BY st",
+                    &[],
+                )
+                .await?;
+            let nodes = c
+                .query(
+                    "SELECT CASE WHEN state = 'stopped' THEN 'stopped' \
+                       WHEN lease_until < now() THEN 'expired' ELSE state END AS st, count(*) \
+                     FROM bv_nodes GROUP BY st",
+                    &[],
+                )
+                .await?;
+            let pairs = |rows: Vec<tokio_postgres::Row>| {
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<Vec<(String, i64)>, tokio_postgres::Error>>()
+            };
+            Ok(FleetGauges {
+                sessions: pairs(sessions)?,
+                nodes: pairs(nodes)?,
+            })
         })
     }
 

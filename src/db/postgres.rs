@@ -239,7 +239,7 @@ impl Connect {
     /// runtime; `heard` is dropped when the connection ends).
     pub async fn connect_listening(
         &self,
-        heard: tokio::sync::mpsc::UnboundedSender<()>,
+        heard: tokio::sync::mpsc::UnboundedSender<String>,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         match &self.tls {
             Tls::Plain => {
@@ -256,18 +256,18 @@ impl Connect {
     }
 }
 
-/// Drives a connection, passing on each notification, until it ends.
+/// Drives a connection, passing on each notification's payload, until it ends.
 async fn pump_notifications<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
-    heard: tokio::sync::mpsc::UnboundedSender<()>,
+    heard: tokio::sync::mpsc::UnboundedSender<String>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     loop {
         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-            Some(Ok(tokio_postgres::AsyncMessage::Notification(_))) => {
-                if heard.send(()).is_err() {
+            Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                if heard.send(n.payload().to_string()).is_err() {
                     return;
                 }
             }
@@ -830,9 +830,14 @@ impl Rows {
         PgEngine { rows: self.clone() }
     }
 
-    /// Calls `heard` on every notification on `channel`, on a connection of its own
-    /// (opened again after it breaks), for as long as the rows live.
-    pub fn listen(&self, channel: &'static str, heard: impl Fn() + Send + Sync + 'static) {
+    /// LISTENs on `channel` on a connection of its own (opened again after it breaks), for
+    /// as long as the rows live: `heard` gets `None` once listening (whatever was notified
+    /// while not listening is to be caught up), then each notification's payload.
+    pub fn listen(
+        &self,
+        channel: &'static str,
+        heard: impl Fn(Option<&str>) + Send + Sync + 'static,
+    ) {
         let connect = self.inner.connect.clone();
         let target = self.inner.target.clone();
         let rt = self.inner.runtime.as_ref().expect("running until dropped");
@@ -843,9 +848,9 @@ impl Rows {
                     Ok(client) => match client.batch_execute(&format!("LISTEN {channel}")).await {
                         Ok(()) => {
                             // Whatever was notified while not listening is caught up.
-                            heard();
-                            while rx.recv().await.is_some() {
-                                heard();
+                            heard(None);
+                            while let Some(payload) = rx.recv().await {
+                                heard(Some(&payload));
                             }
                         }
                         Err(e) => tracing::warn!(database = %target, error = %e, "cannot LISTEN"),

@@ -932,3 +932,63 @@ pub fn paired_online(s: &Server, id: &str, name: &str) {
     );
     s.wait_state(id, "online");
 }
+
+/// An open `GET /api/events` stream.
+pub struct EventStream {
+    conn: TcpStream,
+    pub buf: String,
+}
+
+impl EventStream {
+    pub fn open(s: &Server, headers: &[(&str, &str)]) -> EventStream {
+        let mut conn = TcpStream::connect(s.addr).unwrap();
+        conn.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        let mut req = "GET /api/events HTTP/1.1\r\nHost: x\r\n".to_string();
+        for (k, v) in headers {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        conn.write_all(req.as_bytes()).unwrap();
+        EventStream {
+            conn,
+            buf: String::new(),
+        }
+    }
+
+    /// Reads until `pred` holds on what came so far, or `secs` pass.
+    pub fn until(&mut self, secs: u64, pred: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut chunk = [0u8; 8192];
+        while !pred(&self.buf) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            match self.conn.read(&mut chunk) {
+                Ok(0) => return pred(&self.buf),
+                Ok(n) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(_) => {}
+            }
+        }
+        true
+    }
+
+    /// `(id, event, data)` of every complete event so far.
+    pub fn events(&self) -> Vec<(u64, String, String)> {
+        let mut out = Vec::new();
+        let mut id = None;
+        let mut kind = String::new();
+        for line in self.buf.lines() {
+            if let Some(v) = line.strip_prefix("id: ") {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = line.strip_prefix("event: ") {
+                kind = v.trim().to_string();
+            } else if let Some(v) = line.strip_prefix("data: ") {
+                if let Some(i) = id.take() {
+                    out.push((i, kind.clone(), v.to_string()));
+                }
+            }
+        }
+        out
+    }
+}

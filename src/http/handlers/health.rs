@@ -101,6 +101,15 @@ pub async fn metrics(c: Ctx) -> Answer {
         .await;
     let supervisor =
         matches!(answered, Ok(CallResult::Success(_))).then(|| asked.elapsed().as_secs_f64());
+    if let Some(node) = &c.app.node {
+        let rows = node.rows.clone();
+        match tokio::task::spawn_blocking(move || rows.fleet_gauges()).await {
+            Ok(Ok(g)) => c.app.metrics.set_fleet(&g.sessions, &g.nodes),
+            // The gauges keep their last values; the node's own metrics still answer.
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot count the fleet for /metrics"),
+            Err(e) => tracing::debug!(error = %e, "cannot count the fleet for /metrics"),
+        }
+    }
     let sessions = c.app.store.view().list();
     let text = c
         .app
