@@ -743,6 +743,17 @@ fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
     let store = keys.session("s1");
     rt.block_on(store.put_identity("1555:1@s.whatsapp.net", [1; 32]))
         .expect("the owner writes");
+    for id in ["m1", "m2"] {
+        rt.block_on(store.store_sent_message("chat@s.whatsapp.net", id, b"sent"))
+            .expect("the owner writes");
+    }
+    assert_eq!(
+        rt.block_on(store.take_sent_message("chat@s.whatsapp.net", "m1"))
+            .unwrap()
+            .as_deref(),
+        Some(&b"sent"[..]),
+        "the owner takes a sent message"
+    );
     // Not a's any more: its lease ran out in the database and b claimed the session.
     server
         .psql(
@@ -753,6 +764,16 @@ fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
     let claimed = rows_b.claim(&b, Duration::ZERO, 100).unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(a.live(), "a still believes its lease holds");
+    // Taking a sent message (a delete) is a write: checked in its own transaction.
+    assert!(
+        rt.block_on(store.take_sent_message("chat@s.whatsapp.net", "m2"))
+            .is_err(),
+        "a stale owner's take must be refused"
+    );
+    assert_eq!(a.take_lost(), ["s1"]);
+    // As if a still believed it held the session with its old fence (the loss not seen
+    // yet): the key write is refused in its own transaction.
+    a.hold("s1", 1);
     let refused = rt.block_on(store.put_identity("1555:1@s.whatsapp.net", [2; 32]));
     assert!(
         refused.is_err(),
@@ -765,6 +786,20 @@ fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
         "the key is the one the owner wrote"
     );
     assert_eq!(a.take_lost(), ["s1"]);
+    // Lost here: refused before any statement from now on; taking a sent message (a
+    // delete) too, the message kept.
+    assert!(rt
+        .block_on(store.take_sent_message("chat@s.whatsapp.net", "m2"))
+        .is_err());
+    assert_eq!(
+        server
+            .rows(
+                &url,
+                "SELECT message_id FROM wa_sent_messages WHERE session_id = 's1'"
+            )
+            .unwrap(),
+        vec![vec![Some("m2".to_string())]]
+    );
     // A session this node never held: refused before any statement.
     let other = keys.session("s2");
     assert!(rt.block_on(other.put_identity("x", [3; 32])).is_err());

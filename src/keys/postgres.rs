@@ -675,6 +675,21 @@ impl PgSessionKeys {
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
         owner: Owner,
     ) -> Result<u64> {
+        self.fenced(owner, async |tx| {
+            let statement = tx.prepare_cached(sql).await.map_err(pg)?;
+            tx.execute(&statement, params).await.map_err(pg)
+        })
+        .await
+    }
+
+    /// Runs `write` in a transaction that first locks the session's row and checks that
+    /// `owner` still holds it with its fence; refused (and the session reported lost)
+    /// otherwise, with nothing written.
+    async fn fenced<T>(
+        &self,
+        owner: Owner,
+        write: impl AsyncFnOnce(&deadpool_postgres::Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
         let keys = &self.keys;
         let mut conn = keys.conn().await?;
         let deadline = keys.deadline();
@@ -699,10 +714,9 @@ impl PgSessionKeys {
                     owner.session, owner.node.id
                 ))));
             }
-            let statement = tx.prepare_cached(sql).await.map_err(pg)?;
-            let n = tx.execute(&statement, params).await.map_err(pg)?;
+            let out = write(&tx).await?;
             tx.commit().await.map_err(pg)?;
-            Ok(n)
+            Ok(out)
         })
         .await;
         match outcome {
@@ -1725,11 +1739,20 @@ impl ProtocolStore for PgSessionKeys {
 
     async fn take_sent_message(&self, chat_jid: &str, message_id: &str) -> Result<Option<Vec<u8>>> {
         // One statement: two concurrent takes cannot both get it.
-        self.query_bytes(
-            "DELETE FROM wa_sent_messages WHERE session_id = $1 AND chat_jid = $2 AND message_id = $3 \
-             RETURNING payload",
-            &[&&*self.session, &chat_jid, &message_id],
-        )
+        const TAKE: &str = "DELETE FROM wa_sent_messages \
+             WHERE session_id = $1 AND chat_jid = $2 AND message_id = $3 RETURNING payload";
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 3] =
+            [&&*self.session, &chat_jid, &message_id];
+        let Some(owner) = self.keys.owner_for(&self.session)? else {
+            return self.query_bytes(TAKE, &params).await;
+        };
+        self.fenced(owner, async |tx| {
+            let statement = tx.prepare_cached(TAKE).await.map_err(pg)?;
+            match tx.query_opt(&statement, &params).await.map_err(pg)? {
+                Some(row) => Ok(Some(row.try_get(0).map_err(pg)?)),
+                None => Ok(None),
+            }
+        })
         .await
     }
 
