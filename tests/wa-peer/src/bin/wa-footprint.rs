@@ -185,6 +185,11 @@ fn id_of(i: usize) -> String {
     format!("fp{i:05}")
 }
 
+/// Session `i`'s account.
+fn phone_of(i: usize) -> String {
+    format!("1555{i:07}")
+}
+
 fn main() {
     let args = Args::parse();
     raise_nofile();
@@ -215,9 +220,9 @@ fn run(args: &Args) -> Result<(), String> {
     let t0 = Instant::now();
     let failures = fan_out(n, args.concurrency, |i| {
         let body = format!(
-            r#"{{"userId":"{}","phoneNumber":"1555{:07}"}}"#,
+            r#"{{"userId":"{}","phoneNumber":"{}"}}"#,
             id_of(i),
-            i
+            phone_of(i)
         );
         let (status, v) = api.call("POST", "/api/sessions", Some(body))?;
         if status != 201 || v["pairingCode"].as_str().is_none() {
@@ -255,7 +260,9 @@ fn run(args: &Args) -> Result<(), String> {
     let failures = fan_out(n, args.concurrency, |i| {
         seed_paired_file(
             &dir.path.join(format!("sessions/{}.db", id_of(i))),
-            "15551234567:7@s.whatsapp.net",
+            // Each session its own account: the peer, like WhatsApp, keeps one socket per
+            // device and kicks the older one of two.
+            &format!("{}:7@s.whatsapp.net", phone_of(i)),
             &format!("Footprint {i}"),
         )
     });
