@@ -747,6 +747,8 @@ fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
         rt.block_on(store.store_sent_message("chat@s.whatsapp.net", id, b"sent"))
             .expect("the owner writes");
     }
+    rt.block_on(store.store_pending_inbound("chat", "sender", "p1", b"held"))
+        .expect("the owner buffers a message");
     assert_eq!(
         rt.block_on(store.take_sent_message("chat@s.whatsapp.net", "m1"))
             .unwrap()
@@ -773,6 +775,25 @@ fn a_node_writes_a_session_s_keys_only_while_it_owns_the_session() {
     assert_eq!(a.take_lost(), ["s1"]);
     // As if a still believed it held the session with its old fence (the loss not seen
     // yet): the key write is refused in its own transaction.
+    a.hold("s1", 1);
+    // The pending-inbound buffer (group-committed with every session's): a stale owner's
+    // rows are not written, and its deletes do not land.
+    rt.block_on(store.store_pending_inbound("chat", "sender", "p2", b"stale"))
+        .unwrap();
+    rt.block_on(store.delete_pending_inbound("chat", "sender", "p1"))
+        .unwrap();
+    rt.block_on(store.delete_expired_pending_inbound(i64::MAX))
+        .ok();
+    assert_eq!(
+        server
+            .rows(
+                &url,
+                "SELECT id FROM wa_pending_inbound WHERE session_id = 's1'"
+            )
+            .unwrap(),
+        vec![vec![Some("p1".to_string())]]
+    );
+    a.take_lost();
     a.hold("s1", 1);
     let refused = rt.block_on(store.put_identity("1555:1@s.whatsapp.net", [2; 32]));
     assert!(

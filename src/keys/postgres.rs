@@ -1852,44 +1852,81 @@ impl PgSessionKeys {
     }
 }
 
+/// The pending-inbound group commit: the deletes, then the inserts.
+const INBOUND_WRITE: &str = "WITH gone AS (DELETE FROM wa_pending_inbound p \
+     USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(n, c, s, i) \
+     WHERE p.session_id = k.n AND p.chat = k.c AND p.sender = k.s AND p.id = k.i) \
+     INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
+     SELECT n, c, s, i, m, $10 FROM UNNEST($5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::bytea[]) AS t(n, c, s, i, m) \
+     ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
+     SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at";
+
+/// [`INBOUND_WRITE`] on a node: each row only while the node (`$15`) holds its session
+/// (`u`) with the fence (`f`) it believes, the session's row locked for the statement.
+const INBOUND_WRITE_FENCED: &str = "WITH gone AS (DELETE FROM wa_pending_inbound p \
+     USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $13::text[], \
+     $14::bigint[]) AS k(n, c, s, i, u, f) \
+     WHERE p.session_id = k.n AND p.chat = k.c AND p.sender = k.s AND p.id = k.i \
+     AND EXISTS (SELECT 1 FROM bv_sessions b \
+       WHERE b.user_id = k.u AND b.owner = $15 AND b.fence = k.f FOR SHARE)) \
+     INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
+     SELECT n, c, s, i, m, $10 FROM UNNEST($5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::bytea[], $11::text[], $12::bigint[]) AS t(n, c, s, i, m, u, f) \
+     WHERE EXISTS (SELECT 1 FROM bv_sessions b \
+       WHERE b.user_id = t.u AND b.owner = $15 AND b.fence = t.f FOR SHARE) \
+     ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
+     SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at";
+
 impl inbound::Writer for PgKeys {
-    /// One statement: the deletes, then the inserts (each key is in one list only).
+    /// One statement: the deletes, then the inserts (each key is in one list only). On a
+    /// node, only rows of sessions it holds, each gated on its fence in the statement (a
+    /// row of a session another node claimed meanwhile is not written).
     async fn write(&self, write: &inbound::Write) -> Result<()> {
-        let gone = columns(write.deletes.iter());
-        let put = columns(write.puts.iter().map(|(k, _)| k));
-        let messages: Vec<&[u8]> = write.puts.iter().map(|(_, m)| m.as_slice()).collect();
+        let node = self.inner.node.get();
+        let session = |k: &inbound::Key| {
+            let id: &str = &k.0;
+            id.strip_suffix(STAGING_SUFFIX).unwrap_or(id).to_string()
+        };
+        let fence = |k: &inbound::Key| node.map_or(Some(0), |n| n.fence_of(&session(k)));
+        let deletes: Vec<(&inbound::Key, i64)> = write
+            .deletes
+            .iter()
+            .filter_map(|k| Some((k, fence(k)?)))
+            .collect();
+        let puts: Vec<(&inbound::Key, &[u8], i64)> = write
+            .puts
+            .iter()
+            .filter_map(|(k, m)| Some((k, m.as_slice(), fence(k)?)))
+            .collect();
+        let gone = columns(deletes.iter().map(|(k, _)| *k));
+        let put = columns(puts.iter().map(|(k, _, _)| *k));
+        let messages: Vec<&[u8]> = puts.iter().map(|(_, m, _)| *m).collect();
+        let now = now_secs();
+        let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+            &gone.0, &gone.1, &gone.2, &gone.3, &put.0, &put.1, &put.2, &put.3, &messages, &now,
+        ];
+        let put_held: Vec<String> = puts.iter().map(|(k, _, _)| session(k)).collect();
+        let put_fences: Vec<i64> = puts.iter().map(|(_, _, f)| *f).collect();
+        let gone_held: Vec<String> = deletes.iter().map(|(k, _)| session(k)).collect();
+        let gone_fences: Vec<i64> = deletes.iter().map(|(_, f)| *f).collect();
+        let node_id = node.map(|n| n.id.clone());
+        let sql = match &node_id {
+            None => INBOUND_WRITE,
+            Some(id) => {
+                params.extend([
+                    &put_held as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &put_fences,
+                    &gone_held,
+                    &gone_fences,
+                    id,
+                ]);
+                INBOUND_WRITE_FENCED
+            }
+        };
         on_conn!(self, |c| {
-            let statement = c
-                .prepare_cached(
-                    "WITH gone AS (DELETE FROM wa_pending_inbound p \
-                     USING UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) AS k(n, c, s, i) \
-                     WHERE p.session_id = k.n AND p.chat = k.c AND p.sender = k.s AND p.id = k.i) \
-                     INSERT INTO wa_pending_inbound (session_id, chat, sender, id, message, inserted_at) \
-                     SELECT n, c, s, i, m, $10 FROM UNNEST($5::text[], $6::text[], $7::text[], \
-                     $8::text[], $9::bytea[]) AS t(n, c, s, i, m) \
-                     ON CONFLICT (session_id, chat, sender, id) DO UPDATE \
-                     SET message = EXCLUDED.message, inserted_at = EXCLUDED.inserted_at",
-                )
-                .await
-                .map_err(pg)?;
-            c.execute(
-                &statement,
-                &[
-                    &gone.0,
-                    &gone.1,
-                    &gone.2,
-                    &gone.3,
-                    &put.0,
-                    &put.1,
-                    &put.2,
-                    &put.3,
-                    &messages,
-                    &now_secs(),
-                ],
-            )
-            .await
-            .map(drop)
-            .map_err(pg)
+            let statement = c.prepare_cached(sql).await.map_err(pg)?;
+            c.execute(&statement, &params).await.map(drop).map_err(pg)
         })
     }
 
