@@ -31,8 +31,10 @@ const CLAIM_MAX: i64 = 2_000;
 const HANDOFF_BATCH: usize = 25;
 /// How long a drain waits for a batch to stop.
 const HANDOFF_WAIT: Duration = Duration::from_secs(30);
-/// Events relayed to the other nodes in one statement at most.
-const RELAY_BATCH: usize = 500;
+/// Notifications (each a few events) sent to the other nodes in one statement at most.
+const RELAY_BATCH: usize = 100;
+/// How long the relay waits after an event for more to send with it.
+const RELAY_WINDOW: Duration = Duration::from_millis(20);
 /// How often the deadline watch looks.
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
@@ -100,21 +102,18 @@ impl Node {
         let me = self.standing.id.clone();
         let inbound = hub.clone();
         self.rows.listen(EVENTS_CHANNEL, move |payload| {
-            let mut parts = payload.unwrap_or_default().splitn(4, '\t');
-            if let (Some(from), Some(_), Some(kind), Some(json)) =
-                (parts.next(), parts.next(), parts.next(), parts.next())
-            {
-                if let Some(kind) = Kind::parse(kind).filter(|_| from != me) {
-                    inbound.relay_in(kind, json);
-                }
+            for (kind, json) in unpack(payload.unwrap_or_default(), &me) {
+                inbound.relay_in(kind, json);
             }
         });
         let node = self.clone();
         tokio::spawn(async move { node.relay_out(hub).await });
     }
 
-    /// Sends this node's events to the others as they are published, whatever was
-    /// published meanwhile in the same statement.
+    /// Sends this node's events to the others as they are published: whatever was
+    /// published within [`RELAY_WINDOW`] of the first goes together, packed into as few
+    /// notifications as fit, in one statement (each notification wakes every listening
+    /// connection of the database).
     async fn relay_out(self: Arc<Self>, hub: Arc<EventHub>) {
         use tokio::sync::broadcast::error::{RecvError, TryRecvError};
         let (_, mut rx) = hub.subscribe(None);
@@ -126,6 +125,7 @@ impl Node {
                 r = rx.recv() => if let Err(RecvError::Closed) = r { return },
                 _ = closed.changed() => return,
             }
+            tokio::time::sleep(RELAY_WINDOW).await;
             while !matches!(
                 rx.try_recv(),
                 Err(TryRecvError::Empty | TryRecvError::Closed)
@@ -138,13 +138,7 @@ impl Node {
                     "events published faster than they could be relayed to the other nodes; those are not in their streams"
                 );
             }
-            let me = &self.standing.id;
-            let payloads: Vec<String> = own
-                .events
-                .into_iter()
-                .map(|(i, kind, json)| format!("{me}\t{i}\t{}\t{json}", kind.as_str()))
-                .filter(|p| p.len() <= EVENT_PAYLOAD_MAX)
-                .collect();
+            let payloads = pack(&self.standing.id, &own.events);
             for batch in payloads.chunks(RELAY_BATCH) {
                 let (rows, batch) = (self.rows.clone(), batch.to_vec());
                 let done = tokio::task::spawn_blocking(move || rows.notify_events(batch)).await;
@@ -377,5 +371,88 @@ impl Node {
             Ok(_) => tracing::info!("node left; its sessions wait for its return"),
             Err(e) => tracing::warn!(error = %e, "could not leave cleanly; the lease runs out"),
         }
+    }
+}
+
+/// [`EVENTS_CHANNEL`] payloads carrying `events` (number, kind, public JSON) from node
+/// `me`: the node's id on the first line, then one event per line (`<number>\t<kind>\t
+/// <json>`; JSON has no raw newline), as many per payload as fit in
+/// [`EVENT_PAYLOAD_MAX`] bytes. An event too large for a payload of its own stays here.
+fn pack(me: &str, events: &[(u64, Kind, String)]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut payload = String::new();
+    for (number, kind, json) in events {
+        let line = format!("\n{number}\t{}\t{json}", kind.as_str());
+        if me.len() + line.len() > EVENT_PAYLOAD_MAX {
+            tracing::debug!(
+                bytes = line.len(),
+                "event too large to relay; it stays on this node"
+            );
+            continue;
+        }
+        if !payload.is_empty() && payload.len() + line.len() > EVENT_PAYLOAD_MAX {
+            out.push(std::mem::take(&mut payload));
+        }
+        if payload.is_empty() {
+            payload.push_str(me);
+        }
+        payload.push_str(&line);
+    }
+    if !payload.is_empty() {
+        out.push(payload);
+    }
+    out
+}
+
+/// The events of a [`pack`]ed payload, unless node `me` sent it (or it is not one).
+fn unpack<'a>(payload: &'a str, me: &str) -> Vec<(Kind, &'a str)> {
+    let mut lines = payload.split('\n');
+    if lines.next().is_none_or(|from| from == me) {
+        return Vec::new();
+    }
+    lines
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            let (_number, kind, json) = (parts.next()?, parts.next()?, parts.next()?);
+            Some((Kind::parse(kind)?, json))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_packed_into_payloads_that_fit_and_unpacked_by_the_others() {
+        let event = |i: u64, n: usize| {
+            (
+                i,
+                Kind::State,
+                format!(r#"{{"userId":"u{i}","x":"{}"}}"#, "a".repeat(n)),
+            )
+        };
+        let events: Vec<_> = (1..=40).map(|i| event(i, 300)).collect();
+        let payloads = pack("n1", &events);
+        assert!(
+            payloads.len() > 1 && payloads.len() < 5,
+            "{}",
+            payloads.len()
+        );
+        assert!(payloads.iter().all(|p| p.len() <= EVENT_PAYLOAD_MAX));
+        let back: Vec<(Kind, &str)> = payloads.iter().flat_map(|p| unpack(p, "n2")).collect();
+        assert_eq!(back.len(), 40, "every event, in order");
+        for ((_, _, json), (kind, got)) in events.iter().zip(&back) {
+            assert_eq!((*kind, *got), (Kind::State, json.as_str()));
+        }
+        // Its own payloads are not taken in again; a stray payload is ignored.
+        assert!(unpack(&payloads[0], "n1").is_empty());
+        assert!(unpack("", "n2").is_empty());
+        assert!(unpack("n3\nnot an event", "n2").is_empty());
+        // An event that fits no payload stays here; the others still go.
+        let mixed = vec![event(1, 10), event(2, EVENT_PAYLOAD_MAX), event(3, 10)];
+        let payloads = pack("n1", &mixed);
+        assert_eq!(payloads.len(), 1);
+        assert_eq!(unpack(&payloads[0], "n2").len(), 2);
     }
 }

@@ -184,9 +184,9 @@ impl Standing {
 pub const FLEET_CHANNEL: &str = "bv_fleet";
 
 /// The channel every node relays its live events on (`GET /api/events` on any node
-/// shows the whole fleet's). A payload is `<node>\t<event number>\t<kind>\t<public
-/// JSON>`: the number keeps two equal events of one transaction apart (PostgreSQL folds
-/// equal payloads), and a pairing code never travels.
+/// shows the whole fleet's). A payload is the sending node's id on its first line, then
+/// one event per line, `<event number>\t<kind>\t<public JSON>` (see `nodes::pack`); a
+/// pairing code never travels.
 pub const EVENTS_CHANNEL: &str = "bv_events";
 
 /// The largest payload PostgreSQL's NOTIFY takes is 8,000 bytes; an event larger than
