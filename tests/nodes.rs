@@ -1067,6 +1067,15 @@ fn a_seeded_chaos_loop_keeps_every_session_online_once() {
             let listed = fleet.sessions(live);
             ids.iter().all(|id| listed[id].0 == "online") && fleet.peer.live(PHONE) == 6
         });
+        // The fleet is whole again before the next fault: a paused node has fenced itself
+        // and registered anew, a restarted one holds its lease (a drain is refused with
+        // 409 while its node's lease is out).
+        wait_until(30, "every node live again", || {
+            let nodes = fleet.node(live).get("/api/nodes").json();
+            nodes["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 3 && n.iter().all(|n| n["state"] == "live"))
+        });
         let overlaps = fleet.peer.stats().overlaps;
         assert!(
             overlaps.len() <= allowed_overlaps,
