@@ -30,8 +30,10 @@ struct Fleet {
     url: String,
     /// Each node's `--database-url` (the database's, or a proxy's in front of it).
     urls: Vec<String>,
-    dirs: Vec<tempfile::TempDir>,
+    /// Before `dirs`: fields drop in order, and a node prints its log (read from its
+    /// data dir) when it drops during a failing test.
     nodes: Vec<Option<Server>>,
+    dirs: Vec<tempfile::TempDir>,
     extra: Vec<String>,
     /// A PostgreSQL of the test's own (one it stops), else the shared one.
     own_pg: Option<pg::PgServer>,
