@@ -239,7 +239,7 @@ impl Connect {
     /// runtime; `heard` is dropped when the connection ends).
     pub async fn connect_listening(
         &self,
-        heard: tokio::sync::mpsc::UnboundedSender<String>,
+        heard: tokio::sync::mpsc::UnboundedSender<Heard>,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
         match &self.tls {
             Tls::Plain => {
@@ -256,10 +256,13 @@ impl Connect {
     }
 }
 
-/// Drives a connection, passing on each notification's payload, until it ends.
+/// A notification: its channel and payload.
+pub type Heard = (String, String);
+
+/// Drives a connection, passing on each notification, until it ends.
 async fn pump_notifications<S, T>(
     mut connection: tokio_postgres::Connection<S, T>,
-    heard: tokio::sync::mpsc::UnboundedSender<String>,
+    heard: tokio::sync::mpsc::UnboundedSender<Heard>,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -267,13 +270,96 @@ async fn pump_notifications<S, T>(
     loop {
         match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
             Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                if heard.send(n.payload().to_string()).is_err() {
+                if heard
+                    .send((n.channel().to_string(), n.payload().to_string()))
+                    .is_err()
+                {
                     return;
                 }
             }
             Some(Ok(_)) => {}
             Some(Err(_)) | None => return,
         }
+    }
+}
+
+fn lock(listening: &std::sync::Mutex<Listening>) -> std::sync::MutexGuard<'_, Listening> {
+    listening.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The handlers of `channel` (every one when `None`).
+fn handlers(listening: &std::sync::Mutex<Listening>, channel: Option<&str>) -> Vec<Handler> {
+    lock(listening)
+        .handlers
+        .iter()
+        .filter(|(c, _)| channel.is_none_or(|channel| *c == channel))
+        .map(|(_, h)| h.clone())
+        .collect()
+}
+
+/// `LISTEN`s on `channels` on `client`; false (logged) when it could not.
+async fn listen_on(client: &tokio_postgres::Client, channels: &[&str], target: &str) -> bool {
+    let statements: String = channels.iter().map(|c| format!("LISTEN {c};")).collect();
+    match client.batch_execute(&statements).await {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(database = %target, error = %e, "cannot LISTEN");
+            false
+        }
+    }
+}
+
+/// The task behind [`Rows::listen`]: one connection for every channel, handed each
+/// notification; channels asked for later come on `added`.
+async fn listen_all(
+    connect: Connect,
+    target: String,
+    listening: Arc<std::sync::Mutex<Listening>>,
+    mut added: tokio::sync::mpsc::UnboundedReceiver<&'static str>,
+) {
+    loop {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        match connect.connect_listening(tx).await {
+            Ok(client) => {
+                // Every channel asked for so far is in the list; the ones asked for from
+                // now on come on `added` (listening twice on one is harmless).
+                while added.try_recv().is_ok() {}
+                let mut channels: Vec<&'static str> =
+                    lock(&listening).handlers.iter().map(|(c, _)| *c).collect();
+                channels.sort_unstable();
+                channels.dedup();
+                if listen_on(&client, &channels, &target).await {
+                    for heard in handlers(&listening, None) {
+                        heard(None);
+                    }
+                    loop {
+                        tokio::select! {
+                            notified = rx.recv() => match notified {
+                                Some((channel, payload)) => {
+                                    for heard in handlers(&listening, Some(&channel)) {
+                                        heard(Some(&payload));
+                                    }
+                                }
+                                None => break,
+                            },
+                            channel = added.recv() => match channel {
+                                Some(channel) => {
+                                    if !listen_on(&client, &[channel], &target).await {
+                                        break;
+                                    }
+                                    for heard in handlers(&listening, Some(channel)) {
+                                        heard(None);
+                                    }
+                                }
+                                None => return,
+                            },
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(database = %target, error = %e, "cannot connect to LISTEN"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -665,7 +751,20 @@ struct RowsInner {
     node: Option<Arc<Standing>>,
     /// How to open a connection of its own (a node's `LISTEN`).
     connect: Connect,
+    /// The channels `LISTEN`ed on, all on one connection of their own.
+    listening: Arc<std::sync::Mutex<Listening>>,
 }
+
+/// What is listened for, and how to tell the listening task of a new channel.
+#[derive(Default)]
+struct Listening {
+    handlers: Vec<(&'static str, Handler)>,
+    /// `None` until the first [`Rows::listen`] starts the task.
+    added: Option<tokio::sync::mpsc::UnboundedSender<&'static str>>,
+}
+
+/// Called once listening (`None`) and with each notification's payload.
+type Handler = Arc<dyn Fn(Option<&str>) + Send + Sync>;
 
 impl Drop for RowsInner {
     fn drop(&mut self) {
@@ -726,6 +825,7 @@ impl Rows {
                 target,
                 node,
                 connect: connect.clone(),
+                listening: Default::default(),
             }),
         };
         if rows.inner.node.is_none() {
@@ -830,38 +930,34 @@ impl Rows {
         PgEngine { rows: self.clone() }
     }
 
-    /// LISTENs on `channel` on a connection of its own (opened again after it breaks), for
-    /// as long as the rows live: `heard` gets `None` once listening (whatever was notified
-    /// while not listening is to be caught up), then each notification's payload.
+    /// LISTENs on `channel` for as long as the rows live: `heard` gets `None` once
+    /// listening (whatever was notified while not listening is to be caught up), then each
+    /// notification's payload. Every channel shares one connection of its own, opened
+    /// again after it breaks (each listening connection is woken by every notification
+    /// of the database).
     pub fn listen(
         &self,
         channel: &'static str,
         heard: impl Fn(Option<&str>) + Send + Sync + 'static,
     ) {
-        let connect = self.inner.connect.clone();
-        let target = self.inner.target.clone();
-        let rt = self.inner.runtime.as_ref().expect("running until dropped");
-        rt.spawn(async move {
-            loop {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                match connect.connect_listening(tx).await {
-                    Ok(client) => match client.batch_execute(&format!("LISTEN {channel}")).await {
-                        Ok(()) => {
-                            // Whatever was notified while not listening is caught up.
-                            heard(None);
-                            while let Some(payload) = rx.recv().await {
-                                heard(Some(&payload));
-                            }
-                        }
-                        Err(e) => tracing::warn!(database = %target, error = %e, "cannot LISTEN"),
-                    },
-                    Err(e) => {
-                        tracing::debug!(database = %target, error = %e, "cannot connect to LISTEN")
-                    }
-                }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut listening = lock(&self.inner.listening);
+        listening.handlers.push((channel, Arc::new(heard)));
+        match &listening.added {
+            Some(added) => {
+                let _ = added.send(channel);
             }
-        });
+            None => {
+                let (added, channels) = tokio::sync::mpsc::unbounded_channel();
+                listening.added = Some(added);
+                let rt = self.inner.runtime.as_ref().expect("running until dropped");
+                rt.spawn(listen_all(
+                    self.inner.connect.clone(),
+                    self.inner.target.clone(),
+                    self.inner.listening.clone(),
+                    channels,
+                ));
+            }
+        }
     }
 
     /// [`Rows::run`] with the error as the store reports it.
