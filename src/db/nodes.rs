@@ -28,6 +28,29 @@ use dashmap::DashMap;
 
 use botvisor_actors::{SessionRecord, StorageError};
 
+/// SQL: the owner (`n`, joined from `bv_nodes`) of a session row holds a live lease. NULL
+/// (not true) when the session has no owner.
+macro_rules! owner_live {
+    () => {
+        "(n.lease_until > now() AND n.state <> 'stopped')"
+    };
+}
+
+/// SQL: a node's (`n`) state as `GET /api/nodes` and the fleet's gauges show it.
+macro_rules! node_state {
+    () => {
+        "CASE WHEN n.state = 'stopped' THEN 'stopped' \
+         WHEN n.lease_until < now() THEN 'expired' ELSE n.state END"
+    };
+}
+
+/// SQL: the session states that are not meant to be running.
+macro_rules! at_rest {
+    () => {
+        "('stopped', 'failed', 'logged_out')"
+    };
+}
+
 use super::postgres::{PgError, Rows};
 
 /// This node's standing: its lease, the sessions it holds with their fences, and the
@@ -479,13 +502,14 @@ impl Rows {
         self.run_storage(|c| async move {
             let rows = c
                 .query(
-                    "SELECT n.id, n.http_addr, n.epoch, \
-                     CASE WHEN n.state = 'stopped' THEN 'stopped' \
-                          WHEN n.lease_until < now() THEN 'expired' ELSE n.state END, \
-                     (SELECT count(*) FROM bv_sessions s WHERE s.owner = n.id), \
+                    concat!(
+                        "SELECT n.id, n.http_addr, n.epoch, ",
+                        node_state!(),
+                        ", (SELECT count(*) FROM bv_sessions s WHERE s.owner = n.id), \
                      (extract(epoch FROM now() - n.renewed_at) * 1000)::bigint, \
                      (extract(epoch FROM n.lease_until - now()) * 1000)::bigint \
-                     FROM bv_nodes n ORDER BY n.id",
+                     FROM bv_nodes n ORDER BY n.id"
+                    ),
                     &[],
                 )
                 .await?;
@@ -512,10 +536,13 @@ impl Rows {
         self.run_storage(|c| async move {
             let row = c
                 .query_opt(
-                    "SELECT s.owner, CASE WHEN n.lease_until > now() AND n.state <> 'stopped' \
-                     THEN n.http_addr END \
-                     FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner \
-                     WHERE s.user_id = $1",
+                    concat!(
+                        "SELECT s.owner, CASE WHEN ",
+                        owner_live!(),
+                        " THEN n.http_addr END \
+                         FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner \
+                         WHERE s.user_id = $1"
+                    ),
                     &[&user_id],
                 )
                 .await?;
@@ -578,11 +605,14 @@ impl Rows {
             let rows = c
                 .query(
                     &format!(
-                        "SELECT {}, s.owner, \
-                         coalesce(n.lease_until > now() AND n.state <> 'stopped', false) \
-                         FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner \
-                         WHERE $1::text IS NULL OR s.user_id = $1 \
-                         ORDER BY s.created_at, s.user_id",
+                        concat!(
+                            "SELECT {}, s.owner, coalesce(",
+                            owner_live!(),
+                            ", false) \
+                             FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner \
+                             WHERE $1::text IS NULL OR s.user_id = $1 \
+                             ORDER BY s.created_at, s.user_id"
+                        ),
                         prefixed("s.")
                     ),
                     &[&only],
@@ -623,18 +653,24 @@ impl Rows {
         self.run_storage(|c| async move {
             let sessions = c
                 .query(
-                    "SELECT CASE WHEN s.state NOT IN ('stopped', 'failed', 'logged_out') \
-                       AND NOT coalesce(n.lease_until > now() AND n.state <> 'stopped', false) \
-                       THEN 'disconnected' ELSE s.state END AS st, count(*) \
-                     FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner GROUP BY st",
+                    concat!(
+                        "SELECT CASE WHEN s.state NOT IN ",
+                        at_rest!(),
+                        " AND NOT coalesce(",
+                        owner_live!(),
+                        ", false) THEN 'disconnected' ELSE s.state END AS st, count(*) \
+                         FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner GROUP BY st"
+                    ),
                     &[],
                 )
                 .await?;
             let nodes = c
                 .query(
-                    "SELECT CASE WHEN state = 'stopped' THEN 'stopped' \
-                       WHEN lease_until < now() THEN 'expired' ELSE state END AS st, count(*) \
-                     FROM bv_nodes GROUP BY st",
+                    concat!(
+                        "SELECT ",
+                        node_state!(),
+                        " AS st, count(*) FROM bv_nodes n GROUP BY st"
+                    ),
                     &[],
                 )
                 .await?;
@@ -657,11 +693,13 @@ impl Rows {
         self.run_storage(|c| async move {
             let r = c
                 .query_one(
-                    "SELECT count(*), \
-                     count(*) FILTER (WHERE s.state NOT IN ('stopped', 'failed', 'logged_out')), \
-                     count(*) FILTER (WHERE s.state = 'online' \
-                       AND n.lease_until > now() AND n.state <> 'stopped') \
-                     FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner",
+                    concat!(
+                        "SELECT count(*), count(*) FILTER (WHERE s.state NOT IN ",
+                        at_rest!(),
+                        "), count(*) FILTER (WHERE s.state = 'online' AND ",
+                        owner_live!(),
+                        ") FROM bv_sessions s LEFT JOIN bv_nodes n ON n.id = s.owner"
+                    ),
                     &[],
                 )
                 .await?;

@@ -367,6 +367,14 @@ async fn delete_session_rows(
 /// What a restore's staging id adds to its session's id.
 const STAGING_SUFFIX: &str = "\u{1}restoring";
 
+/// The session whose keys `session_id` holds: itself, or the one a restore's staging id
+/// stands for.
+fn held_id(session_id: &str) -> &str {
+    session_id
+        .strip_suffix(STAGING_SUFFIX)
+        .unwrap_or(session_id)
+}
+
 /// The node that may write a session's keys, and the fence it holds it with.
 struct Owner {
     node: Arc<crate::db::nodes::Standing>,
@@ -526,9 +534,7 @@ impl PgKeys {
         let Some(node) = self.inner.node.get() else {
             return Ok(None);
         };
-        let session = session_id
-            .strip_suffix(STAGING_SUFFIX)
-            .unwrap_or(session_id);
+        let session = held_id(session_id);
         match node.fence_of(session) {
             Some(fence) if node.live() => Ok(Some(Owner {
                 node: node.clone(),
@@ -1899,20 +1905,29 @@ impl inbound::Writer for PgKeys {
     /// row of a session another node claimed meanwhile is not written).
     async fn write(&self, write: &inbound::Write) -> Result<()> {
         let node = self.inner.node.get();
-        let session = |k: &inbound::Key| {
-            let id: &str = &k.0;
-            id.strip_suffix(STAGING_SUFFIX).unwrap_or(id).to_string()
-        };
-        let fence = |k: &inbound::Key| node.map_or(Some(0), |n| n.fence_of(&session(k)));
-        let deletes: Vec<(&inbound::Key, i64)> = write
+        // On a node, each key with its session and the fence this node holds it with (a
+        // session it does not hold has no rows written); on a single server, every key.
+        fn held<'k>(
+            node: Option<&Arc<crate::db::nodes::Standing>>,
+            k: &'k inbound::Key,
+        ) -> Option<(&'k str, i64)> {
+            match node {
+                None => Some(("", 0)),
+                Some(n) => {
+                    let session = held_id(&k.0);
+                    Some((session, n.fence_of(session)?))
+                }
+            }
+        }
+        let deletes: Vec<(&inbound::Key, (&str, i64))> = write
             .deletes
             .iter()
-            .filter_map(|k| Some((k, fence(k)?)))
+            .filter_map(|k| Some((k, held(node, k)?)))
             .collect();
-        let puts: Vec<(&inbound::Key, &[u8], i64)> = write
+        let puts: Vec<(&inbound::Key, &[u8], (&str, i64))> = write
             .puts
             .iter()
-            .filter_map(|(k, m)| Some((k, m.as_slice(), fence(k)?)))
+            .filter_map(|(k, m)| Some((k, m.as_slice(), held(node, k)?)))
             .collect();
         let gone = columns(deletes.iter().map(|(k, _)| *k));
         let put = columns(puts.iter().map(|(k, _, _)| *k));
@@ -1921,20 +1936,24 @@ impl inbound::Writer for PgKeys {
         let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
             &gone.0, &gone.1, &gone.2, &gone.3, &put.0, &put.1, &put.2, &put.3, &messages, &now,
         ];
-        let put_held: Vec<String> = puts.iter().map(|(k, _, _)| session(k)).collect();
-        let put_fences: Vec<i64> = puts.iter().map(|(_, _, f)| *f).collect();
-        let gone_held: Vec<String> = deletes.iter().map(|(k, _)| session(k)).collect();
-        let gone_fences: Vec<i64> = deletes.iter().map(|(_, f)| *f).collect();
-        let node_id = node.map(|n| n.id.clone());
-        let sql = match &node_id {
+        // The node's gate: each row's session and fence (built only on a node).
+        let (put_held, put_fences): (Vec<&str>, Vec<i64>) = match node {
+            Some(_) => puts.iter().map(|(_, _, h)| *h).unzip(),
+            None => Default::default(),
+        };
+        let (gone_held, gone_fences): (Vec<&str>, Vec<i64>) = match node {
+            Some(_) => deletes.iter().map(|(_, h)| *h).unzip(),
+            None => Default::default(),
+        };
+        let sql = match node {
             None => INBOUND_WRITE,
-            Some(id) => {
+            Some(n) => {
                 params.extend([
                     &put_held as &(dyn tokio_postgres::types::ToSql + Sync),
                     &put_fences,
                     &gone_held,
                     &gone_fences,
-                    id,
+                    &n.id,
                 ]);
                 INBOUND_WRITE_FENCED
             }
