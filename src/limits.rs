@@ -35,20 +35,26 @@ pub fn open_files() -> Option<(u64, u64)> {
 /// Too few descriptors are left for another session.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "Too many open files: {used} of {limit} in use; raise the open-files limit \
+    "Too many open files: {used} of {limit} in use or held for running sessions; raise the open-files limit \
      (ulimit -n, or LimitNOFILE= in systemd) before adding sessions"
 )]
 pub struct OutOfFiles {
-    /// Descriptors in use.
+    /// Descriptors in use, or held for the sessions already running if more.
     pub used: u64,
     /// The soft limit.
     pub limit: u64,
 }
 
 /// `Err` with a clear message when too few descriptors are left for another session.
-pub fn check_headroom() -> Result<(), OutOfFiles> {
+/// `reserved`: what the sessions already admitted may hold at once, counted as in use
+/// when more than what is open now (a key store closed while its session is idle
+/// reopens its files on the next message, and must find them).
+pub fn check_headroom(reserved: u64) -> Result<(), OutOfFiles> {
     match open_files() {
-        Some((used, limit)) if used + RESERVE > limit => Err(OutOfFiles { used, limit }),
+        Some((used, limit)) if used.max(reserved) + RESERVE > limit => Err(OutOfFiles {
+            used: used.max(reserved),
+            limit,
+        }),
         _ => Ok(()),
     }
 }
@@ -66,4 +72,22 @@ pub fn open_error_hint(text: String) -> String {
         }
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descriptors_held_for_running_sessions_count_as_in_use() {
+        let Some((used, limit)) = open_files() else {
+            return;
+        };
+        assert!(used + RESERVE <= limit, "the test process has room");
+        assert_eq!(check_headroom(0), Ok(()));
+        assert_eq!(check_headroom(used), Ok(()), "no more than is open");
+        // Sessions whose stores closed their files while idle still hold their share.
+        let held = limit - RESERVE + 1;
+        assert_eq!(check_headroom(held), Err(OutOfFiles { used: held, limit }));
+    }
 }

@@ -1184,6 +1184,56 @@ fn stopped_real_sessions_keep_no_client_and_no_descriptor() {
     }
 }
 
+/// An idle online session's key store closes its files (issue 24: a paired idle session
+/// holds its socket and nothing else) and opens them again on the next use: the Signal
+/// session written before the close carries the next message both ways.
+#[test]
+fn an_idle_sessions_key_store_closes_its_files_and_reopens_them_on_use() {
+    if sqlite_only(
+        "an_idle_sessions_key_store_closes_its_files_and_reopens_them_on_use",
+        "it counts key files",
+    ) {
+        return;
+    }
+    let (peer, s, got) = online_with_webhook("wa_idle");
+    send_and_see_it_decrypted(&peer, &s, "wa_idle", "before the store closes");
+    assert!(
+        !store_files(&s, "wa_idle").is_empty(),
+        "a session in use holds its store open"
+    );
+    // Closed 30 s after its last use, checked every 10 s.
+    wait_until(60, "the idle store closes its files", || {
+        store_files(&s, "wa_idle").is_empty()
+    });
+    assert_eq!(
+        s.session("wa_idle")["state"],
+        "online",
+        "the session stays online with its store closed"
+    );
+    // In, on the Signal session kept in the closed store.
+    peer.command(Command::Send {
+        from: "15557654321".into(),
+        to: "15551234567".into(),
+        id: "3EB0PEER0000000IDLE1".into(),
+        content: Content::Text("after the store closed".into()),
+    });
+    wait_until(15, "the message reaches the webhook", || {
+        got_all(&got).iter().any(|v| {
+            v["event"] == "message.received" && v["data"]["messageId"] == "3EB0PEER0000000IDLE1"
+        })
+    });
+    send_and_see_it_decrypted(&peer, &s, "wa_idle", "after the store reopened");
+    let st = peer.stats();
+    assert!(st.signal_errors.is_empty(), "{:?}", st.signal_errors);
+    assert!(
+        st.messages_sent
+            .iter()
+            .any(|(id, kind)| id == "3EB0PEER0000000IDLE1" && kind == "msg"),
+        "the peer went on with the same Signal session: {:?}",
+        st.messages_sent
+    );
+}
+
 /// Sends `text` to the peer's second user and waits until the peer decrypted it.
 fn send_and_see_it_decrypted(peer: &Peer, s: &Server, id: &str, text: &str) {
     let r = s.post(

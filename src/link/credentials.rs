@@ -203,7 +203,8 @@ impl Credentials {
         Ok(removed)
     }
 
-    /// Descriptors one idle session holds for its keys.
+    /// Descriptors one session holds for its keys while its store is open (a file
+    /// store closes them after 30 s unused, and opens them again on the next use).
     pub fn files_per_session(&self) -> u32 {
         match self {
             // `.db`, `-wal` and `-shm`.

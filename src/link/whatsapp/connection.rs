@@ -24,6 +24,8 @@ pub struct WhatsAppConnection {
     pub(super) manager: Option<JoinHandle<()>>,
     /// Every task whatsapp-rust spawned for this client.
     pub(super) tasks: SessionTasks,
+    /// Counts this session among the link's running ones while it lives.
+    pub(super) _running: super::Running,
 }
 
 impl WhatsAppConnection {
@@ -74,6 +76,35 @@ fn release_freed_memory_soon() {
             trim().await;
         });
     }
+}
+
+/// Gives back, every 30 s while sessions run, what idle key stores freed. A store idle
+/// for 30 s closes its SQLite connection (vendor/r2d2, patch 3), and its page cache and
+/// schema go back to glibc's arenas, whose pages stay resident among the live client's
+/// until trimmed (measured with `wa-footprint`: 1,000 paired idle sessions, 281 KiB each
+/// before a trim, 248 after). Started once per link.
+pub(super) fn trim_while_running(running: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(30));
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if running.load(Ordering::SeqCst) > 0 {
+                    let began = std::time::Instant::now();
+                    trim().await;
+                    tracing::debug!(took = ?began.elapsed(), "malloc_trim while sessions run");
+                }
+            }
+        });
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = running;
 }
 
 /// `malloc_trim(0)` on the blocking pool.

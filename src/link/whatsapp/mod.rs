@@ -13,7 +13,7 @@ mod pairing;
 mod tasks;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +87,27 @@ pub struct WhatsAppLink {
     inbound: OnceLock<Arc<dyn Persistence>>,
     /// The sessions' proxies.
     proxies: OnceLock<Arc<Proxies>>,
+    /// Sessions connecting or connected: each may open its key store's files again at
+    /// any time (the store closes them while the session is idle).
+    running: Arc<AtomicU64>,
+    /// The periodic trim of idle stores' freed memory, started by the first connect.
+    trimming: std::sync::Once,
+}
+
+/// One running session, counted in [`WhatsAppLink::running`] while it lives.
+pub(super) struct Running(Arc<AtomicU64>);
+
+impl Running {
+    fn new(count: &Arc<AtomicU64>) -> Running {
+        count.fetch_add(1, Ordering::SeqCst);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl WhatsAppLink {
@@ -102,6 +123,8 @@ impl WhatsAppLink {
             settings,
             inbound: OnceLock::new(),
             proxies: OnceLock::new(),
+            running: Arc::default(),
+            trimming: std::sync::Once::new(),
         }
     }
 
@@ -324,6 +347,9 @@ impl Link for WhatsAppLink {
         events: EventSink,
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
         let path = self.credentials.describe(&spec.user_id);
+        self.trimming
+            .call_once(|| connection::trim_while_running(self.running.clone()));
+        let running = Running::new(&self.running);
         let store = self.credentials.open(&spec.user_id);
         let settings = self.settings.clone();
         let inbound = self.inbound.get().cloned();
@@ -382,6 +408,7 @@ impl Link for WhatsAppLink {
                 watcher,
                 manager,
                 tasks,
+                _running: running,
             }) as Box<dyn LinkConnection>)
         })
     }
@@ -395,10 +422,12 @@ impl Link for WhatsAppLink {
         self.credentials.files_per_session() + 1
     }
 
-    /// Each session holds its store (3 descriptors) and a socket: refuse a new one
-    /// clearly before the process runs out.
+    /// Each session holds its store (3 descriptors) and a socket while active: refuse a
+    /// new one clearly before the process runs out, counting every running session's
+    /// whole share even while its idle store has its files closed.
     fn admit(&self) -> Result<(), LinkError> {
-        crate::limits::check_headroom().map_err(|e| LinkError::new(e.to_string()))
+        let reserved = self.running.load(Ordering::SeqCst) * u64::from(self.files_per_session());
+        crate::limits::check_headroom(reserved).map_err(|e| LinkError::new(e.to_string()))
     }
 }
 

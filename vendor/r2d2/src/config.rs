@@ -54,19 +54,22 @@ where
     fn default() -> Builder<M> {
         Builder {
             max_size: 10,
-            min_idle: None,
+            // botvisor's patch 3 (see VENDORED.md): no connection is kept open for its
+            // own sake, and one idle for 30 s is closed (checked every 10 s), so an idle
+            // session's key store holds no SQLite connection, descriptor or page cache.
+            // Upstream: `min_idle` = `max_size`, a 10-minute idle timeout, a 30 s reaper.
+            min_idle: Some(0),
             test_on_check_out: true,
-            // botvisor's patch 2 (see VENDORED.md): no idle timeout and no maximum
-            // lifetime by default, so a pool schedules no reaper job. Upstream: 10 and
-            // 30 minutes.
-            idle_timeout: None,
+            // botvisor's patch 2 (see VENDORED.md): no maximum lifetime by default (a
+            // local SQLite file gains nothing from being reopened). Upstream: 30 minutes.
+            idle_timeout: Some(Duration::from_secs(30)),
             max_lifetime: None,
             connection_timeout: Duration::from_secs(30),
             error_handler: Box::new(LoggingErrorHandler),
             event_handler: Box::new(NopEventHandler),
             connection_customizer: Box::new(NopConnectionCustomizer),
             thread_pool: None,
-            reaper_rate: Duration::from_secs(30),
+            reaper_rate: Duration::from_secs(10),
             _p: PhantomData,
         }
     }
