@@ -3,6 +3,7 @@
 //! `botvisor_actors::Link`; the supervisor never sees which one runs.
 
 pub mod credentials;
+mod peek;
 pub mod proxy;
 pub mod sim;
 pub mod whatsapp;

@@ -597,6 +597,26 @@ fn read_creds(path: &Path) -> Result<Creds, StoreFailure> {
 /// no pragmas, no schema statement: a boot reads 100,000 of these). `None` for anything
 /// else (no file yet, no identity yet, an error): the full path creates, or reports.
 fn read_known_creds(path: &Path) -> Option<Creds> {
+    if let Some(rows) = super::peek::table_rows(path, "sim_credentials") {
+        let (mut creds, mut identity) = (Creds::default(), false);
+        for row in rows {
+            match (
+                row.first().cloned().flatten(),
+                row.get(1).cloned().flatten(),
+            ) {
+                (Some(key), Some(value)) => creds_row(&mut creds, &mut identity, &key, value),
+                _ => return read_known_creds_by_sqlite(path),
+            }
+        }
+        if identity {
+            return Some(creds);
+        }
+    }
+    read_known_creds_by_sqlite(path)
+}
+
+/// [`read_known_creds`] through SQLite.
+fn read_known_creds_by_sqlite(path: &Path) -> Option<Creds> {
     let flags =
         rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
     let conn = Connection::open_with_flags(path, flags).ok()?;
@@ -611,14 +631,19 @@ fn creds_in(conn: &Connection) -> rusqlite::Result<(Creds, bool)> {
     let (mut creds, mut identity) = (Creds::default(), false);
     while let Some(row) = rows.next()? {
         let (key, value): (String, String) = (row.get(0)?, row.get(1)?);
-        match key.as_str() {
-            "identity" => identity = true,
-            "paired" => creds.paired = true,
-            "name" => creds.name = Some(value),
-            _ => {}
-        }
+        creds_row(&mut creds, &mut identity, &key, value);
     }
     Ok((creds, identity))
+}
+
+/// What one `sim_credentials` row says.
+fn creds_row(creds: &mut Creds, identity: &mut bool, key: &str, value: String) {
+    match key {
+        "identity" => *identity = true,
+        "paired" => creds.paired = true,
+        "name" => creds.name = Some(value),
+        _ => {}
+    }
 }
 
 /// Where one simulated session's credentials are.
@@ -1003,6 +1028,19 @@ mod creds_tests {
             "a corrupt file is still reported"
         );
         assert_eq!(open_on(dir.path()), 0, "no descriptor stays open");
+        // Read straight from the file where it can (link/peek.rs), through SQLite where
+        // not: the same answer either way.
+        write_paired(&path, "Bot ✓ 🤖, renamed").unwrap();
+        assert!(super::super::peek::table_rows(&path, "sim_credentials").is_some());
+        assert_eq!(read_known_creds(&path), read_known_creds_by_sqlite(&path));
+        assert_eq!(
+            read_known_creds(&path).and_then(|c| c.name),
+            Some("Bot ✓ 🤖, renamed".to_string())
+        );
+        write_paired(&path, &"long ".repeat(2_000)).unwrap();
+        assert!(super::super::peek::table_rows(&path, "sim_credentials").is_none());
+        assert_eq!(read_known_creds(&path), read_known_creds_by_sqlite(&path));
+        assert!(read_known_creds(&path).is_some_and(|c| c.paired));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
