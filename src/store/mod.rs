@@ -108,18 +108,28 @@ impl Store {
         let boot = conn.load_sessions()?;
         claim_link(&mut *conn, &config, !boot.is_empty())?;
         let backups = Backups::new(paths::backups_dir(&config.data_dir), config.backup_keep);
-        if config.database != Database::Memory {
-            // (An in-memory database starts empty: every file would look orphaned.)
-            sweep(&config.data_dir, &backups, &boot);
-        }
-        let reader = location.connect()?;
-        let view = Arc::new(View::default());
-        // A node's view holds the sessions it runs, added as it claims them.
-        if config.node.is_none() {
-            for rec in &boot {
-                view.put(rec);
+        // The sweep of leftovers (a directory listing as long as the fleet) runs beside the
+        // view's filling; both end before anything runs.
+        let (reader, view) = std::thread::scope(|scope| {
+            if config.database != Database::Memory {
+                // (An in-memory database starts empty: every file would look orphaned.)
+                scope.spawn(|| sweep(&config.data_dir, &backups, &boot));
             }
-        }
+            let reader = location.connect();
+            // A node's view holds the sessions it runs, added as it claims them.
+            let view = match config.node {
+                None => {
+                    let view = View::with_capacity(boot.len());
+                    for rec in &boot {
+                        view.put(rec);
+                    }
+                    view
+                }
+                Some(_) => View::default(),
+            };
+            (reader, Arc::new(view))
+        });
+        let reader = reader?;
         let queue = Arc::new(Queue::default());
         let writer = {
             let commit_seconds = config.commit_seconds.clone();

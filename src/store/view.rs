@@ -45,6 +45,14 @@ fn count(counter: &AtomicUsize, before: bool, after: bool) {
 
 impl View {
     /// Inserts or replaces a record; returns the state it replaced, if any.
+    /// An empty view with room for `n` records (a boot fills it with every stored one).
+    pub fn with_capacity(n: usize) -> View {
+        View {
+            records: DashMap::with_capacity(n),
+            ..View::default()
+        }
+    }
+
     pub fn put(&self, rec: &SessionRecord) -> Option<SessionState> {
         // Updated in place: see `SessionRecord::assign`.
         let old = match self.records.get_mut(&rec.user_id) {

@@ -15,6 +15,8 @@ use super::SupervisorState;
 impl SupervisorState {
     /// Takes the stored sessions and queues the ones that should run.
     pub(super) fn boot(&mut self, myself: &ActorRef<SupervisorMsg>, stored: Vec<SessionRecord>) {
+        self.sessions.reserve(stored.len());
+        self.boot_queue.reserve(stored.len());
         for mut rec in stored {
             rec.clear_pairing();
             let resume = rec.desired == Desired::Running
