@@ -597,22 +597,23 @@ fn read_creds(path: &Path) -> Result<Creds, StoreFailure> {
 /// no pragmas, no schema statement: a boot reads 100,000 of these). `None` for anything
 /// else (no file yet, no identity yet, an error): the full path creates, or reports.
 fn read_known_creds(path: &Path) -> Option<Creds> {
-    if let Some(rows) = super::peek::table_rows(path, "sim_credentials") {
-        let (mut creds, mut identity) = (Creds::default(), false);
-        for row in rows {
-            match (
-                row.first().cloned().flatten(),
-                row.get(1).cloned().flatten(),
-            ) {
-                (Some(key), Some(value)) => creds_row(&mut creds, &mut identity, &key, value),
-                _ => return read_known_creds_by_sqlite(path),
-            }
-        }
-        if identity {
-            return Some(creds);
+    peek_known_creds(path).or_else(|| read_known_creds_by_sqlite(path))
+}
+
+/// [`read_known_creds`] straight from the file, without SQLite (link/peek.rs): `None`
+/// where the file is not in the plain shape, or holds no identity yet.
+fn peek_known_creds(path: &Path) -> Option<Creds> {
+    let (mut creds, mut identity) = (Creds::default(), false);
+    for row in super::peek::table_rows(path, "sim_credentials")? {
+        match (
+            row.first().cloned().flatten(),
+            row.get(1).cloned().flatten(),
+        ) {
+            (Some(key), Some(value)) => creds_row(&mut creds, &mut identity, &key, value),
+            _ => return None,
         }
     }
-    read_known_creds_by_sqlite(path)
+    identity.then_some(creds)
 }
 
 /// [`read_known_creds`] through SQLite.
@@ -888,10 +889,22 @@ impl Link for SimLink {
         let slots = self.file_work.clone();
         let network = self.network.clone();
         Box::pin(async move {
-            let read = at.clone();
-            let creds = file_work(&slots, move || read.read()).await.map_err(|e| {
-                super::credential_error("sim: cannot read credentials", &at.name(), &e)
-            })?;
+            // A credential file in its plain shape is read in line (two small pages,
+            // a few µs: a boot of 100,000 sessions reads 100,000 of them); anything else
+            // goes to SQLite on the blocking pool.
+            let peeked = match &at {
+                CredsAt::File(path) => peek_known_creds(path),
+                CredsAt::Row(..) => None,
+            };
+            let creds = match peeked {
+                Some(creds) => creds,
+                None => {
+                    let read = at.clone();
+                    file_work(&slots, move || read.read()).await.map_err(|e| {
+                        super::credential_error("sim: cannot read credentials", &at.name(), &e)
+                    })?
+                }
+            };
             let sink = events.clone();
             let user_id = spec.user_id.clone();
             let me = format!("{}@s.whatsapp.net", spec.phone_number);
@@ -1031,14 +1044,18 @@ mod creds_tests {
         // Read straight from the file where it can (link/peek.rs), through SQLite where
         // not: the same answer either way.
         write_paired(&path, "Bot ✓ 🤖, renamed").unwrap();
-        assert!(super::super::peek::table_rows(&path, "sim_credentials").is_some());
-        assert_eq!(read_known_creds(&path), read_known_creds_by_sqlite(&path));
+        assert!(peek_known_creds(&path).is_some(), "read without SQLite");
+        assert_eq!(peek_known_creds(&path), read_known_creds_by_sqlite(&path));
         assert_eq!(
             read_known_creds(&path).and_then(|c| c.name),
             Some("Bot ✓ 🤖, renamed".to_string())
         );
         write_paired(&path, &"long ".repeat(2_000)).unwrap();
-        assert!(super::super::peek::table_rows(&path, "sim_credentials").is_none());
+        assert_eq!(
+            peek_known_creds(&path),
+            None,
+            "an overflow page goes to SQLite"
+        );
         assert_eq!(read_known_creds(&path), read_known_creds_by_sqlite(&path));
         assert!(read_known_creds(&path).is_some_and(|c| c.paired));
         use std::os::unix::fs::PermissionsExt;
