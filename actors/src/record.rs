@@ -225,6 +225,24 @@ impl SessionRecord {
         self.pairing = None;
         self.qr = None;
     }
+
+    /// Whether a boot resumes this stored session (it should run and has not ended).
+    pub fn resumes_at_boot(&self) -> bool {
+        self.desired == Desired::Running
+            && !matches!(self.state, SessionState::Failed | SessionState::LoggedOut)
+    }
+
+    /// The state that is true of this stored session once the process starts again: what
+    /// was stored is its state before the process died (often `online`).
+    pub fn state_at_boot(&self) -> SessionState {
+        if self.resumes_at_boot() {
+            SessionState::Starting
+        } else if self.desired == Desired::Stopped {
+            SessionState::Stopped
+        } else {
+            self.state
+        }
+    }
 }
 
 /// Wall-clock milliseconds since the Unix epoch.

@@ -304,6 +304,9 @@ async fn boot_stored_online(
     )
     .await
     .unwrap();
+    // The boot runs in the supervisor's `post_start`, after the spawn returns and before
+    // it handles a message: a first call answers once the stored states are corrected.
+    ractor::call!(sup, SupervisorMsg::Health).unwrap();
     (store, sup)
 }
 

@@ -119,9 +119,22 @@ impl Store {
             // A node's view holds the sessions it runs, added as it claims them.
             let view = match config.node {
                 None => {
+                    // Each record as the boot will make it (the supervisor publishes the
+                    // same states and their events once it runs): the API may answer
+                    // before it has, and must never show the `online` of before a kill.
                     let view = View::with_capacity(boot.len());
+                    let now = botvisor_actors::record::now_ms();
                     for rec in &boot {
-                        view.put(rec);
+                        let state = rec.state_at_boot();
+                        if state == rec.state {
+                            view.put(rec);
+                        } else {
+                            let mut at_boot = rec.clone();
+                            at_boot.state = state;
+                            at_boot.updated_at_ms = now;
+                            at_boot.clear_pairing();
+                            view.put(&at_boot);
+                        }
                     }
                     view
                 }

@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use ractor::{ActorRef, RpcReplyPort};
 
 use crate::error::CmdError;
-use crate::record::{Desired, SessionRecord, SessionState};
+use crate::record::{Desired, SessionRecord};
 
 use super::entry::{Entry, Intent};
 use super::messages::SupervisorMsg;
@@ -19,15 +19,8 @@ impl SupervisorState {
         self.boot_queue.reserve(stored.len());
         for mut rec in stored {
             rec.clear_pairing();
-            let resume = rec.desired == Desired::Running
-                && !matches!(rec.state, SessionState::Failed | SessionState::LoggedOut);
-            let now = if resume {
-                SessionState::Starting
-            } else if rec.desired == Desired::Stopped {
-                SessionState::Stopped
-            } else {
-                rec.state
-            };
+            let resume = rec.resumes_at_boot();
+            let now = rec.state_at_boot();
             let user_id = rec.user_id.clone();
             if resume {
                 self.boot_queue.push_back(user_id.clone());
@@ -35,7 +28,7 @@ impl SupervisorState {
             let stale = rec.state != now;
             self.sessions.insert(user_id.clone(), Entry::new(rec));
             // What was stored is the state before the process died (often `online`):
-            // publish what is true now, before any reader sees the old one.
+            // publish what is true now (the store's view shows it from its open on).
             if stale {
                 self.set_state(&user_id, now);
             }

@@ -67,6 +67,9 @@ pub struct SupervisorState {
     shutdown: Option<Vec<RpcReplyPort<()>>>,
     /// Planned handoffs: the sessions each still waits for, and its reply.
     handoffs: Vec<(HashSet<String>, RpcReplyPort<()>)>,
+    /// The stored sessions, from `pre_start` until `post_start` boots them (so that the
+    /// spawn, and the HTTP listener after it, do not wait for a large fleet's boot).
+    stored: Vec<SessionRecord>,
 }
 
 /// The root supervisor actor.
@@ -302,7 +305,7 @@ impl Actor for Supervisor {
             Some(seed) => Jitter::seeded(seed),
             None => Jitter::from_entropy(),
         };
-        let mut state = SupervisorState {
+        let state = SupervisorState {
             config: args.config,
             link: args.link,
             persistence: args.persistence,
@@ -316,10 +319,20 @@ impl Actor for Supervisor {
             boot_scheduled: false,
             shutdown: None,
             handoffs: Vec::new(),
+            stored: args.boot,
         };
-        state.boot(&myself, args.boot);
         myself.send_after(state.config.watchdog_interval, || SupervisorMsg::Watchdog);
         Ok(state)
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let stored = std::mem::take(&mut state.stored);
+        state.boot(&myself, stored);
+        Ok(())
     }
 
     async fn handle(
