@@ -51,6 +51,7 @@ pub mod migrate;
 pub mod nodes;
 pub mod paths;
 pub mod qr;
+pub mod session_heap;
 pub mod store;
 pub mod timefmt;
 pub mod tls;

@@ -111,10 +111,17 @@ pub(super) fn trim_while_running(running: std::sync::Arc<std::sync::atomic::Atom
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 async fn trim() {
     let _ = tokio::task::spawn_blocking(|| {
+        crate::session_heap::purge();
         // SAFETY: malloc_trim only walks glibc's own arenas; it is thread-safe.
         unsafe { libc::malloc_trim(0) }
     })
     .await;
+}
+
+/// `future` as session code: what it allocates comes from the session heap
+/// (`crate::session_heap`).
+fn zoned<'a, T>(future: impl std::future::Future<Output = T> + Send + 'a) -> BoxFuture<'a, T> {
+    Box::pin(crate::session_heap::within(future))
 }
 
 /// A JID of the API's (already checked by the HTTP layer).
@@ -306,7 +313,7 @@ fn deliver(
     message: Result<wa::Message, LinkError>,
     message_id: Option<String>,
 ) -> BoxFuture<'static, Result<String, LinkError>> {
-    Box::pin(async move {
+    zoned(async move {
         let options = match message_id {
             Some(id) => whatsapp_rust::SendOptions::default().with_message_id(id),
             None => whatsapp_rust::SendOptions::default(),
@@ -610,7 +617,7 @@ impl LinkConnection for WhatsAppConnection {
                     .transpose()
                     .ok()
                     .flatten();
-                Box::pin(async move {
+                zoned(async move {
                     let message = upload_media(&client, &media, context).await?;
                     deliver(client, to, Ok(message), message_id).await
                 })
@@ -636,7 +643,7 @@ impl LinkConnection for WhatsAppConnection {
             participant: message.author.clone(),
         };
         let emoji = emoji.to_string();
-        Box::pin(async move {
+        zoned(async move {
             client
                 .send_reaction(chat?, key, &emoji)
                 .await
@@ -653,7 +660,7 @@ impl LinkConnection for WhatsAppConnection {
         let client = self.client.clone();
         let chat = recipient(&message.chat);
         let (id, text) = (message.id.clone(), text.to_string());
-        Box::pin(async move {
+        zoned(async move {
             client
                 .edit_message(chat?, id, wa::Message::text(text))
                 .await
@@ -665,7 +672,7 @@ impl LinkConnection for WhatsAppConnection {
         let client = self.client.clone();
         let chat = recipient(&message.chat);
         let id = message.id.clone();
-        Box::pin(async move {
+        zoned(async move {
             client
                 .revoke_message(chat?, id, whatsapp_rust::RevokeType::Sender)
                 .await
@@ -676,7 +683,7 @@ impl LinkConnection for WhatsAppConnection {
     /// Groups through whatsapp-rust's `groups()` (WhatsApp's `w:g2` IQs).
     fn group(&self, op: botvisor_actors::GroupOp) -> BoxFuture<'static, Result<Done, LinkError>> {
         let client = self.client.clone();
-        Box::pin(async move { group_op(&client, op).await })
+        zoned(async move { group_op(&client, op).await })
     }
 
     /// A received media's bytes: fetched from WhatsApp's media servers (through the
@@ -687,7 +694,7 @@ impl LinkConnection for WhatsAppConnection {
     fn download(&self, locator: &str) -> BoxFuture<'static, Result<Fetched, LinkError>> {
         let client = self.client.clone();
         let locator = super::locator::Locator::parse(locator);
-        Box::pin(async move {
+        zoned(async move {
             let locator = locator.map_err(LinkError::new)?;
             let file = tempfile::tempfile()
                 .map_err(|e| LinkError::new(format!("no temporary file for the media: {e}")))?;
@@ -714,7 +721,7 @@ impl LinkConnection for WhatsAppConnection {
     ) -> BoxFuture<'static, Result<Vec<NumberCheck>, LinkError>> {
         let client = self.client.clone();
         let phones = phones.to_vec();
-        Box::pin(async move {
+        zoned(async move {
             let jids: Vec<Jid> = phones.iter().map(|p| Jid::pn(p.as_str())).collect();
             let answers =
                 client.contacts().is_on_whatsapp(&jids).await.map_err(|e| {
@@ -746,7 +753,7 @@ impl LinkConnection for WhatsAppConnection {
     fn profile(&self, contact: &str) -> BoxFuture<'static, Result<Profile, LinkError>> {
         let client = self.client.clone();
         let jid = recipient(contact);
-        Box::pin(async move {
+        zoned(async move {
             let jid = jid?.to_non_ad();
             let failed = |e: whatsapp_rust::ContactError| {
                 LinkError::new(format!("WhatsApp did not answer the profile query: {e}"))
@@ -792,7 +799,7 @@ impl LinkConnection for WhatsAppConnection {
         let client = self.client.clone();
         let (chat, sender) = (recipient(chat), sender.map(recipient));
         let ids = message_ids.to_vec();
-        Box::pin(async move {
+        zoned(async move {
             let chat = chat?;
             let sender = sender.transpose()?;
             let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
@@ -811,7 +818,7 @@ impl LinkConnection for WhatsAppConnection {
         use whatsapp_rust::features::ChatStateType;
         let client = self.client.clone();
         let chat = recipient(chat);
-        Box::pin(async move {
+        zoned(async move {
             let state = match state {
                 ChatPresence::Typing => ChatStateType::Composing,
                 ChatPresence::Recording => ChatStateType::Recording,
@@ -827,7 +834,7 @@ impl LinkConnection for WhatsAppConnection {
 
     fn own_presence(&self, available: bool) -> BoxFuture<'static, Result<(), LinkError>> {
         let client = self.client.clone();
-        Box::pin(async move {
+        zoned(async move {
             let presence = client.presence();
             let set = if available {
                 presence.set_available().await
@@ -839,7 +846,7 @@ impl LinkConnection for WhatsAppConnection {
     }
 
     fn logout(&mut self) -> BoxFuture<'_, Result<(), LinkError>> {
-        Box::pin(async move {
+        zoned(async move {
             self.shared.closing.store(true, Ordering::SeqCst);
             if !self.shared.paired.load(Ordering::SeqCst) {
                 self.client.disconnect().await;
@@ -862,7 +869,7 @@ impl LinkConnection for WhatsAppConnection {
     /// and clears its connection state), waits for the run loop to end, then ends every
     /// task the client still has.
     fn close(&mut self) -> BoxFuture<'_, ()> {
-        Box::pin(async move {
+        zoned(async move {
             self.shared.closing.store(true, Ordering::SeqCst);
             if let Some(m) = self.manager.take() {
                 m.abort();

@@ -531,11 +531,11 @@ impl Shared {
         let chat = m.info.source.chat.clone();
         let client = client.clone();
         let user_id = self.user_id.clone();
-        tokio::spawn(async move {
+        tokio::spawn(crate::session_heap::within(async move {
             if let Err(e) = client.send_message(chat, wa::Message::text(reply)).await {
                 tracing::warn!(%user_id, error = %e, "could not answer !ping");
             }
-        });
+        }));
     }
 }
 
@@ -594,8 +594,10 @@ pub(super) struct InlineHandler {
 
 impl EventHandler for InlineHandler {
     fn handle_event(&self, event: Arc<Event>) {
+        // Botvisor's code: what it makes (events, records' strings) may outlive the
+        // session, so it comes from the process's heap, not the session's.
         if let Some(client) = self.client.get().and_then(Weak::upgrade) {
-            self.shared.on_event(&event, &client);
+            crate::session_heap::outside(|| self.shared.on_event(&event, &client));
         }
     }
 }

@@ -357,7 +357,8 @@ impl Link for WhatsAppLink {
             .proxies
             .get()
             .and_then(|p| p.for_session(&spec.user_id));
-        Box::pin(async move {
+        // The client, its store and its tasks allocate from the session heap.
+        Box::pin(crate::session_heap::within(async move {
             let store = store.await?;
             let shared = Arc::new(Shared {
                 user_id: spec.user_id.clone(),
@@ -385,23 +386,25 @@ impl Link for WhatsAppLink {
                 shared.events.emit(LinkEvent::Connecting);
             }
             let manager = (!paired).then(|| {
-                tokio::spawn(pairing_manager(
+                tokio::spawn(crate::session_heap::within(pairing_manager(
                     client.clone(),
                     shared.clone(),
                     spec.phone_number.clone(),
-                ))
+                )))
             });
             let watched = shared.clone();
-            let watcher = tokio::spawn(async move {
+            let watcher = tokio::spawn(crate::session_heap::within(async move {
                 handle.await;
                 if !watched.closing.load(Ordering::SeqCst)
                     && !watched.terminal.load(Ordering::SeqCst)
                 {
-                    watched.events.emit(LinkEvent::Crashed {
-                        error: "the WhatsApp client stopped unexpectedly".into(),
+                    crate::session_heap::outside(|| {
+                        watched.events.emit(LinkEvent::Crashed {
+                            error: "the WhatsApp client stopped unexpectedly".into(),
+                        })
                     });
                 }
-            });
+            }));
             Ok(Box::new(WhatsAppConnection {
                 client,
                 shared,
@@ -410,7 +413,7 @@ impl Link for WhatsAppLink {
                 tasks,
                 _running: running,
             }) as Box<dyn LinkConnection>)
-        })
+        }))
     }
 
     fn remove_data(&self, user_id: &str) -> Result<(), LinkError> {

@@ -38,10 +38,12 @@ pub(super) async fn pairing_manager(
         };
         let wait = match client.pair_with_code(options).await {
             Ok(code) => {
-                shared.events.emit(LinkEvent::PairingCode(PairingCode {
-                    code: format_code(&code),
-                    expires_at_ms: now_ms() + CODE_VALIDITY.as_millis() as u64,
-                }));
+                crate::session_heap::outside(|| {
+                    shared.events.emit(LinkEvent::PairingCode(PairingCode {
+                        code: format_code(&code),
+                        expires_at_ms: now_ms() + CODE_VALIDITY.as_millis() as u64,
+                    }))
+                });
                 CODE_VALIDITY.saturating_sub(REFRESH_MARGIN)
             }
             Err(e) => {
@@ -52,18 +54,21 @@ pub(super) async fn pairing_manager(
                     Duration::from_secs(5)
                 });
                 if let Some(rejection) = e.rejection() {
-                    let message = if throttled {
-                        format!(
+                    let (message, throttled) = crate::session_heap::outside(|| {
+                        let message = if throttled {
+                            format!(
                             "WhatsApp is rate-limiting pairing codes for this number ({}); retry in {} s",
                             rejection.text().unwrap_or("throttled"),
                             retry.as_secs()
                         )
-                    } else {
-                        format!(
-                            "WhatsApp refused to issue a pairing code: {}",
-                            rejection.text().unwrap_or("refused")
-                        )
-                    };
+                        } else {
+                            format!(
+                                "WhatsApp refused to issue a pairing code: {}",
+                                rejection.text().unwrap_or("refused")
+                            )
+                        };
+                        (message, throttled)
+                    });
                     shared
                         .events
                         .emit(LinkEvent::PairingRejected { message, throttled });

@@ -57,10 +57,10 @@ impl SessionTasks {
             list: Arc::downgrade(&self.0),
             id,
         };
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(crate::session_heap::within(async move {
             let _untrack = untrack;
             future.await;
-        });
+        }));
         list.running.insert(id, task.abort_handle());
         task
     }
@@ -103,7 +103,7 @@ impl whatsapp_rust::wacore::runtime::Runtime for SessionTasks {
         f: Box<dyn FnOnce() + Send + 'static>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         Box::pin(async {
-            let _ = tokio::task::spawn_blocking(f).await;
+            let _ = tokio::task::spawn_blocking(|| crate::session_heap::run_within(f)).await;
         })
     }
 

@@ -252,7 +252,10 @@ where
         M: ManageConnection,
     {
         let new_shared = Arc::downgrade(shared);
-        shared.config.thread_pool.execute_after(delay, move || {
+        // botvisor's patch 4: the connection is opened as the code that asked for it runs
+        // (`botvisor_heap_zone::inherit`), so a WhatsApp session's key store opens its
+        // SQLite connection (schema, caches) in the session's own heap.
+        shared.config.thread_pool.execute_after(delay, botvisor_heap_zone::inherit(move || {
             let shared = match new_shared.upgrade() {
                 Some(shared) => shared,
                 None => return,
@@ -297,7 +300,7 @@ where
                     inner(delay, &shared);
                 }
             }
-        });
+        }));
     }
 }
 

@@ -1,0 +1,3 @@
+-- Drop the SKDM recipients table
+DROP INDEX IF EXISTS idx_skdm_recipients_group;
+DROP TABLE IF EXISTS skdm_recipients;

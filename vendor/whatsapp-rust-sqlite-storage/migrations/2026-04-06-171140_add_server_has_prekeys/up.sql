@@ -1,0 +1,1 @@
+ALTER TABLE device ADD COLUMN server_has_prekeys BOOLEAN NOT NULL DEFAULT 0;

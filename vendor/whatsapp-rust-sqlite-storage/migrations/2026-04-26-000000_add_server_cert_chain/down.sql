@@ -1,0 +1,1 @@
+ALTER TABLE device DROP COLUMN server_cert_chain;

@@ -1,0 +1,1 @@
+ALTER TABLE device ADD COLUMN server_cert_chain BLOB NULL;

@@ -1,0 +1,1 @@
+ALTER TABLE device DROP COLUMN first_unupload_pre_key_id;
