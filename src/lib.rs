@@ -30,11 +30,13 @@
 //! - [`limits`]: open-file limits (raised at start, checked before new sessions).
 //! - [`paths`], [`timefmt`], [`tls`]: where files live under the data directory; ISO 8601
 //!   times; the TLS clients' roots.
+//! - [`session_heap`]: the global allocator's heap of the real link's sessions (a jemalloc
+//!   arena beside glibc), so a stopped session's memory goes back to the system.
 //! - The supervision core (Supervisor, SessionActor, RestartPolicy, Link trait) is the
 //!   `botvisor-actors` crate in `actors/`.
 //!
 //! Imports point down: `migrate` → `config` → `http` → `nodes` → supervisor
-//! (`botvisor-actors`) → `link` → `keys`; `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`. Only
+//! (`botvisor-actors`) → `link` → `keys`; `store` → `webhooks` → `db` → `paths`/`limits`/`timefmt`/`session_heap`. Only
 //! `lib.rs` and `config` wire the layers together (`migrate` opens databases through
 //! `store` and copies rows through `db`).
 

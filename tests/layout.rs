@@ -18,7 +18,7 @@ const LAYERS: &[&[&str]] = &[
     &["webhooks"],
     &["events", "metrics", "qr", "logging"],
     &["db"],
-    &["limits", "paths", "timefmt", "tls"],
+    &["limits", "paths", "timefmt", "tls", "session_heap"],
 ];
 
 fn layer_of(module: &str) -> Option<usize> {
