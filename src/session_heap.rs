@@ -55,15 +55,17 @@ fn in_range(ptr: *mut u8) -> bool {
     p >= START.load(Ordering::Relaxed) && p < END.load(Ordering::Relaxed)
 }
 
-/// The session heap's flags for this layout, when this thread runs session code and the
-/// heap exists.
+/// The session heap's arena flags, when this thread runs session code and the heap exists.
+#[inline]
+fn session_base() -> Option<i32> {
+    let base = FLAGS.load(Ordering::Relaxed);
+    (base != 0 && botvisor_heap_zone::inside()).then_some(base as i32)
+}
+
+/// The session heap's flags for this layout, as [`session_base`].
 #[inline]
 fn session_flags(layout: &Layout) -> Option<i32> {
-    let base = FLAGS.load(Ordering::Relaxed);
-    if base == 0 || !botvisor_heap_zone::inside() {
-        return None;
-    }
-    Some(base as i32 | align_flags(layout))
+    session_base().map(|base| base | align_flags(layout))
 }
 
 #[inline]
@@ -78,7 +80,7 @@ fn align_flags(layout: &Layout) -> i32 {
 /// The flags to free or resize an allocation of the session heap.
 #[inline]
 fn owned_flags(layout: &Layout) -> i32 {
-    FLAGS.load(Ordering::Relaxed) as i32 | align_flags(layout)
+    sqlite_flags() | align_flags(layout)
 }
 
 // SAFETY: every pointer handed out comes from either jemalloc's session arena (inside
@@ -171,7 +173,7 @@ pub fn init() -> bool {
             decommit: None,
             purge_lazy: None,
             purge_forced: Some(extent_purge),
-            split: Some(extent_split_or_merge_ok),
+            split: Some(extent_split_ok),
             merge: Some(extent_merge_ok),
         };
         let mut arena: libc::c_uint = 0;
@@ -272,16 +274,17 @@ pub fn route_sqlite() -> bool {
     rc == ffi::SQLITE_OK
 }
 
-/// jemalloc's flags for SQLite's allocations in the session heap.
+/// jemalloc's flags for the session heap's arena (SQLite's allocations need no alignment
+/// flag).
 fn sqlite_flags() -> i32 {
     FLAGS.load(Ordering::Relaxed) as i32
 }
 
 unsafe extern "C" fn sqlite_malloc(n: std::ffi::c_int) -> *mut std::ffi::c_void {
     let n = n.max(1) as usize;
-    if exists() && botvisor_heap_zone::inside() {
+    if let Some(flags) = session_base() {
         // SAFETY: a non-zero size and the arena's flags.
-        let p = unsafe { je::mallocx(n, sqlite_flags()) };
+        let p = unsafe { je::mallocx(n, flags) };
         if !p.is_null() {
             return p;
         }
@@ -426,7 +429,7 @@ unsafe extern "C" fn extent_purge(
     rc != 0
 }
 
-unsafe extern "C" fn extent_split_or_merge_ok(
+unsafe extern "C" fn extent_split_ok(
     _hooks: *mut je::extent_hooks_t,
     _addr: *mut libc::c_void,
     _size: usize,
