@@ -243,11 +243,15 @@ impl Actor for SessionActor {
     ) -> Result<(), ActorProcessingErr> {
         // Not judged by the watchdog: a start may wait its turn behind thousands (a boot,
         // a burst of creates); it has its own, longer bound.
-        let me = myself.clone();
-        let sink = EventSink::new(move |ev| {
-            let _ = me.cast(SessionMsg::Link(ev));
+        // The sink and the connecting future live as long as the connection: made as
+        // session code (see the supervisor's `spawn_child`).
+        let connecting = botvisor_heap_zone::run_within(|| {
+            let me = myself.clone();
+            let sink = EventSink::new(move |ev| {
+                let _ = me.cast(SessionMsg::Link(ev));
+            });
+            state.args.link.connect(state.args.spec.clone(), sink)
         });
-        let connecting = state.args.link.connect(state.args.spec.clone(), sink);
         let connected = tokio::time::timeout(state.args.connect_timeout, connecting).await;
         if let Some(started) = state.args.started.take() {
             started();

@@ -25,41 +25,51 @@ impl SupervisorState {
             return;
         };
         entry.restart_token = None;
-        let spec = SessionSpec {
-            user_id: entry.rec.user_id.clone(),
-            phone_number: entry.rec.phone_number.clone(),
-        };
-        let slot = ChildSlot::new();
-        let sup = myself.clone();
-        let uid = user_id.to_string();
-        let report: Reporter = Arc::new(move |event: LinkEvent| {
-            let _ = sup.cast(SupervisorMsg::Child {
-                user_id: uid.clone(),
-                incarnation,
-                event,
-            });
-        });
-        // A session resumed at boot holds a boot slot until its connect returns.
-        let started = self.booting.contains(user_id).then(|| {
+        // What lives exactly as long as the child (its mailboxes, its task, the slot, the
+        // reporter) is made as session code: with the real link's session heap, it is
+        // freed there at the stop instead of leaving holes among the records that outlive
+        // it (which kept glibc's pages resident after a mass stop). Without a session heap
+        // the flag changes nothing.
+        let made = botvisor_heap_zone::run_within(|| {
+            let spec = SessionSpec {
+                user_id: entry.rec.user_id.clone(),
+                phone_number: entry.rec.phone_number.clone(),
+            };
+            let slot = ChildSlot::new();
             let sup = myself.clone();
             let uid = user_id.to_string();
-            Box::new(move || {
-                let _ = sup.cast(SupervisorMsg::ChildStarted {
-                    user_id: uid,
+            let report: Reporter = Arc::new(move |event: LinkEvent| {
+                let _ = sup.cast(SupervisorMsg::Child {
+                    user_id: uid.clone(),
                     incarnation,
+                    event,
                 });
-            }) as Box<dyn FnOnce() + Send>
+            });
+            // A session resumed at boot holds a boot slot until its connect returns.
+            let started = self.booting.contains(user_id).then(|| {
+                let sup = myself.clone();
+                let uid = user_id.to_string();
+                Box::new(move || {
+                    let _ = sup.cast(SupervisorMsg::ChildStarted {
+                        user_id: uid,
+                        incarnation,
+                    });
+                }) as Box<dyn FnOnce() + Send>
+            });
+            let args = SessionArgs {
+                spec,
+                link: self.link.clone(),
+                report,
+                slot: slot.clone(),
+                shutdown_timeout: self.config.shutdown_timeout,
+                connect_timeout: self.config.create_timeout,
+                started,
+            };
+            (slot, args)
         });
-        let args = SessionArgs {
-            spec,
-            link: self.link.clone(),
-            report,
-            slot: slot.clone(),
-            shutdown_timeout: self.config.shutdown_timeout,
-            connect_timeout: self.config.create_timeout,
-            started,
-        };
-        match Actor::spawn_linked(None, SessionActor, args, myself.get_cell()).await {
+        let (slot, args) = made;
+        let spawning = Actor::spawn_linked(None, SessionActor, args, myself.get_cell());
+        match botvisor_heap_zone::within(spawning).await {
             Ok((actor, _join)) => {
                 self.children.insert(actor.get_id(), user_id.to_string());
                 entry.child = Some(Child {
