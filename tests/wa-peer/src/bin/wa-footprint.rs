@@ -359,16 +359,22 @@ fn run(args: &Args) -> Result<(), String> {
             0.0
         }
     };
+    // What stays is of two kinds: anonymous memory the process holds (heaps, stacks) and
+    // file-backed pages, clean and shared with the page cache: the binary's code the real
+    // link paged in once, which the kernel takes back under pressure and the next
+    // sessions use again.
+    let kept_file = kept_later - kept_anon;
     println!(
-        "  16 s after mass stop: {kept_later:.0} KiB above idle ({:.0}% of the online growth kept; anonymous memory alone: {:.0}%)",
+        "  16 s after mass stop: {kept_later:.0} KiB above idle ({:.0}% of the online growth kept; anonymous memory alone: {:.1}%, {kept_anon:.0} KiB, {:.1} KiB per stopped session; file-backed {kept_file:.0} KiB)",
         pct(kept_later, peak),
-        pct(kept_anon, peak_anon)
+        pct(kept_anon, peak_anon),
+        kept_anon / n as f64
     );
     if args.smaps {
         print_smaps(pid, "16 s after mass stop");
     }
     println!(
-        "SUMMARY label={} n={n} idle_rss_kib={} idle_fds={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} stopped_pairing_fds={stopped_pairing_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0} kept_pct={:.0} later_kept_pct={:.0} later_kept_anon_pct={:.0} stopped_fds={stopped_fds:.2} stopped_store_fds={}",
+        "SUMMARY label={} n={n} idle_rss_kib={} idle_fds={} create_per_s={rate:.1} pairing_kib={pair_rss:.1} pairing_fds={pair_fds:.2} stopped_pairing_fds={stopped_pairing_fds:.2} online_kib={on_rss:.1} online_fds={on_fds:.2} online_rss_kib={} stopped_rss_kib={} stopped_above_idle_kib={kept:.0} kept_pct={:.0} later_kept_pct={:.0} later_kept_anon_pct={:.1} later_kept_anon_kib={kept_anon:.0} later_kept_file_kib={kept_file:.0} stopped_fds={stopped_fds:.2} stopped_store_fds={}",
         args.label,
         idle.rss_kib,
         idle.fds,
