@@ -7,7 +7,8 @@ Reads the process's memory through /proc/PID/mem (root, or the same user with pt
 allowed) and walks the chunks of glibc's main arena ([heap]) and of each other arena (the
 64 MiB-aligned anonymous mappings): live chunks, their bytes, the 4 KiB pages they touch
 (a page with one live chunk stays resident; malloc_trim cannot give it back), their sizes,
-and what they hold (the first printable run of each, digits shown as 9), most common first.
+and what they hold (the first printable run of each, digits shown as 9), most common first;
+then how many live chunks start on each page, and what the sparse pages (3 or fewer) hold.
 
 Used on a botvisor that `wa-footprint --linger` keeps running after a mass stop (issue 26):
 it showed the pages held by user ids, phone numbers and push names spread among the freed
@@ -60,6 +61,22 @@ def analyse(name,a,b):
         k=re.sub(r'\d','9',k)
         kinds[(sz,k)]+=1
     for (sz,k),n in kinds.most_common(40): print(f"   {n:6} x {sz:6}  {k}")
+    # Per page: how many live chunks start on it, and what the sparse pages hold (the ones
+    # a few allocations keep resident).
+    on_page=collections.defaultdict(list)
+    for addr,sz in live:
+        d=data[addr-a+16:addr-a+sz]
+        strs=re.findall(rb'[\x20-\x7e]{6,}',d)
+        k=re.sub(r'\d','9',strs[0][:20].decode()) if strs else '-'
+        on_page[(addr+16)//4096].append((sz,k))
+    per=collections.Counter(min(len(v),10) for v in on_page.values())
+    print("  pages by live chunks starting on them (10 = 10 or more):",sorted(per.items()))
+    sparse=collections.Counter()
+    for v in on_page.values():
+        if len(v)<=3:
+            for sz,k in v: sparse[(sz,k)]+=1
+    print("  what the pages with 3 or fewer live chunks hold:")
+    for (sz,k),n in sparse.most_common(15): print(f"   {n:6} x {sz:6}  {k}")
     return live
 for a,b,perm,name in maps:
     if perm.startswith('rw') and (name=='[heap]'):
