@@ -80,7 +80,7 @@ fn align_flags(layout: &Layout) -> i32 {
 /// The flags to free or resize an allocation of the session heap.
 #[inline]
 fn owned_flags(layout: &Layout) -> i32 {
-    sqlite_flags() | align_flags(layout)
+    arena_flags() | align_flags(layout)
 }
 
 // SAFETY: every pointer handed out comes from either jemalloc's session arena (inside
@@ -274,9 +274,9 @@ pub fn route_sqlite() -> bool {
     rc == ffi::SQLITE_OK
 }
 
-/// jemalloc's flags for the session heap's arena (SQLite's allocations need no alignment
-/// flag).
-fn sqlite_flags() -> i32 {
+/// jemalloc's flags for the session heap's arena (to free or resize what it made; SQLite's
+/// allocations need no alignment flag).
+fn arena_flags() -> i32 {
     FLAGS.load(Ordering::Relaxed) as i32
 }
 
@@ -299,7 +299,7 @@ unsafe extern "C" fn sqlite_free(p: *mut std::ffi::c_void) {
     }
     if in_range(p as *mut u8) {
         // SAFETY: allocated by the session arena (`sqlite_malloc`/`sqlite_realloc`).
-        unsafe { je::dallocx(p, sqlite_flags()) }
+        unsafe { je::dallocx(p, arena_flags()) }
     } else {
         // SAFETY: allocated by malloc.
         unsafe { libc::free(p) }
@@ -317,7 +317,7 @@ unsafe extern "C" fn sqlite_realloc(
     let n = n.max(1) as usize;
     if in_range(p as *mut u8) {
         // SAFETY: allocated by the session arena; stays in it.
-        unsafe { je::rallocx(p, n, sqlite_flags()) }
+        unsafe { je::rallocx(p, n, arena_flags()) }
     } else {
         // SAFETY: allocated by malloc.
         unsafe { libc::realloc(p, n) }
@@ -330,7 +330,7 @@ unsafe extern "C" fn sqlite_size(p: *mut std::ffi::c_void) -> std::ffi::c_int {
     }
     let size = if in_range(p as *mut u8) {
         // SAFETY: allocated by the session arena.
-        unsafe { je::sallocx(p, sqlite_flags()) }
+        unsafe { je::sallocx(p, arena_flags()) }
     } else {
         // SAFETY: allocated by malloc.
         unsafe { libc::malloc_usable_size(p) }

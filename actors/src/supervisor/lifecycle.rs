@@ -30,7 +30,7 @@ impl SupervisorState {
         // freed there at the stop instead of leaving holes among the records that outlive
         // it (which kept glibc's pages resident after a mass stop). Without a session heap
         // the flag changes nothing.
-        let made = botvisor_heap_zone::run_within(|| {
+        let (slot, args) = botvisor_heap_zone::run_within(|| {
             let spec = SessionSpec {
                 user_id: entry.rec.user_id.clone(),
                 phone_number: entry.rec.phone_number.clone(),
@@ -67,7 +67,6 @@ impl SupervisorState {
             };
             (slot, args)
         });
-        let (slot, args) = made;
         let spawning = Actor::spawn_linked(None, SessionActor, args, myself.get_cell());
         match botvisor_heap_zone::within(spawning).await {
             Ok((actor, _join)) => {

@@ -82,10 +82,11 @@ fn release_freed_memory_soon() {
 /// for 30 s closes its SQLite connection (vendor/r2d2, patch 3), and its page cache and
 /// schema go back to glibc's arenas, whose pages stay resident among the live client's
 /// until trimmed (measured with `wa-footprint`: 1,000 paired idle sessions, 281 KiB each
-/// before a trim, 248 after). Started once per link.
+/// before a trim, 248 after). Started once per link, from `connect` (session code): the
+/// task lives as long as the process, so it is made outside the session heap.
 pub(super) fn trim_while_running(running: std::sync::Arc<std::sync::atomic::AtomicU64>) {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
+    crate::session_heap::outside(|| {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -102,7 +103,7 @@ pub(super) fn trim_while_running(running: std::sync::Arc<std::sync::atomic::Atom
                 }
             }
         });
-    }
+    });
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
     let _ = running;
 }

@@ -347,11 +347,8 @@ impl Link for WhatsAppLink {
         events: EventSink,
     ) -> BoxFuture<'static, Result<Box<dyn LinkConnection>, LinkError>> {
         let path = self.credentials.describe(&spec.user_id);
-        // Once per link, for the process's life: outside the session heap (`connect` is
-        // called as session code).
-        self.trimming.call_once(|| {
-            crate::session_heap::outside(|| connection::trim_while_running(self.running.clone()))
-        });
+        self.trimming
+            .call_once(|| connection::trim_while_running(self.running.clone()));
         let running = Running::new(&self.running);
         let store = self.credentials.open(&spec.user_id);
         let settings = self.settings.clone();
