@@ -52,23 +52,17 @@ def analyse(name,a,b):
     hist=collections.Counter()
     for addr,sz in live: hist[sz]+=1
     print("  sizes:",hist.most_common(15))
-    # content classification
-    kinds=collections.Counter(); samples=collections.defaultdict(list)
-    for addr,sz in live:
-        d=data[addr-a+16:addr-a+sz]
-        strs=re.findall(rb'[\x20-\x7e]{6,}',d)
-        k=strs[0][:20].decode() if strs else '-'
-        k=re.sub(r'\d','9',k)
-        kinds[(sz,k)]+=1
-    for (sz,k),n in kinds.most_common(40): print(f"   {n:6} x {sz:6}  {k}")
-    # Per page: how many live chunks start on it, and what the sparse pages hold (the ones
-    # a few allocations keep resident).
-    on_page=collections.defaultdict(list)
+    # What each live chunk holds (its first printable run, digits as 9), once; then the
+    # kinds overall, and per page: how many live chunks start on it, and what the sparse
+    # pages (the ones a few allocations keep resident) hold.
+    kinds=collections.Counter(); on_page=collections.defaultdict(list)
     for addr,sz in live:
         d=data[addr-a+16:addr-a+sz]
         strs=re.findall(rb'[\x20-\x7e]{6,}',d)
         k=re.sub(r'\d','9',strs[0][:20].decode()) if strs else '-'
+        kinds[(sz,k)]+=1
         on_page[(addr+16)//4096].append((sz,k))
+    for (sz,k),n in kinds.most_common(40): print(f"   {n:6} x {sz:6}  {k}")
     per=collections.Counter(min(len(v),10) for v in on_page.values())
     print("  pages by live chunks starting on them (10 = 10 or more):",sorted(per.items()))
     sparse=collections.Counter()
